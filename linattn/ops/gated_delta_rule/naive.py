@@ -1,0 +1,47 @@
+"""The gated delta rule token by token, in float32: the spec for every faster path.
+
+    S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T      S_t is [K, V]
+    o_t = scale * S_t^T q_t
+
+With g = None this is DeltaNet's delta rule, S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from linattn.ops._contract import state_dtype
+from linattn.ops.common.varlen import run_per_sequence
+
+
+def naive_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    beta: torch.Tensor,
+    *,
+    scale: float,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+):
+    """q, k [B, T, H, K]; v [B, T, H, V]; g [B, T, H] log-decay or None; beta [B, T, H]."""
+    if cu_seqlens is not None:
+        fn = lambda q, k, v, g, beta, **kw: naive_gated_delta_rule(q, k, v, g, beta, scale=scale, **kw)  # noqa: E731
+        return run_per_sequence(fn, cu_seqlens, (q, k, v, g, beta), initial_state, output_final_state)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    out_dtype, dtype = v.dtype, state_dtype(q)
+    q, k, v, beta = q.to(dtype) * scale, k.to(dtype), v.to(dtype), beta.to(dtype)
+    S = initial_state.to(dtype) if initial_state is not None else q.new_zeros(B, H, K, V)
+    o = []
+    for t in range(T):
+        k_t, v_t, b_t = k[:, t], v[:, t], beta[:, t, :, None]  # [B, H, K], [B, H, V], [B, H, 1]
+        if g is not None:
+            S = torch.exp(g[:, t].to(dtype))[..., None, None] * S
+        v_old = torch.einsum("bhkv,bhk->bhv", S, k_t)  # what the memory holds for k_t
+        S = S + (b_t * k_t)[..., :, None] * (v_t - v_old)[..., None, :]
+        o.append(torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+    o = torch.stack(o, dim=1) if o else v.new_zeros(B, 0, H, V)
+    return o.to(out_dtype), (S if output_final_state else None)

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import torch
+
+from linattn.ops._contract import check_common, check_gate, dispatch
+from linattn.ops.gla.chunk import chunk_gla
+from linattn.ops.gla.naive import naive_gla
+
+IMPLS = {"naive": naive_gla, "chunk": chunk_gla}
+
+
+def gla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gated linear attention (Yang et al., 2024): S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T, o_t = scale S_t^T q_t.
+
+    Args:
+        q, k: [B, T, H, K], float32, bfloat16 or float16 (one dtype for q, k, v).
+        v: [B, T, H, V].
+        g: [B, T, H, K], the log-decay of each key channel, <= 0; any floating dtype.
+        scale: multiplies q; defaults to K^-0.5.
+        initial_state: [B, H, K, V] (or [N, H, K, V] with cu_seqlens), any floating dtype.
+        output_final_state: return the state after the last token.
+        cu_seqlens: int [N + 1] boundaries of packed sequences; B must be 1.
+        impl: "auto", "naive" (token recurrence, float32), "chunk" (chunked, any device).
+
+    Returns:
+        o: [B, T, H, V] in v's dtype.
+        final_state: [B, H, K, V] (or [N, H, K, V]) float32, or None unless output_final_state.
+    """
+    op = "gla"
+    dims, scale = check_common(op, q, k, v, scale, initial_state, cu_seqlens)
+    check_gate(op, "g", g, q, dims, per_key=True)
+    return dispatch(op, IMPLS, impl, dims, (q, k, v, g), v_dim=dims.V, scale=scale, initial_state=initial_state,
+                    output_final_state=output_final_state, cu_seqlens=cu_seqlens)

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import math
+
+import torch
+
+from linattn.ops._contract import check_common, dispatch
+from linattn.ops.simple_gla import IMPLS as SIMPLE_GLA_IMPLS
+
+
+def retention_log_decay(H: int) -> list[float]:
+    """RetNet's fixed per-head decay in log space: log(1 - 2^(-5-h)) for h = 0 ... H-1."""
+    return [math.log1p(-(2.0 ** (-5 - h))) for h in range(H)]
+
+
+def retention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RetNet's retention (Sun et al., 2023): simple GLA with the fixed decay gamma_h = 1 - 2^(-5-h) per head.
+
+    Args:
+        q, k: [B, T, H, K], float32, bfloat16 or float16 (one dtype for q, k, v).
+        v: [B, T, H, V].
+        scale: multiplies q; defaults to K^-0.5.
+        initial_state: [B, H, K, V] (or [N, H, K, V] with cu_seqlens), any floating dtype.
+        output_final_state: return the state after the last token.
+        cu_seqlens: int [N + 1] boundaries of packed sequences; B must be 1.
+        impl: "auto", "naive" (token recurrence, float32), "chunk" (chunked, any device).
+
+    Returns:
+        o: [B, T, H, V] in v's dtype.
+        final_state: [B, H, K, V] (or [N, H, K, V]) float32, or None unless output_final_state.
+    """
+    op = "retention"
+    dims, scale = check_common(op, q, k, v, scale, initial_state, cu_seqlens)
+    g = torch.tensor(retention_log_decay(dims.H), dtype=torch.float32, device=q.device)
+    g = g.expand(dims.B, dims.T, dims.H)  # [B, T, H]
+    return dispatch(op, SIMPLE_GLA_IMPLS, impl, dims, (q, k, v, g), v_dim=dims.V, scale=scale,
+                    initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)
