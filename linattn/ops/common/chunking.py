@@ -148,13 +148,33 @@ def causal_mask(C: int, device, strict: bool = False) -> torch.Tensor:
     return torch.ones(C, C, dtype=torch.bool, device=device).tril(-1 if strict else 0)
 
 
-def decay_matrix(b: torch.Tensor, strict: bool = False) -> torch.Tensor:
-    """exp(b_t - b_s) for s <= t and 0 above the diagonal, from chunk-local log-decay sums b [..., C].
+def segsum(g: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Segment sums of log-decays: out[t, s] = g_{s+1} + ... + g_t for s <= t, -inf for s > t.
 
-    The exponent is masked before exp, so it is <= 0 wherever it is used (for g <= 0) and the
-    masked half cannot overflow into inf * 0 = NaN.
+    g has the sequence axis at ``dim`` (length L); the result has [L(t), L(s)] in its place. Each
+    entry is summed from its own terms, not taken as a difference b_t - b_s of running sums: such
+    a difference carries the rounding of the (possibly large) sums, and its gradient reaches every
+    g_r through two paths that cancel only up to rounding. Here g_r gets gradient only from the
+    segments that contain it, as in the recurrence.
     """
-    C = b.shape[-1]
-    diff = b.unsqueeze(-1) - b.unsqueeze(-2)
-    mask = causal_mask(C, b.device, strict)
-    return torch.exp(diff.masked_fill(~mask, float("-inf")))
+    x = g.movedim(dim, -1)  # [..., L]
+    L = x.shape[-1]
+    below = torch.ones(L, L, dtype=torch.bool, device=g.device)
+    x = x.unsqueeze(-1).expand(*x.shape, L)  # [..., r, s] = g_r
+    x = x.masked_fill(~below.tril(-1), 0).cumsum(-2)  # [..., t, s] = sum of g_r over s < r <= t
+    x = x.masked_fill(~below.tril(0), float("-inf"))
+    return x.movedim((-2, -1), (dim - 1, dim) if dim < 0 else (dim, dim + 1))
+
+
+def suffix_sum(g: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """out_s = g_{s+1} + ... + g_L along dim: the log-decay from token s to the end of its chunk."""
+    inclusive = g.flip(dim).cumsum(dim).flip(dim)
+    return torch.cat([inclusive.narrow(dim, 1, g.shape[dim] - 1), torch.zeros_like(g.narrow(dim, 0, 1))], dim)
+
+
+def decay_matrix(g: torch.Tensor) -> torch.Tensor:
+    """[..., C, C] matrix exp(g_{s+1} + ... + g_t) for s <= t and 0 above the diagonal, from log-decays g [..., C].
+
+    Every exponent used is <= 0 when g <= 0, and the masked half is exp(-inf) = 0, never inf * 0.
+    """
+    return torch.exp(segsum(g))

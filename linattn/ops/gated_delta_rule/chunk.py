@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from linattn.ops._contract import state_dtype
-from linattn.ops.common.chunking import ChunkLayout, causal_mask, decay_matrix, scan_chunks
+from linattn.ops.common.chunking import ChunkLayout, causal_mask, decay_matrix, scan_chunks, suffix_sum
 
 
 def _delta_step(S, W, U0, k_end, decay):
@@ -56,12 +56,14 @@ def chunk_gated_delta_rule(
         gamma = causal_mask(C, q.device).to(dtype)  # [C, C]
         q_s, k_w, k_end, decay = q, k, k, None
     else:
-        b = layout.to_chunks(g.to(dtype)).cumsum(-1)  # [R, H, NC, C]
-        gamma = decay_matrix(b)  # exp(b_t - b_s), s <= t
-        k_w = k * torch.exp(b).unsqueeze(-1)
-        k_end = k * torch.exp(b[..., -1:] - b).unsqueeze(-1)
+        g = layout.to_chunks(g.to(dtype))  # [R, H, NC, C]
+        b = g.cumsum(-1)
+        gamma = decay_matrix(g)  # exp(b_t - b_s), s <= t
+        exp_b = torch.exp(b).unsqueeze(-1)
+        k_w = k * exp_b
+        k_end = k * torch.exp(suffix_sum(g)).unsqueeze(-1)
         decay = torch.exp(b[..., -1:]).unsqueeze(-1)  # [R, H, NC, 1, 1]
-        q_s = q * torch.exp(b).unsqueeze(-1)  # queries as they read the chunk's entering state
+        q_s = q * exp_b  # queries as they read the chunk's entering state
 
     strict = ~causal_mask(C, q.device, strict=True)
     A = (beta * (k @ k.transpose(-1, -2)) * gamma).masked_fill(strict, 0)

@@ -54,7 +54,7 @@ def linear_attn(
     check_qkv(op, q, k, v)
     phi = get_feature_map(feature_map)
     fq, fk = phi(q), phi(k)
-    if fq.shape[:3] != q.shape[:3] or fk.shape != fq.shape:
+    if fq.ndim != 4 or fq.shape[:3] != q.shape[:3] or fk.shape != fq.shape:
         raise ValueError(
             f"{op}: feature_map must map [B, T, H, K] to [B, T, H, M] alike for q and k; "
             f"got {list(fq.shape)} from q {list(q.shape)} and {list(fk.shape)} from k"

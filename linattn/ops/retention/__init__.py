@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from linattn.ops._contract import check_common, dispatch
+from linattn.ops._contract import check_common, dispatch, state_dtype
 from linattn.ops.simple_gla import IMPLS as SIMPLE_GLA_IMPLS
 
 
@@ -41,7 +41,7 @@ def retention(
     """
     op = "retention"
     dims, scale = check_common(op, q, k, v, scale, initial_state, cu_seqlens)
-    g = torch.tensor(retention_log_decay(dims.H), dtype=torch.float32, device=q.device)
+    g = torch.tensor(retention_log_decay(dims.H), dtype=state_dtype(q), device=q.device)
     g = g.expand(dims.B, dims.T, dims.H)  # [B, T, H]
     return dispatch(op, SIMPLE_GLA_IMPLS, impl, dims, (q, k, v, g), v_dim=dims.V, scale=scale,
                     initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)

@@ -6,7 +6,9 @@ S the state entering the chunk:
     o_t    = exp(b_t) q_t^T S  +  sum_{s <= t in chunk} exp(b_t - b_s) (q_t . k_s) v_s
     S_next = exp(b_C) S        +  sum_s exp(b_C - b_s) k_s v_s^T
 
-Every exponent is <= 0 when g <= 0. With g = None there is no decay: plain linear attention.
+Every exponent is <= 0 when g <= 0, and b_t - b_s is formed as the segment sum g_{s+1} + ... + g_t
+(common.chunking.segsum), never as a difference of running sums. With g = None there is no decay:
+plain linear attention.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from linattn.ops._contract import state_dtype
-from linattn.ops.common.chunking import ChunkLayout, causal_mask, decay_matrix, scan_chunks
+from linattn.ops.common.chunking import ChunkLayout, causal_mask, decay_matrix, scan_chunks, suffix_sum
 
 
 def _decay_step(S, decay, dS):
@@ -57,11 +59,11 @@ def chunk_simple_gla(
         states, final = chunk_state_passing(layout, S0, dS, None)
         o = A @ v + q @ states
     else:
-        b = layout.to_chunks(g.to(dtype)).cumsum(-1)  # [R, H, NC, C]
-        b_last = b[..., -1:]
-        A = A * decay_matrix(b)
-        dS = (k * torch.exp(b_last - b).unsqueeze(-1)).transpose(-1, -2) @ v
-        states, final = chunk_state_passing(layout, S0, dS, torch.exp(b_last).unsqueeze(-1))
+        g = layout.to_chunks(g.to(dtype))  # [R, H, NC, C]
+        b = g.cumsum(-1)  # log-decay from the chunk start to t
+        A = A * decay_matrix(g)
+        dS = (k * torch.exp(suffix_sum(g)).unsqueeze(-1)).transpose(-1, -2) @ v
+        states, final = chunk_state_passing(layout, S0, dS, torch.exp(b[..., -1:]).unsqueeze(-1))
         o = A @ v + (q * torch.exp(b).unsqueeze(-1)) @ states
     o = layout.from_chunks(o).to(out_dtype)
     return o, (final if output_final_state else None)

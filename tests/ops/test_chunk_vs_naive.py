@@ -1,0 +1,48 @@
+"""The chunked path against the token recurrence: outputs, final states and every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.ops.mechanisms import CASES
+from tests.ops.tolerance import check_against_naive
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("T", [1, 63, 64, 65, 200])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_chunk_matches_naive(case, dtype, T):
+    tensors, state = case.draw(B=2, T=T, H=2, K=16, V=24, dtype=dtype, seed=T)
+    check_against_naive(case, tensors, state, "chunk")
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_chunk_matches_naive_varlen(case):
+    # an empty sequence, a one-token sequence, one spanning several chunks, one exactly a chunk long
+    cu_seqlens = torch.tensor([0, 0, 1, 131, 131, 195, 200])
+    tensors, state = case.draw(B=1, T=200, H=2, K=16, V=24, seed=7, N=6)
+    check_against_naive(case, tensors, state, "chunk", cu_seqlens=cu_seqlens)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_gradcheck_float64(case):
+    tensors, state = case.draw(B=1, T=5, H=1, K=3, V=2, dtype=torch.float64, seed=3)
+    state = state.double()
+    if case.chunk is not None:
+        impls = {"chunk(C=2)": lambda ts, s0: case.chunk_call(ts, 2, initial_state=s0), "naive": None}
+    else:
+        impls = {"chunk": None, "naive": None}
+    for label, fn in impls.items():
+        if fn is None:
+            impl = label.split("(")[0]
+            fn = lambda ts, s0, impl=impl: case(ts, initial_state=s0, output_final_state=True, impl=impl)  # noqa: E731
+
+        def f(*args, fn=fn):
+            o, S = fn(list(args[:-1]), args[-1])
+            return o, S
+
+        leaves = [t.detach().clone().requires_grad_() for t in [*tensors, state]]
+        assert torch.autograd.gradcheck(f, leaves), f"{case.id} {label}"
