@@ -35,13 +35,13 @@ def naive_gated_delta_rule(
     out_dtype, dtype = v.dtype, state_dtype(q)
     q, k, v, beta = q.to(dtype) * scale, k.to(dtype), v.to(dtype), beta.to(dtype)
     S = initial_state.to(dtype) if initial_state is not None else q.new_zeros(B, H, K, V)
+    decays = torch.exp(g.to(dtype)).unbind(1) if g is not None else [None] * T  # [B, H] each
     o = []
-    for t in range(T):
-        k_t, v_t, b_t = k[:, t], v[:, t], beta[:, t, :, None]  # [B, H, K], [B, H, V], [B, H, 1]
-        if g is not None:
-            S = torch.exp(g[:, t].to(dtype))[..., None, None] * S
+    for q_t, k_t, v_t, b_t, a_t in zip(q.unbind(1), k.unbind(1), v.unbind(1), beta.unbind(1), decays):
+        if a_t is not None:
+            S = a_t[..., None, None] * S
         v_old = torch.einsum("bhkv,bhk->bhv", S, k_t)  # what the memory holds for k_t
-        S = S + (b_t * k_t)[..., :, None] * (v_t - v_old)[..., None, :]
-        o.append(torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+        S = S + (b_t[..., None] * k_t)[..., :, None] * (v_t - v_old)[..., None, :]
+        o.append(torch.einsum("bhk,bhkv->bhv", q_t, S))
     o = torch.stack(o, dim=1) if o else v.new_zeros(B, 0, H, V)
     return o.to(out_dtype), (S if output_final_state else None)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from linattn.ops._contract import state_dtype
-from linattn.ops.common.chunking import ChunkLayout, segsum, suffix_sum
+from linattn.ops.common.chunking import ChunkLayout, causal_mask, segsum, suffix_sum
 from linattn.ops.simple_gla.chunk import chunk_state_passing
 
 
@@ -26,6 +26,7 @@ def gla_intra_scores(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, sub_chun
     c = sub_chunk if C % sub_chunk == 0 else C
     n = C // c
     qs, ks, gs = (x.reshape(*lead, n, c, K) for x in (q, k, g))  # [..., n, c, K]
+    strict_lower = causal_mask(c, q.device, strict=True)
 
     # Between sub-chunks j < i: exp(b_t - rho_i) is a sum inside sub-chunk i; exp(rho_i - b_s) is the
     # rest of sub-chunk j after s plus the whole sub-chunks j+1 ... i-1.
@@ -36,9 +37,12 @@ def gla_intra_scores(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, sub_chun
     k_r = ks.unsqueeze(-4) * torch.exp(e)
     A = torch.einsum("...itk,...ijsk->...itjs", q_r, k_r)  # [..., n, c, n, c]
 
-    # Diagonal sub-chunks, exactly.
-    decay = torch.exp(segsum(gs, dim=-2))  # [..., n, c(t), c(s), K]
-    A_diag = (qs.unsqueeze(-2) * ks.unsqueeze(-3) * decay).sum(-1)  # [..., n, c, c]
+    # Diagonal sub-chunks, exactly: exp(b_t - b_s) per channel for s < t from sub-chunk-local sums
+    # (|b| <= c |g|, so their difference keeps its precision), and the plain q_t . k_t on the diagonal.
+    local = gs.cumsum(-2)
+    d = (local.unsqueeze(-2) - local.unsqueeze(-3)).masked_fill(~strict_lower[..., None], float("-inf"))
+    A_diag = torch.einsum("...tsk,...sk->...ts", qs.unsqueeze(-2) * torch.exp(d), ks)  # [..., n, c, c]
+    A_diag = A_diag + torch.diag_embed((qs * ks).sum(-1))
     eye = torch.eye(n, dtype=A.dtype, device=q.device)[:, None, :, None]
     A = A + A_diag.unsqueeze(-2) * eye
     return A.reshape(*lead, C, C)
@@ -54,8 +58,8 @@ def chunk_gla(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
-    chunk_size: int = 64,
-    sub_chunk: int = 8,
+    chunk_size: int = 32,
+    sub_chunk: int = 4,
 ):
     """q, k [B, T, H, K]; v [B, T, H, V]; g [B, T, H, K] log-decay. Returns (o [B, T, H, V], state)."""
     B, T, H, K = q.shape

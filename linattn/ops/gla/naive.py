@@ -32,13 +32,12 @@ def naive_gla(
     out_dtype, dtype = v.dtype, state_dtype(q)
     q, k, v = q.to(dtype) * scale, k.to(dtype), v.to(dtype)
     S = initial_state.to(dtype) if initial_state is not None else q.new_zeros(B, H, K, V)
+    decays = torch.exp(g.to(dtype)).unbind(1) if g is not None else [None] * T  # [B, H, K] or [B, H] each
     o = []
-    for t in range(T):
-        if g is not None:
-            decay = torch.exp(g[:, t].to(dtype))  # [B, H, K] or [B, H]
-            decay = decay.unsqueeze(-1) if decay.ndim == 3 else decay[..., None, None]
-            S = decay * S
-        S = S + k[:, t, :, :, None] * v[:, t, :, None, :]  # [B, H, K, V]
-        o.append(torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+    for q_t, k_t, v_t, a_t in zip(q.unbind(1), k.unbind(1), v.unbind(1), decays):  # unbind: a linear backward
+        if a_t is not None:
+            S = (a_t.unsqueeze(-1) if a_t.ndim == 3 else a_t[..., None, None]) * S
+        S = S + k_t[..., :, None] * v_t[..., None, :]  # [B, H, K, V]
+        o.append(torch.einsum("bhk,bhkv->bhv", q_t, S))
     o = torch.stack(o, dim=1) if o else v.new_zeros(B, 0, H, V)
     return o.to(out_dtype), (S if output_final_state else None)

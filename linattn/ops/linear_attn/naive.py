@@ -48,13 +48,13 @@ def naive_linear_attn(
         return num / (torch.einsum("bhk,bhk->bh", q_t, z)[..., None] + eps)
 
     o = []
-    for t in range(T):
-        S = S + k[:, t, :, :, None] * v[:, t, :, None, :]
-        z = z + k[:, t]
+    for q_t, k_t, v_t in zip(q.unbind(1), k.unbind(1), v.unbind(1)):  # unbind: a linear backward
+        S = S + k_t[..., :, None] * v_t[..., None, :]
+        z = z + k_t
         if causal:
-            o.append(read(q[:, t], S, z))
+            o.append(read(q_t, S, z))
     if not causal:
-        o = [read(q[:, t], S, z) for t in range(T)]
+        o = [read(q_t, S, z) for q_t in q.unbind(1)]
     o = torch.stack(o, dim=1) if o else v.new_zeros(B, 0, H, V)
     final = torch.cat([S, z[..., None]], dim=-1) if normalize else S
     return o.to(out_dtype), (final if output_final_state else None)

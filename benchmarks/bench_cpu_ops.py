@@ -1,0 +1,115 @@
+"""Time every mechanism's chunk and naive impls, with torch SDPA (causal) in the same run.
+
+Forward, and forward + backward, median of repeated runs, float32, B=1, H=4, K=V=64 by default:
+
+    python benchmarks/bench_cpu_ops.py --lengths 1024,2048,4096,8192,16384 --json out.json
+
+The table it prints goes to RESULTS.md with the machine and versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from linattn import ops
+
+MECHANISMS = ["linear_attn", "retention", "simple_gla", "gla", "delta_rule", "gated_delta_rule"]
+
+
+def make_call(name: str, B: int, T: int, H: int, K: int, V: int, device: str):
+    """Return (leaves, fn(impl) -> o): inputs that need gradients, and a closure running the op."""
+    gen = torch.Generator().manual_seed(T)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device)
+
+    q, k, v = randn(B, T, H, K), randn(B, T, H, K), randn(B, T, H, V)
+    if name in ("delta_rule", "gated_delta_rule"):
+        k = F.normalize(k, dim=-1)
+    extra = {
+        "simple_gla": [F.logsigmoid(randn(B, T, H) + 3)],
+        "gla": [F.logsigmoid(randn(B, T, H, K) + 3)],
+        "delta_rule": [torch.sigmoid(randn(B, T, H))],
+        "gated_delta_rule": [F.logsigmoid(randn(B, T, H) + 3), torch.sigmoid(randn(B, T, H))],
+    }.get(name, [])
+    leaves = [x.requires_grad_() for x in (q, k, v, *extra)]
+    op = getattr(ops, name)
+    return leaves, lambda impl: op(*leaves, impl=impl)[0]
+
+
+def sdpa_call(B, T, H, K, V, device):
+    gen = torch.Generator().manual_seed(T)
+    leaves = [torch.randn(B, H, T, D, generator=gen).to(device).requires_grad_() for D in (K, K, V)]
+    return leaves, lambda impl: F.scaled_dot_product_attention(*leaves, is_causal=True)
+
+
+def median_ms(fn, leaves, backward: bool, reps: int, budget_s: float) -> float:
+    """Median wall time of fn (and its backward), after one warm-up run; stops early past the budget."""
+    def once():
+        for x in leaves:
+            x.grad = None
+        t0 = time.perf_counter()
+        o = fn()
+        if backward:
+            o.backward(do)
+        if o.is_cuda:
+            torch.cuda.synchronize()
+        return 1e3 * (time.perf_counter() - t0)
+
+    o = fn()
+    do = torch.randn_like(o)
+    once()
+    times, start = [], time.perf_counter()
+    for _ in range(reps):
+        times.append(once())
+        if time.perf_counter() - start > budget_s:
+            break
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="1024,2048,4096,8192,16384")
+    parser.add_argument("--mechanisms", default=",".join(MECHANISMS))
+    parser.add_argument("--impls", default="chunk,naive")
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--budget", type=float, default=10.0, help="seconds per measurement before stopping early")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    B, H, K = 1, args.heads, args.head_dim
+    V = K
+    lengths = [int(x) for x in args.lengths.split(",")]
+    rows = []
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}, B={B} H={H} K=V={K}, float32, {args.device}")
+    print(f"| {'mechanism':17s} | {'impl':5s} | {'T':>6s} | {'fwd ms':>9s} | {'fwd+bwd ms':>10s} |")
+    print(f"|{'-' * 19}|{'-' * 7}|{'-' * 8}|{'-' * 11}|{'-' * 12}|")
+    for T in lengths:
+        jobs = [("sdpa_causal", "sdpa", *sdpa_call(B, T, H, K, V, args.device))]
+        for name in args.mechanisms.split(","):
+            for impl in args.impls.split(","):
+                jobs.append((name, impl, *make_call(name, B, T, H, K, V, args.device)))
+        for name, impl, leaves, fn in jobs:
+            fwd = median_ms(lambda: fn(impl), leaves, False, args.reps, args.budget)
+            both = median_ms(lambda: fn(impl), leaves, True, args.reps, args.budget)
+            rows.append(dict(mechanism=name, impl=impl, T=T, fwd_ms=fwd, fwd_bwd_ms=both))
+            print(f"| {name:17s} | {impl:5s} | {T:6d} | {fwd:9.1f} | {both:10.1f} |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(torch=torch.__version__, B=B, H=H, K=K, V=V, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
