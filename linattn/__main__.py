@@ -1,0 +1,5 @@
+import sys
+
+from linattn.cli import main
+
+sys.exit(main())
