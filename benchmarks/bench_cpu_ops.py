@@ -4,7 +4,8 @@ Forward, and forward + backward, median of repeated runs, float32, B=1, H=4, K=V
 
     python benchmarks/bench_cpu_ops.py --lengths 1024,2048,4096,8192,16384 --json out.json
 
-The table it prints goes to RESULTS.md with the machine and versions.
+The table it prints goes to RESULTS.md with the machine and versions. The timing code lives in
+linattn.bench (shared with `linattn bench`); this script keeps its per-impl table.
 """
 
 from __future__ import annotations
@@ -13,66 +14,12 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
 
 import torch
-import torch.nn.functional as F
 
-from linattn import ops
+from linattn.bench import RECURRENT, make_call, median_ms, sdpa_call
 
-MECHANISMS = ["linear_attn", "retention", "simple_gla", "gla", "delta_rule", "gated_delta_rule"]
-
-
-def make_call(name: str, B: int, T: int, H: int, K: int, V: int, device: str):
-    """Return (leaves, fn(impl) -> o): inputs that need gradients, and a closure running the op."""
-    gen = torch.Generator().manual_seed(T)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen).to(device)
-
-    q, k, v = randn(B, T, H, K), randn(B, T, H, K), randn(B, T, H, V)
-    if name in ("delta_rule", "gated_delta_rule"):
-        k = F.normalize(k, dim=-1)
-    extra = {
-        "simple_gla": [F.logsigmoid(randn(B, T, H) + 3)],
-        "gla": [F.logsigmoid(randn(B, T, H, K) + 3)],
-        "delta_rule": [torch.sigmoid(randn(B, T, H))],
-        "gated_delta_rule": [F.logsigmoid(randn(B, T, H) + 3), torch.sigmoid(randn(B, T, H))],
-    }.get(name, [])
-    leaves = [x.requires_grad_() for x in (q, k, v, *extra)]
-    op = getattr(ops, name)
-    return leaves, lambda impl: op(*leaves, impl=impl)[0]
-
-
-def sdpa_call(B, T, H, K, V, device):
-    gen = torch.Generator().manual_seed(T)
-    leaves = [torch.randn(B, H, T, D, generator=gen).to(device).requires_grad_() for D in (K, K, V)]
-    return leaves, lambda impl: F.scaled_dot_product_attention(*leaves, is_causal=True)
-
-
-def median_ms(fn, leaves, backward: bool, reps: int, budget_s: float) -> float:
-    """Median wall time of fn (and its backward), after one warm-up run; stops early past the budget."""
-    def once():
-        for x in leaves:
-            x.grad = None
-        t0 = time.perf_counter()
-        o = fn()
-        if backward:
-            o.backward(do)
-        if o.is_cuda:
-            torch.cuda.synchronize()
-        return 1e3 * (time.perf_counter() - t0)
-
-    o = fn()
-    do = torch.randn_like(o)
-    once()
-    times, start = [], time.perf_counter()
-    for _ in range(reps):
-        times.append(once())
-        if time.perf_counter() - start > budget_s:
-            break
-    return statistics.median(times)
+MECHANISMS = RECURRENT
 
 
 def main() -> None:

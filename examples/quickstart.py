@@ -1,6 +1,6 @@
 """Run every mechanism in linattn.ops once, forward and backward, and print shapes and timings.
 
-    python examples/quickstart.py [--device cpu|cuda] [--seq-len 2048]
+python examples/quickstart.py [--device cpu|cuda] [--seq-len 2048]
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ def main() -> None:
 
     calls = {
         "linear_attn": lambda q, k, v: ops.linear_attn(q, k, v, output_final_state=True),
-        "linear_attn (elu+1, normalized)": lambda q, k, v: ops.linear_attn(q, k, v, "elu1", True, output_final_state=True),
+        "linear_attn (elu+1, normalized)": lambda q, k, v: ops.linear_attn(
+            q, k, v, "elu1", True, output_final_state=True
+        ),
         "retention": lambda q, k, v: ops.retention(q, k, v, output_final_state=True),
         "simple_gla": lambda q, k, v: ops.simple_gla(q, k, v, g, output_final_state=True),
         "gla": lambda q, k, v: ops.gla(q, k, v, g_k, output_final_state=True),

@@ -24,6 +24,9 @@ def test_ci_runs_the_readme_test_command():
     commands = [line for b in blocks("bash") for line in b.strip().splitlines()]
     assert len(commands) == 2, f"the README's set-up should be two commands, got {commands}"
     test_command = next(c for c in commands if "pytest" in c)
-    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
-          if line.strip() and not line.startswith("#")]
+    ci = [
+        line.strip()
+        for line in (ROOT / ".ci" / "run").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert test_command in ci, f"{test_command!r} is not a line of .ci/run: {ci}"

@@ -50,9 +50,7 @@ def check_qkv(op: str, q, k, v) -> tuple[int, int, int, int, int]:
     if k.shape != q.shape:
         raise ValueError(f"{op}: k must have the shape of q, [B, T, H, K] = {_shape(q)}, got {_shape(k)}")
     if v.shape[:3] != q.shape[:3]:
-        raise ValueError(
-            f"{op}: v must be [B, T, H, V] with B, T, H = {list(q.shape[:3])} as in q, got {_shape(v)}"
-        )
+        raise ValueError(f"{op}: v must be [B, T, H, V] with B, T, H = {list(q.shape[:3])} as in q, got {_shape(v)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"{op}: q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -104,9 +102,7 @@ def check_initial_state(op: str, s, q: torch.Tensor, dims: Dims, v_dim: int) -> 
     want = [dims.N, dims.H, dims.K, v_dim]
     if _shape(s) != want:
         rows = "N (one per sequence in cu_seqlens)" if dims.varlen else "B"
-        raise ValueError(
-            f"{op}: initial_state must have shape [{rows}, H, K, V] = {want}, got {_shape(s)}"
-        )
+        raise ValueError(f"{op}: initial_state must have shape [{rows}, H, K, V] = {want}, got {_shape(s)}")
     check_same_device(op, "initial_state", s, q)
 
 
@@ -150,8 +146,9 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_impl(op: str, impl, impls: dict[str, Callable], q: torch.Tensor, T: int,
-                 triton_ok: Callable | None = None) -> Callable:
+def resolve_impl(
+    op: str, impl, impls: dict[str, Callable], q: torch.Tensor, T: int, triton_ok: Callable | None = None
+) -> Callable:
     """Pick the implementation function.
 
     ``impls`` maps each name this op provides to its function. "auto" takes triton on CUDA when the
@@ -174,12 +171,31 @@ def resolve_impl(op: str, impl, impls: dict[str, Callable], q: torch.Tensor, T: 
     return impls[impl]
 
 
-def dispatch(op: str, impls: dict[str, Callable], impl, dims: Dims, args: tuple, *, v_dim: int, scale: float,
-             initial_state, output_final_state: bool, cu_seqlens, triton_ok: Callable | None = None, **options):
+def dispatch(
+    op: str,
+    impls: dict[str, Callable],
+    impl,
+    dims: Dims,
+    args: tuple,
+    *,
+    v_dim: int,
+    scale: float,
+    initial_state,
+    output_final_state: bool,
+    cu_seqlens,
+    triton_ok: Callable | None = None,
+    **options,
+):
     """Run ``impls[impl](*args, scale=..., initial_state=..., ...)``, or return the T = 0 result."""
     q, v = args[0], args[2]
     fn = resolve_impl(op, impl, impls, q, dims.T, triton_ok)
     if dims.T == 0:
         return empty_result(q, v, dims, v_dim, initial_state, output_final_state)
-    return fn(*args, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-              cu_seqlens=cu_seqlens, **options)
+    return fn(
+        *args,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+        **options,
+    )

@@ -7,6 +7,7 @@ L2-normalised for the delta rules), and the impl-level chunk function, so that c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 
@@ -59,8 +60,14 @@ class Case:
 
     def chunk_call(self, tensors, chunk_size, *, initial_state=None, cu_seqlens=None):
         """Run the impl-level chunk function at a given chunk size; returns (o, final_state)."""
-        return self.chunk(tensors, scale=tensors[0].shape[-1] ** -0.5, initial_state=initial_state,
-                          output_final_state=True, cu_seqlens=cu_seqlens, chunk_size=chunk_size)
+        return self.chunk(
+            tensors,
+            scale=tensors[0].shape[-1] ** -0.5,
+            initial_state=initial_state,
+            output_final_state=True,
+            cu_seqlens=cu_seqlens,
+            chunk_size=chunk_size,
+        )
 
 
 def _linear(causal):
@@ -69,16 +76,28 @@ def _linear(causal):
 
 CASES = [
     Case("linear_attn", ops.linear_attn, chunk=_linear(True)),
-    Case("linear_attn_elu1_normalized", ops.linear_attn, options=dict(feature_map="elu1", normalize=True),
-         state_extra=1),
+    Case(
+        "linear_attn_elu1_normalized", ops.linear_attn, options=dict(feature_map="elu1", normalize=True), state_extra=1
+    ),
     Case("linear_attn_noncausal", ops.linear_attn, options=dict(causal=False), causal=False, chunk=_linear(False)),
     Case("retention", ops.retention),
     Case("simple_gla", ops.simple_gla, gate="scalar", chunk=lambda t, **kw: chunk_simple_gla(*t, **kw)),
     Case("gla", ops.gla, gate="vector", chunk=lambda t, **kw: chunk_gla(*t, **kw)),
-    Case("delta_rule", ops.delta_rule, beta=True, l2_keys=True,
-         chunk=lambda t, **kw: chunk_gated_delta_rule(t[0], t[1], t[2], None, t[3], **kw)),
-    Case("gated_delta_rule", ops.gated_delta_rule, gate="scalar", beta=True, l2_keys=True,
-         chunk=lambda t, **kw: chunk_gated_delta_rule(*t, **kw)),
+    Case(
+        "delta_rule",
+        ops.delta_rule,
+        beta=True,
+        l2_keys=True,
+        chunk=lambda t, **kw: chunk_gated_delta_rule(t[0], t[1], t[2], None, t[3], **kw),
+    ),
+    Case(
+        "gated_delta_rule",
+        ops.gated_delta_rule,
+        gate="scalar",
+        beta=True,
+        l2_keys=True,
+        chunk=lambda t, **kw: chunk_gated_delta_rule(*t, **kw),
+    ),
 ]
 CAUSAL_CASES = [c for c in CASES if c.causal]
 CHUNK_CASES = [c for c in CASES if c.chunk is not None]

@@ -12,8 +12,12 @@ B, T, H, K, V = 2, 10, 3, 4, 5
 
 def good(**over):
     t = dict(
-        q=torch.randn(B, T, H, K), k=torch.randn(B, T, H, K), v=torch.randn(B, T, H, V),
-        g=-torch.rand(B, T, H), gk=-torch.rand(B, T, H, K), beta=torch.rand(B, T, H),
+        q=torch.randn(B, T, H, K),
+        k=torch.randn(B, T, H, K),
+        v=torch.randn(B, T, H, V),
+        g=-torch.rand(B, T, H),
+        gk=-torch.rand(B, T, H, K),
+        beta=torch.rand(B, T, H),
     )
     t.update(over)
     return t
@@ -104,8 +108,14 @@ def test_gate_on_another_device(op):
     ids=["batched", "not-from-0", "not-to-T", "decreasing", "2-D"],
 )
 def test_bad_cu_seqlens(op, B_, cu, words):
-    t = good(q=torch.randn(B_, T, H, K), k=torch.randn(B_, T, H, K), v=torch.randn(B_, T, H, V),
-             g=-torch.rand(B_, T, H), gk=-torch.rand(B_, T, H, K), beta=torch.rand(B_, T, H))
+    t = good(
+        q=torch.randn(B_, T, H, K),
+        k=torch.randn(B_, T, H, K),
+        v=torch.randn(B_, T, H, V),
+        g=-torch.rand(B_, T, H),
+        gk=-torch.rand(B_, T, H, K),
+        beta=torch.rand(B_, T, H),
+    )
     with pytest.raises(ValueError) as info:
         call(op, t, cu_seqlens=torch.tensor(cu))
     for w in words:
@@ -128,8 +138,9 @@ def test_bad_initial_state(op):
 def test_initial_state_rows_follow_cu_seqlens():
     t = good(q=torch.randn(1, T, H, K), k=torch.randn(1, T, H, K), v=torch.randn(1, T, H, V))
     with pytest.raises(ValueError, match=r"\[N \(one per sequence in cu_seqlens\), H, K, V\] = \[3, 3, 4, 5\]"):
-        ops.linear_attn(t["q"], t["k"], t["v"], cu_seqlens=torch.tensor([0, 2, 5, 10]),
-                        initial_state=torch.zeros(1, H, K, V))
+        ops.linear_attn(
+            t["q"], t["k"], t["v"], cu_seqlens=torch.tensor([0, 2, 5, 10]), initial_state=torch.zeros(1, H, K, V)
+        )
 
 
 def test_normalized_state_has_the_normaliser_column():
@@ -139,10 +150,24 @@ def test_normalized_state_has_the_normaliser_column():
 
 
 @pytest.mark.parametrize("op", RECURRENT, ids=op_ids)
-@pytest.mark.parametrize("impl", ["triton", "fast", "sdpa", None])
+@pytest.mark.parametrize("impl", ["fast", "sdpa", None])
 def test_impl_that_cannot_serve(op, impl):
     with pytest.raises(ValueError, match="impl"):
         call(op, good(), impl=impl)
+
+
+@pytest.mark.parametrize("op", RECURRENT, ids=op_ids)
+def test_triton_refuses_what_it_cannot_serve(op):
+    """float64 has no Triton kernel (nor do CPU tensors outside the interpreter): a clear error, no fallback."""
+    t = {name: x.double() for name, x in good().items()}
+    with pytest.raises(ValueError, match=r"impl='triton'|not available"):
+        call(op, t, impl="triton")
+
+
+def test_triton_refuses_noncausal_linear_attention():
+    t = good()
+    with pytest.raises(ValueError, match="causal=False"):
+        ops.linear_attn(t["q"], t["k"], t["v"], causal=False, impl="triton")
 
 
 @pytest.mark.parametrize("impl", ["chunk", "triton"])

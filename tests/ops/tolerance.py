@@ -20,8 +20,9 @@ def max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return (x.double() - ref.double()).abs().max().item() if ref.numel() else 0.0
 
 
-def assert_dtype_close(name: str, fast: torch.Tensor, plain: torch.Tensor, ref: torch.Tensor, factor: float = 2.0,
-                       terms: int = 64):
+def assert_dtype_close(
+    name: str, fast: torch.Tensor, plain: torch.Tensor, ref: torch.Tensor, factor: float = 2.0, terms: int = 64
+):
     assert fast.shape == ref.shape, f"{name}: shape {list(fast.shape)} != reference {list(ref.shape)}"
     assert torch.isfinite(fast).all(), f"{name}: non-finite values"
     if not ref.numel():
@@ -50,8 +51,8 @@ def assert_same_result(name: str, a: torch.Tensor, b: torch.Tensor, terms: int =
     assert err <= bound, f"{name}: differs by {err:.3g}, more than the rounding bound {bound:.3g}"
 
 
-def run_with_grads(fn, tensors, state, grad_seed=1):
-    """Call fn(leaves, initial_state) -> (o, S), back-propagate fixed random cotangents.
+def run_with_grads(fn, tensors, state, grad_seed=1, state_grad=True):
+    """Call fn(leaves, initial_state) -> (o, S), back-propagate fixed random cotangents (S's only if state_grad).
 
     Returns [o, S, grad of each tensor..., grad of the state] (the state grad only when a state is given).
     """
@@ -59,26 +60,32 @@ def run_with_grads(fn, tensors, state, grad_seed=1):
     s0 = None if state is None else state.detach().clone().requires_grad_()
     o, S = fn(leaves, s0)
     gen = torch.Generator().manual_seed(grad_seed)
-    do = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype)
+    do = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device, o.dtype)
     loss = (o * do).sum()
-    if S is not None:
-        dS = torch.randn(S.shape, generator=gen, dtype=torch.float64).to(S.dtype)
+    if S is not None and state_grad:
+        dS = torch.randn(S.shape, generator=gen, dtype=torch.float64).to(S.device, S.dtype)
         loss = loss.float() + (S.float() * dS.float()).sum() if o.dtype != torch.float64 else loss + (S * dS).sum()
     inputs = leaves + ([s0] if s0 is not None else [])
     grads = torch.autograd.grad(loss, inputs)
     return [o.detach(), None if S is None else S.detach(), *grads]
 
 
-def check_against_naive(case, tensors, state, impl: str, cu_seqlens=None):
-    """impl against the token recurrence, outputs, final state and every gradient, by the rule above."""
+def check_against_naive(
+    case, tensors, state, impl: str, cu_seqlens=None, reference: str = "naive", state_grad: bool = True
+):
+    """impl against the token recurrence, outputs, final state and every gradient, by the rule above.
+
+    ``reference="chunk"`` takes the chunked path (itself tested against naive) as the float64
+    reference and as the plain same-dtype run, for long sequences on a GPU.
+    """
 
     def call(impl_name):
         return lambda ts, s0: case(ts, initial_state=s0, output_final_state=True, impl=impl_name, cu_seqlens=cu_seqlens)
 
     extra = ["dg"] * (case.gate is not None) + ["dbeta"] * case.beta
     names = ["o", "final_state", "dq", "dk", "dv", *extra, "dinitial_state"]
-    ref = run_with_grads(call("naive"), [t.double() for t in tensors], state.double())
-    plain = run_with_grads(call("naive"), tensors, state)
-    fast = run_with_grads(call(impl), tensors, state)
+    ref = run_with_grads(call(reference), [t.double() for t in tensors], state.double(), state_grad=state_grad)
+    plain = run_with_grads(call(reference), tensors, state, state_grad=state_grad)
+    fast = run_with_grads(call(impl), tensors, state, state_grad=state_grad)
     for name, f, p, r in zip(names, fast, plain, ref):
         assert_dtype_close(f"{case.id} {impl} {name}", f, p, r)

@@ -46,5 +46,15 @@ def gated_delta_rule(
     dims, scale = check_common(op, q, k, v, scale, initial_state, cu_seqlens)
     check_gate(op, "g", g, q, dims, per_key=False)
     check_gate(op, "beta", beta, q, dims, per_key=False)
-    return dispatch(op, IMPLS, impl, dims, (q, k, v, g, beta), v_dim=dims.V, scale=scale,
-                    initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    return dispatch(
+        op,
+        IMPLS,
+        impl,
+        dims,
+        (q, k, v, g, beta),
+        v_dim=dims.V,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+    )

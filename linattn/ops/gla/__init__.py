@@ -40,5 +40,15 @@ def gla(
     op = "gla"
     dims, scale = check_common(op, q, k, v, scale, initial_state, cu_seqlens)
     check_gate(op, "g", g, q, dims, per_key=True)
-    return dispatch(op, IMPLS, impl, dims, (q, k, v, g), v_dim=dims.V, scale=scale, initial_state=initial_state,
-                    output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    return dispatch(
+        op,
+        IMPLS,
+        impl,
+        dims,
+        (q, k, v, g),
+        v_dim=dims.V,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+    )

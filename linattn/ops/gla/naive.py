@@ -1,7 +1,7 @@
 """The GLA recurrence token by token, in float32: the spec that the chunked and Triton paths are tested against.
 
-    S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T        S_t is [K, V], g_t is [K] (or one value per head)
-    o_t = scale * S_t^T q_t
+S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T        S_t is [K, V], g_t is [K] (or one value per head)
+o_t = scale * S_t^T q_t
 """
 
 from __future__ import annotations

@@ -6,10 +6,14 @@ import torch
 
 from linattn.feature_maps import get_feature_map
 from linattn.ops._contract import check_common, check_qkv, dispatch
+from linattn.ops.common.optional_triton import load_triton_impl
 from linattn.ops.linear_attn.chunk import chunk_linear_attn
 from linattn.ops.linear_attn.naive import naive_linear_attn
 
 IMPLS = {"naive": naive_linear_attn, "chunk": chunk_linear_attn}
+_triton = load_triton_impl("linattn.ops.linear_attn.triton", "triton_linear_attn", "linear_attn_unsupported")
+if _triton is not None:
+    IMPLS["triton"] = _triton[0]
 
 
 def linear_attn(
@@ -44,7 +48,7 @@ def linear_attn(
         initial_state: [B, H, M, V] or, with normalize, [B, H, M, V + 1] ([N, ...] with cu_seqlens).
         output_final_state: return the state after the last token.
         cu_seqlens: int [N + 1] boundaries of packed sequences; B must be 1.
-        impl: "auto", "naive" (token recurrence, float32), "chunk" (chunked, any device).
+        impl: "auto", "naive" (token recurrence, float32), "chunk" (chunked, any device), "triton" (CUDA, causal).
 
     Returns:
         o: [B, T, H, V] in v's dtype.
@@ -60,8 +64,30 @@ def linear_attn(
             f"got {list(fq.shape)} from q {list(q.shape)} and {list(fk.shape)} from k"
         )
     fq, fk = fq.to(v.dtype), fk.to(v.dtype)
-    dims, scale = check_common(op, fq, fk, v, scale if scale is not None else q.shape[-1] ** -0.5,
-                               initial_state, cu_seqlens, v_dim=v.shape[-1] + bool(normalize))
-    return dispatch(op, IMPLS, impl, dims, (fq, fk, v), v_dim=dims.V + bool(normalize), scale=scale,
-                    initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                    normalize=bool(normalize), causal=bool(causal), eps=eps)
+    dims, scale = check_common(
+        op,
+        fq,
+        fk,
+        v,
+        scale if scale is not None else q.shape[-1] ** -0.5,
+        initial_state,
+        cu_seqlens,
+        v_dim=v.shape[-1] + bool(normalize),
+    )
+    triton_ok = lambda: "Triton is not installed" if _triton is None else _triton[1](fq, v, bool(causal))  # noqa: E731
+    return dispatch(
+        op,
+        IMPLS,
+        impl,
+        dims,
+        (fq, fk, v),
+        v_dim=dims.V + bool(normalize),
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+        triton_ok=triton_ok,
+        normalize=bool(normalize),
+        causal=bool(causal),
+        eps=eps,
+    )

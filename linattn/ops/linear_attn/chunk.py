@@ -47,8 +47,15 @@ def chunk_linear_attn(
         v = torch.cat([v.to(state_dtype(q)), v.new_ones(*v.shape[:-1], 1, dtype=state_dtype(q))], dim=-1)
     if causal:
         o, final = chunk_simple_gla(
-            q, k, v.to(state_dtype(q)), None, scale=scale, initial_state=initial_state,
-            output_final_state=True, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+            q,
+            k,
+            v.to(state_dtype(q)),
+            None,
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=True,
+            cu_seqlens=cu_seqlens,
+            chunk_size=chunk_size,
         )
     else:
         o, final = _noncausal(q, k, v, scale, initial_state, cu_seqlens, chunk_size)

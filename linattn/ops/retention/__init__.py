@@ -6,6 +6,7 @@ import torch
 
 from linattn.ops._contract import check_common, dispatch, state_dtype
 from linattn.ops.simple_gla import IMPLS as SIMPLE_GLA_IMPLS
+from linattn.ops.simple_gla import triton_check
 
 
 def retention_log_decay(H: int) -> list[float]:
@@ -33,7 +34,7 @@ def retention(
         initial_state: [B, H, K, V] (or [N, H, K, V] with cu_seqlens), any floating dtype.
         output_final_state: return the state after the last token.
         cu_seqlens: int [N + 1] boundaries of packed sequences; B must be 1.
-        impl: "auto", "naive" (token recurrence, float32), "chunk" (chunked, any device).
+        impl: "auto", "naive" (token recurrence, float32), "chunk" (chunked, any device), "triton" (CUDA).
 
     Returns:
         o: [B, T, H, V] in v's dtype.
@@ -43,5 +44,16 @@ def retention(
     dims, scale = check_common(op, q, k, v, scale, initial_state, cu_seqlens)
     g = torch.tensor(retention_log_decay(dims.H), dtype=state_dtype(q), device=q.device)
     g = g.expand(dims.B, dims.T, dims.H)  # [B, T, H]
-    return dispatch(op, SIMPLE_GLA_IMPLS, impl, dims, (q, k, v, g), v_dim=dims.V, scale=scale,
-                    initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    return dispatch(
+        op,
+        SIMPLE_GLA_IMPLS,
+        impl,
+        dims,
+        (q, k, v, g),
+        v_dim=dims.V,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+        triton_ok=triton_check(q, v),
+    )

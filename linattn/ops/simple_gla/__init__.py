@@ -3,10 +3,19 @@ from __future__ import annotations
 import torch
 
 from linattn.ops._contract import check_common, check_gate, dispatch
+from linattn.ops.common.optional_triton import load_triton_impl
 from linattn.ops.simple_gla.chunk import chunk_simple_gla
 from linattn.ops.simple_gla.naive import naive_simple_gla
 
 IMPLS = {"naive": naive_simple_gla, "chunk": chunk_simple_gla}
+_triton = load_triton_impl("linattn.ops.simple_gla.triton", "triton_simple_gla", "triton_unsupported")
+if _triton is not None:
+    IMPLS["triton"] = _triton[0]
+
+
+def triton_check(q: torch.Tensor, v: torch.Tensor):
+    """A callable for ``dispatch``: None when the Triton kernels can serve q, v, else why not."""
+    return lambda: "Triton is not installed" if _triton is None else _triton[1](q, v)
 
 
 def simple_gla(
@@ -21,7 +30,9 @@ def simple_gla(
     cu_seqlens: torch.Tensor | None = None,
     impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Linear attention with one data-dependent decay per head: S_t = exp(g_t) S_{t-1} + k_t v_t^T, o_t = scale S_t^T q_t.
+    """Linear attention with one data-dependent decay per head.
+
+    S_t = exp(g_t) S_{t-1} + k_t v_t^T and o_t = scale S_t^T q_t.
 
     This one form covers Lightning attention (a fixed decay) and the SSD core of Mamba-2
     (g = dt * A, k = B, q = C, v = dt * x).
@@ -34,7 +45,7 @@ def simple_gla(
         initial_state: [B, H, K, V] (or [N, H, K, V] with cu_seqlens), any floating dtype.
         output_final_state: return the state after the last token.
         cu_seqlens: int [N + 1] boundaries of packed sequences; B must be 1.
-        impl: "auto", "naive" (token recurrence, float32), "chunk" (chunked, any device).
+        impl: "auto", "naive" (token recurrence, float32), "chunk" (chunked, any device), "triton" (CUDA).
 
     Returns:
         o: [B, T, H, V] in v's dtype.
@@ -43,5 +54,16 @@ def simple_gla(
     op = "simple_gla"
     dims, scale = check_common(op, q, k, v, scale, initial_state, cu_seqlens)
     check_gate(op, "g", g, q, dims, per_key=False)
-    return dispatch(op, IMPLS, impl, dims, (q, k, v, g), v_dim=dims.V, scale=scale, initial_state=initial_state,
-                    output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    return dispatch(
+        op,
+        IMPLS,
+        impl,
+        dims,
+        (q, k, v, g),
+        v_dim=dims.V,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+        triton_ok=triton_check(q, v),
+    )

@@ -26,6 +26,7 @@ def per_sequence(fn, cu_seqlens, q, k, v):
 
 def naive_softmax_attn(q, k, v, *, causal: bool, window: int | None, scale: float, cu_seqlens=None):
     """q, k [B, T, H, K]; v [B, T, H, V] -> o [B, T, H, V]: softmax(scale q k^T + mask) v per head."""
+
     def attend(q, k, v):
         dtype = state_dtype(q)
         s = torch.einsum("bthk,bshk->bhts", q.to(dtype), k.to(dtype)) * scale

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from linattn.ops.softmax_attn.naive import per_sequence, visible
@@ -10,6 +9,7 @@ from linattn.ops.softmax_attn.naive import per_sequence, visible
 
 def sdpa_softmax_attn(q, k, v, *, causal: bool, window: int | None, scale: float, cu_seqlens=None):
     """q, k [B, T, H, K]; v [B, T, H, V] -> o [B, T, H, V]."""
+
     def attend(q, k, v):
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
         if window is None:

@@ -1,0 +1,620 @@
+"""Triton kernels for the decay family (simple GLA; linear attention and retention are special cases).
+
+One chunk kernel serves the forward pass and all three backward passes:
+
+    forward   o  = scale (q S^T-read + intra-chunk)       q' = q,  k' = k,  v' = v,  state S0
+    dq        dq = scale S_t do_t                          q' = do, k' = v,  v' = k,  state S0^T
+    dk        dk = dS_t v_t      (time reversed)           q' = v,  k' = do, v' = q,  state dS_T^T / scale
+    dv        dv = dS_t^T k_t    (time reversed)           q' = k,  k' = q,  v' = do, state dS_T / scale
+
+and dg_t = sum_{r >= t} (q_r . dq_r - k_r . dk_r) + <dS_T, S_T>, with the dot products taken in
+float32 inside the dq and dk passes, each without the token's pair with itself (the two self terms
+are equal and would cancel only up to rounding). What remains is exact when the final state gets no
+gradient; with a final-state gradient dS_T, the <dS_T, S_T> term cancels against the dk pass's share of
+it, so dg then carries an absolute error of about eps * |<dS_T, S_T>| (negligible unless every gate is
+so negative that dg itself is that small).
+
+The state [K, BV] lives in registers while a program walks its chunks, so no per-chunk state is ever
+written to memory. When B * H alone would leave the GPU idle (long T, small batch), each sequence is
+cut into segments: a first launch computes every segment's own state change, a scan kernel chains
+them, and a second launch computes the outputs from each segment's entering state.
+
+Gates: the chunk-local cumulative sum is formed in float64 and each exponent b_t - b_s is cast to
+float32 only after the subtraction, so every exponent is exact to float32 and <= 0 for g <= 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from linattn.ops._contract import triton_interpret
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _chunk_kernel(
+    q,
+    k,
+    v,
+    g,
+    h0,
+    o,
+    ht,
+    w,
+    wo,
+    cu_seqlens,
+    scale,
+    T,
+    NS,
+    NTH,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    SEG: tl.constexpr,
+    HAS_G: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    STORE_O: tl.constexpr,
+    STORE_HT: tl.constexpr,
+    HAS_W: tl.constexpr,
+    REVERSE: tl.constexpr,
+    VARLEN: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST_QK: tl.constexpr,
+):
+    # q, k: [.., T, H, K]; v, o, w: [.., T, H, V]; g: [.., T, H]; h0, ht: [N, NS, H, K, V] fp32;
+    # wo: [NV, NTH] fp32 (NTH = tokens x heads), the per-token dot of o with w, without the t = s term.
+    i_v, i_s, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    if VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+    lo = bos + i_s * SEG  # this program's segment [lo, hi), aligned to chunks
+    hi = tl.minimum(lo + SEG, eos)
+    n_chunks = tl.cdiv(hi - lo, BT)
+
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    if REVERSE:
+        causal = o_t[:, None] <= o_t[None, :]  # output t reads sources s >= t
+    else:
+        causal = o_t[:, None] >= o_t[None, :]
+
+    state_off = ((i_n * NS + i_s) * H + i_h).to(tl.int64) * K * V
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        S += tl.load(h0 + state_off + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
+
+    for i in range(0, n_chunks):
+        if REVERSE:
+            t0 = lo + (n_chunks - 1 - i) * BT
+        else:
+            t0 = lo + i * BT
+        rows = t0 + o_t
+        m_t = rows < hi
+        tok = rows * H + i_h  # token-and-head index
+        b_q = tl.load(q + tok[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+        b_k = tl.load(k + tok[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+        b_v = tl.load(v + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+
+        if UPCAST_QK:  # Triton's interpreter multiplies bfloat16 dot operands as raw integers
+            A = tl.dot(b_q.to(tl.float32), tl.trans(b_k.to(tl.float32)), input_precision=DOT_PREC)
+        else:
+            A = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)  # [BT, BT]
+        if HAS_G:
+            b_g = tl.load(g + tok, mask=m_t, other=0.0).to(tl.float64)
+            b_b = tl.cumsum(b_g, axis=0)  # chunk-local log-decay, float64
+            b_last = tl.sum(b_g, axis=0)
+            if REVERSE:
+                diff = (b_b[None, :] - b_b[:, None]).to(tl.float32)  # decay from t back to s >= t
+                w_q = tl.exp((b_last - b_b).to(tl.float32))
+                w_k = tl.exp(b_b.to(tl.float32))
+            else:
+                diff = (b_b[:, None] - b_b[None, :]).to(tl.float32)
+                w_q = tl.exp(b_b.to(tl.float32))
+                w_k = tl.exp((b_last - b_b).to(tl.float32))
+            A = tl.where(causal, A * tl.exp(tl.where(causal, diff, 0.0)), 0.0)
+            b_qs = b_q.to(tl.float32) * w_q[:, None]
+            b_ks = b_k.to(tl.float32) * w_k[:, None]
+        else:
+            A = tl.where(causal, A, 0.0)
+            b_qs = b_q.to(tl.float32)
+            b_ks = b_k.to(tl.float32)
+
+        if STORE_O:
+            if HAS_W:
+                # The dot with w (for dg) must leave out each token's pair with itself: q_t . dq_t and
+                # k_t . dk_t hold the same self term, which would cancel only up to rounding.
+                diag = o_t[:, None] == o_t[None, :]
+                A_self = tl.sum(tl.where(diag, A, 0.0), axis=1)
+                A = tl.where(diag, 0.0, A)
+            b_o = tl.dot(A, b_v.to(tl.float32), input_precision=DOT_PREC)
+            b_o += tl.dot(b_qs, S, input_precision=DOT_PREC)
+            if HAS_W:
+                b_w = tl.load(w + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+                tl.store(wo + i_v * NTH + tok, scale * tl.sum(b_o * b_w.to(tl.float32), axis=1), mask=m_t)
+                b_o += A_self[:, None] * b_v.to(tl.float32)
+            b_o *= scale
+            o_ptr = o + tok[:, None] * V + o_v[None, :]
+            tl.store(o_ptr, b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+        if HAS_G:
+            S = S * tl.exp(b_last.to(tl.float32))
+        S += tl.dot(tl.trans(b_ks), b_v.to(tl.float32), input_precision=DOT_PREC)
+
+    if STORE_HT:
+        tl.store(ht + state_off + o_k[:, None] * V + o_v[None, :], S, mask=m_k[:, None] & m_v[None, :])
+
+
+@triton.jit
+def _segment_scan_kernel(
+    dS,
+    gsum,
+    h0,
+    hin,
+    ht,
+    NS,
+    H: tl.constexpr,
+    KV: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HAS_G: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    REVERSE: tl.constexpr,
+):
+    # dS, hin: [N, NS, H, K*V]; gsum: [N, NS, H] total log-decay of each segment; h0, ht: [N, H, K*V].
+    i_b, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    o_e = i_b * BLOCK + tl.arange(0, BLOCK)
+    m_e = o_e < KV
+    S = tl.zeros([BLOCK], dtype=tl.float32)
+    if HAS_H0:
+        S += tl.load(h0 + (i_n * H + i_h).to(tl.int64) * KV + o_e, mask=m_e, other=0.0)
+    for i in range(0, NS):
+        if REVERSE:
+            s = NS - 1 - i
+        else:
+            s = i
+        off = ((i_n * NS + s) * H + i_h).to(tl.int64)
+        tl.store(hin + off * KV + o_e, S, mask=m_e)
+        if HAS_G:
+            S = S * tl.exp(tl.load(gsum + off))
+        S += tl.load(dS + off * KV + o_e, mask=m_e, other=0.0)
+    tl.store(ht + (i_n * H + i_h).to(tl.int64) * KV + o_e, S, mask=m_e)
+
+
+@triton.jit
+def _recurrent_kernel(
+    q,
+    k,
+    v,
+    g,
+    h0,
+    o,
+    ht,
+    cu_seqlens,
+    scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_G: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    VARLEN: tl.constexpr,
+):
+    # Token by token, for decoding: the state tile stays in registers across the few tokens.
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    if VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    state_off = (i_n * H + i_h).to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        S += tl.load(h0 + state_off, mask=m_kv, other=0.0)
+    for t in range(bos, eos):
+        tok = t * H + i_h
+        b_q = tl.load(q + tok * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_k = tl.load(k + tok * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_v = tl.load(v + tok * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+        if HAS_G:
+            S = S * tl.exp(tl.load(g + tok).to(tl.float32))
+        S += b_k[:, None] * b_v[None, :]
+        tl.store(o + tok * V + o_v, (tl.sum(S * b_q[:, None], axis=0) * scale).to(o.dtype.element_ty), mask=m_v)
+    tl.store(ht + state_off, S, mask=m_kv)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------------
+
+BT = 64  # chunk length
+MAX_HEAD_DIM = 256
+TARGET_PROGRAMS = 512  # enough programs to fill an H100/H200 several times over
+
+
+def _blocks(K: int, V: int) -> tuple[int, int]:
+    BK = max(16, triton.next_power_of_2(K))
+    BV = max(16, min(64 if BK <= 128 else 32, triton.next_power_of_2(V)))
+    return BK, BV
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _num_segments(programs: int, T: int, segments: int | None) -> int:
+    """How many segments to cut each sequence into, so that programs x segments fills the GPU."""
+    if segments is not None:
+        return max(1, min(segments, triton.cdiv(T, BT)))
+    if programs >= TARGET_PROGRAMS // 2 or T <= 4 * BT:
+        return 1
+    return max(1, min(triton.cdiv(TARGET_PROGRAMS, programs), triton.cdiv(T, 16 * BT)))
+
+
+def sweep(
+    q,
+    k,
+    v,
+    g,
+    h0,
+    scale: float,
+    cu_seqlens,
+    *,
+    reverse: bool = False,
+    w=None,
+    out_dtype=None,
+    segments: int | None = None,
+):
+    """One pass of the chunk kernel over every sequence.
+
+    q, k [B, T, H, K]; v [B, T, H, V]; g [B, T, H] float32 or None; h0 [N, H, K, V] float32 or None.
+    Returns o [B, T, H, V] (out_dtype), the state after the pass [N, H, K, V] float32, and, when w
+    is given, the per-token dot product of o with w, [B, T, H] float32 (else None).
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    BK, BV = _blocks(K, V)
+    NV = triton.cdiv(V, BV)
+    NS = 1 if cu_seqlens is not None else _num_segments(N * H * NV, T, segments)
+    SEG = triton.cdiv(triton.cdiv(T, NS), BT) * BT if NS > 1 else max(T, 1)
+    NS = triton.cdiv(T, SEG) if NS > 1 else 1
+    out_dtype = out_dtype or v.dtype
+    # Triton's interpreter truncates float32 -> bfloat16 instead of rounding it: there, round in torch.
+    store_dtype = torch.float32 if out_dtype == torch.bfloat16 and triton_interpret() else out_dtype
+    o = torch.empty(B, T, H, V, dtype=store_dtype, device=q.device)
+    ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device)
+    wo = torch.empty(NV, B, T, H, dtype=torch.float32, device=q.device) if w is not None else None
+    common = dict(
+        H=H,
+        K=K,
+        V=V,
+        BT=BT,
+        BK=BK,
+        BV=BV,
+        HAS_G=g is not None,
+        REVERSE=reverse,
+        VARLEN=cu_seqlens is not None,
+        DOT_PREC=_dot_precision(q.dtype),
+        UPCAST_QK=q.dtype == torch.bfloat16 and triton_interpret(),
+    )
+    dummy = ht  # stands in for absent optional pointers; never read
+    args = (q, k, v, g if g is not None else dummy)
+    if NS == 1:
+        _chunk_kernel[(NV, 1, N * H)](
+            *args,
+            h0 if h0 is not None else dummy,
+            o,
+            ht,
+            w if w is not None else dummy,
+            wo if wo is not None else dummy,
+            cu_seqlens if cu_seqlens is not None else dummy,
+            scale,
+            T,
+            1,
+            B * T * H,
+            SEG=SEG,
+            HAS_H0=h0 is not None,
+            STORE_O=True,
+            STORE_HT=True,
+            HAS_W=w is not None,
+            **common,
+        )
+    else:
+        # 1) each segment's own change of state, 2) chain the segments, 3) outputs from each entering state.
+        dS = torch.empty(N, NS, H, K, V, dtype=torch.float32, device=q.device)
+        _chunk_kernel[(NV, NS, N * H)](
+            *args,
+            dummy,
+            o,
+            dS,
+            dummy,
+            dummy,
+            dummy,
+            scale,
+            T,
+            NS,
+            B * T * H,
+            SEG=SEG,
+            HAS_H0=False,
+            STORE_O=False,
+            STORE_HT=True,
+            HAS_W=False,
+            **common,
+        )
+        gsum = None
+        if g is not None:
+            pad = NS * SEG - T
+            gsum = torch.nn.functional.pad(g, (0, 0, 0, pad)).view(B, NS, SEG, H).sum(2).contiguous()
+        hin = torch.empty_like(dS)
+        BLOCK = 1024
+        _segment_scan_kernel[(triton.cdiv(K * V, BLOCK), N * H)](
+            dS,
+            gsum if gsum is not None else dummy,
+            h0 if h0 is not None else dummy,
+            hin,
+            ht,
+            NS,
+            H=H,
+            KV=K * V,
+            BLOCK=BLOCK,
+            HAS_G=g is not None,
+            HAS_H0=h0 is not None,
+            REVERSE=reverse,
+        )
+        _chunk_kernel[(NV, NS, N * H)](
+            *args,
+            hin,
+            o,
+            dummy,
+            w if w is not None else dummy,
+            wo if wo is not None else dummy,
+            dummy,
+            scale,
+            T,
+            NS,
+            B * T * H,
+            SEG=SEG,
+            HAS_H0=True,
+            STORE_O=True,
+            STORE_HT=False,
+            HAS_W=w is not None,
+            **common,
+        )
+    return o.to(out_dtype), ht, (wo.sum(0) if wo is not None else None)
+
+
+def recurrent(q, k, v, g, h0, scale: float, cu_seqlens):
+    """Token-by-token forward (decoding): o [B, T, H, V] and the final state [N, H, K, V] float32."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    BK = max(16, triton.next_power_of_2(K))
+    BV = max(16, min(32, triton.next_power_of_2(V)))
+    store_dtype = torch.float32 if v.dtype == torch.bfloat16 and triton_interpret() else v.dtype  # as in sweep
+    o = torch.empty(v.shape, dtype=store_dtype, device=v.device)
+    ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device)
+    dummy = ht
+    _recurrent_kernel[(triton.cdiv(V, BV), N * H)](
+        q,
+        k,
+        v,
+        g if g is not None else dummy,
+        h0 if h0 is not None else dummy,
+        o,
+        ht,
+        cu_seqlens if cu_seqlens is not None else dummy,
+        scale,
+        T,
+        H=H,
+        K=K,
+        V=V,
+        BK=BK,
+        BV=BV,
+        HAS_G=g is not None,
+        HAS_H0=h0 is not None,
+        VARLEN=cu_seqlens is not None,
+    )
+    return o.to(v.dtype), ht
+
+
+def _reverse_cumsum_per_sequence(e: torch.Tensor, cu_seqlens) -> torch.Tensor:
+    """sum_{r >= t} e_r within each sequence, for e [B, T, H]; float64 keeps the subtraction at sequence ends exact."""
+    e = e.double()
+    total = e.flip(1).cumsum(1).flip(1)  # suffix sums over the whole row
+    if cu_seqlens is None:
+        return total.float()
+    ends = cu_seqlens[1:].long()
+    after = torch.cat([total, total.new_zeros(1, 1, total.shape[2])], dim=1)[:, ends]  # suffix sum past each end
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    per_token = torch.repeat_interleave(after, lengths, dim=1, output_size=e.shape[1])
+    return (total - per_token).float()
+
+
+def backward(do, dht, q, k, v, g, h0, ht, scale: float, cu_seqlens, segments: int | None = None):
+    """Gradients (dq, dk, dv, dg or None, dh0 or None) of the chunked forward; see the module docstring."""
+    gated = g is not None
+    h0_t = h0.transpose(-1, -2).contiguous() if h0 is not None else None
+    dq, _, q_dq = sweep(
+        do, v, k, g, h0_t, scale, cu_seqlens, w=q if gated else None, out_dtype=q.dtype, segments=segments
+    )
+    r_t = (dht.transpose(-1, -2) / scale).contiguous() if dht is not None else None
+    dk, _, k_dk = sweep(
+        v, do, q, g, r_t, scale, cu_seqlens, reverse=True, w=k if gated else None, out_dtype=k.dtype, segments=segments
+    )
+    r = (dht / scale).contiguous() if dht is not None else None
+    dv, dh0, _ = sweep(k, q, do, g, r, scale, cu_seqlens, reverse=True, out_dtype=v.dtype, segments=segments)
+    dg = None
+    if gated:
+        dg = _reverse_cumsum_per_sequence(q_dq - k_dk, cu_seqlens)
+        if dht is not None:
+            final_term = (dht * ht).sum((-2, -1))  # [N, H]
+            if cu_seqlens is None:
+                dg = dg + final_term[:, None, :]
+            else:
+                lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+                dg = dg + torch.repeat_interleave(final_term, lengths, dim=0, output_size=dg.shape[1])[None]
+    return dq, dk, dv, dg, (dh0 * scale if h0 is not None else None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.library registration: opaque to torch.compile, with fake tensors and autograd
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("linattn::chunk_simple_gla", mutates_args=())
+def _chunk_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    h0: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    o, ht, _ = sweep(q, k, v, g, h0, scale, cu_seqlens)
+    return o, ht
+
+
+def _num_states(q, cu_seqlens) -> int:
+    return q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+
+
+@_chunk_op.register_fake
+def _(q, k, v, g, h0, cu_seqlens, scale):
+    N, H, K, V = _num_states(q, cu_seqlens), q.shape[2], q.shape[3], v.shape[3]
+    return torch.empty_like(v), q.new_empty(N, H, K, V, dtype=torch.float32)
+
+
+@torch.library.custom_op("linattn::chunk_simple_gla_backward", mutates_args=())
+def _chunk_backward_op(
+    do: torch.Tensor,
+    dht: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    h0: torch.Tensor | None,
+    ht: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv, dg, dh0 = backward(do, dht, q, k, v, g, h0, ht, scale, cu_seqlens)
+    empty = q.new_empty(0, dtype=torch.float32)
+    return dq, dk, dv, (dg if dg is not None else empty), (dh0 if dh0 is not None else empty.clone())
+
+
+@_chunk_backward_op.register_fake
+def _(do, dht, q, k, v, g, h0, ht, cu_seqlens, scale):
+    empty = q.new_empty(0, dtype=torch.float32)
+    return (
+        torch.empty_like(q),
+        torch.empty_like(k),
+        torch.empty_like(v),
+        torch.empty_like(g) if g is not None else empty,
+        torch.empty_like(h0) if h0 is not None else empty.clone(),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, g, h0, cu_seqlens, scale = inputs
+    ctx.save_for_backward(q, k, v, g, h0, output[1], cu_seqlens)
+    ctx.scale = scale
+
+
+def _backward(ctx, do, dht):
+    q, k, v, g, h0, ht, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv, dg, dh0 = _chunk_backward_op(
+        do.contiguous(), dht.contiguous() if dht is not None else None, q, k, v, g, h0, ht, cu_seqlens, ctx.scale
+    )
+    return dq, dk, dv, (dg if g is not None else None), (dh0 if h0 is not None else None), None, None
+
+
+_chunk_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("linattn::recurrent_simple_gla", mutates_args=())
+def _recurrent_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    h0: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return recurrent(q, k, v, g, h0, scale, cu_seqlens)
+
+
+@_recurrent_op.register_fake
+def _(q, k, v, g, h0, cu_seqlens, scale):
+    N, H, K, V = _num_states(q, cu_seqlens), q.shape[2], q.shape[3], v.shape[3]
+    return torch.empty_like(v), q.new_empty(N, H, K, V, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------------------------------
+
+RECURRENT_MAX_T = 16  # below this many tokens per sequence, and with no gradient needed, run token by token
+
+
+def triton_unsupported(q: torch.Tensor, v: torch.Tensor) -> str | None:
+    """None if the Triton kernels can serve these inputs, else the reason they cannot."""
+    if not (q.is_cuda or (q.device.type == "cpu" and triton_interpret())):
+        return f"tensors are on {q.device}; Triton needs CUDA (or CPU tensors with TRITON_INTERPRET=1)"
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"dtype {q.dtype} is not supported (float32, bfloat16, float16 are)"
+    if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
+        return f"head dims K={q.shape[-1]}, V={v.shape[-1]} exceed {MAX_HEAD_DIM}"
+    return None
+
+
+def triton_simple_gla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    *,
+    scale: float,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+):
+    """Same contract as ``naive_simple_gla``; g may be None (plain linear attention)."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    g = g.float().contiguous() if g is not None else None
+    h0 = initial_state.float().contiguous() if initial_state is not None else None
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, g, h0))
+    short = (
+        q.shape[1] <= RECURRENT_MAX_T
+        if cu_seqlens is None
+        else q.shape[1] <= RECURRENT_MAX_T * (cu_seqlens.shape[0] - 1)
+    )
+    op = _recurrent_op if short and not needs_grad else _chunk_op
+    o, ht = op(q, k, v, g, h0, cu_seqlens, float(scale))
+    return o, (ht if output_final_state else None)
+
+
+__all__ = ["triton_simple_gla", "triton_unsupported", "sweep", "backward", "recurrent", "BT"]

@@ -1,0 +1,219 @@
+"""The Triton kernels of the decay family (linear_attn, retention, simple_gla) against the token recurrence.
+
+Without a GPU these run in Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py) at
+small odd shapes; the GPU-only cases at the end need CUDA and skip elsewhere.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from linattn import ops
+from tests.ops.mechanisms import by_id
+from tests.ops.tolerance import assert_dtype_close, assert_same_result, check_against_naive, max_err, run_with_grads
+
+triton = pytest.importorskip("triton")
+from linattn.ops.simple_gla import triton as tri  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DECAY = [by_id[i] for i in ("linear_attn", "linear_attn_elu1_normalized", "retention", "simple_gla")]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+cases = pytest.mark.parametrize("case", DECAY, ids=lambda c: c.id)
+dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+
+
+def to(tensors, state, device=DEVICE):
+    return [t.to(device) for t in tensors], (None if state is None else state.to(device))
+
+
+@cases
+@dtypes
+@pytest.mark.parametrize("T", [1, 63, 65, 130])
+def test_triton_matches_naive(case, dtype, T):
+    tensors, state = case.draw(B=2, T=T, H=2, K=16, V=24, dtype=dtype, seed=T)
+    check_against_naive(case, tensors, state, "triton")
+
+
+@cases
+def test_triton_varlen(case):
+    cu_seqlens = torch.tensor([0, 0, 1, 131, 131, 195, 200])  # empty, one token, several chunks, empty, ...
+    tensors, state = case.draw(B=1, T=200, H=2, K=16, V=24, seed=5, N=6)
+    check_against_naive(case, tensors, state, "triton", cu_seqlens=cu_seqlens)
+
+
+def extreme(tensors, gates):
+    if gates == "mixed":
+        choice = torch.tensor([0.0, -1e-7, -30.0, -1e4])
+        tensors[3] = choice[torch.randint(4, tensors[3].shape, generator=torch.Generator().manual_seed(0))]
+    else:
+        tensors[3] = torch.full_like(tensors[3], gates)
+    return tensors
+
+
+@pytest.mark.parametrize("gates", [0.0, -30.0, -1e4, "mixed"])
+def test_triton_extreme_gates(gates):
+    """No decay, and decay so strong that the state resets every token; the final state gets no gradient."""
+    case = by_id["simple_gla"]
+    tensors, state = case.draw(B=1, T=100, H=2, K=16, V=24, seed=2)
+    check_against_naive(case, extreme(tensors, gates), state, "triton", state_grad=False)
+
+
+@pytest.mark.parametrize("gates", [0.0, -30.0, -1e4, "mixed"])
+def test_triton_extreme_gates_with_final_state_gradient(gates):
+    """With a gradient on the final state, dg's error is bounded by the rounding of <dS_T, S_T> (see triton.py)."""
+    case = by_id["simple_gla"]
+    tensors, state = case.draw(B=1, T=100, H=2, K=16, V=24, seed=2)
+    tensors = extreme(tensors, gates)
+    call = lambda impl: lambda ts, s0: case(ts, initial_state=s0, output_final_state=True, impl=impl)  # noqa: E731
+    ref = run_with_grads(call("naive"), [t.double() for t in tensors], state.double())
+    fast = run_with_grads(call("triton"), tensors, state)
+    names = ["o", "final_state", "dq", "dk", "dv", "dg", "dh0"]
+    for name, f, r in zip(names, fast, ref):
+        assert torch.isfinite(f).all(), name
+        if name == "dg":
+            gen = torch.Generator().manual_seed(1)  # the cotangents run_with_grads drew: do, then dS
+            torch.randn(ref[0].shape, generator=gen, dtype=torch.float64)
+            dS = torch.randn(ref[1].shape, generator=gen, dtype=torch.float64)
+            bound = 100 * torch.finfo(torch.float32).eps * (ref[1] * dS).abs().sum()  # T=100 telescoped terms
+            assert max_err(f, r) <= bound, f"dg error {max_err(f, r):.3g} above {bound:.3g}"
+        else:
+            plain = run_with_grads(call("naive"), tensors, state)[names.index(name)]
+            assert_dtype_close(f"simple_gla triton {name}", f, plain, r)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_segmented_sweep_equals_one_pass(gated, reverse):
+    """The two-level scheme (segment states, a scan, then outputs) computes what one pass computes."""
+    tensors, state = by_id["simple_gla"].draw(B=2, T=300, H=2, K=16, V=24, seed=9)
+    q, k, v, g = tensors
+    g = g if gated else None
+    o1, s1, w1 = tri.sweep(
+        q, k, v, g, state, 0.5, None, reverse=reverse, w=q[..., :1].expand_as(v).contiguous(), segments=1
+    )
+    o3, s3, w3 = tri.sweep(
+        q, k, v, g, state, 0.5, None, reverse=reverse, w=q[..., :1].expand_as(v).contiguous(), segments=3
+    )
+    for name, a, b in (("o", o3, o1), ("state", s3, s1), ("o.w", w3, w1)):
+        assert_same_result(name, a, b)
+
+
+def test_segmented_backward_equals_one_pass():
+    tensors, state = by_id["simple_gla"].draw(B=1, T=400, H=2, K=16, V=24, seed=4)
+    q, k, v, g = tensors
+    do, dht = torch.randn_like(v), torch.randn_like(state)
+    _, ht, _ = tri.sweep(q, k, v, g, state, 0.25, None)
+    one = tri.backward(do, dht, q, k, v, g, state, ht, 0.25, None, segments=1)
+    many = tri.backward(do, dht, q, k, v, g, state, ht, 0.25, None, segments=4)
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dh0"), many, one):
+        assert_same_result(name, a, b)
+
+
+@cases
+@pytest.mark.parametrize("T", [1, 5])
+def test_recurrent_decode_path(case, T):
+    """Without gradients and with few tokens, the token-by-token kernel runs; it must agree with naive."""
+    tensors, state = case.draw(B=3, T=T, H=2, K=16, V=24, seed=T)
+    tensors, state = to(tensors, state)
+    with torch.no_grad():
+        o, S = case(tensors, initial_state=state, output_final_state=True, impl="triton")
+        o_ref, S_ref = case(tensors, initial_state=state, output_final_state=True, impl="naive")
+    assert_same_result("o", o.float(), o_ref.float())
+    assert_same_result("final_state", S, S_ref)
+
+
+def test_recurrent_decode_varlen():
+    case = by_id["simple_gla"]
+    tensors, state = case.draw(B=1, T=6, H=2, K=16, V=24, seed=1, N=4)
+    cu = torch.tensor([0, 1, 1, 4, 6])
+    with torch.no_grad():
+        o, S = case(tensors, initial_state=state, output_final_state=True, impl="triton", cu_seqlens=cu)
+        o_ref, S_ref = case(tensors, initial_state=state, output_final_state=True, impl="naive", cu_seqlens=cu)
+    assert_same_result("o", o, o_ref)
+    assert_same_result("final_state", S, S_ref)
+
+
+def test_auto_picks_triton_only_on_cuda():
+    q = torch.randn(1, 40, 2, 16, device=DEVICE)
+    calls = []
+    original = ops.simple_gla.__globals__["IMPLS"]["triton"]
+
+    def spy(*a, **kw):
+        calls.append(1)
+        return original(*a, **kw)
+
+    ops.simple_gla.__globals__["IMPLS"]["triton"] = spy
+    try:
+        ops.simple_gla(q, q, q, -torch.rand(1, 40, 2, device=DEVICE))
+    finally:
+        ops.simple_gla.__globals__["IMPLS"]["triton"] = original
+    assert bool(calls) == CUDA
+
+
+def test_torch_compile_fullgraph():
+    """The ops are opaque custom ops with fake tensors and autograd: no graph break, same numbers."""
+    case = by_id["simple_gla"]
+    tensors, state = case.draw(B=2, T=70, H=2, K=16, V=24, seed=3)
+    tensors, state = to(tensors, state)
+
+    def f(q, k, v, g, h0):
+        o, s = ops.simple_gla(q, k, v, g, initial_state=h0, output_final_state=True, impl="triton")
+        return (o * o).sum() + s.sum()
+
+    backend = "inductor" if CUDA else "aot_eager"
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
+    leaves = [x.clone().requires_grad_() for x in (*tensors, state)]
+    leaves2 = [x.clone().requires_grad_() for x in (*tensors, state)]
+    loss, loss2 = f(*leaves), compiled(*leaves2)
+    loss.backward()
+    loss2.backward()
+    assert_same_result("loss", loss2.detach(), loss.detach())
+    for a, b in zip(leaves2, leaves):
+        assert_same_result("grad", a.grad, b.grad)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# On the GPU: real shapes, every dtype
+# ----------------------------------------------------------------------------------------------------------------
+
+gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA: the kernels' compiled form runs only on a GPU")
+
+
+@gpu
+@cases
+@dtypes
+@pytest.mark.parametrize("T", [1, 1000])
+def test_gpu_triton_matches_reference(case, dtype, T):
+    tensors, state = case.draw(B=2, T=T, H=4, K=128, V=128, dtype=dtype, seed=T)
+    check_against_naive(case, *to(tensors, state), "triton", reference="chunk")
+
+
+@gpu
+@cases
+def test_gpu_varlen_with_empty_and_single_token(case):
+    cu = torch.tensor([0, 0, 1, 700, 700, 1000], device="cuda")
+    tensors, state = case.draw(B=1, T=1000, H=4, K=64, V=64, dtype=torch.bfloat16, seed=1, N=5)
+    check_against_naive(case, *to(tensors, state), "triton", cu_seqlens=cu, reference="chunk")
+
+
+@gpu
+@pytest.mark.parametrize("gates", [0.0, -30.0, -1e4])
+def test_gpu_extreme_gates(gates):
+    case = by_id["simple_gla"]
+    tensors, state = case.draw(B=2, T=1000, H=4, K=128, V=128, dtype=torch.bfloat16, seed=3)
+    tensors[3] = torch.full_like(tensors[3], gates)
+    check_against_naive(case, *to(tensors, state), "triton", reference="chunk")
+
+
+@gpu
+def test_gpu_long_sequence_uses_segments():
+    """B * H small and T long: the two-level path runs, and agrees with one pass."""
+    q, k, v = (torch.randn(1, 8192, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    g = -torch.rand(1, 8192, 2, device="cuda") * 0.05
+    o1, s1, _ = tri.sweep(q, k, v, g, None, 0.125, None, segments=1)
+    o8, s8, _ = tri.sweep(q, k, v, g, None, 0.125, None)
+    assert tri._num_segments(2 * 1, 8192, None) > 1
+    assert_same_result("o", o8.float(), o1.float(), terms=8192)
+    assert_same_result("state", s8, s1, terms=8192)
