@@ -33,14 +33,14 @@ def to(tensors, state, device=DEVICE):
 @pytest.mark.parametrize("T", [1, 63, 65, 130])
 def test_triton_matches_naive(case, dtype, T):
     tensors, state = case.draw(B=2, T=T, H=2, K=16, V=24, dtype=dtype, seed=T)
-    check_against_naive(case, tensors, state, "triton")
+    check_against_naive(case, *to(tensors, state), "triton")
 
 
 @cases
 def test_triton_varlen(case):
     cu_seqlens = torch.tensor([0, 0, 1, 131, 131, 195, 200])  # empty, one token, several chunks, empty, ...
     tensors, state = case.draw(B=1, T=200, H=2, K=16, V=24, seed=5, N=6)
-    check_against_naive(case, tensors, state, "triton", cu_seqlens=cu_seqlens)
+    check_against_naive(case, *to(tensors, state), "triton", cu_seqlens=cu_seqlens.to(DEVICE))
 
 
 def extreme(tensors, gates):
@@ -57,7 +57,7 @@ def test_triton_extreme_gates(gates):
     """No decay, and decay so strong that the state resets every token; the final state gets no gradient."""
     case = by_id["simple_gla"]
     tensors, state = case.draw(B=1, T=100, H=2, K=16, V=24, seed=2)
-    check_against_naive(case, extreme(tensors, gates), state, "triton", state_grad=False)
+    check_against_naive(case, *to(extreme(tensors, gates), state), "triton", state_grad=False)
 
 
 @pytest.mark.parametrize("gates", [0.0, -30.0, -1e4, "mixed"])
@@ -65,7 +65,7 @@ def test_triton_extreme_gates_with_final_state_gradient(gates):
     """With a gradient on the final state, dg's error is bounded by the rounding of <dS_T, S_T> (see triton.py)."""
     case = by_id["simple_gla"]
     tensors, state = case.draw(B=1, T=100, H=2, K=16, V=24, seed=2)
-    tensors = extreme(tensors, gates)
+    tensors, state = to(extreme(tensors, gates), state)
     call = lambda impl: lambda ts, s0: case(ts, initial_state=s0, output_final_state=True, impl=impl)  # noqa: E731
     ref = run_with_grads(call("naive"), [t.double() for t in tensors], state.double())
     fast = run_with_grads(call("triton"), tensors, state)
@@ -75,7 +75,7 @@ def test_triton_extreme_gates_with_final_state_gradient(gates):
         if name == "dg":
             gen = torch.Generator().manual_seed(1)  # the cotangents run_with_grads drew: do, then dS
             torch.randn(ref[0].shape, generator=gen, dtype=torch.float64)
-            dS = torch.randn(ref[1].shape, generator=gen, dtype=torch.float64)
+            dS = torch.randn(ref[1].shape, generator=gen, dtype=torch.float64).to(ref[1].device)
             bound = 100 * torch.finfo(torch.float32).eps * (ref[1] * dS).abs().sum()  # T=100 telescoped terms
             assert max_err(f, r) <= bound, f"dg error {max_err(f, r):.3g} above {bound:.3g}"
         else:
@@ -87,7 +87,7 @@ def test_triton_extreme_gates_with_final_state_gradient(gates):
 @pytest.mark.parametrize("reverse", [False, True])
 def test_segmented_sweep_equals_one_pass(gated, reverse):
     """The two-level scheme (segment states, a scan, then outputs) computes what one pass computes."""
-    tensors, state = by_id["simple_gla"].draw(B=2, T=300, H=2, K=16, V=24, seed=9)
+    tensors, state = to(*by_id["simple_gla"].draw(B=2, T=300, H=2, K=16, V=24, seed=9))
     q, k, v, g = tensors
     g = g if gated else None
     o1, s1, w1 = tri.sweep(
@@ -101,7 +101,7 @@ def test_segmented_sweep_equals_one_pass(gated, reverse):
 
 
 def test_segmented_backward_equals_one_pass():
-    tensors, state = by_id["simple_gla"].draw(B=1, T=400, H=2, K=16, V=24, seed=4)
+    tensors, state = to(*by_id["simple_gla"].draw(B=1, T=400, H=2, K=16, V=24, seed=4))
     q, k, v, g = tensors
     do, dht = torch.randn_like(v), torch.randn_like(state)
     _, ht, _ = tri.sweep(q, k, v, g, state, 0.25, None)
@@ -126,8 +126,8 @@ def test_recurrent_decode_path(case, T):
 
 def test_recurrent_decode_varlen():
     case = by_id["simple_gla"]
-    tensors, state = case.draw(B=1, T=6, H=2, K=16, V=24, seed=1, N=4)
-    cu = torch.tensor([0, 1, 1, 4, 6])
+    tensors, state = to(*case.draw(B=1, T=6, H=2, K=16, V=24, seed=1, N=4))
+    cu = torch.tensor([0, 1, 1, 4, 6], device=DEVICE)
     with torch.no_grad():
         o, S = case(tensors, initial_state=state, output_final_state=True, impl="triton", cu_seqlens=cu)
         o_ref, S_ref = case(tensors, initial_state=state, output_final_state=True, impl="naive", cu_seqlens=cu)
