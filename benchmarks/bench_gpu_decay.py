@@ -23,11 +23,10 @@ from triton.testing import do_bench
 from linattn import ops
 
 try:
+    import fla
     from fla.ops.linear_attn import chunk_linear_attn as fla_linear_attn
     from fla.ops.simple_gla import chunk_simple_gla as fla_simple_gla
     from fla.ops.simple_gla import fused_recurrent_simple_gla as fla_recurrent_simple_gla
-
-    import fla
 
     FLA = f"fla {fla.__version__}"
 except Exception as err:  # noqa: BLE001 - any import failure means "no fla here"
@@ -77,33 +76,59 @@ def row(table, name, T, B, fwd, full, floor_fwd, floor_full):
     )
 
 
-def standard_shape(table, bw, lengths):
+def standard_runs(T, with_fla):
+    """The (name, fn, leaves) to time at one length of the standard shape."""
+    B = 65536 // T
+    q, k, v, g = inputs(B, T)
+    leaves = [q, k, v]
+    runs = [
+        ("linattn linear_attn (triton)", lambda: ops.linear_attn(q, k, v, impl="triton")[0], leaves),
+        ("linattn simple_gla (triton)", lambda: ops.simple_gla(q, k, v, g, impl="triton")[0], leaves + [g]),
+        ("linattn retention (triton)", lambda: ops.retention(q, k, v, impl="triton")[0], leaves),
+    ]
+    if with_fla and fla_linear_attn is not None:
+        runs.append(("fla chunk_linear_attn", lambda: fla_linear_attn(q, k, v, normalize=False)[0], leaves))
+        runs.append(("fla chunk_simple_gla", lambda: fla_simple_gla(q, k, v, g)[0], leaves + [g]))
+    qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+    runs.append(("SDPA causal", lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True), [qt, kt, vt]))
+    return B, runs
+
+
+def standard_shape(table, bw, lengths, fla_lengths):
     print("\n| op | T | B | fwd ms | fwd+bwd ms | floor fwd | floor f+b |\n|---|---|---|---|---|---|---|")
     for T in lengths:
-        B = 65536 // T
+        B, runs = standard_runs(T, T in fla_lengths)
         tensor_bytes = B * T * H * D * 2
         floor_fwd = 4 * tensor_bytes / bw * 1e3
         floor_full = (4 + 7) * tensor_bytes / bw * 1e3
-        q, k, v, g = inputs(B, T)
-        leaves = [q, k, v]
-        runs = [
-            ("linattn linear_attn (triton)", lambda: ops.linear_attn(q, k, v, impl="triton")[0], leaves),
-            ("linattn simple_gla (triton)", lambda: ops.simple_gla(q, k, v, g, impl="triton")[0], leaves + [g]),
-            ("linattn retention (triton)", lambda: ops.retention(q, k, v, impl="triton")[0], leaves),
-        ]
-        if fla_linear_attn is not None:
-            runs.append(("fla chunk_linear_attn", lambda: fla_linear_attn(q, k, v, normalize=False)[0], leaves))
-            runs.append(("fla chunk_simple_gla", lambda: fla_simple_gla(q, k, v, g)[0], leaves + [g]))
-        qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
-        runs.append(("SDPA causal", lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True), [qt, kt, vt]))
         for name, fn, lv in runs:
             try:
                 fwd, full = time_fwd_bwd(fn, lv)
                 row(table, name, T, B, fwd, full, floor_fwd, floor_full)
             except Exception as err:  # noqa: BLE001 - report and go on (fla refuses some ops on Hopper)
                 print(f"| {name:34s} | {T:6d} | {B:3d} | failed: {type(err).__name__}: {str(err)[:120]} |")
-        del q, k, v, g, qt, kt, vt
+        del runs
         torch.cuda.empty_cache()
+
+
+def sweep_launch_settings():
+    """Time the forward chunk kernel at T = 4096, B = 16 under each launch setting; print the table."""
+    from linattn.ops.simple_gla import triton as tri
+
+    q, k, v, g = inputs(16, 4096)
+    print("\n| num_warps | num_stages | BV | linear fwd ms | gated fwd ms |\n|---|---|---|---|---|")
+    saved = tri.NUM_WARPS, tri.NUM_STAGES, tri.BV_MAX
+    for warps in (4, 8):
+        for stages in (1, 2, 3):
+            for bv in (32, 64):
+                tri.NUM_WARPS, tri.NUM_STAGES, tri.BV_MAX = warps, stages, bv
+                try:
+                    lin = do_bench(lambda: tri.sweep(q, k, v, None, None, 0.1, None), warmup=20, rep=100)
+                    gat = do_bench(lambda: tri.sweep(q, k, v, g, None, 0.1, None), warmup=20, rep=100)
+                    print(f"| {warps} | {stages} | {bv} | {lin:.3f} | {gat:.3f} |", flush=True)
+                except Exception as err:  # noqa: BLE001
+                    print(f"| {warps} | {stages} | {bv} | failed: {type(err).__name__}: {str(err)[:80]} |")
+    tri.NUM_WARPS, tri.NUM_STAGES, tri.BV_MAX = saved
 
 
 def agreement_with_fla():
@@ -145,7 +170,7 @@ def decode(table):
     for L in (4096, 32768, 131072):
         qs = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16)
         Kc, Vc = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        fn = lambda: F.scaled_dot_product_attention(qs, Kc, Vc)  # noqa: E731
+        fn = lambda qs=qs, Kc=Kc, Vc=Vc: F.scaled_dot_product_attention(qs, Kc, Vc)  # noqa: E731
         eager = do_bench(fn, warmup=50, rep=200, return_mode="median")
         graph = cuda_graph_ms(fn)
         table.append(dict(name="SDPA over KV cache", L=L, B=B, eager_ms=eager, graph_ms=graph))
@@ -167,6 +192,13 @@ def cuda_graph_ms(fn, steps: int = 100) -> float:
     return do_bench(graph.replay, warmup=10, rep=100, return_mode="median") / steps
 
 
+def long_run(name, T):
+    q, k, v, g = inputs(1, T, gated=name == "simple_gla")
+    if g is None:
+        return (lambda: ops.linear_attn(q, k, v, impl="triton")[0]), [q, k, v]
+    return (lambda: ops.simple_gla(q, k, v, g, impl="triton")[0]), [q, k, v, g]
+
+
 def long_context(table, lengths):
     print("\n| long context, B=1 H=16 | T | fwd ms | fwd+bwd ms | peak GB |\n|---|---|---|---|---|")
     for T in lengths:
@@ -174,28 +206,17 @@ def long_context(table, lengths):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             try:
-                q, k, v, g = inputs(1, T, gated=name == "simple_gla")
-                fn = (
-                    (lambda: ops.linear_attn(q, k, v, impl="triton")[0])
-                    if g is None
-                    else (lambda: ops.simple_gla(q, k, v, g, impl="triton")[0])
-                )
+                fn, leaves = long_run(name, T)
                 with torch.no_grad():
                     fwd = do_bench(fn, warmup=5, rep=20, return_mode="median")
-                o = fn()
-                do = torch.randn_like(o)
-                del o
+                do = torch.randn_like(leaves[2])
                 full = do_bench(
-                    lambda: fn().backward(do),
-                    warmup=3,
-                    rep=10,
-                    grad_to_none=[x for x in (q, k, v, g) if x is not None],
-                    return_mode="median",
+                    lambda fn=fn, do=do: fn().backward(do), warmup=3, rep=10, grad_to_none=leaves, return_mode="median"
                 )
                 peak = torch.cuda.max_memory_allocated() / 1e9
                 table.append(dict(name=f"long {name}", T=T, B=1, fwd_ms=fwd, fwd_bwd_ms=full, peak_gb=peak))
                 print(f"| linattn {name} (triton) | {T} | {fwd:.2f} | {full:.2f} | {peak:.1f} |", flush=True)
-                del q, k, v, g, do
+                del fn, leaves, do
             except Exception as err:  # noqa: BLE001
                 print(f"| linattn {name} | {T} | failed: {type(err).__name__}: {str(err)[:150]} |")
 
@@ -203,7 +224,9 @@ def long_context(table, lengths):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="2048,4096,16384,65536")
+    parser.add_argument("--fla-lengths", default="4096,65536", help="fla autotunes minutes per new shape")
     parser.add_argument("--long", default="262144,1048576")
+    parser.add_argument("--sweep", action="store_true", help="time the chunk kernel's launch settings first")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     props = torch.cuda.get_device_properties(0)
@@ -213,8 +236,11 @@ def main():
         f"{FLA}, python {platform.python_version()}; copy bandwidth {bw / 1e12:.2f} TB/s"
     )
     table: list = []
+    if args.sweep:
+        sweep_launch_settings()
     agreement_with_fla()
-    standard_shape(table, bw, [int(x) for x in args.lengths.split(",")])
+    fla_lengths = {int(x) for x in args.fla_lengths.split(",") if x}
+    standard_shape(table, bw, [int(x) for x in args.lengths.split(",")], fla_lengths)
     decode(table)
     if args.long:
         long_context(table, [int(x) for x in args.long.split(",")])

@@ -187,7 +187,7 @@ gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA: the kernels' compiled for
 @pytest.mark.parametrize("T", [1, 1000])
 def test_gpu_triton_matches_reference(case, dtype, T):
     tensors, state = case.draw(B=2, T=T, H=4, K=128, V=128, dtype=dtype, seed=T)
-    check_against_naive(case, *to(tensors, state), "triton", reference="chunk")
+    check_against_naive(case, *to(tensors, state), "triton", reference="chunk", plain_in_dtype=True)
 
 
 @gpu
@@ -195,7 +195,7 @@ def test_gpu_triton_matches_reference(case, dtype, T):
 def test_gpu_varlen_with_empty_and_single_token(case):
     cu = torch.tensor([0, 0, 1, 700, 700, 1000], device="cuda")
     tensors, state = case.draw(B=1, T=1000, H=4, K=64, V=64, dtype=torch.bfloat16, seed=1, N=5)
-    check_against_naive(case, *to(tensors, state), "triton", cu_seqlens=cu, reference="chunk")
+    check_against_naive(case, *to(tensors, state), "triton", cu_seqlens=cu, reference="chunk", plain_in_dtype=True)
 
 
 @gpu
@@ -204,7 +204,7 @@ def test_gpu_extreme_gates(gates):
     case = by_id["simple_gla"]
     tensors, state = case.draw(B=2, T=1000, H=4, K=128, V=128, dtype=torch.bfloat16, seed=3)
     tensors[3] = torch.full_like(tensors[3], gates)
-    check_against_naive(case, *to(tensors, state), "triton", reference="chunk")
+    check_against_naive(case, *to(tensors, state), "triton", reference="chunk", plain_in_dtype=True)
 
 
 @gpu

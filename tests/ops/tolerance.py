@@ -13,7 +13,10 @@ below the input dtype's rounding for bf16 and fp16, so there the rule is set by 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+from torch.overrides import TorchFunctionMode
 
 
 def max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -51,32 +54,43 @@ def assert_same_result(name: str, a: torch.Tensor, b: torch.Tensor, terms: int =
     assert err <= bound, f"{name}: differs by {err:.3g}, more than the rounding bound {bound:.3g}"
 
 
-def run_with_grads(fn, tensors, state, grad_seed=1, state_grad=True):
+def run_with_grads(fn, tensors, state, grad_seed=1, state_grad=True, cotangent_dtype=None):
     """Call fn(leaves, initial_state) -> (o, S), back-propagate fixed random cotangents (S's only if state_grad).
 
+    The cotangents are drawn once and rounded to ``cotangent_dtype`` (the dtype of the low-precision
+    run being judged; float32 for the state), so that every run compared sees exactly the same ones.
     Returns [o, S, grad of each tensor..., grad of the state] (the state grad only when a state is given).
     """
     leaves = [t.detach().clone().requires_grad_() for t in tensors]
     s0 = None if state is None else state.detach().clone().requires_grad_()
     o, S = fn(leaves, s0)
     gen = torch.Generator().manual_seed(grad_seed)
-    do = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device, o.dtype)
-    loss = (o * do).sum()
+    do = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(cotangent_dtype or o.dtype)
+    loss = (o.double() * do.to(o.device, torch.float64)).sum()
     if S is not None and state_grad:
-        dS = torch.randn(S.shape, generator=gen, dtype=torch.float64).to(S.device, S.dtype)
-        loss = loss.float() + (S.float() * dS.float()).sum() if o.dtype != torch.float64 else loss + (S * dS).sum()
+        dS = torch.randn(S.shape, generator=gen, dtype=torch.float64).float()
+        loss = loss + (S.double() * dS.to(S.device, torch.float64)).sum()
     inputs = leaves + ([s0] if s0 is not None else [])
     grads = torch.autograd.grad(loss, inputs)
     return [o.detach(), None if S is None else S.detach(), *grads]
 
 
 def check_against_naive(
-    case, tensors, state, impl: str, cu_seqlens=None, reference: str = "naive", state_grad: bool = True
+    case,
+    tensors,
+    state,
+    impl: str,
+    cu_seqlens=None,
+    reference: str = "naive",
+    state_grad: bool = True,
+    plain_in_dtype: bool = False,
 ):
     """impl against the token recurrence, outputs, final state and every gradient, by the rule above.
 
     ``reference="chunk"`` takes the chunked path (itself tested against naive) as the float64
-    reference and as the plain same-dtype run, for long sequences on a GPU.
+    reference and as the plain same-dtype run, for long sequences on a GPU. ``plain_in_dtype`` runs
+    that plain computation with its matmul operands in the inputs' dtype (LowPrecisionMatmuls): the
+    comparator for tensor-core kernels in bf16 / fp16.
     """
 
     def call(impl_name):
@@ -84,8 +98,49 @@ def check_against_naive(
 
     extra = ["dg"] * (case.gate is not None) + ["dbeta"] * case.beta
     names = ["o", "final_state", "dq", "dk", "dv", *extra, "dinitial_state"]
-    ref = run_with_grads(call(reference), [t.double() for t in tensors], state.double(), state_grad=state_grad)
-    plain = run_with_grads(call(reference), tensors, state, state_grad=state_grad)
-    fast = run_with_grads(call(impl), tensors, state, state_grad=state_grad)
+    kw = dict(state_grad=state_grad, cotangent_dtype=tensors[0].dtype)
+    ref = run_with_grads(call(reference), [t.double() for t in tensors], state.double(), **kw)
+    low = tensors[0].dtype in (torch.bfloat16, torch.float16) and plain_in_dtype
+    with LowPrecisionMatmuls(tensors[0].dtype) if low else contextlib.nullcontext():
+        plain = run_with_grads(call(reference), tensors, state, **kw)
+    fast = run_with_grads(call(impl), tensors, state, **kw)
     for name, f, p, r in zip(names, fast, plain, ref):
         assert_dtype_close(f"{case.id} {impl} {name}", f, p, r)
+
+
+class _RoundedMatmul(torch.autograd.Function):
+    """A matmul whose operands are rounded to a low-precision dtype, accumulated in float32: tensor-core arithmetic."""
+
+    @staticmethod
+    def forward(ctx, a, b, dtype):
+        ctx.save_for_backward(a, b)
+        ctx.dtype = dtype
+        return torch.matmul(a.to(dtype).to(a.dtype), b.to(dtype).to(b.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        r = lambda x: x.to(ctx.dtype).to(x.dtype)
+        ga = torch.matmul(r(grad), r(b).transpose(-1, -2)).sum_to_size(a.shape)
+        gb = torch.matmul(r(a).transpose(-1, -2), r(grad)).sum_to_size(b.shape)
+        return ga, gb, None
+
+
+class LowPrecisionMatmuls(TorchFunctionMode):
+    """Inside this mode every matmul rounds its operands to ``dtype`` (forward and backward).
+
+    Under it, the chunked PyTorch path becomes the plain same-dtype computation that a bf16/fp16
+    tensor-core kernel is judged against (as flash-attn judges its kernels against attention computed
+    in the same dtype): operands in the input dtype, accumulation in float32.
+    """
+
+    MATMULS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm}
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.MATMULS and not kwargs:
+            return _RoundedMatmul.apply(args[0], args[1], self.dtype)
+        return func(*args, **(kwargs or {}))

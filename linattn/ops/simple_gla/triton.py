@@ -19,8 +19,8 @@ written to memory. When B * H alone would leave the GPU idle (long T, small batc
 cut into segments: a first launch computes every segment's own state change, a scan kernel chains
 them, and a second launch computes the outputs from each segment's entering state.
 
-Gates: the chunk-local cumulative sum is formed in float64 and each exponent b_t - b_s is cast to
-float32 only after the subtraction, so every exponent is exact to float32 and <= 0 for g <= 0.
+Gates: the chunk-local cumulative sum is formed in float64 and split into a float32 pair, so that every
+exponent b_t - b_s keeps float32 precision relative to itself, and is <= 0 for g <= 0.
 """
 
 from __future__ import annotations
@@ -118,13 +118,17 @@ def _chunk_kernel(
             b_g = tl.load(g + tok, mask=m_t, other=0.0).to(tl.float64)
             b_b = tl.cumsum(b_g, axis=0)  # chunk-local log-decay, float64
             b_last = tl.sum(b_g, axis=0)
-            if REVERSE:
-                diff = (b_b[None, :] - b_b[:, None]).to(tl.float32)  # decay from t back to s >= t
+            # b as a float32 pair hi + lo: hi_t - hi_s is exact or carries only its own rounding
+            # (Sterbenz), so the float32 difference keeps the precision of the float64 sums.
+            b_hi = b_b.to(tl.float32)
+            b_lo = (b_b - b_hi.to(tl.float64)).to(tl.float32)
+            if REVERSE:  # decay from t back to sources s >= t
+                diff = (b_hi[None, :] - b_hi[:, None]) + (b_lo[None, :] - b_lo[:, None])
                 w_q = tl.exp((b_last - b_b).to(tl.float32))
-                w_k = tl.exp(b_b.to(tl.float32))
+                w_k = tl.exp(b_hi)
             else:
-                diff = (b_b[:, None] - b_b[None, :]).to(tl.float32)
-                w_q = tl.exp(b_b.to(tl.float32))
+                diff = (b_hi[:, None] - b_hi[None, :]) + (b_lo[:, None] - b_lo[None, :])
+                w_q = tl.exp(b_hi)
                 w_k = tl.exp((b_last - b_b).to(tl.float32))
             A = tl.where(causal, A * tl.exp(tl.where(causal, diff, 0.0)), 0.0)
             b_qs = b_q.to(tl.float32) * w_q[:, None]
@@ -250,12 +254,16 @@ def _recurrent_kernel(
 
 BT = 64  # chunk length
 MAX_HEAD_DIM = 256
+# Launch settings of the chunk kernel, measured on an H200 (benchmarks/bench_gpu_decay.py --sweep).
+NUM_WARPS = 8
+NUM_STAGES = 2
+BV_MAX = 64
 TARGET_PROGRAMS = 512  # enough programs to fill an H100/H200 several times over
 
 
 def _blocks(K: int, V: int) -> tuple[int, int]:
     BK = max(16, triton.next_power_of_2(K))
-    BV = max(16, min(64 if BK <= 128 else 32, triton.next_power_of_2(V)))
+    BV = max(16, min(BV_MAX if BK <= 128 else BV_MAX // 2, triton.next_power_of_2(V)))
     return BK, BV
 
 
