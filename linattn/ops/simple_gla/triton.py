@@ -255,9 +255,9 @@ def _recurrent_kernel(
 BT = 64  # chunk length
 MAX_HEAD_DIM = 256
 # Launch settings of the chunk kernel, measured on an H200 (benchmarks/bench_gpu_decay.py --sweep).
-NUM_WARPS = 8
+NUM_WARPS = 4
 NUM_STAGES = 2
-BV_MAX = 64
+BV_MAX = 32
 TARGET_PROGRAMS = 512  # enough programs to fill an H100/H200 several times over
 
 
