@@ -37,6 +37,15 @@ from linattn.ops._contract import triton_interpret
 
 
 @triton.jit
+def _tf32(x, ROUND: tl.constexpr):
+    """Round float32 to the nearest tf32 value (the tensor cores would otherwise drop the low 13 bits)."""
+    if ROUND:
+        bits = x.to(tl.uint32, bitcast=True)
+        x = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return x
+
+
+@triton.jit
 def _chunk_kernel(
     q,
     k,
@@ -68,6 +77,7 @@ def _chunk_kernel(
     VARLEN: tl.constexpr,
     DOT_PREC: tl.constexpr,
     UPCAST_QK: tl.constexpr,
+    ROUND: tl.constexpr,
 ):
     # q, k: [.., T, H, K]; v, o, w: [.., T, H, V]; g: [.., T, H]; h0, ht: [N, NS, H, K, V] fp32;
     # wo: [NV, NTH] fp32 (NTH = tokens x heads), the per-token dot of o with w, without the t = s term.
@@ -138,6 +148,8 @@ def _chunk_kernel(
             b_qs = b_q.to(tl.float32)
             b_ks = b_k.to(tl.float32)
 
+        b_qs = _tf32(b_qs, ROUND)
+        b_ks = _tf32(b_ks, ROUND)
         if STORE_O:
             if HAS_W:
                 # The dot with w (for dg) must leave out each token's pair with itself: q_t . dq_t and
@@ -145,8 +157,8 @@ def _chunk_kernel(
                 diag = o_t[:, None] == o_t[None, :]
                 A_self = tl.sum(tl.where(diag, A, 0.0), axis=1)
                 A = tl.where(diag, 0.0, A)
-            b_o = tl.dot(A, b_v.to(tl.float32), input_precision=DOT_PREC)
-            b_o += tl.dot(b_qs, S, input_precision=DOT_PREC)
+            b_o = tl.dot(_tf32(A, ROUND), b_v.to(tl.float32), input_precision=DOT_PREC)
+            b_o += tl.dot(b_qs, _tf32(S, ROUND), input_precision=DOT_PREC)
             if HAS_W:
                 b_w = tl.load(w + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
                 tl.store(wo + i_v * NTH + tok, scale * tl.sum(b_o * b_w.to(tl.float32), axis=1), mask=m_t)
@@ -326,6 +338,7 @@ def sweep(
         VARLEN=cu_seqlens is not None,
         DOT_PREC=_dot_precision(q.dtype),
         UPCAST_QK=q.dtype == torch.bfloat16 and triton_interpret(),
+        ROUND=_dot_precision(q.dtype) == "tf32" and not triton_interpret(),
     )
     dummy = ht  # stands in for absent optional pointers; never read
     args = (q, k, v, g if g is not None else dummy)
