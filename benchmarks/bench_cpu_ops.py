@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+from functools import partial
 
 import torch
 
@@ -39,8 +40,10 @@ def main() -> None:
     V = K
     lengths = [int(x) for x in args.lengths.split(",")]
     rows = []
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, B={B} H={H} K=V={K}, float32, {args.device}")
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}, B={B} H={H} K=V={K}, float32, {args.device}"
+    )
     print(f"| {'mechanism':17s} | {'impl':5s} | {'T':>6s} | {'fwd ms':>9s} | {'fwd+bwd ms':>10s} |")
     print(f"|{'-' * 19}|{'-' * 7}|{'-' * 8}|{'-' * 11}|{'-' * 12}|")
     for T in lengths:
@@ -49,8 +52,8 @@ def main() -> None:
             for impl in args.impls.split(","):
                 jobs.append((name, impl, *make_call(name, B, T, H, K, V, args.device)))
         for name, impl, leaves, fn in jobs:
-            fwd = median_ms(lambda: fn(impl), leaves, False, args.reps, args.budget)
-            both = median_ms(lambda: fn(impl), leaves, True, args.reps, args.budget)
+            fwd = median_ms(partial(fn, impl), leaves, False, args.reps, args.budget)
+            both = median_ms(partial(fn, impl), leaves, True, args.reps, args.budget)
             rows.append(dict(mechanism=name, impl=impl, T=T, fwd_ms=fwd, fwd_bwd_ms=both))
             print(f"| {name:17s} | {impl:5s} | {T:6d} | {fwd:9.1f} | {both:10.1f} |", flush=True)
     if args.json:

@@ -20,7 +20,7 @@ for cid in ("linear_attn", "simple_gla"):
         tensors, state = case.draw(B=2, T=300, H=2, K=128, V=128, dtype=dtype, seed=1)
         tensors, state = [t.cuda() for t in tensors], state.cuda()
 
-        def call(impl):
+        def call(impl, case=case):
             return lambda ts, s0: case(ts, initial_state=s0, output_final_state=True, impl=impl)
 
         kw = dict(cotangent_dtype=dtype)

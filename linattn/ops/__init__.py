@@ -11,8 +11,18 @@ from linattn.ops.delta_rule import delta_rule
 from linattn.ops.gated_delta_rule import gated_delta_rule
 from linattn.ops.gla import gla
 from linattn.ops.linear_attn import linear_attn
+from linattn.ops.linformer import linformer
 from linattn.ops.retention import retention
 from linattn.ops.simple_gla import simple_gla
 from linattn.ops.softmax_attn import softmax_attn
 
-__all__ = ["delta_rule", "gated_delta_rule", "gla", "linear_attn", "retention", "simple_gla", "softmax_attn"]
+__all__ = [
+    "delta_rule",
+    "gated_delta_rule",
+    "gla",
+    "linear_attn",
+    "linformer",
+    "retention",
+    "simple_gla",
+    "softmax_attn",
+]

@@ -462,15 +462,14 @@ def recurrent(q, k, v, g, h0, scale: float, cu_seqlens):
 
 def _reverse_cumsum_per_sequence(e: torch.Tensor, cu_seqlens) -> torch.Tensor:
     """sum_{r >= t} e_r within each sequence, for e [B, T, H]; float64 keeps the subtraction at sequence ends exact."""
-    e = e.double()
-    total = e.flip(1).cumsum(1).flip(1)  # suffix sums over the whole row
-    if cu_seqlens is None:
-        return total.float()
-    ends = cu_seqlens[1:].long()
-    after = torch.cat([total, total.new_zeros(1, 1, total.shape[2])], dim=1)[:, ends]  # suffix sum past each end
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    per_token = torch.repeat_interleave(after, lengths, dim=1, output_size=e.shape[1])
-    return (total - per_token).float()
+    e = e.double().transpose(1, 2)  # [B, H, T]: scan along the innermost dim, which torch parallelises well
+    total = e.flip(-1).cumsum(-1).flip(-1)  # suffix sums over the whole row
+    if cu_seqlens is not None:
+        ends = cu_seqlens[1:].long()
+        after = torch.cat([total, total.new_zeros(*total.shape[:2], 1)], dim=-1)[..., ends]  # past each end
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        total = total - torch.repeat_interleave(after, lengths, dim=-1, output_size=e.shape[-1])
+    return total.transpose(1, 2).float()
 
 
 def backward(do, dht, q, k, v, g, h0, ht, scale: float, cu_seqlens, segments: int | None = None):
@@ -522,10 +521,13 @@ def _num_states(q, cu_seqlens) -> int:
     return q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
 
 
-@_chunk_op.register_fake
-def _(q, k, v, g, h0, cu_seqlens, scale):
+def _fake_forward(q, k, v, g, h0, cu_seqlens, scale):
+    """Shapes of (o, final state) for torch.compile's fake tensors; both forward ops share them."""
     N, H, K, V = _num_states(q, cu_seqlens), q.shape[2], q.shape[3], v.shape[3]
     return torch.empty_like(v), q.new_empty(N, H, K, V, dtype=torch.float32)
+
+
+_chunk_op.register_fake(_fake_forward)
 
 
 @torch.library.custom_op("linattn::chunk_simple_gla_backward", mutates_args=())
@@ -588,10 +590,7 @@ def _recurrent_op(
     return recurrent(q, k, v, g, h0, scale, cu_seqlens)
 
 
-@_recurrent_op.register_fake
-def _(q, k, v, g, h0, cu_seqlens, scale):
-    N, H, K, V = _num_states(q, cu_seqlens), q.shape[2], q.shape[3], v.shape[3]
-    return torch.empty_like(v), q.new_empty(N, H, K, V, dtype=torch.float32)
+_recurrent_op.register_fake(_fake_forward)
 
 
 # ----------------------------------------------------------------------------------------------------------------
