@@ -1,12 +1,16 @@
 """Chunked parallel form of GLA (a log-decay per head, token and key channel), in PyTorch.
 
 Between chunks it is simple GLA's state passing with a per-channel decay. Inside a chunk the
-scores A_ts = sum_k q_tk k_sk exp(b_tk - b_sk) cannot be factored as (q exp(b)) (k exp(-b))^T
-without overflow when gates are very negative, so the chunk is cut into sub-chunks of c tokens:
+scores A_ts = sum_k q_tk k_sk exp(b_tk - b_sk) factor as (q exp(b - rho)) (k exp(rho - b))^T only
+while exp(rho - b) stays inside float32's range, so the chunk is cut into sub-chunks of c tokens, c
+chosen from the gates so that (c - 1) * max|g| <= 80 (the whole chunk for typical gates; one token
+for a gate of -80 or below):
 
-* between sub-chunks j < i, both sides are rebased on rho_i, the log-decay at the end of
-  sub-chunk i-1: exp(b_t - rho_i) and exp(rho_i - b_s) are each <= 1;
-* inside a diagonal sub-chunk the [c, c, K] decay tensor is formed exactly.
+* inside a sub-chunk, rebased on its first token f: one matrix product of q exp(b_t - b_f) (<= 1)
+  and k exp(b_f - b_s) (<= e^80) below the diagonal, and the plain q_t . k_t on it (a token's pair
+  with itself has no decay, and leaving exp out keeps its gradient from cancelling in dg);
+* between sub-chunks j < i, both sides are rebased on rho_i: exp(b_t - rho_i) and exp(rho_i - b_s)
+  are each <= 1, at the cost of a [n, n, c, K] tensor for n = C / c sub-chunks.
 
 Every exponent is a segment sum of gates (common.chunking.segsum), not a difference of running sums.
 """
@@ -16,33 +20,46 @@ from __future__ import annotations
 import torch
 
 from linattn.ops._contract import state_dtype
-from linattn.ops.common.chunking import ChunkLayout, causal_mask, segsum, suffix_sum
+from linattn.ops.common.chunking import ChunkLayout, segsum, suffix_sum
 from linattn.ops.simple_gla.chunk import chunk_state_passing
+
+MAX_EXPONENT = 80.0  # exp(80) ~ 5.5e34 and exp(-80) ~ 1.8e-35 are both normal float32 numbers
+
+
+def sub_chunk_size(g: torch.Tensor, C: int) -> int:
+    """The largest power of two c dividing C with (c - 1) * max|g| <= MAX_EXPONENT (one host read of min g)."""
+    worst = -float(g.detach().min()) if g.numel() else 0.0
+    c = C
+    while c > 1 and ((c - 1) * worst > MAX_EXPONENT or C % c):
+        c //= 2
+    return c
 
 
 def gla_intra_scores(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, sub_chunk: int) -> torch.Tensor:
-    """Causal in-chunk scores A [..., C, C] from q, k and log-decays g, all [..., C, K]."""
+    """Causal in-chunk scores A [..., C, C] from q, k and log-decays g, all [..., C, K].
+
+    sub_chunk must satisfy (sub_chunk - 1) * max|g| <= MAX_EXPONENT (see sub_chunk_size).
+    """
     *lead, C, K = q.shape
-    c = sub_chunk if C % sub_chunk == 0 else C
+    c = sub_chunk
     n = C // c
     qs, ks, gs = (x.reshape(*lead, n, c, K) for x in (q, k, g))  # [..., n, c, K]
-    strict_lower = causal_mask(c, q.device, strict=True)
 
-    # Between sub-chunks j < i: exp(b_t - rho_i) is a sum inside sub-chunk i; exp(rho_i - b_s) is the
-    # rest of sub-chunk j after s plus the whole sub-chunks j+1 ... i-1.
+    # Inside each sub-chunk, rebased on its first token f: b_t - b_f is the sum of g over (f, t], in [-80, 0].
+    from_first = torch.cat([torch.zeros_like(gs[..., :1, :]), gs[..., 1:, :]], dim=-2).cumsum(-2)
+    A_diag = (qs * torch.exp(from_first)) @ (ks * torch.exp(-from_first)).transpose(-1, -2)  # [..., n, c, c]
+    A_diag = A_diag.tril(-1) + torch.diag_embed((qs * ks).sum(-1))
+    if n == 1:
+        return A_diag.reshape(*lead, C, C)
+
+    # Between sub-chunks j < i, rebased on rho_i (the log-decay just before sub-chunk i): exp(b_t - rho_i)
+    # sums g inside sub-chunk i; exp(rho_i - b_s) is the rest of sub-chunk j after s plus sub-chunks j+1 ... i-1.
     q_r = qs * torch.exp(gs.cumsum(-2))  # [..., n(i), c, K]
     whole = segsum(gs.sum(-2), dim=-2)  # [..., n, n, K]: sum of sub-chunks j+1 ... i
     whole = torch.cat([torch.full_like(whole[..., :1, :, :], float("-inf")), whole[..., :-1, :, :]], dim=-3)
     e = whole.unsqueeze(-2) + suffix_sum(gs, dim=-2).unsqueeze(-4)  # [..., n(i), n(j), c, K]; -inf for j >= i
     k_r = ks.unsqueeze(-4) * torch.exp(e)
     A = torch.einsum("...itk,...ijsk->...itjs", q_r, k_r)  # [..., n, c, n, c]
-
-    # Diagonal sub-chunks, exactly: exp(b_t - b_s) per channel for s < t from sub-chunk-local sums
-    # (|b| <= c |g|, so their difference keeps its precision), and the plain q_t . k_t on the diagonal.
-    local = gs.cumsum(-2)
-    d = (local.unsqueeze(-2) - local.unsqueeze(-3)).masked_fill(~strict_lower[..., None], float("-inf"))
-    A_diag = torch.einsum("...tsk,...sk->...ts", qs.unsqueeze(-2) * torch.exp(d), ks)  # [..., n, c, c]
-    A_diag = A_diag + torch.diag_embed((qs * ks).sum(-1))
     eye = torch.eye(n, dtype=A.dtype, device=q.device)[:, None, :, None]
     A = A + A_diag.unsqueeze(-2) * eye
     return A.reshape(*lead, C, C)
@@ -58,8 +75,7 @@ def chunk_gla(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
-    chunk_size: int = 32,
-    sub_chunk: int = 4,
+    chunk_size: int = 64,
 ):
     """q, k [B, T, H, K]; v [B, T, H, V]; g [B, T, H, K] log-decay. Returns (o [B, T, H, V], state)."""
     B, T, H, K = q.shape
@@ -74,7 +90,7 @@ def chunk_gla(
     b = g.cumsum(-2)
     dS = (k * torch.exp(suffix_sum(g, dim=-2))).transpose(-1, -2) @ v  # [R, H, NC, K, V]
     states, final = chunk_state_passing(layout, S0, dS, torch.exp(b[..., -1:, :]).transpose(-1, -2))
-    A = gla_intra_scores(q, k, g, sub_chunk)
+    A = gla_intra_scores(q, k, g, sub_chunk_size(g, layout.C))
     o = A @ v + (q * torch.exp(b)) @ states
     o = layout.from_chunks(o).to(out_dtype)
     return o, (final if output_final_state else None)
