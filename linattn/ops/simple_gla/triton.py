@@ -29,20 +29,20 @@ import torch
 import triton
 import triton.language as tl
 
-from linattn.ops._contract import triton_interpret
+from linattn.ops.common.triton_utils import (
+    chunk_log_decay,
+    kernel_flags,
+    needs_grad,
+    reverse_cumsum_per_sequence,
+    short_for_recurrent,
+    store_dtype,
+    tf32_round,
+    triton_unsupported,
+)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _tf32(x, ROUND: tl.constexpr):
-    """Round float32 to the nearest tf32 value (the tensor cores would otherwise drop the low 13 bits)."""
-    if ROUND:
-        bits = x.to(tl.uint32, bitcast=True)
-        x = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
-    return x
 
 
 @triton.jit
@@ -125,13 +125,7 @@ def _chunk_kernel(
         else:
             A = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)  # [BT, BT]
         if HAS_G:
-            b_g = tl.load(g + tok, mask=m_t, other=0.0).to(tl.float64)
-            b_b = tl.cumsum(b_g, axis=0)  # chunk-local log-decay, float64
-            b_last = tl.sum(b_g, axis=0)
-            # b as a float32 pair hi + lo: hi_t - hi_s is exact or carries only its own rounding
-            # (Sterbenz), so the float32 difference keeps the precision of the float64 sums.
-            b_hi = b_b.to(tl.float32)
-            b_lo = (b_b - b_hi.to(tl.float64)).to(tl.float32)
+            b_b, b_hi, b_lo, b_last = chunk_log_decay(tl.load(g + tok, mask=m_t, other=0.0))
             if REVERSE:  # decay from t back to sources s >= t
                 diff = (b_hi[None, :] - b_hi[:, None]) + (b_lo[None, :] - b_lo[:, None])
                 w_q = tl.exp((b_last - b_b).to(tl.float32))
@@ -148,8 +142,8 @@ def _chunk_kernel(
             b_qs = b_q.to(tl.float32)
             b_ks = b_k.to(tl.float32)
 
-        b_qs = _tf32(b_qs, ROUND)
-        b_ks = _tf32(b_ks, ROUND)
+        b_qs = tf32_round(b_qs, ROUND)
+        b_ks = tf32_round(b_ks, ROUND)
         if STORE_O:
             if HAS_W:
                 # The dot with w (for dg) must leave out each token's pair with itself: q_t . dq_t and
@@ -157,8 +151,8 @@ def _chunk_kernel(
                 diag = o_t[:, None] == o_t[None, :]
                 A_self = tl.sum(tl.where(diag, A, 0.0), axis=1)
                 A = tl.where(diag, 0.0, A)
-            b_o = tl.dot(_tf32(A, ROUND), b_v.to(tl.float32), input_precision=DOT_PREC)
-            b_o += tl.dot(b_qs, _tf32(S, ROUND), input_precision=DOT_PREC)
+            b_o = tl.dot(tf32_round(A, ROUND), b_v.to(tl.float32), input_precision=DOT_PREC)
+            b_o += tl.dot(b_qs, tf32_round(S, ROUND), input_precision=DOT_PREC)
             if HAS_W:
                 b_w = tl.load(w + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
                 tl.store(wo + i_v * NTH + tok, scale * tl.sum(b_o * b_w.to(tl.float32), axis=1), mask=m_t)
@@ -265,7 +259,6 @@ def _recurrent_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 
 BT = 64  # chunk length
-MAX_HEAD_DIM = 256
 # Launch settings of the chunk kernel, measured on an H200 (benchmarks/bench_gpu_decay.py --sweep).
 NUM_WARPS = 4
 NUM_STAGES = 2
@@ -277,10 +270,6 @@ def _blocks(K: int, V: int) -> tuple[int, int]:
     BK = max(16, triton.next_power_of_2(K))
     BV = max(16, min(BV_MAX if BK <= 128 else BV_MAX // 2, triton.next_power_of_2(V)))
     return BK, BV
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _num_segments(programs: int, T: int, segments: int | None) -> int:
@@ -321,9 +310,7 @@ def sweep(
     SEG = triton.cdiv(triton.cdiv(T, NS), BT) * BT if NS > 1 else max(T, 1)
     NS = triton.cdiv(T, SEG) if NS > 1 else 1
     out_dtype = out_dtype or v.dtype
-    # Triton's interpreter truncates float32 -> bfloat16 instead of rounding it: there, round in torch.
-    store_dtype = torch.float32 if out_dtype == torch.bfloat16 and triton_interpret() else out_dtype
-    o = torch.empty(B, T, H, V, dtype=store_dtype, device=q.device)
+    o = torch.empty(B, T, H, V, dtype=store_dtype(out_dtype), device=q.device)
     ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device)
     wo = torch.empty(NV, B, T, H, dtype=torch.float32, device=q.device) if w is not None else None
     common = dict(
@@ -336,9 +323,7 @@ def sweep(
         HAS_G=g is not None,
         REVERSE=reverse,
         VARLEN=cu_seqlens is not None,
-        DOT_PREC=_dot_precision(q.dtype),
-        UPCAST_QK=q.dtype == torch.bfloat16 and triton_interpret(),
-        ROUND=_dot_precision(q.dtype) == "tf32" and not triton_interpret(),
+        **kernel_flags(q.dtype),
     )
     dummy = ht  # stands in for absent optional pointers; never read
     args = (q, k, v, g if g is not None else dummy)
@@ -433,8 +418,7 @@ def recurrent(q, k, v, g, h0, scale: float, cu_seqlens):
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     BK = max(16, triton.next_power_of_2(K))
     BV = max(16, min(32, triton.next_power_of_2(V)))
-    store_dtype = torch.float32 if v.dtype == torch.bfloat16 and triton_interpret() else v.dtype  # as in sweep
-    o = torch.empty(v.shape, dtype=store_dtype, device=v.device)
+    o = torch.empty(v.shape, dtype=store_dtype(v.dtype), device=v.device)
     ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device)
     dummy = ht
     _recurrent_kernel[(triton.cdiv(V, BV), N * H)](
@@ -460,18 +444,6 @@ def recurrent(q, k, v, g, h0, scale: float, cu_seqlens):
     return o.to(v.dtype), ht
 
 
-def _reverse_cumsum_per_sequence(e: torch.Tensor, cu_seqlens) -> torch.Tensor:
-    """sum_{r >= t} e_r within each sequence, for e [B, T, H]; float64 keeps the subtraction at sequence ends exact."""
-    e = e.double().transpose(1, 2)  # [B, H, T]: scan along the innermost dim, which torch parallelises well
-    total = e.flip(-1).cumsum(-1).flip(-1)  # suffix sums over the whole row
-    if cu_seqlens is not None:
-        ends = cu_seqlens[1:].long()
-        after = torch.cat([total, total.new_zeros(*total.shape[:2], 1)], dim=-1)[..., ends]  # past each end
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        total = total - torch.repeat_interleave(after, lengths, dim=-1, output_size=e.shape[-1])
-    return total.transpose(1, 2).float()
-
-
 def backward(do, dht, q, k, v, g, h0, ht, scale: float, cu_seqlens, segments: int | None = None):
     """Gradients (dq, dk, dv, dg or None, dh0 or None) of the chunked forward; see the module docstring."""
     gated = g is not None
@@ -487,7 +459,7 @@ def backward(do, dht, q, k, v, g, h0, ht, scale: float, cu_seqlens, segments: in
     dv, dh0, _ = sweep(k, q, do, g, r, scale, cu_seqlens, reverse=True, out_dtype=v.dtype, segments=segments)
     dg = None
     if gated:
-        dg = _reverse_cumsum_per_sequence(q_dq - k_dk, cu_seqlens)
+        dg = reverse_cumsum_per_sequence(q_dq - k_dk, cu_seqlens)
         if dht is not None:
             final_term = (dht * ht).sum((-2, -1))  # [N, H]
             if cu_seqlens is None:
@@ -600,17 +572,6 @@ _recurrent_op.register_fake(_fake_forward)
 RECURRENT_MAX_T = 16  # below this many tokens per sequence, and with no gradient needed, run token by token
 
 
-def triton_unsupported(q: torch.Tensor, v: torch.Tensor) -> str | None:
-    """None if the Triton kernels can serve these inputs, else the reason they cannot."""
-    if not (q.is_cuda or (q.device.type == "cpu" and triton_interpret())):
-        return f"tensors are on {q.device}; Triton needs CUDA (or CPU tensors with TRITON_INTERPRET=1)"
-    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return f"dtype {q.dtype} is not supported (float32, bfloat16, float16 are)"
-    if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
-        return f"head dims K={q.shape[-1]}, V={v.shape[-1]} exceed {MAX_HEAD_DIM}"
-    return None
-
-
 def triton_simple_gla(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -626,13 +587,8 @@ def triton_simple_gla(
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     g = g.float().contiguous() if g is not None else None
     h0 = initial_state.float().contiguous() if initial_state is not None else None
-    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, g, h0))
-    short = (
-        q.shape[1] <= RECURRENT_MAX_T
-        if cu_seqlens is None
-        else q.shape[1] <= RECURRENT_MAX_T * (cu_seqlens.shape[0] - 1)
-    )
-    op = _recurrent_op if short and not needs_grad else _chunk_op
+    short = short_for_recurrent(q, cu_seqlens, RECURRENT_MAX_T)
+    op = _recurrent_op if short and not needs_grad(q, k, v, g, h0) else _chunk_op
     o, ht = op(q, k, v, g, h0, cu_seqlens, float(scale))
     return o, (ht if output_final_state else None)
 

@@ -1,0 +1,100 @@
+"""Triton pieces that every mechanism's kernels share: tf32 rounding, log-decay sums, launch helpers."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from linattn.ops._contract import triton_interpret
+
+MAX_HEAD_DIM = 256
+
+
+@triton.jit
+def tf32_round(x, ROUND: tl.constexpr):
+    """Round float32 to the nearest tf32 value (the tensor cores would otherwise drop the low 13 bits)."""
+    if ROUND:
+        bits = x.to(tl.uint32, bitcast=True)
+        x = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return x
+
+
+@triton.jit
+def chunk_log_decay(b_g):
+    """Chunk-local cumulative log-decay of b_g [BT] (or [BT, BK]) along axis 0, as a float32 pair.
+
+    The sum is formed in float64 and split into hi + lo: hi_t - hi_s is exact or carries only its
+    own rounding (Sterbenz), so (hi_t - hi_s) + (lo_t - lo_s) keeps the precision of the float64 sums
+    even when the sums are huge (gates of -1e4) and their difference is small. Returns (b, hi, lo, last)
+    with b the float64 sums and last the chunk's total (float64).
+    """
+    b = tl.cumsum(b_g.to(tl.float64), axis=0)
+    last = tl.sum(b_g.to(tl.float64), axis=0)
+    hi = b.to(tl.float32)
+    lo = (b - hi.to(tl.float64)).to(tl.float32)
+    return b, hi, lo, last
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot precision: exact float32 products for float32 inputs, tf32 (after tf32_round) otherwise."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def kernel_flags(dtype: torch.dtype) -> dict:
+    """The constexprs that adapt a kernel to the input dtype and to Triton's interpreter.
+
+    UPCAST_QK: the interpreter (Triton 3.9) multiplies bfloat16 tl.dot operands as raw integers.
+    ROUND: on the GPU, round float32 dot operands to the nearest tf32 instead of truncating them.
+    """
+    prec = dot_precision(dtype)
+    return dict(
+        DOT_PREC=prec,
+        UPCAST_QK=dtype == torch.bfloat16 and triton_interpret(),
+        ROUND=prec == "tf32" and not triton_interpret(),
+    )
+
+
+def store_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a kernel should write an output of ``dtype`` in.
+
+    Triton's interpreter truncates float32 -> bfloat16 instead of rounding it: there, write float32
+    and let torch round.
+    """
+    return torch.float32 if dtype == torch.bfloat16 and triton_interpret() else dtype
+
+
+def triton_unsupported(q: torch.Tensor, v: torch.Tensor) -> str | None:
+    """None if Triton kernels can serve these inputs, else the reason they cannot."""
+    if not (q.is_cuda or (q.device.type == "cpu" and triton_interpret())):
+        return f"tensors are on {q.device}; Triton needs CUDA (or CPU tensors with TRITON_INTERPRET=1)"
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"dtype {q.dtype} is not supported (float32, bfloat16, float16 are)"
+    if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
+        return f"head dims K={q.shape[-1]}, V={v.shape[-1]} exceed {MAX_HEAD_DIM}"
+    return None
+
+
+def reverse_cumsum_per_sequence(e: torch.Tensor, cu_seqlens) -> torch.Tensor:
+    """sum_{r >= t} e_r within each sequence, for e [B, T, H, ...]; float32 result.
+
+    Summed in float64, so that the subtraction at sequence ends is exact.
+    """
+    e = e.double().movedim(1, -1)  # [B, H, ..., T]: scan along the innermost dim, which torch parallelises well
+    total = e.flip(-1).cumsum(-1).flip(-1)  # suffix sums over the whole row
+    if cu_seqlens is not None:
+        ends = cu_seqlens[1:].long()
+        after = torch.cat([total, total.new_zeros(*total.shape[:-1], 1)], dim=-1)[..., ends]  # past each end
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        total = total - torch.repeat_interleave(after, lengths, dim=-1, output_size=e.shape[-1])
+    return total.movedim(-1, 1).float()
+
+
+def short_for_recurrent(q: torch.Tensor, cu_seqlens, max_t: int) -> bool:
+    """True when the call has at most max_t tokens per sequence on average (decoding)."""
+    n = 1 if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return q.shape[1] <= max_t * n
+
+
+def needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
