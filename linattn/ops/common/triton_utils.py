@@ -36,6 +36,23 @@ def chunk_log_decay(b_g):
     return b, hi, lo, last
 
 
+@triton.jit
+def dot_operand(x, ROUND: tl.constexpr, LOWP: tl.constexpr, LOWP_TY: tl.constexpr):
+    """A float32 tile made ready for tl.dot: cast to the inputs' 16-bit dtype (LOWP), or tf32-rounded."""
+    if LOWP:
+        return x.to(LOWP_TY)
+    return tf32_round(x.to(tl.float32), ROUND)
+
+
+def lowp_dots(dtype: torch.dtype) -> bool:
+    """Whether a kernel may feed bfloat16 operands to every tl.dot (float32 accumulation), as a plain
+    bfloat16 PyTorch computation does. Only bfloat16: it has float32's range, so float32 states and
+    sums (a normaliser grows like T) cannot overflow when cast; float16 could, and keeps tf32. Off
+    in the interpreter, whose float32 -> bfloat16 casts truncate.
+    """
+    return dtype == torch.bfloat16 and not triton_interpret()
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot precision: exact float32 products for float32 inputs, tf32 (after tf32_round) otherwise."""
     return "ieee" if dtype == torch.float32 else "tf32"

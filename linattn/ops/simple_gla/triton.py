@@ -31,12 +31,13 @@ import triton.language as tl
 
 from linattn.ops.common.triton_utils import (
     chunk_log_decay,
+    dot_operand,
     kernel_flags,
+    lowp_dots,
     needs_grad,
     reverse_cumsum_per_sequence,
     short_for_recurrent,
     store_dtype,
-    tf32_round,
     triton_unsupported,
 )
 
@@ -78,6 +79,7 @@ def _chunk_kernel(
     DOT_PREC: tl.constexpr,
     UPCAST_QK: tl.constexpr,
     ROUND: tl.constexpr,
+    LOWP: tl.constexpr,
 ):
     # q, k: [.., T, H, K]; v, o, w: [.., T, H, V]; g: [.., T, H]; h0, ht: [N, NS, H, K, V] fp32;
     # wo: [NV, NTH] fp32 (NTH = tokens x heads), the per-token dot of o with w, without the t = s term.
@@ -92,6 +94,7 @@ def _chunk_kernel(
     lo = bos + i_s * SEG  # this program's segment [lo, hi), aligned to chunks
     hi = tl.minimum(lo + SEG, eos)
     n_chunks = tl.cdiv(hi - lo, BT)
+    LOWP_TY: tl.constexpr = q.dtype.element_ty
 
     o_t = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
@@ -135,15 +138,14 @@ def _chunk_kernel(
                 w_q = tl.exp(b_hi)
                 w_k = tl.exp((b_last - b_b).to(tl.float32))
             A = tl.where(causal, A * tl.exp(tl.where(causal, diff, 0.0)), 0.0)
-            b_qs = b_q.to(tl.float32) * w_q[:, None]
-            b_ks = b_k.to(tl.float32) * w_k[:, None]
+            b_qs = dot_operand(b_q.to(tl.float32) * w_q[:, None], ROUND, LOWP, LOWP_TY)
+            b_ks = dot_operand(b_k.to(tl.float32) * w_k[:, None], ROUND, LOWP, LOWP_TY)
         else:
             A = tl.where(causal, A, 0.0)
-            b_qs = b_q.to(tl.float32)
-            b_ks = b_k.to(tl.float32)
+            b_qs = dot_operand(b_q, ROUND, LOWP, LOWP_TY)  # exact: the inputs' own values
+            b_ks = dot_operand(b_k, ROUND, LOWP, LOWP_TY)
+        b_vd = dot_operand(b_v, ROUND, LOWP, LOWP_TY)
 
-        b_qs = tf32_round(b_qs, ROUND)
-        b_ks = tf32_round(b_ks, ROUND)
         if STORE_O:
             if HAS_W:
                 # The dot with w (for dg) must leave out each token's pair with itself: q_t . dq_t and
@@ -151,8 +153,8 @@ def _chunk_kernel(
                 diag = o_t[:, None] == o_t[None, :]
                 A_self = tl.sum(tl.where(diag, A, 0.0), axis=1)
                 A = tl.where(diag, 0.0, A)
-            b_o = tl.dot(tf32_round(A, ROUND), b_v.to(tl.float32), input_precision=DOT_PREC)
-            b_o += tl.dot(b_qs, tf32_round(S, ROUND), input_precision=DOT_PREC)
+            b_o = tl.dot(dot_operand(A, ROUND, LOWP, LOWP_TY), b_vd, input_precision=DOT_PREC)
+            b_o += tl.dot(b_qs, dot_operand(S, ROUND, LOWP, LOWP_TY), input_precision=DOT_PREC)
             if HAS_W:
                 b_w = tl.load(w + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
                 tl.store(wo + i_v * NTH + tok, scale * tl.sum(b_o * b_w.to(tl.float32), axis=1), mask=m_t)
@@ -162,7 +164,7 @@ def _chunk_kernel(
             tl.store(o_ptr, b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
         if HAS_G:
             S = S * tl.exp(b_last.to(tl.float32))
-        S += tl.dot(tl.trans(b_ks), b_v.to(tl.float32), input_precision=DOT_PREC)
+        S += tl.dot(tl.trans(b_ks), b_vd, input_precision=DOT_PREC)
 
     if STORE_HT:
         tl.store(ht + state_off + o_k[:, None] * V + o_v[None, :], S, mask=m_k[:, None] & m_v[None, :])
@@ -324,6 +326,7 @@ def sweep(
         REVERSE=reverse,
         VARLEN=cu_seqlens is not None,
         **kernel_flags(q.dtype),
+        LOWP=lowp_dots(q.dtype),
     )
     dummy = ht  # stands in for absent optional pointers; never read
     args = (q, k, v, g if g is not None else dummy)
