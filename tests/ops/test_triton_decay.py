@@ -24,6 +24,11 @@ cases = pytest.mark.parametrize("case", DECAY, ids=lambda c: c.id)
 dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 
 
+# On the GPU the kernels feed tensor cores: judge them against the plain computation with its matmul
+# operands in the inputs' dtype (tolerance.LowPrecisionMatmuls), as the GPU-only tests below do.
+ON_DEVICE = dict(reference="chunk", plain_in_dtype=True) if CUDA else {}
+
+
 def to(tensors, state, device=DEVICE):
     return [t.to(device) for t in tensors], (None if state is None else state.to(device))
 
@@ -33,14 +38,14 @@ def to(tensors, state, device=DEVICE):
 @pytest.mark.parametrize("T", [1, 63, 65, 130])
 def test_triton_matches_naive(case, dtype, T):
     tensors, state = case.draw(B=2, T=T, H=2, K=16, V=24, dtype=dtype, seed=T)
-    check_against_naive(case, *to(tensors, state), "triton")
+    check_against_naive(case, *to(tensors, state), "triton", **ON_DEVICE)
 
 
 @cases
 def test_triton_varlen(case):
     cu_seqlens = torch.tensor([0, 0, 1, 131, 131, 195, 200])  # empty, one token, several chunks, empty, ...
     tensors, state = case.draw(B=1, T=200, H=2, K=16, V=24, seed=5, N=6)
-    check_against_naive(case, *to(tensors, state), "triton", cu_seqlens=cu_seqlens.to(DEVICE))
+    check_against_naive(case, *to(tensors, state), "triton", cu_seqlens=cu_seqlens.to(DEVICE), **ON_DEVICE)
 
 
 def extreme(tensors, gates):
@@ -57,7 +62,7 @@ def test_triton_extreme_gates(gates):
     """No decay, and decay so strong that the state resets every token; the final state gets no gradient."""
     case = by_id["simple_gla"]
     tensors, state = case.draw(B=1, T=100, H=2, K=16, V=24, seed=2)
-    check_against_naive(case, *to(extreme(tensors, gates), state), "triton", state_grad=False)
+    check_against_naive(case, *to(extreme(tensors, gates), state), "triton", state_grad=False, **ON_DEVICE)
 
 
 @pytest.mark.parametrize("gates", [0.0, -30.0, -1e4, "mixed"])

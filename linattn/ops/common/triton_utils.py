@@ -40,8 +40,10 @@ def chunk_log_decay(b_g):
 def dot_operand(x, ROUND: tl.constexpr, LOWP: tl.constexpr, LOWP_TY: tl.constexpr):
     """A float32 tile made ready for tl.dot: cast to the inputs' 16-bit dtype (LOWP), or tf32-rounded."""
     if LOWP:
-        return x.to(LOWP_TY)
-    return tf32_round(x.to(tl.float32), ROUND)
+        y = x.to(LOWP_TY)
+    else:
+        y = tf32_round(x.to(tl.float32), ROUND)
+    return y
 
 
 def lowp_dots(dtype: torch.dtype) -> bool:

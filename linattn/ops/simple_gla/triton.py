@@ -597,3 +597,28 @@ def triton_simple_gla(
 
 
 __all__ = ["triton_simple_gla", "triton_unsupported", "sweep", "backward", "recurrent", "BT"]
+
+
+def compile_variants():
+    """The kernel variants that tests/ops/compile_kernels.py compiles for sm_90 (in CI, without a GPU).
+
+    Each is (label, kernel, pointer dtypes, constexprs, launch options), at the standard head size.
+    """
+    for dt in ("bf16", "fp16", "fp32"):
+        ptrs = dict(q=dt, k=dt, v=dt, o=dt, w=dt, g="fp32", h0="fp32", ht="fp32", wo="fp32", cu_seqlens="i32")
+        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]
+        flags = dict(kernel_flags(torch_dtype), UPCAST_QK=False, ROUND=kernel_flags(torch_dtype)["DOT_PREC"] == "tf32")
+        flags["LOWP"] = torch_dtype == torch.bfloat16
+        passes = [(False, False), (True, True)] if dt != "fp32" else [(True, True)]
+        for gated in (False, True) if dt != "fp32" else (True,):
+            for reverse, has_w in passes:
+                const = dict(H=16, K=128, V=128, BT=BT, BK=128, BV=BV_MAX, SEG=4096, HAS_G=gated, HAS_H0=True)
+                const |= dict(STORE_O=True, STORE_HT=True, HAS_W=has_w, REVERSE=reverse, VARLEN=dt == "fp16")
+                label = f"chunk {dt} gated={gated} reverse={reverse} w={has_w}"
+                yield label, _chunk_kernel, ptrs, const | flags, dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    ptrs = dict(dS="fp32", gsum="fp32", h0="fp32", hin="fp32", ht="fp32")
+    const = dict(H=16, KV=128 * 128, BLOCK=1024, HAS_G=True, HAS_H0=True, REVERSE=False)
+    yield "segment scan", _segment_scan_kernel, ptrs, const, {}
+    ptrs = dict(q="bf16", k="bf16", v="bf16", o="bf16", g="fp32", h0="fp32", ht="fp32", cu_seqlens="i32")
+    const = dict(H=16, K=128, V=128, BK=128, BV=32, HAS_G=True, HAS_H0=True, VARLEN=True)
+    yield "recurrent bf16", _recurrent_kernel, ptrs, const, {}

@@ -1,0 +1,67 @@
+"""Compile Triton kernels for an NVIDIA GPU on a machine without one (Hopper, sm_90, by default).
+
+The interpreter runs kernel logic on CPU but never runs the compiler, so a kernel can pass every
+interpreter test and still fail to compile. Triton's front end and ptxas need no GPU, so CI compiles
+the variants the launchers use here. Run in a fresh process: TRITON_INTERPRET must be unset at import.
+
+    python -m tests.ops.compile_kernels simple_gla     # compile one group, print each variant
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import time
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+
+def compile_variant(kernel, pointers: dict[str, str], constexprs: dict, floats=("scale",), arch: int = 90, **opts):
+    """Compile ``kernel`` with pointer dtypes ``pointers`` (e.g. {"q": "bf16"}); other runtime args are i32.
+
+    Returns the compiled kernel (its metadata holds shared memory).
+    """
+    names = kernel.arg_names
+    unknown = set(pointers) | set(constexprs)
+    unknown -= set(names)
+    if unknown:
+        raise ValueError(f"{kernel.__name__} has no arguments {sorted(unknown)}")
+    sig = {}
+    for n in names:
+        if n in constexprs:
+            sig[n] = "constexpr"
+        elif n in pointers:
+            sig[n] = "*" + pointers[n]
+        else:
+            sig[n] = "fp32" if n in floats else "i32"
+    src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(c),): v for c, v in constexprs.items()})
+    options = dict(num_warps=4, num_stages=2) | opts
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def _groups():
+    """name -> callable yielding (label, kernel, pointers, constexprs, options) for each variant to compile."""
+    groups = {}
+    for name in ("simple_gla",):
+        mod = importlib.import_module(f"linattn.ops.{name}.triton")
+        groups[name] = mod.compile_variants
+    return groups
+
+
+def main(argv: list[str]) -> int:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces the compiler")
+    groups = _groups()
+    for group in argv or list(groups):
+        for label, kernel, pointers, constexprs, opts in groups[group]():
+            t0 = time.perf_counter()
+            out = compile_variant(kernel, pointers, constexprs, **opts)
+            print(f"{group} {label}: shared {out.metadata.shared} B, {time.perf_counter() - t0:.1f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
