@@ -106,7 +106,7 @@ def reverse_cumsum_per_sequence(e: torch.Tensor, cu_seqlens) -> torch.Tensor:
         after = torch.cat([total, total.new_zeros(*total.shape[:-1], 1)], dim=-1)[..., ends]  # past each end
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
         total = total - torch.repeat_interleave(after, lengths, dim=-1, output_size=e.shape[-1])
-    return total.movedim(-1, 1).float()
+    return total.movedim(-1, 1).float().contiguous()
 
 
 def short_for_recurrent(q: torch.Tensor, cu_seqlens, max_t: int) -> bool:

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import math
-
 import torch
 
 from linattn.ops._contract import check_common, dispatch, state_dtype
@@ -9,9 +7,13 @@ from linattn.ops.simple_gla import IMPLS as SIMPLE_GLA_IMPLS
 from linattn.ops.simple_gla import triton_check
 
 
-def retention_log_decay(H: int) -> list[float]:
-    """RetNet's fixed per-head decay in log space: log(1 - 2^(-5-h)) for h = 0 ... H-1."""
-    return [math.log1p(-(2.0 ** (-5 - h))) for h in range(H)]
+def retention_log_decay(H: int, device, dtype) -> torch.Tensor:
+    """RetNet's fixed per-head decay in log space: log(1 - 2^(-5-h)) for h = 0 ... H-1, shape [H].
+
+    Built on the device: a tensor from a Python list would be a synchronising host-to-device copy.
+    """
+    heads = torch.arange(H, dtype=torch.float64, device=device)
+    return torch.log1p(-torch.exp2(-5.0 - heads)).to(dtype)
 
 
 def retention(
@@ -42,7 +44,7 @@ def retention(
     """
     op = "retention"
     dims, scale = check_common(op, q, k, v, scale, initial_state, cu_seqlens)
-    g = torch.tensor(retention_log_decay(dims.H), dtype=state_dtype(q), device=q.device)
+    g = retention_log_decay(dims.H, q.device, state_dtype(q))
     g = g.expand(dims.B, dims.T, dims.H)  # [B, T, H]
     return dispatch(
         op,

@@ -268,10 +268,15 @@ BV_MAX = 32
 TARGET_PROGRAMS = 512  # enough programs to fill an H100/H200 several times over
 
 
-def _blocks(K: int, V: int) -> tuple[int, int]:
+def _blocks(K: int, V: int, lowp: bool) -> tuple[int, int]:
+    bv_max = 2 * BV_MAX if lowp else BV_MAX  # 16-bit operand tiles take half the registers and shared memory
     BK = max(16, triton.next_power_of_2(K))
-    BV = max(16, min(BV_MAX if BK <= 128 else BV_MAX // 2, triton.next_power_of_2(V)))
+    BV = max(16, min(bv_max if BK <= 128 else bv_max // 2, triton.next_power_of_2(V)))
     return BK, BV
+
+
+def _num_stages(dtype: torch.dtype) -> int:
+    return 1 if dtype == torch.float32 else NUM_STAGES  # float32 tiles: one stage keeps shared memory in bounds
 
 
 def _num_segments(programs: int, T: int, segments: int | None) -> int:
@@ -306,7 +311,8 @@ def sweep(
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    BK, BV = _blocks(K, V)
+    lowp = lowp_dots(q.dtype) and w is None  # dg's telescoped sums (the w passes) need tf32 dq and dk
+    BK, BV = _blocks(K, V, lowp)
     NV = triton.cdiv(V, BV)
     NS = 1 if cu_seqlens is not None else _num_segments(N * H * NV, T, segments)
     SEG = triton.cdiv(triton.cdiv(T, NS), BT) * BT if NS > 1 else max(T, 1)
@@ -326,7 +332,9 @@ def sweep(
         REVERSE=reverse,
         VARLEN=cu_seqlens is not None,
         **kernel_flags(q.dtype),
-        LOWP=lowp_dots(q.dtype),
+        LOWP=lowp,
+        num_warps=NUM_WARPS,
+        num_stages=_num_stages(q.dtype),
     )
     dummy = ht  # stands in for absent optional pointers; never read
     args = (q, k, v, g if g is not None else dummy)
@@ -608,14 +616,16 @@ def compile_variants():
         ptrs = dict(q=dt, k=dt, v=dt, o=dt, w=dt, g="fp32", h0="fp32", ht="fp32", wo="fp32", cu_seqlens="i32")
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]
         flags = dict(kernel_flags(torch_dtype), UPCAST_QK=False, ROUND=kernel_flags(torch_dtype)["DOT_PREC"] == "tf32")
-        flags["LOWP"] = torch_dtype == torch.bfloat16
         passes = [(False, False), (True, True)] if dt != "fp32" else [(True, True)]
         for gated in (False, True) if dt != "fp32" else (True,):
             for reverse, has_w in passes:
-                const = dict(H=16, K=128, V=128, BT=BT, BK=128, BV=BV_MAX, SEG=4096, HAS_G=gated, HAS_H0=True)
+                lowp = torch_dtype == torch.bfloat16 and not has_w
+                const = dict(H=16, K=128, V=128, BT=BT, BK=128, BV=_blocks(128, 128, lowp)[1], SEG=4096, HAS_G=gated)
+                const |= dict(HAS_H0=True, LOWP=lowp)
                 const |= dict(STORE_O=True, STORE_HT=True, HAS_W=has_w, REVERSE=reverse, VARLEN=dt == "fp16")
                 label = f"chunk {dt} gated={gated} reverse={reverse} w={has_w}"
-                yield label, _chunk_kernel, ptrs, const | flags, dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+                opts = dict(num_warps=NUM_WARPS, num_stages=_num_stages(torch_dtype))
+                yield label, _chunk_kernel, ptrs, const | flags, opts
     ptrs = dict(dS="fp32", gsum="fp32", h0="fp32", hin="fp32", ht="fp32")
     const = dict(H=16, KV=128 * 128, BLOCK=1024, HAS_G=True, HAS_H0=True, REVERSE=False)
     yield "segment scan", _segment_scan_kernel, ptrs, const, {}
