@@ -94,8 +94,8 @@ def triton_unsupported(q: torch.Tensor, v: torch.Tensor) -> str | None:
     return None
 
 
-def reverse_cumsum_per_sequence(e: torch.Tensor, cu_seqlens) -> torch.Tensor:
-    """sum_{r >= t} e_r within each sequence, for e [B, T, H, ...]; float32 result.
+def reverse_cumsum_per_sequence(e: torch.Tensor, cu_seqlens, out_dtype=torch.float32) -> torch.Tensor:
+    """sum_{r >= t} e_r within each sequence, for e [B, T, H, ...], in out_dtype.
 
     Summed in float64, so that the subtraction at sequence ends is exact.
     """
@@ -106,7 +106,28 @@ def reverse_cumsum_per_sequence(e: torch.Tensor, cu_seqlens) -> torch.Tensor:
         after = torch.cat([total, total.new_zeros(*total.shape[:-1], 1)], dim=-1)[..., ends]  # past each end
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
         total = total - torch.repeat_interleave(after, lengths, dim=-1, output_size=e.shape[-1])
-    return total.movedim(-1, 1).float().contiguous()
+    return total.movedim(-1, 1).to(out_dtype).contiguous()
+
+
+def exclusive_cumsum_per_sequence(e: torch.Tensor, cu_seqlens) -> torch.Tensor:
+    """sum_{r < t} e_r within each sequence, for e [B, T, H, ...], in float64.
+
+    Shifted, then summed, never formed as a difference of inclusive sums: a large last term would
+    otherwise swamp the small sums before it. (With cu_seqlens, each sequence still subtracts the
+    running total of the ones before it, so there its error is relative to that total.)
+    """
+    e = e.double().movedim(1, -1)  # [B, H, ..., T]
+    shifted = torch.nn.functional.pad(e[..., :-1], (1, 0))
+    if cu_seqlens is not None:
+        starts = cu_seqlens[:-1].long()
+        starts = starts[starts < e.shape[-1]]
+        shifted[..., starts] = 0  # no carry into a sequence from the one before
+    total = shifted.cumsum(-1)
+    if cu_seqlens is not None:
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        before = torch.cat([total.new_zeros(*total.shape[:-1], 1), total], dim=-1)[..., cu_seqlens[:-1].long()]
+        total = total - torch.repeat_interleave(before, lengths, dim=-1, output_size=e.shape[-1])
+    return total.movedim(-1, 1).contiguous()
 
 
 def short_for_recurrent(q: torch.Tensor, cu_seqlens, max_t: int) -> bool:

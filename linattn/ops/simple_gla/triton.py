@@ -9,10 +9,14 @@ One chunk kernel serves the forward pass and all three backward passes:
 
 and dg_t = sum_{r >= t} (q_r . dq_r - k_r . dk_r) + <dS_T, S_T>, with the dot products taken in
 float32 inside the dq and dk passes, each without the token's pair with itself (the two self terms
-are equal and would cancel only up to rounding). What remains is exact when the final state gets no
-gradient; with a final-state gradient dS_T, the <dS_T, S_T> term cancels against the dk pass's share of
-it, so dg then carries an absolute error of about eps * |<dS_T, S_T>| (negligible unless every gate is
-so negative that dg itself is that small).
+are equal and would cancel only up to rounding). With a final-state gradient dS_T, its share of dk
+runs as a pass of its own (zero do) and stays out of that telescoped sum: there it would cancel
+against <dS_T, S_T> only up to rounding, a large error where dg is tiny (strong gates). Its part of
+dg_t is the prefix sum over r < t of k_r . dk_r(dS_T), plus exp(sum of g) <dS_T, S_0>.
+
+In bfloat16, the forward and dv passes feed bfloat16 operands to the tensor cores, as a plain bf16
+computation does; the dq and dk passes of a gated op keep tf32, because dg telescopes their dot products
+over the whole sequence and bf16-rounded terms would add up to errors far above plain.
 
 The state [K, BV] lives in registers while a program walks its chunks, so no per-chunk state is ever
 written to memory. When B * H alone would leave the GPU idle (long T, small batch), each sequence is
@@ -32,6 +36,7 @@ import triton.language as tl
 from linattn.ops.common.triton_utils import (
     chunk_log_decay,
     dot_operand,
+    exclusive_cumsum_per_sequence,
     kernel_flags,
     lowp_dots,
     needs_grad,
@@ -455,29 +460,53 @@ def recurrent(q, k, v, g, h0, scale: float, cu_seqlens):
     return o.to(v.dtype), ht
 
 
+def _to_tokens(x: torch.Tensor, cu_seqlens, T: int) -> torch.Tensor:
+    """A per-sequence value x [N, H] broadcast to every token of its sequence: [B, T, H]."""
+    if cu_seqlens is None:
+        return x[:, None, :].expand(-1, T, -1)
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    return torch.repeat_interleave(x, lengths, dim=0, output_size=T)[None]
+
+
+def _at_starts(suffix: torch.Tensor, cu_seqlens) -> torch.Tensor:
+    """Per-sequence suffix sums [B, T, H] read at each sequence's first token: the sequence totals [N, H]."""
+    if cu_seqlens is None:
+        return suffix[:, 0]
+    padded = torch.cat([suffix[0], suffix.new_zeros(1, suffix.shape[-1])])  # an empty last sequence reads 0
+    return padded[cu_seqlens[:-1].long()]
+
+
 def backward(do, dht, q, k, v, g, h0, ht, scale: float, cu_seqlens, segments: int | None = None):
     """Gradients (dq, dk, dv, dg or None, dh0 or None) of the chunked forward; see the module docstring."""
     gated = g is not None
     h0_t = h0.transpose(-1, -2).contiguous() if h0 is not None else None
-    dq, _, q_dq = sweep(
-        do, v, k, g, h0_t, scale, cu_seqlens, w=q if gated else None, out_dtype=q.dtype, segments=segments
-    )
+    seg = dict(segments=segments)
+    dq, _, q_dq = sweep(do, v, k, g, h0_t, scale, cu_seqlens, w=q if gated else None, out_dtype=q.dtype, **seg)
     r_t = (dht.transpose(-1, -2) / scale).contiguous() if dht is not None else None
-    dk, _, k_dk = sweep(
-        v, do, q, g, r_t, scale, cu_seqlens, reverse=True, w=k if gated else None, out_dtype=k.dtype, segments=segments
-    )
+    if gated and dht is not None:
+        # The final-state gradient's share of dk gets its own pass (zero do): summed into the telescoped
+        # dg it would cancel against <dS_T, S_T> only up to the passes' rounding, a large error where dg
+        # itself is small. Its part of dg is the cancellation-free prefix sum below.
+        dk, _, k_dk = sweep(v, do, q, g, None, scale, cu_seqlens, reverse=True, w=k, out_dtype=torch.float32, **seg)
+        dk_final, _, e = sweep(
+            v, torch.zeros_like(do), q, g, r_t, scale, cu_seqlens, reverse=True, w=k, out_dtype=torch.float32, **seg
+        )
+        dk = (dk + dk_final).to(k.dtype)
+    else:
+        w = k if gated else None
+        dk, _, k_dk = sweep(v, do, q, g, r_t, scale, cu_seqlens, reverse=True, w=w, out_dtype=k.dtype, **seg)
     r = (dht / scale).contiguous() if dht is not None else None
-    dv, dh0, _ = sweep(k, q, do, g, r, scale, cu_seqlens, reverse=True, out_dtype=v.dtype, segments=segments)
+    dv, dh0, _ = sweep(k, q, do, g, r, scale, cu_seqlens, reverse=True, out_dtype=v.dtype, **seg)
     dg = None
     if gated:
         dg = reverse_cumsum_per_sequence(q_dq - k_dk, cu_seqlens)
         if dht is not None:
-            final_term = (dht * ht).sum((-2, -1))  # [N, H]
-            if cu_seqlens is None:
-                dg = dg + final_term[:, None, :]
-            else:
-                lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-                dg = dg + torch.repeat_interleave(final_term, lengths, dim=0, output_size=dg.shape[1])[None]
+            # d<dS_T, S_T>/dg_t: the writes before t, e_r = k_r . (dS_T's share of dk_r), and the initial state.
+            dg = dg + exclusive_cumsum_per_sequence(e, cu_seqlens).float()
+            if h0 is not None:
+                log_decay = _at_starts(reverse_cumsum_per_sequence(g, cu_seqlens, torch.float64), cu_seqlens)  # [N, H]
+                initial = torch.exp(log_decay) * (dht.double() * h0.double()).sum((-2, -1))
+                dg = dg + _to_tokens(initial, cu_seqlens, dg.shape[1]).float()
     return dq, dk, dv, dg, (dh0 * scale if h0 is not None else None)
 
 
