@@ -19,33 +19,39 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 
-def compile_variant(kernel, pointers: dict[str, str], constexprs: dict, floats=("scale",), arch: int = 90, **opts):
-    """Compile ``kernel`` with pointer dtypes ``pointers`` (e.g. {"q": "bf16"}); other runtime args are i32.
+def compile_variant(kernel, pointers: dict[str, str], constexprs: dict, scalars=None, arch: int = 90, **opts):
+    """Compile ``kernel`` for sm_``arch``.
 
-    Returns the compiled kernel (its metadata holds shared memory).
+    Every argument not in ``constexprs`` or ``scalars`` (name -> "fp32"/"i32"; default {"scale": "fp32"})
+    is a pointer, of dtype ``pointers[name]`` (default "fp32"; names the kernel lacks are ignored, so one
+    table can serve several kernels). Returns the compiled kernel.
     """
     names = kernel.arg_names
-    unknown = set(pointers) | set(constexprs)
-    unknown -= set(names)
+    scalars = {"scale": "fp32"} if scalars is None else scalars
+    scalars = {n: t for n, t in scalars.items() if n in names}
+    unknown = set(constexprs) - set(names)
     if unknown:
         raise ValueError(f"{kernel.__name__} has no arguments {sorted(unknown)}")
     sig = {}
     for n in names:
         if n in constexprs:
             sig[n] = "constexpr"
-        elif n in pointers:
-            sig[n] = "*" + pointers[n]
+        elif n in scalars:
+            sig[n] = scalars[n]
         else:
-            sig[n] = "fp32" if n in floats else "i32"
+            sig[n] = "*" + pointers.get(n, "fp32")
     src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(c),): v for c, v in constexprs.items()})
     options = dict(num_warps=4, num_stages=2) | opts
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
+GROUPS = ("simple_gla", "gated_delta_rule", "gla")
+
+
 def _groups():
     """name -> callable yielding (label, kernel, pointers, constexprs, options) for each variant to compile."""
     groups = {}
-    for name in ("simple_gla",):
+    for name in GROUPS:
         mod = importlib.import_module(f"linattn.ops.{name}.triton")
         groups[name] = mod.compile_variants
     return groups

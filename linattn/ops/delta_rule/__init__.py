@@ -4,6 +4,7 @@ import torch
 
 from linattn.ops._contract import check_common, check_gate, dispatch
 from linattn.ops.gated_delta_rule import IMPLS as GATED_IMPLS
+from linattn.ops.gated_delta_rule import triton_check
 
 
 def _without_gate(fn):
@@ -23,22 +24,28 @@ def delta_rule(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    qk_l2norm: bool = False,
+    beta_is_logit: bool = False,
     impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """DeltaNet's delta rule: S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T, o_t = scale S_t^T q_t.
 
-    The gated delta rule with no decay. Keys are used as given: L2-normalise them for the usual
-    stable regime (beta_t |k_t|^2 <= 2).
+    The gated delta rule with no decay. Keys are used as given unless qk_l2norm: L2-normalise them
+    for the usual stable regime (beta_t |k_t|^2 <= 2).
 
     Args:
         q, k: [B, T, H, K], float32, bfloat16 or float16 (one dtype for q, k, v).
         v: [B, T, H, V].
-        beta: [B, T, H], the write strength, in (0, 1); any floating dtype.
+        beta: [B, T, H], the write strength, in (0, 1) (or logits with beta_is_logit); any floating dtype.
         scale: multiplies q; defaults to K^-0.5.
         initial_state: [B, H, K, V] (or [N, H, K, V] with cu_seqlens), any floating dtype.
         output_final_state: return the state after the last token.
         cu_seqlens: int [N + 1] boundaries of packed sequences; B must be 1.
-        impl: "auto", "naive" (token recurrence, float32), "chunk" (chunked WY form, any device).
+        qk_l2norm: use q / sqrt(|q|^2 + 1e-6) and k / sqrt(|k|^2 + 1e-6) (in float32) in place of q, k;
+            gradients flow through the normalisation.
+        beta_is_logit: beta holds logits; the write strength is sigmoid(beta) (in float32).
+        impl: "auto", "naive" (token recurrence, float32), "chunk" (chunked WY form, any device),
+            "triton" (CUDA; chunked WY kernels, or the token recurrence for short calls without gradient).
 
     Returns:
         o: [B, T, H, V] in v's dtype.
@@ -58,4 +65,7 @@ def delta_rule(
         initial_state=initial_state,
         output_final_state=output_final_state,
         cu_seqlens=cu_seqlens,
+        triton_ok=triton_check(q, v),
+        qk_l2norm=bool(qk_l2norm),
+        beta_is_logit=bool(beta_is_logit),
     )

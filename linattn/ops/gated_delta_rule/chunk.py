@@ -19,6 +19,7 @@ import torch
 
 from linattn.ops._contract import state_dtype
 from linattn.ops.common.chunking import ChunkLayout, causal_mask, decay_matrix, scan_chunks, suffix_sum
+from linattn.ops.gated_delta_rule.naive import apply_options
 
 
 def _delta_step(S, W, U0, k_end, decay):
@@ -40,8 +41,11 @@ def chunk_gated_delta_rule(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
+    qk_l2norm: bool = False,
+    beta_is_logit: bool = False,
 ):
-    """q, k [B, T, H, K]; v [B, T, H, V]; g [B, T, H] log-decay or None; beta [B, T, H]."""
+    """q, k [B, T, H, K]; v [B, T, H, V]; g [B, T, H] log-decay or None; beta [B, T, H] (see apply_options)."""
+    q, k, beta = apply_options(q, k, beta, qk_l2norm, beta_is_logit)
     B, T, H, K = q.shape
     V = v.shape[-1]
     out_dtype, dtype = v.dtype, state_dtype(q)

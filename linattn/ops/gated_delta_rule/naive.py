@@ -14,6 +14,19 @@ from linattn.ops._contract import state_dtype
 from linattn.ops.common.varlen import run_per_sequence
 
 
+def apply_options(q, k, beta, qk_l2norm: bool, beta_is_logit: bool):
+    """The optional input maps, in float32 (float64 for float64 inputs); every impl applies them first.
+
+    qk_l2norm: q, k -> x / sqrt(sum x^2 + 1e-6) over the head dim. beta_is_logit: beta -> sigmoid(beta).
+    """
+    dtype = state_dtype(q)
+    if qk_l2norm:
+        q, k = (x.to(dtype) / torch.sqrt(x.to(dtype).square().sum(-1, keepdim=True) + 1e-6) for x in (q, k))
+    if beta_is_logit:
+        beta = torch.sigmoid(beta.to(dtype))
+    return q, k, beta
+
+
 def naive_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -25,8 +38,11 @@ def naive_gated_delta_rule(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    qk_l2norm: bool = False,
+    beta_is_logit: bool = False,
 ):
-    """q, k [B, T, H, K]; v [B, T, H, V]; g [B, T, H] log-decay or None; beta [B, T, H]."""
+    """q, k [B, T, H, K]; v [B, T, H, V]; g [B, T, H] log-decay or None; beta [B, T, H] (see apply_options)."""
+    q, k, beta = apply_options(q, k, beta, qk_l2norm, beta_is_logit)
     if cu_seqlens is not None:
         fn = lambda q, k, v, g, beta, **kw: naive_gated_delta_rule(q, k, v, g, beta, scale=scale, **kw)  # noqa: E731
         return run_per_sequence(fn, cu_seqlens, (q, k, v, g, beta), initial_state, output_final_state)

@@ -3,10 +3,19 @@ from __future__ import annotations
 import torch
 
 from linattn.ops._contract import check_common, check_gate, dispatch
+from linattn.ops.common.optional_triton import load_triton_impl
 from linattn.ops.gla.chunk import chunk_gla
 from linattn.ops.gla.naive import naive_gla
 
 IMPLS = {"naive": naive_gla, "chunk": chunk_gla}
+_triton = load_triton_impl("linattn.ops.gla.triton", "triton_gla", "triton_unsupported")
+if _triton is not None:
+    IMPLS["triton"] = _triton[0]
+
+
+def triton_check(q: torch.Tensor, v: torch.Tensor):
+    """A callable for ``dispatch``: None when the Triton kernels can serve q, v, else why not."""
+    return lambda: "Triton is not installed" if _triton is None else _triton[1](q, v)
 
 
 def gla(
@@ -31,7 +40,7 @@ def gla(
         initial_state: [B, H, K, V] (or [N, H, K, V] with cu_seqlens), any floating dtype.
         output_final_state: return the state after the last token.
         cu_seqlens: int [N + 1] boundaries of packed sequences; B must be 1.
-        impl: "auto", "naive" (token recurrence, float32), "chunk" (chunked, any device).
+        impl: "auto", "naive" (token recurrence, float32), "chunk" (chunked, any device), "triton" (CUDA).
 
     Returns:
         o: [B, T, H, V] in v's dtype.
@@ -51,4 +60,5 @@ def gla(
         initial_state=initial_state,
         output_final_state=output_final_state,
         cu_seqlens=cu_seqlens,
+        triton_ok=triton_check(q, v),
     )

@@ -636,6 +636,9 @@ def triton_simple_gla(
 __all__ = ["triton_simple_gla", "triton_unsupported", "sweep", "backward", "recurrent", "BT"]
 
 
+SCALARS = dict(scale="fp32", T="i32", NS="i32", NTH="i32")  # the chunk kernel's runtime scalars
+
+
 def compile_variants():
     """The kernel variants that tests/ops/compile_kernels.py compiles for sm_90 (in CI, without a GPU).
 
@@ -653,11 +656,11 @@ def compile_variants():
                 const |= dict(HAS_H0=True, LOWP=lowp)
                 const |= dict(STORE_O=True, STORE_HT=True, HAS_W=has_w, REVERSE=reverse, VARLEN=dt == "fp16")
                 label = f"chunk {dt} gated={gated} reverse={reverse} w={has_w}"
-                opts = dict(num_warps=NUM_WARPS, num_stages=_num_stages(torch_dtype))
+                opts = dict(num_warps=NUM_WARPS, num_stages=_num_stages(torch_dtype), scalars=SCALARS)
                 yield label, _chunk_kernel, ptrs, const | flags, opts
     ptrs = dict(dS="fp32", gsum="fp32", h0="fp32", hin="fp32", ht="fp32")
     const = dict(H=16, KV=128 * 128, BLOCK=1024, HAS_G=True, HAS_H0=True, REVERSE=False)
-    yield "segment scan", _segment_scan_kernel, ptrs, const, {}
+    yield "segment scan", _segment_scan_kernel, ptrs, const, dict(scalars=dict(NS="i32"))
     ptrs = dict(q="bf16", k="bf16", v="bf16", o="bf16", g="fp32", h0="fp32", ht="fp32", cu_seqlens="i32")
     const = dict(H=16, K=128, V=128, BK=128, BV=32, HAS_G=True, HAS_H0=True, VARLEN=True)
-    yield "recurrent bf16", _recurrent_kernel, ptrs, const, {}
+    yield "recurrent bf16", _recurrent_kernel, ptrs, const, dict(scalars=dict(scale="fp32", T="i32"))

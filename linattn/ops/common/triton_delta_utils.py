@@ -1,0 +1,101 @@
+"""Triton pieces of the delta-rule kernels: float32 rows on load, rounded dots, the unit-lower inverse."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from linattn.ops.common.triton_utils import chunk_log_decay, tf32_round
+
+
+@triton.jit
+def mm(a, b, DOT_PREC: tl.constexpr, ROUND: tl.constexpr):
+    """a @ b for float32 tiles: exact products for float32 inputs, tf32 rounded to nearest otherwise."""
+    if ROUND:
+        a = tf32_round(a, ROUND)
+        b = tf32_round(b, ROUND)
+    return tl.dot(a, b, input_precision=DOT_PREC)
+
+
+@triton.jit
+def load_rows(x, tok, m_t, o_d, D: tl.constexpr, L2NORM: tl.constexpr):
+    """Rows [BT, BD] of a [.., T, H, D] tensor as float32 (tok = token * H + head), and 1 / norm [BT].
+
+    With L2NORM the rows come back divided by sqrt(sum x^2 + 1e-6) (the norm is 1 otherwise), so
+    that the qk_l2norm option costs no extra pass over memory.
+    """
+    b_x = tl.load(x + tok[:, None] * D + o_d[None, :], mask=m_t[:, None] & (o_d < D)[None, :], other=0.0)
+    b_x = b_x.to(tl.float32)
+    if L2NORM:
+        r = 1.0 / tl.sqrt(tl.sum(b_x * b_x, axis=1) + 1e-6)
+        b_x = b_x * r[:, None]
+    else:
+        r = tl.full([b_x.shape[0]], 1.0, tl.float32)
+    return b_x, r
+
+
+@triton.jit
+def l2norm_backward(dx, x, r):
+    """Gradient through y = x / |x| given y (here ``x``), dy (``dx``) and 1 / |x| (``r``), row-wise."""
+    return (dx - x * tl.sum(x * dx, axis=1)[:, None]) * r[:, None]
+
+
+@triton.jit
+def load_beta(beta, tok, m_t, BETA_LOGIT: tl.constexpr):
+    """beta [BT] as float32 (the sigmoid of the logits with BETA_LOGIT); 0 on padding rows."""
+    b = tl.load(beta + tok, mask=m_t, other=0.0).to(tl.float32)
+    if BETA_LOGIT:
+        b = tl.where(m_t, tl.sigmoid(b), 0.0)
+    return b
+
+
+@triton.jit
+def unit_lower_inverse(A, BT: tl.constexpr, BD: tl.constexpr):
+    """(I + A)^-1 for a strictly lower triangular A [BT, BT], by forward substitution in float32.
+
+    Blocked by BD: first every diagonal block at once, row by row (row r of a block is e_r minus
+    sum_{s < r} A_rs times the block's final row s), then block row after block row,
+    T_ij = -T_ii sum_{j <= l < i} A_il T_lj. Every product is exact float32 ("ieee"). Unlike the
+    product form (I - A)(I + A^2)(I + A^4)..., nothing here cancels for large A.
+    """
+    o_t = tl.arange(0, BT)
+    same = (o_t[:, None] // BD) == (o_t[None, :] // BD)
+    Ti = tl.where(o_t[:, None] == o_t[None, :], 1.0, 0.0)
+    A_diag = tl.where(same, A, 0.0)
+    for r in range(1, BD):
+        Ti -= tl.dot(tl.where((o_t % BD == r)[:, None], A_diag, 0.0), Ti, input_precision="ieee")
+    D_inv = Ti
+    for i in range(1, BT // BD):
+        X = tl.dot(tl.where((o_t // BD == i)[:, None] & (o_t < i * BD)[None, :], A, 0.0), Ti, input_precision="ieee")
+        Ti -= tl.dot(D_inv, X, input_precision="ieee")
+    return Ti
+
+
+@triton.jit
+def chunk_decays(b, b_hi, b_lo, b_last, BT: tl.constexpr):
+    """From the chunk-local log-decay sums (see ``chunk_log_decay``), every factor a chunk needs.
+
+    Returns gamma [BT, BT] = exp(b_t - b_s) for s <= t (0 above the diagonal), exp(b) [BT] (queries and
+    keys as they meet the entering state), exp(b_last - b) [BT] (keys decayed to the chunk end) and
+    exp(b_last). Every exponent is <= 0 for log-decays <= 0, so none overflows.
+    """
+    o_t = tl.arange(0, BT)
+    causal = o_t[:, None] >= o_t[None, :]
+    diff = (b_hi[:, None] - b_hi[None, :]) + (b_lo[:, None] - b_lo[None, :])
+    gamma = tl.where(causal, tl.exp(tl.where(causal, diff, 0.0)), 0.0)
+    return gamma, tl.exp(b_hi), tl.exp((b_last - b).to(tl.float32)), tl.exp(b_last.to(tl.float32))
+
+
+@triton.jit
+def chunk_decays_or_none(g, tok, m_t, HAS_G: tl.constexpr, BT: tl.constexpr):
+    """``chunk_decays`` of the gates g at rows tok, or the factors of no decay (all ones) when not HAS_G."""
+    if HAS_G:
+        b, b_hi, b_lo, b_last = chunk_log_decay(tl.load(g + tok, mask=m_t, other=0.0))
+        gamma, e_b, e_end, e_last = chunk_decays(b, b_hi, b_lo, b_last, BT)
+    else:
+        o_t = tl.arange(0, BT)
+        gamma = tl.where(o_t[:, None] >= o_t[None, :], 1.0, 0.0)
+        e_b = tl.full([BT], 1.0, tl.float32)
+        e_end = e_b
+        e_last = tl.sum(e_b, axis=0) / BT
+    return gamma, e_b, e_end, e_last

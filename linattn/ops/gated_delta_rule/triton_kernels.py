@@ -1,0 +1,392 @@
+"""Triton kernels of the gated delta rule; ``triton.py`` launches them. See there for the whole scheme.
+
+Every kernel reads the packed layout: q, k [.., T, H, K], v [.., T, H, V], g, beta [.., T, H], with
+token-and-head index tok = token * H + head over the flattened batch, so batches and ``cu_seqlens``
+are one case (a batch of B rows is B sequences of T tokens). Per-chunk kernels get each chunk's
+token range [lo, hi) from a table; per-sequence kernels walk their sequence's chunks and address
+per-chunk states by the sequence's first chunk plus the chunk's rank.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from linattn.ops.common.triton_delta_utils import (
+    chunk_decays_or_none,
+    l2norm_backward,
+    load_beta,
+    load_rows,
+    mm,
+    unit_lower_inverse,
+)
+
+
+@triton.jit
+def _prepare_kernel(
+    k,
+    v,
+    g,
+    beta,
+    chunks,
+    w,
+    u0,
+    tinv,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_G: tl.constexpr,
+    L2NORM: tl.constexpr,
+    BETA_LOGIT: tl.constexpr,
+    SOLVE: tl.constexpr,
+    STORE_T: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    ROUND: tl.constexpr,
+):
+    # Per chunk: Tinv = (I + A)^-1 (solved, or loaded as the forward stored it), W = Tinv (beta exp(b) K)
+    # [BT, K], U0 = Tinv (beta V) [BT, V], all float32.
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    lo = tl.load(chunks + 2 * i_c).to(tl.int64)
+    hi = tl.load(chunks + 2 * i_c + 1).to(tl.int64)
+    if hi <= lo:  # past the last chunk (varlen allots a bound on the count)
+        return
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    m_t = lo + o_t < hi
+    tok = (lo + o_t) * H + i_h
+    b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM)
+    b_beta = load_beta(beta, tok, m_t, BETA_LOGIT)
+    gamma, e_b, _, _ = chunk_decays_or_none(g, tok, m_t, HAS_G, BT)
+
+    if SOLVE:
+        A = mm(b_k, tl.trans(b_k), DOT_PREC, ROUND) * gamma * b_beta[:, None]
+        A = tl.where(o_t[:, None] > o_t[None, :], A, 0.0)
+        Ti = unit_lower_inverse(A, BT, 16)
+    else:
+        Ti = tl.load(tinv + tok[:, None] * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
+    b_w = mm(Ti, b_k * (b_beta * e_b)[:, None], DOT_PREC, ROUND)
+    tl.store(w + tok[:, None] * K + o_k[None, :], b_w, mask=m_t[:, None] & (o_k < K)[None, :])
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        b_v = tl.load(v + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        b_u = mm(Ti, b_v * b_beta[:, None], DOT_PREC, ROUND)
+        tl.store(u0 + tok[:, None] * V + o_v[None, :], b_u, mask=m_tv)
+    if STORE_T:
+        tl.store(tinv + tok[:, None] * BT + o_t[None, :], Ti, mask=m_t[:, None])
+
+
+@triton.jit
+def _forward_kernel(
+    q,
+    k,
+    g,
+    w,
+    u0,
+    h0,
+    cu_seqlens,
+    chunk_start,
+    o,
+    ht,
+    states,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_G: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    L2NORM: tl.constexpr,
+    STORE_O: tl.constexpr,
+    STORE_HT: tl.constexpr,
+    STORE_STATES: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    ROUND: tl.constexpr,
+):
+    # One sequence, one V block: the state S [K, BV] stays in registers while the chunks go by.
+    #   U = U0 - W S;  o = scale (exp(b) q S + tril(q k^T exp(b_t - b_s)) U);  S = exp(b_C) S + (exp(b_C - b) k)^T U
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    c0 = tl.load(chunk_start + i_n).to(tl.int64)
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
+    kv = o_k[:, None] * V + o_v[None, :]
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        S += tl.load(h0 + (i_n * H + i_h).to(tl.int64) * K * V + kv, mask=m_kv, other=0.0)
+    for i in range(0, tl.cdiv(eos - bos, BT)):
+        if STORE_STATES:  # the state entering each chunk, for the backward pass
+            tl.store(states + ((c0 + i) * H + i_h) * K * V + kv, S, mask=m_kv)
+        rows = bos + i * BT + o_t
+        m_t = rows < eos
+        tok = rows * H + i_h
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM)
+        b_w = tl.load(w + tok[:, None] * K + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :], other=0.0)
+        b_u = tl.load(u0 + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+        gamma, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT)
+        b_u -= mm(b_w, S, DOT_PREC, ROUND)
+        if STORE_O:
+            b_q, _ = load_rows(q, tok, m_t, o_k, K, L2NORM)
+            P = mm(b_q, tl.trans(b_k), DOT_PREC, ROUND) * gamma
+            b_o = mm(b_q * e_b[:, None], S, DOT_PREC, ROUND) + mm(P, b_u, DOT_PREC, ROUND)
+            tl.store(o + tok[:, None] * V + o_v[None, :], (scale * b_o).to(o.dtype.element_ty), mask=m_tv)
+        S = S * e_last + mm(tl.trans(b_k * e_end[:, None]), b_u, DOT_PREC, ROUND)
+    if STORE_HT:
+        tl.store(ht + (i_n * H + i_h).to(tl.int64) * K * V + kv, S, mask=m_kv)
+
+
+@triton.jit
+def _backward_state_kernel(
+    q,
+    k,
+    g,
+    w,
+    do,
+    dht,
+    cu_seqlens,
+    chunk_start,
+    dstates,
+    dh0,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_G: tl.constexpr,
+    HAS_DHT: tl.constexpr,
+    STORE_DH0: tl.constexpr,
+    L2NORM: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    ROUND: tl.constexpr,
+):
+    # The forward's chunk loop run backwards on the state gradient dS [K, BV]; stores the gradient of the
+    # state leaving each chunk.  dU = scale P^T dO + (exp(b_C - b) k) dS;
+    # dS <- exp(b_C) dS + scale (exp(b) q)^T dO - W^T dU.
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    c0 = tl.load(chunk_start + i_n).to(tl.int64)
+    n_chunks = tl.cdiv(eos - bos, BT)
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
+    kv = o_k[:, None] * V + o_v[None, :]
+    dS = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_DHT:
+        dS += tl.load(dht + (i_n * H + i_h).to(tl.int64) * K * V + kv, mask=m_kv, other=0.0)
+    for j in range(0, n_chunks):
+        i = n_chunks - 1 - j
+        tl.store(dstates + ((c0 + i) * H + i_h) * K * V + kv, dS, mask=m_kv)
+        rows = bos + i * BT + o_t
+        m_t = rows < eos
+        tok = rows * H + i_h
+        b_q, _ = load_rows(q, tok, m_t, o_k, K, L2NORM)
+        b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM)
+        b_w = tl.load(w + tok[:, None] * K + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :], other=0.0)
+        b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & (o_v < V)[None, :], other=0.0)
+        b_do = b_do.to(tl.float32)
+        gamma, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT)
+        P = mm(b_q, tl.trans(b_k), DOT_PREC, ROUND) * gamma
+        b_du = scale * mm(tl.trans(P), b_do, DOT_PREC, ROUND) + mm(b_k * e_end[:, None], dS, DOT_PREC, ROUND)
+        dS = dS * e_last + scale * mm(tl.trans(b_q * e_b[:, None]), b_do, DOT_PREC, ROUND)
+        dS -= mm(tl.trans(b_w), b_du, DOT_PREC, ROUND)
+    if STORE_DH0:
+        tl.store(dh0 + (i_n * H + i_h).to(tl.int64) * K * V + kv, dS, mask=m_kv)
+
+
+@triton.jit
+def _backward_chunk_kernel(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    w,
+    u0,
+    tinv,
+    do,
+    chunks,
+    states,
+    dstates,
+    dq,
+    dk,
+    dv,
+    dg,
+    dbeta,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_G: tl.constexpr,
+    L2NORM: tl.constexpr,
+    BETA_LOGIT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    ROUND: tl.constexpr,
+):
+    # Per chunk, from the state entering it (S) and the gradient of the state leaving it (dS'): every
+    # input gradient, through U = U0 - W S, W = Tinv X_w, U0 = Tinv X_u and the decays. See triton.py.
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    lo = tl.load(chunks + 2 * i_c).to(tl.int64)
+    hi = tl.load(chunks + 2 * i_c + 1).to(tl.int64)
+    if hi <= lo:  # past the last chunk (varlen allots a bound on the count)
+        return
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    m_t = lo + o_t < hi
+    m_tk = m_t[:, None] & (o_k < K)[None, :]
+    tok = (lo + o_t) * H + i_h
+    strict = o_t[:, None] > o_t[None, :]
+    b_q, r_q = load_rows(q, tok, m_t, o_k, K, L2NORM)
+    b_k, r_k = load_rows(k, tok, m_t, o_k, K, L2NORM)
+    b_beta = load_beta(beta, tok, m_t, BETA_LOGIT)
+    gamma, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT)
+    Ti = tl.load(tinv + tok[:, None] * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
+    b_w = tl.load(w + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+    KK = mm(b_k, tl.trans(b_k), DOT_PREC, ROUND)
+    P = mm(b_q, tl.trans(b_k), DOT_PREC, ROUND) * gamma
+    A = tl.where(strict, KK * gamma * b_beta[:, None], 0.0)
+    k_end = b_k * e_end[:, None]
+
+    d_qs = tl.zeros([BT, BK], dtype=tl.float32)  # gradient of exp(b) q, over scale
+    dP = tl.zeros([BT, BT], dtype=tl.float32)  # over scale
+    d_kend = tl.zeros([BT, BK], dtype=tl.float32)
+    dW = tl.zeros([BT, BK], dtype=tl.float32)
+    dAu = tl.zeros([BT, BT], dtype=tl.float32)  # the U0 share of dA (negated)
+    d_beta = tl.zeros([BT], dtype=tl.float32)
+    d_last = tl.zeros([BK], dtype=tl.float32)  # <dS', S> by rows
+    state = (i_c * H + i_h).to(tl.int64) * K * V
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
+        kv = o_k[:, None] * V + o_v[None, :]
+        S = tl.load(states + state + kv, mask=m_kv, other=0.0)
+        dSn = tl.load(dstates + state + kv, mask=m_kv, other=0.0)
+        b_v = tl.load(v + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        b_u0 = tl.load(u0 + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+        b_u = b_u0 - mm(b_w, S, DOT_PREC, ROUND)
+        b_du = scale * mm(tl.trans(P), b_do, DOT_PREC, ROUND) + mm(k_end, dSn, DOT_PREC, ROUND)
+        d_qs += mm(b_do, tl.trans(S), DOT_PREC, ROUND)
+        dP += mm(b_do, tl.trans(b_u), DOT_PREC, ROUND)
+        d_kend += mm(b_u, tl.trans(dSn), DOT_PREC, ROUND)
+        dW -= mm(b_du, tl.trans(S), DOT_PREC, ROUND)
+        d_xu = mm(tl.trans(Ti), b_du, DOT_PREC, ROUND)  # gradient of beta v
+        tl.store(dv + tok[:, None] * V + o_v[None, :], (d_xu * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_tv)
+        d_beta += tl.sum(d_xu * b_v, axis=1)
+        dAu += mm(d_xu, tl.trans(b_u0), DOT_PREC, ROUND)
+        d_last += tl.sum(dSn * S, axis=1)
+    d_qs *= scale
+    dP *= scale
+
+    # W = Tinv X_w with X_w = beta exp(b) k;  Tinv = (I + A)^-1 gives dA = -(dX_w W^T + dX_u U0^T), strictly lower.
+    d_xw = mm(tl.trans(Ti), dW, DOT_PREC, ROUND)
+    x_w = b_k * (b_beta * e_b)[:, None]
+    dA = tl.where(strict, -(mm(d_xw, tl.trans(b_w), DOT_PREC, ROUND) + dAu), 0.0)
+    b_dk = d_xw * (b_beta * e_b)[:, None]
+    d_beta += tl.sum(d_xw * b_k, axis=1) * e_b
+    db = tl.sum(d_xw * x_w, axis=1)  # gradient of the chunk-local sums b
+    # queries on the entering state
+    b_dq = d_qs * e_b[:, None]
+    db += tl.sum(d_qs * b_q, axis=1) * e_b
+    # intra-chunk scores P_ts = exp(b_t - b_s) q_t . k_s (the diagonal's b-terms cancel: left out)
+    dPg = dP * gamma
+    b_dq += mm(dPg, b_k, DOT_PREC, ROUND)
+    b_dk += mm(tl.trans(dPg), b_q, DOT_PREC, ROUND)
+    M = tl.where(strict, dP * P, 0.0)
+    db += tl.sum(M, axis=1) - tl.sum(M, axis=0)
+    # keys decayed to the chunk end, and the decay of the entering state
+    b_dk += d_kend * e_end[:, None]
+    last = (hi - lo - 1).to(tl.int32)  # the chunk's last token: b_C is its b
+    E = tl.where(o_t == last, 0.0, tl.sum(d_kend * k_end, axis=1))
+    db += tl.where(o_t == last, tl.sum(E, axis=0) + e_last * tl.sum(d_last, axis=0), -E)
+    # A_ts = beta_t exp(b_t - b_s) k_t . k_s
+    dAg = dA * gamma
+    G = dAg * b_beta[:, None]
+    b_dk += mm(G, b_k, DOT_PREC, ROUND) + mm(tl.trans(G), b_k, DOT_PREC, ROUND)
+    d_beta += tl.sum(dAg * KK, axis=1)
+    M = dA * A
+    db += tl.sum(M, axis=1) - tl.sum(M, axis=0)
+
+    if HAS_G:  # b_t = g_1 + ... + g_t within the chunk
+        b_dg = tl.cumsum(db.to(tl.float64), axis=0, reverse=True)
+        tl.store(dg + tok, b_dg.to(tl.float32), mask=m_t)
+    if L2NORM:
+        b_dq = l2norm_backward(b_dq, b_q, r_q)
+        b_dk = l2norm_backward(b_dk, b_k, r_k)
+    if BETA_LOGIT:
+        d_beta = d_beta * b_beta * (1.0 - b_beta)
+    tl.store(dq + tok[:, None] * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m_tk)
+    tl.store(dk + tok[:, None] * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m_tk)
+    tl.store(dbeta + tok, d_beta, mask=m_t)
+
+
+@triton.jit
+def _recurrent_kernel(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    h0,
+    o,
+    ht,
+    cu_seqlens,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_G: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    L2NORM: tl.constexpr,
+    BETA_LOGIT: tl.constexpr,
+):
+    # Token by token, for decoding: S = exp(g) S; S += beta k (v - S^T k)^T; o = scale S^T q.
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    state = (i_n * H + i_h).to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        S += tl.load(h0 + state, mask=m_kv, other=0.0)
+    for t in range(bos, eos):
+        tok = t * H + i_h
+        b_q = tl.load(q + tok * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_k = tl.load(k + tok * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_v = tl.load(v + tok * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+        b_beta = tl.load(beta + tok).to(tl.float32)
+        if L2NORM:
+            b_q = b_q / tl.sqrt(tl.sum(b_q * b_q, axis=0) + 1e-6)
+            b_k = b_k / tl.sqrt(tl.sum(b_k * b_k, axis=0) + 1e-6)
+        if BETA_LOGIT:
+            b_beta = tl.sigmoid(b_beta)
+        if HAS_G:
+            S = S * tl.exp(tl.load(g + tok).to(tl.float32))
+        b_u = b_beta * (b_v - tl.sum(S * b_k[:, None], axis=0))
+        S += b_k[:, None] * b_u[None, :]
+        tl.store(o + tok * V + o_v, (tl.sum(S * b_q[:, None], axis=0) * scale).to(o.dtype.element_ty), mask=m_v)
+    tl.store(ht + state, S, mask=m_kv)

@@ -1,0 +1,228 @@
+"""The Triton kernels of the delta rules (gated_delta_rule, and delta_rule as g = None) against the token recurrence.
+
+Without a GPU these run in Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py) at
+small odd shapes; the GPU-only cases at the end need CUDA and skip elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from linattn import ops
+from tests.ops.mechanisms import by_id
+from tests.ops.tolerance import assert_same_result, check_against_naive
+
+triton = pytest.importorskip("triton")
+from linattn.ops.gated_delta_rule import triton as tri  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+GATED, DELTA = by_id["gated_delta_rule"], by_id["delta_rule"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+both = pytest.mark.parametrize("case", [GATED, DELTA], ids=lambda c: c.id)
+
+
+def to(tensors, state, device=DEVICE):
+    return [t.to(device) for t in tensors], (None if state is None else state.to(device))
+
+
+def with_options(case, **options):
+    """The case with raw (unnormalised) keys and extra keyword options of the op."""
+    opts = "_".join(k for k, v in options.items() if v)
+    return dataclasses.replace(case, id=f"{case.id}_{opts}", l2_keys=False, options=options)
+
+
+@dtypes
+@pytest.mark.parametrize("T", [1, 63, 65, 130])
+def test_gated_matches_naive(dtype, T):
+    tensors, state = GATED.draw(B=2, T=T, H=2, K=16, V=24, dtype=dtype, seed=T)
+    check_against_naive(GATED, *to(tensors, state), "triton")
+
+
+@dtypes
+@pytest.mark.parametrize("T", [1, 65])
+def test_delta_rule_matches_naive(dtype, T):
+    tensors, state = DELTA.draw(B=2, T=T, H=2, K=16, V=24, dtype=dtype, seed=T)
+    check_against_naive(DELTA, *to(tensors, state), "triton")
+
+
+@both
+def test_non_power_of_two_head_dims_and_several_value_blocks(case):
+    tensors, state = case.draw(B=1, T=70, H=1, K=33, V=40, seed=7)  # V = 40: two blocks of 32 columns
+    check_against_naive(case, *to(tensors, state), "triton")
+
+
+@both
+def test_varlen(case):
+    cu_seqlens = torch.tensor([0, 0, 1, 131, 131, 195, 200])  # empty, one token, several chunks, empty, ...
+    tensors, state = case.draw(B=1, T=200, H=2, K=16, V=24, seed=5, N=6)
+    check_against_naive(case, *to(tensors, state), "triton", cu_seqlens=cu_seqlens.to(DEVICE))
+
+
+def test_unnormalised_keys_with_beta_near_one():
+    """Keys far from unit norm (beta |k|^2 near 2): the WY solve must not cancel where the recurrence does not."""
+    case = dataclasses.replace(GATED, l2_keys=False)
+    tensors, state = case.draw(B=1, T=130, H=2, K=16, V=24, seed=11)
+    tensors[1] = tensors[1] * 0.35  # |k|^2 ~ 2 (raw Gaussian keys have |k|^2 ~ K = 16)
+    tensors[4] = 0.9 + 0.1 * tensors[4]
+    check_against_naive(case, *to(tensors, state), "triton")
+
+
+def extreme(tensors, gates):
+    if gates == "mixed":
+        choice = torch.tensor([0.0, -1e-7, -30.0, -1e4])
+        tensors[3] = choice[torch.randint(4, tensors[3].shape, generator=torch.Generator().manual_seed(0))]
+    else:
+        tensors[3] = torch.full_like(tensors[3], gates)
+    return tensors
+
+
+@pytest.mark.parametrize("gates", [0.0, -30.0, -1e4, "mixed"])
+def test_extreme_gates(gates):
+    """No decay, and decay so strong that the state resets every token: finite, and matching naive."""
+    tensors, state = GATED.draw(B=1, T=70, H=2, K=16, V=24, seed=2)
+    check_against_naive(GATED, *to(extreme(tensors, gates), state), "triton")
+
+
+@both
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).removeprefix("torch."))
+def test_options_match_naive(case, dtype):
+    """qk_l2norm and beta_is_logit, fused into the kernels, against naive with the same options."""
+    opt = with_options(case, qk_l2norm=True, beta_is_logit=True)
+    tensors, state = opt.draw(B=1, T=70, H=2, K=16, V=24, dtype=dtype, seed=3)
+    tensors[-1] = torch.randn(tensors[-1].shape, generator=torch.Generator().manual_seed(4)) * 2  # logits
+    check_against_naive(opt, *to(tensors, state), "triton")
+
+
+@pytest.mark.parametrize("options", [dict(qk_l2norm=True), dict(beta_is_logit=True)], ids=lambda o: next(iter(o)))
+def test_each_option_in_chunk_matches_naive(options):
+    opt = with_options(GATED, **options)
+    tensors, state = opt.draw(B=2, T=37, H=2, K=8, V=6, seed=1)
+    check_against_naive(opt, tensors, state, "chunk")
+
+
+def test_options_mean_what_they_say():
+    tensors, state = with_options(GATED).draw(B=1, T=20, H=2, K=8, V=6, seed=2)
+    q, k, v, g, beta = tensors
+    norm = lambda x: x / torch.sqrt(x.square().sum(-1, keepdim=True) + 1e-6)  # noqa: E731
+    for impl in ("naive", "chunk"):
+        o1, _ = ops.gated_delta_rule(q, k, v, g, beta, qk_l2norm=True, beta_is_logit=True, impl=impl)
+        o2, _ = ops.gated_delta_rule(norm(q), norm(k), v, g, torch.sigmoid(beta), impl=impl)
+        assert_same_result(f"{impl} options", o1, o2)
+
+
+@both
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("options", [{}, dict(qk_l2norm=True, beta_is_logit=True)], ids=["plain", "options"])
+def test_recurrent_decode_path(case, T, options):
+    """Without gradients and with few tokens, the token-by-token kernel runs; it must agree with naive."""
+    opt = with_options(case, **options) if options else case
+    tensors, state = to(*opt.draw(B=3, T=T, H=2, K=16, V=24, seed=T))
+    with torch.no_grad():
+        o, S = opt(tensors, initial_state=state, output_final_state=True, impl="triton")
+        o_ref, S_ref = opt(tensors, initial_state=state, output_final_state=True, impl="naive")
+    assert_same_result("o", o, o_ref)
+    assert_same_result("final_state", S, S_ref)
+
+
+def test_recurrent_decode_equals_chunk_kernel():
+    """The decode kernel and the chunk kernels compute one thing (varlen, with an empty sequence)."""
+    tensors, state = to(*GATED.draw(B=1, T=6, H=2, K=16, V=24, seed=1, N=4))
+    q, k, v, g, beta = tensors
+    cu = torch.tensor([0, 1, 1, 4, 6], device=DEVICE)
+    o1, S1 = tri.recurrent(q, k, v, g, beta, state, 0.25, cu, False, False)
+    o2, S2, _ = tri.forward(q, k, v, g, beta, state, 0.25, cu, False, False)
+    assert_same_result("o", o1, o2)
+    assert_same_result("final_state", S1, S2)
+
+
+def test_unsupported_call_raises():
+    q = torch.randn(1, 4, 1, 8, dtype=torch.float64, device=DEVICE)
+    beta = torch.rand(1, 4, 1, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match="impl='triton' cannot serve this call"):
+        ops.gated_delta_rule(q, q, q, -beta, beta, impl="triton")
+    with pytest.raises(ValueError, match="exceed 256"):
+        big = torch.randn(1, 4, 1, 300, device=DEVICE)
+        ops.delta_rule(big, big, big, beta.float(), impl="triton")
+
+
+def test_auto_picks_triton_only_on_cuda():
+    q = torch.randn(1, 40, 2, 16, device=DEVICE)
+    beta = torch.rand(1, 40, 2, device=DEVICE)
+    calls = []
+    impls = ops.gated_delta_rule.__globals__["IMPLS"]
+    original = impls["triton"]
+
+    def spy(*a, **kw):
+        calls.append(1)
+        return original(*a, **kw)
+
+    impls["triton"] = spy
+    try:
+        ops.gated_delta_rule(q, q, q, -beta, beta)
+    finally:
+        impls["triton"] = original
+    assert bool(calls) == CUDA
+
+
+def test_torch_compile_fullgraph():
+    """The ops are opaque custom ops with fake tensors and autograd: no graph break, same numbers."""
+    tensors, state = to(*GATED.draw(B=2, T=70, H=2, K=16, V=24, seed=3))
+
+    opts = dict(qk_l2norm=True, beta_is_logit=True)
+
+    def f(q, k, v, g, beta, h0):
+        o, s = ops.gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True, impl="triton", **opts)
+        return (o * o).sum() + s.sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="inductor" if CUDA else "aot_eager")
+    leaves = [x.clone().requires_grad_() for x in (*tensors, state)]
+    leaves2 = [x.clone().requires_grad_() for x in (*tensors, state)]
+    loss, loss2 = f(*leaves), compiled(*leaves2)
+    loss.backward()
+    loss2.backward()
+    assert_same_result("loss", loss2.detach(), loss.detach())
+    for a, b in zip(leaves2, leaves):
+        assert_same_result("grad", a.grad, b.grad)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# On the GPU: real shapes, every dtype
+# ----------------------------------------------------------------------------------------------------------------
+
+gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA: the kernels' compiled form runs only on a GPU")
+
+
+@gpu
+@both
+@dtypes
+@pytest.mark.parametrize("T", [1, 300])
+def test_gpu_triton_matches_reference(case, dtype, T):
+    tensors, state = case.draw(B=2, T=T, H=2, K=128, V=128, dtype=dtype, seed=T)
+    check_against_naive(case, *to(tensors, state), "triton", reference="chunk", plain_in_dtype=True)
+
+
+@gpu
+@pytest.mark.parametrize("K, V", [(256, 256), (64, 256), (33, 24)])
+def test_gpu_head_dims(K, V):
+    tensors, state = GATED.draw(B=1, T=200, H=2, K=K, V=V, dtype=torch.bfloat16, seed=K)
+    check_against_naive(GATED, *to(tensors, state), "triton", reference="chunk", plain_in_dtype=True)
+
+
+@gpu
+@both
+def test_gpu_varlen_with_empty_and_single_token(case):
+    cu = torch.tensor([0, 0, 1, 300, 300, 600], device="cuda")
+    tensors, state = case.draw(B=1, T=600, H=2, K=64, V=64, dtype=torch.bfloat16, seed=1, N=5)
+    check_against_naive(case, *to(tensors, state), "triton", cu_seqlens=cu, reference="chunk", plain_in_dtype=True)
+
+
+@gpu
+@pytest.mark.parametrize("gates", [0.0, -30.0, -1e4, "mixed"])
+def test_gpu_extreme_gates(gates):
+    tensors, state = GATED.draw(B=2, T=300, H=2, K=128, V=128, dtype=torch.bfloat16, seed=3)
+    check_against_naive(GATED, *to(extreme(tensors, gates), state), "triton", reference="chunk", plain_in_dtype=True)

@@ -1,0 +1,173 @@
+"""GLA's Triton kernels (a log-decay per key channel) against the token recurrence.
+
+Without a GPU these run in Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py) at
+small odd shapes; the GPU-only cases at the end need CUDA and skip elsewhere.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from linattn import ops
+from tests.ops.mechanisms import by_id
+from tests.ops.tolerance import assert_same_result, check_against_naive
+
+triton = pytest.importorskip("triton")
+from linattn.ops.gla import triton as tri  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+CASE = by_id["gla"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+
+
+def to(tensors, state, device=DEVICE):
+    return [t.to(device) for t in tensors], (None if state is None else state.to(device))
+
+
+@dtypes
+@pytest.mark.parametrize("T", [1, 63, 65, 130])
+def test_triton_matches_naive(dtype, T):
+    tensors, state = CASE.draw(B=2, T=T, H=2, K=16, V=24, dtype=dtype, seed=T)
+    check_against_naive(CASE, *to(tensors, state), "triton")
+
+
+def test_triton_varlen():
+    cu_seqlens = torch.tensor([0, 0, 1, 131, 131, 195, 200])  # empty, one token, several chunks, empty, ...
+    tensors, state = CASE.draw(B=1, T=200, H=2, K=16, V=24, seed=5, N=6)
+    check_against_naive(CASE, *to(tensors, state), "triton", cu_seqlens=cu_seqlens.to(DEVICE))
+
+
+@pytest.mark.parametrize("K, V", [(20, 40), (40, 12)], ids=["K20-V40", "K40-V12"])
+def test_triton_head_dims_beyond_one_block(K, V):
+    """Masked head dims, several V blocks, and key slices of the in-sub-chunk decay (K > 32)."""
+    tensors, state = CASE.draw(B=1, T=40, H=1, K=K, V=V, seed=K)
+    check_against_naive(CASE, *to(tensors, state), "triton")
+
+
+def extreme(tensors, gates):
+    if gates == "mixed":  # per element: no decay, almost none, strong, and a reset
+        choice = torch.tensor([0.0, -1e-7, -30.0, -1e4])
+        tensors[3] = choice[torch.randint(4, tensors[3].shape, generator=torch.Generator().manual_seed(0))]
+    else:
+        tensors[3] = torch.full_like(tensors[3], gates)
+    return tensors
+
+
+@pytest.mark.parametrize("gates", [0.0, -30.0, -1e4, "mixed"])
+def test_triton_extreme_gates(gates):
+    """No decay, and decay so strong that the state resets every token: no overflow, no NaN."""
+    tensors, state = CASE.draw(B=1, T=100, H=2, K=16, V=24, seed=2)
+    check_against_naive(CASE, *to(extreme(tensors, gates), state), "triton")
+
+
+def test_backward_without_final_state_gradient():
+    """dht = None (no final-state pass in the dq kernel) gives what a zero final-state gradient gives."""
+    tensors, state = to(*CASE.draw(B=2, T=40, H=1, K=16, V=24, seed=6))
+    q, k, v, g = tensors
+    do = torch.randn_like(v)
+    _, ht, _ = tri.sweep(q, k, v, g, state, 0.25, None)
+    none = tri.backward(do, None, q, k, v, g, state, ht, 0.25, None)
+    zero = tri.backward(do, torch.zeros_like(ht), q, k, v, g, state, ht, 0.25, None)
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dh0"), none, zero):
+        assert_same_result(name, a, b)
+
+
+def test_unsupported_call_raises():
+    q = torch.randn(1, 8, 1, 16, dtype=torch.float64, device=DEVICE)
+    g = -torch.rand(1, 8, 1, 16, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match="impl='triton' cannot serve"):
+        ops.gla(q, q, q, g, impl="triton")
+    q = torch.randn(1, 8, 1, 300, device=DEVICE)
+    with pytest.raises(ValueError, match="head dims"):
+        ops.gla(q, q, q, -torch.rand_like(q), impl="triton")
+
+
+@pytest.mark.parametrize("T", [1, 5])
+def test_recurrent_decode_equals_chunk(T):
+    """Without gradients and with few tokens the token-by-token kernel runs; it must agree with the chunk kernel."""
+    tensors, state = to(*CASE.draw(B=3, T=T, H=2, K=20, V=24, seed=T))
+    q, k, v, g = tensors
+    with torch.no_grad():
+        o, S = CASE(tensors, initial_state=state, output_final_state=True, impl="triton")
+    o_chunk, S_chunk, _ = tri.sweep(q, k, v, g, state, q.shape[-1] ** -0.5, None)
+    assert_same_result("o", o, o_chunk)
+    assert_same_result("final_state", S, S_chunk)
+
+
+def test_recurrent_decode_varlen():
+    tensors, state = to(*CASE.draw(B=1, T=6, H=2, K=16, V=24, seed=1, N=4))
+    cu = torch.tensor([0, 1, 1, 4, 6], device=DEVICE)
+    with torch.no_grad():
+        o, S = CASE(tensors, initial_state=state, output_final_state=True, impl="triton", cu_seqlens=cu)
+        o_ref, S_ref = CASE(tensors, initial_state=state, output_final_state=True, impl="naive", cu_seqlens=cu)
+    assert_same_result("o", o, o_ref)
+    assert_same_result("final_state", S, S_ref)
+
+
+def test_auto_picks_triton_only_on_cuda():
+    q = torch.randn(1, 40, 2, 16, device=DEVICE)
+    calls = []
+    original = ops.gla.__globals__["IMPLS"]["triton"]
+
+    def spy(*a, **kw):
+        calls.append(1)
+        return original(*a, **kw)
+
+    ops.gla.__globals__["IMPLS"]["triton"] = spy
+    try:
+        ops.gla(q, q, q, -torch.rand_like(q))
+    finally:
+        ops.gla.__globals__["IMPLS"]["triton"] = original
+    assert bool(calls) == CUDA
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# On the GPU: real shapes, every dtype
+# ----------------------------------------------------------------------------------------------------------------
+
+gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA: the kernels' compiled form runs only on a GPU")
+
+
+@gpu
+def test_torch_compile_fullgraph():
+    """The ops are opaque custom ops with fake tensors and autograd: no graph break, same numbers."""
+    tensors, state = to(*CASE.draw(B=2, T=70, H=2, K=64, V=64, seed=3))
+
+    def f(q, k, v, g, h0):
+        o, s = ops.gla(q, k, v, g, initial_state=h0, output_final_state=True, impl="triton")
+        return (o * o).sum() + s.sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    leaves = [x.clone().requires_grad_() for x in (*tensors, state)]
+    leaves2 = [x.clone().requires_grad_() for x in (*tensors, state)]
+    loss, loss2 = f(*leaves), compiled(*leaves2)
+    loss.backward()
+    loss2.backward()
+    assert_same_result("loss", loss2.detach(), loss.detach())
+    for a, b in zip(leaves2, leaves):
+        assert_same_result("grad", a.grad, b.grad)
+
+
+@gpu
+@dtypes
+@pytest.mark.parametrize("K, V", [(128, 128), (256, 96)], ids=["K128-V128", "K256-V96"])
+def test_gpu_triton_matches_reference(dtype, K, V):
+    tensors, state = CASE.draw(B=2, T=300, H=2, K=K, V=V, dtype=dtype, seed=K)
+    check_against_naive(CASE, *to(tensors, state), "triton", reference="chunk", plain_in_dtype=True)
+
+
+@gpu
+def test_gpu_varlen_with_empty_and_single_token():
+    cu = torch.tensor([0, 0, 1, 300, 300, 600], device="cuda")
+    tensors, state = CASE.draw(B=1, T=600, H=2, K=64, V=64, dtype=torch.bfloat16, seed=1, N=5)
+    check_against_naive(CASE, *to(tensors, state), "triton", cu_seqlens=cu, reference="chunk", plain_in_dtype=True)
+
+
+@gpu
+@pytest.mark.parametrize("gates", [0.0, -30.0, -1e4, "mixed"])
+def test_gpu_extreme_gates(gates):
+    tensors, state = CASE.draw(B=2, T=300, H=2, K=128, V=128, dtype=torch.bfloat16, seed=3)
+    check_against_naive(CASE, *to(extreme(tensors, gates), state), "triton", reference="chunk", plain_in_dtype=True)
