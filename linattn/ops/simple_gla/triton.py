@@ -266,7 +266,7 @@ def _recurrent_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 
 BT = 64  # chunk length
-# Launch settings of the chunk kernel, measured on an H200 (benchmarks/bench_gpu_decay.py --sweep).
+# Launch settings of the chunk kernel, measured on an H200 (benchmarks/bench_gpu.py --sweep).
 NUM_WARPS = 4
 NUM_STAGES = 2
 BV_MAX = 32

@@ -1,11 +1,11 @@
-"""GPU benchmark of the decay family's Triton kernels against fla (if importable) and SDPA, in one run.
+"""GPU benchmark of the Triton kernels against fla (if importable) and SDPA, in one run.
 
 The standard shape of shared/BENCHMARKS.md: bf16, H = 16, K = V = 128, B * T = 65,536 tokens for
 T in {2K, 4K, 16K, 64K}; decode with B = 8; and one long-context layer at B = 1. Times are medians
 of triton.testing.do_bench(warmup=50, rep=200) in ms. The memory floor printed next to each row is
 bytes that must move (inputs read once, outputs written once) over the measured copy bandwidth.
 
-    python benchmarks/bench_gpu_decay.py [--json out.json] [--long 262144,1048576]
+    python benchmarks/bench_gpu.py [--ops linear_attn,gla] [--json out.json] [--long 262144,1048576]
 """
 
 from __future__ import annotations
@@ -22,15 +22,27 @@ from triton.testing import do_bench
 
 from linattn import ops
 
+FLA_OPS = {  # our op -> (fla module, chunk function, fused recurrent function or None)
+    "linear_attn": ("fla.ops.linear_attn", "chunk_linear_attn", None),
+    "simple_gla": ("fla.ops.simple_gla", "chunk_simple_gla", "fused_recurrent_simple_gla"),
+    "delta_rule": ("fla.ops.delta_rule", "chunk_delta_rule", "fused_recurrent_delta_rule"),
+    "gated_delta_rule": ("fla.ops.gated_delta_rule", "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"),
+    "gla": ("fla.ops.gla", "chunk_gla", "fused_recurrent_gla"),
+}
 try:
+    import importlib
+
     import fla
-    from fla.ops.linear_attn import chunk_linear_attn as fla_linear_attn
-    from fla.ops.simple_gla import chunk_simple_gla as fla_simple_gla
-    from fla.ops.simple_gla import fused_recurrent_simple_gla as fla_recurrent_simple_gla
 
     FLA = f"fla {fla.__version__}"
+    fla_chunk, fla_recurrent = {}, {}
+    for _op, (_mod, _chunk, _rec) in FLA_OPS.items():
+        _m = importlib.import_module(_mod)
+        fla_chunk[_op] = getattr(_m, _chunk)
+        if _rec is not None:
+            fla_recurrent[_op] = getattr(_m, _rec)
 except Exception as err:  # noqa: BLE001 - any import failure means "no fla here"
-    fla_linear_attn = fla_simple_gla = fla_recurrent_simple_gla = None
+    fla_chunk, fla_recurrent = {}, {}
     FLA = f"fla not importable ({type(err).__name__}: {err})"
 
 H, D = 16, 128
@@ -45,11 +57,34 @@ def copy_bandwidth() -> float:
 
 
 def inputs(B, T, dtype=torch.bfloat16, gated=True):
+    """q, k, v [B, T, H, D] (k scaled to unit-ish norm), g [B, T, H] log-decay, beta [B, T, H], gk [B, T, H, D]."""
     q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
     with torch.no_grad():
         k /= math.sqrt(D)
     g = F.logsigmoid(torch.randn(B, T, H, device="cuda") + 4).requires_grad_() if gated else None
-    return q, k, v, g
+    beta = torch.rand(B, T, H, device="cuda", dtype=dtype).requires_grad_()
+    gk = (F.logsigmoid(torch.randn(B, T, H, D, device="cuda") + 4) / 16).requires_grad_()
+    return q, k, v, g, beta, gk
+
+
+def op_runs(op, q, k, v, g, beta, gk, with_fla):
+    """[(name, fn, leaves)] for our Triton kernel of ``op`` and, when asked and importable, fla's."""
+    kn = F.normalize(k.detach().float(), dim=-1).to(k.dtype).requires_grad_()  # delta rules: L2-normed keys
+    args = {
+        "linear_attn": ((q, k, v), {}),
+        "simple_gla": ((q, k, v, g), {}),
+        "retention": ((q, k, v), {}),
+        "delta_rule": ((q, kn, v, beta), {}),
+        "gated_delta_rule": ((q, kn, v, g, beta), {}),
+        "gla": ((q, k, v, gk), {}),
+    }[op]
+    ours = getattr(ops, op)
+    runs = [(f"linattn {op} (triton)", lambda: ours(*args[0], impl="triton")[0], list(args[0]))]
+    if with_fla and op in fla_chunk:
+        fn = fla_chunk[op]
+        extra = dict(normalize=False) if op == "linear_attn" else {}
+        runs.append((f"fla {fn.__name__}", lambda: fn(*args[0], **extra)[0], list(args[0])))
+    return runs
 
 
 def time_fwd_bwd(fn, leaves):
@@ -76,28 +111,22 @@ def row(table, name, T, B, fwd, full, floor_fwd, floor_full):
     )
 
 
-def standard_runs(T, with_fla):
+def standard_runs(T, with_fla, op_names):
     """The (name, fn, leaves) to time at one length of the standard shape."""
     B = 65536 // T
-    q, k, v, g = inputs(B, T)
-    leaves = [q, k, v]
-    runs = [
-        ("linattn linear_attn (triton)", lambda: ops.linear_attn(q, k, v, impl="triton")[0], leaves),
-        ("linattn simple_gla (triton)", lambda: ops.simple_gla(q, k, v, g, impl="triton")[0], leaves + [g]),
-        ("linattn retention (triton)", lambda: ops.retention(q, k, v, impl="triton")[0], leaves),
-    ]
-    if with_fla and fla_linear_attn is not None:
-        runs.append(("fla chunk_linear_attn", lambda: fla_linear_attn(q, k, v, normalize=False)[0], leaves))
-        runs.append(("fla chunk_simple_gla", lambda: fla_simple_gla(q, k, v, g)[0], leaves + [g]))
+    q, k, v, g, beta, gk = inputs(B, T)
+    runs = []
+    for op in op_names:
+        runs += op_runs(op, q, k, v, g, beta, gk, with_fla)
     qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
     runs.append(("SDPA causal", lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True), [qt, kt, vt]))
     return B, runs
 
 
-def standard_shape(table, bw, lengths, fla_lengths):
+def standard_shape(table, bw, lengths, fla_lengths, op_names):
     print("\n| op | T | B | fwd ms | fwd+bwd ms | floor fwd | floor f+b |\n|---|---|---|---|---|---|---|")
     for T in lengths:
-        B, runs = standard_runs(T, T in fla_lengths)
+        B, runs = standard_runs(T, T in fla_lengths, op_names)
         tensor_bytes = B * T * H * D * 2
         floor_fwd = 4 * tensor_bytes / bw * 1e3
         floor_full = (4 + 7) * tensor_bytes / bw * 1e3
@@ -115,7 +144,7 @@ def sweep_launch_settings():
     """Time the forward chunk kernel at T = 4096, B = 16 under each launch setting; print the table."""
     from linattn.ops.simple_gla import triton as tri
 
-    q, k, v, g = inputs(16, 4096)
+    q, k, v, g, _, _ = inputs(16, 4096)
     print("\n| num_warps | num_stages | BV | linear fwd ms | gated fwd ms |\n|---|---|---|---|---|")
     saved = tri.NUM_WARPS, tri.NUM_STAGES, tri.BV_MAX
     for warps in (4, 8):
@@ -131,40 +160,52 @@ def sweep_launch_settings():
     tri.NUM_WARPS, tri.NUM_STAGES, tri.BV_MAX = saved
 
 
-def agreement_with_fla():
-    if fla_linear_attn is None:
-        return
-    q, k, v, _ = inputs(4, 4096, gated=False)
-    with torch.no_grad():
-        o = ops.linear_attn(q, k, v, impl="triton")[0].float()
-        o_fla = fla_linear_attn(q, k, v, normalize=False)[0].float()
-        o_ref = ops.linear_attn(q.double(), k.double(), v.double(), impl="chunk")[0]
-    rel = lambda a: ((a - o_ref).norm() / o_ref.norm()).item()  # noqa: E731
-    print(f"\nlinear_attn rel. error vs float64 chunk, T=4096 B=4: linattn {rel(o):.2e}, fla {rel(o_fla):.2e}")
+def agreement_with_fla(op_names):
+    """Relative error of our output and fla's against a float64 chunked run, T = 4096, B = 2."""
+    for op in op_names:
+        if op not in fla_chunk or op == "simple_gla":  # fla refuses its gated chunk kernels on Hopper
+            continue
+        q, k, v, g, beta, gk = inputs(2, 4096)
+        runs = op_runs(op, q, k, v, g, beta, gk, with_fla=True)
+        leaves = runs[0][2]
+        with torch.no_grad():
+            outs = [fn().float() for _, fn, _ in runs]
+            ref = getattr(ops, op)(*[x.double() for x in leaves], impl="chunk")[0]
+        rel = ", ".join(f"{name} {((o - ref).norm() / ref.norm()).item():.2e}" for (name, _, _), o in zip(runs, outs))
+        print(f"{op} rel. error vs float64 chunk, T=4096 B=2: {rel}", flush=True)
 
 
-def decode(table):
+def decode(table, op_names):
+    """One decode step at B = 8 from a float32 state, eager and replayed from a CUDA graph; SDPA over KV caches."""
     print("\n| decode step, B=8 | L | ms (eager) | ms (CUDA graph) |\n|---|---|---|---|")
     B = 8
     q, k, v = (torch.randn(B, 1, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    k = F.normalize(k.float(), dim=-1).to(k.dtype)
     g = -torch.rand(B, 1, H, device="cuda")
+    gk = -torch.rand(B, 1, H, D, device="cuda")
+    beta = torch.rand(B, 1, H, device="cuda", dtype=torch.bfloat16)
     S = torch.randn(B, H, D, D, device="cuda")
-
-    def ours():
-        return ops.simple_gla(q, k, v, g, initial_state=S, output_final_state=True, impl="triton")
-
-    steps = [("linattn simple_gla recurrent (fp32 state)", ours)]
-    if fla_recurrent_simple_gla is not None:
+    args = {"simple_gla": (q, k, v, g), "delta_rule": (q, k, v, beta), "gated_delta_rule": (q, k, v, g, beta)}
+    args["gla"] = (q, k, v, gk)
+    steps = []
+    for op in op_names:
+        if op not in args:
+            continue
+        a, ours = args[op], getattr(ops, op)
         steps.append(
-            (
-                "fla fused_recurrent_simple_gla",
-                lambda: fla_recurrent_simple_gla(q, k, v, g, initial_state=S, output_final_state=True),
-            )
+            (f"linattn {op}", lambda a=a, f=ours: f(*a, initial_state=S, output_final_state=True, impl="triton"))
         )
+        if op in fla_recurrent:
+            f = fla_recurrent[op]
+            steps.append((f"fla {f.__name__}", lambda a=a, f=f: f(*a, initial_state=S, output_final_state=True)))
     for name, fn in steps:
-        with torch.no_grad():
-            eager = do_bench(fn, warmup=50, rep=200, return_mode="median")
-            graph = cuda_graph_ms(fn)
+        try:
+            with torch.no_grad():
+                eager = do_bench(fn, warmup=50, rep=200, return_mode="median")
+                graph = cuda_graph_ms(fn)
+        except Exception as err:  # noqa: BLE001
+            print(f"| {name} | - | failed: {type(err).__name__}: {str(err)[:100]} |")
+            continue
         table.append(dict(name=name, L=0, B=B, eager_ms=eager, graph_ms=graph))
         print(f"| {name} | - | {eager:.4f} | {graph:.4f} |", flush=True)
     for L in (4096, 32768, 131072):
@@ -192,21 +233,14 @@ def cuda_graph_ms(fn, steps: int = 100) -> float:
     return do_bench(graph.replay, warmup=10, rep=100, return_mode="median") / steps
 
 
-def long_run(name, T):
-    q, k, v, g = inputs(1, T, gated=name == "simple_gla")
-    if g is None:
-        return (lambda: ops.linear_attn(q, k, v, impl="triton")[0]), [q, k, v]
-    return (lambda: ops.simple_gla(q, k, v, g, impl="triton")[0]), [q, k, v, g]
-
-
-def long_context(table, lengths):
+def long_context(table, lengths, op_names):
     print("\n| long context, B=1 H=16 | T | fwd ms | fwd+bwd ms | peak GB |\n|---|---|---|---|---|")
     for T in lengths:
-        for name in ("linear_attn", "simple_gla"):
+        for op in op_names:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             try:
-                fn, leaves = long_run(name, T)
+                (name, fn, leaves), *_ = op_runs(op, *inputs(1, T), with_fla=False)
                 with torch.no_grad():
                     fwd = do_bench(fn, warmup=5, rep=20, return_mode="median")
                 do = torch.randn_like(leaves[2])
@@ -214,15 +248,16 @@ def long_context(table, lengths):
                     lambda fn=fn, do=do: fn().backward(do), warmup=3, rep=10, grad_to_none=leaves, return_mode="median"
                 )
                 peak = torch.cuda.max_memory_allocated() / 1e9
-                table.append(dict(name=f"long {name}", T=T, B=1, fwd_ms=fwd, fwd_bwd_ms=full, peak_gb=peak))
-                print(f"| linattn {name} (triton) | {T} | {fwd:.2f} | {full:.2f} | {peak:.1f} |", flush=True)
+                table.append(dict(name=f"long {op}", T=T, B=1, fwd_ms=fwd, fwd_bwd_ms=full, peak_gb=peak))
+                print(f"| {name} | {T} | {fwd:.2f} | {full:.2f} | {peak:.1f} |", flush=True)
                 del fn, leaves, do
             except Exception as err:  # noqa: BLE001
-                print(f"| linattn {name} | {T} | failed: {type(err).__name__}: {str(err)[:150]} |")
+                print(f"| linattn {op} | {T} | failed: {type(err).__name__}: {str(err)[:150]} |")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ops", default="linear_attn,simple_gla,retention,delta_rule,gated_delta_rule,gla")
     parser.add_argument("--lengths", default="2048,4096,16384,65536")
     parser.add_argument("--fla-lengths", default="4096,65536", help="fla autotunes minutes per new shape")
     parser.add_argument("--long", default="262144,1048576")
@@ -238,12 +273,14 @@ def main():
     table: list = []
     if args.sweep:
         sweep_launch_settings()
-    agreement_with_fla()
+    op_names = [x for x in args.ops.split(",") if x]
     fla_lengths = {int(x) for x in args.fla_lengths.split(",") if x}
-    standard_shape(table, bw, [int(x) for x in args.lengths.split(",")], fla_lengths)
-    decode(table)
+    if fla_lengths:
+        agreement_with_fla(op_names)
+    standard_shape(table, bw, [int(x) for x in args.lengths.split(",") if x], fla_lengths, op_names)
+    decode(table, op_names)
     if args.long:
-        long_context(table, [int(x) for x in args.long.split(",")])
+        long_context(table, [int(x) for x in args.long.split(",")], op_names)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
