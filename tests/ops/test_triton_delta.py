@@ -13,7 +13,7 @@ import torch
 
 from linattn import ops
 from tests.ops.mechanisms import by_id
-from tests.ops.tolerance import assert_same_result, check_against_naive
+from tests.ops.tolerance import ON_DEVICE, assert_same_result, check_against_naive
 
 triton = pytest.importorskip("triton")
 from linattn.ops.gated_delta_rule import triton as tri  # noqa: E402
@@ -40,27 +40,27 @@ def with_options(case, **options):
 @pytest.mark.parametrize("T", [1, 63, 65, 130])
 def test_gated_matches_naive(dtype, T):
     tensors, state = GATED.draw(B=2, T=T, H=2, K=16, V=24, dtype=dtype, seed=T)
-    check_against_naive(GATED, *to(tensors, state), "triton")
+    check_against_naive(GATED, *to(tensors, state), "triton", **ON_DEVICE)
 
 
 @dtypes
 @pytest.mark.parametrize("T", [1, 65])
 def test_delta_rule_matches_naive(dtype, T):
     tensors, state = DELTA.draw(B=2, T=T, H=2, K=16, V=24, dtype=dtype, seed=T)
-    check_against_naive(DELTA, *to(tensors, state), "triton")
+    check_against_naive(DELTA, *to(tensors, state), "triton", **ON_DEVICE)
 
 
 @both
 def test_non_power_of_two_head_dims_and_several_value_blocks(case):
     tensors, state = case.draw(B=1, T=70, H=1, K=33, V=40, seed=7)  # V = 40: two blocks of 32 columns
-    check_against_naive(case, *to(tensors, state), "triton")
+    check_against_naive(case, *to(tensors, state), "triton", **ON_DEVICE)
 
 
 @both
 def test_varlen(case):
     cu_seqlens = torch.tensor([0, 0, 1, 131, 131, 195, 200])  # empty, one token, several chunks, empty, ...
     tensors, state = case.draw(B=1, T=200, H=2, K=16, V=24, seed=5, N=6)
-    check_against_naive(case, *to(tensors, state), "triton", cu_seqlens=cu_seqlens.to(DEVICE))
+    check_against_naive(case, *to(tensors, state), "triton", cu_seqlens=cu_seqlens.to(DEVICE), **ON_DEVICE)
 
 
 def test_unnormalised_keys_with_beta_near_one():
@@ -69,7 +69,7 @@ def test_unnormalised_keys_with_beta_near_one():
     tensors, state = case.draw(B=1, T=130, H=2, K=16, V=24, seed=11)
     tensors[1] = tensors[1] * 0.35  # |k|^2 ~ 2 (raw Gaussian keys have |k|^2 ~ K = 16)
     tensors[4] = 0.9 + 0.1 * tensors[4]
-    check_against_naive(case, *to(tensors, state), "triton")
+    check_against_naive(case, *to(tensors, state), "triton", **ON_DEVICE)
 
 
 def extreme(tensors, gates):
@@ -85,7 +85,7 @@ def extreme(tensors, gates):
 def test_extreme_gates(gates):
     """No decay, and decay so strong that the state resets every token: finite, and matching naive."""
     tensors, state = GATED.draw(B=1, T=70, H=2, K=16, V=24, seed=2)
-    check_against_naive(GATED, *to(extreme(tensors, gates), state), "triton")
+    check_against_naive(GATED, *to(extreme(tensors, gates), state), "triton", **ON_DEVICE)
 
 
 @both
@@ -95,7 +95,7 @@ def test_options_match_naive(case, dtype):
     opt = with_options(case, qk_l2norm=True, beta_is_logit=True)
     tensors, state = opt.draw(B=1, T=70, H=2, K=16, V=24, dtype=dtype, seed=3)
     tensors[-1] = torch.randn(tensors[-1].shape, generator=torch.Generator().manual_seed(4)) * 2  # logits
-    check_against_naive(opt, *to(tensors, state), "triton")
+    check_against_naive(opt, *to(tensors, state), "triton", **ON_DEVICE)
 
 
 @pytest.mark.parametrize("options", [dict(qk_l2norm=True), dict(beta_is_logit=True)], ids=lambda o: next(iter(o)))

@@ -11,7 +11,7 @@ import torch
 
 from linattn import ops
 from tests.ops.mechanisms import by_id
-from tests.ops.tolerance import assert_same_result, check_against_naive
+from tests.ops.tolerance import ON_DEVICE, assert_same_result, check_against_naive
 
 triton = pytest.importorskip("triton")
 from linattn.ops.gla import triton as tri  # noqa: E402
@@ -31,20 +31,20 @@ def to(tensors, state, device=DEVICE):
 @pytest.mark.parametrize("T", [1, 63, 65, 130])
 def test_triton_matches_naive(dtype, T):
     tensors, state = CASE.draw(B=2, T=T, H=2, K=16, V=24, dtype=dtype, seed=T)
-    check_against_naive(CASE, *to(tensors, state), "triton")
+    check_against_naive(CASE, *to(tensors, state), "triton", **ON_DEVICE)
 
 
 def test_triton_varlen():
     cu_seqlens = torch.tensor([0, 0, 1, 131, 131, 195, 200])  # empty, one token, several chunks, empty, ...
     tensors, state = CASE.draw(B=1, T=200, H=2, K=16, V=24, seed=5, N=6)
-    check_against_naive(CASE, *to(tensors, state), "triton", cu_seqlens=cu_seqlens.to(DEVICE))
+    check_against_naive(CASE, *to(tensors, state), "triton", cu_seqlens=cu_seqlens.to(DEVICE), **ON_DEVICE)
 
 
 @pytest.mark.parametrize("K, V", [(20, 40), (40, 12)], ids=["K20-V40", "K40-V12"])
 def test_triton_head_dims_beyond_one_block(K, V):
     """Masked head dims, several V blocks, and key slices of the in-sub-chunk decay (K > 32)."""
     tensors, state = CASE.draw(B=1, T=40, H=1, K=K, V=V, seed=K)
-    check_against_naive(CASE, *to(tensors, state), "triton")
+    check_against_naive(CASE, *to(tensors, state), "triton", **ON_DEVICE)
 
 
 def extreme(tensors, gates):
@@ -60,7 +60,7 @@ def extreme(tensors, gates):
 def test_triton_extreme_gates(gates):
     """No decay, and decay so strong that the state resets every token: no overflow, no NaN."""
     tensors, state = CASE.draw(B=1, T=100, H=2, K=16, V=24, seed=2)
-    check_against_naive(CASE, *to(extreme(tensors, gates), state), "triton")
+    check_against_naive(CASE, *to(extreme(tensors, gates), state), "triton", **ON_DEVICE)
 
 
 def test_backward_without_final_state_gradient():

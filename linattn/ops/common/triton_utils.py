@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from linattn.ops._contract import triton_interpret
 
@@ -34,6 +35,23 @@ def chunk_log_decay(b_g):
     hi = b.to(tl.float32)
     lo = (b - hi.to(tl.float64)).to(tl.float32)
     return b, hi, lo, last
+
+
+@triton.jit
+def exp32(x, PRECISE: tl.constexpr):
+    """exp of float32 x. tl.exp computes 2^(x log2 e) with an approximate exp2 on NVIDIA GPUs, whose relative
+    error grows like |x| eps (1e-6 at x = -30): above a float32 reference's for strong decays. PRECISE takes
+    libdevice's correctly rounded-to-an-ulp exp instead; worth it for float32 inputs only."""
+    if PRECISE:
+        y = libdevice.exp(x)
+    else:
+        y = tl.exp(x)
+    return y
+
+
+def precise_exp(dtype: torch.dtype) -> bool:
+    """Whether kernels should use exp32's precise path: float32 inputs on a GPU (the interpreter's exp is numpy's)."""
+    return dtype == torch.float32 and not triton_interpret()
 
 
 @triton.jit

@@ -305,12 +305,14 @@ def _setup_context(ctx, inputs, output):
     q, k, v, g, beta, h0, cu_seqlens, scale, qk_l2norm, beta_is_logit, _ = inputs
     ctx.save_for_backward(q, k, v, g, beta, h0, output[2], cu_seqlens)
     ctx.options = (scale, qk_l2norm, beta_is_logit)
+    ctx.set_materialize_grads(False)  # an unused final state's gradient arrives as None, not as zeros
 
 
 def _backward(ctx, do, dht, _):
     q, k, v, g, beta, h0, tinv, cu_seqlens = ctx.saved_tensors
     scale, qk_l2norm, beta_is_logit = ctx.options
     dht = dht.contiguous() if dht is not None else None
+    do = do if do is not None else torch.zeros_like(v)
     dq, dk, dv, dg, dbeta, dh0 = _chunk_backward_op(
         do.contiguous(), dht, q, k, v, g, beta, h0, tinv, cu_seqlens, scale, qk_l2norm, beta_is_logit
     )

@@ -252,10 +252,14 @@ def _setup_context(ctx, inputs, output):
     q, k, v, g, h0, cu_seqlens, scale = inputs
     ctx.save_for_backward(q, k, v, g, h0, output[1], cu_seqlens)
     ctx.scale = scale
+    # An output that got no gradient (the final state, unless the caller used it) arrives as None, not as
+    # zeros: the backward then skips the final-state terms instead of computing them from zeros.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, do, dht):
     q, k, v, g, h0, ht, cu_seqlens = ctx.saved_tensors
+    do = do if do is not None else torch.zeros_like(v)
     dq, dk, dv, dg, dh0 = _chunk_backward_op(
         do.contiguous(), dht.contiguous() if dht is not None else None, q, k, v, g, h0, ht, cu_seqlens, ctx.scale
     )

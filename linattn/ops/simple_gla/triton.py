@@ -37,9 +37,11 @@ from linattn.ops.common.triton_utils import (
     chunk_log_decay,
     dot_operand,
     exclusive_cumsum_per_sequence,
+    exp32,
     kernel_flags,
     lowp_dots,
     needs_grad,
+    precise_exp,
     reverse_cumsum_per_sequence,
     short_for_recurrent,
     store_dtype,
@@ -85,6 +87,7 @@ def _chunk_kernel(
     UPCAST_QK: tl.constexpr,
     ROUND: tl.constexpr,
     LOWP: tl.constexpr,
+    PRECISE_EXP: tl.constexpr,
 ):
     # q, k: [.., T, H, K]; v, o, w: [.., T, H, V]; g: [.., T, H]; h0, ht: [N, NS, H, K, V] fp32;
     # wo: [NV, NTH] fp32 (NTH = tokens x heads), the per-token dot of o with w, without the t = s term.
@@ -136,13 +139,13 @@ def _chunk_kernel(
             b_b, b_hi, b_lo, b_last = chunk_log_decay(tl.load(g + tok, mask=m_t, other=0.0))
             if REVERSE:  # decay from t back to sources s >= t
                 diff = (b_hi[None, :] - b_hi[:, None]) + (b_lo[None, :] - b_lo[:, None])
-                w_q = tl.exp((b_last - b_b).to(tl.float32))
-                w_k = tl.exp(b_hi)
+                w_q = exp32((b_last - b_b).to(tl.float32), PRECISE_EXP)
+                w_k = exp32(b_hi, PRECISE_EXP)
             else:
                 diff = (b_hi[:, None] - b_hi[None, :]) + (b_lo[:, None] - b_lo[None, :])
-                w_q = tl.exp(b_hi)
-                w_k = tl.exp((b_last - b_b).to(tl.float32))
-            A = tl.where(causal, A * tl.exp(tl.where(causal, diff, 0.0)), 0.0)
+                w_q = exp32(b_hi, PRECISE_EXP)
+                w_k = exp32((b_last - b_b).to(tl.float32), PRECISE_EXP)
+            A = tl.where(causal, A * exp32(tl.where(causal, diff, 0.0), PRECISE_EXP), 0.0)
             b_qs = dot_operand(b_q.to(tl.float32) * w_q[:, None], ROUND, LOWP, LOWP_TY)
             b_ks = dot_operand(b_k.to(tl.float32) * w_k[:, None], ROUND, LOWP, LOWP_TY)
         else:
@@ -168,7 +171,7 @@ def _chunk_kernel(
             o_ptr = o + tok[:, None] * V + o_v[None, :]
             tl.store(o_ptr, b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
         if HAS_G:
-            S = S * tl.exp(b_last.to(tl.float32))
+            S = S * exp32(b_last.to(tl.float32), PRECISE_EXP)
         S += tl.dot(tl.trans(b_ks), b_vd, input_precision=DOT_PREC)
 
     if STORE_HT:
@@ -338,6 +341,7 @@ def sweep(
         VARLEN=cu_seqlens is not None,
         **kernel_flags(q.dtype),
         LOWP=lowp,
+        PRECISE_EXP=precise_exp(q.dtype),
         num_warps=NUM_WARPS,
         num_stages=_num_stages(q.dtype),
     )
@@ -576,10 +580,14 @@ def _setup_context(ctx, inputs, output):
     q, k, v, g, h0, cu_seqlens, scale = inputs
     ctx.save_for_backward(q, k, v, g, h0, output[1], cu_seqlens)
     ctx.scale = scale
+    # An output that got no gradient (the final state, unless the caller used it) arrives as None, not as
+    # zeros: the backward then skips the final-state terms instead of computing them from zeros.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, do, dht):
     q, k, v, g, h0, ht, cu_seqlens = ctx.saved_tensors
+    do = do if do is not None else torch.zeros_like(v)
     dq, dk, dv, dg, dh0 = _chunk_backward_op(
         do.contiguous(), dht.contiguous() if dht is not None else None, q, k, v, g, h0, ht, cu_seqlens, ctx.scale
     )
@@ -653,7 +661,7 @@ def compile_variants():
             for reverse, has_w in passes:
                 lowp = torch_dtype == torch.bfloat16 and not has_w
                 const = dict(H=16, K=128, V=128, BT=BT, BK=128, BV=_blocks(128, 128, lowp)[1], SEG=4096, HAS_G=gated)
-                const |= dict(HAS_H0=True, LOWP=lowp)
+                const |= dict(HAS_H0=True, LOWP=lowp, PRECISE_EXP=dt == "fp32")
                 const |= dict(STORE_O=True, STORE_HT=True, HAS_W=has_w, REVERSE=reverse, VARLEN=dt == "fp16")
                 label = f"chunk {dt} gated={gated} reverse={reverse} w={has_w}"
                 opts = dict(num_warps=NUM_WARPS, num_stages=_num_stages(torch_dtype), scalars=SCALARS)
