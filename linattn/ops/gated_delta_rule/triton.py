@@ -93,7 +93,9 @@ class _Layout:
 def _flags(q, g, qk_l2norm: bool) -> dict:
     flags = kernel_flags(q.dtype)
     del flags["UPCAST_QK"]  # these kernels take every operand to float32 as they load it
-    return dict(HAS_G=g is not None, L2NORM=qk_l2norm, **flags)
+    # Launch option, not a constexpr: float32 tiles with Triton's default 3 stages overflow shared memory.
+    stages = 1 if q.dtype == torch.float32 else 2
+    return dict(HAS_G=g is not None, L2NORM=qk_l2norm, num_stages=stages, **flags)
 
 
 def prepare(k, v, g, beta, lay: _Layout, qk_l2norm: bool, beta_is_logit: bool, tinv=None, store_t: bool = False):
@@ -394,15 +396,17 @@ def compile_variants():
         BK, BV = _blocks(128, 128)
         flags = _flags(torch.empty(0, dtype=torch_dtype), torch.empty(0) if gated else None, opt)
         flags["ROUND"] = flags["DOT_PREC"] == "tf32"  # as on the GPU
+        stages = flags.pop("num_stages")
         common = dict(H=16, K=128, V=128, BT=BT, BK=BK, BV=BV, **flags)
         label = f"{dt} gated={gated} l2norm/logit={opt}"
         solve = dict(SOLVE=True, STORE_T=True, BETA_LOGIT=opt)
-        yield f"prepare {label}", _prepare_kernel, ptrs, common | solve, {}
+        opts = dict(num_stages=stages)
+        yield f"prepare {label}", _prepare_kernel, ptrs, common | solve, opts
         stores = dict(HAS_H0=True, STORE_O=True, STORE_HT=True, STORE_STATES=True)
-        yield f"forward {label}", _forward_kernel, ptrs, common | stores, {}
+        yield f"forward {label}", _forward_kernel, ptrs, common | stores, opts
         state = dict(HAS_DHT=True, STORE_DH0=True)
-        yield f"backward state {label}", _backward_state_kernel, ptrs, common | state, {}
-        yield f"backward chunk {label}", _backward_chunk_kernel, ptrs, common | dict(BETA_LOGIT=opt), {}
+        yield f"backward state {label}", _backward_state_kernel, ptrs, common | state, opts
+        yield f"backward chunk {label}", _backward_chunk_kernel, ptrs, common | dict(BETA_LOGIT=opt), opts
     const = dict(H=16, K=128, V=128, BK=128, BV=32, HAS_G=True, HAS_H0=True, L2NORM=True, BETA_LOGIT=True)
     ptrs = {n: "bf16" for n in ("q", "k", "v", "o")} | dict(cu_seqlens="i32")
     yield "recurrent bf16", _recurrent_kernel, ptrs, const, {}

@@ -320,6 +320,11 @@ def sweep(
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     lowp = lowp_dots(q.dtype) and w is None  # dg's telescoped sums (the w passes) need tf32 dq and dk
+    flags = kernel_flags(q.dtype)
+    if w is not None and q.dtype == torch.float16 and flags["ROUND"]:
+        # float16 carries tf32's 10 mantissa bits, so tf32 dq and dk would err as much as a plain float16 run
+        # does, and dg telescopes those errors over the sequence: three tf32 products (about float32) instead.
+        flags.update(DOT_PREC="tf32x3", ROUND=False)
     BK, BV = _blocks(K, V, lowp)
     NV = triton.cdiv(V, BV)
     NS = 1 if cu_seqlens is not None else _num_segments(N * H * NV, T, segments)
@@ -339,7 +344,7 @@ def sweep(
         HAS_G=g is not None,
         REVERSE=reverse,
         VARLEN=cu_seqlens is not None,
-        **kernel_flags(q.dtype),
+        **flags,
         LOWP=lowp,
         PRECISE_EXP=precise_exp(q.dtype),
         num_warps=NUM_WARPS,
@@ -655,11 +660,12 @@ def compile_variants():
     for dt in ("bf16", "fp16", "fp32"):
         ptrs = dict(q=dt, k=dt, v=dt, o=dt, w=dt, g="fp32", h0="fp32", ht="fp32", wo="fp32", cu_seqlens="i32")
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]
-        flags = dict(kernel_flags(torch_dtype), UPCAST_QK=False, ROUND=kernel_flags(torch_dtype)["DOT_PREC"] == "tf32")
+        base = dict(kernel_flags(torch_dtype), UPCAST_QK=False, ROUND=kernel_flags(torch_dtype)["DOT_PREC"] == "tf32")
         passes = [(False, False), (True, True)] if dt != "fp32" else [(True, True)]
         for gated in (False, True) if dt != "fp32" else (True,):
             for reverse, has_w in passes:
                 lowp = torch_dtype == torch.bfloat16 and not has_w
+                flags = base | (dict(DOT_PREC="tf32x3", ROUND=False) if dt == "fp16" and has_w else {})
                 const = dict(H=16, K=128, V=128, BT=BT, BK=128, BV=_blocks(128, 128, lowp)[1], SEG=4096, HAS_G=gated)
                 const |= dict(HAS_H0=True, LOWP=lowp, PRECISE_EXP=dt == "fp32")
                 const |= dict(STORE_O=True, STORE_HT=True, HAS_W=has_w, REVERSE=reverse, VARLEN=dt == "fp16")
