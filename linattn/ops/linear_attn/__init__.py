@@ -6,14 +6,12 @@ import torch
 
 from linattn.feature_maps import get_feature_map
 from linattn.ops._contract import check_common, check_qkv, dispatch
-from linattn.ops.common.optional_triton import load_triton_impl
+from linattn.ops.common.optional_triton import register_triton
 from linattn.ops.linear_attn.chunk import chunk_linear_attn
 from linattn.ops.linear_attn.naive import naive_linear_attn
 
 IMPLS = {"naive": naive_linear_attn, "chunk": chunk_linear_attn}
-_triton = load_triton_impl("linattn.ops.linear_attn.triton", "triton_linear_attn", "linear_attn_unsupported")
-if _triton is not None:
-    IMPLS["triton"] = _triton[0]
+triton_check = register_triton(IMPLS, "linattn.ops.linear_attn.triton", "triton_linear_attn", "linear_attn_unsupported")
 
 
 def linear_attn(
@@ -74,7 +72,7 @@ def linear_attn(
         cu_seqlens,
         v_dim=v.shape[-1] + bool(normalize),
     )
-    triton_ok = lambda: "Triton is not installed" if _triton is None else _triton[1](fq, v, bool(causal))  # noqa: E731
+    triton_ok = triton_check(fq, v, bool(causal))
     return dispatch(
         op,
         IMPLS,

@@ -3,19 +3,12 @@ from __future__ import annotations
 import torch
 
 from linattn.ops._contract import check_common, check_gate, dispatch
-from linattn.ops.common.optional_triton import load_triton_impl
+from linattn.ops.common.optional_triton import register_triton
 from linattn.ops.simple_gla.chunk import chunk_simple_gla
 from linattn.ops.simple_gla.naive import naive_simple_gla
 
 IMPLS = {"naive": naive_simple_gla, "chunk": chunk_simple_gla}
-_triton = load_triton_impl("linattn.ops.simple_gla.triton", "triton_simple_gla", "triton_unsupported")
-if _triton is not None:
-    IMPLS["triton"] = _triton[0]
-
-
-def triton_check(q: torch.Tensor, v: torch.Tensor):
-    """A callable for ``dispatch``: None when the Triton kernels can serve q, v, else why not."""
-    return lambda: "Triton is not installed" if _triton is None else _triton[1](q, v)
+triton_check = register_triton(IMPLS, "linattn.ops.simple_gla.triton", "triton_simple_gla")
 
 
 def simple_gla(
