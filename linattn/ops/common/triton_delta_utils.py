@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from linattn.ops.common.triton_utils import chunk_log_decay, tf32_round
+from linattn.ops.common.triton_utils import chunk_log_decay, exp32, tf32_round
 
 
 @triton.jit
@@ -72,26 +72,28 @@ def unit_lower_inverse(A, BT: tl.constexpr, BD: tl.constexpr):
 
 
 @triton.jit
-def chunk_decays(b, b_hi, b_lo, b_last, BT: tl.constexpr):
+def chunk_decays(b, b_hi, b_lo, b_last, BT: tl.constexpr, PRECISE_EXP: tl.constexpr):
     """From the chunk-local log-decay sums (see ``chunk_log_decay``), every factor a chunk needs.
 
     Returns gamma [BT, BT] = exp(b_t - b_s) for s <= t (0 above the diagonal), exp(b) [BT] (queries and
     keys as they meet the entering state), exp(b_last - b) [BT] (keys decayed to the chunk end) and
-    exp(b_last). Every exponent is <= 0 for log-decays <= 0, so none overflows.
+    exp(b_last). Every exponent is <= 0 for log-decays <= 0, so none overflows. PRECISE_EXP: see exp32.
     """
     o_t = tl.arange(0, BT)
     causal = o_t[:, None] >= o_t[None, :]
     diff = (b_hi[:, None] - b_hi[None, :]) + (b_lo[:, None] - b_lo[None, :])
-    gamma = tl.where(causal, tl.exp(tl.where(causal, diff, 0.0)), 0.0)
-    return gamma, tl.exp(b_hi), tl.exp((b_last - b).to(tl.float32)), tl.exp(b_last.to(tl.float32))
+    gamma = tl.where(causal, exp32(tl.where(causal, diff, 0.0), PRECISE_EXP), 0.0)
+    e_b = exp32(b_hi, PRECISE_EXP)
+    e_end = exp32((b_last - b).to(tl.float32), PRECISE_EXP)
+    return gamma, e_b, e_end, exp32(b_last.to(tl.float32), PRECISE_EXP)
 
 
 @triton.jit
-def chunk_decays_or_none(g, tok, m_t, HAS_G: tl.constexpr, BT: tl.constexpr):
+def chunk_decays_or_none(g, tok, m_t, HAS_G: tl.constexpr, BT: tl.constexpr, PRECISE_EXP: tl.constexpr):
     """``chunk_decays`` of the gates g at rows tok, or the factors of no decay (all ones) when not HAS_G."""
     if HAS_G:
         b, b_hi, b_lo, b_last = chunk_log_decay(tl.load(g + tok, mask=m_t, other=0.0))
-        gamma, e_b, e_end, e_last = chunk_decays(b, b_hi, b_lo, b_last, BT)
+        gamma, e_b, e_end, e_last = chunk_decays(b, b_hi, b_lo, b_last, BT, PRECISE_EXP)
     else:
         o_t = tl.arange(0, BT)
         gamma = tl.where(o_t[:, None] >= o_t[None, :], 1.0, 0.0)

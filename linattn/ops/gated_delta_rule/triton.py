@@ -33,8 +33,10 @@ import torch
 import triton
 
 from linattn.ops.common.triton_utils import (
+    dot_precision,
     kernel_flags,
     needs_grad,
+    precise_exp,
     short_for_recurrent,
     store_dtype,
     triton_unsupported,
@@ -91,11 +93,16 @@ class _Layout:
 
 
 def _flags(q, g, qk_l2norm: bool) -> dict:
+    """The constexprs every chunk kernel takes, for inputs like q, and the num_stages launch option."""
     flags = kernel_flags(q.dtype)
     del flags["UPCAST_QK"]  # these kernels take every operand to float32 as they load it
+    if q.dtype == torch.float16 and flags["ROUND"]:
+        # float16 carries tf32's 10 mantissa bits, so tf32 dots would err as much as a plain float16 run does,
+        # and the long chains (dbeta through the WY inverse) pile those errors up: three tf32 products instead.
+        flags.update(DOT_PREC="tf32x3", ROUND=False)
     # Launch option, not a constexpr: float32 tiles with Triton's default 3 stages overflow shared memory.
     stages = 1 if q.dtype == torch.float32 else 2
-    return dict(HAS_G=g is not None, L2NORM=qk_l2norm, num_stages=stages, **flags)
+    return dict(HAS_G=g is not None, L2NORM=qk_l2norm, PRECISE_EXP=precise_exp(q.dtype), num_stages=stages, **flags)
 
 
 def prepare(k, v, g, beta, lay: _Layout, qk_l2norm: bool, beta_is_logit: bool, tinv=None, store_t: bool = False):
@@ -227,7 +234,7 @@ def recurrent(q, k, v, g, beta, h0, scale: float, cu_seqlens, qk_l2norm: bool, b
     _recurrent_kernel[(triton.cdiv(V, BV), N * H)](
         q, k, v, g if g is not None else ht, beta, h0 if h0 is not None else ht, o, ht, cu, scale,
         H=H, K=K, V=V, BK=BK, BV=BV, HAS_G=g is not None, HAS_H0=h0 is not None,
-        L2NORM=qk_l2norm, BETA_LOGIT=beta_is_logit,
+        L2NORM=qk_l2norm, BETA_LOGIT=beta_is_logit, PRECISE_EXP=precise_exp(q.dtype),
     )  # fmt: skip
     return o.to(v.dtype), ht
 
@@ -395,7 +402,9 @@ def compile_variants():
         ptrs |= dict(chunks="i32", cu_seqlens="i32", chunk_start="i32")
         BK, BV = _blocks(128, 128)
         flags = _flags(torch.empty(0, dtype=torch_dtype), torch.empty(0) if gated else None, opt)
-        flags["ROUND"] = flags["DOT_PREC"] == "tf32"  # as on the GPU
+        # As on the GPU, whatever this process runs: float16 takes tf32x3 dots (see _flags), float32 precise exps.
+        prec = "tf32x3" if torch_dtype == torch.float16 else dot_precision(torch_dtype)
+        flags |= dict(DOT_PREC=prec, ROUND=prec == "tf32", PRECISE_EXP=dt == "fp32")
         stages = flags.pop("num_stages")
         common = dict(H=16, K=128, V=128, BT=BT, BK=BK, BV=BV, **flags)
         label = f"{dt} gated={gated} l2norm/logit={opt}"
@@ -408,5 +417,6 @@ def compile_variants():
         yield f"backward state {label}", _backward_state_kernel, ptrs, common | state, opts
         yield f"backward chunk {label}", _backward_chunk_kernel, ptrs, common | dict(BETA_LOGIT=opt), opts
     const = dict(H=16, K=128, V=128, BK=128, BV=32, HAS_G=True, HAS_H0=True, L2NORM=True, BETA_LOGIT=True)
+    const |= dict(PRECISE_EXP=False)
     ptrs = {n: "bf16" for n in ("q", "k", "v", "o")} | dict(cu_seqlens="i32")
     yield "recurrent bf16", _recurrent_kernel, ptrs, const, {}

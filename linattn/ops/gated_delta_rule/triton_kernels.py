@@ -20,6 +20,7 @@ from linattn.ops.common.triton_delta_utils import (
     mm,
     unit_lower_inverse,
 )
+from linattn.ops.common.triton_utils import exp32
 
 
 @triton.jit
@@ -45,6 +46,7 @@ def _prepare_kernel(
     STORE_T: tl.constexpr,
     DOT_PREC: tl.constexpr,
     ROUND: tl.constexpr,
+    PRECISE_EXP: tl.constexpr,
 ):
     # Per chunk: Tinv = (I + A)^-1 (solved, or loaded as the forward stored it), W = Tinv (beta exp(b) K)
     # [BT, K], U0 = Tinv (beta V) [BT, V], all float32.
@@ -59,7 +61,7 @@ def _prepare_kernel(
     tok = (lo + o_t) * H + i_h
     b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM)
     b_beta = load_beta(beta, tok, m_t, BETA_LOGIT)
-    gamma, e_b, _, _ = chunk_decays_or_none(g, tok, m_t, HAS_G, BT)
+    gamma, e_b, _, _ = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
 
     if SOLVE:
         A = mm(b_k, tl.trans(b_k), DOT_PREC, ROUND) * gamma * b_beta[:, None]
@@ -107,6 +109,7 @@ def _forward_kernel(
     STORE_STATES: tl.constexpr,
     DOT_PREC: tl.constexpr,
     ROUND: tl.constexpr,
+    PRECISE_EXP: tl.constexpr,
 ):
     # One sequence, one V block: the state S [K, BV] stays in registers while the chunks go by.
     #   U = U0 - W S;  o = scale (exp(b) q S + tril(q k^T exp(b_t - b_s)) U);  S = exp(b_C) S + (exp(b_C - b) k)^T U
@@ -133,7 +136,7 @@ def _forward_kernel(
         b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM)
         b_w = tl.load(w + tok[:, None] * K + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :], other=0.0)
         b_u = tl.load(u0 + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
-        gamma, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT)
+        gamma, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
         b_u -= mm(b_w, S, DOT_PREC, ROUND)
         if STORE_O:
             b_q, _ = load_rows(q, tok, m_t, o_k, K, L2NORM)
@@ -170,6 +173,7 @@ def _backward_state_kernel(
     L2NORM: tl.constexpr,
     DOT_PREC: tl.constexpr,
     ROUND: tl.constexpr,
+    PRECISE_EXP: tl.constexpr,
 ):
     # The forward's chunk loop run backwards on the state gradient dS [K, BV]; stores the gradient of the
     # state leaving each chunk.  dU = scale P^T dO + (exp(b_C - b) k) dS;
@@ -199,7 +203,7 @@ def _backward_state_kernel(
         b_w = tl.load(w + tok[:, None] * K + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :], other=0.0)
         b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & (o_v < V)[None, :], other=0.0)
         b_do = b_do.to(tl.float32)
-        gamma, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT)
+        gamma, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
         P = mm(b_q, tl.trans(b_k), DOT_PREC, ROUND) * gamma
         b_du = scale * mm(tl.trans(P), b_do, DOT_PREC, ROUND) + mm(b_k * e_end[:, None], dS, DOT_PREC, ROUND)
         dS = dS * e_last + scale * mm(tl.trans(b_q * e_b[:, None]), b_do, DOT_PREC, ROUND)
@@ -239,6 +243,7 @@ def _backward_chunk_kernel(
     BETA_LOGIT: tl.constexpr,
     DOT_PREC: tl.constexpr,
     ROUND: tl.constexpr,
+    PRECISE_EXP: tl.constexpr,
 ):
     # Per chunk, from the state entering it (S) and the gradient of the state leaving it (dS'): every
     # input gradient, through U = U0 - W S, W = Tinv X_w, U0 = Tinv X_u and the decays. See triton.py.
@@ -256,7 +261,7 @@ def _backward_chunk_kernel(
     b_q, r_q = load_rows(q, tok, m_t, o_k, K, L2NORM)
     b_k, r_k = load_rows(k, tok, m_t, o_k, K, L2NORM)
     b_beta = load_beta(beta, tok, m_t, BETA_LOGIT)
-    gamma, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT)
+    gamma, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
     Ti = tl.load(tinv + tok[:, None] * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
     b_w = tl.load(w + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
     KK = mm(b_k, tl.trans(b_k), DOT_PREC, ROUND)
@@ -359,6 +364,7 @@ def _recurrent_kernel(
     HAS_H0: tl.constexpr,
     L2NORM: tl.constexpr,
     BETA_LOGIT: tl.constexpr,
+    PRECISE_EXP: tl.constexpr,
 ):
     # Token by token, for decoding: S = exp(g) S; S += beta k (v - S^T k)^T; o = scale S^T q.
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
@@ -385,7 +391,7 @@ def _recurrent_kernel(
         if BETA_LOGIT:
             b_beta = tl.sigmoid(b_beta)
         if HAS_G:
-            S = S * tl.exp(tl.load(g + tok).to(tl.float32))
+            S = S * exp32(tl.load(g + tok).to(tl.float32), PRECISE_EXP)
         b_u = b_beta * (b_v - tl.sum(S * b_k[:, None], axis=0))
         S += b_k[:, None] * b_u[None, :]
         tl.store(o + tok * V + o_v, (tl.sum(S * b_q[:, None], axis=0) * scale).to(o.dtype.element_ty), mask=m_v)

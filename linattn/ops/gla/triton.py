@@ -31,6 +31,7 @@ import triton
 from linattn.ops.common.triton_utils import (
     kernel_flags,
     needs_grad,
+    precise_exp,
     reverse_cumsum_per_sequence,
     short_for_recurrent,
     store_dtype,
@@ -123,6 +124,7 @@ def sweep(
         HAS_FINAL=has_final,
         REVERSE=reverse,
         VARLEN=cu_seqlens is not None,
+        PRECISE_EXP=precise_exp(q.dtype),
         **flags,
     )
     if has_final:
@@ -158,6 +160,7 @@ def recurrent(q, k, v, g, h0, scale: float, cu_seqlens):
         BV=BV,
         HAS_H0=h0 is not None,
         VARLEN=cu_seqlens is not None,
+        PRECISE_EXP=precise_exp(q.dtype),
     )
     return o.to(v.dtype), ht
 
@@ -343,10 +346,10 @@ def compile_variants():
                 ptrs |= dict(dst=f32, dkt=f32, fin=f32, cu_seqlens="i32")
                 const = dict(H=16, K=Kk, V=Vk, BT=BT, BC=BC, BK=BK, BKD=min(BK, BKD), BV=BV, G=Vk if on_out else Kk)
                 const |= dict(BG=BV if on_out else BK, GATE_ON_OUT=on_out, HAS_H0=True, HAS_W=has_w)
-                const |= dict(HAS_FINAL=has_final, REVERSE=reverse, VARLEN=dt == "fp16")
+                const |= dict(HAS_FINAL=has_final, REVERSE=reverse, VARLEN=dt == "fp16", PRECISE_EXP=dt == "fp32")
                 yield f"chunk {dt} K={K} V={V} {name}", _chunk_kernel, ptrs, const | flags, dict(scalars=SCALARS)
     ptrs = dict(q="bf16", k="bf16", v="bf16", o="bf16", g=f32, h0=f32, ht=f32, cu_seqlens="i32")
-    const = dict(H=16, K=128, V=128, BK=128, BV=32, HAS_H0=True, VARLEN=True)
+    const = dict(H=16, K=128, V=128, BK=128, BV=32, HAS_H0=True, VARLEN=True, PRECISE_EXP=False)
     yield "recurrent bf16", _recurrent_kernel, ptrs, const, dict(scalars=SCALARS)
 
 

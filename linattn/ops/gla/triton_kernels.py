@@ -22,11 +22,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from linattn.ops.common.triton_utils import chunk_log_decay, tf32_round
+from linattn.ops.common.triton_utils import chunk_log_decay, exp32, tf32_round
 
 
 @triton.jit
-def _pair_decay(hi, lo, mask, REVERSE: tl.constexpr):
+def _pair_decay(hi, lo, mask, REVERSE: tl.constexpr, PRECISE_EXP: tl.constexpr):
     """exp(b_t - b_s) [BC, BC, D] between output row t and source row s of one sub-chunk, 0 off mask [BC, BC, 1].
 
     hi + lo [BC, D] are the sub-chunk's cumulative log-decays as a float32 pair (chunk_log_decay).
@@ -34,7 +34,7 @@ def _pair_decay(hi, lo, mask, REVERSE: tl.constexpr):
     diff = (hi[:, None, :] - hi[None, :, :]) + (lo[:, None, :] - lo[None, :, :])
     if REVERSE:
         diff = -diff
-    return tl.exp(tl.where(mask, diff, float("-inf")))
+    return exp32(tl.where(mask, diff, float("-inf")), PRECISE_EXP)
 
 
 @triton.jit
@@ -72,6 +72,7 @@ def _chunk_kernel(
     VARLEN: tl.constexpr,
     DOT_PREC: tl.constexpr,
     ROUND: tl.constexpr,
+    PRECISE_EXP: tl.constexpr,
 ):
     # q, k: [.., T, H, K]; v, o, w, wo: [.., T, H, V]; g: [.., T, H, G] float32 (G = V with GATE_ON_OUT, else K);
     # h0, ht: [N, H, K, V] float32. wo (float32) is scale * w * o without each token's pair with itself.
@@ -80,7 +81,8 @@ def _chunk_kernel(
     # final-state term of dg: sum_{r < t} k_r dkt_r + exp(B_T) sum_v dS_T S_0 (B: log-decay from the
     # sequence's start). All float32 [.., T, H, V].
     # Dot operands that are not plain inputs are rounded to tf32 where ROUND says so (guarded at each
-    # call: in the interpreter every call of a jitted helper is costly).
+    # call: in the interpreter every call of a jitted helper is costly). Every exp of a log-decay goes
+    # through exp32: PRECISE_EXP (float32 inputs on a GPU) takes libdevice's exp over tl.exp's approximate one.
     tl.static_assert(GATE_ON_OUT or not HAS_W)
     tl.static_assert((GATE_ON_OUT and not REVERSE) or not HAS_FINAL)
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
@@ -123,7 +125,8 @@ def _chunk_kernel(
             m_p = (rows_p < eos)[:, None] & m_g[None, :]
             b_gp = tl.load(g + (rows_p * H + i_h)[:, None] * G + o_g[None, :], mask=m_p, other=0.0)
             total += tl.sum(b_gp.to(tl.float64), 0)
-        prefix = tl.exp(total.to(tl.float32)) * tl.sum(R * S, 0)  # [BV]: the running sum_{r < t} k_r dkt_r
+        # [BV]: the running sum_{r < t} k_r dkt_r
+        prefix = exp32(total.to(tl.float32), PRECISE_EXP) * tl.sum(R * S, 0)
         B_chunk = tl.zeros([BG], dtype=tl.float64)  # log-decay from the sequence's start to the chunk
 
     for i in range(0, n_chunks):
@@ -156,10 +159,10 @@ def _chunk_kernel(
                 e_out, e_src = last[None, :] - c, c
             else:  # rows read sources before them: decay over [start, t] and over (s, end]
                 e_out, e_src = c, last[None, :] - c
-            w_out = tl.exp(e_out.to(tl.float32))  # [BC, BG]
+            w_out = exp32(e_out.to(tl.float32), PRECISE_EXP)  # [BC, BG]
 
             # What the state carries in from the chunks already passed.
-            w_state = tl.exp((pre[None, :] + e_out).to(tl.float32))
+            w_state = exp32((pre[None, :] + e_out).to(tl.float32), PRECISE_EXP)
             if GATE_ON_OUT:
                 b_o = w_state * tl.dot(b_q, S_r, input_precision=DOT_PREC)
                 b_qr = b_q
@@ -190,7 +193,7 @@ def _chunk_kernel(
                     e_src_j = c_j
                 else:
                     e_src_j = last_j[None, :] - c_j
-                w_src = tl.exp((gap[None, :] + e_src_j).to(tl.float32))
+                w_src = exp32((gap[None, :] + e_src_j).to(tl.float32), PRECISE_EXP)
                 if GATE_ON_OUT:
                     b_kj = b_kj.to(tl.float32)
                     b_vj = b_vj * w_src
@@ -213,7 +216,8 @@ def _chunk_kernel(
             # The sub-chunk itself, with the exact decay between each pair of its rows.
             if GATE_ON_OUT:
                 A = tl.where(causal, tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC), 0.0)
-                b_o += tl.sum(A[:, :, None] * _pair_decay(hi, lo, causal[:, :, None], REVERSE) * b_v[None, :, :], 1)
+                decay = _pair_decay(hi, lo, causal[:, :, None], REVERSE, PRECISE_EXP)
+                b_o += tl.sum(A[:, :, None] * decay * b_v[None, :, :], 1)
             else:
                 A = tl.zeros([BC, BC], dtype=tl.float32)
                 for kk in tl.static_range(0, BK, BKD):  # slices of the key dim bound the [BC, BC, BKD] tile
@@ -227,7 +231,7 @@ def _chunk_kernel(
                         _, hi_d, lo_d, _ = chunk_log_decay(
                             tl.load(g + tok[:, None] * K + o_kd[None, :], mask=m_kd, other=0.0)
                         )
-                    decay = _pair_decay(hi_d, lo_d, causal[:, :, None], REVERSE)
+                    decay = _pair_decay(hi_d, lo_d, causal[:, :, None], REVERSE, PRECISE_EXP)
                     A += tl.sum(b_qd[:, None, :] * b_kd[None, :, :] * decay, 2)
                 if ROUND:
                     A = tf32_round(A, ROUND)
@@ -237,7 +241,7 @@ def _chunk_kernel(
                 b_w = tl.load(w + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
                 tl.store(wo + tok[:, None] * V + o_v[None, :], scale * b_w * b_o, mask=m_tv)
             if HAS_FINAL:  # exp(B_T - B_t) <= 1: the gates after t
-                w_fin = tl.exp((total[None, :] - (B_chunk[None, :] + pre[None, :] + c)).to(tl.float32))
+                w_fin = exp32((total[None, :] - (B_chunk[None, :] + pre[None, :] + c)).to(tl.float32), PRECISE_EXP)
                 b_dkt = w_fin * tl.dot(b_k, tf32_round(R, ROUND), input_precision=DOT_PREC)
                 tl.store(dkt + tok[:, None] * V + o_v[None, :], b_dkt, mask=m_tv)
                 y = b_v * b_dkt
@@ -249,8 +253,8 @@ def _chunk_kernel(
             tl.store(o + tok[:, None] * V + o_v[None, :], (scale * b_o).to(o.dtype.element_ty), mask=m_tv)
 
             # This sub-chunk's share of the chunk's change of state, decayed to the chunk's far boundary.
-            w_last = tl.exp(last.to(tl.float32))
-            w_src = tl.exp(e_src.to(tl.float32))
+            w_last = exp32(last.to(tl.float32), PRECISE_EXP)
+            w_src = exp32(e_src.to(tl.float32), PRECISE_EXP)
             if GATE_ON_OUT:
                 U = U * w_last[None, :]
                 b_ks = b_k
@@ -265,7 +269,7 @@ def _chunk_kernel(
             U += tl.dot(tl.trans(b_ks), b_vs, input_precision=DOT_PREC)
             pre += last
 
-        w_chunk = tl.exp(pre.to(tl.float32))
+        w_chunk = exp32(pre.to(tl.float32), PRECISE_EXP)
         if HAS_FINAL:
             B_chunk += pre
         if GATE_ON_OUT:
@@ -295,6 +299,7 @@ def _recurrent_kernel(
     BV: tl.constexpr,
     HAS_H0: tl.constexpr,
     VARLEN: tl.constexpr,
+    PRECISE_EXP: tl.constexpr,
 ):
     # Token by token, for decoding: the state tile stays in registers across the few tokens.
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
@@ -319,6 +324,6 @@ def _recurrent_kernel(
         b_k = tl.load(k + tok * K + o_k, mask=m_k, other=0.0).to(tl.float32)
         b_v = tl.load(v + tok * V + o_v, mask=m_v, other=0.0).to(tl.float32)
         b_g = tl.load(g + tok * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-        S = S * tl.exp(b_g)[:, None] + b_k[:, None] * b_v[None, :]
+        S = S * exp32(b_g, PRECISE_EXP)[:, None] + b_k[:, None] * b_v[None, :]
         tl.store(o + tok * V + o_v, (tl.sum(S * b_q[:, None], axis=0) * scale).to(o.dtype.element_ty), mask=m_v)
     tl.store(ht + state_off, S, mask=m_kv)
