@@ -45,14 +45,15 @@ def compile_variant(kernel, pointers: dict[str, str], constexprs: dict, scalars=
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
-GROUPS = ("simple_gla", "gated_delta_rule", "gla")
+GROUPS = ("simple_gla", "gated_delta_rule", "gla", "recurrent")
 
 
 def _groups():
     """name -> callable yielding (label, kernel, pointers, constexprs, options) for each variant to compile."""
     groups = {}
     for name in GROUPS:
-        mod = importlib.import_module(f"linattn.ops.{name}.triton")
+        module = "linattn.ops.common.triton_recurrent" if name == "recurrent" else f"linattn.ops.{name}.triton"
+        mod = importlib.import_module(module)
         groups[name] = mod.compile_variants
     return groups
 

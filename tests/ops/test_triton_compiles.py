@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("triton")
 pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton's NVIDIA backend is not installed")
 
-GROUPS = ["simple_gla", "gated_delta_rule", "gla"]
+GROUPS = ["simple_gla", "gated_delta_rule", "gla", "recurrent"]
 
 
 @pytest.mark.parametrize("group", GROUPS)

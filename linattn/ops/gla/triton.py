@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from linattn.ops.common.triton_recurrent import recurrent
 from linattn.ops.common.triton_utils import (
     kernel_flags,
     needs_grad,
@@ -37,7 +38,7 @@ from linattn.ops.common.triton_utils import (
     store_dtype,
     triton_unsupported,
 )
-from linattn.ops.gla.triton_kernels import _chunk_kernel, _recurrent_kernel
+from linattn.ops.gla.triton_kernels import _chunk_kernel
 
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers
@@ -130,39 +131,6 @@ def sweep(
     if has_final:
         return o.to(out_dtype), ht, wo, dkt, fin
     return o.to(out_dtype), ht, wo
-
-
-def recurrent(q, k, v, g, h0, scale: float, cu_seqlens):
-    """Token-by-token forward (decoding): o [B, T, H, V] and the final state [N, H, K, V] float32."""
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    BK = max(16, triton.next_power_of_2(K))
-    BV = max(16, min(32, triton.next_power_of_2(V)))
-    o = torch.empty(v.shape, dtype=store_dtype(v.dtype), device=v.device)
-    ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device)
-    dummy = ht
-    _recurrent_kernel[(triton.cdiv(V, BV), N * H)](
-        q,
-        k,
-        v,
-        g,
-        h0 if h0 is not None else dummy,
-        o,
-        ht,
-        cu_seqlens if cu_seqlens is not None else dummy,
-        scale,
-        T,
-        H=H,
-        K=K,
-        V=V,
-        BK=BK,
-        BV=BV,
-        HAS_H0=h0 is not None,
-        VARLEN=cu_seqlens is not None,
-        PRECISE_EXP=precise_exp(q.dtype),
-    )
-    return o.to(v.dtype), ht
 
 
 def backward(do, dht, q, k, v, g, h0, ht, scale: float, cu_seqlens):
@@ -348,9 +316,6 @@ def compile_variants():
                 const |= dict(BG=BV if on_out else BK, GATE_ON_OUT=on_out, HAS_H0=True, HAS_W=has_w)
                 const |= dict(HAS_FINAL=has_final, REVERSE=reverse, VARLEN=dt == "fp16", PRECISE_EXP=dt == "fp32")
                 yield f"chunk {dt} K={K} V={V} {name}", _chunk_kernel, ptrs, const | flags, dict(scalars=SCALARS)
-    ptrs = dict(q="bf16", k="bf16", v="bf16", o="bf16", g=f32, h0=f32, ht=f32, cu_seqlens="i32")
-    const = dict(H=16, K=128, V=128, BK=128, BV=32, HAS_H0=True, VARLEN=True, PRECISE_EXP=False)
-    yield "recurrent bf16", _recurrent_kernel, ptrs, const, dict(scalars=SCALARS)
 
 
 __all__ = ["triton_gla", "triton_unsupported", "sweep", "backward", "recurrent", "BT"]

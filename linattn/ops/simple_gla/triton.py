@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from linattn.ops.common.triton_recurrent import recurrent
 from linattn.ops.common.triton_utils import (
     chunk_log_decay,
     dot_operand,
@@ -214,56 +215,6 @@ def _segment_scan_kernel(
     tl.store(ht + (i_n * H + i_h).to(tl.int64) * KV + o_e, S, mask=m_e)
 
 
-@triton.jit
-def _recurrent_kernel(
-    q,
-    k,
-    v,
-    g,
-    h0,
-    o,
-    ht,
-    cu_seqlens,
-    scale,
-    T,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    V: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
-    HAS_G: tl.constexpr,
-    HAS_H0: tl.constexpr,
-    VARLEN: tl.constexpr,
-):
-    # Token by token, for decoding: the state tile stays in registers across the few tokens.
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    if VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    else:
-        bos = i_n.to(tl.int64) * T
-        eos = bos + T
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
-    state_off = (i_n * H + i_h).to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
-    S = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_H0:
-        S += tl.load(h0 + state_off, mask=m_kv, other=0.0)
-    for t in range(bos, eos):
-        tok = t * H + i_h
-        b_q = tl.load(q + tok * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-        b_k = tl.load(k + tok * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-        b_v = tl.load(v + tok * V + o_v, mask=m_v, other=0.0).to(tl.float32)
-        if HAS_G:
-            S = S * tl.exp(tl.load(g + tok).to(tl.float32))
-        S += b_k[:, None] * b_v[None, :]
-        tl.store(o + tok * V + o_v, (tl.sum(S * b_q[:, None], axis=0) * scale).to(o.dtype.element_ty), mask=m_v)
-    tl.store(ht + state_off, S, mask=m_kv)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
@@ -434,39 +385,6 @@ def sweep(
             **common,
         )
     return o.to(out_dtype), ht, (wo.sum(0) if wo is not None else None)
-
-
-def recurrent(q, k, v, g, h0, scale: float, cu_seqlens):
-    """Token-by-token forward (decoding): o [B, T, H, V] and the final state [N, H, K, V] float32."""
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    BK = max(16, triton.next_power_of_2(K))
-    BV = max(16, min(32, triton.next_power_of_2(V)))
-    o = torch.empty(v.shape, dtype=store_dtype(v.dtype), device=v.device)
-    ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device)
-    dummy = ht
-    _recurrent_kernel[(triton.cdiv(V, BV), N * H)](
-        q,
-        k,
-        v,
-        g if g is not None else dummy,
-        h0 if h0 is not None else dummy,
-        o,
-        ht,
-        cu_seqlens if cu_seqlens is not None else dummy,
-        scale,
-        T,
-        H=H,
-        K=K,
-        V=V,
-        BK=BK,
-        BV=BV,
-        HAS_G=g is not None,
-        HAS_H0=h0 is not None,
-        VARLEN=cu_seqlens is not None,
-    )
-    return o.to(v.dtype), ht
 
 
 def _to_tokens(x: torch.Tensor, cu_seqlens, T: int) -> torch.Tensor:
@@ -675,6 +593,3 @@ def compile_variants():
     ptrs = dict(dS="fp32", gsum="fp32", h0="fp32", hin="fp32", ht="fp32")
     const = dict(H=16, KV=128 * 128, BLOCK=1024, HAS_G=True, HAS_H0=True, REVERSE=False)
     yield "segment scan", _segment_scan_kernel, ptrs, const, dict(scalars=dict(NS="i32"))
-    ptrs = dict(q="bf16", k="bf16", v="bf16", o="bf16", g="fp32", h0="fp32", ht="fp32", cu_seqlens="i32")
-    const = dict(H=16, K=128, V=128, BK=128, BV=32, HAS_G=True, HAS_H0=True, VARLEN=True)
-    yield "recurrent bf16", _recurrent_kernel, ptrs, const, dict(scalars=dict(scale="fp32", T="i32"))

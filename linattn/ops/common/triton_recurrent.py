@@ -1,0 +1,112 @@
+"""The token-by-token Triton kernel of the decay family, for decoding: linear attention, simple GLA and GLA.
+
+S_t = decay_t * S_{t-1} + k_t v_t^T and o_t = scale S_t^T q_t, with no decay (GATE = 0), one log-decay per
+head and token (GATE = 1, g [.., T, H]) or one per key channel (GATE = 2, g [.., T, H, K]). The [K, BV] state
+tile stays in registers across the few tokens of a decode step.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from linattn.ops.common.triton_utils import exp32, precise_exp, store_dtype
+
+
+@triton.jit
+def _recurrent_kernel(
+    q,
+    k,
+    v,
+    g,
+    h0,
+    o,
+    ht,
+    cu_seqlens,
+    scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    GATE: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    VARLEN: tl.constexpr,
+    PRECISE_EXP: tl.constexpr,
+):
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    if VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    state_off = (i_n * H + i_h).to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        S += tl.load(h0 + state_off, mask=m_kv, other=0.0)
+    for t in range(bos, eos):
+        tok = t * H + i_h
+        b_q = tl.load(q + tok * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_k = tl.load(k + tok * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_v = tl.load(v + tok * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+        if GATE == 1:
+            S = S * exp32(tl.load(g + tok).to(tl.float32), PRECISE_EXP)
+        elif GATE == 2:
+            b_g = tl.load(g + tok * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+            S = S * exp32(b_g, PRECISE_EXP)[:, None]
+        S += b_k[:, None] * b_v[None, :]
+        tl.store(o + tok * V + o_v, (tl.sum(S * b_q[:, None], axis=0) * scale).to(o.dtype.element_ty), mask=m_v)
+    tl.store(ht + state_off, S, mask=m_kv)
+
+
+def recurrent(q, k, v, g, h0, scale: float, cu_seqlens):
+    """Token-by-token forward: o [B, T, H, V] and the final state [N, H, K, V] float32.
+
+    q, k [B, T, H, K]; v [B, T, H, V]; g None, [B, T, H] or [B, T, H, K] float32; h0 [N, H, K, V] float32 or None.
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    BK = max(16, triton.next_power_of_2(K))
+    BV = max(16, min(32, triton.next_power_of_2(V)))
+    o = torch.empty(v.shape, dtype=store_dtype(v.dtype), device=v.device)
+    ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device)
+    dummy = ht  # stands in for absent optional pointers; never read
+    _recurrent_kernel[(triton.cdiv(V, BV), N * H)](
+        q,
+        k,
+        v,
+        g if g is not None else dummy,
+        h0 if h0 is not None else dummy,
+        o,
+        ht,
+        cu_seqlens if cu_seqlens is not None else dummy,
+        scale,
+        T,
+        H=H,
+        K=K,
+        V=V,
+        BK=BK,
+        BV=BV,
+        GATE=0 if g is None else (1 if g.dim() == 3 else 2),
+        HAS_H0=h0 is not None,
+        VARLEN=cu_seqlens is not None,
+        PRECISE_EXP=precise_exp(q.dtype),
+    )
+    return o.to(v.dtype), ht
+
+
+def compile_variants():
+    """For tests/ops/compile_kernels.py: the decode kernel with each kind of gate, bf16, varlen."""
+    ptrs = dict(q="bf16", k="bf16", v="bf16", o="bf16", g="fp32", h0="fp32", ht="fp32", cu_seqlens="i32")
+    for gate in (0, 1, 2):
+        const = dict(H=16, K=128, V=128, BK=128, BV=32, GATE=gate, HAS_H0=True, VARLEN=True, PRECISE_EXP=False)
+        yield f"recurrent bf16 gate={gate}", _recurrent_kernel, ptrs, const, dict(scalars=dict(scale="fp32", T="i32"))
