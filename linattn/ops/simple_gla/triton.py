@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from linattn.ops.common.triton_ops import register_decay_ops
 from linattn.ops.common.triton_recurrent import recurrent
 from linattn.ops.common.triton_utils import (
     chunk_log_decay,
@@ -41,10 +42,8 @@ from linattn.ops.common.triton_utils import (
     exp32,
     kernel_flags,
     lowp_dots,
-    needs_grad,
     precise_exp,
     reverse_cumsum_per_sequence,
-    short_for_recurrent,
     store_dtype,
     triton_unsupported,
 )
@@ -438,131 +437,17 @@ def backward(do, dht, q, k, v, g, h0, ht, scale: float, cu_seqlens, segments: in
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# torch.library registration: opaque to torch.compile, with fake tensors and autograd
+# torch.library registration and the public function
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("linattn::chunk_simple_gla", mutates_args=())
-def _chunk_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor | None,
-    h0: torch.Tensor | None,
-    cu_seqlens: torch.Tensor | None,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(q, k, v, g, h0, scale, cu_seqlens):
     o, ht, _ = sweep(q, k, v, g, h0, scale, cu_seqlens)
     return o, ht
 
 
-def _num_states(q, cu_seqlens) -> int:
-    return q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-
-
-def _fake_forward(q, k, v, g, h0, cu_seqlens, scale):
-    """Shapes of (o, final state) for torch.compile's fake tensors; both forward ops share them."""
-    N, H, K, V = _num_states(q, cu_seqlens), q.shape[2], q.shape[3], v.shape[3]
-    return torch.empty_like(v), q.new_empty(N, H, K, V, dtype=torch.float32)
-
-
-_chunk_op.register_fake(_fake_forward)
-
-
-@torch.library.custom_op("linattn::chunk_simple_gla_backward", mutates_args=())
-def _chunk_backward_op(
-    do: torch.Tensor,
-    dht: torch.Tensor | None,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor | None,
-    h0: torch.Tensor | None,
-    ht: torch.Tensor,
-    cu_seqlens: torch.Tensor | None,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv, dg, dh0 = backward(do, dht, q, k, v, g, h0, ht, scale, cu_seqlens)
-    empty = q.new_empty(0, dtype=torch.float32)
-    return dq, dk, dv, (dg if dg is not None else empty), (dh0 if dh0 is not None else empty.clone())
-
-
-@_chunk_backward_op.register_fake
-def _(do, dht, q, k, v, g, h0, ht, cu_seqlens, scale):
-    empty = q.new_empty(0, dtype=torch.float32)
-    return (
-        torch.empty_like(q),
-        torch.empty_like(k),
-        torch.empty_like(v),
-        torch.empty_like(g) if g is not None else empty,
-        torch.empty_like(h0) if h0 is not None else empty.clone(),
-    )
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, g, h0, cu_seqlens, scale = inputs
-    ctx.save_for_backward(q, k, v, g, h0, output[1], cu_seqlens)
-    ctx.scale = scale
-    # An output that got no gradient (the final state, unless the caller used it) arrives as None, not as
-    # zeros: the backward then skips the final-state terms instead of computing them from zeros.
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, do, dht):
-    q, k, v, g, h0, ht, cu_seqlens = ctx.saved_tensors
-    do = do if do is not None else torch.zeros_like(v)
-    dq, dk, dv, dg, dh0 = _chunk_backward_op(
-        do.contiguous(), dht.contiguous() if dht is not None else None, q, k, v, g, h0, ht, cu_seqlens, ctx.scale
-    )
-    return dq, dk, dv, (dg if g is not None else None), (dh0 if h0 is not None else None), None, None
-
-
-_chunk_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-@torch.library.custom_op("linattn::recurrent_simple_gla", mutates_args=())
-def _recurrent_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor | None,
-    h0: torch.Tensor | None,
-    cu_seqlens: torch.Tensor | None,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return recurrent(q, k, v, g, h0, scale, cu_seqlens)
-
-
-_recurrent_op.register_fake(_fake_forward)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Public function
-# ----------------------------------------------------------------------------------------------------------------
-
-RECURRENT_MAX_T = 16  # below this many tokens per sequence, and with no gradient needed, run token by token
-
-
-def triton_simple_gla(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor | None,
-    *,
-    scale: float,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
-):
-    """Same contract as ``naive_simple_gla``; g may be None (plain linear attention)."""
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    g = g.float().contiguous() if g is not None else None
-    h0 = initial_state.float().contiguous() if initial_state is not None else None
-    short = short_for_recurrent(q, cu_seqlens, RECURRENT_MAX_T)
-    op = _recurrent_op if short and not needs_grad(q, k, v, g, h0) else _chunk_op
-    o, ht = op(q, k, v, g, h0, cu_seqlens, float(scale))
-    return o, (ht if output_final_state else None)
-
+# Same contract as ``naive_simple_gla``, with g [B, T, H] or None (plain linear attention).
+triton_simple_gla = register_decay_ops("simple_gla", _forward, backward)
 
 __all__ = ["triton_simple_gla", "triton_unsupported", "sweep", "backward", "recurrent", "BT"]
 

@@ -1,0 +1,114 @@
+"""torch.library registration shared by the decay family's Triton kernels (simple GLA, GLA).
+
+``register_decay_ops(name, forward, backward)`` registers three custom ops, opaque to torch.compile,
+with fake tensors and autograd: ``linattn::chunk_<name>``, ``linattn::chunk_<name>_backward`` and
+``linattn::recurrent_<name>`` (the decode kernel, ops/common/triton_recurrent.py). It returns the
+function that the op's ``impl="triton"`` runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from linattn.ops.common.triton_recurrent import recurrent
+from linattn.ops.common.triton_utils import needs_grad, short_for_recurrent
+
+RECURRENT_MAX_T = 16  # below this many tokens per sequence, and with no gradient needed, run token by token
+
+
+def _fake_forward(q, k, v, g, h0, cu_seqlens, scale):
+    """Shapes of (o, final state) for torch.compile's fake tensors; both forward ops share them."""
+    N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return torch.empty_like(v), q.new_empty(N, q.shape[2], q.shape[3], v.shape[3], dtype=torch.float32)
+
+
+def register_decay_ops(name: str, forward: Callable, backward: Callable) -> Callable:
+    """Register the ops of one decay mechanism and return its Triton entry point.
+
+    forward(q, k, v, g, h0, scale, cu_seqlens) -> (o, final state float32);
+    backward(do, dht, q, k, v, g, h0, ht, scale, cu_seqlens) -> (dq, dk, dv, dg or None, dh0 or None),
+    where dht is None when the final state got no gradient.
+    """
+
+    @torch.library.custom_op(f"linattn::chunk_{name}", mutates_args=())
+    def chunk_op(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        g: torch.Tensor | None,
+        h0: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return forward(q, k, v, g, h0, scale, cu_seqlens)
+
+    chunk_op.register_fake(_fake_forward)
+
+    @torch.library.custom_op(f"linattn::chunk_{name}_backward", mutates_args=())
+    def backward_op(
+        do: torch.Tensor,
+        dht: torch.Tensor | None,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        g: torch.Tensor | None,
+        h0: torch.Tensor | None,
+        ht: torch.Tensor,
+        cu_seqlens: torch.Tensor | None,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        dq, dk, dv, dg, dh0 = backward(do, dht, q, k, v, g, h0, ht, scale, cu_seqlens)
+        empty = q.new_empty(0, dtype=torch.float32)  # custom ops return tensors: empty stands for None
+        return dq, dk, dv, (dg if dg is not None else empty), (dh0 if dh0 is not None else empty.clone())
+
+    @backward_op.register_fake
+    def _(do, dht, q, k, v, g, h0, ht, cu_seqlens, scale):
+        empty = q.new_empty(0, dtype=torch.float32)
+        dg = torch.empty_like(g) if g is not None else empty
+        dh0 = torch.empty_like(h0) if h0 is not None else empty.clone()
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dg, dh0
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, g, h0, cu_seqlens, scale = inputs
+        ctx.save_for_backward(q, k, v, g, h0, output[1], cu_seqlens)
+        ctx.scale = scale
+        # An output that got no gradient (the final state, unless the caller used it) arrives as None, not as
+        # zeros: the backward then skips the final-state terms instead of computing them from zeros.
+        ctx.set_materialize_grads(False)
+
+    def backward_fn(ctx, do, dht):
+        q, k, v, g, h0, ht, cu_seqlens = ctx.saved_tensors
+        do = do if do is not None else torch.zeros_like(v)
+        dht = dht.contiguous() if dht is not None else None
+        dq, dk, dv, dg, dh0 = backward_op(do.contiguous(), dht, q, k, v, g, h0, ht, cu_seqlens, ctx.scale)
+        return dq, dk, dv, (dg if g is not None else None), (dh0 if h0 is not None else None), None, None
+
+    chunk_op.register_autograd(backward_fn, setup_context=setup_context)
+
+    @torch.library.custom_op(f"linattn::recurrent_{name}", mutates_args=())
+    def recurrent_op(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        g: torch.Tensor | None,
+        h0: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return recurrent(q, k, v, g, h0, scale, cu_seqlens)
+
+    recurrent_op.register_fake(_fake_forward)
+
+    def run(q, k, v, g, *, scale: float, initial_state=None, output_final_state: bool = False, cu_seqlens=None):
+        """The op's Triton path: q, k [B, T, H, K], v [B, T, H, V], g None, [B, T, H] or [B, T, H, K]."""
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        g = g.float().contiguous() if g is not None else None
+        h0 = initial_state.float().contiguous() if initial_state is not None else None
+        short = short_for_recurrent(q, cu_seqlens, RECURRENT_MAX_T)
+        op = recurrent_op if short and not needs_grad(q, k, v, g, h0) else chunk_op
+        o, ht = op(q, k, v, g, h0, cu_seqlens, float(scale))
+        return o, (ht if output_final_state else None)
+
+    return run
