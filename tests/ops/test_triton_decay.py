@@ -12,6 +12,7 @@ import torch
 from linattn import ops
 from tests.ops.mechanisms import by_id
 from tests.ops.tolerance import ON_DEVICE, assert_same_result, check_against_naive
+from tests.ops.triton_checks import assert_compiles_fullgraph, extreme, triton_calls
 
 triton = pytest.importorskip("triton")
 from linattn.ops.simple_gla import triton as tri  # noqa: E402
@@ -41,15 +42,6 @@ def test_triton_varlen(case):
     cu_seqlens = torch.tensor([0, 0, 1, 131, 131, 195, 200])  # empty, one token, several chunks, empty, ...
     tensors, state = case.draw(B=1, T=200, H=2, K=16, V=24, seed=5, N=6)
     check_against_naive(case, *to(tensors, state), "triton", cu_seqlens=cu_seqlens.to(DEVICE), **ON_DEVICE)
-
-
-def extreme(tensors, gates):
-    if gates == "mixed":
-        choice = torch.tensor([0.0, -1e-7, -30.0, -1e4])
-        tensors[3] = choice[torch.randint(4, tensors[3].shape, generator=torch.Generator().manual_seed(0))]
-    else:
-        tensors[3] = torch.full_like(tensors[3], gates)
-    return tensors
 
 
 @pytest.mark.parametrize("state_grad", [False, True], ids=["no_dS", "with_dS"])
@@ -137,19 +129,8 @@ def test_unused_final_state_gets_no_gradient_pass(monkeypatch):
 
 def test_auto_picks_triton_only_on_cuda():
     q = torch.randn(1, 40, 2, 16, device=DEVICE)
-    calls = []
-    original = ops.simple_gla.__globals__["IMPLS"]["triton"]
-
-    def spy(*a, **kw):
-        calls.append(1)
-        return original(*a, **kw)
-
-    ops.simple_gla.__globals__["IMPLS"]["triton"] = spy
-    try:
-        ops.simple_gla(q, q, q, -torch.rand(1, 40, 2, device=DEVICE))
-    finally:
-        ops.simple_gla.__globals__["IMPLS"]["triton"] = original
-    assert bool(calls) == CUDA
+    g = -torch.rand(1, 40, 2, device=DEVICE)
+    assert bool(triton_calls(ops.simple_gla, lambda: ops.simple_gla(q, q, q, g))) == CUDA
 
 
 def test_torch_compile_fullgraph():
@@ -162,16 +143,7 @@ def test_torch_compile_fullgraph():
         o, s = ops.simple_gla(q, k, v, g, initial_state=h0, output_final_state=True, impl="triton")
         return (o * o).sum() + s.sum()
 
-    backend = "inductor" if CUDA else "aot_eager"
-    compiled = torch.compile(f, fullgraph=True, backend=backend)
-    leaves = [x.clone().requires_grad_() for x in (*tensors, state)]
-    leaves2 = [x.clone().requires_grad_() for x in (*tensors, state)]
-    loss, loss2 = f(*leaves), compiled(*leaves2)
-    loss.backward()
-    loss2.backward()
-    assert_same_result("loss", loss2.detach(), loss.detach())
-    for a, b in zip(leaves2, leaves):
-        assert_same_result("grad", a.grad, b.grad)
+    assert_compiles_fullgraph(f, [*tensors, state])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import torch
 from linattn import ops
 from tests.ops.mechanisms import by_id
 from tests.ops.tolerance import ON_DEVICE, assert_same_result, check_against_naive
+from tests.ops.triton_checks import assert_compiles_fullgraph, extreme, triton_calls
 
 triton = pytest.importorskip("triton")
 from linattn.ops.gated_delta_rule import triton as tri  # noqa: E402
@@ -70,15 +71,6 @@ def test_unnormalised_keys_with_beta_near_one():
     tensors[1] = tensors[1] * 0.35  # |k|^2 ~ 2 (raw Gaussian keys have |k|^2 ~ K = 16)
     tensors[4] = 0.9 + 0.1 * tensors[4]
     check_against_naive(case, *to(tensors, state), "triton", **ON_DEVICE)
-
-
-def extreme(tensors, gates):
-    if gates == "mixed":
-        choice = torch.tensor([0.0, -1e-7, -30.0, -1e4])
-        tensors[3] = choice[torch.randint(4, tensors[3].shape, generator=torch.Generator().manual_seed(0))]
-    else:
-        tensors[3] = torch.full_like(tensors[3], gates)
-    return tensors
 
 
 @pytest.mark.parametrize("gates", [0.0, -30.0, -1e4, "mixed"])
@@ -153,20 +145,7 @@ def test_unsupported_call_raises():
 def test_auto_picks_triton_only_on_cuda():
     q = torch.randn(1, 40, 2, 16, device=DEVICE)
     beta = torch.rand(1, 40, 2, device=DEVICE)
-    calls = []
-    impls = ops.gated_delta_rule.__globals__["IMPLS"]
-    original = impls["triton"]
-
-    def spy(*a, **kw):
-        calls.append(1)
-        return original(*a, **kw)
-
-    impls["triton"] = spy
-    try:
-        ops.gated_delta_rule(q, q, q, -beta, beta)
-    finally:
-        impls["triton"] = original
-    assert bool(calls) == CUDA
+    assert bool(triton_calls(ops.gated_delta_rule, lambda: ops.gated_delta_rule(q, q, q, -beta, beta))) == CUDA
 
 
 def test_torch_compile_fullgraph():
@@ -179,15 +158,7 @@ def test_torch_compile_fullgraph():
         o, s = ops.gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True, impl="triton", **opts)
         return (o * o).sum() + s.sum()
 
-    compiled = torch.compile(f, fullgraph=True, backend="inductor" if CUDA else "aot_eager")
-    leaves = [x.clone().requires_grad_() for x in (*tensors, state)]
-    leaves2 = [x.clone().requires_grad_() for x in (*tensors, state)]
-    loss, loss2 = f(*leaves), compiled(*leaves2)
-    loss.backward()
-    loss2.backward()
-    assert_same_result("loss", loss2.detach(), loss.detach())
-    for a, b in zip(leaves2, leaves):
-        assert_same_result("grad", a.grad, b.grad)
+    assert_compiles_fullgraph(f, [*tensors, state])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch
 from linattn import ops
 from tests.ops.mechanisms import by_id
 from tests.ops.tolerance import ON_DEVICE, assert_same_result, check_against_naive
+from tests.ops.triton_checks import assert_compiles_fullgraph, extreme, triton_calls
 
 triton = pytest.importorskip("triton")
 from linattn.ops.gla import triton as tri  # noqa: E402
@@ -45,15 +46,6 @@ def test_triton_head_dims_beyond_one_block(K, V):
     """Masked head dims, several V blocks, and key slices of the in-sub-chunk decay (K > 32)."""
     tensors, state = CASE.draw(B=1, T=40, H=1, K=K, V=V, seed=K)
     check_against_naive(CASE, *to(tensors, state), "triton", **ON_DEVICE)
-
-
-def extreme(tensors, gates):
-    if gates == "mixed":  # per element: no decay, almost none, strong, and a reset
-        choice = torch.tensor([0.0, -1e-7, -30.0, -1e4])
-        tensors[3] = choice[torch.randint(4, tensors[3].shape, generator=torch.Generator().manual_seed(0))]
-    else:
-        tensors[3] = torch.full_like(tensors[3], gates)
-    return tensors
 
 
 @pytest.mark.parametrize("gates", [0.0, -30.0, -1e4, "mixed"])
@@ -109,19 +101,7 @@ def test_recurrent_decode_varlen():
 
 def test_auto_picks_triton_only_on_cuda():
     q = torch.randn(1, 40, 2, 16, device=DEVICE)
-    calls = []
-    original = ops.gla.__globals__["IMPLS"]["triton"]
-
-    def spy(*a, **kw):
-        calls.append(1)
-        return original(*a, **kw)
-
-    ops.gla.__globals__["IMPLS"]["triton"] = spy
-    try:
-        ops.gla(q, q, q, -torch.rand_like(q))
-    finally:
-        ops.gla.__globals__["IMPLS"]["triton"] = original
-    assert bool(calls) == CUDA
+    assert bool(triton_calls(ops.gla, lambda: ops.gla(q, q, q, -torch.rand_like(q)))) == CUDA
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -140,15 +120,7 @@ def test_torch_compile_fullgraph():
         o, s = ops.gla(q, k, v, g, initial_state=h0, output_final_state=True, impl="triton")
         return (o * o).sum() + s.sum()
 
-    compiled = torch.compile(f, fullgraph=True)
-    leaves = [x.clone().requires_grad_() for x in (*tensors, state)]
-    leaves2 = [x.clone().requires_grad_() for x in (*tensors, state)]
-    loss, loss2 = f(*leaves), compiled(*leaves2)
-    loss.backward()
-    loss2.backward()
-    assert_same_result("loss", loss2.detach(), loss.detach())
-    for a, b in zip(leaves2, leaves):
-        assert_same_result("grad", a.grad, b.grad)
+    assert_compiles_fullgraph(f, [*tensors, state])
 
 
 @gpu

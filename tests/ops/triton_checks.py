@@ -1,0 +1,51 @@
+"""Checks that every Triton op's tests share: extreme gates, auto dispatch, torch.compile."""
+
+from __future__ import annotations
+
+import torch
+
+from tests.ops.tolerance import assert_same_result
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def extreme(tensors: list, gates, index: int = 3) -> list:
+    """Replace the gate ``tensors[index]`` by a constant, or, for "mixed", by a per-element draw of no decay,
+    almost none, strong decay and a reset."""
+    if gates == "mixed":
+        choice = torch.tensor([0.0, -1e-7, -30.0, -1e4])
+        tensors[index] = choice[torch.randint(4, tensors[index].shape, generator=torch.Generator().manual_seed(0))]
+    else:
+        tensors[index] = torch.full_like(tensors[index], gates)
+    return tensors
+
+
+def triton_calls(op, call) -> int:
+    """How many times ``call()`` reaches the Triton impl of the public ``op`` (dispatch's "auto" choice)."""
+    impls = op.__globals__["IMPLS"]
+    original, calls = impls["triton"], []
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    impls["triton"] = spy
+    try:
+        call()
+    finally:
+        impls["triton"] = original
+    return len(calls)
+
+
+def assert_compiles_fullgraph(f, inputs: list):
+    """torch.compile(f, fullgraph=True) traces f without a graph break and gives f's loss and gradients."""
+    compiled = torch.compile(f, fullgraph=True, backend="inductor" if CUDA else "aot_eager")
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    leaves2 = [x.clone().requires_grad_() for x in inputs]
+    loss, loss2 = f(*leaves), compiled(*leaves2)
+    loss.backward()
+    loss2.backward()
+    assert_same_result("loss", loss2.detach(), loss.detach())
+    for a, b in zip(leaves2, leaves):
+        assert_same_result("grad", a.grad, b.grad)
