@@ -67,10 +67,12 @@ def _recurrent_kernel(
     tl.store(ht + state_off, S, mask=m_kv)
 
 
-def recurrent(q, k, v, g, h0, scale: float, cu_seqlens):
+def recurrent(q, k, v, g, h0, scale: float, cu_seqlens, out_state=None):
     """Token-by-token forward: o [B, T, H, V] and the final state [N, H, K, V] float32.
 
     q, k [B, T, H, K]; v [B, T, H, V]; g None, [B, T, H] or [B, T, H, K] float32; h0 [N, H, K, V] float32 or None.
+    The final state is written to out_state when given, which may be h0 itself: each program reads its own
+    state tile before it writes the same tile, so updating in place is safe.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -78,7 +80,7 @@ def recurrent(q, k, v, g, h0, scale: float, cu_seqlens):
     BK = max(16, triton.next_power_of_2(K))
     BV = max(16, min(32, triton.next_power_of_2(V)))
     o = torch.empty(v.shape, dtype=store_dtype(v.dtype), device=v.device)
-    ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device)
+    ht = out_state if out_state is not None else torch.empty(N, H, K, V, dtype=torch.float32, device=q.device)
     dummy = ht  # stands in for absent optional pointers; never read
     _recurrent_kernel[(triton.cdiv(V, BV), N * H)](
         q,
