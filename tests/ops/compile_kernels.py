@@ -4,14 +4,18 @@ The interpreter runs kernel logic on CPU but never runs the compiler, so a kerne
 interpreter test and still fail to compile. Triton's front end and ptxas need no GPU, so CI compiles
 the variants the launchers use here. Run in a fresh process: TRITON_INTERPRET must be unset at import.
 
-    python -m tests.ops.compile_kernels simple_gla     # compile one group, print each variant
+    python -m tests.ops.compile_kernels simple_gla                # compile one group, print each variant
+    python -m tests.ops.compile_kernels --resources gla [warps]   # also registers and stack (spills) per variant
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 import triton
@@ -58,15 +62,31 @@ def _groups():
     return groups
 
 
+def resources(compiled) -> str:
+    """Registers and stack bytes per thread (a stack means spills) of a compiled kernel, from cuobjdump."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return f"{found.group(1)} registers, stack {found.group(2)} B" if found else "resources unknown"
+
+
 def main(argv: list[str]) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces the compiler")
+    show = "--resources" in argv
+    argv = [a for a in argv if a != "--resources"]
+    warps = [int(a) for a in argv if a.isdigit()]
     groups = _groups()
-    for group in argv or list(groups):
+    for group in [a for a in argv if not a.isdigit()] or list(groups):
         for label, kernel, pointers, constexprs, opts in groups[group]():
-            t0 = time.perf_counter()
-            out = compile_variant(kernel, pointers, constexprs, **opts)
-            print(f"{group} {label}: shared {out.metadata.shared} B, {time.perf_counter() - t0:.1f} s", flush=True)
+            for w in warps or [opts.get("num_warps", 4)]:
+                t0 = time.perf_counter()
+                out = compile_variant(kernel, pointers, constexprs, **(opts | dict(num_warps=w)))
+                extra = f", {w} warps, {resources(out)}" if show else ""
+                print(f"{group} {label}: shared {out.metadata.shared} B{extra}, {time.perf_counter() - t0:.1f} s")
     return 0
 
 
