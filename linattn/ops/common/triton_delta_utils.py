@@ -50,24 +50,26 @@ def load_beta(beta, tok, m_t, BETA_LOGIT: tl.constexpr):
 
 
 @triton.jit
-def unit_lower_inverse(A, BT: tl.constexpr, BD: tl.constexpr):
+def unit_lower_inverse(A, BT: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
     """(I + A)^-1 for a strictly lower triangular A [BT, BT], by forward substitution in float32.
 
     Blocked by BD: first every diagonal block at once, row by row (row r of a block is e_r minus
     sum_{s < r} A_rs times the block's final row s), then block row after block row,
-    T_ij = -T_ii sum_{j <= l < i} A_il T_lj. Every product is exact float32 ("ieee"). Unlike the
-    product form (I - A)(I + A^2)(I + A^4)..., nothing here cancels for large A.
+    T_ij = -T_ii sum_{j <= l < i} A_il T_lj. PREC is the dots' precision: "ieee" (exact float32 products,
+    which Hopper runs on its FMA units, not its tensor cores) for float32 inputs, "tf32x3" (three tf32
+    products, about float32's accuracy, on the tensor cores) for 16-bit ones. Unlike the product form
+    (I - A)(I + A^2)(I + A^4)..., nothing here cancels for large A.
     """
     o_t = tl.arange(0, BT)
     same = (o_t[:, None] // BD) == (o_t[None, :] // BD)
     Ti = tl.where(o_t[:, None] == o_t[None, :], 1.0, 0.0)
     A_diag = tl.where(same, A, 0.0)
     for r in range(1, BD):
-        Ti -= tl.dot(tl.where((o_t % BD == r)[:, None], A_diag, 0.0), Ti, input_precision="ieee")
+        Ti -= tl.dot(tl.where((o_t % BD == r)[:, None], A_diag, 0.0), Ti, input_precision=PREC)
     D_inv = Ti
     for i in range(1, BT // BD):
-        X = tl.dot(tl.where((o_t // BD == i)[:, None] & (o_t < i * BD)[None, :], A, 0.0), Ti, input_precision="ieee")
-        Ti -= tl.dot(D_inv, X, input_precision="ieee")
+        X = tl.dot(tl.where((o_t // BD == i)[:, None] & (o_t < i * BD)[None, :], A, 0.0), Ti, input_precision=PREC)
+        Ti -= tl.dot(D_inv, X, input_precision=PREC)
     return Ti
 
 

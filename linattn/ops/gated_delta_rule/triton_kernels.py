@@ -66,7 +66,10 @@ def _prepare_kernel(
     if SOLVE:
         A = mm(b_k, tl.trans(b_k), DOT_PREC, ROUND) * gamma * b_beta[:, None]
         A = tl.where(o_t[:, None] > o_t[None, :], A, 0.0)
-        Ti = unit_lower_inverse(A, BT, 16)
+        if DOT_PREC == "ieee":
+            Ti = unit_lower_inverse(A, BT, 16, "ieee")
+        else:
+            Ti = unit_lower_inverse(A, BT, 16, "tf32x3")
     else:
         Ti = tl.load(tinv + tok[:, None] * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
     b_w = mm(Ti, b_k * (b_beta * e_b)[:, None], DOT_PREC, ROUND)
