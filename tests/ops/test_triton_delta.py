@@ -137,9 +137,19 @@ def test_unsupported_call_raises():
     beta = torch.rand(1, 4, 1, dtype=torch.float64, device=DEVICE)
     with pytest.raises(ValueError, match="impl='triton' cannot serve this call"):
         ops.gated_delta_rule(q, q, q, -beta, beta, impl="triton")
-    with pytest.raises(ValueError, match="exceed 256"):
+    with pytest.raises(ValueError, match="K=300 exceeds 128"):
         big = torch.randn(1, 4, 1, 300, device=DEVICE)
         ops.delta_rule(big, big, big, beta.float(), impl="triton")
+    with pytest.raises(ValueError, match="V=300 exceed 256"):
+        k = torch.randn(1, 4, 1, 64, device=DEVICE)
+        ops.delta_rule(k, k, torch.randn(1, 4, 1, 300, device=DEVICE), beta.float(), impl="triton")
+
+
+def test_auto_falls_back_to_chunk_beyond_the_kernels_key_dim():
+    """K = 256 is valid input; on CUDA "auto" must take the chunked path rather than fail to launch."""
+    q = torch.randn(1, 4, 1, 256, device=DEVICE)
+    beta = torch.rand(1, 4, 1, device=DEVICE)
+    assert triton_calls(ops.delta_rule, lambda: ops.delta_rule(q, q, q[..., :8], beta)) == 0
 
 
 def test_auto_picks_triton_only_on_cuda():
@@ -178,7 +188,7 @@ def test_gpu_triton_matches_reference(case, dtype, T):
 
 
 @gpu
-@pytest.mark.parametrize("K, V", [(256, 256), (64, 256), (33, 24)])
+@pytest.mark.parametrize("K, V", [(128, 256), (64, 256), (33, 24)])
 def test_gpu_head_dims(K, V):
     tensors, state = GATED.draw(B=1, T=200, H=2, K=K, V=V, dtype=torch.bfloat16, seed=K)
     check_against_naive(GATED, *to(tensors, state), "triton", reference="chunk", plain_in_dtype=True)

@@ -8,7 +8,9 @@ from linattn.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
 from linattn.ops.gated_delta_rule.naive import naive_gated_delta_rule
 
 IMPLS = {"naive": naive_gated_delta_rule, "chunk": chunk_gated_delta_rule}
-triton_check = register_triton(IMPLS, "linattn.ops.gated_delta_rule.triton", "triton_gated_delta_rule")
+triton_check = register_triton(
+    IMPLS, "linattn.ops.gated_delta_rule.triton", "triton_gated_delta_rule", check="delta_unsupported"
+)
 
 
 def gated_delta_rule(

@@ -92,6 +92,16 @@ class _Layout:
         self.chunks = torch.stack([lo, hi], dim=1).to(torch.int32).contiguous()
 
 
+MAX_KEY_DIM = 128  # the per-chunk backward holds several [64, K] float32 tiles: K = 256 needs ~280 KB of shared memory
+
+
+def delta_unsupported(q: torch.Tensor, v: torch.Tensor) -> str | None:
+    """None if these kernels can serve q, v; else why not (the shared checks, and K <= 128)."""
+    if q.shape[-1] > MAX_KEY_DIM:
+        return f"key dim K={q.shape[-1]} exceeds {MAX_KEY_DIM} (the delta-rule kernels' shared memory bound)"
+    return triton_unsupported(q, v)
+
+
 def _flags(q, g, qk_l2norm: bool) -> dict:
     """The constexprs every chunk kernel takes, for inputs like q, and the num_stages launch option."""
     flags = kernel_flags(q.dtype)
