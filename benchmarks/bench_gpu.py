@@ -128,9 +128,13 @@ def standard_shape(table, bw, lengths, fla_lengths, op_names):
     for T in lengths:
         B, runs = standard_runs(T, T in fla_lengths, op_names)
         tensor_bytes = B * T * H * D * 2
-        floor_fwd = 4 * tensor_bytes / bw * 1e3
-        floor_full = (4 + 7) * tensor_bytes / bw * 1e3
         for name, fn, lv in runs:
+            # Bytes that must move, in bf16 [B, T, H, D] tensors: q, k, v in and o out; the backward adds q, k,
+            # v, do in and dq, dk, dv out. GLA's float32 [B, T, H, D] gate is two more, read in each pass and its
+            # gradient written (per-head gates and beta are 1/64 of a tensor or less, left out).
+            gate = 2 if " gla " in f" {name} " or "chunk_gla" in name else 0
+            floor_fwd = (4 + gate) * tensor_bytes / bw * 1e3
+            floor_full = (4 + gate + 7 + 2 * gate) * tensor_bytes / bw * 1e3
             try:
                 fwd, full = time_fwd_bwd(fn, lv)
                 row(table, name, T, B, fwd, full, floor_fwd, floor_full)
