@@ -22,6 +22,18 @@ def tf32_round(x, ROUND: tl.constexpr):
 
 
 @triton.jit
+def sequence_bounds(cu_seqlens, i_n, T, VARLEN: tl.constexpr):
+    """[bos, eos) of sequence i_n in the token axis (int64): from cu_seqlens, or row i_n of T tokens."""
+    if VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+    return bos, eos
+
+
+@triton.jit
 def chunk_log_decay(b_g):
     """Chunk-local cumulative log-decay of b_g [BT] (or [BT, BK]) along axis 0, as a float32 pair.
 
@@ -49,9 +61,13 @@ def exp32(x, PRECISE: tl.constexpr):
     return y
 
 
-def precise_exp(dtype: torch.dtype) -> bool:
-    """Whether kernels should use exp32's precise path: float32 inputs on a GPU (the interpreter's exp is numpy's)."""
-    return dtype == torch.float32 and not triton_interpret()
+def precise_exp(dtype: torch.dtype, gpu: bool | None = None) -> bool:
+    """Whether kernels should use exp32's precise path: float32 inputs on a GPU (the interpreter's exp is numpy's).
+
+    gpu: compile for a GPU (default: unless TRITON_INTERPRET=1), as tests/ops/compile_kernels.py does anywhere.
+    """
+    gpu = not triton_interpret() if gpu is None else gpu
+    return dtype == torch.float32 and gpu
 
 
 @triton.jit
@@ -78,18 +94,21 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def kernel_flags(dtype: torch.dtype) -> dict:
+def kernel_flags(dtype: torch.dtype, long_sums: bool = False, gpu: bool | None = None) -> dict:
     """The constexprs that adapt a kernel to the input dtype and to Triton's interpreter.
 
+    DOT_PREC: see dot_precision. With long_sums (a pass whose products feed long chains or sums over the
+    sequence), float16 on the GPU takes "tf32x3": float16 carries tf32's 10 mantissa bits, so tf32 dots
+    would err as much as a plain float16 run, and the chain would pile those errors up.
     UPCAST_QK: the interpreter (Triton 3.9) multiplies bfloat16 tl.dot operands as raw integers.
     ROUND: on the GPU, round float32 dot operands to the nearest tf32 instead of truncating them.
+    gpu: compile for a GPU (default: unless TRITON_INTERPRET=1), as tests/ops/compile_kernels.py does anywhere.
     """
+    gpu = not triton_interpret() if gpu is None else gpu
     prec = dot_precision(dtype)
-    return dict(
-        DOT_PREC=prec,
-        UPCAST_QK=dtype == torch.bfloat16 and triton_interpret(),
-        ROUND=prec == "tf32" and not triton_interpret(),
-    )
+    if long_sums and dtype == torch.float16 and gpu:
+        prec = "tf32x3"
+    return dict(DOT_PREC=prec, UPCAST_QK=dtype == torch.bfloat16 and not gpu, ROUND=prec == "tf32" and gpu)
 
 
 def store_dtype(dtype: torch.dtype) -> torch.dtype:

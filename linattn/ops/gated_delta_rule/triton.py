@@ -32,8 +32,8 @@ from __future__ import annotations
 import torch
 import triton
 
+from linattn.ops.common.triton_recurrent import recurrent as common_recurrent
 from linattn.ops.common.triton_utils import (
-    dot_precision,
     kernel_flags,
     needs_grad,
     precise_exp,
@@ -46,7 +46,6 @@ from linattn.ops.gated_delta_rule.triton_kernels import (
     _backward_state_kernel,
     _forward_kernel,
     _prepare_kernel,
-    _recurrent_kernel,
 )
 
 BT = 64  # chunk length
@@ -102,17 +101,14 @@ def delta_unsupported(q: torch.Tensor, v: torch.Tensor) -> str | None:
     return triton_unsupported(q, v)
 
 
-def _flags(q, g, qk_l2norm: bool) -> dict:
-    """The constexprs every chunk kernel takes, for inputs like q, and the num_stages launch option."""
-    flags = kernel_flags(q.dtype)
+def _flags(dtype: torch.dtype, gated: bool, qk_l2norm: bool, gpu: bool | None = None) -> dict:
+    """The constexprs every chunk kernel takes, for inputs of ``dtype``, and the num_stages launch option."""
+    flags = kernel_flags(dtype, long_sums=True, gpu=gpu)  # the chains through the WY inverse (dbeta)
     del flags["UPCAST_QK"]  # these kernels take every operand to float32 as they load it
-    if q.dtype == torch.float16 and flags["ROUND"]:
-        # float16 carries tf32's 10 mantissa bits, so tf32 dots would err as much as a plain float16 run does,
-        # and the long chains (dbeta through the WY inverse) pile those errors up: three tf32 products instead.
-        flags.update(DOT_PREC="tf32x3", ROUND=False)
     # Launch option, not a constexpr: float32 tiles with Triton's default 3 stages overflow shared memory.
-    stages = 1 if q.dtype == torch.float32 else 2
-    return dict(HAS_G=g is not None, L2NORM=qk_l2norm, PRECISE_EXP=precise_exp(q.dtype), num_stages=stages, **flags)
+    stages = 1 if dtype == torch.float32 else 2
+    exact_exp = precise_exp(dtype, gpu)
+    return dict(HAS_G=gated, L2NORM=qk_l2norm, PRECISE_EXP=exact_exp, num_stages=stages, **flags)
 
 
 def prepare(k, v, g, beta, lay: _Layout, qk_l2norm: bool, beta_is_logit: bool, tinv=None, store_t: bool = False):
@@ -147,7 +143,7 @@ def prepare(k, v, g, beta, lay: _Layout, qk_l2norm: bool, beta_is_logit: bool, t
         BETA_LOGIT=beta_is_logit,
         SOLVE=solve,
         STORE_T=store_t,
-        **_flags(k, g, qk_l2norm),
+        **_flags(k.dtype, g is not None, qk_l2norm),
     )
     return w, u0, tinv
 
@@ -185,7 +181,7 @@ def forward(q, k, v, g, beta, h0, scale: float, cu_seqlens, qk_l2norm: bool, bet
         STORE_O=True,
         STORE_HT=True,
         STORE_STATES=False,
-        **_flags(q, g, qk_l2norm),
+        **_flags(q.dtype, g is not None, qk_l2norm),
     )
     return o.to(v.dtype), ht, tinv
 
@@ -199,7 +195,7 @@ def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l
     BK, BV = _blocks(K, V)
     NV = triton.cdiv(V, BV)
     lay = _Layout(B, T, cu_seqlens, q.device)
-    flags = _flags(q, g, qk_l2norm)
+    flags = _flags(q.dtype, g is not None, qk_l2norm)
     common = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, **flags)
     w, u0, tinv = prepare(k, v, g, beta, lay, qk_l2norm, beta_is_logit, tinv=tinv, store_t=True)
     states = torch.empty(lay.NC, H, K, V, dtype=torch.float32, device=q.device)
@@ -231,22 +227,8 @@ def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l
 
 def recurrent(q, k, v, g, beta, h0, scale: float, cu_seqlens, qk_l2norm: bool, beta_is_logit: bool):
     """Token-by-token forward (decoding): o [B, T, H, V] and the final state [N, H, K, V] float32."""
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    if cu_seqlens is None:
-        cu = torch.arange(B + 1, device=q.device, dtype=torch.int32) * T
-    else:
-        cu = cu_seqlens.to(torch.int32)
-    N = cu.numel() - 1
-    BK, BV = _blocks(K, V)
-    o = torch.empty(v.shape, dtype=store_dtype(v.dtype), device=v.device)
-    ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device)
-    _recurrent_kernel[(triton.cdiv(V, BV), N * H)](
-        q, k, v, g if g is not None else ht, beta, h0 if h0 is not None else ht, o, ht, cu, scale,
-        H=H, K=K, V=V, BK=BK, BV=BV, HAS_G=g is not None, HAS_H0=h0 is not None,
-        L2NORM=qk_l2norm, BETA_LOGIT=beta_is_logit, PRECISE_EXP=precise_exp(q.dtype),
-    )  # fmt: skip
-    return o.to(v.dtype), ht
+    opts = dict(beta=beta, qk_l2norm=qk_l2norm, beta_is_logit=beta_is_logit)
+    return common_recurrent(q, k, v, g, h0, scale, cu_seqlens, **opts)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -411,10 +393,7 @@ def compile_variants():
         ptrs = {n: dt for n in ("q", "k", "v", "o", "do", "dq", "dk", "dv")}
         ptrs |= dict(chunks="i32", cu_seqlens="i32", chunk_start="i32")
         BK, BV = _blocks(128, 128)
-        flags = _flags(torch.empty(0, dtype=torch_dtype), torch.empty(0) if gated else None, opt)
-        # As on the GPU, whatever this process runs: float16 takes tf32x3 dots (see _flags), float32 precise exps.
-        prec = "tf32x3" if torch_dtype == torch.float16 else dot_precision(torch_dtype)
-        flags |= dict(DOT_PREC=prec, ROUND=prec == "tf32", PRECISE_EXP=dt == "fp32")
+        flags = _flags(torch_dtype, gated, opt, gpu=True)
         stages = flags.pop("num_stages")
         common = dict(H=16, K=128, V=128, BT=BT, BK=BK, BV=BV, **flags)
         label = f"{dt} gated={gated} l2norm/logit={opt}"
@@ -426,7 +405,4 @@ def compile_variants():
         state = dict(HAS_DHT=True, STORE_DH0=True)
         yield f"backward state {label}", _backward_state_kernel, ptrs, common | state, opts
         yield f"backward chunk {label}", _backward_chunk_kernel, ptrs, common | dict(BETA_LOGIT=opt), opts
-    const = dict(H=16, K=128, V=128, BK=128, BV=32, HAS_G=True, HAS_H0=True, L2NORM=True, BETA_LOGIT=True)
-    const |= dict(PRECISE_EXP=False)
-    ptrs = {n: "bf16" for n in ("q", "k", "v", "o")} | dict(cu_seqlens="i32")
-    yield "recurrent bf16", _recurrent_kernel, ptrs, const, {}
+    # The decode kernel, with the delta rule's update, compiles in the "recurrent" group.

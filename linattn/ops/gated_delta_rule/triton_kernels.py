@@ -20,7 +20,6 @@ from linattn.ops.common.triton_delta_utils import (
     mm,
     unit_lower_inverse,
 )
-from linattn.ops.common.triton_utils import exp32
 
 
 @triton.jit
@@ -344,58 +343,3 @@ def _backward_chunk_kernel(
     tl.store(dq + tok[:, None] * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m_tk)
     tl.store(dk + tok[:, None] * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m_tk)
     tl.store(dbeta + tok, d_beta, mask=m_t)
-
-
-@triton.jit
-def _recurrent_kernel(
-    q,
-    k,
-    v,
-    g,
-    beta,
-    h0,
-    o,
-    ht,
-    cu_seqlens,
-    scale,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    V: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
-    HAS_G: tl.constexpr,
-    HAS_H0: tl.constexpr,
-    L2NORM: tl.constexpr,
-    BETA_LOGIT: tl.constexpr,
-    PRECISE_EXP: tl.constexpr,
-):
-    # Token by token, for decoding: S = exp(g) S; S += beta k (v - S^T k)^T; o = scale S^T q.
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
-    state = (i_n * H + i_h).to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
-    S = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_H0:
-        S += tl.load(h0 + state, mask=m_kv, other=0.0)
-    for t in range(bos, eos):
-        tok = t * H + i_h
-        b_q = tl.load(q + tok * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-        b_k = tl.load(k + tok * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-        b_v = tl.load(v + tok * V + o_v, mask=m_v, other=0.0).to(tl.float32)
-        b_beta = tl.load(beta + tok).to(tl.float32)
-        if L2NORM:
-            b_q = b_q / tl.sqrt(tl.sum(b_q * b_q, axis=0) + 1e-6)
-            b_k = b_k / tl.sqrt(tl.sum(b_k * b_k, axis=0) + 1e-6)
-        if BETA_LOGIT:
-            b_beta = tl.sigmoid(b_beta)
-        if HAS_G:
-            S = S * exp32(tl.load(g + tok).to(tl.float32), PRECISE_EXP)
-        b_u = b_beta * (b_v - tl.sum(S * b_k[:, None], axis=0))
-        S += b_k[:, None] * b_u[None, :]
-        tl.store(o + tok * V + o_v, (tl.sum(S * b_q[:, None], axis=0) * scale).to(o.dtype.element_ty), mask=m_v)
-    tl.store(ht + state, S, mask=m_kv)

@@ -199,7 +199,7 @@ def compile_variants():
     # Compiling is slow (a minute or more per float32 variant on a CI core): every pass in bfloat16 at the
     # standard head size, and float16's dq pass with varlen, catch what the interpreter lets through.
     for dt, torch_dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
-        flags = dict(kernel_flags(torch_dtype), ROUND=kernel_flags(torch_dtype)["DOT_PREC"] == "tf32")
+        flags = kernel_flags(torch_dtype, gpu=True)
         flags.pop("UPCAST_QK")
         for K, V in ((128, 128),):
             for name, (on_out, reverse, has_w, has_final, o_dt) in passes.items():

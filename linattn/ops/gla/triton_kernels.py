@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from linattn.ops.common.triton_utils import chunk_log_decay, exp32, tf32_round
+from linattn.ops.common.triton_utils import chunk_log_decay, exp32, sequence_bounds, tf32_round
 
 
 @triton.jit
@@ -87,12 +87,7 @@ def _chunk_kernel(
     tl.static_assert((GATE_ON_OUT and not REVERSE) or not HAS_FINAL)
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    if VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    else:
-        bos = i_n.to(tl.int64) * T
-        eos = bos + T
+    bos, eos = sequence_bounds(cu_seqlens, i_n, T, VARLEN)
     n_chunks = tl.cdiv(eos - bos, BT)
 
     o_c = tl.arange(0, BC)

@@ -44,6 +44,7 @@ from linattn.ops.common.triton_utils import (
     lowp_dots,
     precise_exp,
     reverse_cumsum_per_sequence,
+    sequence_bounds,
     store_dtype,
     triton_unsupported,
 )
@@ -93,12 +94,7 @@ def _chunk_kernel(
     # wo: [NV, NTH] fp32 (NTH = tokens x heads), the per-token dot of o with w, without the t = s term.
     i_v, i_s, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
-    if VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    else:
-        bos = i_n.to(tl.int64) * T
-        eos = bos + T
+    bos, eos = sequence_bounds(cu_seqlens, i_n, T, VARLEN)
     lo = bos + i_s * SEG  # this program's segment [lo, hi), aligned to chunks
     hi = tl.minimum(lo + SEG, eos)
     n_chunks = tl.cdiv(hi - lo, BT)
@@ -270,11 +266,7 @@ def sweep(
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     lowp = lowp_dots(q.dtype) and w is None  # dg's telescoped sums (the w passes) need tf32 dq and dk
-    flags = kernel_flags(q.dtype)
-    if w is not None and q.dtype == torch.float16 and flags["ROUND"]:
-        # float16 carries tf32's 10 mantissa bits, so tf32 dq and dk would err as much as a plain float16 run
-        # does, and dg telescopes those errors over the sequence: three tf32 products (about float32) instead.
-        flags.update(DOT_PREC="tf32x3", ROUND=False)
+    flags = kernel_flags(q.dtype, long_sums=w is not None)  # dg telescopes the w passes' products
     BK, BV = _blocks(K, V, lowp)
     NV = triton.cdiv(V, BV)
     NS = 1 if cu_seqlens is not None else _num_segments(N * H * NV, T, segments)
@@ -463,14 +455,13 @@ def compile_variants():
     for dt in ("bf16", "fp16", "fp32"):
         ptrs = dict(q=dt, k=dt, v=dt, o=dt, w=dt, g="fp32", h0="fp32", ht="fp32", wo="fp32", cu_seqlens="i32")
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]
-        base = dict(kernel_flags(torch_dtype), UPCAST_QK=False, ROUND=kernel_flags(torch_dtype)["DOT_PREC"] == "tf32")
         passes = [(False, False), (True, True)] if dt != "fp32" else [(True, True)]
         for gated in (False, True) if dt != "fp32" else (True,):
             for reverse, has_w in passes:
                 lowp = torch_dtype == torch.bfloat16 and not has_w
-                flags = base | (dict(DOT_PREC="tf32x3", ROUND=False) if dt == "fp16" and has_w else {})
+                flags = kernel_flags(torch_dtype, long_sums=has_w, gpu=True)
                 const = dict(H=16, K=128, V=128, BT=BT, BK=128, BV=_blocks(128, 128, lowp)[1], SEG=4096, HAS_G=gated)
-                const |= dict(HAS_H0=True, LOWP=lowp, PRECISE_EXP=dt == "fp32")
+                const |= dict(HAS_H0=True, LOWP=lowp, PRECISE_EXP=precise_exp(torch_dtype, gpu=True))
                 const |= dict(STORE_O=True, STORE_HT=True, HAS_W=has_w, REVERSE=reverse, VARLEN=dt == "fp16")
                 label = f"chunk {dt} gated={gated} reverse={reverse} w={has_w}"
                 opts = dict(num_warps=NUM_WARPS, num_stages=_num_stages(torch_dtype), scalars=SCALARS)
