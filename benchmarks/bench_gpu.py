@@ -127,14 +127,13 @@ def standard_shape(table, bw, lengths, fla_lengths, op_names):
     print("\n| op | T | B | fwd ms | fwd+bwd ms | floor fwd | floor f+b |\n|---|---|---|---|---|---|---|")
     for T in lengths:
         B, runs = standard_runs(T, T in fla_lengths, op_names)
-        tensor_bytes = B * T * H * D * 2
         for name, fn, lv in runs:
-            # Bytes that must move, in bf16 [B, T, H, D] tensors: q, k, v in and o out; the backward adds q, k,
-            # v, do in and dq, dk, dv out. GLA's float32 [B, T, H, D] gate is two more, read in each pass and its
-            # gradient written (per-head gates and beta are 1/64 of a tensor or less, left out).
-            gate = 2 if " gla " in f" {name} " or "chunk_gla" in name else 0
-            floor_fwd = (4 + gate) * tensor_bytes / bw * 1e3
-            floor_full = (4 + gate + 7 + 2 * gate) * tensor_bytes / bw * 1e3
+            # Bytes that must move: the forward reads every input and writes o (v's size); the backward reads
+            # them again with do and writes a gradient of each input's size.
+            inputs_bytes = sum(x.numel() * x.element_size() for x in lv)
+            out_bytes = lv[2].numel() * lv[2].element_size()
+            floor_fwd = (inputs_bytes + out_bytes) / bw * 1e3
+            floor_full = floor_fwd + (2 * inputs_bytes + out_bytes) / bw * 1e3
             try:
                 fwd, full = time_fwd_bwd(fn, lv)
                 row(table, name, T, B, fwd, full, floor_fwd, floor_full)
