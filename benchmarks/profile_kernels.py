@@ -1,0 +1,57 @@
+"""Where the GPU time of one Triton op goes: per-kernel device time of forward+backward, by torch.profiler.
+
+    python benchmarks/profile_kernels.py [--ops delta_rule,gla] [--T 4096]
+
+Runs each op a few times at the standard shape (bf16, H = 16, K = V = 128, B * T = 65,536) and prints, per
+kernel name, the total device time per iteration and the number of launches. Use it to decide what to work
+on; time with bench_gpu.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.bench_gpu import inputs, op_runs
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ops", default="simple_gla,delta_rule,gated_delta_rule,gla")
+    parser.add_argument("--T", type=int, default=4096)
+    parser.add_argument("--iters", type=int, default=3)
+    args = parser.parse_args()
+    B = 65536 // args.T
+    for op in args.ops.split(","):
+        q, k, v, g, beta, gk = inputs(B, args.T)
+        (_, fn, leaves), *_ = op_runs(op, q, k, v, g, beta, gk, with_fla=False)
+        do = torch.randn_like(q)
+
+        def step(fn=fn, leaves=leaves, do=do):
+            for x in leaves:
+                x.grad = None
+            o = fn()
+            o.backward(do)
+
+        step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.iters):
+                step()
+            torch.cuda.synchronize()
+        times, counts = collections.Counter(), collections.Counter()
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                times[e.name] += e.device_time_total / 1e3 / args.iters
+                counts[e.name] += 1
+        total = sum(times.values())
+        print(f"\n{op} T={args.T} B={B}: {total:.2f} ms of kernels per fwd+bwd")
+        for name, ms in times.most_common(12):
+            print(f"  {ms:8.3f} ms  x{counts[name] // args.iters:<3d} {name[:100]}")
+
+
+if __name__ == "__main__":
+    main()
