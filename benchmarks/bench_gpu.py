@@ -144,20 +144,29 @@ def standard_shape(table, bw, lengths, fla_lengths, op_names):
 
 
 def sweep_launch_settings():
-    """Time the forward chunk kernel at T = 4096, B = 16 under each launch setting; print the table."""
+    """Time simple_gla's chunk kernel at T = 4096, B = 16 under each launch setting (forward alone, and the
+    gated op's forward+backward, whose dq/dk passes take BV = BV_MAX); print the table."""
     from linattn.ops.simple_gla import triton as tri
 
     q, k, v, g, _, _ = inputs(16, 4096)
-    print("\n| num_warps | num_stages | BV | linear fwd ms | gated fwd ms |\n|---|---|---|---|---|")
+    do = torch.randn_like(v)
+
+    def gated_fwd_bwd():
+        o, _ = ops.simple_gla(q, k, v, g, impl="triton")
+        o.backward(do)
+
+    print("\n| num_warps | num_stages | BV | linear fwd ms | gated fwd ms | gated fwd+bwd ms |")
+    print("|---|---|---|---|---|---|")
     saved = tri.NUM_WARPS, tri.NUM_STAGES, tri.BV_MAX
     for warps in (4, 8):
         for stages in (1, 2, 3):
-            for bv in (32, 64):
+            for bv in (32, 64, 128):
                 tri.NUM_WARPS, tri.NUM_STAGES, tri.BV_MAX = warps, stages, bv
                 try:
                     lin = do_bench(lambda: tri.sweep(q, k, v, None, None, 0.1, None), warmup=20, rep=100)
                     gat = do_bench(lambda: tri.sweep(q, k, v, g, None, 0.1, None), warmup=20, rep=100)
-                    print(f"| {warps} | {stages} | {bv} | {lin:.3f} | {gat:.3f} |", flush=True)
+                    full = do_bench(gated_fwd_bwd, warmup=20, rep=100, grad_to_none=[q, k, v, g])
+                    print(f"| {warps} | {stages} | {bv} | {lin:.3f} | {gat:.3f} | {full:.3f} |", flush=True)
                 except Exception as err:  # noqa: BLE001
                     print(f"| {warps} | {stages} | {bv} | failed: {type(err).__name__}: {str(err)[:80]} |")
     tri.NUM_WARPS, tri.NUM_STAGES, tri.BV_MAX = saved
