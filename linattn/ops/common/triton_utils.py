@@ -175,3 +175,44 @@ def short_for_recurrent(q: torch.Tensor, cu_seqlens, max_t: int) -> bool:
 
 def needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
+
+
+class ChunkIndex:
+    """Where each sequence's chunks of BT tokens lie over the flattened token axis [B * T].
+
+    A batch of B rows of T tokens is B sequences; with cu_seqlens (B = 1) the sequences are packed and
+    each starts a new chunk. NCH: the number of chunks (with cu_seqlens a bound, T / BT + N, so that no
+    host sync is needed); first: int32 [N] each sequence's first chunk (None without cu_seqlens, where
+    sequence n's chunks start at n * ceil(T / BT)); chunk and end: int64 [B * T] each token's chunk and
+    the end (exclusive) of that chunk.
+    """
+
+    def __init__(self, B: int, T: int, cu_seqlens, BT: int, device):
+        self.B, self.T = B, T
+        t = torch.arange(B * T, device=device)
+        if cu_seqlens is None:
+            NT = triton.cdiv(T, BT)
+            self.NCH, self.first = B * NT, None
+            row, pos = t // T, t % T
+            self.chunk = row * NT + pos // BT
+            self.end = row * T + torch.clamp((pos // BT + 1) * BT, max=T)
+        else:
+            cu = cu_seqlens.long()
+            per_seq = (cu[1:] - cu[:-1] + BT - 1) // BT
+            first = per_seq.cumsum(0) - per_seq
+            self.NCH, self.first = triton.cdiv(T, BT) + per_seq.numel(), first.to(torch.int32)
+            seq = torch.searchsorted(cu[1:], t, right=True)  # the sequence holding token t
+            bos = cu[seq]
+            self.chunk = first[seq] + (t - bos) // BT
+            self.end = torch.minimum(bos + ((t - bos) // BT + 1) * BT, cu[seq + 1])
+
+    def reverse_cumsum(self, e: torch.Tensor) -> torch.Tensor:
+        """sum of e [B, T, H] over r >= t within t's chunk, in float64."""
+        flat = e.double().reshape(-1, e.shape[-1]).T  # [H, B * T]: scan along the innermost dim
+        total = flat.flip(-1).cumsum(-1).flip(-1)
+        after = torch.cat([total, total.new_zeros(total.shape[0], 1)], dim=-1)[:, self.end]
+        return (total - after).T.reshape(e.shape)
+
+    def to_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """A per-chunk value x [NCH, H] at every token of its chunk: [B, T, H] (B, T from the index)."""
+        return x[self.chunk].reshape(self.B, self.T, x.shape[-1])
