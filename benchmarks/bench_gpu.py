@@ -143,7 +143,10 @@ def standard_shape(table, bw, lengths, fla_lengths, op_names):
         torch.cuda.empty_cache()
 
 
-def sweep_launch_settings():
+SETTINGS = [(w, s, bv) for w in (4, 8) for s in (1, 2, 3) for bv in (32, 64, 128)]
+
+
+def sweep_launch_settings(settings=SETTINGS):
     """Time simple_gla's chunk kernel at T = 4096, B = 16 under each launch setting (forward alone, and the
     gated op's forward+backward, whose dq/dk passes take BV = BV_MAX); print the table."""
     from linattn.ops.simple_gla import triton as tri
@@ -158,17 +161,16 @@ def sweep_launch_settings():
     print("\n| num_warps | num_stages | BV | linear fwd ms | gated fwd ms | gated fwd+bwd ms |")
     print("|---|---|---|---|---|---|")
     saved = tri.NUM_WARPS, tri.NUM_STAGES, tri.BV_MAX
-    for warps in (4, 8):
-        for stages in (1, 2, 3):
-            for bv in (32, 64, 128):
-                tri.NUM_WARPS, tri.NUM_STAGES, tri.BV_MAX = warps, stages, bv
-                try:
-                    lin = do_bench(lambda: tri.sweep(q, k, v, None, None, 0.1, None), warmup=20, rep=100)
-                    gat = do_bench(lambda: tri.sweep(q, k, v, g, None, 0.1, None), warmup=20, rep=100)
-                    full = do_bench(gated_fwd_bwd, warmup=20, rep=100, grad_to_none=[q, k, v, g])
-                    print(f"| {warps} | {stages} | {bv} | {lin:.3f} | {gat:.3f} | {full:.3f} |", flush=True)
-                except Exception as err:  # noqa: BLE001
-                    print(f"| {warps} | {stages} | {bv} | failed: {type(err).__name__}: {str(err)[:80]} |")
+    for warps, stages, bv in settings:
+        tri.NUM_WARPS, tri.NUM_STAGES, tri.BV_MAX = warps, stages, bv
+        try:
+            lin = do_bench(lambda: tri.sweep(q, k, v, None, None, 0.1, None), warmup=20, rep=100)
+            gat = do_bench(lambda: tri.sweep(q, k, v, g, None, 0.1, None), warmup=20, rep=100)
+            full = do_bench(gated_fwd_bwd, warmup=20, rep=100, grad_to_none=[q, k, v, g])
+            print(f"| {warps} | {stages} | {bv} | {lin:.3f} | {gat:.3f} | {full:.3f} |", flush=True)
+        except Exception as err:  # noqa: BLE001
+            print(f"| {warps} | {stages} | {bv} | failed: {type(err).__name__}: {str(err)[:80]} |", flush=True)
+            raise  # a CUDA error leaves the context unusable: later settings would only repeat it
     tri.NUM_WARPS, tri.NUM_STAGES, tri.BV_MAX = saved
 
 
@@ -274,6 +276,7 @@ def main():
     parser.add_argument("--fla-lengths", default="4096,65536", help="fla autotunes minutes per new shape")
     parser.add_argument("--long", default="262144,1048576")
     parser.add_argument("--sweep", action="store_true", help="time the chunk kernel's launch settings first")
+    parser.add_argument("--sweep-settings", default=None, help="warps,stages,bv_max;... (default: all)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     props = torch.cuda.get_device_properties(0)
@@ -284,7 +287,8 @@ def main():
     )
     table: list = []
     if args.sweep:
-        sweep_launch_settings()
+        chosen = args.sweep_settings
+        sweep_launch_settings([tuple(map(int, x.split(","))) for x in chosen.split(";")] if chosen else SETTINGS)
     op_names = [x for x in args.ops.split(",") if x]
     fla_lengths = {int(x) for x in args.fla_lengths.split(",") if x}
     if fla_lengths:

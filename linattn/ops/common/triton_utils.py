@@ -211,7 +211,7 @@ class ChunkIndex:
         flat = e.double().reshape(-1, e.shape[-1]).T  # [H, B * T]: scan along the innermost dim
         total = flat.flip(-1).cumsum(-1).flip(-1)
         after = torch.cat([total, total.new_zeros(total.shape[0], 1)], dim=-1)[:, self.end]
-        return (total - after).T.reshape(e.shape)
+        return (total - after).T.reshape(e.shape).contiguous()
 
     def to_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """A per-chunk value x [NCH, H] at every token of its chunk: [B, T, H] (B, T from the index)."""
