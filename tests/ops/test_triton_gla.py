@@ -56,15 +56,24 @@ def test_triton_extreme_gates(gates):
 
 
 def test_backward_without_final_state_gradient():
-    """dht = None (no final-state pass in the dq kernel) gives what a zero final-state gradient gives."""
+    """dht = None (the reverse state pass starts from nothing) gives what a zero final-state gradient gives."""
     tensors, state = to(*CASE.draw(B=2, T=40, H=1, K=16, V=24, seed=6))
     q, k, v, g = tensors
     do = torch.randn_like(v)
-    _, ht, _ = tri.sweep(q, k, v, g, state, 0.25, None)
+    _, ht, _ = tri.forward(q, k, v, g, state, 0.25, None)
     none = tri.backward(do, None, q, k, v, g, state, ht, 0.25, None)
     zero = tri.backward(do, torch.zeros_like(ht), q, k, v, g, state, ht, 0.25, None)
     for name, a, b in zip(("dq", "dk", "dv", "dg", "dh0"), none, zero):
         assert_same_result(name, a, b)
+
+
+@pytest.mark.parametrize("gates", ["random", "mixed"])
+def test_triton_gradients_without_final_state_gradient(gates):
+    """dht = None against naive: dg's chunk-local sums and dh0 from the output's gradient alone."""
+    tensors, state = CASE.draw(B=2, T=70, H=1, K=20, V=12, seed=9)
+    if gates != "random":
+        tensors = extreme(tensors, gates)
+    check_against_naive(CASE, *to(tensors, state), "triton", state_grad=False, **ON_DEVICE)
 
 
 def test_unsupported_call_raises():
@@ -84,7 +93,7 @@ def test_recurrent_decode_equals_chunk(T):
     q, k, v, g = tensors
     with torch.no_grad():
         o, S = CASE(tensors, initial_state=state, output_final_state=True, impl="triton")
-    o_chunk, S_chunk, _ = tri.sweep(q, k, v, g, state, q.shape[-1] ** -0.5, None)
+    o_chunk, S_chunk, _ = tri.forward(q, k, v, g, state, q.shape[-1] ** -0.5, None)
     assert_same_result("o", o, o_chunk)
     assert_same_result("final_state", S, S_chunk)
 

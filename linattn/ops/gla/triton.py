@@ -1,26 +1,21 @@
-"""Triton kernels for GLA (a log-decay per head, token and key channel): launchers, autograd, public function.
+"""Triton kernels for GLA (a log-decay per head, token and key channel): launchers, registration, public function.
 
-One chunk kernel (triton_kernels.py) serves the forward pass and all three backward passes. Its
-contraction dim is "K" and its output dim "V"; the per-key gate sits on the contraction side
-(GATE_ON_OUT=False) or on the output side (GATE_ON_OUT=True) of the state:
+The chunked form (chunk length BT = 64, sub-chunks of BC = 16), in the kernels of triton_kernels.py
+and triton_backward.py; b is the chunk-local cumulative log-decay and b_C its value at the chunk's end:
 
-    forward   o  = scale S_t^T q_t                 q' = q,  k' = k,  v' = v,  state S0            gate on K'
-    dq        dq = scale S_t do_t                  q' = do, k' = v,  v' = k,  state S0^T          gate on V'
-    dk        dk = dS_t v_t      (time reversed)   q' = v,  k' = do, v' = q,  state 0 (see below)  gate on V'
-    dv        dv = dS_t^T k_t    (time reversed)   q' = k,  k' = q,  v' = do, state dS_T / scale   gate on K'
+    intra      per chunk      hi + lo = b (summed in float64, stored as a float32 pair) and the scores
+                              A_ts = sum_k q_tk k_sk exp(b_tk - b_sk) (s < t), q_t . k_t (s = t)
+    state      per sequence   S [BK, BV] in registers, chunk after chunk: o = scale ((q exp(b)) S + A v),
+                              S <- exp(b_C) S + (k exp(b_C - b))^T v; or, in reverse, the gradient of the
+                              state leaving each chunk: dS <- exp(b_C) dS + scale (q exp(b))^T dO
+    dv         per chunk      dv = scale A^T dO + (k exp(b_C - b)) dS
+    dqkg       per chunk      dq, dk, and dg as a float64 reverse cumulative sum within the chunk
+    recurrent  per sequence   token by token, for decoding (ops/common/triton_recurrent.py)
 
-dg, key channel by key channel (each channel of the state is a simple-GLA recurrence of its own):
-
-    dg_t = sum_{r >= t} (q_r dq_r - k_r dk'_r)  +  sum_{r < t} k_r dkT_r  +  exp(B_T) sum_v dS_T S_0
-
-where dkT_r = exp(B_T - B_r) dS_T v_r is the final state's share of dk, dk' = dk - dkT, and B_t the
-log-decay from the sequence's start. The products are taken in float32 inside the dq and dk passes,
-each without the token's pair with itself (the two self terms are equal and would cancel only up to
-rounding). The telescoped form that simple_gla uses, sum_{r >= t} (q_r dq_r - k_r dk_r) + <dS_T, S_T>,
-cancels the final state's share only up to rounding, an absolute error of eps |<dS_T, S_T>| that is
-far above dg itself under strong decay; so here the dk pass starts from a zero state, and the dq pass,
-which runs forward in time, also writes dkT and the forward sum of k dkT. Every term of dg is then
-accurate relative to itself.
+Between the kernels lie hi, lo [B, T, H, K] and A [B, T, H, BT] (float32); the backward recomputes them
+(the registration saves only the inputs and outputs), runs the state kernel forward to store the state
+entering every chunk and in reverse to store the gradient of the state leaving it ([NC, H, K, V] float32
+each, NC the number of chunks), then the per-chunk kernels.
 """
 
 from __future__ import annotations
@@ -30,141 +25,127 @@ import triton
 
 from linattn.ops.common.triton_ops import register_decay_ops
 from linattn.ops.common.triton_recurrent import recurrent
-from linattn.ops.common.triton_utils import (
-    kernel_flags,
-    precise_exp,
-    reverse_cumsum_per_sequence,
-    store_dtype,
-    triton_unsupported,
-)
-from linattn.ops.gla.triton_kernels import _chunk_kernel
-
-# ----------------------------------------------------------------------------------------------------------------
-# Launchers
-# ----------------------------------------------------------------------------------------------------------------
+from linattn.ops.common.triton_utils import kernel_flags, lowp_dots, precise_exp, store_dtype, triton_unsupported
+from linattn.ops.gated_delta_rule.triton import BT as _DELTA_BT
+from linattn.ops.gated_delta_rule.triton import _Layout
+from linattn.ops.gla.triton_backward import _dqkg_kernel, _dv_kernel
+from linattn.ops.gla.triton_kernels import _intra_kernel, _state_kernel
 
 BT = 64  # chunk length
 BC = 16  # sub-chunk length: the smallest tl.dot tile
-BKD = 32  # slice of the key dim for the exact in-sub-chunk decay ([BC, BC, BKD] tile)
-BV_MAX = 32
+assert BT == _DELTA_BT, "the chunk table (_Layout) is cut in chunks of the delta rule's length"
 
 
-def _blocks(K: int, V: int) -> tuple[int, int]:
-    BK = max(16, triton.next_power_of_2(K))
-    BV = max(16, min(BV_MAX if BK <= 128 else BV_MAX // 2, triton.next_power_of_2(V)))
-    return BK, BV
+def _pow2(n: int, lo: int = 16, hi: int = 256) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(n)))
 
 
-def sweep(
-    q,
-    k,
-    v,
-    g,
-    h0,
-    scale: float,
-    cu_seqlens,
-    *,
-    reverse=False,
-    gate_on_out=False,
-    w=None,
-    final_grad=None,
-    out_dtype=None,
-):
-    """One pass of the chunk kernel over every sequence.
+def _flags(dtype: torch.dtype, gpu: bool | None = None) -> dict:
+    flags = kernel_flags(dtype, gpu=gpu)
+    del flags["UPCAST_QK"]  # the kernels take operands to float32 (or LOWP's 16-bit type) themselves
+    return dict(PRECISE_EXP=precise_exp(dtype, gpu), **flags)
 
-    q, k [B, T, H, K]; v [B, T, H, V]; g float32 [B, T, H, V] if gate_on_out else [B, T, H, K];
-    h0 [N, H, K, V] float32 or None. Returns o [B, T, H, V] (out_dtype), the state after the pass
-    [N, H, K, V] float32, and, when w [B, T, H, V] is given, scale * w * o without each token's pair
-    with itself, [B, T, H, V] float32 (else None). With final_grad (dS_T^T [N, H, K, V] float32, in the
-    dq pass only) it also returns dkt and fin, [B, T, H, V] float32 each (see _chunk_kernel).
-    """
+
+def _launch(dtype: torch.dtype, K: int, V: int) -> dict:
+    """Blocks, warps and stages of each kernel: none spills at K = V = 128 in bfloat16 or float16 (checked with
+    16-byte aligned pointers, as launches specialise them). float32 tiles take one stage, so that shared memory
+    holds them at K = 256."""
+    BK = _pow2(K)
+    cfg = dict(
+        intra=dict(BK=16, num_warps=8),
+        output=dict(BK=BK, BV=_pow2(V, hi=32 if BK <= 128 else 16), num_warps=4),
+        state=dict(BK=min(BK, 64), BV=_pow2(V, hi=64), num_warps=8),
+        dv=dict(BK=min(BK, 64), BV=_pow2(V, hi=64), num_warps=4),
+        dqkg=dict(BK=16, BV=_pow2(V, hi=32), num_warps=8, num_stages=1),
+    )
+    if dtype == torch.float32:
+        for c in cfg.values():
+            c["num_stages"] = 1
+    return cfg
+
+
+def _intra(q, k, g, lay: _Layout, flags: dict, cfg: dict, lowp: bool, store_decay: bool):
+    """A [B, T, H, BT], qg and kd [B, T, H, K] (in the dots' operand dtype: bfloat16 with lowp, else float32),
+    bc [NC, H, K] float32 and, with store_decay, hi and lo [B, T, H, K] float32 (else None)."""
+    B, T, H, K = q.shape
+    dt = torch.bfloat16 if lowp else torch.float32
+    A = torch.empty(B, T, H, BT, dtype=dt, device=q.device)
+    qg = torch.empty(B, T, H, K, dtype=dt, device=q.device)
+    kd = torch.empty_like(qg)
+    bc = torch.empty(lay.NC, H, K, dtype=torch.float32, device=q.device)
+    hi = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device) if store_decay else None
+    lo = torch.empty_like(hi) if store_decay else None
+    _intra_kernel[(lay.NC, H)](
+        q, k, g, lay.chunks, hi if store_decay else bc, lo if store_decay else bc, A, qg, kd, bc,
+        H=H, K=K, BT=BT, BC=BC, STORE_DECAY=store_decay, **cfg, **flags,
+    )  # fmt: skip
+    return A, qg, kd, bc, hi, lo
+
+
+def _states(x, y, bc, start, lay: _Layout, scale: float, reverse: bool, keep_last: bool, flags, cfg, lowp):
+    """The state [NC, H, K, V] float32 before each chunk's update (see _state_kernel), from start [N, H, K, V]
+    (or zeros), and with keep_last the state after the last update (in reverse: dh0), else None."""
+    H, K, V = x.shape[2], x.shape[3], y.shape[3]
+    states = torch.empty(lay.NC, H, K, V, dtype=torch.float32, device=x.device)
+    last = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=x.device) if keep_last else None
+    BK, BV = cfg["BK"], cfg["BV"]
+    _state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), lay.N * H)](
+        x, y, bc, x, x, start if start is not None else states, lay.cu, lay.first, y, states,
+        last if last is not None else states, scale,
+        H=H, K=K, V=V, BT=BT, REVERSE=reverse, HAS_H0=start is not None, STORE_O=False, STORE_STATES=True,
+        STORE_HT=last is not None, LOWP=lowp, **cfg, **flags,
+    )  # fmt: skip
+    return states, last
+
+
+def forward(q, k, v, g, h0, scale: float, cu_seqlens):
+    """o [B, T, H, V] in v's dtype, the final state [N, H, K, V] and the scores A [B, T, H, BT]."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    BK, BV = _blocks(K, V)
-    out_dtype = out_dtype or v.dtype
-    o = torch.empty(B, T, H, V, dtype=store_dtype(out_dtype), device=q.device)
-    ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device)
-    wo = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device) if w is not None else None
-    has_final = final_grad is not None
-    dkt = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device) if has_final else None
-    fin = torch.empty_like(dkt) if has_final else None
-    flags = kernel_flags(q.dtype)
-    flags.pop("UPCAST_QK")  # every dot operand is float32 here
-    dummy = ht  # stands in for absent optional pointers; never read
-    _chunk_kernel[(triton.cdiv(V, BV), N * H)](
-        q,
-        k,
-        v,
-        g,
-        h0 if h0 is not None else dummy,
-        o,
-        ht,
-        w if w is not None else dummy,
-        wo if wo is not None else dummy,
-        final_grad if has_final else dummy,
-        dkt if has_final else dummy,
-        fin if has_final else dummy,
-        cu_seqlens if cu_seqlens is not None else dummy,
-        scale,
-        T,
-        H=H,
-        K=K,
-        V=V,
-        BT=BT,
-        BC=BC,
-        BK=BK,
-        BKD=min(BK, BKD),
-        BV=BV,
-        G=V if gate_on_out else K,  # the gate's dim and its block
-        BG=BV if gate_on_out else BK,
-        GATE_ON_OUT=gate_on_out,
-        HAS_H0=h0 is not None,
-        HAS_W=w is not None,
-        HAS_FINAL=has_final,
-        REVERSE=reverse,
-        VARLEN=cu_seqlens is not None,
-        PRECISE_EXP=precise_exp(q.dtype),
-        **flags,
-    )
-    if has_final:
-        return o.to(out_dtype), ht, wo, dkt, fin
-    return o.to(out_dtype), ht, wo
+    lay = _Layout(B, T, cu_seqlens, q.device)
+    flags, lowp = _flags(q.dtype), lowp_dots(q.dtype)
+    cfg = _launch(q.dtype, K, V)
+    A, qg, kd, bc, _, _ = _intra(q, k, g, lay, flags, cfg["intra"], lowp, False)
+    o = torch.empty(B, T, H, V, dtype=store_dtype(v.dtype), device=q.device)
+    ht = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device)
+    c = cfg["output"]
+    _state_kernel[(1, triton.cdiv(V, c["BV"]), lay.N * H)](
+        kd, v, bc, qg, A, h0 if h0 is not None else ht, lay.cu, lay.first, o, ht, ht, scale,
+        H=H, K=K, V=V, BT=BT, REVERSE=False, HAS_H0=h0 is not None, STORE_O=True, STORE_STATES=False,
+        STORE_HT=True, LOWP=lowp, **c, **flags,
+    )  # fmt: skip
+    return o.to(v.dtype), ht, A
 
 
 def backward(do, dht, q, k, v, g, h0, ht, scale: float, cu_seqlens):
-    """Gradients (dq, dk, dv, dg, dh0 or None) of the chunked forward; see the module docstring."""
-    h0_t = h0.transpose(-1, -2).contiguous() if h0 is not None else None
-    if dht is None:
-        dq, _, q_dq = sweep(do, v, k, g, h0_t, scale, cu_seqlens, gate_on_out=True, w=q, out_dtype=q.dtype)
-        dk, _, k_dk = sweep(
-            v, do, q, g, None, scale, cu_seqlens, reverse=True, gate_on_out=True, w=k, out_dtype=k.dtype
-        )
-        final_term = 0.0
-    else:
-        # The final state's gradient reaches dk and dg outside the dk pass: the telescoped sum would
-        # cancel its share of dg only up to rounding, an error far above dg itself for strong decays.
-        dq, _, q_dq, dk_final, final_term = sweep(
-            do,
-            v,
-            k,
-            g,
-            h0_t,
-            scale,
-            cu_seqlens,
-            gate_on_out=True,
-            w=q,
-            out_dtype=q.dtype,
-            final_grad=dht.transpose(-1, -2).contiguous(),
-        )
-        dk, _, k_dk = sweep(
-            v, do, q, g, None, scale, cu_seqlens, reverse=True, gate_on_out=True, w=k, out_dtype=torch.float32
-        )
-        dk = (dk + dk_final).to(k.dtype)
-    r = (dht / scale).contiguous() if dht is not None else None
-    dv, dh0, _ = sweep(k, q, do, g, r, scale, cu_seqlens, reverse=True, out_dtype=v.dtype)
-    dg = reverse_cumsum_per_sequence(q_dq - k_dk, cu_seqlens) + final_term
-    return dq, dk, dv, dg, (dh0 * scale if h0 is not None else None)
+    """Gradients (dq, dk, dv, dg, dh0 or None); dht is None when the final state got no gradient."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    lay = _Layout(B, T, cu_seqlens, q.device)
+    flags, lowp = _flags(q.dtype), lowp_dots(q.dtype)
+    cfg = _launch(q.dtype, K, V)
+    A, qg, kd, bc, hi, lo = _intra(q, k, g, lay, flags, cfg["intra"], lowp, True)
+    c = cfg["state"]
+    states, _ = _states(kd, v, bc, h0, lay, scale, False, False, flags, c, lowp)
+    dstates, dh0 = _states(qg, do, bc, dht, lay, scale, True, h0 is not None, flags, c, lowp)
+    del qg
+
+    dv = torch.empty(v.shape, dtype=store_dtype(v.dtype), device=q.device)
+    c = cfg["dv"]
+    _dv_kernel[(lay.NC, H, triton.cdiv(V, c["BV"]))](
+        kd, do, A, lay.chunks, dstates, dv, scale, H=H, K=K, V=V, BT=BT, LOWP=lowp, DOT_PREC=flags["DOT_PREC"],
+        ROUND=flags["ROUND"], **c,
+    )  # fmt: skip
+    del A, kd
+    dq = torch.empty(q.shape, dtype=store_dtype(q.dtype), device=q.device)
+    dk = torch.empty(k.shape, dtype=store_dtype(k.dtype), device=q.device)
+    dg = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
+    c = cfg["dqkg"]
+    _dqkg_kernel[(lay.NC, H, triton.cdiv(K, c["BK"]))](
+        q, k, v, do, hi, lo, lay.chunks, states, dstates, dq, dk, dg, scale,
+        H=H, K=K, V=V, BT=BT, BC=BC, LOWP=lowp, **c, **flags,
+    )  # fmt: skip
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dh0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -173,7 +154,7 @@ def backward(do, dht, q, k, v, g, h0, ht, scale: float, cu_seqlens):
 
 
 def _forward(q, k, v, g, h0, scale, cu_seqlens):
-    o, ht, _ = sweep(q, k, v, g, h0, scale, cu_seqlens)
+    o, ht, _ = forward(q, k, v, g, h0, scale, cu_seqlens)
     return o, ht
 
 
@@ -181,38 +162,42 @@ def _forward(q, k, v, g, h0, scale, cu_seqlens):
 triton_gla = register_decay_ops("gla", _forward, backward)
 
 
-SCALARS = dict(scale="fp32", T="i32")  # the kernels' runtime scalars
-
-
 def compile_variants():
     """The kernel variants the launchers use, for tests/ops/compile_kernels.py to compile for sm_90 without a GPU.
 
     Each is (label, kernel, pointer dtypes, constexprs, launch options).
     """
-    f32 = "fp32"
-    passes = {  # name: (gate_on_out, reverse, has_w, has_final, dtype of o)
-        "forward": (False, False, False, False, None),
-        "dq": (True, False, True, True, None),
-        "dk": (True, True, True, False, f32),
-        "dv": (False, True, False, False, None),
-    }
-    # Compiling is slow (a minute or more per float32 variant on a CI core): every pass in bfloat16 at the
-    # standard head size, and float16's dq pass with varlen, catch what the interpreter lets through.
+    # Every kernel in bfloat16 at the standard head size; float16 (tf32 dots, no 16-bit operands) for the
+    # kernels whose dots it changes.
     for dt, torch_dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
-        flags = kernel_flags(torch_dtype, gpu=True)
-        flags.pop("UPCAST_QK")
-        for K, V in ((128, 128),):
-            for name, (on_out, reverse, has_w, has_final, o_dt) in passes.items():
-                if dt == "fp16" and name != "dq":
-                    continue
-                Kk, Vk = (V, K) if on_out else (K, V)  # the kernel's contraction and output dims
-                BK, BV = _blocks(Kk, Vk)
-                ptrs = dict(q=dt, k=dt, v=dt, g=f32, h0=f32, o=o_dt or dt, ht=f32, w=dt, wo=f32)
-                ptrs |= dict(dst=f32, dkt=f32, fin=f32, cu_seqlens="i32")
-                const = dict(H=16, K=Kk, V=Vk, BT=BT, BC=BC, BK=BK, BKD=min(BK, BKD), BV=BV, G=Vk if on_out else Kk)
-                const |= dict(BG=BV if on_out else BK, GATE_ON_OUT=on_out, HAS_H0=True, HAS_W=has_w)
-                const |= dict(HAS_FINAL=has_final, REVERSE=reverse, VARLEN=dt == "fp16", PRECISE_EXP=dt == "fp32")
-                yield f"chunk {dt} K={K} V={V} {name}", _chunk_kernel, ptrs, const | flags, dict(scalars=SCALARS)
+        flags = _flags(torch_dtype, gpu=True)
+        lowp = torch_dtype == torch.bfloat16
+        cfg = _launch(torch_dtype, 128, 128)
+        op = dt if lowp else "fp32"  # A, qg, kd: the dots' operand dtype
+        ptrs = {n: dt for n in ("q", "k", "v", "do", "o", "dq", "dk", "dv")} | dict(A=op, qg=op, kd=op)
+        ptrs |= dict(x=op, y=dt)
+        ptrs |= dict(chunks="i32", cu_seqlens="i32", chunk_start="i32")
+        common = dict(H=16, K=128, V=128, BT=BT, **flags)
+        scalars = dict(scalars={"scale": "fp32"})
+
+        fwd, rev = dict(REVERSE=False, STORE_O=False, STORE_STATES=True), dict(REVERSE=True, STORE_O=False)
+        state = dict(HAS_H0=True, STORE_HT=True, LOWP=lowp, STORE_STATES=True)
+        kernels = [  # (name, kernel, constexprs, launch config)
+            ("dstates", _state_kernel, state | rev, cfg["state"]),
+            ("dv", _dv_kernel, dict(LOWP=lowp), cfg["dv"]),
+            ("dqkg", _dqkg_kernel, dict(BC=BC, LOWP=lowp), cfg["dqkg"]),
+        ]
+        if dt == "bf16":
+            kernels += [
+                ("intra", _intra_kernel, dict(BC=BC, STORE_DECAY=True), cfg["intra"]),
+                ("forward", _state_kernel, state | fwd | dict(STORE_O=True, STORE_STATES=False), cfg["output"]),
+                ("states", _state_kernel, state | fwd, cfg["state"]),
+            ]
+        for name, kernel, const, c in kernels:
+            c = dict(c)
+            opts = dict(num_warps=c.pop("num_warps"), num_stages=c.pop("num_stages", 2), **scalars)
+            const = {n: x for n, x in (common | const | c).items() if n in kernel.arg_names}
+            yield f"{name} {dt} K=128 V=128", kernel, ptrs, const, opts
 
 
-__all__ = ["triton_gla", "triton_unsupported", "sweep", "backward", "recurrent", "BT"]
+__all__ = ["triton_gla", "triton_unsupported", "forward", "backward", "recurrent", "BT"]

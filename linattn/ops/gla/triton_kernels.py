@@ -1,20 +1,20 @@
-"""GLA's Triton kernels: the chunk kernel behind every pass, and the token-by-token decode kernel.
+"""GLA's forward Triton kernels and the in-chunk decay factors that the backward kernels share.
 
-The chunk kernel walks a sequence's chunks of BT = 64 tokens with the state [BK, BV] in registers. A
-chunk is cut into sub-chunks of BC = 16 tokens, and every exponent is a sum of gates, <= 0:
+Chunks of BT = 64 tokens, cut into NS sub-chunks of BC = 16. b is the chunk-local cumulative log-decay
+(per key channel), b_C its value at the chunk's last token, rho_i its value just before sub-chunk i
+(0 for i = 0), and e_i its value at sub-chunk i's last token. Every exponent is a sum of gates, <= 0:
 
-* state:      output row t reads the state through exp(b_t) (b: the log-decay since the chunk's start);
-* i after j:  one tl.dot of q_i exp(b_t - rho_i) and k_j exp(rho_i - b_s), rho_i the log-decay at the
-              start of sub-chunk i (gate on the output side: exp(b_t - rho_i) scales the product and
-              exp(rho_i - b_s) scales v_j);
-* i itself:   exactly, a [BC, BC, D] broadcast of exp(b_t - b_s) masked to s < t, and the plain
-              (q_t . k_t) v_t for s = t;
-* new state:  S <- exp(b_last) S + (k exp(b_last - b))^T v, accumulated sub-chunk by sub-chunk.
+* rows t of sub-chunk i against sources s of an earlier sub-chunk j: exp(b_t - b_s) =
+  exp(b_t - rho_i) exp(e_j - b_s) exp(rho_i - e_j), three factors <= 1, the last one a [NS, K] bridge;
+  so the pair of sub-chunks is one tl.dot of q exp(b - rho) and k exp(e - b) exp(rho_i - e_j);
+* pairs inside a sub-chunk: exactly, one source column s at a time against the rows t > s of every
+  sub-chunk at once (an [NS, BC, BK] tile), and the plain q_t . k_t for s = t (no decay: that keeps
+  dg from cancelling its own terms);
+* the state: exp(b) for rows reading it, exp(b_C - b) for keys writing it, exp(b_C) for carrying it on.
 
-Time-reversed passes read the same layout with "earlier" and "later" swapped. The gates' sums inside a
-sub-chunk are formed in float64 (chunk_log_decay), and every exponent is summed in float64 from them
-before it is rounded to float32, so that a gate of -1e4 next to one of -1e-7 keeps the small one's
-precision, and gates of 0 or -1e4 neither overflow nor give NaN.
+b is summed in float64 once per chunk (_intra_kernel) and kept as a float32 pair hi + lo: hi_t - hi_s
+is exact or carries only its own rounding, so (hi_t - hi_s) + (lo_t - lo_s) keeps a gate of -1e-7
+next to gates of -1e4. The other kernels read hi and lo, [.., T, H, K] float32 each.
 """
 
 from __future__ import annotations
@@ -22,254 +22,219 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from linattn.ops.common.triton_utils import chunk_log_decay, exp32, sequence_bounds, tf32_round
+from linattn.ops.common.triton_utils import chunk_log_decay, dot_operand, exp32
 
 
 @triton.jit
-def _pair_decay(hi, lo, mask, REVERSE: tl.constexpr, PRECISE_EXP: tl.constexpr):
-    """exp(b_t - b_s) [BC, BC, D] between output row t and source row s of one sub-chunk, 0 off mask [BC, BC, 1].
-
-    hi + lo [BC, D] are the sub-chunk's cumulative log-decays as a float32 pair (chunk_log_decay).
-    """
-    diff = (hi[:, None, :] - hi[None, :, :]) + (lo[:, None, :] - lo[None, :, :])
-    if REVERSE:
-        diff = -diff
-    return exp32(tl.where(mask, diff, float("-inf")), PRECISE_EXP)
+def _sub_chunk_factors(b_hi, b_lo, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, PRECISE_EXP: tl.constexpr):
+    """From the chunk's log-decay pair [BT, BK]: exp(b - rho) [BT, BK] (rows against their sub-chunk's start),
+    exp(e - b) [BT, BK] (sources to their sub-chunk's end), and the pair e [NS, BK] of sub-chunk ends."""
+    NS: tl.constexpr = BT // BC
+    o_c = tl.arange(0, BC)
+    o_n = tl.arange(0, NS)
+    hi3 = tl.reshape(b_hi, [NS, BC, BK])
+    lo3 = tl.reshape(b_lo, [NS, BC, BK])
+    at_end = (o_c == BC - 1)[None, :, None]
+    e_hi = tl.sum(tl.where(at_end, hi3, 0.0), 1)  # [NS, BK]
+    e_lo = tl.sum(tl.where(at_end, lo3, 0.0), 1)
+    prev = (o_n[:, None] - 1) == o_n[None, :]  # [NS, NS]: sub-chunk j ends just before sub-chunk i
+    r_hi = tl.sum(tl.where(prev[:, :, None], e_hi[None, :, :], 0.0), 1)  # [NS, BK], 0 for i = 0
+    r_lo = tl.sum(tl.where(prev[:, :, None], e_lo[None, :, :], 0.0), 1)
+    w_row = exp32((hi3 - r_hi[:, None, :]) + (lo3 - r_lo[:, None, :]), PRECISE_EXP)
+    w_src = exp32((e_hi[:, None, :] - hi3) + (e_lo[:, None, :] - lo3), PRECISE_EXP)
+    return tl.reshape(w_row, [BT, BK]), tl.reshape(w_src, [BT, BK]), e_hi, e_lo
 
 
 @triton.jit
-def _chunk_kernel(
+def _bridge(e_hi, e_lo, i, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, PRECISE_EXP: tl.constexpr):
+    """[BT, BK]: exp(rho_i - e_j) on the rows of every sub-chunk j < i (rho_i = e_{i-1}), 0 on the others."""
+    NS: tl.constexpr = BT // BC
+    o_n = tl.arange(0, NS)
+    sel = (o_n == i - 1)[:, None]
+    r_hi = tl.sum(tl.where(sel, e_hi, 0.0), 0)
+    r_lo = tl.sum(tl.where(sel, e_lo, 0.0), 0)
+    diff = (r_hi[None, :] - e_hi) + (r_lo[None, :] - e_lo)
+    f = exp32(tl.where((o_n < i)[:, None], diff, float("-inf")), PRECISE_EXP)  # [NS, BK]
+    return tl.reshape(tl.broadcast_to(f[:, None, :], [NS, BC, BK]), [BT, BK])
+
+
+@triton.jit
+def _pair_decay(hi3, lo3, j, BC: tl.constexpr, PRECISE_EXP: tl.constexpr):
+    """exp(b_t - b_s) [NS, BC, BK] for rows t after source s = row j of their own sub-chunk (0 elsewhere)."""
+    o_c = tl.arange(0, BC)
+    sel = (o_c == j)[None, :, None]
+    s_hi = tl.sum(tl.where(sel, hi3, 0.0), 1)  # [NS, BK]
+    s_lo = tl.sum(tl.where(sel, lo3, 0.0), 1)
+    diff = (hi3 - s_hi[:, None, :]) + (lo3 - s_lo[:, None, :])
+    return exp32(tl.where((o_c > j)[None, :, None], diff, float("-inf")), PRECISE_EXP)
+
+
+@triton.jit
+def _intra_kernel(
     q,
     k,
-    v,
     g,
-    h0,
-    o,
-    ht,
-    w,
-    wo,
-    dst,
-    dkt,
-    fin,
-    cu_seqlens,
-    scale,
-    T,
+    chunks,
+    hi,
+    lo,
+    A,
+    qg,
+    kd,
+    bc,
     H: tl.constexpr,
     K: tl.constexpr,
-    V: tl.constexpr,
     BT: tl.constexpr,
     BC: tl.constexpr,
     BK: tl.constexpr,
-    BKD: tl.constexpr,
-    BV: tl.constexpr,
-    G: tl.constexpr,
-    BG: tl.constexpr,
-    GATE_ON_OUT: tl.constexpr,
-    HAS_H0: tl.constexpr,
-    HAS_W: tl.constexpr,
-    HAS_FINAL: tl.constexpr,
-    REVERSE: tl.constexpr,
-    VARLEN: tl.constexpr,
+    STORE_DECAY: tl.constexpr,
     DOT_PREC: tl.constexpr,
     ROUND: tl.constexpr,
     PRECISE_EXP: tl.constexpr,
 ):
-    # q, k: [.., T, H, K]; v, o, w, wo: [.., T, H, V]; g: [.., T, H, G] float32 (G = V with GATE_ON_OUT, else K);
-    # h0, ht: [N, H, K, V] float32. wo (float32) is scale * w * o without each token's pair with itself.
-    # HAS_FINAL (the dq pass, where k' = v and v' = k): dst [N, H, K, V] holds dS_T^T, and the kernel
-    # writes dkt = exp(B_T - B_t) dS_T v_t, the final-state gradient's share of dk, and fin, the exact
-    # final-state term of dg: sum_{r < t} k_r dkt_r + exp(B_T) sum_v dS_T S_0 (B: log-decay from the
-    # sequence's start). All float32 [.., T, H, V].
-    # Dot operands that are not plain inputs are rounded to tf32 where ROUND says so (guarded at each
-    # call: in the interpreter every call of a jitted helper is costly). Every exp of a log-decay goes
-    # through exp32: PRECISE_EXP (float32 inputs on a GPU) takes libdevice's exp over tl.exp's approximate one.
-    tl.static_assert(GATE_ON_OUT or not HAS_W)
-    tl.static_assert((GATE_ON_OUT and not REVERSE) or not HAS_FINAL)
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, eos = sequence_bounds(cu_seqlens, i_n, T, VARLEN)
-    n_chunks = tl.cdiv(eos - bos, BT)
-
+    # Per chunk and head: the scores A [.., T, H, BT], A_ts = sum_k q_tk k_sk exp(b_tk - b_sk) for s < t,
+    # q_t . k_t for s = t, 0 for s > t; the operands of the state kernels qg = q exp(b) and kd = k exp(b_C - b)
+    # [.., T, H, K] (A, qg, kd in their pointers' dtype: that of the dots that take them); b_C into bc
+    # [NC, H, K] float32; and with STORE_DECAY the log-decay pair hi, lo [.., T, H, K] float32.
+    NS: tl.constexpr = BT // BC
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    t_lo = tl.load(chunks + 2 * i_c).to(tl.int64)
+    t_hi = tl.load(chunks + 2 * i_c + 1).to(tl.int64)
+    if t_hi <= t_lo:  # past the last chunk (varlen allots a bound on the count)
+        return
+    o_t = tl.arange(0, BT)
     o_c = tl.arange(0, BC)
-    o_k = tl.arange(0, BK)
+    m_t = t_lo + o_t < t_hi
+    row0 = t_lo * H + i_h  # the chunk's first token and head; tiles take int32 offsets from it
+    q, k, g, hi, lo = q + row0 * K, k + row0 * K, g + row0 * K, hi + row0 * K, lo + row0 * K
+    qg, kd = qg + row0 * K, kd + row0 * K
+    is_last = (o_t == t_hi - t_lo - 1)[:, None]
+    sub = o_t // BC
+
+    b_A = tl.zeros([BT, BT], dtype=tl.float32)  # between sub-chunks
+    A_in = tl.zeros([NS, BC, BC], dtype=tl.float32)  # inside sub-chunks: [sub-chunk, row, source]
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_tk = m_t[:, None] & (o_k < K)[None, :]
+        ptr = o_t[:, None] * (H * K) + o_k[None, :]
+        _, b_hi, b_lo, _ = chunk_log_decay(tl.load(g + ptr, mask=m_tk, other=0.0))
+        if STORE_DECAY:
+            tl.store(hi + ptr, b_hi, mask=m_tk)
+            tl.store(lo + ptr, b_lo, mask=m_tk)
+        b_q = tl.load(q + ptr, mask=m_tk, other=0.0).to(tl.float32)
+        b_k = tl.load(k + ptr, mask=m_tk, other=0.0).to(tl.float32)
+        c_hi = tl.sum(tl.where(is_last, b_hi, 0.0), 0)
+        c_lo = tl.sum(tl.where(is_last, b_lo, 0.0), 0)
+        tl.store(bc + (i_c * H + i_h).to(tl.int64) * K + o_k, c_hi, mask=o_k < K)
+        tl.store(qg + ptr, (b_q * exp32(b_hi, PRECISE_EXP)).to(qg.dtype.element_ty), mask=m_tk)
+        w_end = exp32((c_hi[None, :] - b_hi) + (c_lo[None, :] - b_lo), PRECISE_EXP)
+        tl.store(kd + ptr, (b_k * w_end).to(kd.dtype.element_ty), mask=m_tk)
+
+        w_row, w_src, e_hi, e_lo = _sub_chunk_factors(b_hi, b_lo, BT, BC, BK, PRECISE_EXP)
+        b_qr = b_q * w_row
+        b_ks = b_k * w_src
+        for i in tl.static_range(1, NS):
+            q_i = dot_operand(tl.where((sub == i)[:, None], b_qr, 0.0), ROUND, False, tl.float32)
+            k_i = dot_operand(b_ks * _bridge(e_hi, e_lo, i, BT, BC, BK, PRECISE_EXP), ROUND, False, tl.float32)
+            b_A += tl.dot(q_i, tl.trans(k_i), input_precision=DOT_PREC)
+
+        hi3 = tl.reshape(b_hi, [NS, BC, BK])
+        lo3 = tl.reshape(b_lo, [NS, BC, BK])
+        q3 = tl.reshape(b_q, [NS, BC, BK])
+        k3 = tl.reshape(b_k, [NS, BC, BK])
+        for j in range(0, BC):  # source row j of every sub-chunk against the rows after it
+            decay = _pair_decay(hi3, lo3, j, BC, PRECISE_EXP)
+            k_j = tl.sum(tl.where((o_c == j)[None, :, None], k3, 0.0), 1)  # [NS, BK]
+            col = tl.sum(q3 * k_j[:, None, :] * decay, 2)  # [NS, BC]
+            A_in += tl.where((o_c == j)[None, None, :], col[:, :, None], 0.0)
+        own = tl.reshape(tl.sum(b_q * b_k, 1), [NS, BC])  # s = t: no decay
+        A_in += tl.where((o_c[:, None] == o_c[None, :])[None, :, :], own[:, :, None], 0.0)
+
+    o_n = tl.arange(0, NS)
+    same = (o_n[:, None] == o_n[None, :])[:, None, :, None]  # [NS, 1, NS, 1]
+    b_A += tl.reshape(tl.where(same, A_in[:, :, None, :], 0.0), [BT, BT])
+    tl.store(A + row0 * BT + o_t[:, None] * (H * BT) + o_t[None, :], b_A.to(A.dtype.element_ty), mask=m_t[:, None])
+
+
+@triton.jit
+def _state_kernel(
+    x,
+    y,
+    bc,
+    qg,
+    A,
+    h0,
+    cu_seqlens,
+    chunk_start,
+    o,
+    states,
+    ht,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    REVERSE: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    STORE_O: tl.constexpr,
+    STORE_STATES: tl.constexpr,
+    STORE_HT: tl.constexpr,
+    LOWP: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    ROUND: tl.constexpr,
+    PRECISE_EXP: tl.constexpr,
+):
+    # One sequence, one [BK, BV] block of the state, chunk after chunk; rows (keys) decay independently.
+    # x, qg [.., T, H, K] and A [.., T, H, BT] come from _intra_kernel, bc [NC, H, K] is b_C.
+    #   forward (x = kd, y = v):  S <- exp(b_C) S + x^T y, from h0; with STORE_O (BK >= K) also
+    #                             o = scale (qg S + A v)
+    #   reverse (x = qg, y = dO): dS <- exp(b_C) dS + scale x^T y, from dht, chunks in reverse
+    # STORE_STATES: the state before each chunk's update (entering it forward, the gradient of the state
+    # leaving it in reverse) into states [NC, H, K, V]; STORE_HT: the last one into ht [N, H, K, V].
+    LOWP_TY: tl.constexpr = y.dtype.element_ty
+    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    c0 = tl.load(chunk_start + i_n).to(tl.int64)
+    n_chunks = tl.cdiv(eos - bos, BT)
+    o_t = tl.arange(0, BT)
+    o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k = o_k < K
-    m_v = o_v < V
-    if GATE_ON_OUT:
-        o_g, m_g = o_v, m_v
-    else:
-        o_g, m_g = o_k, m_k
-    # Pairs inside a sub-chunk: output t reads sources s < t (s > t when time runs backward). With the
-    # gate on the output side the pair s = t is added on its own, after the product with w.
-    if REVERSE:
-        causal = o_c[:, None] < o_c[None, :]
-    else:
-        causal = o_c[:, None] > o_c[None, :]
-    if not GATE_ON_OUT:
-        causal = causal | (o_c[:, None] == o_c[None, :])
-
-    state_off = (i_n * H + i_h).to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
+    m_kv = m_k[:, None] & (o_v < V)[None, :]
+    kv = o_k[:, None] * V + o_v[None, :]
+    t_k = o_t[:, None] * (H * K) + o_k[None, :]
+    t_v = o_t[:, None] * (H * V) + o_v[None, :]
     S = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
-        S += tl.load(h0 + state_off, mask=m_k[:, None] & m_v[None, :], other=0.0)
-    if HAS_FINAL:
-        R = tl.load(dst + state_off, mask=m_k[:, None] & m_v[None, :], other=0.0)
-        total = tl.zeros([BG], dtype=tl.float64)  # B_T, the log-decay of the whole sequence
-        for i_p in range(0, n_chunks):
-            rows_p = bos + i_p * BT + tl.arange(0, BT)
-            m_p = (rows_p < eos)[:, None] & m_g[None, :]
-            b_gp = tl.load(g + (rows_p * H + i_h)[:, None] * G + o_g[None, :], mask=m_p, other=0.0)
-            total += tl.sum(b_gp.to(tl.float64), 0)
-        # [BV]: the running sum_{r < t} k_r dkt_r
-        prefix = exp32(total.to(tl.float32), PRECISE_EXP) * tl.sum(R * S, 0)
-        B_chunk = tl.zeros([BG], dtype=tl.float64)  # log-decay from the sequence's start to the chunk
-
-    for i in range(0, n_chunks):
+        S += tl.load(h0 + (i_n * H + i_h).to(tl.int64) * K * V + kv, mask=m_kv, other=0.0)
+    for j in range(0, n_chunks):
         if REVERSE:
-            t0 = bos + (n_chunks - 1 - i) * BT
+            i = n_chunks - 1 - j
         else:
-            t0 = bos + i * BT
-        n_sub = tl.cdiv(tl.minimum(eos - t0, BT), BC)
-        S_r = S
-        if ROUND:
-            S_r = tf32_round(S, ROUND)
-        U = tl.zeros([BK, BV], dtype=tl.float32)  # the chunk's own change of state
-        pre = tl.zeros([BG], dtype=tl.float64)  # log-decay of the sub-chunks this pass has visited in the chunk
-        for ii in range(0, n_sub):  # sub-chunks in the pass's order: forward, or backward in time
-            if REVERSE:
-                i_c = n_sub - 1 - ii
-            else:
-                i_c = ii
-            rows = t0 + i_c * BC + o_c
-            m_t = rows < eos
-            tok = rows * H + i_h
-            m_tk = m_t[:, None] & m_k[None, :]
-            m_tv = m_t[:, None] & m_v[None, :]
-            b_q = tl.load(q + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-            b_k = tl.load(k + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-            b_v = tl.load(v + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-            b_g = tl.load(g + tok[:, None] * G + o_g[None, :], mask=m_t[:, None] & m_g[None, :], other=0.0)
-            c, hi, lo, last = chunk_log_decay(b_g)  # [BC, BG] float64, float32 pair; [BG] float64
-            if REVERSE:  # rows read sources after them: decay over (t, end] and over [start, s]
-                e_out, e_src = last[None, :] - c, c
-            else:  # rows read sources before them: decay over [start, t] and over (s, end]
-                e_out, e_src = c, last[None, :] - c
-            w_out = exp32(e_out.to(tl.float32), PRECISE_EXP)  # [BC, BG]
-
-            # What the state carries in from the chunks already passed.
-            w_state = exp32((pre[None, :] + e_out).to(tl.float32), PRECISE_EXP)
-            if GATE_ON_OUT:
-                b_o = w_state * tl.dot(b_q, S_r, input_precision=DOT_PREC)
-                b_qr = b_q
-            else:
-                b_qs = b_q * w_state
-                b_qr = b_q * w_out
-                if ROUND:
-                    b_qs = tf32_round(b_qs, ROUND)
-                    b_qr = tf32_round(b_qr, ROUND)
-                b_o = tl.dot(b_qs, S_r, input_precision=DOT_PREC)
-
-            # Sub-chunks passed earlier in this chunk, both sides rebased on this sub-chunk's near boundary.
-            acc = tl.zeros([BC, BV], dtype=tl.float32)
-            gap = tl.zeros([BG], dtype=tl.float64)  # log-decay of the sub-chunks between source and output
-            for d in range(1, ii + 1):
-                if REVERSE:
-                    j_c = i_c + d
-                else:
-                    j_c = i_c - d
-                rows_j = t0 + j_c * BC + o_c
-                m_j = rows_j < eos
-                tok_j = rows_j * H + i_h
-                b_kj = tl.load(k + tok_j[:, None] * K + o_k[None, :], mask=m_j[:, None] & m_k[None, :], other=0.0)
-                b_vj = tl.load(v + tok_j[:, None] * V + o_v[None, :], mask=m_j[:, None] & m_v[None, :], other=0.0)
-                b_gj = tl.load(g + tok_j[:, None] * G + o_g[None, :], mask=m_j[:, None] & m_g[None, :], other=0.0)
-                c_j, _, _, last_j = chunk_log_decay(b_gj)
-                if REVERSE:
-                    e_src_j = c_j
-                else:
-                    e_src_j = last_j[None, :] - c_j
-                w_src = exp32((gap[None, :] + e_src_j).to(tl.float32), PRECISE_EXP)
-                if GATE_ON_OUT:
-                    b_kj = b_kj.to(tl.float32)
-                    b_vj = b_vj * w_src
-                else:
-                    b_kj = b_kj * w_src
-                    b_vj = b_vj.to(tl.float32)
-                if ROUND:
-                    b_kj = tf32_round(b_kj, ROUND)
-                    b_vj = tf32_round(b_vj, ROUND)
-                A = tl.dot(b_qr, tl.trans(b_kj), input_precision=DOT_PREC)  # [BC, BC]
-                if ROUND:
-                    A = tf32_round(A, ROUND)
-                acc += tl.dot(A, b_vj, input_precision=DOT_PREC)
-                gap += last_j
-            if GATE_ON_OUT:
-                b_o += w_out * acc
-            else:
-                b_o += acc
-
-            # The sub-chunk itself, with the exact decay between each pair of its rows.
-            if GATE_ON_OUT:
-                A = tl.where(causal, tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC), 0.0)
-                decay = _pair_decay(hi, lo, causal[:, :, None], REVERSE, PRECISE_EXP)
-                b_o += tl.sum(A[:, :, None] * decay * b_v[None, :, :], 1)
-            else:
-                A = tl.zeros([BC, BC], dtype=tl.float32)
-                for kk in tl.static_range(0, BK, BKD):  # slices of the key dim bound the [BC, BC, BKD] tile
-                    if BKD == BK:
-                        b_qd, b_kd, hi_d, lo_d = b_q, b_k, hi, lo
-                    else:
-                        o_kd = kk + tl.arange(0, BKD)
-                        m_kd = m_t[:, None] & (o_kd < K)[None, :]
-                        b_qd = tl.load(q + tok[:, None] * K + o_kd[None, :], mask=m_kd, other=0.0).to(tl.float32)
-                        b_kd = tl.load(k + tok[:, None] * K + o_kd[None, :], mask=m_kd, other=0.0).to(tl.float32)
-                        _, hi_d, lo_d, _ = chunk_log_decay(
-                            tl.load(g + tok[:, None] * K + o_kd[None, :], mask=m_kd, other=0.0)
-                        )
-                    decay = _pair_decay(hi_d, lo_d, causal[:, :, None], REVERSE, PRECISE_EXP)
-                    A += tl.sum(b_qd[:, None, :] * b_kd[None, :, :] * decay, 2)
-                if ROUND:
-                    A = tf32_round(A, ROUND)
-                b_o += tl.dot(A, b_v, input_precision=DOT_PREC)
-
-            if HAS_W:
-                b_w = tl.load(w + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-                tl.store(wo + tok[:, None] * V + o_v[None, :], scale * b_w * b_o, mask=m_tv)
-            if HAS_FINAL:  # exp(B_T - B_t) <= 1: the gates after t
-                w_fin = exp32((total[None, :] - (B_chunk[None, :] + pre[None, :] + c)).to(tl.float32), PRECISE_EXP)
-                b_dkt = w_fin * tl.dot(b_k, tf32_round(R, ROUND), input_precision=DOT_PREC)
-                tl.store(dkt + tok[:, None] * V + o_v[None, :], b_dkt, mask=m_tv)
-                y = b_v * b_dkt
-                b_fin = prefix[None, :] + tl.sum(tl.where(causal[:, :, None], y[None, :, :], 0.0), 1)
-                tl.store(fin + tok[:, None] * V + o_v[None, :], b_fin, mask=m_tv)
-                prefix += tl.sum(y, 0)
-            if GATE_ON_OUT:
-                b_o += tl.sum(b_q * b_k, 1)[:, None] * b_v  # s = t: no decay
-            tl.store(o + tok[:, None] * V + o_v[None, :], (scale * b_o).to(o.dtype.element_ty), mask=m_tv)
-
-            # This sub-chunk's share of the chunk's change of state, decayed to the chunk's far boundary.
-            w_last = exp32(last.to(tl.float32), PRECISE_EXP)
-            w_src = exp32(e_src.to(tl.float32), PRECISE_EXP)
-            if GATE_ON_OUT:
-                U = U * w_last[None, :]
-                b_ks = b_k
-                b_vs = b_v * w_src
-            else:
-                U = U * w_last[:, None]
-                b_ks = b_k * w_src
-                b_vs = b_v
-            if ROUND:
-                b_ks = tf32_round(b_ks, ROUND)
-                b_vs = tf32_round(b_vs, ROUND)
-            U += tl.dot(tl.trans(b_ks), b_vs, input_precision=DOT_PREC)
-            pre += last
-
-        w_chunk = exp32(pre.to(tl.float32), PRECISE_EXP)
-        if HAS_FINAL:
-            B_chunk += pre
-        if GATE_ON_OUT:
-            S = S * w_chunk[None, :] + U
-        else:
-            S = S * w_chunk[:, None] + U
-
-    tl.store(ht + state_off, S, mask=m_k[:, None] & m_v[None, :])
+            i = j
+        if STORE_STATES:
+            tl.store(states + ((c0 + i) * H + i_h) * K * V + kv, S, mask=m_kv)
+        t0 = bos + i * BT
+        row0 = t0 * H + i_h  # the chunk's first token and head; tiles take int32 offsets from it
+        m_t = t0 + o_t < eos
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        w_c = exp32(tl.load(bc + ((c0 + i) * H + i_h) * K + o_k, mask=m_k, other=0.0), PRECISE_EXP)
+        b_x = dot_operand(tl.load(x + row0 * K + t_k, mask=m_tk, other=0.0), ROUND, LOWP, LOWP_TY)
+        b_y = dot_operand(tl.load(y + row0 * V + t_v, mask=m_tv, other=0.0), ROUND, LOWP, LOWP_TY)
+        if STORE_O:
+            b_q = dot_operand(tl.load(qg + row0 * K + t_k, mask=m_tk, other=0.0), ROUND, LOWP, LOWP_TY)
+            t_a = o_t[:, None] * (H * BT) + o_t[None, :]
+            b_A = dot_operand(tl.load(A + row0 * BT + t_a, mask=m_t[:, None], other=0.0), ROUND, LOWP, LOWP_TY)
+            b_o = tl.dot(b_q, dot_operand(S, ROUND, LOWP, LOWP_TY), input_precision=DOT_PREC)
+            b_o += tl.dot(b_A, b_y, input_precision=DOT_PREC)
+            tl.store(o + row0 * V + t_v, (scale * b_o).to(o.dtype.element_ty), mask=m_tv)
+        U = tl.dot(tl.trans(b_x), b_y, input_precision=DOT_PREC)
+        if REVERSE:
+            U *= scale
+        S = S * w_c[:, None] + U
+    if STORE_HT:
+        tl.store(ht + (i_n * H + i_h).to(tl.int64) * K * V + kv, S, mask=m_kv)

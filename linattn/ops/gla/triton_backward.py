@@ -1,0 +1,218 @@
+"""GLA's per-chunk backward kernels; ``triton.py`` launches them. The decay factors are those of triton_kernels.py.
+
+Both read, per chunk, the state S entering it and the gradient dS of the state leaving it ([NC, H, K, V]
+float32, from _state_kernel), and from _intra_kernel the log-decay pair hi, lo (dqkg), or the scores A and
+kd = k exp(b_C - b) (dv).
+With dA = scale (dO V^T) masked to s <= t:
+
+    dv = scale A^T dO + kd dS
+    dq = scale exp(b) (dO S^T) + intra(dA, k)          dk = exp(b_C - b) (V dS^T) + intra^T(dA, q)
+
+and dg, chunk by chunk, as the reverse cumulative sum over the chunk of the gradient with respect to b:
+
+    db_t = q_t dq_t - k_t dk_t   (every gated term; the plain s = t pair has none)
+    db_C += sum_s k_s dk_s^state + exp(b_C) sum_v S dS        (b_C also carries the state on)
+
+summed in float64, so that the state's share, added at the last row and taken off row by row, cancels
+exactly.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from linattn.ops.common.triton_utils import dot_operand, exp32
+from linattn.ops.gla.triton_kernels import _bridge, _pair_decay, _sub_chunk_factors
+
+
+@triton.jit
+def _sum_before(s_a, e_a, s_b, e_b):
+    """Combine of a scan over pairs (sum, sum of all but the last), from (x_t, 0): the second is the
+    exclusive prefix sum, formed by additions only."""
+    return s_a + s_b, s_a + e_b
+
+
+@triton.jit
+def _dv_kernel(
+    kd,
+    do,
+    A,
+    chunks,
+    dstates,
+    dv,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    LOWP: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    ROUND: tl.constexpr,
+):
+    # Per chunk, head and V block: dv = scale A^T dO + kd dS, with kd = k exp(b_C - b) from _intra_kernel.
+    LOWP_TY: tl.constexpr = do.dtype.element_ty
+    i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t_lo = tl.load(chunks + 2 * i_c).to(tl.int64)
+    t_hi = tl.load(chunks + 2 * i_c + 1).to(tl.int64)
+    if t_hi <= t_lo:
+        return
+    o_t = tl.arange(0, BT)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_t = t_lo + o_t < t_hi
+    row0 = t_lo * H + i_h  # the chunk's first token and head; tiles take int32 offsets from it
+    m_tv = m_t[:, None] & (o_v < V)[None, :]
+    t_v = o_t[:, None] * (H * V) + o_v[None, :]
+    b_A = tl.load(A + row0 * BT + o_t[:, None] * (H * BT) + o_t[None, :], mask=m_t[:, None], other=0.0)
+    b_do = dot_operand(tl.load(do + row0 * V + t_v, mask=m_tv, other=0.0), ROUND, LOWP, LOWP_TY)
+    b_dv = tl.dot(tl.trans(dot_operand(b_A, ROUND, LOWP, LOWP_TY)), b_do, input_precision=DOT_PREC)
+    b_dv *= scale
+    state = (i_c * H + i_h).to(tl.int64) * K * V
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        t_k = o_t[:, None] * (H * K) + o_k[None, :]
+        b_kd = dot_operand(
+            tl.load(kd + row0 * K + t_k, mask=m_t[:, None] & m_k[None, :], other=0.0), ROUND, LOWP, LOWP_TY
+        )
+        m_kv = m_k[:, None] & (o_v < V)[None, :]
+        dS = tl.load(dstates + state + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
+        b_dv += tl.dot(b_kd, dot_operand(dS, ROUND, LOWP, LOWP_TY), input_precision=DOT_PREC)
+    tl.store(dv + row0 * V + t_v, b_dv.to(dv.dtype.element_ty), mask=m_tv)
+
+
+@triton.jit
+def _dqkg_kernel(
+    q,
+    k,
+    v,
+    do,
+    hi,
+    lo,
+    chunks,
+    states,
+    dstates,
+    dq,
+    dk,
+    dg,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    LOWP: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    ROUND: tl.constexpr,
+    PRECISE_EXP: tl.constexpr,
+):
+    # Per chunk, head and key block: dq, dk and dg (every term is per key channel once dA is formed).
+    NS: tl.constexpr = BT // BC
+    LOWP_TY: tl.constexpr = do.dtype.element_ty
+    i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t_lo = tl.load(chunks + 2 * i_c).to(tl.int64)
+    t_hi = tl.load(chunks + 2 * i_c + 1).to(tl.int64)
+    if t_hi <= t_lo:
+        return
+    o_t = tl.arange(0, BT)
+    o_c = tl.arange(0, BC)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_t = t_lo + o_t < t_hi
+    m_k = o_k < K
+    m_tk = m_t[:, None] & m_k[None, :]
+    row0 = t_lo * H + i_h  # the chunk's first token and head; tiles take int32 offsets from it
+    q, k, hi, lo = q + row0 * K, k + row0 * K, hi + row0 * K, lo + row0 * K
+    dq, dk, dg = dq + row0 * K, dk + row0 * K, dg + row0 * K
+    v, do = v + row0 * V, do + row0 * V
+    ptr = o_t[:, None] * (H * K) + o_k[None, :]
+    is_last = o_t == t_hi - t_lo - 1
+    last = (t_hi - t_lo - 1) * (H * K)
+
+    # What needs the whole value dim: dA, and the state terms dO S^T, V dS^T, sum_v S dS.
+    dA = tl.zeros([BT, BT], dtype=tl.float32)
+    d_qs = tl.zeros([BT, BK], dtype=tl.float32)
+    d_ks = tl.zeros([BT, BK], dtype=tl.float32)
+    d_c = tl.zeros([BK], dtype=tl.float32)
+    state = (i_c * H + i_h).to(tl.int64) * K * V
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        m_kv = m_k[:, None] & (o_v < V)[None, :]
+        t_v = o_t[:, None] * (H * V) + o_v[None, :]
+        b_do = dot_operand(tl.load(do + t_v, mask=m_tv, other=0.0), ROUND, LOWP, LOWP_TY)
+        b_v = dot_operand(tl.load(v + t_v, mask=m_tv, other=0.0), ROUND, LOWP, LOWP_TY)
+        S = tl.load(states + state + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
+        dS = tl.load(dstates + state + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
+        dA += tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)
+        d_qs += tl.dot(b_do, tl.trans(dot_operand(S, ROUND, LOWP, LOWP_TY)), input_precision=DOT_PREC)
+        d_ks += tl.dot(b_v, tl.trans(dot_operand(dS, ROUND, LOWP, LOWP_TY)), input_precision=DOT_PREC)
+        d_c += tl.sum(S * dS, 1)
+    dA = tl.where(o_t[:, None] >= o_t[None, :], scale * dA, 0.0)
+
+    b_q = tl.load(q + ptr, mask=m_tk, other=0.0).to(tl.float32)
+    b_k = tl.load(k + ptr, mask=m_tk, other=0.0).to(tl.float32)
+    c_hi = tl.load(hi + last + o_k, mask=m_k, other=0.0)
+    c_lo = tl.load(lo + last + o_k, mask=m_k, other=0.0)
+    # Rows past the chunk's end hold b_C, as the intra kernel's sums (of zero gates there) did.
+    b_hi = tl.where(m_t[:, None], tl.load(hi + ptr, mask=m_tk, other=0.0), c_hi[None, :])
+    b_lo = tl.where(m_t[:, None], tl.load(lo + ptr, mask=m_tk, other=0.0), c_lo[None, :])
+    b_dq = scale * d_qs * exp32(b_hi, PRECISE_EXP)  # the gated terms of dq
+    dk_state = d_ks * exp32((c_hi[None, :] - b_hi) + (c_lo[None, :] - b_lo), PRECISE_EXP)
+
+    # Between sub-chunks, with the forward's factors (triton_kernels.py).
+    w_row, w_src, e_hi, e_lo = _sub_chunk_factors(b_hi, b_lo, BT, BC, BK, PRECISE_EXP)
+    b_qr = dot_operand(b_q * w_row, ROUND, False, tl.float32)
+    b_ks = b_k * w_src
+    sub = o_t // BC
+    dq_x = tl.zeros([BT, BK], dtype=tl.float32)
+    dk_x = tl.zeros([BT, BK], dtype=tl.float32)
+    for i in tl.static_range(1, NS):
+        bridge = _bridge(e_hi, e_lo, i, BT, BC, BK, PRECISE_EXP)
+        dA_i = dot_operand(tl.where((sub == i)[:, None], dA, 0.0), ROUND, False, tl.float32)
+        k_i = dot_operand(b_ks * bridge, ROUND, False, tl.float32)
+        dq_x += tl.dot(dA_i, k_i, input_precision=DOT_PREC)
+        dk_x += bridge * tl.dot(tl.trans(dA_i), b_qr, input_precision=DOT_PREC)
+    b_dq += w_row * dq_x
+    dk_in = w_src * dk_x  # the gated in-chunk terms of dk
+
+    # Inside sub-chunks, exactly: source row j of every sub-chunk against the rows after it.
+    hi3 = tl.reshape(b_hi, [NS, BC, BK])
+    lo3 = tl.reshape(b_lo, [NS, BC, BK])
+    q3 = tl.reshape(b_q, [NS, BC, BK])
+    k3 = tl.reshape(b_k, [NS, BC, BK])
+    dA3 = tl.reshape(dA, [NS, BC, BT])
+    o_n = tl.arange(0, NS)
+    dq3 = tl.zeros([NS, BC, BK], dtype=tl.float32)
+    dk3 = tl.zeros([NS, BC, BK], dtype=tl.float32)
+    for j in range(0, BC):
+        decay = _pair_decay(hi3, lo3, j, BC, PRECISE_EXP)  # [NS, BC, BK]
+        col = (o_n * BC + j)[:, None, None] == o_t[None, None, :]
+        dA_j = tl.sum(tl.where(col, dA3, 0.0), 2)  # [NS, BC]: dA[t, source j of t's sub-chunk]
+        sel = (o_c == j)[None, :, None]
+        k_j = tl.sum(tl.where(sel, k3, 0.0), 1)  # [NS, BK]
+        dq3 += dA_j[:, :, None] * k_j[:, None, :] * decay
+        dk_j = tl.sum(dA_j[:, :, None] * q3 * decay, 1)  # [NS, BK]
+        dk3 += tl.where(sel, dk_j[:, None, :], 0.0)
+    b_dq += tl.reshape(dq3, [BT, BK])
+    dk_in += tl.reshape(dk3, [BT, BK])
+
+    # dg: the reverse cumulative sum of db within the chunk (see the module docstring). The state's share
+    # through the keys, sum_{s >= t} -x_s + sum_s x_s, is the forward sum of x before t: summed so, not
+    # cancelled, since x at the chunk's last row is O(1) even where the sum before it is e^-30.
+    x = (b_k * dk_state).to(tl.float64)
+    db = (b_q * b_dq).to(tl.float64) - (b_k * dk_in).to(tl.float64)
+    carry = (exp32(c_hi, PRECISE_EXP) * d_c).to(tl.float64)
+    db += tl.where(is_last[:, None], carry[None, :], 0.0)
+    _, before = tl.associative_scan((x, tl.zeros_like(x)), 0, _sum_before)
+    b_dg = tl.cumsum(db, axis=0, reverse=True) + tl.where(m_t[:, None], before, 0.0)
+    tl.store(dg + ptr, b_dg.to(tl.float32), mask=m_tk)
+
+    own = tl.sum(tl.where(o_t[:, None] == o_t[None, :], dA, 0.0), 1)  # s = t: q_t . k_t, no decay
+    b_dq += own[:, None] * b_k
+    b_dk = dk_in + dk_state + own[:, None] * b_q
+    tl.store(dq + ptr, b_dq.to(dq.dtype.element_ty), mask=m_tk)
+    tl.store(dk + ptr, b_dk.to(dk.dtype.element_ty), mask=m_tk)
