@@ -64,6 +64,7 @@ BV_CHUNK = 32  # value columns per step of the per-chunk backward's loops
 # Launch options by kernel. Every kernel holds several [BT, K] float32 tiles; at 4 warps each spilled
 # 1.7-6 KB of registers per thread, at 8 (here) the bfloat16 variants spill 0-2.3 KB (compile_kernels --resources).
 NUM_WARPS = dict(prepare=8, forward=8, backward_state=8, backward_chunk=8)
+LOWP_DOTS = True  # bf16 operands for bf16 inputs on a GPU (see the module docstring)
 FULL_GPU = 264  # programs that occupy every SM of an H100/H200 twice
 
 
@@ -136,13 +137,13 @@ def _flags(dtype: torch.dtype, gated: bool, qk_l2norm: bool, gpu: bool | None = 
     # Launch option, not a constexpr: float32 tiles with Triton's default 3 stages overflow shared memory.
     stages = 1 if dtype == torch.float32 else 2
     exact_exp = precise_exp(dtype, gpu)
-    lowp = dtype == torch.bfloat16 and gpu
+    lowp = LOWP_DOTS and dtype == torch.bfloat16 and gpu
     return dict(HAS_G=gated, L2NORM=qk_l2norm, LOWP=lowp, PRECISE_EXP=exact_exp, num_stages=stages, **flags)
 
 
 def _w_dtype(dtype: torch.dtype) -> torch.dtype:
     """W's storage: bfloat16 where LOWP (it only ever enters bfloat16 products), else float32."""
-    return torch.bfloat16 if dtype == torch.bfloat16 and not triton_interpret() else torch.float32
+    return torch.bfloat16 if LOWP_DOTS and dtype == torch.bfloat16 and not triton_interpret() else torch.float32
 
 
 def prepare(k, v, g, beta, lay: _Layout, qk_l2norm: bool, beta_is_logit: bool, tinv=None, store_t: bool = False):
@@ -241,11 +242,15 @@ def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l
     dv = torch.empty(v.shape, dtype=store_dtype(v.dtype), device=q.device)
     dg = torch.empty(B, T, H, dtype=torch.float32, device=q.device) if g is not None else None
     dbeta = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
+    # Below 64 key channels, Triton 3.6's bf16 dots at 8 warps read shared memory out of bounds in this kernel
+    # (compute-sanitizer on an H200, K = 16): such small heads take tf32 dots at 4 warps, as before.
+    small = BK < 64
+    chunk_common = common | dict(LOWP=False) if small else common
     _backward_chunk_kernel[(lay.NC, H)](
         q, k, v, g_, beta, tinv, u, du, do, lay.chunks, states, dstates,
         dq, dk, dv, dg if dg is not None else dummy, dbeta, scale,
         BV=min(BV_CHUNK, max(16, triton.next_power_of_2(V))), BETA_LOGIT=beta_is_logit,
-        num_warps=NUM_WARPS["backward_chunk"], **common,
+        num_warps=4 if small else NUM_WARPS["backward_chunk"], **chunk_common,
     )  # fmt: skip
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dbeta, dh0
 
