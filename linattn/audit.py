@@ -59,6 +59,27 @@ EPS = 1e-6  # linear_attn's default eps: the audit measures what users get
 FEATURE_SEED_OFFSET = 0x9E3779B9
 
 
+FITTED = ("favor++", "hedgehog")  # the mechanisms whose maps are fitted to calibration queries and keys
+
+
+def hold_out(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Split inputs [B, T, H, D] into a part to fit on and a disjoint part to audit on.
+
+    With two or more rows (B >= 2) the first B // 2 rows fit and the rest are audited; with one row the first
+    T // 2 tokens fit and the remaining tokens are audited, as a sequence of their own. Returns
+    ((q_fit, k_fit), (q, k, v) to audit, a description of the split).
+    """
+    B, T = q.shape[:2]
+    if B >= 2:
+        n = B // 2
+        return (q[:n], k[:n]), (q[n:], k[n:], v[n:]), f"fitted on rows [0, {n}), audited on rows [{n}, {B})"
+    if T < 2:
+        raise ValueError(f"--input: holding out tokens to fit on needs T >= 2 tokens, got q {list(q.shape)}")
+    n = T // 2
+    split = f"fitted on tokens [0, {n}), audited on tokens [{n}, {T})"
+    return (q[:, :n], k[:, :n]), (q[:, n:], k[:, n:], v[:, n:]), split
+
+
 def check_mechanism(name: str) -> None:
     if name not in MECHANISMS:
         raise ValueError(f"mechanism must be one of {sorted(MECHANISMS)}, got {name!r}")

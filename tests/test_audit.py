@@ -113,6 +113,47 @@ def test_cli_reads_a_tensor_file(tmp_path):
     assert result["temperature"] == pytest.approx(audit.logit_std(q, k), rel=1e-6)
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_cli_fits_on_held_out_inputs(tmp_path, rows):
+    """favor++ and hedgehog are never fitted on the tokens they are measured on: one row splits its tokens,
+    several rows split the rows."""
+    q, k, v = audit.draw_inputs(8, 30, 0.5, seed=3, dtype=torch.float32)
+    q, k, v = (x.expand(rows, -1, -1, -1).contiguous() for x in (q, k, v))
+    path, out = tmp_path / "qkv.pt", tmp_path / "out.json"
+    torch.save({"q": q, "k": k, "v": v}, path)
+    argv = ["audit", "--mechanism", "hedgehog", "--features", "8", "--seeds", "1", "--hedgehog-steps", "2"]
+    assert main([*argv, "--input", str(path), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    if rows == 1:
+        expected = 15, "fitted on tokens [0, 15), audited on tokens [15, 30)"
+    else:
+        expected = 30, "fitted on rows [0, 1), audited on rows [1, 3)"
+    assert (result["seq_len"], result["calibration"]) == expected
+
+
+def test_hold_out_parts_are_disjoint():
+    q, k, v = audit.draw_inputs(4, 9, 0.5, seed=0)
+    (fq, fk), (aq, ak, av), _ = audit.hold_out(q, k, v)
+    assert fq.shape[1] + aq.shape[1] == 9 and torch.equal(torch.cat([fq, aq], 1), q)
+    assert torch.equal(torch.cat([fk, ak], 1), k) and torch.equal(av, v[:, 4:])
+    with pytest.raises(ValueError, match="T >= 2"):
+        audit.hold_out(q[:, :1], k[:, :1], v[:, :1])
+
+
+def test_cli_calibration_file(tmp_path, capsys):
+    q, k, v = audit.draw_inputs(8, 20, 0.5, seed=3, dtype=torch.float32)
+    cq, ck, cv = audit.draw_inputs(8, 20, 0.5, seed=4, dtype=torch.float32)
+    path, cal, out = tmp_path / "qkv.pt", tmp_path / "cal.pt", tmp_path / "out.json"
+    torch.save({"q": q, "k": k, "v": v}, path)
+    torch.save({"q": cq, "k": ck, "v": cv}, cal)
+    argv = ["audit", "--mechanism", "favor++", "--features", "8", "--seeds", "1", "--input", str(path)]
+    assert main([*argv, "--calibration", str(cal), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["seq_len"] == 20 and result["calibration"] == str(cal)
+    assert main(["audit", "--mechanism", "favor++", "--calibration", str(cal)]) == 2
+    assert "--calibration needs --input" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("mechanism", sorted(audit.MECHANISMS))
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 def test_implied_attention_reproduces_the_output(mechanism, causal):

@@ -53,6 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="audit q, k, v from this file (.safetensors or torch.save dict) instead of random ones",
     )
+    parser.add_argument(
+        "--calibration",
+        metavar="PATH",
+        help="with --input: fit favor++ and hedgehog on q, k from this file (default: on a held-out part of --input)",
+    )
     parser.add_argument("--seeds", type=int, default=5, help="feature draws per m (default 5)")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the random inputs (default 0)")
     parser.add_argument("--causal", action="store_true", help="compare causal attention (default: non-causal)")
@@ -70,10 +75,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        if args.calibration and not args.input:
+            raise ValueError("--calibration needs --input (random inputs are fitted on a draw of their own)")
         if args.input:
             q, k, v = audit.load_inputs(args.input)
             temperature = None  # measured from the inputs
-            calibration = (q, k)
+            if args.calibration:
+                calibration = audit.load_inputs(args.calibration)[:2]
+                fitted_on = args.calibration
+            elif args.mechanism in audit.FITTED:  # never fit on the tokens that are measured
+                calibration, (q, k, v), fitted_on = audit.hold_out(q, k, v)
+            else:
+                calibration, fitted_on = None, "nothing (no fitted parameters)"
         else:
             q, k, v = audit.draw_inputs(
                 args.head_dim, args.seq_len, args.temperature, seed=args.data_seed, heads=args.heads
@@ -87,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
                 seed=args.data_seed + CALIBRATION_SEED_OFFSET,
             )
             calibration = (cq, ck)
+            fitted_on = f"an independent draw (seed {args.data_seed + CALIBRATION_SEED_OFFSET})"
         result = audit.sweep(
             args.mechanism,
             q,
@@ -105,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"linattn audit: error: {err}", file=sys.stderr)
         return 2
     result["input"] = args.input or f"random (data seed {args.data_seed})"
+    if args.mechanism in audit.FITTED:
+        result["calibration"] = fitted_on
     result["torch"] = torch.__version__
     print(audit.format_table(result))
     if args.json:

@@ -176,3 +176,35 @@ def short_for_recurrent(q: torch.Tensor, cu_seqlens, max_t: int) -> bool:
 def needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
 
+
+class ChunkTable:
+    """Where sequences and chunks of BT tokens lie in the packed token axis, for per-chunk kernels.
+
+    cu: int32 [N + 1] sequence bounds (a batch of B rows of T tokens is B sequences); first: int32 [N]
+    each sequence's first chunk; chunks: int32 [NC, 2] each chunk's token range (empty past the last).
+    """
+
+    def __init__(self, B: int, T: int, cu_seqlens, BT: int, device):
+        if cu_seqlens is None:
+            self.N = B
+            NT = triton.cdiv(T, BT)
+            self.cu = torch.arange(B + 1, device=device, dtype=torch.int32) * T
+            self.first = torch.arange(B, device=device, dtype=torch.int32) * NT
+            self.NC = B * NT
+            c = torch.arange(self.NC, device=device, dtype=torch.int32)
+            lo = (c // NT) * T + (c % NT) * BT
+            hi = torch.minimum(lo + BT, (c // NT + 1) * T)
+        else:
+            self.N = cu_seqlens.numel() - 1
+            self.cu = cu_seqlens.to(torch.int32)
+            per_seq = (self.cu[1:] - self.cu[:-1] + BT - 1) // BT
+            ends = per_seq.cumsum(0).to(torch.int32)  # one past each sequence's last chunk
+            self.first = ends - per_seq
+            self.NC = triton.cdiv(T, BT) + self.N  # a bound: no sync with the device to count them
+            c = torch.arange(self.NC, device=device, dtype=torch.int32)
+            n = torch.searchsorted(ends, c, right=True).clamp(max=self.N - 1)
+            lo = self.cu[n] + (c - self.first[n]) * BT
+            hi = torch.minimum(lo + BT, self.cu[n + 1])
+            valid = c < ends[-1]
+            lo, hi = torch.where(valid, lo, 0), torch.where(valid, hi, 0)
+        self.chunks = torch.stack([lo, hi], dim=1).to(torch.int32).contiguous()

@@ -34,6 +34,7 @@ import triton
 
 from linattn.ops.common.triton_recurrent import recurrent as common_recurrent
 from linattn.ops.common.triton_utils import (
+    ChunkTable,
     kernel_flags,
     needs_grad,
     precise_exp,
@@ -58,39 +59,6 @@ def _blocks(K: int, V: int) -> tuple[int, int]:
     return BK, BV
 
 
-class _Layout:
-    """Where sequences and chunks lie in the packed token axis.
-
-    cu: int32 [N + 1] sequence bounds (a batch of B rows of T tokens is B sequences); first: int32 [N]
-    each sequence's first chunk; chunks: int32 [NC, 2] each chunk's token range (empty past the last).
-    """
-
-    def __init__(self, B: int, T: int, cu_seqlens, device):
-        if cu_seqlens is None:
-            self.N = B
-            NT = triton.cdiv(T, BT)
-            self.cu = torch.arange(B + 1, device=device, dtype=torch.int32) * T
-            self.first = torch.arange(B, device=device, dtype=torch.int32) * NT
-            self.NC = B * NT
-            c = torch.arange(self.NC, device=device, dtype=torch.int32)
-            lo = (c // NT) * T + (c % NT) * BT
-            hi = torch.minimum(lo + BT, (c // NT + 1) * T)
-        else:
-            self.N = cu_seqlens.numel() - 1
-            self.cu = cu_seqlens.to(torch.int32)
-            per_seq = (self.cu[1:] - self.cu[:-1] + BT - 1) // BT
-            ends = per_seq.cumsum(0).to(torch.int32)  # one past each sequence's last chunk
-            self.first = ends - per_seq
-            self.NC = triton.cdiv(T, BT) + self.N  # a bound: no sync with the device to count them
-            c = torch.arange(self.NC, device=device, dtype=torch.int32)
-            n = torch.searchsorted(ends, c, right=True).clamp(max=self.N - 1)
-            lo = self.cu[n] + (c - self.first[n]) * BT
-            hi = torch.minimum(lo + BT, self.cu[n + 1])
-            valid = c < ends[-1]
-            lo, hi = torch.where(valid, lo, 0), torch.where(valid, hi, 0)
-        self.chunks = torch.stack([lo, hi], dim=1).to(torch.int32).contiguous()
-
-
 MAX_KEY_DIM = 128  # the per-chunk backward holds several [64, K] float32 tiles: K = 256 needs ~280 KB of shared memory
 
 
@@ -111,7 +79,7 @@ def _flags(dtype: torch.dtype, gated: bool, qk_l2norm: bool, gpu: bool | None = 
     return dict(HAS_G=gated, L2NORM=qk_l2norm, PRECISE_EXP=exact_exp, num_stages=stages, **flags)
 
 
-def prepare(k, v, g, beta, lay: _Layout, qk_l2norm: bool, beta_is_logit: bool, tinv=None, store_t: bool = False):
+def prepare(k, v, g, beta, lay: ChunkTable, qk_l2norm: bool, beta_is_logit: bool, tinv=None, store_t: bool = False):
     """W [B, T, H, K], U0 [B, T, H, V] and Tinv [B, T, H, BT], all float32.
 
     Tinv is solved for unless given (as the forward stored it); it is returned only when given or store_t.
@@ -153,7 +121,7 @@ def forward(q, k, v, g, beta, h0, scale: float, cu_seqlens, qk_l2norm: bool, bet
     save, Tinv [B, T, H, BT] float32 for the backward (else None)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    lay = _Layout(B, T, cu_seqlens, q.device)
+    lay = ChunkTable(B, T, cu_seqlens, BT, q.device)
     w, u0, tinv = prepare(k, v, g, beta, lay, qk_l2norm, beta_is_logit, store_t=save)
     BK, BV = _blocks(K, V)
     o = torch.empty(B, T, H, V, dtype=store_dtype(v.dtype), device=q.device)
@@ -194,7 +162,7 @@ def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l
     V = v.shape[-1]
     BK, BV = _blocks(K, V)
     NV = triton.cdiv(V, BV)
-    lay = _Layout(B, T, cu_seqlens, q.device)
+    lay = ChunkTable(B, T, cu_seqlens, BT, q.device)
     flags = _flags(q.dtype, g is not None, qk_l2norm)
     common = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, **flags)
     w, u0, tinv = prepare(k, v, g, beta, lay, qk_l2norm, beta_is_logit, tinv=tinv, store_t=True)

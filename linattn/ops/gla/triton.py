@@ -25,15 +25,19 @@ import triton
 
 from linattn.ops.common.triton_ops import register_decay_ops
 from linattn.ops.common.triton_recurrent import recurrent
-from linattn.ops.common.triton_utils import kernel_flags, lowp_dots, precise_exp, store_dtype, triton_unsupported
-from linattn.ops.gated_delta_rule.triton import BT as _DELTA_BT
-from linattn.ops.gated_delta_rule.triton import _Layout
+from linattn.ops.common.triton_utils import (
+    ChunkTable,
+    kernel_flags,
+    lowp_dots,
+    precise_exp,
+    store_dtype,
+    triton_unsupported,
+)
 from linattn.ops.gla.triton_backward import _dqkg_kernel, _dv_kernel
 from linattn.ops.gla.triton_kernels import _intra_kernel, _state_kernel
 
 BT = 64  # chunk length
 BC = 16  # sub-chunk length: the smallest tl.dot tile
-assert BT == _DELTA_BT, "the chunk table (_Layout) is cut in chunks of the delta rule's length"
 
 
 def _pow2(n: int, lo: int = 16, hi: int = 256) -> int:
@@ -64,7 +68,7 @@ def _launch(dtype: torch.dtype, K: int, V: int) -> dict:
     return cfg
 
 
-def _intra(q, k, g, lay: _Layout, flags: dict, cfg: dict, lowp: bool, store_decay: bool):
+def _intra(q, k, g, lay: ChunkTable, flags: dict, cfg: dict, lowp: bool, store_decay: bool):
     """A [B, T, H, BT], qg and kd [B, T, H, K] (in the dots' operand dtype: bfloat16 with lowp, else float32),
     bc [NC, H, K] float32 and, with store_decay, hi and lo [B, T, H, K] float32 (else None)."""
     B, T, H, K = q.shape
@@ -82,7 +86,7 @@ def _intra(q, k, g, lay: _Layout, flags: dict, cfg: dict, lowp: bool, store_deca
     return A, qg, kd, bc, hi, lo
 
 
-def _states(x, y, bc, start, lay: _Layout, scale: float, reverse: bool, keep_last: bool, flags, cfg, lowp):
+def _states(x, y, bc, start, lay: ChunkTable, scale: float, reverse: bool, keep_last: bool, flags, cfg, lowp):
     """The state [NC, H, K, V] float32 before each chunk's update (see _state_kernel), from start [N, H, K, V]
     (or zeros), and with keep_last the state after the last update (in reverse: dh0), else None."""
     H, K, V = x.shape[2], x.shape[3], y.shape[3]
@@ -98,13 +102,17 @@ def _states(x, y, bc, start, lay: _Layout, scale: float, reverse: bool, keep_las
     return states, last
 
 
-def forward(q, k, v, g, h0, scale: float, cu_seqlens):
-    """o [B, T, H, V] in v's dtype, the final state [N, H, K, V] and the scores A [B, T, H, BT]."""
+def _setup(q, v, cu_seqlens):
+    """Shapes, the chunk table, the kernels' precision flags, whether dots take bf16 operands, launch settings."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    lay = _Layout(B, T, cu_seqlens, q.device)
-    flags, lowp = _flags(q.dtype), lowp_dots(q.dtype)
-    cfg = _launch(q.dtype, K, V)
+    lay = ChunkTable(B, T, cu_seqlens, BT, q.device)
+    return B, T, H, K, V, lay, _flags(q.dtype), lowp_dots(q.dtype), _launch(q.dtype, K, V)
+
+
+def forward(q, k, v, g, h0, scale: float, cu_seqlens):
+    """o [B, T, H, V] in v's dtype, the final state [N, H, K, V] and the scores A [B, T, H, BT]."""
+    B, T, H, K, V, lay, flags, lowp, cfg = _setup(q, v, cu_seqlens)
     A, qg, kd, bc, _, _ = _intra(q, k, g, lay, flags, cfg["intra"], lowp, False)
     o = torch.empty(B, T, H, V, dtype=store_dtype(v.dtype), device=q.device)
     ht = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device)
@@ -119,11 +127,7 @@ def forward(q, k, v, g, h0, scale: float, cu_seqlens):
 
 def backward(do, dht, q, k, v, g, h0, ht, scale: float, cu_seqlens):
     """Gradients (dq, dk, dv, dg, dh0 or None); dht is None when the final state got no gradient."""
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    lay = _Layout(B, T, cu_seqlens, q.device)
-    flags, lowp = _flags(q.dtype), lowp_dots(q.dtype)
-    cfg = _launch(q.dtype, K, V)
+    B, T, H, K, V, lay, flags, lowp, cfg = _setup(q, v, cu_seqlens)
     A, qg, kd, bc, hi, lo = _intra(q, k, g, lay, flags, cfg["intra"], lowp, True)
     c = cfg["state"]
     states, _ = _states(kd, v, bc, h0, lay, scale, False, False, flags, c, lowp)
