@@ -10,7 +10,7 @@ for a gate of -80 or below):
   and k exp(b_f - b_s) (<= e^80) below the diagonal, and the plain q_t . k_t on it (a token's pair
   with itself has no decay, and leaving exp out keeps its gradient from cancelling in dg);
 * between sub-chunks j < i, both sides are rebased on rho_i: exp(b_t - rho_i) and exp(rho_i - b_s)
-  are each <= 1, at the cost of a [n, n, c, K] tensor for n = C / c sub-chunks.
+  are each <= 1, at the cost of n (n - 1) / 2 tiles [c, K] for n = C / c sub-chunks (one per pair).
 
 Every exponent is a segment sum of gates (common.chunking.segsum), not a difference of running sums.
 """
@@ -53,16 +53,17 @@ def gla_intra_scores(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, sub_chun
         return A_diag.reshape(*lead, C, C)
 
     # Between sub-chunks j < i, rebased on rho_i (the log-decay just before sub-chunk i): exp(b_t - rho_i)
-    # sums g inside sub-chunk i; exp(rho_i - b_s) is the rest of sub-chunk j after s plus sub-chunks j+1 ... i-1.
-    q_r = qs * torch.exp(gs.cumsum(-2))  # [..., n(i), c, K]
-    whole = segsum(gs.sum(-2), dim=-2)  # [..., n, n, K]: sum of sub-chunks j+1 ... i
-    whole = torch.cat([torch.full_like(whole[..., :1, :, :], float("-inf")), whole[..., :-1, :, :]], dim=-3)
-    e = whole.unsqueeze(-2) + suffix_sum(gs, dim=-2).unsqueeze(-4)  # [..., n(i), n(j), c, K]; -inf for j >= i
-    k_r = ks.unsqueeze(-4) * torch.exp(e)
-    A = torch.einsum("...itk,...ijsk->...itjs", q_r, k_r)  # [..., n, c, n, c]
-    eye = torch.eye(n, dtype=A.dtype, device=q.device)[:, None, :, None]
-    A = A + A_diag.unsqueeze(-2) * eye
-    return A.reshape(*lead, C, C)
+    # sums g inside sub-chunk i; exp(rho_i - b_s) = exp(sub-chunks j+1 ... i-1) exp(rest of sub-chunk j after
+    # s), each factor <= 1. Only the n (n - 1) / 2 pairs j < i are formed, as [P, ..., c, K] tiles.
+    i_idx, j_idx = torch.tril_indices(n, n, offset=-1, device=q.device)  # the pairs, P of them
+    q_r = (qs * torch.exp(gs.cumsum(-2))).movedim(-3, 0)  # [n(i), ..., c, K]
+    k_r = (ks * torch.exp(suffix_sum(gs, dim=-2))).movedim(-3, 0)  # [n(j), ..., c, K]
+    between = segsum(gs.sum(-2), dim=-2).movedim((-3, -2), (0, 1))  # [n, n, ..., K]: [r, j] sums sub-chunks j+1 ... r
+    between = between[i_idx - 1, j_idx]  # [P, ..., K]: sub-chunks j+1 ... i-1, strictly between the pair
+    blocks = (q_r[i_idx] * torch.exp(between).unsqueeze(-2)) @ k_r[j_idx].transpose(-1, -2)  # [P, ..., c, c]
+    A = blocks.new_zeros(n, n, *blocks.shape[1:]).index_put((i_idx, j_idx), blocks)  # [n(i), n(j), ..., c, c]
+    A = A + torch.eye(n, dtype=torch.bool, device=q.device).view(n, n, *[1] * (A.dim() - 2)) * A_diag.movedim(-3, 0)
+    return A.movedim((0, 1), (-4, -2)).reshape(*lead, C, C)
 
 
 def chunk_gla(
