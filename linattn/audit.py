@@ -63,7 +63,7 @@ FITTED = ("favor++", "hedgehog")  # the mechanisms whose maps are fitted to cali
 
 
 def hold_out(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """Split inputs [B, T, H, D] into a part to fit on and a disjoint part to audit on.
+    """Split inputs [B, T, H, D] into a part to fit on and a disjoint part to audit on (``sweep``'s default).
 
     With two or more rows (B >= 2) the first B // 2 rows fit and the rest are audited; with one row the first
     T // 2 tokens fit and the remaining tokens are audited, as a sequence of their own. Returns
@@ -348,7 +348,8 @@ def sweep(
         causal: compare causal attention (Linformer refuses).
         topk: k for the top-k overlap and the outside mass.
         temperature: recorded in the result; defaults to the inputs' measured logit standard deviation.
-        calibration: (q, k) that favor++ fits to and hedgehog trains on; defaults to the inputs themselves.
+        calibration: (q, k) that favor++ fits to and hedgehog trains on. When None, they fit a held-out part of
+            the inputs (``hold_out``) and the rest is audited: a map is never fitted on what it is measured on.
         projection: Linformer's projection, "gaussian" or "sample" (see ``linformer_projection``).
         hedgehog_steps: distillation steps for hedgehog.
         progress: called with a line of text after each point.
@@ -359,6 +360,12 @@ def sweep(
         stds over seeds, and slope is the fitted log-log slope of rel_err_mean against m.
     """
     check_mechanism(mechanism)
+    fitted_on = None
+    if mechanism in FITTED:
+        if calibration is None:
+            calibration, (q, k, v), fitted_on = hold_out(q, k, v)
+        else:
+            fitted_on = "the calibration inputs given"
     B, T, H, K = q.shape
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     if not seed_list:
@@ -372,7 +379,6 @@ def sweep(
     if fixed:
         seed_list = seed_list[:1]
     o_exact, P = exact_attention(q, k, v, causal)
-    calibration = (q, k) if calibration is None else calibration
     rows = []
     for m in ms:
         per_seed = []
@@ -417,7 +423,7 @@ def sweep(
         "seeds": seed_list,
         "uniform_rel_err": uniform_rel_err(v, o_exact, causal),
         "slope": fit_slope([r["m"] for r in rows], [r["rel_err_mean"] for r in rows]),
-    }
+    } | ({"calibration": fitted_on} if fitted_on is not None else {})
 
 
 # ---------------------------------------------------------------------------------------------------------------------

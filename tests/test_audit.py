@@ -131,6 +131,15 @@ def test_cli_fits_on_held_out_inputs(tmp_path, rows):
     assert (result["seq_len"], result["calibration"]) == expected
 
 
+def test_sweep_never_fits_on_what_it_measures():
+    """Without calibration inputs, favor++ fits half the rows and is measured on the other half."""
+    q, k, v = audit.draw_inputs(8, 16, 0.5, seed=2, heads=1)
+    q, k, v = (torch.cat([x, x.flip(1)]) for x in (q, k, v))  # two rows
+    result = audit.sweep("favor++", q, k, v, [8], seeds=1)
+    assert result["calibration"] == "fitted on rows [0, 1), audited on rows [1, 2)"
+    assert "calibration" not in audit.sweep("performer", q, k, v, [8], seeds=1)
+
+
 def test_hold_out_parts_are_disjoint():
     q, k, v = audit.draw_inputs(4, 9, 0.5, seed=0)
     (fq, fk), (aq, ak, av), _ = audit.hold_out(q, k, v)

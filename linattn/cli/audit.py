@@ -80,13 +80,8 @@ def run(args: argparse.Namespace) -> int:
         if args.input:
             q, k, v = audit.load_inputs(args.input)
             temperature = None  # measured from the inputs
-            if args.calibration:
-                calibration = audit.load_inputs(args.calibration)[:2]
-                fitted_on = args.calibration
-            elif args.mechanism in audit.FITTED:  # never fit on the tokens that are measured
-                calibration, (q, k, v), fitted_on = audit.hold_out(q, k, v)
-            else:
-                calibration, fitted_on = None, "nothing (no fitted parameters)"
+            calibration = audit.load_inputs(args.calibration)[:2] if args.calibration else None
+            fitted_on = args.calibration  # None: audit.sweep fits on a held-out part and says which
         else:
             q, k, v = audit.draw_inputs(
                 args.head_dim, args.seq_len, args.temperature, seed=args.data_seed, heads=args.heads
@@ -119,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"linattn audit: error: {err}", file=sys.stderr)
         return 2
     result["input"] = args.input or f"random (data seed {args.data_seed})"
-    if args.mechanism in audit.FITTED:
+    if fitted_on is not None and args.mechanism in audit.FITTED:
         result["calibration"] = fitted_on
     result["torch"] = torch.__version__
     print(audit.format_table(result))
