@@ -46,3 +46,21 @@ def test_gradcheck_float64(case):
 
         leaves = [t.detach().clone().requires_grad_() for t in [*tensors, state]]
         assert torch.autograd.gradcheck(f, leaves), f"{case.id} {label}"
+
+
+def test_running_states_equal_cumsum():
+    """The CPU running-sum states (one add per chunk) match the cumsum form, values and gradients."""
+    from linattn.ops.simple_gla.chunk import _RunningStates
+
+    S0 = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    dS = torch.randn(2, 3, 7, 4, 5, dtype=torch.float64, requires_grad=True)
+    states, final = _RunningStates.apply(S0, dS)
+    ends = S0.unsqueeze(2) + dS.cumsum(2)
+    ref_states, ref_final = torch.cat([S0.unsqueeze(2), ends[:, :, :-1]], dim=2), ends[:, :, -1]
+    torch.testing.assert_close(states, ref_states)
+    torch.testing.assert_close(final, ref_final)
+    w, u = torch.randn_like(states), torch.randn_like(final)
+    grads = torch.autograd.grad((states * w).sum() + (final * u).sum(), (S0, dS))
+    ref = torch.autograd.grad((ref_states * w).sum() + (ref_final * u).sum(), (S0, dS))
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b)
