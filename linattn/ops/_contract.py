@@ -138,8 +138,10 @@ def empty_result(q: torch.Tensor, v: torch.Tensor, dims: Dims, v_dim: int, initi
     return o, q.new_zeros(dims.N, dims.H, dims.K, v_dim, dtype=state_dtype(q))
 
 
-# Below this many tokens "auto" runs the token recurrence: a decode step is cheaper than a padded chunk.
-AUTO_RECURRENT_MAX_T = 16
+# Up to this many tokens (per sequence) the token recurrence runs instead of the chunked form: "auto" picks the
+# naive recurrence, and the Triton paths their decode kernel when no gradient is needed. A decode step is cheaper
+# than a padded chunk.
+RECURRENT_MAX_T = 16
 
 
 def triton_interpret() -> bool:
@@ -160,7 +162,7 @@ def resolve_impl(
     if impl == "auto":
         if "triton" in impls and q.is_cuda and (triton_ok is None or triton_ok() is None):
             return impls["triton"]
-        return impls["naive"] if T <= AUTO_RECURRENT_MAX_T else impls["chunk"]
+        return impls["naive"] if T <= RECURRENT_MAX_T else impls["chunk"]
     if impl not in impls:
         have = ", ".join(repr(n) for n in impls)
         raise ValueError(f"{op}: impl={impl!r} is not available for this op; it provides {have} (and 'auto')")

@@ -12,16 +12,20 @@ from collections.abc import Callable
 
 import torch
 
+from linattn.ops._contract import RECURRENT_MAX_T
 from linattn.ops.common.triton_recurrent import recurrent
 from linattn.ops.common.triton_utils import needs_grad, short_for_recurrent
 
-RECURRENT_MAX_T = 16  # below this many tokens per sequence, and with no gradient needed, run token by token
+
+def fake_state(q: torch.Tensor, v: torch.Tensor, cu_seqlens) -> torch.Tensor:
+    """A fake final state [N, H, K, V] float32 for torch.compile's fake tensors (every Triton op's ops use it)."""
+    N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return q.new_empty(N, q.shape[2], q.shape[3], v.shape[3], dtype=torch.float32)
 
 
 def _fake_forward(q, k, v, g, h0, cu_seqlens, scale):
     """Shapes of (o, final state) for torch.compile's fake tensors; both forward ops share them."""
-    N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    return torch.empty_like(v), q.new_empty(N, q.shape[2], q.shape[3], v.shape[3], dtype=torch.float32)
+    return torch.empty_like(v), fake_state(q, v, cu_seqlens)
 
 
 def register_decay_ops(name: str, forward: Callable, backward: Callable) -> Callable:

@@ -22,6 +22,12 @@ def tf32_round(x, ROUND: tl.constexpr):
 
 
 @triton.jit
+def chunk_bounds(chunks, i_c):
+    """[lo, hi) of chunk i_c in the token axis (int64), from a ChunkTable's chunks [NC, 2]; empty past the last."""
+    return tl.load(chunks + 2 * i_c).to(tl.int64), tl.load(chunks + 2 * i_c + 1).to(tl.int64)
+
+
+@triton.jit
 def sequence_bounds(cu_seqlens, i_n, T, VARLEN: tl.constexpr):
     """[bos, eos) of sequence i_n in the token axis (int64): from cu_seqlens, or row i_n of T tokens."""
     if VARLEN:

@@ -32,6 +32,8 @@ from __future__ import annotations
 import torch
 import triton
 
+from linattn.ops._contract import RECURRENT_MAX_T
+from linattn.ops.common.triton_ops import fake_state
 from linattn.ops.common.triton_recurrent import recurrent as common_recurrent
 from linattn.ops.common.triton_utils import (
     ChunkTable,
@@ -223,15 +225,10 @@ def _chunk_op(
     return o, ht, (tinv if tinv is not None else q.new_empty(0, dtype=torch.float32))
 
 
-def _fake_state(q, v, cu_seqlens):
-    N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    return q.new_empty(N, q.shape[2], q.shape[3], v.shape[3], dtype=torch.float32)
-
-
 @_chunk_op.register_fake
 def _(q, k, v, g, beta, h0, cu_seqlens, scale, qk_l2norm, beta_is_logit, save):
     tinv = q.new_empty(*q.shape[:3], BT, dtype=torch.float32) if save else q.new_empty(0, dtype=torch.float32)
-    return torch.empty_like(v), _fake_state(q, v, cu_seqlens), tinv
+    return torch.empty_like(v), fake_state(q, v, cu_seqlens), tinv
 
 
 @torch.library.custom_op("linattn::chunk_gated_delta_rule_backward", mutates_args=())
@@ -311,14 +308,12 @@ def _recurrent_op(
 
 @_recurrent_op.register_fake
 def _(q, k, v, g, beta, h0, cu_seqlens, scale, qk_l2norm, beta_is_logit):
-    return torch.empty_like(v), _fake_state(q, v, cu_seqlens)
+    return torch.empty_like(v), fake_state(q, v, cu_seqlens)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Public function
 # ----------------------------------------------------------------------------------------------------------------
-
-RECURRENT_MAX_T = 16  # below this many tokens per sequence, and with no gradient needed, run token by token
 
 
 def triton_gated_delta_rule(

@@ -20,6 +20,7 @@ from linattn.ops.common.triton_delta_utils import (
     mm,
     unit_lower_inverse,
 )
+from linattn.ops.common.triton_utils import chunk_bounds, sequence_bounds
 
 
 @triton.jit
@@ -50,8 +51,7 @@ def _prepare_kernel(
     # Per chunk: Tinv = (I + A)^-1 (solved, or loaded as the forward stored it), W = Tinv (beta exp(b) K)
     # [BT, K], U0 = Tinv (beta V) [BT, V], all float32.
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    lo = tl.load(chunks + 2 * i_c).to(tl.int64)
-    hi = tl.load(chunks + 2 * i_c + 1).to(tl.int64)
+    lo, hi = chunk_bounds(chunks, i_c)
     if hi <= lo:  # past the last chunk (varlen allots a bound on the count)
         return
     o_t = tl.arange(0, BT)
@@ -117,8 +117,7 @@ def _forward_kernel(
     #   U = U0 - W S;  o = scale (exp(b) q S + tril(q k^T exp(b_t - b_s)) U);  S = exp(b_C) S + (exp(b_C - b) k)^T U
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    bos, eos = sequence_bounds(cu_seqlens, i_n, 0, True)  # cu_seqlens: the ChunkTable's, always given
     c0 = tl.load(chunk_start + i_n).to(tl.int64)
     o_t = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
@@ -182,8 +181,7 @@ def _backward_state_kernel(
     # dS <- exp(b_C) dS + scale (exp(b) q)^T dO - W^T dU.
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    bos, eos = sequence_bounds(cu_seqlens, i_n, 0, True)  # cu_seqlens: the ChunkTable's, always given
     c0 = tl.load(chunk_start + i_n).to(tl.int64)
     n_chunks = tl.cdiv(eos - bos, BT)
     o_t = tl.arange(0, BT)
@@ -250,8 +248,7 @@ def _backward_chunk_kernel(
     # Per chunk, from the state entering it (S) and the gradient of the state leaving it (dS'): every
     # input gradient, through U = U0 - W S, W = Tinv X_w, U0 = Tinv X_u and the decays. See triton.py.
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    lo = tl.load(chunks + 2 * i_c).to(tl.int64)
-    hi = tl.load(chunks + 2 * i_c + 1).to(tl.int64)
+    lo, hi = chunk_bounds(chunks, i_c)
     if hi <= lo:  # past the last chunk (varlen allots a bound on the count)
         return
     o_t = tl.arange(0, BT)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from linattn.ops.common.triton_utils import dot_operand, exp32
+from linattn.ops.common.triton_utils import chunk_bounds, dot_operand, exp32
 from linattn.ops.gla.triton_kernels import _bridge, _pair_decay, _sub_chunk_factors
 
 
@@ -55,8 +55,7 @@ def _dv_kernel(
     # Per chunk, head and V block: dv = scale A^T dO + kd dS, with kd = k exp(b_C - b) from _intra_kernel.
     LOWP_TY: tl.constexpr = do.dtype.element_ty
     i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t_lo = tl.load(chunks + 2 * i_c).to(tl.int64)
-    t_hi = tl.load(chunks + 2 * i_c + 1).to(tl.int64)
+    t_lo, t_hi = chunk_bounds(chunks, i_c)
     if t_hi <= t_lo:
         return
     o_t = tl.arange(0, BT)
@@ -114,8 +113,7 @@ def _dqkg_kernel(
     NS: tl.constexpr = BT // BC
     LOWP_TY: tl.constexpr = do.dtype.element_ty
     i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t_lo = tl.load(chunks + 2 * i_c).to(tl.int64)
-    t_hi = tl.load(chunks + 2 * i_c + 1).to(tl.int64)
+    t_lo, t_hi = chunk_bounds(chunks, i_c)
     if t_hi <= t_lo:
         return
     o_t = tl.arange(0, BT)

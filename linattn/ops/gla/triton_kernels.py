@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from linattn.ops.common.triton_utils import chunk_log_decay, dot_operand, exp32
+from linattn.ops.common.triton_utils import chunk_bounds, chunk_log_decay, dot_operand, exp32, sequence_bounds
 
 
 @triton.jit
@@ -97,8 +97,7 @@ def _intra_kernel(
     # [NC, H, K] float32; and with STORE_DECAY the log-decay pair hi, lo [.., T, H, K] float32.
     NS: tl.constexpr = BT // BC
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    t_lo = tl.load(chunks + 2 * i_c).to(tl.int64)
-    t_hi = tl.load(chunks + 2 * i_c + 1).to(tl.int64)
+    t_lo, t_hi = chunk_bounds(chunks, i_c)
     if t_hi <= t_lo:  # past the last chunk (varlen allots a bound on the count)
         return
     o_t = tl.arange(0, BT)
@@ -195,8 +194,7 @@ def _state_kernel(
     LOWP_TY: tl.constexpr = y.dtype.element_ty
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    bos, eos = sequence_bounds(cu_seqlens, i_n, 0, True)  # cu_seqlens: the ChunkTable's, always given
     c0 = tl.load(chunk_start + i_n).to(tl.int64)
     n_chunks = tl.cdiv(eos - bos, BT)
     o_t = tl.arange(0, BT)
