@@ -58,6 +58,24 @@ def test_non_power_of_two_head_dims_and_several_value_blocks(case):
 
 
 @both
+def test_wide_value_blocks_of_the_sequence_kernels(case, monkeypatch):
+    """Many sequences and heads take BV = 32 in the per-sequence kernels (small test shapes take 16)."""
+    monkeypatch.setattr(tri, "FULL_GPU", 0)
+    assert tri._sequence_bv(33, 40, 1) == 32
+    tensors, state = case.draw(B=1, T=70, H=1, K=33, V=40, seed=8)
+    check_against_naive(case, *to(tensors, state), "triton", **ON_DEVICE)
+
+
+def test_launch_choices():
+    """Narrow value blocks when few programs would run; bfloat16 dot operands only for bfloat16 on a GPU, and
+    only while LOWP_DOTS is on."""
+    assert tri._sequence_bv(128, 128, 16) == 16 and tri._sequence_bv(128, 128, 256) == 32
+    assert tri._flags(torch.bfloat16, True, False, gpu=True)["LOWP"] == tri.LOWP_DOTS
+    assert not tri._flags(torch.bfloat16, True, False, gpu=False)["LOWP"]
+    assert not tri._flags(torch.float16, True, False, gpu=True)["LOWP"]
+
+
+@both
 def test_varlen(case):
     cu_seqlens = torch.tensor([0, 0, 1, 131, 131, 195, 200])  # empty, one token, several chunks, empty, ...
     tensors, state = case.draw(B=1, T=200, H=2, K=16, V=24, seed=5, N=6)

@@ -18,6 +18,17 @@ def mm(a, b, DOT_PREC: tl.constexpr, ROUND: tl.constexpr):
 
 
 @triton.jit
+def mm_lowp(a, b, DOT_PREC: tl.constexpr, ROUND: tl.constexpr, LOWP: tl.constexpr, LOWP_TY: tl.constexpr):
+    """a @ b with operands cast to LOWP_TY (bfloat16) and float32 accumulation when LOWP, as a plain bfloat16
+    run's matmuls are; else ``mm``. Only for products that such a run forms with a matmul (see triton.py)."""
+    if LOWP:
+        c = tl.dot(a.to(LOWP_TY), b.to(LOWP_TY))
+    else:
+        c = mm(a, b, DOT_PREC, ROUND)
+    return c
+
+
+@triton.jit
 def load_rows(x, tok, m_t, o_d, D: tl.constexpr, L2NORM: tl.constexpr):
     """Rows [BT, BD] of a [.., T, H, D] tensor as float32 (tok = token * H + head), and 1 / norm [BT].
 

@@ -7,15 +7,24 @@ The chunked form of ``chunk.py`` (chunk length 64), in the kernels of ``triton_k
     forward          per sequence   the state S [K, BV] in registers, chunk after chunk:
                                     U = U0 - W S,  o = scale (exp(b) q S + tril(q k^T exp(b_t - b_s)) U),
                                     S <- exp(b_C) S + (exp(b_C - b) k)^T U
-    backward_state   per sequence   the same loop in reverse on dS, storing the gradient dS' of each chunk's
-                                    exit state: dU = scale P^T dO + (exp(b_C - b) k) dS',
+    backward_state   per sequence   the same loop in reverse on dS, storing dU and the gradient dS' of each
+                                    chunk's exit state: dU = scale P^T dO + (exp(b_C - b) k) dS',
                                     dS <- exp(b_C) dS' + scale (exp(b) q)^T dO - W^T dU
-    backward_chunk   per chunk      dq, dk, dv, dbeta and dg from the chunk's entering state S and dS',
-                                    through dX = Tinv^T dY and dA = -(dX_w W^T + dX_u U0^T) (strictly lower)
+    backward_chunk   per chunk      dq, dk, dv, dbeta and dg from the chunk's entering state S, dS', U and dU,
+                                    through dX = Tinv^T dU: dv = beta dX, dA = -dX U^T (strictly lower)
+                                    and dk gains -beta exp(b) dX S^T
     recurrent        per sequence   token by token, for decoding
 
 When a gradient is needed the forward keeps Tinv [B, T, H, 64] (float32); the backward recomputes W
-and U0 from it and runs the forward loop again to store each chunk's entering state.
+and U0 from it and runs the forward loop again to store each chunk's entering state and U.
+
+bfloat16 on a GPU (LOWP): the products that a plain bfloat16 run forms with matmuls take bfloat16
+operands with float32 accumulation (``mm_lowp``), and W is stored in bfloat16 (it enters only such
+products). These are, forward: W S, q k^T, (exp(b) q) S, P U, (exp(b_C - b) k)^T U; backward_state:
+q k^T, P^T dO, (exp(b_C - b) k) dS', (exp(b) q)^T dO, W^T dU; backward_chunk: dO S^T, U dS'^T, dO U^T,
+q k^T, dP k, dP^T q, G k, G^T k (G = beta exp(b_t - b_s) dA). The solve and every product with Tinv
+or from it (Tinv^T dU, dX S^T, dX U^T, and k k^T as A) keep tf32 (rounded) as the plain run's
+triangular solve keeps float32. States, U, dU and all accumulators stay float32.
 
 Gates stay in log space: b is the chunk-local cumulative sum (float64, split into a float32 pair by
 ``chunk_log_decay``) and every exponent used, b_t - b_s for s <= t, b and b_C - b, is <= 0, so gates
@@ -32,7 +41,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from linattn.ops._contract import RECURRENT_MAX_T
+from linattn.ops._contract import RECURRENT_MAX_T, triton_interpret
 from linattn.ops.common.triton_ops import fake_state
 from linattn.ops.common.triton_recurrent import recurrent as common_recurrent
 from linattn.ops.common.triton_utils import (
@@ -52,13 +61,29 @@ from linattn.ops.gated_delta_rule.triton_kernels import (
 )
 
 BT = 64  # chunk length
-BV_MAX = 32
+BV_MAX = 32  # value columns per program of the per-sequence kernels
+BV_CHUNK = 32  # value columns per step of the per-chunk backward's loops
+# Launch options by kernel. Every kernel holds several [BT, K] float32 tiles; at 4 warps each spilled
+# 1.7-6 KB of registers per thread, at 8 (here) the bfloat16 variants spill 0-2.3 KB (compile_kernels --resources).
+NUM_WARPS = dict(prepare=8, forward=8, backward_state=8, backward_chunk=8)
+# bf16 operands for bf16 inputs on a GPU (see the module docstring). Off: with them, compute-sanitizer on an
+# H200 (Triton 3.6) found out-of-bounds shared-memory reads in bf16 dots of small tiles, so they wait for a fix.
+LOWP_DOTS = False
+FULL_GPU = 264  # programs that occupy every SM of an H100/H200 twice
 
 
 def _blocks(K: int, V: int) -> tuple[int, int]:
     BK = max(16, triton.next_power_of_2(K))
     BV = max(16, min(BV_MAX if BK <= 128 else BV_MAX // 2, triton.next_power_of_2(V)))
     return BK, BV
+
+
+def _sequence_bv(K: int, V: int, NH: int) -> int:
+    """BV of the per-sequence kernels, which run (V / BV) N H programs: narrower when that is too few."""
+    _, BV = _blocks(K, V)
+    while BV > 16 and triton.cdiv(V, BV) * NH < FULL_GPU:
+        BV //= 2
+    return BV
 
 
 MAX_KEY_DIM = 128  # the per-chunk backward holds several [64, K] float32 tiles: K = 256 needs ~280 KB of shared memory
@@ -72,24 +97,35 @@ def delta_unsupported(q: torch.Tensor, v: torch.Tensor) -> str | None:
 
 
 def _flags(dtype: torch.dtype, gated: bool, qk_l2norm: bool, gpu: bool | None = None) -> dict:
-    """The constexprs every chunk kernel takes, for inputs of ``dtype``, and the num_stages launch option."""
+    """The constexprs every chunk kernel takes, for inputs of ``dtype``, and the num_stages launch option.
+
+    LOWP (bfloat16 on a GPU): the products that a plain bfloat16 run forms with matmuls take bfloat16
+    operands (``mm_lowp``); those through the WY inverse Tinv keep tf32 (``mm``).
+    """
+    gpu = not triton_interpret() if gpu is None else gpu
     flags = kernel_flags(dtype, long_sums=True, gpu=gpu)  # the chains through the WY inverse (dbeta)
     del flags["UPCAST_QK"]  # these kernels take every operand to float32 as they load it
     # Launch option, not a constexpr: float32 tiles with Triton's default 3 stages overflow shared memory.
     stages = 1 if dtype == torch.float32 else 2
     exact_exp = precise_exp(dtype, gpu)
-    return dict(HAS_G=gated, L2NORM=qk_l2norm, PRECISE_EXP=exact_exp, num_stages=stages, **flags)
+    lowp = LOWP_DOTS and dtype == torch.bfloat16 and gpu
+    return dict(HAS_G=gated, L2NORM=qk_l2norm, LOWP=lowp, PRECISE_EXP=exact_exp, num_stages=stages, **flags)
+
+
+def _w_dtype(dtype: torch.dtype) -> torch.dtype:
+    """W's storage: bfloat16 where LOWP (it only ever enters bfloat16 products), else float32."""
+    return torch.bfloat16 if LOWP_DOTS and dtype == torch.bfloat16 and not triton_interpret() else torch.float32
 
 
 def prepare(k, v, g, beta, lay: ChunkTable, qk_l2norm: bool, beta_is_logit: bool, tinv=None, store_t: bool = False):
-    """W [B, T, H, K], U0 [B, T, H, V] and Tinv [B, T, H, BT], all float32.
+    """W [B, T, H, K] (see _w_dtype), U0 [B, T, H, V] float32 and Tinv [B, T, H, BT] float32.
 
     Tinv is solved for unless given (as the forward stored it); it is returned only when given or store_t.
     """
     B, T, H, K = k.shape
     V = v.shape[-1]
     BK, BV = _blocks(K, V)
-    w = torch.empty(B, T, H, K, dtype=torch.float32, device=k.device)
+    w = torch.empty(B, T, H, K, dtype=_w_dtype(k.dtype), device=k.device)
     u0 = torch.empty(B, T, H, V, dtype=torch.float32, device=k.device)
     solve = tinv is None
     store_t = store_t and solve
@@ -98,12 +134,12 @@ def prepare(k, v, g, beta, lay: ChunkTable, qk_l2norm: bool, beta_is_logit: bool
     _prepare_kernel[(lay.NC, H)](
         k,
         v,
-        g if g is not None else w,
+        g if g is not None else u0,
         beta,
         lay.chunks,
         w,
         u0,
-        tinv if tinv is not None else w,
+        tinv if tinv is not None else u0,
         H=H,
         K=K,
         V=V,
@@ -113,6 +149,7 @@ def prepare(k, v, g, beta, lay: ChunkTable, qk_l2norm: bool, beta_is_logit: bool
         BETA_LOGIT=beta_is_logit,
         SOLVE=solve,
         STORE_T=store_t,
+        num_warps=NUM_WARPS["prepare"],
         **_flags(k.dtype, g is not None, qk_l2norm),
     )
     return w, u0, tinv
@@ -125,72 +162,66 @@ def forward(q, k, v, g, beta, h0, scale: float, cu_seqlens, qk_l2norm: bool, bet
     V = v.shape[-1]
     lay = ChunkTable(B, T, cu_seqlens, BT, q.device)
     w, u0, tinv = prepare(k, v, g, beta, lay, qk_l2norm, beta_is_logit, store_t=save)
-    BK, BV = _blocks(K, V)
+    BK, _ = _blocks(K, V)
+    BV = _sequence_bv(K, V, lay.N * H)
     o = torch.empty(B, T, H, V, dtype=store_dtype(v.dtype), device=q.device)
     ht = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device)
     _forward_kernel[(triton.cdiv(V, BV), lay.N * H)](
-        q,
-        k,
-        g if g is not None else ht,
-        w,
-        u0,
-        h0 if h0 is not None else ht,
-        lay.cu,
-        lay.first,
-        o,
-        ht,
-        ht,
-        scale,
-        H=H,
-        K=K,
-        V=V,
-        BT=BT,
-        BK=BK,
-        BV=BV,
-        HAS_H0=h0 is not None,
-        STORE_O=True,
-        STORE_HT=True,
-        STORE_STATES=False,
-        **_flags(q.dtype, g is not None, qk_l2norm),
-    )
+        q, k, g if g is not None else ht, w, u0, h0 if h0 is not None else ht, lay.cu, lay.first, o, ht, ht, ht,
+        scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_H0=h0 is not None, STORE_O=True, STORE_HT=True,
+        STORE_STATES=False, num_warps=NUM_WARPS["forward"], **_flags(q.dtype, g is not None, qk_l2norm),
+    )  # fmt: skip
     return o.to(v.dtype), ht, tinv
 
 
 def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l2norm: bool, beta_is_logit: bool):
     """Gradients (dq, dk, dv, dg or None, dbeta, dh0 or None).
 
-    Recomputes W, U0 (from the forward's Tinv when given) and the state entering every chunk."""
+    Recomputes W, U0 (from the forward's Tinv when given), then the state entering every chunk and U
+    (float32), the gradient of the state leaving every chunk and dU (float32), and from those, per chunk,
+    every input gradient."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    BK, BV = _blocks(K, V)
-    NV = triton.cdiv(V, BV)
     lay = ChunkTable(B, T, cu_seqlens, BT, q.device)
+    BK, _ = _blocks(K, V)
+    BV = _sequence_bv(K, V, lay.N * H)
+    NV = triton.cdiv(V, BV)
     flags = _flags(q.dtype, g is not None, qk_l2norm)
-    common = dict(H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, **flags)
+    common = dict(H=H, K=K, V=V, BT=BT, BK=BK, **flags)
     w, u0, tinv = prepare(k, v, g, beta, lay, qk_l2norm, beta_is_logit, tinv=tinv, store_t=True)
     states = torch.empty(lay.NC, H, K, V, dtype=torch.float32, device=q.device)
+    u = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
     dummy = states
     g_ = g if g is not None else dummy
     _forward_kernel[(NV, lay.N * H)](
-        q, k, g_, w, u0, h0 if h0 is not None else dummy, lay.cu, lay.first, dummy, dummy, states, scale,
-        HAS_H0=h0 is not None, STORE_O=False, STORE_HT=False, STORE_STATES=True, **common,
+        q, k, g_, w, u0, h0 if h0 is not None else dummy, lay.cu, lay.first, dummy, dummy, states, u, scale,
+        BV=BV, HAS_H0=h0 is not None, STORE_O=False, STORE_HT=False, STORE_STATES=True,
+        num_warps=NUM_WARPS["forward"], **common,
     )  # fmt: skip
+    del u0
     dstates = torch.empty_like(states)
+    du = torch.empty_like(u)
     dh0 = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None
     _backward_state_kernel[(NV, lay.N * H)](
-        q, k, g_, w, do, dht if dht is not None else dummy, lay.cu, lay.first, dstates,
+        q, k, g_, w, do, dht if dht is not None else dummy, lay.cu, lay.first, dstates, du,
         dh0 if dh0 is not None else dummy, scale,
-        HAS_DHT=dht is not None, STORE_DH0=h0 is not None, **common,
+        BV=BV, HAS_DHT=dht is not None, STORE_DH0=h0 is not None, num_warps=NUM_WARPS["backward_state"], **common,
     )  # fmt: skip
+    del w
     dq = torch.empty(q.shape, dtype=store_dtype(q.dtype), device=q.device)
     dk = torch.empty(k.shape, dtype=store_dtype(k.dtype), device=q.device)
     dv = torch.empty(v.shape, dtype=store_dtype(v.dtype), device=q.device)
     dg = torch.empty(B, T, H, dtype=torch.float32, device=q.device) if g is not None else None
     dbeta = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
+    # Below 64 key channels, Triton 3.6's bf16 dots at 8 warps read shared memory out of bounds in this kernel
+    # (compute-sanitizer on an H200, K = 16): such small heads take tf32 dots at 4 warps, as before.
+    small = BK < 64
+    chunk_common = common | dict(LOWP=False) if small else common
     _backward_chunk_kernel[(lay.NC, H)](
-        q, k, v, g_, beta, w, u0, tinv, do, lay.chunks, states, dstates,
+        q, k, v, g_, beta, tinv, u, du, do, lay.chunks, states, dstates,
         dq, dk, dv, dg if dg is not None else dummy, dbeta, scale,
-        BETA_LOGIT=beta_is_logit, **common,
+        BV=min(BV_CHUNK, max(16, triton.next_power_of_2(V))), BETA_LOGIT=beta_is_logit,
+        num_warps=4 if small else NUM_WARPS["backward_chunk"], **chunk_common,
     )  # fmt: skip
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dbeta, dh0
 
@@ -350,22 +381,27 @@ __all__ = ["triton_gated_delta_rule", "triton_unsupported", "forward", "backward
 def compile_variants():
     """The kernel variants that tests/ops/compile_kernels.py compiles for sm_90 (in CI, without a GPU)."""
     # Compiling is slow (minutes per float32 variant on a CI core): bfloat16 with every option, and
-    # float16 without gates, catch what the interpreter lets through.
+    # float16 without gates, catch what the interpreter lets through. The per-sequence kernels run with
+    # BV = 32 (many sequences and heads) and BV = 16 (few).
     for dt, gated, opt in (("bf16", True, True), ("fp16", False, False)):
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]
         ptrs = {n: dt for n in ("q", "k", "v", "o", "do", "dq", "dk", "dv")}
-        ptrs |= dict(chunks="i32", cu_seqlens="i32", chunk_start="i32")
+        ptrs |= dict(chunks="i32", cu_seqlens="i32", chunk_start="i32", w="bf16" if dt == "bf16" else "fp32")
         BK, BV = _blocks(128, 128)
         flags = _flags(torch_dtype, gated, opt, gpu=True)
         stages = flags.pop("num_stages")
-        common = dict(H=16, K=128, V=128, BT=BT, BK=BK, BV=BV, **flags)
+        opts = {name: dict(num_stages=stages, num_warps=warps) for name, warps in NUM_WARPS.items()}
+        common = dict(H=16, K=128, V=128, BT=BT, BK=BK, **flags)
         label = f"{dt} gated={gated} l2norm/logit={opt}"
-        solve = dict(SOLVE=True, STORE_T=True, BETA_LOGIT=opt)
-        opts = dict(num_stages=stages)
-        yield f"prepare {label}", _prepare_kernel, ptrs, common | solve, opts
-        stores = dict(HAS_H0=True, STORE_O=True, STORE_HT=True, STORE_STATES=True)
-        yield f"forward {label}", _forward_kernel, ptrs, common | stores, opts
-        state = dict(HAS_DHT=True, STORE_DH0=True)
-        yield f"backward state {label}", _backward_state_kernel, ptrs, common | state, opts
-        yield f"backward chunk {label}", _backward_chunk_kernel, ptrs, common | dict(BETA_LOGIT=opt), opts
+        solve = dict(BV=BV, SOLVE=True, STORE_T=True, BETA_LOGIT=opt)
+        yield f"prepare {label}", _prepare_kernel, ptrs, common | solve, opts["prepare"]
+        for bv in (BV, 16):
+            out = dict(BV=bv, HAS_H0=True, STORE_O=True, STORE_HT=True, STORE_STATES=False)
+            yield f"forward BV={bv} {label}", _forward_kernel, ptrs, common | out, opts["forward"]
+            states = out | dict(STORE_O=False, STORE_HT=False, STORE_STATES=True)
+            yield f"forward states BV={bv} {label}", _forward_kernel, ptrs, common | states, opts["forward"]
+            state = common | dict(BV=bv, HAS_DHT=True, STORE_DH0=True)
+            yield f"backward state BV={bv} {label}", _backward_state_kernel, ptrs, state, opts["backward_state"]
+        chunk = dict(BV=BV_CHUNK, BETA_LOGIT=opt)
+        yield f"backward chunk {label}", _backward_chunk_kernel, ptrs, common | chunk, opts["backward_chunk"]
     # The decode kernel, with the delta rule's update, compiles in the "recurrent" group.

@@ -18,6 +18,7 @@ from linattn.ops.common.triton_delta_utils import (
     load_beta,
     load_rows,
     mm,
+    mm_lowp,
     unit_lower_inverse,
 )
 from linattn.ops.common.triton_utils import chunk_bounds, sequence_bounds
@@ -46,6 +47,7 @@ def _prepare_kernel(
     STORE_T: tl.constexpr,
     DOT_PREC: tl.constexpr,
     ROUND: tl.constexpr,
+    LOWP: tl.constexpr,
     PRECISE_EXP: tl.constexpr,
 ):
     # Per chunk: Tinv = (I + A)^-1 (solved, or loaded as the forward stored it), W = Tinv (beta exp(b) K)
@@ -72,6 +74,7 @@ def _prepare_kernel(
     else:
         Ti = tl.load(tinv + tok[:, None] * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
     b_w = mm(Ti, b_k * (b_beta * e_b)[:, None], DOT_PREC, ROUND)
+    b_w = b_w.to(w.dtype.element_ty)  # bfloat16 where every product W takes part in has bfloat16 operands (LOWP)
     tl.store(w + tok[:, None] * K + o_k[None, :], b_w, mask=m_t[:, None] & (o_k < K)[None, :])
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
@@ -96,6 +99,7 @@ def _forward_kernel(
     o,
     ht,
     states,
+    u,
     scale,
     H: tl.constexpr,
     K: tl.constexpr,
@@ -111,10 +115,13 @@ def _forward_kernel(
     STORE_STATES: tl.constexpr,
     DOT_PREC: tl.constexpr,
     ROUND: tl.constexpr,
+    LOWP: tl.constexpr,
     PRECISE_EXP: tl.constexpr,
 ):
     # One sequence, one V block: the state S [K, BV] stays in registers while the chunks go by.
     #   U = U0 - W S;  o = scale (exp(b) q S + tril(q k^T exp(b_t - b_s)) U);  S = exp(b_C) S + (exp(b_C - b) k)^T U
+    # STORE_STATES (for the backward): the state entering each chunk and U, both float32.
+    LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = sequence_bounds(cu_seqlens, i_n, 0, True)  # cu_seqlens: the ChunkTable's, always given
@@ -128,7 +135,7 @@ def _forward_kernel(
     if HAS_H0:
         S += tl.load(h0 + (i_n * H + i_h).to(tl.int64) * K * V + kv, mask=m_kv, other=0.0)
     for i in range(0, tl.cdiv(eos - bos, BT)):
-        if STORE_STATES:  # the state entering each chunk, for the backward pass
+        if STORE_STATES:
             tl.store(states + ((c0 + i) * H + i_h) * K * V + kv, S, mask=m_kv)
         rows = bos + i * BT + o_t
         m_t = rows < eos
@@ -138,13 +145,16 @@ def _forward_kernel(
         b_w = tl.load(w + tok[:, None] * K + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :], other=0.0)
         b_u = tl.load(u0 + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
         gamma, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
-        b_u -= mm(b_w, S, DOT_PREC, ROUND)
+        b_u -= mm_lowp(b_w, S, DOT_PREC, ROUND, LOWP, LOWP_TY)
+        if STORE_STATES:
+            tl.store(u + tok[:, None] * V + o_v[None, :], b_u, mask=m_tv)
         if STORE_O:
             b_q, _ = load_rows(q, tok, m_t, o_k, K, L2NORM)
-            P = mm(b_q, tl.trans(b_k), DOT_PREC, ROUND) * gamma
-            b_o = mm(b_q * e_b[:, None], S, DOT_PREC, ROUND) + mm(P, b_u, DOT_PREC, ROUND)
+            P = mm_lowp(b_q, tl.trans(b_k), DOT_PREC, ROUND, LOWP, LOWP_TY) * gamma
+            b_o = mm_lowp(b_q * e_b[:, None], S, DOT_PREC, ROUND, LOWP, LOWP_TY)
+            b_o += mm_lowp(P, b_u, DOT_PREC, ROUND, LOWP, LOWP_TY)
             tl.store(o + tok[:, None] * V + o_v[None, :], (scale * b_o).to(o.dtype.element_ty), mask=m_tv)
-        S = S * e_last + mm(tl.trans(b_k * e_end[:, None]), b_u, DOT_PREC, ROUND)
+        S = S * e_last + mm_lowp(tl.trans(b_k * e_end[:, None]), b_u, DOT_PREC, ROUND, LOWP, LOWP_TY)
     if STORE_HT:
         tl.store(ht + (i_n * H + i_h).to(tl.int64) * K * V + kv, S, mask=m_kv)
 
@@ -160,6 +170,7 @@ def _backward_state_kernel(
     cu_seqlens,
     chunk_start,
     dstates,
+    du,
     dh0,
     scale,
     H: tl.constexpr,
@@ -174,11 +185,13 @@ def _backward_state_kernel(
     L2NORM: tl.constexpr,
     DOT_PREC: tl.constexpr,
     ROUND: tl.constexpr,
+    LOWP: tl.constexpr,
     PRECISE_EXP: tl.constexpr,
 ):
     # The forward's chunk loop run backwards on the state gradient dS [K, BV]; stores the gradient of the
-    # state leaving each chunk.  dU = scale P^T dO + (exp(b_C - b) k) dS;
+    # state leaving each chunk and dU (float32).  dU = scale P^T dO + (exp(b_C - b) k) dS;
     # dS <- exp(b_C) dS + scale (exp(b) q)^T dO - W^T dU.
+    LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = sequence_bounds(cu_seqlens, i_n, 0, True)  # cu_seqlens: the ChunkTable's, always given
@@ -198,16 +211,20 @@ def _backward_state_kernel(
         rows = bos + i * BT + o_t
         m_t = rows < eos
         tok = rows * H + i_h
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
         b_q, _ = load_rows(q, tok, m_t, o_k, K, L2NORM)
         b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM)
         b_w = tl.load(w + tok[:, None] * K + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :], other=0.0)
-        b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & (o_v < V)[None, :], other=0.0)
-        b_do = b_do.to(tl.float32)
+        b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+        if not LOWP:
+            b_do = b_do.to(tl.float32)
         gamma, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
-        P = mm(b_q, tl.trans(b_k), DOT_PREC, ROUND) * gamma
-        b_du = scale * mm(tl.trans(P), b_do, DOT_PREC, ROUND) + mm(b_k * e_end[:, None], dS, DOT_PREC, ROUND)
-        dS = dS * e_last + scale * mm(tl.trans(b_q * e_b[:, None]), b_do, DOT_PREC, ROUND)
-        dS -= mm(tl.trans(b_w), b_du, DOT_PREC, ROUND)
+        P = mm_lowp(b_q, tl.trans(b_k), DOT_PREC, ROUND, LOWP, LOWP_TY) * gamma
+        b_du = scale * mm_lowp(tl.trans(P), b_do, DOT_PREC, ROUND, LOWP, LOWP_TY)
+        b_du += mm_lowp(b_k * e_end[:, None], dS, DOT_PREC, ROUND, LOWP, LOWP_TY)
+        tl.store(du + tok[:, None] * V + o_v[None, :], b_du, mask=m_tv)
+        dS = dS * e_last + scale * mm_lowp(tl.trans(b_q * e_b[:, None]), b_do, DOT_PREC, ROUND, LOWP, LOWP_TY)
+        dS -= mm_lowp(tl.trans(b_w), b_du, DOT_PREC, ROUND, LOWP, LOWP_TY)
     if STORE_DH0:
         tl.store(dh0 + (i_n * H + i_h).to(tl.int64) * K * V + kv, dS, mask=m_kv)
 
@@ -219,9 +236,9 @@ def _backward_chunk_kernel(
     v,
     g,
     beta,
-    w,
-    u0,
     tinv,
+    u,
+    du,
     do,
     chunks,
     states,
@@ -243,10 +260,15 @@ def _backward_chunk_kernel(
     BETA_LOGIT: tl.constexpr,
     DOT_PREC: tl.constexpr,
     ROUND: tl.constexpr,
+    LOWP: tl.constexpr,
     PRECISE_EXP: tl.constexpr,
 ):
-    # Per chunk, from the state entering it (S) and the gradient of the state leaving it (dS'): every
-    # input gradient, through U = U0 - W S, W = Tinv X_w, U0 = Tinv X_u and the decays. See triton.py.
+    # Per chunk, from the state entering it (S), the gradient of the state leaving it (dS'), U and dU:
+    # every input gradient. U = Tinv R with R = beta (v - exp(b) k S) and Tinv = (I + A)^-1, so with
+    # dX = Tinv^T dU: dR = dX, dA = -dX U^T (strictly lower), and R's share of dk is -beta exp(b) dX S^T.
+    # Two passes over the V blocks keep few [BT, K] tiles live: the first gathers what needs the states
+    # (dq, dk of S's products), the second the [BT, BT] gradients dP, dA and dv.
+    LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     lo, hi = chunk_bounds(chunks, i_c)
     if hi <= lo:  # past the last chunk (varlen allots a bound on the count)
@@ -257,25 +279,15 @@ def _backward_chunk_kernel(
     m_tk = m_t[:, None] & (o_k < K)[None, :]
     tok = (lo + o_t) * H + i_h
     strict = o_t[:, None] > o_t[None, :]
-    b_q, r_q = load_rows(q, tok, m_t, o_k, K, L2NORM)
-    b_k, r_k = load_rows(k, tok, m_t, o_k, K, L2NORM)
-    b_beta = load_beta(beta, tok, m_t, BETA_LOGIT)
-    gamma, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
     Ti = tl.load(tinv + tok[:, None] * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
-    b_w = tl.load(w + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
-    KK = mm(b_k, tl.trans(b_k), DOT_PREC, ROUND)
-    P = mm(b_q, tl.trans(b_k), DOT_PREC, ROUND) * gamma
-    A = tl.where(strict, KK * gamma * b_beta[:, None], 0.0)
-    k_end = b_k * e_end[:, None]
-
-    d_qs = tl.zeros([BT, BK], dtype=tl.float32)  # gradient of exp(b) q, over scale
-    dP = tl.zeros([BT, BT], dtype=tl.float32)  # over scale
-    d_kend = tl.zeros([BT, BK], dtype=tl.float32)
-    dW = tl.zeros([BT, BK], dtype=tl.float32)
-    dAu = tl.zeros([BT, BT], dtype=tl.float32)  # the U0 share of dA (negated)
-    d_beta = tl.zeros([BT], dtype=tl.float32)
-    d_last = tl.zeros([BK], dtype=tl.float32)  # <dS', S> by rows
+    TiT = tl.trans(Ti)
     state = (i_c * H + i_h).to(tl.int64) * K * V
+
+    # 1. The products with the states, over the V blocks.
+    d_qs = tl.zeros([BT, BK], dtype=tl.float32)  # gradient of exp(b) q, over scale
+    d_kend = tl.zeros([BT, BK], dtype=tl.float32)  # gradient of exp(b_C - b) k
+    d_xw = tl.zeros([BT, BK], dtype=tl.float32)  # gradient of beta exp(b) k
+    d_last = tl.zeros([BK], dtype=tl.float32)  # <dS', S> by rows
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_tv = m_t[:, None] & (o_v < V)[None, :]
@@ -283,60 +295,81 @@ def _backward_chunk_kernel(
         kv = o_k[:, None] * V + o_v[None, :]
         S = tl.load(states + state + kv, mask=m_kv, other=0.0)
         dSn = tl.load(dstates + state + kv, mask=m_kv, other=0.0)
-        b_v = tl.load(v + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-        b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-        b_u0 = tl.load(u0 + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
-        b_u = b_u0 - mm(b_w, S, DOT_PREC, ROUND)
-        b_du = scale * mm(tl.trans(P), b_do, DOT_PREC, ROUND) + mm(k_end, dSn, DOT_PREC, ROUND)
-        d_qs += mm(b_do, tl.trans(S), DOT_PREC, ROUND)
-        dP += mm(b_do, tl.trans(b_u), DOT_PREC, ROUND)
-        d_kend += mm(b_u, tl.trans(dSn), DOT_PREC, ROUND)
-        dW -= mm(b_du, tl.trans(S), DOT_PREC, ROUND)
-        d_xu = mm(tl.trans(Ti), b_du, DOT_PREC, ROUND)  # gradient of beta v
-        tl.store(dv + tok[:, None] * V + o_v[None, :], (d_xu * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_tv)
-        d_beta += tl.sum(d_xu * b_v, axis=1)
-        dAu += mm(d_xu, tl.trans(b_u0), DOT_PREC, ROUND)
+        b_u = tl.load(u + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+        b_du = tl.load(du + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+        b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+        if not LOWP:
+            b_do = b_do.to(tl.float32)
+        d_x = mm(TiT, b_du, DOT_PREC, ROUND)
+        d_qs += mm_lowp(b_do, tl.trans(S), DOT_PREC, ROUND, LOWP, LOWP_TY)
+        d_kend += mm_lowp(b_u, tl.trans(dSn), DOT_PREC, ROUND, LOWP, LOWP_TY)
+        d_xw -= mm(d_x, tl.trans(S), DOT_PREC, ROUND)
         d_last += tl.sum(dSn * S, axis=1)
+    b_beta = load_beta(beta, tok, m_t, BETA_LOGIT)
+    _, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
+    b_q, _ = load_rows(q, tok, m_t, o_k, K, L2NORM)
     d_qs *= scale
-    dP *= scale
-
-    # W = Tinv X_w with X_w = beta exp(b) k;  Tinv = (I + A)^-1 gives dA = -(dX_w W^T + dX_u U0^T), strictly lower.
-    d_xw = mm(tl.trans(Ti), dW, DOT_PREC, ROUND)
-    x_w = b_k * (b_beta * e_b)[:, None]
-    dA = tl.where(strict, -(mm(d_xw, tl.trans(b_w), DOT_PREC, ROUND) + dAu), 0.0)
-    b_dk = d_xw * (b_beta * e_b)[:, None]
-    d_beta += tl.sum(d_xw * b_k, axis=1) * e_b
-    db = tl.sum(d_xw * x_w, axis=1)  # gradient of the chunk-local sums b
-    # queries on the entering state
     b_dq = d_qs * e_b[:, None]
-    db += tl.sum(d_qs * b_q, axis=1) * e_b
+    db = tl.sum(d_qs * b_q, axis=1) * e_b  # gradient of the chunk-local sums b
+    b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM)
+    k_w = tl.sum(d_xw * b_k, axis=1)
+    d_beta = k_w * e_b
+    db += k_w * (b_beta * e_b)
+    b_dk = d_xw * (b_beta * e_b)[:, None] + d_kend * e_end[:, None]
+    # keys decayed to the chunk end, and the decay of the entering state
+    last = (hi - lo - 1).to(tl.int32)  # the chunk's last token: b_C is its b
+    E = tl.where(o_t == last, 0.0, tl.sum(d_kend * b_k, axis=1) * e_end)
+    db += tl.where(o_t == last, tl.sum(E, axis=0) + e_last * tl.sum(d_last, axis=0), -E)
+
+    # 2. dv, dP and dA, over the V blocks.
+    dP = tl.zeros([BT, BT], dtype=tl.float32)  # over scale
+    dA = tl.zeros([BT, BT], dtype=tl.float32)  # negated
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        b_u = tl.load(u + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+        b_du = tl.load(du + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+        b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+        b_v = tl.load(v + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        if not LOWP:
+            b_do = b_do.to(tl.float32)
+        d_x = mm(TiT, b_du, DOT_PREC, ROUND)  # gradient of beta v
+        tl.store(dv + tok[:, None] * V + o_v[None, :], (d_x * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_tv)
+        d_beta += tl.sum(d_x * b_v, axis=1)
+        dP += mm_lowp(b_do, tl.trans(b_u), DOT_PREC, ROUND, LOWP, LOWP_TY)
+        dA += mm(d_x, tl.trans(b_u), DOT_PREC, ROUND)
+    dP *= scale
+    dA = tl.where(strict, -dA, 0.0)
+
+    # Reloaded rather than kept live through the loops (registers); the decays likewise.
+    gamma, _, _, _ = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
+    b_q, r_q = load_rows(q, tok, m_t, o_k, K, L2NORM)
+    b_k, r_k = load_rows(k, tok, m_t, o_k, K, L2NORM)
     # intra-chunk scores P_ts = exp(b_t - b_s) q_t . k_s (the diagonal's b-terms cancel: left out)
-    dPg = dP * gamma
-    b_dq += mm(dPg, b_k, DOT_PREC, ROUND)
-    b_dk += mm(tl.trans(dPg), b_q, DOT_PREC, ROUND)
+    P = mm_lowp(b_q, tl.trans(b_k), DOT_PREC, ROUND, LOWP, LOWP_TY) * gamma
     M = tl.where(strict, dP * P, 0.0)
     db += tl.sum(M, axis=1) - tl.sum(M, axis=0)
-    # keys decayed to the chunk end, and the decay of the entering state
-    b_dk += d_kend * e_end[:, None]
-    last = (hi - lo - 1).to(tl.int32)  # the chunk's last token: b_C is its b
-    E = tl.where(o_t == last, 0.0, tl.sum(d_kend * k_end, axis=1))
-    db += tl.where(o_t == last, tl.sum(E, axis=0) + e_last * tl.sum(d_last, axis=0), -E)
+    dPg = dP * gamma
+    b_dq += mm_lowp(dPg, b_k, DOT_PREC, ROUND, LOWP, LOWP_TY)
+    if L2NORM:
+        b_dq = l2norm_backward(b_dq, b_q, r_q)
+    tl.store(dq + tok[:, None] * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m_tk)
+    b_dk += mm_lowp(tl.trans(dPg), b_q, DOT_PREC, ROUND, LOWP, LOWP_TY)
     # A_ts = beta_t exp(b_t - b_s) k_t . k_s
+    KK = mm(b_k, tl.trans(b_k), DOT_PREC, ROUND)
     dAg = dA * gamma
     G = dAg * b_beta[:, None]
-    b_dk += mm(G, b_k, DOT_PREC, ROUND) + mm(tl.trans(G), b_k, DOT_PREC, ROUND)
+    b_dk += mm_lowp(G, b_k, DOT_PREC, ROUND, LOWP, LOWP_TY) + mm_lowp(tl.trans(G), b_k, DOT_PREC, ROUND, LOWP, LOWP_TY)
     d_beta += tl.sum(dAg * KK, axis=1)
-    M = dA * A
+    M = dAg * KK * b_beta[:, None]  # dA * A
     db += tl.sum(M, axis=1) - tl.sum(M, axis=0)
 
     if HAS_G:  # b_t = g_1 + ... + g_t within the chunk
         b_dg = tl.cumsum(db.to(tl.float64), axis=0, reverse=True)
         tl.store(dg + tok, b_dg.to(tl.float32), mask=m_t)
     if L2NORM:
-        b_dq = l2norm_backward(b_dq, b_q, r_q)
         b_dk = l2norm_backward(b_dk, b_k, r_k)
     if BETA_LOGIT:
         d_beta = d_beta * b_beta * (1.0 - b_beta)
-    tl.store(dq + tok[:, None] * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m_tk)
     tl.store(dk + tok[:, None] * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m_tk)
     tl.store(dbeta + tok, d_beta, mask=m_t)
