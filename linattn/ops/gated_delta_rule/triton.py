@@ -386,7 +386,8 @@ def compile_variants():
     for dt, gated, opt in (("bf16", True, True), ("fp16", False, False)):
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]
         ptrs = {n: dt for n in ("q", "k", "v", "o", "do", "dq", "dk", "dv")}
-        ptrs |= dict(chunks="i32", cu_seqlens="i32", chunk_start="i32", w="bf16" if dt == "bf16" else "fp32")
+        w_dtype = "bf16" if dt == "bf16" and LOWP_DOTS else "fp32"  # as _w_dtype stores W
+        ptrs |= dict(chunks="i32", cu_seqlens="i32", chunk_start="i32", w=w_dtype)
         BK, BV = _blocks(128, 128)
         flags = _flags(torch_dtype, gated, opt, gpu=True)
         stages = flags.pop("num_stages")
