@@ -78,6 +78,12 @@ def _blocks(K: int, V: int) -> tuple[int, int]:
     return BK, BV
 
 
+def _warps(kernel: str, BK: int) -> int:
+    """num_warps of a kernel: NUM_WARPS at BK >= 64; 4 below, where 8 warps over such small tiles ended in
+    illegal memory accesses on an H200 (Triton 3.6), in tf32 dots as well as bf16 ones."""
+    return NUM_WARPS[kernel] if BK >= 64 else 4
+
+
 def _sequence_bv(K: int, V: int, NH: int) -> int:
     """BV of the per-sequence kernels, which run (V / BV) N H programs: narrower when that is too few."""
     _, BV = _blocks(K, V)
@@ -149,7 +155,7 @@ def prepare(k, v, g, beta, lay: ChunkTable, qk_l2norm: bool, beta_is_logit: bool
         BETA_LOGIT=beta_is_logit,
         SOLVE=solve,
         STORE_T=store_t,
-        num_warps=NUM_WARPS["prepare"],
+        num_warps=_warps("prepare", BK),
         **_flags(k.dtype, g is not None, qk_l2norm),
     )
     return w, u0, tinv
@@ -169,7 +175,7 @@ def forward(q, k, v, g, beta, h0, scale: float, cu_seqlens, qk_l2norm: bool, bet
     _forward_kernel[(triton.cdiv(V, BV), lay.N * H)](
         q, k, g if g is not None else ht, w, u0, h0 if h0 is not None else ht, lay.cu, lay.first, o, ht, ht, ht,
         scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_H0=h0 is not None, STORE_O=True, STORE_HT=True,
-        STORE_STATES=False, num_warps=NUM_WARPS["forward"], **_flags(q.dtype, g is not None, qk_l2norm),
+        STORE_STATES=False, num_warps=_warps("forward", BK), **_flags(q.dtype, g is not None, qk_l2norm),
     )  # fmt: skip
     return o.to(v.dtype), ht, tinv
 
@@ -196,7 +202,7 @@ def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l
     _forward_kernel[(NV, lay.N * H)](
         q, k, g_, w, u0, h0 if h0 is not None else dummy, lay.cu, lay.first, dummy, dummy, states, u, scale,
         BV=BV, HAS_H0=h0 is not None, STORE_O=False, STORE_HT=False, STORE_STATES=True,
-        num_warps=NUM_WARPS["forward"], **common,
+        num_warps=_warps("forward", BK), **common,
     )  # fmt: skip
     del u0
     dstates = torch.empty_like(states)
@@ -205,7 +211,7 @@ def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l
     _backward_state_kernel[(NV, lay.N * H)](
         q, k, g_, w, do, dht if dht is not None else dummy, lay.cu, lay.first, dstates, du,
         dh0 if dh0 is not None else dummy, scale,
-        BV=BV, HAS_DHT=dht is not None, STORE_DH0=h0 is not None, num_warps=NUM_WARPS["backward_state"], **common,
+        BV=BV, HAS_DHT=dht is not None, STORE_DH0=h0 is not None, num_warps=_warps("backward_state", BK), **common,
     )  # fmt: skip
     del w
     dq = torch.empty(q.shape, dtype=store_dtype(q.dtype), device=q.device)
@@ -221,7 +227,7 @@ def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l
         q, k, v, g_, beta, tinv, u, du, do, lay.chunks, states, dstates,
         dq, dk, dv, dg if dg is not None else dummy, dbeta, scale,
         BV=min(BV_CHUNK, max(16, triton.next_power_of_2(V))), BETA_LOGIT=beta_is_logit,
-        num_warps=4 if small else NUM_WARPS["backward_chunk"], **chunk_common,
+        num_warps=_warps("backward_chunk", BK), **chunk_common,
     )  # fmt: skip
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dbeta, dh0
 
