@@ -78,10 +78,11 @@ def _blocks(K: int, V: int) -> tuple[int, int]:
     return BK, BV
 
 
-def _warps(kernel: str, BK: int) -> int:
-    """num_warps of a kernel: NUM_WARPS at BK >= 64; 4 below, where 8 warps over such small tiles ended in
-    illegal memory accesses on an H200 (Triton 3.6), in tf32 dots as well as bf16 ones."""
-    return NUM_WARPS[kernel] if BK >= 64 else 4
+def _warps(kernel: str, BK: int, BV: int) -> int:
+    """num_warps of a kernel: NUM_WARPS for tiles of BK >= 64 keys and BV >= 32 values; 4 for smaller ones,
+    where 8 warps ended in illegal memory accesses or wrong gradients on an H200 (Triton 3.6), in tf32 dots
+    as well as bf16 ones."""
+    return NUM_WARPS[kernel] if BK >= 64 and BV >= 32 else 4
 
 
 def _sequence_bv(K: int, V: int, NH: int) -> int:
@@ -155,7 +156,7 @@ def prepare(k, v, g, beta, lay: ChunkTable, qk_l2norm: bool, beta_is_logit: bool
         BETA_LOGIT=beta_is_logit,
         SOLVE=solve,
         STORE_T=store_t,
-        num_warps=_warps("prepare", BK),
+        num_warps=_warps("prepare", BK, BV),
         **_flags(k.dtype, g is not None, qk_l2norm),
     )
     return w, u0, tinv
@@ -175,7 +176,7 @@ def forward(q, k, v, g, beta, h0, scale: float, cu_seqlens, qk_l2norm: bool, bet
     _forward_kernel[(triton.cdiv(V, BV), lay.N * H)](
         q, k, g if g is not None else ht, w, u0, h0 if h0 is not None else ht, lay.cu, lay.first, o, ht, ht, ht,
         scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_H0=h0 is not None, STORE_O=True, STORE_HT=True,
-        STORE_STATES=False, num_warps=_warps("forward", BK), **_flags(q.dtype, g is not None, qk_l2norm),
+        STORE_STATES=False, num_warps=_warps("forward", BK, BV), **_flags(q.dtype, g is not None, qk_l2norm),
     )  # fmt: skip
     return o.to(v.dtype), ht, tinv
 
@@ -202,7 +203,7 @@ def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l
     _forward_kernel[(NV, lay.N * H)](
         q, k, g_, w, u0, h0 if h0 is not None else dummy, lay.cu, lay.first, dummy, dummy, states, u, scale,
         BV=BV, HAS_H0=h0 is not None, STORE_O=False, STORE_HT=False, STORE_STATES=True,
-        num_warps=_warps("forward", BK), **common,
+        num_warps=_warps("forward", BK, BV), **common,
     )  # fmt: skip
     del u0
     dstates = torch.empty_like(states)
@@ -211,7 +212,7 @@ def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l
     _backward_state_kernel[(NV, lay.N * H)](
         q, k, g_, w, do, dht if dht is not None else dummy, lay.cu, lay.first, dstates, du,
         dh0 if dh0 is not None else dummy, scale,
-        BV=BV, HAS_DHT=dht is not None, STORE_DH0=h0 is not None, num_warps=_warps("backward_state", BK), **common,
+        BV=BV, HAS_DHT=dht is not None, STORE_DH0=h0 is not None, num_warps=_warps("backward_state", BK, BV), **common,
     )  # fmt: skip
     del w
     dq = torch.empty(q.shape, dtype=store_dtype(q.dtype), device=q.device)
@@ -222,12 +223,12 @@ def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l
     # Below 64 key channels, Triton 3.6's bf16 dots at 8 warps read shared memory out of bounds in this kernel
     # (compute-sanitizer on an H200, K = 16): such small heads take tf32 dots at 4 warps, as before.
     small = BK < 64
+    bv_chunk = min(BV_CHUNK, max(16, triton.next_power_of_2(V)))
     chunk_common = common | dict(LOWP=False) if small else common
     _backward_chunk_kernel[(lay.NC, H)](
         q, k, v, g_, beta, tinv, u, du, do, lay.chunks, states, dstates,
         dq, dk, dv, dg if dg is not None else dummy, dbeta, scale,
-        BV=min(BV_CHUNK, max(16, triton.next_power_of_2(V))), BETA_LOGIT=beta_is_logit,
-        num_warps=_warps("backward_chunk", BK), **chunk_common,
+        BV=bv_chunk, BETA_LOGIT=beta_is_logit, num_warps=_warps("backward_chunk", BK, bv_chunk), **chunk_common,
     )  # fmt: skip
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dbeta, dh0
 
