@@ -63,9 +63,10 @@ from linattn.ops.gated_delta_rule.triton_kernels import (
 BT = 64  # chunk length
 BV_MAX = 32  # value columns per program of the per-sequence kernels
 BV_CHUNK = 32  # value columns per step of the per-chunk backward's loops
-# Launch options by kernel. Every kernel holds several [BT, K] float32 tiles; at 4 warps each spilled
-# 1.7-6 KB of registers per thread, at 8 (here) the bfloat16 variants spill 0-2.3 KB (compile_kernels --resources).
-NUM_WARPS = dict(prepare=8, forward=8, backward_state=8, backward_chunk=8)
+# Launch options by kernel. Every kernel holds several [BT, K] float32 tiles: at 4 warps each spills 1.7-6 KB of
+# registers per thread (compile_kernels --resources), yet on an H200 (T = 4096, B = 16, bf16) 4 warps measured
+# faster than 8 (delta_rule fwd+bwd 18.6 ms against 24.8, gated_delta_rule 27.8 against 34.0).
+NUM_WARPS = dict(prepare=4, forward=4, backward_state=4, backward_chunk=4)
 # bf16 operands for bf16 inputs on a GPU (see the module docstring). Off: with them, compute-sanitizer on an
 # H200 (Triton 3.6) found out-of-bounds shared-memory reads in bf16 dots of small tiles, so they wait for a fix.
 LOWP_DOTS = False
