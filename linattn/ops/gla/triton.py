@@ -4,15 +4,17 @@ The chunked form (chunk length BT = 64, sub-chunks of BC = 16), in the kernels o
 and triton_backward.py; b is the chunk-local cumulative log-decay and b_C its value at the chunk's end:
 
     intra      per chunk      hi + lo = b (summed in float64, stored as a float32 pair) and the scores
-                              A_ts = sum_k q_tk k_sk exp(b_tk - b_sk) (s < t), q_t . k_t (s = t)
+                              A_ts = sum_k q_tk k_sk exp(b_tk - b_sk) between sub-chunks (s < t)
+    diag       per sub-chunk  the same scores inside each sub-chunk, exactly, and q_t . k_t (s = t)
     state      per sequence   S [BK, BV] in registers, chunk after chunk: o = scale ((q exp(b)) S + A v),
                               S <- exp(b_C) S + (k exp(b_C - b))^T v; or, in reverse, the gradient of the
                               state leaving each chunk: dS <- exp(b_C) dS + scale (q exp(b))^T dO
     dv         per chunk      dv = scale A^T dO + (k exp(b_C - b)) dS
+    dA         per chunk      dA = scale dO V^T, masked to s <= t
     dqkg       per chunk      dq, dk, and dg as a float64 reverse cumulative sum within the chunk
     recurrent  per sequence   token by token, for decoding (ops/common/triton_recurrent.py)
 
-Between the kernels lie hi, lo [B, T, H, K] and A [B, T, H, BT] (float32); the backward recomputes them
+Between the kernels lie hi, lo [B, T, H, K] and A, dA [B, T, H, BT] (float32); the backward recomputes them
 (the registration saves only the inputs and outputs), runs the state kernel forward to store the state
 entering every chunk and in reverse to store the gradient of the state leaving it ([NC, H, K, V] float32
 each, NC the number of chunks), then the per-chunk kernels.
@@ -33,8 +35,8 @@ from linattn.ops.common.triton_utils import (
     store_dtype,
     triton_unsupported,
 )
-from linattn.ops.gla.triton_backward import _dqkg_kernel, _dv_kernel
-from linattn.ops.gla.triton_kernels import _intra_kernel, _state_kernel
+from linattn.ops.gla.triton_backward import _dA_kernel, _dqkg_kernel, _dv_kernel
+from linattn.ops.gla.triton_kernels import _diag_kernel, _intra_kernel, _state_kernel
 
 BT = 64  # chunk length
 BC = 16  # sub-chunk length: the smallest tl.dot tile
@@ -57,6 +59,8 @@ def _launch(dtype: torch.dtype, K: int, V: int) -> dict:
     BK = _pow2(K)
     cfg = dict(
         intra=dict(BK=16, num_warps=8),
+        diag=dict(BK=min(BK, 64), num_warps=2),
+        dA=dict(BV=_pow2(V, hi=64), num_warps=4),
         output=dict(BK=BK, BV=_pow2(V, hi=32 if BK <= 128 else 16), num_warps=4),
         state=dict(BK=min(BK, 64), BV=_pow2(V, hi=64), num_warps=8),
         dv=dict(BK=min(BK, 64), BV=_pow2(V, hi=64), num_warps=4),
@@ -68,20 +72,22 @@ def _launch(dtype: torch.dtype, K: int, V: int) -> dict:
     return cfg
 
 
-def _intra(q, k, g, lay: ChunkTable, flags: dict, cfg: dict, lowp: bool, store_decay: bool):
+def _intra(q, k, g, lay: ChunkTable, flags: dict, cfg: dict, lowp: bool):
     """A [B, T, H, BT], qg and kd [B, T, H, K] (in the dots' operand dtype: bfloat16 with lowp, else float32),
-    bc [NC, H, K] float32 and, with store_decay, hi and lo [B, T, H, K] float32 (else None)."""
+    bc [NC, H, K] float32, and hi and lo [B, T, H, K] float32."""
     B, T, H, K = q.shape
     dt = torch.bfloat16 if lowp else torch.float32
     A = torch.empty(B, T, H, BT, dtype=dt, device=q.device)
     qg = torch.empty(B, T, H, K, dtype=dt, device=q.device)
     kd = torch.empty_like(qg)
     bc = torch.empty(lay.NC, H, K, dtype=torch.float32, device=q.device)
-    hi = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device) if store_decay else None
-    lo = torch.empty_like(hi) if store_decay else None
+    hi = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
+    lo = torch.empty_like(hi)
     _intra_kernel[(lay.NC, H)](
-        q, k, g, lay.chunks, hi if store_decay else bc, lo if store_decay else bc, A, qg, kd, bc,
-        H=H, K=K, BT=BT, BC=BC, STORE_DECAY=store_decay, **cfg, **flags,
+        q, k, g, lay.chunks, hi, lo, A, qg, kd, bc, H=H, K=K, BT=BT, BC=BC, **cfg["intra"], **flags
+    )  # fmt: skip
+    _diag_kernel[(lay.NC, BT // BC, H)](
+        q, k, hi, lo, lay.chunks, A, H=H, K=K, BT=BT, BC=BC, PRECISE_EXP=flags["PRECISE_EXP"], **cfg["diag"]
     )  # fmt: skip
     return A, qg, kd, bc, hi, lo
 
@@ -113,7 +119,7 @@ def _setup(q, v, cu_seqlens):
 def forward(q, k, v, g, h0, scale: float, cu_seqlens):
     """o [B, T, H, V] in v's dtype, the final state [N, H, K, V] and the scores A [B, T, H, BT]."""
     B, T, H, K, V, lay, flags, lowp, cfg = _setup(q, v, cu_seqlens)
-    A, qg, kd, bc, _, _ = _intra(q, k, g, lay, flags, cfg["intra"], lowp, False)
+    A, qg, kd, bc, _, _ = _intra(q, k, g, lay, flags, cfg, lowp)
     o = torch.empty(B, T, H, V, dtype=store_dtype(v.dtype), device=q.device)
     ht = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device)
     c = cfg["output"]
@@ -128,7 +134,7 @@ def forward(q, k, v, g, h0, scale: float, cu_seqlens):
 def backward(do, dht, q, k, v, g, h0, ht, scale: float, cu_seqlens):
     """Gradients (dq, dk, dv, dg, dh0 or None); dht is None when the final state got no gradient."""
     B, T, H, K, V, lay, flags, lowp, cfg = _setup(q, v, cu_seqlens)
-    A, qg, kd, bc, hi, lo = _intra(q, k, g, lay, flags, cfg["intra"], lowp, True)
+    A, qg, kd, bc, hi, lo = _intra(q, k, g, lay, flags, cfg, lowp)
     c = cfg["state"]
     states, _ = _states(kd, v, bc, h0, lay, scale, False, False, flags, c, lowp)
     dstates, dh0 = _states(qg, do, bc, dht, lay, scale, True, h0 is not None, flags, c, lowp)
@@ -141,12 +147,17 @@ def backward(do, dht, q, k, v, g, h0, ht, scale: float, cu_seqlens):
         ROUND=flags["ROUND"], **c,
     )  # fmt: skip
     del A, kd
+    dA = torch.empty(B, T, H, BT, dtype=torch.float32, device=q.device)
+    _dA_kernel[(lay.NC, H)](
+        v, do, lay.chunks, dA, scale, H=H, V=V, BT=BT, LOWP=lowp, DOT_PREC=flags["DOT_PREC"], ROUND=flags["ROUND"],
+        **cfg["dA"],
+    )  # fmt: skip
     dq = torch.empty(q.shape, dtype=store_dtype(q.dtype), device=q.device)
     dk = torch.empty(k.shape, dtype=store_dtype(k.dtype), device=q.device)
     dg = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
     c = cfg["dqkg"]
     _dqkg_kernel[(lay.NC, H, triton.cdiv(K, c["BK"]))](
-        q, k, v, do, hi, lo, lay.chunks, states, dstates, dq, dk, dg, scale,
+        q, k, v, do, hi, lo, dA, lay.chunks, states, dstates, dq, dk, dg, scale,
         H=H, K=K, V=V, BT=BT, BC=BC, LOWP=lowp, **c, **flags,
     )  # fmt: skip
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dh0
@@ -189,11 +200,13 @@ def compile_variants():
         kernels = [  # (name, kernel, constexprs, launch config)
             ("dstates", _state_kernel, state | rev, cfg["state"]),
             ("dv", _dv_kernel, dict(LOWP=lowp), cfg["dv"]),
+            ("dA", _dA_kernel, dict(LOWP=lowp), cfg["dA"]),
             ("dqkg", _dqkg_kernel, dict(BC=BC, LOWP=lowp), cfg["dqkg"]),
         ]
         if dt == "bf16":
             kernels += [
-                ("intra", _intra_kernel, dict(BC=BC, STORE_DECAY=True), cfg["intra"]),
+                ("intra", _intra_kernel, dict(BC=BC), cfg["intra"]),
+                ("diag", _diag_kernel, dict(BC=BC), cfg["diag"]),
                 ("forward", _state_kernel, state | fwd | dict(STORE_O=True, STORE_STATES=False), cfg["output"]),
                 ("states", _state_kernel, state | fwd, cfg["state"]),
             ]

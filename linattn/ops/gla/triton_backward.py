@@ -1,9 +1,8 @@
 """GLA's per-chunk backward kernels; ``triton.py`` launches them. The decay factors are those of triton_kernels.py.
 
-Both read, per chunk, the state S entering it and the gradient dS of the state leaving it ([NC, H, K, V]
+dv and dqkg read, per chunk, the state S entering it and the gradient dS of the state leaving it ([NC, H, K, V]
 float32, from _state_kernel), and from _intra_kernel the log-decay pair hi, lo (dqkg), or the scores A and
-kd = k exp(b_C - b) (dv).
-With dA = scale (dO V^T) masked to s <= t:
+kd = k exp(b_C - b) (dv). dqkg reads dA = scale (dO V^T) masked to s <= t from _dA_kernel, and:
 
     dv = scale A^T dO + kd dS
     dq = scale exp(b) (dO S^T) + intra(dA, k)          dk = exp(b_C - b) (V dS^T) + intra^T(dA, q)
@@ -23,7 +22,7 @@ import triton
 import triton.language as tl
 
 from linattn.ops.common.triton_utils import chunk_bounds, dot_operand, exp32
-from linattn.ops.gla.triton_kernels import _bridge, _pair_decay, _sub_chunk_factors
+from linattn.ops.gla.triton_kernels import _bridge, _sub_chunk_factors
 
 
 @triton.jit
@@ -83,6 +82,43 @@ def _dv_kernel(
 
 
 @triton.jit
+def _dA_kernel(
+    v,
+    do,
+    chunks,
+    dA,
+    scale,
+    H: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BV: tl.constexpr,
+    LOWP: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    ROUND: tl.constexpr,
+):
+    # Per chunk and head: dA = scale dO V^T [BT, BT] masked to s <= t, into dA [.., T, H, BT] float32 (once,
+    # for every key block of _dqkg_kernel).
+    LOWP_TY: tl.constexpr = do.dtype.element_ty
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    t_lo, t_hi = chunk_bounds(chunks, i_c)
+    if t_hi <= t_lo:
+        return
+    o_t = tl.arange(0, BT)
+    m_t = t_lo + o_t < t_hi
+    row0 = t_lo * H + i_h  # the chunk's first token and head; tiles take int32 offsets from it
+    b_dA = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        t_v = o_t[:, None] * (H * V) + o_v[None, :]
+        b_do = dot_operand(tl.load(do + row0 * V + t_v, mask=m_tv, other=0.0), ROUND, LOWP, LOWP_TY)
+        b_v = dot_operand(tl.load(v + row0 * V + t_v, mask=m_tv, other=0.0), ROUND, LOWP, LOWP_TY)
+        b_dA += tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)
+    b_dA = tl.where(o_t[:, None] >= o_t[None, :], scale * b_dA, 0.0)
+    tl.store(dA + row0 * BT + o_t[:, None] * (H * BT) + o_t[None, :], b_dA, mask=m_t[:, None])
+
+
+@triton.jit
 def _dqkg_kernel(
     q,
     k,
@@ -90,6 +126,7 @@ def _dqkg_kernel(
     do,
     hi,
     lo,
+    dA,
     chunks,
     states,
     dstates,
@@ -109,7 +146,7 @@ def _dqkg_kernel(
     ROUND: tl.constexpr,
     PRECISE_EXP: tl.constexpr,
 ):
-    # Per chunk, head and key block: dq, dk and dg (every term is per key channel once dA is formed).
+    # Per chunk, head and key block: dq, dk and dg (every term is per key channel, given dA).
     NS: tl.constexpr = BT // BC
     LOWP_TY: tl.constexpr = do.dtype.element_ty
     i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -123,15 +160,14 @@ def _dqkg_kernel(
     m_k = o_k < K
     m_tk = m_t[:, None] & m_k[None, :]
     row0 = t_lo * H + i_h  # the chunk's first token and head; tiles take int32 offsets from it
-    q, k, hi, lo = q + row0 * K, k + row0 * K, hi + row0 * K, lo + row0 * K
+    q, k, hi, lo, dA = q + row0 * K, k + row0 * K, hi + row0 * K, lo + row0 * K, dA + row0 * BT
     dq, dk, dg = dq + row0 * K, dk + row0 * K, dg + row0 * K
     v, do = v + row0 * V, do + row0 * V
     ptr = o_t[:, None] * (H * K) + o_k[None, :]
     is_last = o_t == t_hi - t_lo - 1
     last = (t_hi - t_lo - 1) * (H * K)
 
-    # What needs the whole value dim: dA, and the state terms dO S^T, V dS^T, sum_v S dS.
-    dA = tl.zeros([BT, BT], dtype=tl.float32)
+    # What needs the whole value dim: the state terms dO S^T, V dS^T, sum_v S dS.
     d_qs = tl.zeros([BT, BK], dtype=tl.float32)
     d_ks = tl.zeros([BT, BK], dtype=tl.float32)
     d_c = tl.zeros([BK], dtype=tl.float32)
@@ -145,11 +181,10 @@ def _dqkg_kernel(
         b_v = dot_operand(tl.load(v + t_v, mask=m_tv, other=0.0), ROUND, LOWP, LOWP_TY)
         S = tl.load(states + state + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
         dS = tl.load(dstates + state + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
-        dA += tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)
         d_qs += tl.dot(b_do, tl.trans(dot_operand(S, ROUND, LOWP, LOWP_TY)), input_precision=DOT_PREC)
         d_ks += tl.dot(b_v, tl.trans(dot_operand(dS, ROUND, LOWP, LOWP_TY)), input_precision=DOT_PREC)
         d_c += tl.sum(S * dS, 1)
-    dA = tl.where(o_t[:, None] >= o_t[None, :], scale * dA, 0.0)
+    b_dA = tl.load(dA + o_t[:, None] * (H * BT) + o_t[None, :], mask=m_t[:, None], other=0.0)
 
     b_q = tl.load(q + ptr, mask=m_tk, other=0.0).to(tl.float32)
     b_k = tl.load(k + ptr, mask=m_tk, other=0.0).to(tl.float32)
@@ -170,31 +205,40 @@ def _dqkg_kernel(
     dk_x = tl.zeros([BT, BK], dtype=tl.float32)
     for i in tl.static_range(1, NS):
         bridge = _bridge(e_hi, e_lo, i, BT, BC, BK, PRECISE_EXP)
-        dA_i = dot_operand(tl.where((sub == i)[:, None], dA, 0.0), ROUND, False, tl.float32)
+        dA_i = dot_operand(tl.where((sub == i)[:, None], b_dA, 0.0), ROUND, False, tl.float32)
         k_i = dot_operand(b_ks * bridge, ROUND, False, tl.float32)
         dq_x += tl.dot(dA_i, k_i, input_precision=DOT_PREC)
         dk_x += bridge * tl.dot(tl.trans(dA_i), b_qr, input_precision=DOT_PREC)
     b_dq += w_row * dq_x
     dk_in = w_src * dk_x  # the gated in-chunk terms of dk
 
-    # Inside sub-chunks, exactly: source row j of every sub-chunk against the rows after it.
+    # Inside sub-chunks, exactly, row j of every sub-chunk (from memory) against that sub-chunk's rows:
+    # as the source of rows t > j (dq_t += dA_tj exp(b_t - b_j) k_j) and as the target of rows s < j
+    # (dk_s += dA_js exp(b_j - b_s) q_j); no sums across rows, so no reductions.
     hi3 = tl.reshape(b_hi, [NS, BC, BK])
     lo3 = tl.reshape(b_lo, [NS, BC, BK])
-    q3 = tl.reshape(b_q, [NS, BC, BK])
-    k3 = tl.reshape(b_k, [NS, BC, BK])
-    dA3 = tl.reshape(dA, [NS, BC, BT])
     o_n = tl.arange(0, NS)
+    n_in = t_hi - t_lo
     dq3 = tl.zeros([NS, BC, BK], dtype=tl.float32)
     dk3 = tl.zeros([NS, BC, BK], dtype=tl.float32)
     for j in range(0, BC):
-        decay = _pair_decay(hi3, lo3, j, BC, PRECISE_EXP)  # [NS, BC, BK]
-        col = (o_n * BC + j)[:, None, None] == o_t[None, None, :]
-        dA_j = tl.sum(tl.where(col, dA3, 0.0), 2)  # [NS, BC]: dA[t, source j of t's sub-chunk]
-        sel = (o_c == j)[None, :, None]
-        k_j = tl.sum(tl.where(sel, k3, 0.0), 1)  # [NS, BK]
-        dq3 += dA_j[:, :, None] * k_j[:, None, :] * decay
-        dk_j = tl.sum(dA_j[:, :, None] * q3 * decay, 1)  # [NS, BK]
-        dk3 += tl.where(sel, dk_j[:, None, :], 0.0)
+        r_j = o_n * BC + j  # [NS]: row j of each sub-chunk
+        m_j = r_j < n_in
+        t_j = r_j[:, None] * (H * K) + o_k[None, :]
+        m_jk = m_j[:, None] & m_k[None, :]
+        k_j = tl.load(k + t_j, mask=m_jk, other=0.0).to(tl.float32)  # [NS, BK]
+        q_j = tl.load(q + t_j, mask=m_jk, other=0.0).to(tl.float32)
+        hi_j = tl.load(hi + t_j, mask=m_jk, other=0.0)
+        lo_j = tl.load(lo + t_j, mask=m_jk, other=0.0)
+        rows = (o_n * BC)[:, None] + o_c[None, :]  # [NS, BC]: the row of each (sub-chunk, position)
+        m_rows = m_j[:, None] & (rows < n_in)
+        dA_col = tl.load(dA + rows * (H * BT) + r_j[:, None], mask=m_rows, other=0.0)  # dA[t, j]
+        dA_row = tl.load(dA + r_j[:, None] * (H * BT) + rows, mask=m_rows, other=0.0)  # dA[j, s]
+        diff = (hi3 - hi_j[:, None, :]) + (lo3 - lo_j[:, None, :])  # b_t - b_j: <= 0 for t > j
+        after = m_j[:, None, None] & (o_c > j)[None, :, None]
+        before = m_j[:, None, None] & (o_c < j)[None, :, None]
+        dq3 += dA_col[:, :, None] * k_j[:, None, :] * exp32(tl.where(after, diff, float("-inf")), PRECISE_EXP)
+        dk3 += dA_row[:, :, None] * q_j[:, None, :] * exp32(tl.where(before, -diff, float("-inf")), PRECISE_EXP)
     b_dq += tl.reshape(dq3, [BT, BK])
     dk_in += tl.reshape(dk3, [BT, BK])
 
@@ -209,7 +253,7 @@ def _dqkg_kernel(
     b_dg = tl.cumsum(db, axis=0, reverse=True) + tl.where(m_t[:, None], before, 0.0)
     tl.store(dg + ptr, b_dg.to(tl.float32), mask=m_tk)
 
-    own = tl.sum(tl.where(o_t[:, None] == o_t[None, :], dA, 0.0), 1)  # s = t: q_t . k_t, no decay
+    own = tl.sum(tl.where(o_t[:, None] == o_t[None, :], b_dA, 0.0), 1)  # s = t: q_t . k_t, no decay
     b_dq += own[:, None] * b_k
     b_dk = dk_in + dk_state + own[:, None] * b_q
     tl.store(dq + ptr, b_dq.to(dq.dtype.element_ty), mask=m_tk)

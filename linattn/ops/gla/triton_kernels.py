@@ -7,14 +7,18 @@ Chunks of BT = 64 tokens, cut into NS sub-chunks of BC = 16. b is the chunk-loca
 * rows t of sub-chunk i against sources s of an earlier sub-chunk j: exp(b_t - b_s) =
   exp(b_t - rho_i) exp(e_j - b_s) exp(rho_i - e_j), three factors <= 1, the last one a [NS, K] bridge;
   so the pair of sub-chunks is one tl.dot of q exp(b - rho) and k exp(e - b) exp(rho_i - e_j);
-* pairs inside a sub-chunk: exactly, one source column s at a time against the rows t > s of every
-  sub-chunk at once (an [NS, BC, BK] tile), and the plain q_t . k_t for s = t (no decay: that keeps
-  dg from cancelling its own terms);
+* pairs inside a sub-chunk: exactly, in _diag_kernel, one source row s at a time (loaded on its own)
+  against the rows t > s of its sub-chunk, and the plain q_t . k_t for s = t (no decay: that keeps dg from
+  cancelling its own terms);
 * the state: exp(b) for rows reading it, exp(b_C - b) for keys writing it, exp(b_C) for carrying it on.
 
 b is summed in float64 once per chunk (_intra_kernel) and kept as a float32 pair hi + lo: hi_t - hi_s
 is exact or carries only its own rounding, so (hi_t - hi_s) + (lo_t - lo_s) keeps a gate of -1e-7
 next to gates of -1e4. The other kernels read hi and lo, [.., T, H, K] float32 each.
+
+Nothing loops over single rows held in registers: where one row s meets every row t (inside a sub-chunk)
+the kernels load row s from memory, as a masked sum over a register tile to pick it out would cost a
+reduction across threads per row (the first version did so, and spent 16 ms per launch there).
 """
 
 from __future__ import annotations
@@ -59,17 +63,6 @@ def _bridge(e_hi, e_lo, i, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
 
 
 @triton.jit
-def _pair_decay(hi3, lo3, j, BC: tl.constexpr, PRECISE_EXP: tl.constexpr):
-    """exp(b_t - b_s) [NS, BC, BK] for rows t after source s = row j of their own sub-chunk (0 elsewhere)."""
-    o_c = tl.arange(0, BC)
-    sel = (o_c == j)[None, :, None]
-    s_hi = tl.sum(tl.where(sel, hi3, 0.0), 1)  # [NS, BK]
-    s_lo = tl.sum(tl.where(sel, lo3, 0.0), 1)
-    diff = (hi3 - s_hi[:, None, :]) + (lo3 - s_lo[:, None, :])
-    return exp32(tl.where((o_c > j)[None, :, None], diff, float("-inf")), PRECISE_EXP)
-
-
-@triton.jit
 def _intra_kernel(
     q,
     k,
@@ -86,22 +79,21 @@ def _intra_kernel(
     BT: tl.constexpr,
     BC: tl.constexpr,
     BK: tl.constexpr,
-    STORE_DECAY: tl.constexpr,
     DOT_PREC: tl.constexpr,
     ROUND: tl.constexpr,
     PRECISE_EXP: tl.constexpr,
 ):
-    # Per chunk and head: the scores A [.., T, H, BT], A_ts = sum_k q_tk k_sk exp(b_tk - b_sk) for s < t,
-    # q_t . k_t for s = t, 0 for s > t; the operands of the state kernels qg = q exp(b) and kd = k exp(b_C - b)
-    # [.., T, H, K] (A, qg, kd in their pointers' dtype: that of the dots that take them); b_C into bc
-    # [NC, H, K] float32; and with STORE_DECAY the log-decay pair hi, lo [.., T, H, K] float32.
+    # Per chunk and head: the scores A [.., T, H, BT] between sub-chunks, A_ts = sum_k q_tk k_sk exp(b_tk - b_sk)
+    # for s in an earlier sub-chunk than t, 0 elsewhere (_diag_kernel then writes the diagonal blocks); the
+    # operands of the state kernels qg = q exp(b) and kd = k exp(b_C - b) [.., T, H, K] (A, qg, kd in their
+    # pointers' dtype: that of the dots that take them); b_C into bc [NC, H, K] float32; and the log-decay
+    # pair hi, lo [.., T, H, K] float32.
     NS: tl.constexpr = BT // BC
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t_lo, t_hi = chunk_bounds(chunks, i_c)
     if t_hi <= t_lo:  # past the last chunk (varlen allots a bound on the count)
         return
     o_t = tl.arange(0, BT)
-    o_c = tl.arange(0, BC)
     m_t = t_lo + o_t < t_hi
     row0 = t_lo * H + i_h  # the chunk's first token and head; tiles take int32 offsets from it
     q, k, g, hi, lo = q + row0 * K, k + row0 * K, g + row0 * K, hi + row0 * K, lo + row0 * K
@@ -109,16 +101,14 @@ def _intra_kernel(
     is_last = (o_t == t_hi - t_lo - 1)[:, None]
     sub = o_t // BC
 
-    b_A = tl.zeros([BT, BT], dtype=tl.float32)  # between sub-chunks
-    A_in = tl.zeros([NS, BC, BC], dtype=tl.float32)  # inside sub-chunks: [sub-chunk, row, source]
+    b_A = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_tk = m_t[:, None] & (o_k < K)[None, :]
         ptr = o_t[:, None] * (H * K) + o_k[None, :]
         _, b_hi, b_lo, _ = chunk_log_decay(tl.load(g + ptr, mask=m_tk, other=0.0))
-        if STORE_DECAY:
-            tl.store(hi + ptr, b_hi, mask=m_tk)
-            tl.store(lo + ptr, b_lo, mask=m_tk)
+        tl.store(hi + ptr, b_hi, mask=m_tk)
+        tl.store(lo + ptr, b_lo, mask=m_tk)
         b_q = tl.load(q + ptr, mask=m_tk, other=0.0).to(tl.float32)
         b_k = tl.load(k + ptr, mask=m_tk, other=0.0).to(tl.float32)
         c_hi = tl.sum(tl.where(is_last, b_hi, 0.0), 0)
@@ -135,23 +125,58 @@ def _intra_kernel(
             q_i = dot_operand(tl.where((sub == i)[:, None], b_qr, 0.0), ROUND, False, tl.float32)
             k_i = dot_operand(b_ks * _bridge(e_hi, e_lo, i, BT, BC, BK, PRECISE_EXP), ROUND, False, tl.float32)
             b_A += tl.dot(q_i, tl.trans(k_i), input_precision=DOT_PREC)
-
-        hi3 = tl.reshape(b_hi, [NS, BC, BK])
-        lo3 = tl.reshape(b_lo, [NS, BC, BK])
-        q3 = tl.reshape(b_q, [NS, BC, BK])
-        k3 = tl.reshape(b_k, [NS, BC, BK])
-        for j in range(0, BC):  # source row j of every sub-chunk against the rows after it
-            decay = _pair_decay(hi3, lo3, j, BC, PRECISE_EXP)
-            k_j = tl.sum(tl.where((o_c == j)[None, :, None], k3, 0.0), 1)  # [NS, BK]
-            col = tl.sum(q3 * k_j[:, None, :] * decay, 2)  # [NS, BC]
-            A_in += tl.where((o_c == j)[None, None, :], col[:, :, None], 0.0)
-        own = tl.reshape(tl.sum(b_q * b_k, 1), [NS, BC])  # s = t: no decay
-        A_in += tl.where((o_c[:, None] == o_c[None, :])[None, :, :], own[:, :, None], 0.0)
-
-    o_n = tl.arange(0, NS)
-    same = (o_n[:, None] == o_n[None, :])[:, None, :, None]  # [NS, 1, NS, 1]
-    b_A += tl.reshape(tl.where(same, A_in[:, :, None, :], 0.0), [BT, BT])
     tl.store(A + row0 * BT + o_t[:, None] * (H * BT) + o_t[None, :], b_A.to(A.dtype.element_ty), mask=m_t[:, None])
+
+
+@triton.jit
+def _diag_kernel(
+    q,
+    k,
+    hi,
+    lo,
+    chunks,
+    A,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    PRECISE_EXP: tl.constexpr,
+):
+    # Per chunk, sub-chunk and head: the diagonal [BC, BC] block of the scores A (after _intra_kernel, which
+    # leaves it 0), exactly: A_ts = sum_k q_tk k_sk exp(b_tk - b_sk) for s < t, q_t . k_t for s = t (no
+    # decay), 0 for s > t. Source row s comes from memory, one at a time, against the sub-chunk's rows.
+    i_c, i_s, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t_lo, t_hi = chunk_bounds(chunks, i_c)
+    s_lo = t_lo + i_s * BC
+    if s_lo >= t_hi:  # past the chunk's end (or past the last chunk)
+        return
+    n_src = tl.minimum(t_hi - s_lo, BC)
+    o_c = tl.arange(0, BC)
+    m_c = o_c < n_src
+    row0 = s_lo * H + i_h  # the sub-chunk's first token and head; tiles take int32 offsets from it
+    q, k, hi, lo = q + row0 * K, k + row0 * K, hi + row0 * K, lo + row0 * K
+    b_A = tl.zeros([BC, BC], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        m_ck = m_c[:, None] & m_k[None, :]
+        ptr = o_c[:, None] * (H * K) + o_k[None, :]
+        b_q = tl.load(q + ptr, mask=m_ck, other=0.0).to(tl.float32)
+        b_hi = tl.load(hi + ptr, mask=m_ck, other=0.0)
+        b_lo = tl.load(lo + ptr, mask=m_ck, other=0.0)
+        for j in range(0, n_src):
+            k_j = tl.load(k + j * (H * K) + o_k, mask=m_k, other=0.0).to(tl.float32)
+            hi_j = tl.load(hi + j * (H * K) + o_k, mask=m_k, other=0.0)
+            lo_j = tl.load(lo + j * (H * K) + o_k, mask=m_k, other=0.0)
+            diff = (b_hi - hi_j[None, :]) + (b_lo - lo_j[None, :])
+            # exponent b_t - b_s <= 0 for rows t > s, 0 (no decay) for t = s, -inf above and past the end
+            after = (o_c > j) & m_c
+            diff = tl.where(after[:, None], diff, tl.where((o_c == j)[:, None], 0.0, float("-inf")))
+            col = tl.sum(b_q * k_j[None, :] * exp32(diff, PRECISE_EXP), 1)  # [BC]: A[t, s = j]
+            b_A += tl.where(o_c[None, :] == j, col[:, None], 0.0)
+    t_a = o_c[:, None] * (H * BT) + i_s * BC + o_c[None, :]
+    tl.store(A + row0 * BT + t_a, b_A.to(A.dtype.element_ty), mask=m_c[:, None])
 
 
 @triton.jit
