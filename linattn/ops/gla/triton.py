@@ -58,13 +58,13 @@ def _launch(dtype: torch.dtype, K: int, V: int) -> dict:
     stage, so that shared memory holds them."""
     BK = _pow2(K)
     cfg = dict(
-        intra=dict(BK=16, num_warps=8),
+        intra=dict(BK=32, num_warps=4),
         diag=dict(BK=min(BK, 64), num_warps=2),
         dA=dict(BV=_pow2(V, hi=64), num_warps=4),
         output=dict(BK=BK, BV=_pow2(V, hi=32 if BK <= 128 else 16), num_warps=4),
         state=dict(BK=min(BK, 64), BV=_pow2(V, hi=64), num_warps=8),
         dv=dict(BK=min(BK, 64), BV=_pow2(V, hi=64), num_warps=4),
-        dqkg=dict(BK=16, BV=_pow2(V, hi=32), num_warps=8, num_stages=1),
+        dqkg=dict(BK=16, BV=_pow2(V, hi=32), num_warps=4, num_stages=1),
     )
     if dtype == torch.float32 or BK > 128:  # Triton 3.6 on an H200 wanted 235-319 KB of shared memory at K = 256
         for c in cfg.values():
