@@ -119,7 +119,8 @@ def _setup(q, v, cu_seqlens):
 def forward(q, k, v, g, h0, scale: float, cu_seqlens):
     """o [B, T, H, V] in v's dtype, the final state [N, H, K, V] and the scores A [B, T, H, BT]."""
     B, T, H, K, V, lay, flags, lowp, cfg = _setup(q, v, cu_seqlens)
-    A, qg, kd, bc, _, _ = _intra(q, k, g, lay, flags, cfg, lowp)
+    A, qg, kd, bc, hi, lo = _intra(q, k, g, lay, flags, cfg, lowp)
+    del hi, lo  # only the diag kernel needed them: free them before o is allocated
     o = torch.empty(B, T, H, V, dtype=store_dtype(v.dtype), device=q.device)
     ht = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device)
     c = cfg["output"]
