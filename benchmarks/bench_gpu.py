@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 
 import torch
@@ -21,6 +22,11 @@ import triton
 from triton.testing import do_bench
 
 from linattn import ops
+
+if os.environ.get("LINATTN_LAUNCH"):  # launch-setting variants (benchmarks/launch_variants.sh); run from the repo root
+    from benchmarks.launch_override import apply_env
+
+    apply_env()
 
 FLA_OPS = {  # our op -> (fla module, chunk function, fused recurrent function or None)
     "linear_attn": ("fla.ops.linear_attn", "chunk_linear_attn", None),
