@@ -1,6 +1,7 @@
 """Time every mechanism's chunk and naive impls, with torch SDPA (causal) in the same run.
 
-Forward, and forward + backward, median of repeated runs, float32, B=1, H=4, K=V=64 by default:
+Forward, and forward + backward, median of repeated runs, float32, B=1, H=4, K=V=64 by default. With
+linear_attn, a plain vectorised chunked linear attention (the peer of shared/BENCHMARKS.md) runs beside it:
 
     python benchmarks/bench_cpu_ops.py --lengths 1024,2048,4096,8192,16384 --json out.json
 
@@ -21,6 +22,24 @@ import torch
 from linattn.bench import RECURRENT, make_call, median_ms, sdpa_call
 
 MECHANISMS = RECURRENT
+
+
+def plain_linear_call(B: int, T: int, H: int, K: int, V: int, device, chunk: int = 64):
+    """The peer of shared/BENCHMARKS.md in this run: a plain vectorised chunked causal linear attention
+    (identity features, no normaliser, no states in or out), in its own [B, H, T, D] layout. T must be a
+    multiple of ``chunk``. Returns (leaves, fn(impl) -> o) like make_call; impl is ignored."""
+    g = torch.Generator().manual_seed(T)
+    leaves = [torch.randn(B, H, T, D, generator=g).to(device).requires_grad_() for D in (K, K, V)]
+    mask = torch.ones(chunk, chunk, dtype=torch.bool, device=device).tril()
+
+    def fn(impl):
+        q, k, v = (x.reshape(B, H, T // chunk, chunk, -1) for x in leaves)
+        kv = k.transpose(-1, -2) @ v
+        states = kv.cumsum(2) - kv  # the state entering each chunk
+        o = q @ states + (q @ k.transpose(-1, -2)).masked_fill(~mask, 0) @ v
+        return o.reshape(B, H, T, V)
+
+    return leaves, fn
 
 
 def main() -> None:
@@ -48,6 +67,8 @@ def main() -> None:
     print(f"|{'-' * 19}|{'-' * 7}|{'-' * 8}|{'-' * 11}|{'-' * 12}|")
     for T in lengths:
         jobs = [("sdpa_causal", "sdpa", *sdpa_call(B, T, H, K, V, args.device))]
+        if "linear_attn" in args.mechanisms.split(",") and T % 64 == 0:
+            jobs.append(("plain_linear", "peer", *plain_linear_call(B, T, H, K, V, args.device)))
         for name in args.mechanisms.split(","):
             for impl in args.impls.split(","):
                 jobs.append((name, impl, *make_call(name, B, T, H, K, V, args.device)))
