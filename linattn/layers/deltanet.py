@@ -1,9 +1,12 @@
 """DeltaNet (Schlag et al., 2021; Yang et al., 2024) and Gated DeltaNet (Yang et al., 2025) layers.
 
-q, k, v = silu(shortconv([W_q x, W_k x, W_v x]))      per head, q and k L2-normalised
-beta    = sigmoid(W_b x)                                write strength per head, in (0, 1)
+q, k, v = silu(shortconv([W_q x, W_k x, W_v x]))      per head, q and k L2-normalised (by the op)
+beta    = sigmoid(W_b x)                                write strength per head, in (0, 1) (by the op)
 g       = -exp(A_log) * softplus(W_a x + dt_bias)       Gated DeltaNet only: log-decay per head, <= 0
 o       = delta_rule(q, k, v, beta)  or  gated_delta_rule(q, k, v, g, beta)
+
+The normalisation of q and k and the sigmoid of beta are the ops' qk_l2norm and beta_is_logit options, which
+the Triton kernels apply as they load their tiles (in float32), instead of as separate passes over memory.
 y       = W_o (rmsnorm(o) * silu(W_g x))                per-head norm and output gate
 """
 
@@ -64,14 +67,15 @@ class DeltaNet(RecurrentLayer):
         B, T, _ = x.shape
         q, k, v, conv = self.qkv(x, None if state is None else state.conv, cu_seqlens)
         k, v = repeat_heads(k, self.n_heads), repeat_heads(v, self.n_heads)
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        beta = torch.sigmoid(self.b_proj(x).float())  # [B, T, H]
+        beta = self.b_proj(x).float()  # [B, T, H] logits
         g = self.gate(x)
         kwargs = dict(
             initial_state=None if state is None else state.ssm,
             output_final_state=True,
             cu_seqlens=cu_seqlens,
             impl=self.impl,
+            qk_l2norm=True,
+            beta_is_logit=True,
         )
         if g is None:
             o, ssm = ops.delta_rule(q, k, v, beta, **kwargs)
