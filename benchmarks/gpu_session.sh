@@ -11,7 +11,8 @@ export COLUMNS=300  # pytest's summary lines carry the error message: keep them 
 workers=$(( $(nproc) > 14 ? 14 : $(nproc) ))
 # One pytest process per file: a CUDA fault (an illegal memory access) poisons every later test of the process
 # that met it, and a shared pool of workers would spread one file's fault over the others' results.
-for file in tests/ops/test_triton_decay.py tests/ops/test_triton_delta.py tests/ops/test_triton_gla.py tests/ops/test_decode.py; do
+for file in tests/ops/test_triton_decay.py tests/ops/test_triton_delta.py tests/ops/test_triton_gla.py tests/ops/test_decode.py \
+    tests/ops/test_triton_properties.py; do
     echo "== $file"
     timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -n "$workers" -p no:cacheprovider -rf "$file" \
         2>&1 | grep -E "^FAILED|^ERROR|passed|failed" | cut -c1-300
