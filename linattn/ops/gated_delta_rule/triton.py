@@ -63,7 +63,7 @@ from linattn.ops.gated_delta_rule.triton_kernels import (
 BT = 64  # chunk length
 BV_MAX = 32  # value columns per program of the per-sequence kernels
 BV_CHUNK = 32  # value columns per step of the per-chunk backward's loops
-# Launch options by kernel. Every kernel holds several [BT, K] float32 tiles: at 4 warps each spills 1.7-6 KB of
+# Launch options by kernel. Every kernel holds several [BT, K] float32 tiles: at 4 warps each spills 0.3-3.6 KB of
 # registers per thread (compile_kernels --resources), yet on an H200 (T = 4096, B = 16, bf16) 4 warps measured
 # faster than 8 (delta_rule fwd+bwd 18.6 ms against 24.8, gated_delta_rule 27.8 against 34.0).
 NUM_WARPS = dict(prepare=4, forward=4, backward_state=4, backward_chunk=4)
@@ -116,13 +116,20 @@ def _flags(dtype: torch.dtype, gated: bool, qk_l2norm: bool, gpu: bool | None = 
     # Launch option, not a constexpr: float32 tiles with Triton's default 3 stages overflow shared memory.
     stages = 1 if dtype == torch.float32 else 2
     exact_exp = precise_exp(dtype, gpu)
-    lowp = LOWP_DOTS and dtype == torch.bfloat16 and gpu
-    return dict(HAS_G=gated, L2NORM=qk_l2norm, LOWP=lowp, PRECISE_EXP=exact_exp, num_stages=stages, **flags)
+    return dict(
+        HAS_G=gated, L2NORM=qk_l2norm, LOWP=_lowp(dtype, gpu), PRECISE_EXP=exact_exp, num_stages=stages, **flags
+    )
 
 
-def _w_dtype(dtype: torch.dtype) -> torch.dtype:
+def _lowp(dtype: torch.dtype, gpu: bool | None = None) -> bool:
+    """Whether the kernels take bfloat16 dot operands (LOWP): bfloat16 inputs on a GPU, with LOWP_DOTS on."""
+    gpu = not triton_interpret() if gpu is None else gpu
+    return LOWP_DOTS and dtype == torch.bfloat16 and gpu
+
+
+def _w_dtype(dtype: torch.dtype, gpu: bool | None = None) -> torch.dtype:
     """W's storage: bfloat16 where LOWP (it only ever enters bfloat16 products), else float32."""
-    return torch.bfloat16 if LOWP_DOTS and dtype == torch.bfloat16 and not triton_interpret() else torch.float32
+    return torch.bfloat16 if _lowp(dtype, gpu) else torch.float32
 
 
 def prepare(k, v, g, beta, lay: ChunkTable, qk_l2norm: bool, beta_is_logit: bool, tinv=None, store_t: bool = False):
@@ -221,11 +228,11 @@ def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l
     dv = torch.empty(v.shape, dtype=store_dtype(v.dtype), device=q.device)
     dg = torch.empty(B, T, H, dtype=torch.float32, device=q.device) if g is not None else None
     dbeta = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
-    # Below 64 key channels, Triton 3.6's bf16 dots at 8 warps read shared memory out of bounds in this kernel
-    # (compute-sanitizer on an H200, K = 16): such small heads take tf32 dots at 4 warps, as before.
-    small = BK < 64
+    # Below 64 key channels, Triton 3.6's bf16 dots (at 8 warps, which _warps no longer gives such tiles) read
+    # shared memory out of bounds in this kernel (compute-sanitizer on an H200, K = 16): such small heads keep
+    # tf32 dots until LOWP is checked there at 4 warps.
     bv_chunk = min(BV_CHUNK, max(16, triton.next_power_of_2(V)))
-    chunk_common = common | dict(LOWP=False) if small else common
+    chunk_common = common | dict(LOWP=False) if BK < 64 else common
     _backward_chunk_kernel[(lay.NC, H)](
         q, k, v, g_, beta, tinv, u, du, do, lay.chunks, states, dstates,
         dq, dk, dv, dg if dg is not None else dummy, dbeta, scale,
@@ -394,7 +401,7 @@ def compile_variants():
     for dt, gated, opt in (("bf16", True, True), ("fp16", False, False)):
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]
         ptrs = {n: dt for n in ("q", "k", "v", "o", "do", "dq", "dk", "dv")}
-        w_dtype = "bf16" if dt == "bf16" and LOWP_DOTS else "fp32"  # as _w_dtype stores W
+        w_dtype = {torch.bfloat16: "bf16", torch.float32: "fp32"}[_w_dtype(torch_dtype, gpu=True)]
         ptrs |= dict(chunks="i32", cu_seqlens="i32", chunk_start="i32", w=w_dtype)
         BK, BV = _blocks(128, 128)
         flags = _flags(torch_dtype, gated, opt, gpu=True)
