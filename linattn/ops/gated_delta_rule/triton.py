@@ -67,6 +67,10 @@ BV_CHUNK = 32  # value columns per step of the per-chunk backward's loops
 # registers per thread (compile_kernels --resources), yet on an H200 (T = 4096, B = 16, bf16) 4 warps measured
 # faster than 8 (delta_rule fwd+bwd 18.6 ms against 24.8, gated_delta_rule 27.8 against 34.0).
 NUM_WARPS = dict(prepare=4, forward=4, backward_state=4, backward_chunk=4)
+# num_stages for 16-bit inputs (float32 always takes 1: its tiles with more stages overflow shared memory). One stage
+# cuts shared memory per program (sm_90 compile, bf16: forward 123 -> 82 KB, backward_state 99 -> 66 KB), so more
+# programs share an SM; on an H200 (T = 4096, B = 16, bf16, session 5) gated_delta_rule fwd+bwd went 30.6 -> 27.4 ms.
+NUM_STAGES = dict(prepare=1, forward=1, backward_state=1, backward_chunk=1)
 # bf16 operands for bf16 inputs on a GPU (see the module docstring). Off: with them, compute-sanitizer on an
 # H200 (Triton 3.6) found out-of-bounds shared-memory reads in bf16 dots of small tiles, so they wait for a fix.
 LOWP_DOTS = False
@@ -77,6 +81,12 @@ def _blocks(K: int, V: int) -> tuple[int, int]:
     BK = max(16, triton.next_power_of_2(K))
     BV = max(16, min(BV_MAX if BK <= 128 else BV_MAX // 2, triton.next_power_of_2(V)))
     return BK, BV
+
+
+def _launch(kernel: str, dtype: torch.dtype, BK: int, BV: int) -> dict:
+    """num_warps and num_stages of a kernel (see _warps; float32 tiles take 1 stage: more overflow shared memory)."""
+    stages = 1 if dtype == torch.float32 else NUM_STAGES[kernel]
+    return dict(num_warps=_warps(kernel, BK, BV), num_stages=stages)
 
 
 def _warps(kernel: str, BK: int, BV: int) -> int:
@@ -105,7 +115,7 @@ def delta_unsupported(q: torch.Tensor, v: torch.Tensor) -> str | None:
 
 
 def _flags(dtype: torch.dtype, gated: bool, qk_l2norm: bool, gpu: bool | None = None) -> dict:
-    """The constexprs every chunk kernel takes, for inputs of ``dtype``, and the num_stages launch option.
+    """The constexprs every chunk kernel takes, for inputs of ``dtype``.
 
     LOWP (bfloat16 on a GPU): the products that a plain bfloat16 run forms with matmuls take bfloat16
     operands (``mm_lowp``); those through the WY inverse Tinv keep tf32 (``mm``).
@@ -113,12 +123,8 @@ def _flags(dtype: torch.dtype, gated: bool, qk_l2norm: bool, gpu: bool | None = 
     gpu = not triton_interpret() if gpu is None else gpu
     flags = kernel_flags(dtype, long_sums=True, gpu=gpu)  # the chains through the WY inverse (dbeta)
     del flags["UPCAST_QK"]  # these kernels take every operand to float32 as they load it
-    # Launch option, not a constexpr: float32 tiles with Triton's default 3 stages overflow shared memory.
-    stages = 1 if dtype == torch.float32 else 2
     exact_exp = precise_exp(dtype, gpu)
-    return dict(
-        HAS_G=gated, L2NORM=qk_l2norm, LOWP=_lowp(dtype, gpu), PRECISE_EXP=exact_exp, num_stages=stages, **flags
-    )
+    return dict(HAS_G=gated, L2NORM=qk_l2norm, LOWP=_lowp(dtype, gpu), PRECISE_EXP=exact_exp, **flags)
 
 
 def _lowp(dtype: torch.dtype, gpu: bool | None = None) -> bool:
@@ -164,7 +170,7 @@ def prepare(k, v, g, beta, lay: ChunkTable, qk_l2norm: bool, beta_is_logit: bool
         BETA_LOGIT=beta_is_logit,
         SOLVE=solve,
         STORE_T=store_t,
-        num_warps=_warps("prepare", BK, BV),
+        **_launch("prepare", k.dtype, BK, BV),
         **_flags(k.dtype, g is not None, qk_l2norm),
     )
     return w, u0, tinv
@@ -184,7 +190,7 @@ def forward(q, k, v, g, beta, h0, scale: float, cu_seqlens, qk_l2norm: bool, bet
     _forward_kernel[(triton.cdiv(V, BV), lay.N * H)](
         q, k, g if g is not None else ht, w, u0, h0 if h0 is not None else ht, lay.cu, lay.first, o, ht, ht, ht,
         scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_H0=h0 is not None, STORE_O=True, STORE_HT=True,
-        STORE_STATES=False, num_warps=_warps("forward", BK, BV), **_flags(q.dtype, g is not None, qk_l2norm),
+        STORE_STATES=False, **_launch("forward", q.dtype, BK, BV), **_flags(q.dtype, g is not None, qk_l2norm),
     )  # fmt: skip
     return o.to(v.dtype), ht, tinv
 
@@ -211,7 +217,7 @@ def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l
     _forward_kernel[(NV, lay.N * H)](
         q, k, g_, w, u0, h0 if h0 is not None else dummy, lay.cu, lay.first, dummy, dummy, states, u, scale,
         BV=BV, HAS_H0=h0 is not None, STORE_O=False, STORE_HT=False, STORE_STATES=True,
-        num_warps=_warps("forward", BK, BV), **common,
+        **_launch("forward", q.dtype, BK, BV), **common,
     )  # fmt: skip
     del u0
     dstates = torch.empty_like(states)
@@ -220,7 +226,8 @@ def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l
     _backward_state_kernel[(NV, lay.N * H)](
         q, k, g_, w, do, dht if dht is not None else dummy, lay.cu, lay.first, dstates, du,
         dh0 if dh0 is not None else dummy, scale,
-        BV=BV, HAS_DHT=dht is not None, STORE_DH0=h0 is not None, num_warps=_warps("backward_state", BK, BV), **common,
+        BV=BV, HAS_DHT=dht is not None, STORE_DH0=h0 is not None, **_launch("backward_state", q.dtype, BK, BV),
+        **common,
     )  # fmt: skip
     del w
     dq = torch.empty(q.shape, dtype=store_dtype(q.dtype), device=q.device)
@@ -236,7 +243,7 @@ def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l
     _backward_chunk_kernel[(lay.NC, H)](
         q, k, v, g_, beta, tinv, u, du, do, lay.chunks, states, dstates,
         dq, dk, dv, dg if dg is not None else dummy, dbeta, scale,
-        BV=bv_chunk, BETA_LOGIT=beta_is_logit, num_warps=_warps("backward_chunk", BK, bv_chunk), **chunk_common,
+        BV=bv_chunk, BETA_LOGIT=beta_is_logit, **_launch("backward_chunk", q.dtype, BK, bv_chunk), **chunk_common,
     )  # fmt: skip
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dbeta, dh0
 
@@ -405,8 +412,7 @@ def compile_variants():
         ptrs |= dict(chunks="i32", cu_seqlens="i32", chunk_start="i32", w=w_dtype)
         BK, BV = _blocks(128, 128)
         flags = _flags(torch_dtype, gated, opt, gpu=True)
-        stages = flags.pop("num_stages")
-        opts = {name: dict(num_stages=stages, num_warps=warps) for name, warps in NUM_WARPS.items()}
+        opts = {name: _launch(name, torch_dtype, BK, BV) for name in NUM_WARPS}
         common = dict(H=16, K=128, V=128, BT=BT, BK=BK, **flags)
         label = f"{dt} gated={gated} l2norm/logit={opt}"
         solve = dict(BV=BV, SOLVE=True, STORE_T=True, BETA_LOGIT=opt)
