@@ -73,6 +73,11 @@ def test_launch_choices():
     assert tri._flags(torch.bfloat16, True, False, gpu=True)["LOWP"] == tri.LOWP_DOTS
     assert not tri._flags(torch.bfloat16, True, False, gpu=False)["LOWP"]
     assert not tri._flags(torch.float16, True, False, gpu=True)["LOWP"]
+    # stages: one for many programs, more for a launch of fewer programs than SMs, always one for float32
+    many = tri._launch("forward", torch.bfloat16, 128, 32, 1024)
+    few = tri._launch("forward", torch.bfloat16, 128, 16, 128)
+    assert many["num_stages"] == tri.NUM_STAGES["forward"] and few["num_stages"] == tri.FEW_PROGRAMS_STAGES
+    assert tri._launch("forward", torch.float32, 128, 16, 128)["num_stages"] == 1
 
 
 @both

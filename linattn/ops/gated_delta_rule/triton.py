@@ -71,6 +71,11 @@ NUM_WARPS = dict(prepare=4, forward=4, backward_state=4, backward_chunk=4)
 # cuts shared memory per program (sm_90 compile, bf16: forward 123 -> 82 KB, backward_state 99 -> 66 KB), so more
 # programs share an SM; on an H200 (T = 4096, B = 16, bf16, session 5) gated_delta_rule fwd+bwd went 30.6 -> 27.4 ms.
 NUM_STAGES = dict(prepare=1, forward=1, backward_state=1, backward_chunk=1)
+# A launch of fewer programs than this (one per SM of an H100/H200) is not limited by shared memory, and takes
+# FEW_PROGRAMS_STAGES to hide its loads: at T = 65536, B = 1 (128 programs of the per-sequence kernels) delta_rule's
+# forward took 7.39 ms with 2 stages (session 4) and 9.08 ms with 1 (session 5), on the same H200.
+FEW_PROGRAMS = 132
+FEW_PROGRAMS_STAGES = 2
 # bf16 operands for bf16 inputs on a GPU (see the module docstring). Off: with them, compute-sanitizer on an
 # H200 (Triton 3.6) found out-of-bounds shared-memory reads in bf16 dots of small tiles, so they wait for a fix.
 LOWP_DOTS = False
@@ -83,9 +88,14 @@ def _blocks(K: int, V: int) -> tuple[int, int]:
     return BK, BV
 
 
-def _launch(kernel: str, dtype: torch.dtype, BK: int, BV: int) -> dict:
-    """num_warps and num_stages of a kernel (see _warps; float32 tiles take 1 stage: more overflow shared memory)."""
-    stages = 1 if dtype == torch.float32 else NUM_STAGES[kernel]
+def _launch(kernel: str, dtype: torch.dtype, BK: int, BV: int, programs: int | None = None) -> dict:
+    """num_warps (see _warps) and num_stages of a kernel launched as ``programs`` programs (None: many)."""
+    if dtype == torch.float32:
+        stages = 1
+    elif programs is not None and programs < FEW_PROGRAMS:
+        stages = max(NUM_STAGES[kernel], FEW_PROGRAMS_STAGES)
+    else:
+        stages = NUM_STAGES[kernel]
     return dict(num_warps=_warps(kernel, BK, BV), num_stages=stages)
 
 
@@ -190,7 +200,8 @@ def forward(q, k, v, g, beta, h0, scale: float, cu_seqlens, qk_l2norm: bool, bet
     _forward_kernel[(triton.cdiv(V, BV), lay.N * H)](
         q, k, g if g is not None else ht, w, u0, h0 if h0 is not None else ht, lay.cu, lay.first, o, ht, ht, ht,
         scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_H0=h0 is not None, STORE_O=True, STORE_HT=True,
-        STORE_STATES=False, **_launch("forward", q.dtype, BK, BV), **_flags(q.dtype, g is not None, qk_l2norm),
+        STORE_STATES=False, **_launch("forward", q.dtype, BK, BV, triton.cdiv(V, BV) * lay.N * H),
+        **_flags(q.dtype, g is not None, qk_l2norm),
     )  # fmt: skip
     return o.to(v.dtype), ht, tinv
 
@@ -217,7 +228,7 @@ def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l
     _forward_kernel[(NV, lay.N * H)](
         q, k, g_, w, u0, h0 if h0 is not None else dummy, lay.cu, lay.first, dummy, dummy, states, u, scale,
         BV=BV, HAS_H0=h0 is not None, STORE_O=False, STORE_HT=False, STORE_STATES=True,
-        **_launch("forward", q.dtype, BK, BV), **common,
+        **_launch("forward", q.dtype, BK, BV, NV * lay.N * H), **common,
     )  # fmt: skip
     del u0
     dstates = torch.empty_like(states)
@@ -226,8 +237,8 @@ def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l
     _backward_state_kernel[(NV, lay.N * H)](
         q, k, g_, w, do, dht if dht is not None else dummy, lay.cu, lay.first, dstates, du,
         dh0 if dh0 is not None else dummy, scale,
-        BV=BV, HAS_DHT=dht is not None, STORE_DH0=h0 is not None, **_launch("backward_state", q.dtype, BK, BV),
-        **common,
+        BV=BV, HAS_DHT=dht is not None, STORE_DH0=h0 is not None,
+        **_launch("backward_state", q.dtype, BK, BV, NV * lay.N * H), **common,
     )  # fmt: skip
     del w
     dq = torch.empty(q.shape, dtype=store_dtype(q.dtype), device=q.device)
