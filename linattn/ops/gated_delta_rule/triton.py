@@ -71,9 +71,11 @@ NUM_WARPS = dict(prepare=4, forward=4, backward_state=4, backward_chunk=4)
 # cuts shared memory per program (sm_90 compile, bf16: forward 123 -> 82 KB, backward_state 99 -> 66 KB), so more
 # programs share an SM; on an H200 (T = 4096, B = 16, bf16, session 5) gated_delta_rule fwd+bwd went 30.6 -> 27.4 ms.
 NUM_STAGES = dict(prepare=1, forward=1, backward_state=1, backward_chunk=1)
-# A launch of fewer programs than this (one per SM of an H100/H200) is not limited by shared memory, and takes
-# FEW_PROGRAMS_STAGES to hide its loads: at T = 65536, B = 1 (128 programs of the per-sequence kernels) delta_rule's
-# forward took 7.39 ms with 2 stages (session 4) and 9.08 ms with 1 (session 5), on the same H200.
+# The forward's launch with fewer programs than this (one per SM of an H100/H200) is not limited by shared memory,
+# and takes FEW_PROGRAMS_STAGES to hide its loads. At T = 65536, B = 1 (128 programs) on an H200, session 5, forward
+# alone: delta_rule 7.28 ms with 2 stages against 9.08 with 1, gated_delta_rule 12.2 against 13.4. The backward's
+# launches keep NUM_STAGES there: with 2 stages for them as well, gated_delta_rule's backward took 31.8 ms, against
+# 26.2 with 1 (delta_rule: 19.1 against 18.8).
 FEW_PROGRAMS = 132
 FEW_PROGRAMS_STAGES = 2
 # bf16 operands for bf16 inputs on a GPU (see the module docstring). Off: with them, compute-sanitizer on an
@@ -228,7 +230,7 @@ def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l
     _forward_kernel[(NV, lay.N * H)](
         q, k, g_, w, u0, h0 if h0 is not None else dummy, lay.cu, lay.first, dummy, dummy, states, u, scale,
         BV=BV, HAS_H0=h0 is not None, STORE_O=False, STORE_HT=False, STORE_STATES=True,
-        **_launch("forward", q.dtype, BK, BV, NV * lay.N * H), **common,
+        **_launch("forward", q.dtype, BK, BV), **common,
     )  # fmt: skip
     del u0
     dstates = torch.empty_like(states)
@@ -238,7 +240,7 @@ def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l
         q, k, g_, w, do, dht if dht is not None else dummy, lay.cu, lay.first, dstates, du,
         dh0 if dh0 is not None else dummy, scale,
         BV=BV, HAS_DHT=dht is not None, STORE_DH0=h0 is not None,
-        **_launch("backward_state", q.dtype, BK, BV, NV * lay.N * H), **common,
+        **_launch("backward_state", q.dtype, BK, BV), **common,
     )  # fmt: skip
     del w
     dq = torch.empty(q.shape, dtype=store_dtype(q.dtype), device=q.device)
