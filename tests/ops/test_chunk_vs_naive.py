@@ -64,3 +64,32 @@ def test_running_states_equal_cumsum():
     ref = torch.autograd.grad((ref_states * w).sum() + (ref_final * u).sum(), (S0, dS))
     for a, b in zip(grads, ref):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("gate_scale, sub_chunk", [(1.0, 32), (8.0, 8), (30.0, 4), (200.0, 1)])
+def test_gla_chunk_at_every_sub_chunk_split(gate_scale, sub_chunk):
+    """GLA's chunk (32 tokens) splits into sub-chunks by the gates' size; each split, from one sub-chunk to one
+    per token, against naive, in float32 and bfloat16."""
+    from linattn.ops.gla.chunk import sub_chunk_size
+
+    case = next(c for c in CASES if c.id == "gla")
+    for dtype in (torch.float32, torch.bfloat16):
+        tensors, state = case.draw(B=1, T=100, H=2, K=16, V=24, dtype=dtype, seed=5, gate_scale=gate_scale)
+        assert sub_chunk_size(tensors[3], 32) == sub_chunk
+        check_against_naive(case, tensors, state, "chunk")
+
+
+def test_gla_gate_sums_are_the_segment_sums():
+    """gate_sums' one product against the sums it replaces, at a chunk of four sub-chunks."""
+    from linattn.ops.gla.chunk import gate_sums
+
+    g = -torch.rand(3, 16, 5, dtype=torch.float64)
+    sums = gate_sums(g, 4)
+    b = g.cumsum(-2)
+    torch.testing.assert_close(sums["b"], b)
+    torch.testing.assert_close(sums["to_end"], b[..., -1:, :] - b)
+    sub_b = g.reshape(3, 4, 4, 5).cumsum(-2)
+    torch.testing.assert_close(sums["sub_b"], sub_b.reshape(3, 16, 5))
+    torch.testing.assert_close(sums["from_first"], (sub_b - g.reshape(3, 4, 4, 5)[..., :1, :]).reshape(3, 16, 5))
+    torch.testing.assert_close(sums["sub_to_end"], (sub_b[..., -1:, :] - sub_b).reshape(3, 16, 5))
+    assert set(gate_sums(g, 16)) == {"b", "to_end", "from_first"}

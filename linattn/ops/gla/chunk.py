@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from linattn.ops._contract import state_dtype
-from linattn.ops.common.chunking import ChunkLayout, segsum, suffix_sum
+from linattn.ops.common.chunking import ChunkLayout, segsum
 from linattn.ops.simple_gla.chunk import chunk_state_passing
 
 MAX_EXPONENT = 80.0  # exp(80) ~ 5.5e34 and exp(-80) ~ 1.8e-35 are both normal float32 numbers
@@ -35,18 +35,42 @@ def sub_chunk_size(g: torch.Tensor, C: int) -> int:
     return c
 
 
-def gla_intra_scores(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, sub_chunk: int) -> torch.Tensor:
+def gate_sums(g: torch.Tensor, sub_chunk: int) -> dict[str, torch.Tensor]:
+    """Every sum of log-decays the chunked form needs, from g [..., C, K], as one product with a 0/1 matrix.
+
+    Returns [..., C, K] tensors: "b" (g summed over the chunk up to and including t), "to_end" (over
+    t+1 .. C), "from_first" (over f+1 .. t, f the first token of t's sub-chunk) and, when the chunk has
+    more than one sub-chunk, "sub_b" (over f .. t) and "sub_to_end" (over t+1 .. the sub-chunk's last).
+    Each entry sums its own terms (the zeros of the mask contribute exact zeros), so none is a difference
+    of running sums; on CPU one matrix product also beats torch's cumsum along a non-innermost axis and
+    the flips of its backward.
+    """
+    C = g.shape[-2]
+    c = sub_chunk
+    t = torch.arange(C, device=g.device)[:, None]
+    s = torch.arange(C, device=g.device)[None, :]
+    same = t // c == s // c
+    masks = {"b": s <= t, "to_end": s > t, "from_first": same & (s <= t) & (s % c != 0)}
+    if c < C:
+        masks |= {"sub_b": same & (s <= t), "sub_to_end": same & (s > t)}
+    M = torch.cat(list(masks.values())).to(g.dtype)  # [m C, C]
+    return dict(zip(masks, (M @ g).split(C, dim=-2)))
+
+
+def gla_intra_scores(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, sub_chunk: int, sums=None) -> torch.Tensor:
     """Causal in-chunk scores A [..., C, C] from q, k and log-decays g, all [..., C, K].
 
-    sub_chunk must satisfy (sub_chunk - 1) * max|g| <= MAX_EXPONENT (see sub_chunk_size).
+    sub_chunk must satisfy (sub_chunk - 1) * max|g| <= MAX_EXPONENT (see sub_chunk_size). ``sums``:
+    gate_sums(g, sub_chunk), if already formed.
     """
     *lead, C, K = q.shape
     c = sub_chunk
     n = C // c
-    qs, ks, gs = (x.reshape(*lead, n, c, K) for x in (q, k, g))  # [..., n, c, K]
+    sums = gate_sums(g, c) if sums is None else sums
+    qs, ks = (x.reshape(*lead, n, c, K) for x in (q, k))  # [..., n, c, K]
 
     # Inside each sub-chunk, rebased on its first token f: b_t - b_f is the sum of g over (f, t], in [-80, 0].
-    from_first = torch.cat([torch.zeros_like(gs[..., :1, :]), gs[..., 1:, :]], dim=-2).cumsum(-2)
+    from_first = sums["from_first"].reshape(*lead, n, c, K)
     A_diag = (qs * torch.exp(from_first)) @ (ks * torch.exp(-from_first)).transpose(-1, -2)  # [..., n, c, c]
     A_diag = A_diag.tril(-1) + torch.diag_embed((qs * ks).sum(-1))
     if n == 1:
@@ -56,9 +80,11 @@ def gla_intra_scores(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, sub_chun
     # sums g inside sub-chunk i; exp(rho_i - b_s) = exp(sub-chunks j+1 ... i-1) exp(rest of sub-chunk j after
     # s), each factor <= 1. Only the n (n - 1) / 2 pairs j < i are formed, as [P, ..., c, K] tiles.
     i_idx, j_idx = torch.tril_indices(n, n, offset=-1, device=q.device)  # the pairs, P of them
-    q_r = (qs * torch.exp(gs.cumsum(-2))).movedim(-3, 0)  # [n(i), ..., c, K]
-    k_r = (ks * torch.exp(suffix_sum(gs, dim=-2))).movedim(-3, 0)  # [n(j), ..., c, K]
-    between = segsum(gs.sum(-2), dim=-2).movedim((-3, -2), (0, 1))  # [n, n, ..., K]: [r, j] sums sub-chunks j+1 ... r
+    sub_b = sums["sub_b"].reshape(*lead, n, c, K)
+    q_r = (qs * torch.exp(sub_b)).movedim(-3, 0)  # [n(i), ..., c, K]
+    k_r = (ks * torch.exp(sums["sub_to_end"].reshape(*lead, n, c, K))).movedim(-3, 0)  # [n(j), ..., c, K]
+    totals = sub_b[..., -1, :]  # [..., n, K]: each sub-chunk's whole sum
+    between = segsum(totals, dim=-2).movedim((-3, -2), (0, 1))  # [n, n, ..., K]: [r, j] sums sub-chunks j+1 ... r
     between = between[i_idx - 1, j_idx]  # [P, ..., K]: sub-chunks j+1 ... i-1, strictly between the pair
     blocks = (q_r[i_idx] * torch.exp(between).unsqueeze(-2)) @ k_r[j_idx].transpose(-1, -2)  # [P, ..., c, c]
     A = blocks.new_zeros(n, n, *blocks.shape[1:]).index_put((i_idx, j_idx), blocks)  # [n(i), n(j), ..., c, c]
@@ -76,9 +102,14 @@ def chunk_gla(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
-    chunk_size: int = 64,
+    chunk_size: int = 32,
 ):
-    """q, k [B, T, H, K]; v [B, T, H, V]; g [B, T, H, K] log-decay. Returns (o [B, T, H, V], state)."""
+    """q, k [B, T, H, K]; v [B, T, H, V]; g [B, T, H, K] log-decay. Returns (o [B, T, H, V], state).
+
+    Chunks of 32 tokens: with gates of typical size a chunk is then one sub-chunk, with no pairs between
+    sub-chunks to form. On a 2-core CPU (T = 4096, H = 4, K = V = 64, float32, g = logsigmoid(x + 3)),
+    fwd+bwd took 99 ms at 32 against 145 at 64, 119 at 16 and 164 at 128.
+    """
     B, T, H, K = q.shape
     V = v.shape[-1]
     out_dtype, dtype = v.dtype, state_dtype(q)
@@ -88,10 +119,12 @@ def chunk_gla(
     S0 = layout.start_state(initial_state, H, K, V, like=q)
 
     g = layout.to_chunks(g.to(dtype))  # [R, H, NC, C, K]
-    b = g.cumsum(-2)
-    dS = (k * torch.exp(suffix_sum(g, dim=-2))).transpose(-1, -2) @ v  # [R, H, NC, K, V]
+    c = sub_chunk_size(g, layout.C)
+    sums = gate_sums(g, c)
+    b = sums["b"]
+    dS = (k * torch.exp(sums["to_end"])).transpose(-1, -2) @ v  # [R, H, NC, K, V]
     states, final = chunk_state_passing(layout, S0, dS, torch.exp(b[..., -1:, :]).transpose(-1, -2))
-    A = gla_intra_scores(q, k, g, sub_chunk_size(g, layout.C))
+    A = gla_intra_scores(q, k, g, c, sums)
     o = A @ v + (q * torch.exp(b)) @ states
     o = layout.from_chunks(o).to(out_dtype)
     return o, (final if output_final_state else None)
