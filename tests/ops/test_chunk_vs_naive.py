@@ -93,3 +93,18 @@ def test_gla_gate_sums_are_the_segment_sums():
     torch.testing.assert_close(sums["from_first"], (sub_b - g.reshape(3, 4, 4, 5)[..., :1, :]).reshape(3, 16, 5))
     torch.testing.assert_close(sums["sub_to_end"], (sub_b[..., -1:, :] - sub_b).reshape(3, 16, 5))
     assert set(gate_sums(g, 16)) == {"b", "to_end", "from_first"}
+
+
+def test_gla_gate_sums_keep_float32_under_a_lower_matmul_precision():
+    """Where float32 matmuls may drop bits (TF32 / bfloat16 allowed), the sums are formed in float64 instead."""
+    from linattn.ops.gla.chunk import gate_sums
+
+    g = -torch.rand(3, 32, 5) * 3
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        sums = gate_sums(g, 32)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert sums["b"].dtype == torch.float32
+    torch.testing.assert_close(sums["b"], g.double().cumsum(-2).float(), rtol=0, atol=2e-6)

@@ -53,8 +53,14 @@ def gate_sums(g: torch.Tensor, sub_chunk: int) -> dict[str, torch.Tensor]:
     masks = {"b": s <= t, "to_end": s > t, "from_first": same & (s <= t) & (s % c != 0)}
     if c < C:
         masks |= {"sub_b": same & (s <= t), "sub_to_end": same & (s > t)}
-    M = torch.cat(list(masks.values())).to(g.dtype)  # [m C, C]
-    return dict(zip(masks, (M @ g).split(C, dim=-2)))
+    M = torch.cat(list(masks.values()))  # [m C, C]
+    # The sums go into exp, so they need all of float32's bits. A float32 matmul may not keep them where a lower
+    # matmul precision is allowed (TF32 on CUDA; on CPUs with AMX, "medium" gives bfloat16 products, measured): there,
+    # and under torch.compile (which cannot trace the query), it runs in float64, at about +15% of the forward's time.
+    eager = not torch.compiler.is_compiling()
+    full = eager and g.device.type == "cpu" and torch.get_float32_matmul_precision() == "highest"
+    work = g.dtype if g.dtype != torch.float32 or full else torch.float64
+    return dict(zip(masks, (M.to(work) @ g.to(work)).to(g.dtype).split(C, dim=-2)))
 
 
 def gla_intra_scores(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, sub_chunk: int, sums=None) -> torch.Tensor:
