@@ -10,7 +10,11 @@ in float64. With --sanitize each child runs under compute-sanitizer, and the fir
 
     python -m benchmarks.bisect_delta lowp               # each kernel with bf16 operands, K = 128 then K = 16
     python -m benchmarks.bisect_delta warps8 --sanitize  # each kernel at 8 warps, under compute-sanitizer
+    python -m benchmarks.bisect_delta lowp --keys 128    # only K = 128
     python -m benchmarks.bisect_delta lowp forward 128   # one kernel, one key dim (the child process)
+
+Each child compiles its kernels afresh and, under compute-sanitizer, runs many times slower: give a device call about
+a minute per child with --sanitize (eight children for both key dims).
 """
 
 from __future__ import annotations
@@ -92,14 +96,21 @@ def _first_sanitizer_error(text: str) -> str:
 def main(argv: list[str]) -> None:
     sanitize = "--sanitize" in argv
     argv = [a for a in argv if a != "--sanitize"]
+    keys = (128, 16)
+    if "--keys" in argv:
+        at = argv.index("--keys")
+        keys = tuple(int(x) for x in argv[at + 1].split(","))
+        argv = argv[:at] + argv[at + 2 :]
     if not argv or argv[0] not in SETTINGS:
-        raise SystemExit(f"usage: python -m benchmarks.bisect_delta {{{','.join(SETTINGS)}}} [kernel K] [--sanitize]")
+        modes = ",".join(SETTINGS)
+        usage = f"python -m benchmarks.bisect_delta {{{modes}}} [kernel K] [--keys 128,16] [--sanitize]"
+        raise SystemExit(f"usage: {usage}")
     mode = argv[0]
     if len(argv) == 3:  # the child: one kernel, one key dim
         print(run_one(mode, argv[1], int(argv[2])), flush=True)
         return
     print(f"| kernel with {mode} | K | result (max error / max value, bf16 against float64) |\n|---|---|---|")
-    for K in (128, 16):
+    for K in keys:
         for kernel in KERNELS:
             cmd = [sys.executable, "-m", "benchmarks.bisect_delta", mode, kernel, str(K)]
             if sanitize and os.path.exists(SANITIZER):

@@ -48,3 +48,19 @@ def test_one_forced_kernel_keeps_the_gradients(kernel):
     errs = dict(zip(out.split()[::2], map(float, out.split()[1::2])))
     assert set(errs) == {"dq", "dk", "dv", "dg", "dbeta"}
     assert max(errs.values()) < 0.05, out  # bf16 inputs and outputs against float64: about 1e-2 at most
+
+
+def test_parent_runs_one_child_per_kernel_and_key_dim(monkeypatch, capsys):
+    calls = []
+
+    class Done:
+        returncode, stderr = 0, ""
+        stdout = "dq 1.0e-03 dk 2.0e-03 dv 3.0e-03 dg 4.0e-03 dbeta 5.0e-03\n"
+
+    monkeypatch.setattr(bisect_delta.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or Done())
+    bisect_delta.main(["lowp", "--keys", "128,16"])
+    assert [c[-3:] for c in calls] == [["lowp", k, str(K)] for K in (128, 16) for k in bisect_delta.KERNELS]
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ") and "dbeta 5.0e-03" in ln]
+    assert len(rows) == 8
+    with pytest.raises(SystemExit, match="usage"):
+        bisect_delta.main(["nonsense"])
