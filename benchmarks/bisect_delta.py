@@ -45,7 +45,9 @@ class _Forced:
 @contextlib.contextmanager
 def forced(mode: str, kernel: str):
     """Within the block, ``kernel`` (one of KERNELS) of the delta-rule launchers takes the setting of ``mode``; the
-    others keep the library's. For "lowp", LOWP_DOTS stays off, so W stays float32 for every kernel."""
+    others keep the library's. For "lowp", LOWP_DOTS stays as it is (off), so W stays float32 for every kernel.
+    Once a kernel is cleared here, LINATTN_LAUNCH="gated_delta_rule.LOWP_DOTS.<kernel>=1" runs the GPU tests and
+    the benchmark with it (benchmarks/launch_variants.sh)."""
     from linattn.ops.gated_delta_rule import triton as tri
 
     name = f"_{kernel}_kernel"

@@ -5,9 +5,9 @@ editing the library. Call ``apply_env()`` before the ops run, or load it into py
     gla.<kernel>.<option>=<int>        an entry of gla's per-kernel launch table (triton._launch), e.g.
                                        gla.intra.BK=32, gla.dqkg.num_warps=4
     <module>.<NAME>=<value>            a module constant of linattn.ops.<module>.triton, e.g.
-                                       gated_delta_rule.LOWP_DOTS=1, simple_gla.NUM_WARPS=8
+                                       gated_delta_rule.FEW_PROGRAMS=100, simple_gla.NUM_WARPS=8
     <module>.<NAME>.<key>=<value>      an entry of such a constant that is a dict, e.g.
-                                       gated_delta_rule.NUM_WARPS.forward=8
+                                       gated_delta_rule.NUM_WARPS.forward=8, gated_delta_rule.LOWP_DOTS.forward=1
 
 Values are ints (1 and 0 also stand for True and False where the constant is a bool). Used by
 benchmarks/launch_variants.sh, which runs each variant's GPU tests and timings in processes of their own.
@@ -59,7 +59,8 @@ def apply(spec: str) -> list[str]:
             table = getattr(module, parts[1])
             if not isinstance(table, dict) or parts[2] not in table:
                 raise ValueError(f"{ENV}: {parts[0]}.{parts[1]} has no entry {parts[2]!r}")
-            table[parts[2]] = value
+            old = table[parts[2]]
+            table[parts[2]] = type(old)(value) if isinstance(old, (bool, int)) else value
         else:
             raise ValueError(f"{ENV}: too many parts in {'.'.join(parts)!r}")
         applied.append(f"{'.'.join(parts)}={value}")

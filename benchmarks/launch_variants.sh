@@ -3,7 +3,7 @@
 # process that met it): the op's GPU test file under the variant, then its standard-shape timing.
 #
 #   OP=gla VARIANTS='|gla.intra.BK=64|gla.dqkg.num_warps=8' bash benchmarks/launch_variants.sh
-#   OP=delta_rule TESTS='gpu' VARIANTS='gated_delta_rule.LOWP_DOTS=1' bash benchmarks/launch_variants.sh
+#   OP=delta_rule TESTS='gpu' VARIANTS='gated_delta_rule.LOWP_DOTS.forward=1' bash benchmarks/launch_variants.sh
 #
 # VARIANTS: '|'-separated LINATTN_LAUNCH strings (see benchmarks/launch_override.py); an empty one is the
 # library's own settings. TESTS: a pytest -k expression (default: the whole file). LENGTHS: as bench_gpu.py.

@@ -14,23 +14,24 @@ from linattn.ops.gla import triton as gla  # noqa: E402
 def test_overrides_reach_the_launch_tables(monkeypatch):
     monkeypatch.setattr(gla, "_launch", gla._launch)  # restored after the test, as are the two below
     monkeypatch.setitem(delta.NUM_WARPS, "forward", delta.NUM_WARPS["forward"])
-    monkeypatch.setattr(delta, "LOWP_DOTS", delta.LOWP_DOTS)
+    monkeypatch.setitem(delta.LOWP_DOTS, "forward", delta.LOWP_DOTS["forward"])
     before = gla._launch(torch.bfloat16, 128, 128)
     applied = launch_override.apply(
-        "gla.intra.BK=64; gla.dqkg.num_warps=8;gated_delta_rule.NUM_WARPS.forward=8;gated_delta_rule.LOWP_DOTS=1"
+        "gla.intra.BK=64; gla.dqkg.num_warps=8;gated_delta_rule.NUM_WARPS.forward=8;"
+        "gated_delta_rule.LOWP_DOTS.forward=1"
     )
     assert applied == [
         "gla.intra.BK=64",
         "gla.dqkg.num_warps=8",
         "gated_delta_rule.NUM_WARPS.forward=8",
-        "gated_delta_rule.LOWP_DOTS=1",
+        "gated_delta_rule.LOWP_DOTS.forward=1",
     ]
     after = gla._launch(torch.bfloat16, 128, 128)
     assert (after["intra"]["BK"], after["dqkg"]["num_warps"]) == (64, 8)
     assert {n: c for n, c in after.items() if n not in ("intra", "dqkg")} == {
         n: c for n, c in before.items() if n not in ("intra", "dqkg")
     }
-    assert delta.NUM_WARPS["forward"] == 8 and delta.LOWP_DOTS is True
+    assert delta.NUM_WARPS["forward"] == 8 and delta.LOWP_DOTS["forward"] is True
 
 
 @pytest.mark.parametrize(

@@ -66,13 +66,20 @@ def test_wide_value_blocks_of_the_sequence_kernels(case, monkeypatch):
     check_against_naive(case, *to(tensors, state), "triton", **ON_DEVICE)
 
 
-def test_launch_choices():
+def test_launch_choices(monkeypatch):
     """Narrow value blocks when few programs would run; bfloat16 dot operands only for bfloat16 on a GPU, and
-    only while LOWP_DOTS is on."""
+    only for the kernels whose LOWP_DOTS entry is on."""
     assert tri._sequence_bv(128, 128, 16) == 16 and tri._sequence_bv(128, 128, 256) == 32
-    assert tri._flags(torch.bfloat16, True, False, gpu=True)["LOWP"] == tri.LOWP_DOTS
-    assert not tri._flags(torch.bfloat16, True, False, gpu=False)["LOWP"]
-    assert not tri._flags(torch.float16, True, False, gpu=True)["LOWP"]
+    for kernel, on in tri.LOWP_DOTS.items():
+        assert tri._flags(torch.bfloat16, True, False, kernel, gpu=True)["LOWP"] == on
+        assert not tri._flags(torch.bfloat16, True, False, kernel, gpu=False)["LOWP"]
+        assert not tri._flags(torch.float16, True, False, kernel, gpu=True)["LOWP"]
+    # W is stored in bfloat16 only when both kernels that read it take bfloat16 operands
+    monkeypatch.setitem(tri.LOWP_DOTS, "forward", True)
+    assert tri._w_dtype(torch.bfloat16, gpu=True) == torch.float32
+    monkeypatch.setitem(tri.LOWP_DOTS, "backward_state", True)
+    assert tri._w_dtype(torch.bfloat16, gpu=True) == torch.bfloat16
+    assert tri._w_dtype(torch.bfloat16, gpu=False) == torch.float32
     # stages: one for many programs, more for a launch of fewer programs than SMs, always one for float32
     many = tri._launch("forward", torch.bfloat16, 128, 32, 1024)
     few = tri._launch("forward", torch.bfloat16, 128, 16, 128)

@@ -78,9 +78,11 @@ NUM_STAGES = dict(prepare=1, forward=1, backward_state=1, backward_chunk=1)
 # 26.2 with 1 (delta_rule: 19.1 against 18.8).
 FEW_PROGRAMS = 132
 FEW_PROGRAMS_STAGES = 2
-# bf16 operands for bf16 inputs on a GPU (see the module docstring). Off: with them, compute-sanitizer on an
-# H200 (Triton 3.6) found out-of-bounds shared-memory reads in bf16 dots of small tiles, so they wait for a fix.
-LOWP_DOTS = False
+# bf16 operands for bf16 inputs on a GPU (see the module docstring), by kernel. Off: with them on for every kernel,
+# an H200 (Triton 3.6) met illegal memory accesses at 4 and 8 warps, with 1 and 2 stages (compute-sanitizer:
+# out-of-bounds shared-memory reads in bf16 dots). `python -m benchmarks.bisect_delta lowp` tries one kernel at a time;
+# LINATTN_LAUNCH="gated_delta_rule.LOWP_DOTS.forward=1" turns one on for the tests and the benchmark.
+LOWP_DOTS = dict(prepare=False, forward=False, backward_state=False, backward_chunk=False)
 FULL_GPU = 264  # programs that occupy every SM of an H100/H200 twice
 
 
@@ -126,8 +128,8 @@ def delta_unsupported(q: torch.Tensor, v: torch.Tensor) -> str | None:
     return triton_unsupported(q, v)
 
 
-def _flags(dtype: torch.dtype, gated: bool, qk_l2norm: bool, gpu: bool | None = None) -> dict:
-    """The constexprs every chunk kernel takes, for inputs of ``dtype``.
+def _flags(dtype: torch.dtype, gated: bool, qk_l2norm: bool, kernel: str, gpu: bool | None = None) -> dict:
+    """The constexprs every chunk kernel takes, for inputs of ``dtype``, for ``kernel`` (a key of NUM_WARPS).
 
     LOWP (bfloat16 on a GPU): the products that a plain bfloat16 run forms with matmuls take bfloat16
     operands (``mm_lowp``); those through the WY inverse Tinv keep tf32 (``mm``).
@@ -136,18 +138,20 @@ def _flags(dtype: torch.dtype, gated: bool, qk_l2norm: bool, gpu: bool | None = 
     flags = kernel_flags(dtype, long_sums=True, gpu=gpu)  # the chains through the WY inverse (dbeta)
     del flags["UPCAST_QK"]  # these kernels take every operand to float32 as they load it
     exact_exp = precise_exp(dtype, gpu)
-    return dict(HAS_G=gated, L2NORM=qk_l2norm, LOWP=_lowp(dtype, gpu), PRECISE_EXP=exact_exp, **flags)
+    return dict(HAS_G=gated, L2NORM=qk_l2norm, LOWP=_lowp(dtype, kernel, gpu), PRECISE_EXP=exact_exp, **flags)
 
 
-def _lowp(dtype: torch.dtype, gpu: bool | None = None) -> bool:
-    """Whether the kernels take bfloat16 dot operands (LOWP): bfloat16 inputs on a GPU, with LOWP_DOTS on."""
+def _lowp(dtype: torch.dtype, kernel: str, gpu: bool | None = None) -> bool:
+    """Whether ``kernel`` takes bfloat16 dot operands (LOWP): bfloat16 inputs on a GPU, with its LOWP_DOTS on."""
     gpu = not triton_interpret() if gpu is None else gpu
-    return LOWP_DOTS and dtype == torch.bfloat16 and gpu
+    return bool(LOWP_DOTS[kernel]) and dtype == torch.bfloat16 and gpu
 
 
 def _w_dtype(dtype: torch.dtype, gpu: bool | None = None) -> torch.dtype:
-    """W's storage: bfloat16 where LOWP (it only ever enters bfloat16 products), else float32."""
-    return torch.bfloat16 if _lowp(dtype, gpu) else torch.float32
+    """W's storage: bfloat16 where both kernels that read it take bfloat16 operands (W only ever enters such
+    products there), else float32."""
+    readers_lowp = _lowp(dtype, "forward", gpu) and _lowp(dtype, "backward_state", gpu)
+    return torch.bfloat16 if readers_lowp else torch.float32
 
 
 def prepare(k, v, g, beta, lay: ChunkTable, qk_l2norm: bool, beta_is_logit: bool, tinv=None, store_t: bool = False):
@@ -183,7 +187,7 @@ def prepare(k, v, g, beta, lay: ChunkTable, qk_l2norm: bool, beta_is_logit: bool
         SOLVE=solve,
         STORE_T=store_t,
         **_launch("prepare", k.dtype, BK, BV),
-        **_flags(k.dtype, g is not None, qk_l2norm),
+        **_flags(k.dtype, g is not None, qk_l2norm, "prepare"),
     )
     return w, u0, tinv
 
@@ -203,7 +207,7 @@ def forward(q, k, v, g, beta, h0, scale: float, cu_seqlens, qk_l2norm: bool, bet
         q, k, g if g is not None else ht, w, u0, h0 if h0 is not None else ht, lay.cu, lay.first, o, ht, ht, ht,
         scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_H0=h0 is not None, STORE_O=True, STORE_HT=True,
         STORE_STATES=False, **_launch("forward", q.dtype, BK, BV, triton.cdiv(V, BV) * lay.N * H),
-        **_flags(q.dtype, g is not None, qk_l2norm),
+        **_flags(q.dtype, g is not None, qk_l2norm, "forward"),
     )  # fmt: skip
     return o.to(v.dtype), ht, tinv
 
@@ -220,8 +224,11 @@ def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l
     BK, _ = _blocks(K, V)
     BV = _sequence_bv(K, V, lay.N * H)
     NV = triton.cdiv(V, BV)
-    flags = _flags(q.dtype, g is not None, qk_l2norm)
-    common = dict(H=H, K=K, V=V, BT=BT, BK=BK, **flags)
+    common = dict(H=H, K=K, V=V, BT=BT, BK=BK)
+
+    def flags(kernel):
+        return _flags(q.dtype, g is not None, qk_l2norm, kernel)
+
     w, u0, tinv = prepare(k, v, g, beta, lay, qk_l2norm, beta_is_logit, tinv=tinv, store_t=True)
     states = torch.empty(lay.NC, H, K, V, dtype=torch.float32, device=q.device)
     u = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
@@ -230,7 +237,7 @@ def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l
     _forward_kernel[(NV, lay.N * H)](
         q, k, g_, w, u0, h0 if h0 is not None else dummy, lay.cu, lay.first, dummy, dummy, states, u, scale,
         BV=BV, HAS_H0=h0 is not None, STORE_O=False, STORE_HT=False, STORE_STATES=True,
-        **_launch("forward", q.dtype, BK, BV), **common,
+        **_launch("forward", q.dtype, BK, BV), **common, **flags("forward"),
     )  # fmt: skip
     del u0
     dstates = torch.empty_like(states)
@@ -240,7 +247,7 @@ def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l
         q, k, g_, w, do, dht if dht is not None else dummy, lay.cu, lay.first, dstates, du,
         dh0 if dh0 is not None else dummy, scale,
         BV=BV, HAS_DHT=dht is not None, STORE_DH0=h0 is not None,
-        **_launch("backward_state", q.dtype, BK, BV), **common,
+        **_launch("backward_state", q.dtype, BK, BV), **common, **flags("backward_state"),
     )  # fmt: skip
     del w
     dq = torch.empty(q.shape, dtype=store_dtype(q.dtype), device=q.device)
@@ -252,11 +259,12 @@ def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l
     # shared memory out of bounds in this kernel (compute-sanitizer on an H200, K = 16): such small heads keep
     # tf32 dots until LOWP is checked there at 4 warps.
     bv_chunk = min(BV_CHUNK, max(16, triton.next_power_of_2(V)))
-    chunk_common = common | dict(LOWP=False) if BK < 64 else common
+    chunk_flags = flags("backward_chunk") | (dict(LOWP=False) if BK < 64 else {})
     _backward_chunk_kernel[(lay.NC, H)](
         q, k, v, g_, beta, tinv, u, du, do, lay.chunks, states, dstates,
         dq, dk, dv, dg if dg is not None else dummy, dbeta, scale,
-        BV=bv_chunk, BETA_LOGIT=beta_is_logit, **_launch("backward_chunk", q.dtype, BK, bv_chunk), **chunk_common,
+        BV=bv_chunk, BETA_LOGIT=beta_is_logit, **_launch("backward_chunk", q.dtype, BK, bv_chunk), **common,
+        **chunk_flags,
     )  # fmt: skip
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dbeta, dh0
 
@@ -424,19 +432,22 @@ def compile_variants():
         w_dtype = {torch.bfloat16: "bf16", torch.float32: "fp32"}[_w_dtype(torch_dtype, gpu=True)]
         ptrs |= dict(chunks="i32", cu_seqlens="i32", chunk_start="i32", w=w_dtype)
         BK, BV = _blocks(128, 128)
-        flags = _flags(torch_dtype, gated, opt, gpu=True)
         opts = {name: _launch(name, torch_dtype, BK, BV) for name in NUM_WARPS}
-        common = dict(H=16, K=128, V=128, BT=BT, BK=BK, **flags)
+        common = {
+            name: dict(H=16, K=128, V=128, BT=BT, BK=BK, **_flags(torch_dtype, gated, opt, name, gpu=True))
+            for name in NUM_WARPS
+        }
         label = f"{dt} gated={gated} l2norm/logit={opt}"
         solve = dict(BV=BV, SOLVE=True, STORE_T=True, BETA_LOGIT=opt)
-        yield f"prepare {label}", _prepare_kernel, ptrs, common | solve, opts["prepare"]
+        yield f"prepare {label}", _prepare_kernel, ptrs, common["prepare"] | solve, opts["prepare"]
         for bv in (BV, 16):
             out = dict(BV=bv, HAS_H0=True, STORE_O=True, STORE_HT=True, STORE_STATES=False)
-            yield f"forward BV={bv} {label}", _forward_kernel, ptrs, common | out, opts["forward"]
+            yield f"forward BV={bv} {label}", _forward_kernel, ptrs, common["forward"] | out, opts["forward"]
             states = out | dict(STORE_O=False, STORE_HT=False, STORE_STATES=True)
-            yield f"forward states BV={bv} {label}", _forward_kernel, ptrs, common | states, opts["forward"]
-            state = common | dict(BV=bv, HAS_DHT=True, STORE_DH0=True)
+            yield f"forward states BV={bv} {label}", _forward_kernel, ptrs, common["forward"] | states, opts["forward"]
+            state = common["backward_state"] | dict(BV=bv, HAS_DHT=True, STORE_DH0=True)
             yield f"backward state BV={bv} {label}", _backward_state_kernel, ptrs, state, opts["backward_state"]
         chunk = dict(BV=BV_CHUNK, BETA_LOGIT=opt)
-        yield f"backward chunk {label}", _backward_chunk_kernel, ptrs, common | chunk, opts["backward_chunk"]
+        chunk_common = common["backward_chunk"]
+        yield f"backward chunk {label}", _backward_chunk_kernel, ptrs, chunk_common | chunk, opts["backward_chunk"]
     # The decode kernel, with the delta rule's update, compiles in the "recurrent" group.
