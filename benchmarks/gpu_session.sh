@@ -17,6 +17,7 @@ for file in tests/ops/test_triton_decay.py tests/ops/test_triton_delta.py tests/
     echo "== $file"
     timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -n "$workers" -p no:cacheprovider -rf "$file" \
         2>&1 | grep -E "^FAILED|^ERROR|passed|failed" | cut -c1-300
+    [ "${PIPESTATUS[0]}" = 124 ] && echo "TIMED OUT after ${TEST_TIMEOUT:-300} s (no summary line above means no result)"
 done
 if [ -z "${TESTS_ONLY:-}" ]; then
     # FLA_LENGTHS=4096 adds fla's kernels at that length (install its wheels first, see shared/BENCHMARKS.md)

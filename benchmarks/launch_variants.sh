@@ -22,6 +22,7 @@ for variant in "${variants[@]}"; do
     echo "=== variant: ${variant:-(library settings)}"
     LINATTN_LAUNCH="$variant" timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -n "$workers" -p no:cacheprovider \
         -p benchmarks.launch_override -rf ${TESTS:+-k "$TESTS"} "$file" 2>&1 | grep -E "^FAILED|^ERROR|passed|failed" | cut -c1-200 | head -8
+    [ "${PIPESTATUS[0]}" = 124 ] && echo "tests TIMED OUT after ${TEST_TIMEOUT:-300} s"
     LINATTN_LAUNCH="$variant" timeout "${BENCH_TIMEOUT:-90}" python3 -m benchmarks.bench_gpu --ops "$OP" --fla-lengths '' \
         --long '' --lengths "${LENGTHS:-4096}" 2>&1 | grep -E "linattn .*triton"
 done
