@@ -4,10 +4,10 @@ q, k, v = silu(shortconv([W_q x, W_k x, W_v x]))      per head, q and k L2-norma
 beta    = sigmoid(W_b x)                                write strength per head, in (0, 1) (by the op)
 g       = -exp(A_log) * softplus(W_a x + dt_bias)       Gated DeltaNet only: log-decay per head, <= 0
 o       = delta_rule(q, k, v, beta)  or  gated_delta_rule(q, k, v, g, beta)
+y       = W_o (rmsnorm(o) * silu(W_g x))                per-head norm and output gate
 
 The normalisation of q and k and the sigmoid of beta are the ops' qk_l2norm and beta_is_logit options, which
 the Triton kernels apply as they load their tiles (in float32), instead of as separate passes over memory.
-y       = W_o (rmsnorm(o) * silu(W_g x))                per-head norm and output gate
 """
 
 from __future__ import annotations

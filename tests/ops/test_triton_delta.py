@@ -74,6 +74,10 @@ def test_launch_choices(monkeypatch):
         assert tri._flags(torch.bfloat16, True, False, kernel, gpu=True)["LOWP"] == on
         assert not tri._flags(torch.bfloat16, True, False, kernel, gpu=False)["LOWP"]
         assert not tri._flags(torch.float16, True, False, kernel, gpu=True)["LOWP"]
+    # backward_chunk keeps tf32 dots below 64 key channels, whatever LOWP_DOTS says
+    monkeypatch.setitem(tri.LOWP_DOTS, "backward_chunk", True)
+    assert tri._flags(torch.bfloat16, True, False, "backward_chunk", gpu=True, BK=128)["LOWP"]
+    assert not tri._flags(torch.bfloat16, True, False, "backward_chunk", gpu=True, BK=16)["LOWP"]
     # W is stored in bfloat16 only when both kernels that read it take bfloat16 operands
     monkeypatch.setitem(tri.LOWP_DOTS, "forward", True)
     assert tri._w_dtype(torch.bfloat16, gpu=True) == torch.float32

@@ -128,8 +128,11 @@ def delta_unsupported(q: torch.Tensor, v: torch.Tensor) -> str | None:
     return triton_unsupported(q, v)
 
 
-def _flags(dtype: torch.dtype, gated: bool, qk_l2norm: bool, kernel: str, gpu: bool | None = None) -> dict:
-    """The constexprs every chunk kernel takes, for inputs of ``dtype``, for ``kernel`` (a key of NUM_WARPS).
+def _flags(
+    dtype: torch.dtype, gated: bool, qk_l2norm: bool, kernel: str, gpu: bool | None = None, BK: int | None = None
+) -> dict:
+    """The constexprs every chunk kernel takes, for inputs of ``dtype``, for ``kernel`` (a key of NUM_WARPS) with
+    key blocks of BK (None: 64 or more).
 
     LOWP (bfloat16 on a GPU): the products that a plain bfloat16 run forms with matmuls take bfloat16
     operands (``mm_lowp``); those through the WY inverse Tinv keep tf32 (``mm``).
@@ -138,13 +141,18 @@ def _flags(dtype: torch.dtype, gated: bool, qk_l2norm: bool, kernel: str, gpu: b
     flags = kernel_flags(dtype, long_sums=True, gpu=gpu)  # the chains through the WY inverse (dbeta)
     del flags["UPCAST_QK"]  # these kernels take every operand to float32 as they load it
     exact_exp = precise_exp(dtype, gpu)
-    return dict(HAS_G=gated, L2NORM=qk_l2norm, LOWP=_lowp(dtype, kernel, gpu), PRECISE_EXP=exact_exp, **flags)
+    return dict(HAS_G=gated, L2NORM=qk_l2norm, LOWP=_lowp(dtype, kernel, gpu, BK), PRECISE_EXP=exact_exp, **flags)
 
 
-def _lowp(dtype: torch.dtype, kernel: str, gpu: bool | None = None) -> bool:
-    """Whether ``kernel`` takes bfloat16 dot operands (LOWP): bfloat16 inputs on a GPU, with its LOWP_DOTS on."""
+def _lowp(dtype: torch.dtype, kernel: str, gpu: bool | None = None, BK: int | None = None) -> bool:
+    """Whether ``kernel`` takes bfloat16 dot operands (LOWP): bfloat16 inputs on a GPU, with its LOWP_DOTS on.
+
+    backward_chunk keeps tf32 dots below 64 key channels: there Triton 3.6's bf16 dots read shared memory out of
+    bounds (compute-sanitizer on an H200, K = 16, at 8 warps; at 4 warps LOWP faulted for every size, session 5).
+    """
     gpu = not triton_interpret() if gpu is None else gpu
-    return bool(LOWP_DOTS[kernel]) and dtype == torch.bfloat16 and gpu
+    small = kernel == "backward_chunk" and BK is not None and BK < 64
+    return bool(LOWP_DOTS[kernel]) and dtype == torch.bfloat16 and gpu and not small
 
 
 def _w_dtype(dtype: torch.dtype, gpu: bool | None = None) -> torch.dtype:
@@ -227,7 +235,7 @@ def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l
     common = dict(H=H, K=K, V=V, BT=BT, BK=BK)
 
     def flags(kernel):
-        return _flags(q.dtype, g is not None, qk_l2norm, kernel)
+        return _flags(q.dtype, g is not None, qk_l2norm, kernel, BK=BK)
 
     w, u0, tinv = prepare(k, v, g, beta, lay, qk_l2norm, beta_is_logit, tinv=tinv, store_t=True)
     states = torch.empty(lay.NC, H, K, V, dtype=torch.float32, device=q.device)
@@ -255,16 +263,12 @@ def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l
     dv = torch.empty(v.shape, dtype=store_dtype(v.dtype), device=q.device)
     dg = torch.empty(B, T, H, dtype=torch.float32, device=q.device) if g is not None else None
     dbeta = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
-    # Below 64 key channels, Triton 3.6's bf16 dots (at 8 warps, which _warps no longer gives such tiles) read
-    # shared memory out of bounds in this kernel (compute-sanitizer on an H200, K = 16): such small heads keep
-    # tf32 dots until LOWP is checked there at 4 warps.
     bv_chunk = min(BV_CHUNK, max(16, triton.next_power_of_2(V)))
-    chunk_flags = flags("backward_chunk") | (dict(LOWP=False) if BK < 64 else {})
     _backward_chunk_kernel[(lay.NC, H)](
         q, k, v, g_, beta, tinv, u, du, do, lay.chunks, states, dstates,
         dq, dk, dv, dg if dg is not None else dummy, dbeta, scale,
         BV=bv_chunk, BETA_LOGIT=beta_is_logit, **_launch("backward_chunk", q.dtype, BK, bv_chunk), **common,
-        **chunk_flags,
+        **flags("backward_chunk"),
     )  # fmt: skip
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dbeta, dh0
 
