@@ -64,21 +64,30 @@ def load_beta(beta, tok, m_t, BETA_LOGIT: tl.constexpr):
 def unit_lower_inverse(A, BT: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
     """(I + A)^-1 for a strictly lower triangular A [BT, BT], by forward substitution in float32.
 
-    Blocked by BD: first every diagonal block at once, row by row (row r of a block is e_r minus
-    sum_{s < r} A_rs times the block's final row s), then block row after block row,
-    T_ij = -T_ii sum_{j <= l < i} A_il T_lj. PREC is the dots' precision: "ieee" (exact float32 products,
-    which Hopper runs on its FMA units, not its tensor cores) for float32 inputs, "tf32x3" (three tf32
-    products, about float32's accuracy, on the tensor cores) for 16-bit ones. Unlike the product form
-    (I - A)(I + A^2)(I + A^4)..., nothing here cancels for large A.
+    Blocked by BD. First the BT / BD diagonal blocks, all at once as a [BT / BD, BD, BD] tile, row by row with
+    elementwise float32 products (row r of a block is e_r minus sum_{s < r} A_rs times the block's final row s):
+    no tensor-core work, where forming each row as a [BT, BT] product took BD - 1 of them. Then block row after
+    block row, T_ij = -T_ii sum_{j <= l < i} A_il T_lj, as products of [BT, BT] tiles. PREC is their precision:
+    "ieee" (exact float32 products, which Hopper runs on its FMA units, not its tensor cores) for float32 inputs,
+    "tf32x3" (three tf32 products, about float32's accuracy, on the tensor cores) for 16-bit ones. Unlike the
+    product form (I - A)(I + A^2)(I + A^4)..., nothing here cancels for large A.
     """
+    NB: tl.constexpr = BT // BD
     o_t = tl.arange(0, BT)
-    same = (o_t[:, None] // BD) == (o_t[None, :] // BD)
-    Ti = tl.where(o_t[:, None] == o_t[None, :], 1.0, 0.0)
-    A_diag = tl.where(same, A, 0.0)
+    o_r = tl.arange(0, BD)
+    # own[t, b, :]: block b is row t's own; A_c[t, j] = A[t, BD (t // BD) + j], the diagonal blocks' rows
+    own = (o_t // BD)[:, None, None] == tl.arange(0, NB)[None, :, None]
+    A_c = tl.sum(tl.where(own, tl.reshape(A, (BT, NB, BD)), 0.0), axis=1)
+    A3 = tl.reshape(A_c, (NB, BD, BD))
+    row = o_r[None, :, None]  # a block's row index, over [NB, BD, BD]
+    Ti3 = tl.where(row == o_r[None, None, :], 1.0, 0.0) + tl.zeros([NB, BD, BD], dtype=tl.float32)
     for r in range(1, BD):
-        Ti -= tl.dot(tl.where((o_t % BD == r)[:, None], A_diag, 0.0), Ti, input_precision=PREC)
-    D_inv = Ti
-    for i in range(1, BT // BD):
+        a = tl.sum(tl.where(row == r, A3, 0.0), axis=1)  # [NB, BD]: row r of each block (zero from column r on)
+        Ti3 = tl.where(row == r, Ti3 - tl.sum(a[:, :, None] * Ti3, axis=1)[:, None, :], Ti3)
+    # back to [BT, BT]: the block-diagonal inverse
+    D_inv = tl.reshape(tl.where(own, tl.reshape(Ti3, (BT, BD))[:, None, :], 0.0), (BT, BT))
+    Ti = D_inv
+    for i in range(1, NB):
         X = tl.dot(tl.where((o_t // BD == i)[:, None] & (o_t < i * BD)[None, :], A, 0.0), Ti, input_precision=PREC)
         Ti -= tl.dot(D_inv, X, input_precision=PREC)
     return Ti
