@@ -11,6 +11,7 @@ in float64. With --sanitize each child runs under compute-sanitizer, and the fir
     python -m benchmarks.bisect_delta lowp               # each kernel with bf16 operands, K = 128 then K = 16
     python -m benchmarks.bisect_delta warps8 --sanitize  # each kernel at 8 warps, under compute-sanitizer
     python -m benchmarks.bisect_delta lowp --keys 128    # only K = 128
+    python -m benchmarks.bisect_delta lowp --wide        # per-sequence kernels with V blocks of 32 (as at B H >= 66)
     python -m benchmarks.bisect_delta lowp forward 128   # one kernel, one key dim (the child process)
 
 Each child compiles its kernels afresh and, under compute-sanitizer, runs many times slower: give a device call about
@@ -26,7 +27,7 @@ import sys
 
 import torch
 
-KERNELS = ("prepare", "forward", "backward_state", "backward_chunk")
+KERNELS = ("prepare", "forward", "output", "local_du", "backward_state", "backward_chunk")
 SETTINGS = {"lowp": dict(LOWP=True), "warps8": dict(num_warps=8)}  # what each mode forces on the chosen kernel
 SANITIZER = "/usr/local/cuda/bin/compute-sanitizer"
 
@@ -59,9 +60,15 @@ def forced(mode: str, kernel: str):
         setattr(tri, name, original)
 
 
-def run_one(mode: str, kernel: str, K: int, B: int = 2, T: int = 300, H: int = 2, V: int = 128) -> str:
-    """The delta rule's gradients with ``kernel`` under ``mode``, as max error / max value per gradient."""
+def run_one(mode: str, kernel: str, K: int, wide: bool = False, B: int = 2, T: int = 300, H: int = 2, V: int = 128):
+    """The delta rule's output without a gradient and its gradients with ``kernel`` under ``mode``, as max error /
+    max value of each. wide: the per-sequence kernels take V blocks of 32, as for many sequences and heads (else 16
+    at this shape)."""
     from linattn import ops
+    from linattn.ops.gated_delta_rule import triton as tri
+
+    if wide:
+        tri.FULL_GPU = 0
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: only with TRITON_INTERPRET=1 (checks the script)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -74,19 +81,22 @@ def run_one(mode: str, kernel: str, K: int, B: int = 2, T: int = 300, H: int = 2
     g = torch.nn.functional.logsigmoid(randn(B, T, H) + 3)
     beta = torch.rand(B, T, H, generator=gen, device=device)
     do = randn(B, T, H, V)
-    grads = {}
+    results = {}
     for impl, dtype in (("chunk", torch.float64), ("triton", torch.bfloat16)):
         leaves = [x.to(dtype).requires_grad_() for x in (q, k, v, g, beta)]
         with forced(mode, kernel) if impl == "triton" else contextlib.nullcontext():
+            with torch.no_grad():  # the forward without a gradient: the per-sequence loop forms the output itself
+                o_plain = ops.gated_delta_rule(*leaves, impl=impl)[0]
             o, _ = ops.gated_delta_rule(*leaves, impl=impl)
             o.backward(do.to(dtype))
         if device == "cuda":
             torch.cuda.synchronize()  # a fault surfaces here, inside this child
-        grads[impl] = [x.grad.double() for x in leaves]
+        results[impl] = [o_plain.double()] + [x.grad.double() for x in leaves]
     errs = [
-        (a - b).abs().max().item() / max(b.abs().max().item(), 1e-30) for a, b in zip(grads["triton"], grads["chunk"])
+        (a - b).abs().max().item() / max(b.abs().max().item(), 1e-30)
+        for a, b in zip(results["triton"], results["chunk"])
     ]
-    return " ".join(f"{n} {e:.1e}" for n, e in zip(("dq", "dk", "dv", "dg", "dbeta"), errs))
+    return " ".join(f"{n} {e:.1e}" for n, e in zip(("o", "dq", "dk", "dv", "dg", "dbeta"), errs))
 
 
 def _first_sanitizer_error(text: str) -> str:
@@ -96,8 +106,8 @@ def _first_sanitizer_error(text: str) -> str:
 
 
 def main(argv: list[str]) -> None:
-    sanitize = "--sanitize" in argv
-    argv = [a for a in argv if a != "--sanitize"]
+    sanitize, wide = "--sanitize" in argv, "--wide" in argv
+    argv = [a for a in argv if a not in ("--sanitize", "--wide")]
     keys = (128, 16)
     if "--keys" in argv:
         at = argv.index("--keys")
@@ -105,16 +115,16 @@ def main(argv: list[str]) -> None:
         argv = argv[:at] + argv[at + 2 :]
     if not argv or argv[0] not in SETTINGS:
         modes = ",".join(SETTINGS)
-        usage = f"python -m benchmarks.bisect_delta {{{modes}}} [kernel K] [--keys 128,16] [--sanitize]"
+        usage = f"python -m benchmarks.bisect_delta {{{modes}}} [kernel K] [--keys 128,16] [--wide] [--sanitize]"
         raise SystemExit(f"usage: {usage}")
     mode = argv[0]
     if len(argv) == 3:  # the child: one kernel, one key dim
-        print(run_one(mode, argv[1], int(argv[2])), flush=True)
+        print(run_one(mode, argv[1], int(argv[2]), wide), flush=True)
         return
     print(f"| kernel with {mode} | K | result (max error / max value, bf16 against float64) |\n|---|---|---|")
     for K in keys:
         for kernel in KERNELS:
-            cmd = [sys.executable, "-m", "benchmarks.bisect_delta", mode, kernel, str(K)]
+            cmd = [sys.executable, "-m", "benchmarks.bisect_delta", mode, kernel, str(K)] + ["--wide"] * wide
             if sanitize and os.path.exists(SANITIZER):
                 cmd = [SANITIZER, "--print-limit", "3", *cmd]
             try:
@@ -123,7 +133,7 @@ def main(argv: list[str]) -> None:
                 print(f"| {kernel} | {K} | timed out |", flush=True)
                 continue
             lines = child.stdout.strip().splitlines()
-            result = next((ln for ln in reversed(lines) if ln.startswith("dq ")), "")
+            result = next((ln for ln in reversed(lines) if ln.startswith("o ")), "")
             found = _first_sanitizer_error(child.stdout) if sanitize else ""
             err = (child.stderr.strip().splitlines() or ["?"])[-1][:100]
             print(f"| {kernel} | {K} | {result or 'FAILED: ' + err}{' | ' + found if found else ''} |", flush=True)

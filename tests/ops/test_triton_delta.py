@@ -66,6 +66,16 @@ def test_wide_value_blocks_of_the_sequence_kernels(case, monkeypatch):
     check_against_naive(case, *to(tensors, state), "triton", **ON_DEVICE)
 
 
+@both
+@pytest.mark.parametrize("split", [False, True], ids=["in_sequence_loops", "per_chunk"])
+def test_products_without_the_state_in_either_place(case, split, monkeypatch):
+    """q k^T, P U and exp(b) q S (forward) and P^T dO (backward) give the same results in the per-sequence loops
+    as in the per-chunk kernels (SPLIT), with an initial state and V blocks of both kernels' widths."""
+    monkeypatch.setattr(tri, "SPLIT", dict(forward=split, backward=split))
+    tensors, state = case.draw(B=2, T=70, H=1, K=33, V=40, seed=9)
+    check_against_naive(case, *to(tensors, state), "triton", **ON_DEVICE)
+
+
 def test_launch_choices(monkeypatch):
     """Narrow value blocks when few programs would run; bfloat16 dot operands only for bfloat16 on a GPU, and
     only for the kernels whose LOWP_DOTS entry is on."""

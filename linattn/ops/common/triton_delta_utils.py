@@ -46,6 +46,20 @@ def load_rows(x, tok, m_t, o_d, D: tl.constexpr, L2NORM: tl.constexpr):
 
 
 @triton.jit
+def load_cols(x, tok, m_t, o_d, D: tl.constexpr, L2NORM: tl.constexpr):
+    """``load_rows``' tile transposed, [BD, BT], loaded as such: an operand x^T of a product needs no transpose of
+    a register tile (a round trip through shared memory). Returns it and 1 / norm [BT]."""
+    b_x = tl.load(x + tok[None, :] * D + o_d[:, None], mask=m_t[None, :] & (o_d < D)[:, None], other=0.0)
+    b_x = b_x.to(tl.float32)
+    if L2NORM:
+        r = 1.0 / tl.sqrt(tl.sum(b_x * b_x, axis=0) + 1e-6)
+        b_x = b_x * r[None, :]
+    else:
+        r = tl.full([b_x.shape[1]], 1.0, tl.float32)
+    return b_x, r
+
+
+@triton.jit
 def l2norm_backward(dx, x, r):
     """Gradient through y = x / |x| given y (here ``x``), dy (``dx``) and 1 / |x| (``r``), row-wise."""
     return (dx - x * tl.sum(x * dx, axis=1)[:, None]) * r[:, None]

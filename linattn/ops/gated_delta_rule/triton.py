@@ -57,6 +57,8 @@ from linattn.ops.gated_delta_rule.triton_kernels import (
     _backward_chunk_kernel,
     _backward_state_kernel,
     _forward_kernel,
+    _local_du_kernel,
+    _output_kernel,
     _prepare_kernel,
 )
 
@@ -66,11 +68,11 @@ BV_CHUNK = 32  # value columns per step of the per-chunk backward's loops
 # Launch options by kernel. Every kernel holds several [BT, K] float32 tiles: at 4 warps each spills 0.3-3.6 KB of
 # registers per thread (compile_kernels --resources), yet on an H200 (T = 4096, B = 16, bf16) 4 warps measured
 # faster than 8 (delta_rule fwd+bwd 18.6 ms against 24.8, gated_delta_rule 27.8 against 34.0).
-NUM_WARPS = dict(prepare=4, forward=4, backward_state=4, backward_chunk=4)
+NUM_WARPS = dict(prepare=4, forward=4, output=4, local_du=4, backward_state=4, backward_chunk=4)
 # num_stages for 16-bit inputs (float32 always takes 1: its tiles with more stages overflow shared memory). One stage
 # cuts shared memory per program (sm_90 compile, bf16: forward 123 -> 82 KB, backward_state 99 -> 66 KB), so more
 # programs share an SM; on an H200 (T = 4096, B = 16, bf16, session 5) gated_delta_rule fwd+bwd went 30.6 -> 27.4 ms.
-NUM_STAGES = dict(prepare=1, forward=1, backward_state=1, backward_chunk=1)
+NUM_STAGES = dict(prepare=1, forward=1, output=1, local_du=1, backward_state=1, backward_chunk=1)
 # The forward's launch with fewer programs than this (one per SM of an H100/H200) is not limited by shared memory,
 # and takes FEW_PROGRAMS_STAGES to hide its loads. At T = 65536, B = 1 (128 programs) on an H200, session 5, forward
 # alone: delta_rule 7.28 ms with 2 stages against 9.08 with 1, gated_delta_rule 12.2 against 13.4. The backward's
@@ -78,11 +80,18 @@ NUM_STAGES = dict(prepare=1, forward=1, backward_state=1, backward_chunk=1)
 # 26.2 with 1 (delta_rule: 19.1 against 18.8).
 FEW_PROGRAMS = 132
 FEW_PROGRAMS_STAGES = 2
-# bf16 operands for bf16 inputs on a GPU (see the module docstring), by kernel. Off: with them on for every kernel,
-# an H200 (Triton 3.6) met illegal memory accesses at 4 and 8 warps, with 1 and 2 stages (compute-sanitizer:
-# out-of-bounds shared-memory reads in bf16 dots). `python -m benchmarks.bisect_delta lowp` tries one kernel at a time;
+# bf16 operands for bf16 inputs on a GPU (see the module docstring), by kernel. `python -m benchmarks.bisect_delta lowp`
+# tries one kernel at a time (H200, Triton 3.6, session 6): backward_chunk is right at K = 128 (gradient errors
+# 4-5e-3 of the largest, as with tf32) and on; it then took 4.36 ms against 5.95 (delta_rule, T = 4096, B = 16) and
+# 5.82 against 9.20 (gated), and passed the GPU tests. forward reads shared memory out of bounds in a bf16 dot
+# (compute-sanitizer) and backward_state returns gradients of 1e35, at K = 128 with V blocks of 16: off.
 # LINATTN_LAUNCH="gated_delta_rule.LOWP_DOTS.forward=1" turns one on for the tests and the benchmark.
-LOWP_DOTS = dict(prepare=False, forward=False, backward_state=False, backward_chunk=False)
+LOWP_DOTS = dict(prepare=False, forward=False, output=False, local_du=False, backward_state=False, backward_chunk=True)
+# The products of q and k that need no state (q k^T, P U and exp(b) q S in the forward, P^T dO in the backward) run
+# in kernels parallel over chunks (output, local_du) rather than in the per-sequence loops, which then form two
+# products per chunk (forward) and three (backward_state) instead of five. "forward" applies where the forward keeps
+# what the backward needs (a gradient is wanted); the split forward stores every chunk's entering state (float32).
+SPLIT = dict(forward=True, backward=True)
 FULL_GPU = 264  # programs that occupy every SM of an H100/H200 twice
 
 
@@ -108,6 +117,11 @@ def _warps(kernel: str, BK: int, BV: int) -> int:
     where 8 warps ended in illegal memory accesses or wrong gradients on an H200 (Triton 3.6), in tf32 dots
     as well as bf16 ones."""
     return NUM_WARPS[kernel] if BK >= 64 and BV >= 32 else 4
+
+
+def _chunk_bv(V: int) -> int:
+    """BV of the per-chunk kernels, which loop over the V blocks."""
+    return min(BV_CHUNK, max(16, triton.next_power_of_2(V)))
 
 
 def _sequence_bv(K: int, V: int, NH: int) -> int:
@@ -148,7 +162,7 @@ def _lowp(dtype: torch.dtype, kernel: str, gpu: bool | None = None, BK: int | No
     """Whether ``kernel`` takes bfloat16 dot operands (LOWP): bfloat16 inputs on a GPU, with its LOWP_DOTS on.
 
     backward_chunk keeps tf32 dots below 64 key channels: there Triton 3.6's bf16 dots read shared memory out of
-    bounds (compute-sanitizer on an H200, K = 16, at 8 warps; at 4 warps LOWP faulted for every size, session 5).
+    bounds (compute-sanitizer on an H200, K = 16, at 8 warps; at 4 warps, K = 16, a fault again in session 6).
     """
     gpu = not triton_interpret() if gpu is None else gpu
     small = kernel == "backward_chunk" and BK is not None and BK < 64
@@ -211,12 +225,23 @@ def forward(q, k, v, g, beta, h0, scale: float, cu_seqlens, qk_l2norm: bool, bet
     BV = _sequence_bv(K, V, lay.N * H)
     o = torch.empty(B, T, H, V, dtype=store_dtype(v.dtype), device=q.device)
     ht = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device)
+    split = save and SPLIT["forward"]
+    states = torch.empty(lay.NC, H, K, V, dtype=torch.float32, device=q.device) if split else ht
+    u = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device) if split else ht
+    g_ = g if g is not None else ht
     _forward_kernel[(triton.cdiv(V, BV), lay.N * H)](
-        q, k, g if g is not None else ht, w, u0, h0 if h0 is not None else ht, lay.cu, lay.first, o, ht, ht, ht,
-        scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_H0=h0 is not None, STORE_O=True, STORE_HT=True,
-        STORE_STATES=False, **_launch("forward", q.dtype, BK, BV, triton.cdiv(V, BV) * lay.N * H),
+        q, k, g_, w, u0, h0 if h0 is not None else ht, lay.cu, lay.first, o, ht, states, u,
+        scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_H0=h0 is not None, STORE_O=not split, STORE_HT=True,
+        STORE_STATES=split, **_launch("forward", q.dtype, BK, BV, triton.cdiv(V, BV) * lay.N * H),
         **_flags(q.dtype, g is not None, qk_l2norm, "forward"),
     )  # fmt: skip
+    if split:
+        del w, u0
+        bv = _chunk_bv(V)
+        _output_kernel[(lay.NC, H)](
+            q, k, g_, states, u, lay.chunks, o, scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=bv,
+            **_launch("output", q.dtype, BK, bv), **_flags(q.dtype, g is not None, qk_l2norm, "output"),
+        )  # fmt: skip
     return o.to(v.dtype), ht, tinv
 
 
@@ -251,10 +276,16 @@ def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l
     dstates = torch.empty_like(states)
     du = torch.empty_like(u)
     dh0 = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None
+    bv_chunk = _chunk_bv(V)
+    if SPLIT["backward"]:  # du = scale P^T dO, per chunk; backward_state adds the states' share
+        _local_du_kernel[(lay.NC, H)](
+            q, k, g_, do, lay.chunks, du, scale,
+            BV=bv_chunk, **_launch("local_du", q.dtype, BK, bv_chunk), **common, **flags("local_du"),
+        )  # fmt: skip
     _backward_state_kernel[(NV, lay.N * H)](
         q, k, g_, w, do, dht if dht is not None else dummy, lay.cu, lay.first, dstates, du,
         dh0 if dh0 is not None else dummy, scale,
-        BV=BV, HAS_DHT=dht is not None, STORE_DH0=h0 is not None,
+        BV=BV, HAS_DHT=dht is not None, STORE_DH0=h0 is not None, LOCAL_DU=SPLIT["backward"],
         **_launch("backward_state", q.dtype, BK, BV), **common, **flags("backward_state"),
     )  # fmt: skip
     del w
@@ -263,7 +294,6 @@ def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l
     dv = torch.empty(v.shape, dtype=store_dtype(v.dtype), device=q.device)
     dg = torch.empty(B, T, H, dtype=torch.float32, device=q.device) if g is not None else None
     dbeta = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
-    bv_chunk = min(BV_CHUNK, max(16, triton.next_power_of_2(V)))
     _backward_chunk_kernel[(lay.NC, H)](
         q, k, v, g_, beta, tinv, u, du, do, lay.chunks, states, dstates,
         dq, dk, dv, dg if dg is not None else dummy, dbeta, scale,
@@ -449,8 +479,10 @@ def compile_variants():
             yield f"forward BV={bv} {label}", _forward_kernel, ptrs, common["forward"] | out, opts["forward"]
             states = out | dict(STORE_O=False, STORE_HT=False, STORE_STATES=True)
             yield f"forward states BV={bv} {label}", _forward_kernel, ptrs, common["forward"] | states, opts["forward"]
-            state = common["backward_state"] | dict(BV=bv, HAS_DHT=True, STORE_DH0=True)
+            state = common["backward_state"] | dict(BV=bv, HAS_DHT=True, STORE_DH0=True, LOCAL_DU=SPLIT["backward"])
             yield f"backward state BV={bv} {label}", _backward_state_kernel, ptrs, state, opts["backward_state"]
+        yield f"output {label}", _output_kernel, ptrs, common["output"] | dict(BV=BV_CHUNK), opts["output"]
+        yield f"local du {label}", _local_du_kernel, ptrs, common["local_du"] | dict(BV=BV_CHUNK), opts["local_du"]
         chunk = dict(BV=BV_CHUNK, BETA_LOGIT=opt)
         chunk_common = common["backward_chunk"]
         yield f"backward chunk {label}", _backward_chunk_kernel, ptrs, chunk_common | chunk, opts["backward_chunk"]
