@@ -118,7 +118,10 @@ def main(argv: list[str]) -> None:
         usage = f"python -m benchmarks.bisect_delta {{{modes}}} [kernel K] [--keys 128,16] [--wide] [--sanitize]"
         raise SystemExit(f"usage: {usage}")
     mode = argv[0]
-    if len(argv) == 3:  # the child: one kernel, one key dim
+    if len(argv) == 3:  # the child: one kernel, one key dim (LINATTN_LAUNCH, if set, applies first)
+        from benchmarks.launch_override import apply_env
+
+        apply_env()
         print(run_one(mode, argv[1], int(argv[2]), wide), flush=True)
         return
     print(f"| kernel with {mode} | K | result (max error / max value, bf16 against float64) |\n|---|---|---|")

@@ -67,11 +67,13 @@ def test_wide_value_blocks_of_the_sequence_kernels(case, monkeypatch):
 
 
 @both
-@pytest.mark.parametrize("split", [False, True], ids=["in_sequence_loops", "per_chunk"])
-def test_products_without_the_state_in_either_place(case, split, monkeypatch):
-    """q k^T, P U and exp(b) q S (forward) and P^T dO (backward) give the same results in the per-sequence loops
-    as in the per-chunk kernels (SPLIT), with an initial state and V blocks of both kernels' widths."""
-    monkeypatch.setattr(tri, "SPLIT", dict(forward=split, backward=split))
+@pytest.mark.parametrize("split, per_v_block", [(False, False), (True, False), (True, True)])
+def test_products_without_the_state_in_either_place(case, split, per_v_block, monkeypatch):
+    """The forward's q k^T, P U and exp(b) q S give the same results in the per-sequence loop as in the per-chunk
+    kernel (SPLIT_FORWARD), with one V block per program or all of them (PER_V_BLOCK, also for the backward's
+    P^T dO); with an initial state and V blocks of both kernels' widths."""
+    monkeypatch.setattr(tri, "SPLIT_FORWARD", split)
+    monkeypatch.setattr(tri, "PER_V_BLOCK", dict(output=per_v_block, local_du=per_v_block))
     tensors, state = case.draw(B=2, T=70, H=1, K=33, V=40, seed=9)
     check_against_naive(case, *to(tensors, state), "triton", **ON_DEVICE)
 
@@ -88,12 +90,6 @@ def test_launch_choices(monkeypatch):
     monkeypatch.setitem(tri.LOWP_DOTS, "backward_chunk", True)
     assert tri._flags(torch.bfloat16, True, False, "backward_chunk", gpu=True, BK=128)["LOWP"]
     assert not tri._flags(torch.bfloat16, True, False, "backward_chunk", gpu=True, BK=16)["LOWP"]
-    # W is stored in bfloat16 only when both kernels that read it take bfloat16 operands
-    monkeypatch.setitem(tri.LOWP_DOTS, "forward", True)
-    assert tri._w_dtype(torch.bfloat16, gpu=True) == torch.float32
-    monkeypatch.setitem(tri.LOWP_DOTS, "backward_state", True)
-    assert tri._w_dtype(torch.bfloat16, gpu=True) == torch.bfloat16
-    assert tri._w_dtype(torch.bfloat16, gpu=False) == torch.float32
     # stages: one for many programs, more for a launch of fewer programs than SMs, always one for float32
     many = tri._launch("forward", torch.bfloat16, 128, 32, 1024)
     few = tri._launch("forward", torch.bfloat16, 128, 16, 128)

@@ -5,10 +5,13 @@ The chunked form of ``chunk.py`` (chunk length 64), in the kernels of ``triton_k
     prepare          per chunk      Tinv = (I + A)^-1 by blocked forward substitution, W = Tinv (beta exp(b) K),
                                     U0 = Tinv (beta V), with A_ts = beta_t exp(b_t - b_s) k_t . k_s (s < t)
     forward          per sequence   the state S [K, BV] in registers, chunk after chunk:
-                                    U = U0 - W S,  o = scale (exp(b) q S + tril(q k^T exp(b_t - b_s)) U),
-                                    S <- exp(b_C) S + (exp(b_C - b) k)^T U
+                                    U = U0 - W S,  S <- exp(b_C) S + (exp(b_C - b) k)^T U, storing each chunk's
+                                    entering S and U; or, without a gradient, forming o itself (as below)
+    output           per chunk      o = scale (exp(b) q S + tril(q k^T exp(b_t - b_s)) U)
+    local_du         per chunk      dU = scale P^T dO (P the masked, decayed q k^T above), the part of dU
+                                    that needs no state
     backward_state   per sequence   the same loop in reverse on dS, storing dU and the gradient dS' of each
-                                    chunk's exit state: dU = scale P^T dO + (exp(b_C - b) k) dS',
+                                    chunk's exit state: dU += (exp(b_C - b) k) dS',
                                     dS <- exp(b_C) dS' + scale (exp(b) q)^T dO - W^T dU
     backward_chunk   per chunk      dq, dk, dv, dbeta and dg from the chunk's entering state S, dS', U and dU,
                                     through dX = Tinv^T dU: dv = beta dX, dA = -dX U^T (strictly lower)
@@ -18,13 +21,13 @@ The chunked form of ``chunk.py`` (chunk length 64), in the kernels of ``triton_k
 When a gradient is needed the forward keeps Tinv [B, T, H, 64] (float32); the backward recomputes W
 and U0 from it and runs the forward loop again to store each chunk's entering state and U.
 
-bfloat16 on a GPU (LOWP): the products that a plain bfloat16 run forms with matmuls take bfloat16
-operands with float32 accumulation (``mm_lowp``), and W is stored in bfloat16 (it enters only such
-products). These are, forward: W S, q k^T, (exp(b) q) S, P U, (exp(b_C - b) k)^T U; backward_state:
-q k^T, P^T dO, (exp(b_C - b) k) dS', (exp(b) q)^T dO, W^T dU; backward_chunk: dO S^T, U dS'^T, dO U^T,
-q k^T, dP k, dP^T q, G k, G^T k (G = beta exp(b_t - b_s) dA). The solve and every product with Tinv
-or from it (Tinv^T dU, dX S^T, dX U^T, and k k^T as A) keep tf32 (rounded) as the plain run's
-triangular solve keeps float32. States, U, dU and all accumulators stay float32.
+bfloat16 on a GPU (LOWP, by kernel: LOWP_DOTS): the products that a plain bfloat16 run forms with matmuls take
+bfloat16 operands with float32 accumulation (``mm_lowp``). These are, forward: W S, (exp(b_C - b) k)^T U (and
+q k^T, (exp(b) q) S, P U when it forms o); output: the same three; local_du: k q^T, P^T dO; backward_state:
+(exp(b_C - b) k) dS', (exp(b) q)^T dO, W^T dU; backward_chunk: dO S^T, U dS'^T, dO U^T, q k^T, dP k, dP^T q,
+G k, G^T k (G = beta exp(b_t - b_s) dA). The solve and every product with Tinv or from it (W and U0 in prepare,
+Tinv^T dU, dX S^T, dX U^T, and k k^T as A) keep tf32 (rounded), as the plain run's triangular solve keeps
+float32. W, states, U, dU and all accumulators stay float32.
 
 Gates stay in log space: b is the chunk-local cumulative sum (float64, split into a float32 pair by
 ``chunk_log_decay``) and every exponent used, b_t - b_s for s <= t, b and b_C - b, is <= 0, so gates
@@ -81,17 +84,22 @@ NUM_STAGES = dict(prepare=1, forward=1, output=1, local_du=1, backward_state=1, 
 FEW_PROGRAMS = 132
 FEW_PROGRAMS_STAGES = 2
 # bf16 operands for bf16 inputs on a GPU (see the module docstring), by kernel. `python -m benchmarks.bisect_delta lowp`
-# tries one kernel at a time (H200, Triton 3.6, session 6): backward_chunk is right at K = 128 (gradient errors
-# 4-5e-3 of the largest, as with tf32) and on; it then took 4.36 ms against 5.95 (delta_rule, T = 4096, B = 16) and
-# 5.82 against 9.20 (gated), and passed the GPU tests. forward reads shared memory out of bounds in a bf16 dot
-# (compute-sanitizer) and backward_state returns gradients of 1e35, at K = 128 with V blocks of 16: off.
-# LINATTN_LAUNCH="gated_delta_rule.LOWP_DOTS.forward=1" turns one on for the tests and the benchmark.
-LOWP_DOTS = dict(prepare=False, forward=False, output=False, local_du=False, backward_state=False, backward_chunk=True)
+# turns them on for one kernel at a time (H200, Triton 3.6, session 6, K = 128, V blocks of 16 and of 32): forward,
+# backward_state and backward_chunk give the gradient errors of tf32 operands (4-5e-3 of the largest); output and
+# local_du end in illegal memory accesses. With bf16 operands backward_chunk took 4.36 ms against 5.95 (delta_rule,
+# T = 4096, B = 16) and 5.82 against 9.20 (gated). W stays float32: stored in bfloat16 (with forward and
+# backward_state both on) it gave illegal memory accesses and wrong gradients. LINATTN_LAUNCH=
+# "gated_delta_rule.LOWP_DOTS.output=1" turns one on for the tests and the benchmark.
+LOWP_DOTS = dict(prepare=False, forward=True, output=False, local_du=False, backward_state=True, backward_chunk=True)
 # The products of q and k that need no state (q k^T, P U and exp(b) q S in the forward, P^T dO in the backward) run
-# in kernels parallel over chunks (output, local_du) rather than in the per-sequence loops, which then form two
-# products per chunk (forward) and three (backward_state) instead of five. "forward" applies where the forward keeps
-# what the backward needs (a gradient is wanted); the split forward stores every chunk's entering state (float32).
-SPLIT = dict(forward=True, backward=True)
+# in kernels parallel over chunks (output, local_du), not in the per-sequence loops, which then form two products per
+# chunk (forward) and three (backward_state) instead of five. The backward always splits so; the forward does when
+# a gradient is wanted (SPLIT_FORWARD), storing every chunk's entering state (float32, as the backward does). Without
+# a gradient the forward's loop forms o itself, and its memory stays that of W and U0.
+SPLIT_FORWARD = True
+# output and local_du: one V block per program (grid NC x H x V / BV), or all of a chunk's V blocks in one program,
+# forming q k^T once.
+PER_V_BLOCK = dict(output=False, local_du=False)
 FULL_GPU = 264  # programs that occupy every SM of an H100/H200 twice
 
 
@@ -169,22 +177,15 @@ def _lowp(dtype: torch.dtype, kernel: str, gpu: bool | None = None, BK: int | No
     return bool(LOWP_DOTS[kernel]) and dtype == torch.bfloat16 and gpu and not small
 
 
-def _w_dtype(dtype: torch.dtype, gpu: bool | None = None) -> torch.dtype:
-    """W's storage: bfloat16 where both kernels that read it take bfloat16 operands (W only ever enters such
-    products there), else float32."""
-    readers_lowp = _lowp(dtype, "forward", gpu) and _lowp(dtype, "backward_state", gpu)
-    return torch.bfloat16 if readers_lowp else torch.float32
-
-
 def prepare(k, v, g, beta, lay: ChunkTable, qk_l2norm: bool, beta_is_logit: bool, tinv=None, store_t: bool = False):
-    """W [B, T, H, K] (see _w_dtype), U0 [B, T, H, V] float32 and Tinv [B, T, H, BT] float32.
+    """W [B, T, H, K] float32, U0 [B, T, H, V] float32 and Tinv [B, T, H, BT] float32.
 
     Tinv is solved for unless given (as the forward stored it); it is returned only when given or store_t.
     """
     B, T, H, K = k.shape
     V = v.shape[-1]
     BK, BV = _blocks(K, V)
-    w = torch.empty(B, T, H, K, dtype=_w_dtype(k.dtype), device=k.device)
+    w = torch.empty(B, T, H, K, dtype=torch.float32, device=k.device)
     u0 = torch.empty(B, T, H, V, dtype=torch.float32, device=k.device)
     solve = tinv is None
     store_t = store_t and solve
@@ -225,7 +226,7 @@ def forward(q, k, v, g, beta, h0, scale: float, cu_seqlens, qk_l2norm: bool, bet
     BV = _sequence_bv(K, V, lay.N * H)
     o = torch.empty(B, T, H, V, dtype=store_dtype(v.dtype), device=q.device)
     ht = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device)
-    split = save and SPLIT["forward"]
+    split = save and SPLIT_FORWARD
     states = torch.empty(lay.NC, H, K, V, dtype=torch.float32, device=q.device) if split else ht
     u = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device) if split else ht
     g_ = g if g is not None else ht
@@ -238,8 +239,9 @@ def forward(q, k, v, g, beta, h0, scale: float, cu_seqlens, qk_l2norm: bool, bet
     if split:
         del w, u0
         bv = _chunk_bv(V)
-        _output_kernel[(lay.NC, H)](
-            q, k, g_, states, u, lay.chunks, o, scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=bv,
+        one_v = PER_V_BLOCK["output"]
+        _output_kernel[(lay.NC, H, triton.cdiv(V, bv) if one_v else 1)](
+            q, k, g_, states, u, lay.chunks, o, scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=bv, ONE_V=one_v,
             **_launch("output", q.dtype, BK, bv), **_flags(q.dtype, g is not None, qk_l2norm, "output"),
         )  # fmt: skip
     return o.to(v.dtype), ht, tinv
@@ -277,15 +279,15 @@ def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l
     du = torch.empty_like(u)
     dh0 = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None
     bv_chunk = _chunk_bv(V)
-    if SPLIT["backward"]:  # du = scale P^T dO, per chunk; backward_state adds the states' share
-        _local_du_kernel[(lay.NC, H)](
-            q, k, g_, do, lay.chunks, du, scale,
-            BV=bv_chunk, **_launch("local_du", q.dtype, BK, bv_chunk), **common, **flags("local_du"),
-        )  # fmt: skip
+    one_v = PER_V_BLOCK["local_du"]  # du = scale P^T dO, per chunk; backward_state adds the states' share
+    _local_du_kernel[(lay.NC, H, triton.cdiv(V, bv_chunk) if one_v else 1)](
+        q, k, g_, do, lay.chunks, du, scale, BV=bv_chunk, ONE_V=one_v,
+        **_launch("local_du", q.dtype, BK, bv_chunk), **common, **flags("local_du"),
+    )  # fmt: skip
     _backward_state_kernel[(NV, lay.N * H)](
         q, k, g_, w, do, dht if dht is not None else dummy, lay.cu, lay.first, dstates, du,
         dh0 if dh0 is not None else dummy, scale,
-        BV=BV, HAS_DHT=dht is not None, STORE_DH0=h0 is not None, LOCAL_DU=SPLIT["backward"],
+        BV=BV, HAS_DHT=dht is not None, STORE_DH0=h0 is not None,
         **_launch("backward_state", q.dtype, BK, BV), **common, **flags("backward_state"),
     )  # fmt: skip
     del w
@@ -463,8 +465,7 @@ def compile_variants():
     for dt, gated, opt in (("bf16", True, True), ("fp16", False, False)):
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]
         ptrs = {n: dt for n in ("q", "k", "v", "o", "do", "dq", "dk", "dv")}
-        w_dtype = {torch.bfloat16: "bf16", torch.float32: "fp32"}[_w_dtype(torch_dtype, gpu=True)]
-        ptrs |= dict(chunks="i32", cu_seqlens="i32", chunk_start="i32", w=w_dtype)
+        ptrs |= dict(chunks="i32", cu_seqlens="i32", chunk_start="i32", w="fp32")
         BK, BV = _blocks(128, 128)
         opts = {name: _launch(name, torch_dtype, BK, BV) for name in NUM_WARPS}
         common = {
@@ -479,10 +480,12 @@ def compile_variants():
             yield f"forward BV={bv} {label}", _forward_kernel, ptrs, common["forward"] | out, opts["forward"]
             states = out | dict(STORE_O=False, STORE_HT=False, STORE_STATES=True)
             yield f"forward states BV={bv} {label}", _forward_kernel, ptrs, common["forward"] | states, opts["forward"]
-            state = common["backward_state"] | dict(BV=bv, HAS_DHT=True, STORE_DH0=True, LOCAL_DU=SPLIT["backward"])
+            state = common["backward_state"] | dict(BV=bv, HAS_DHT=True, STORE_DH0=True)
             yield f"backward state BV={bv} {label}", _backward_state_kernel, ptrs, state, opts["backward_state"]
-        yield f"output {label}", _output_kernel, ptrs, common["output"] | dict(BV=BV_CHUNK), opts["output"]
-        yield f"local du {label}", _local_du_kernel, ptrs, common["local_du"] | dict(BV=BV_CHUNK), opts["local_du"]
+        for one_v in (False, True):
+            per = dict(BV=BV_CHUNK, ONE_V=one_v)
+            yield f"output ONE_V={one_v} {label}", _output_kernel, ptrs, common["output"] | per, opts["output"]
+            yield f"local du ONE_V={one_v} {label}", _local_du_kernel, ptrs, common["local_du"] | per, opts["local_du"]
         chunk = dict(BV=BV_CHUNK, BETA_LOGIT=opt)
         chunk_common = common["backward_chunk"]
         yield f"backward chunk {label}", _backward_chunk_kernel, ptrs, chunk_common | chunk, opts["backward_chunk"]

@@ -177,6 +177,7 @@ def _output_kernel(
     BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
+    ONE_V: tl.constexpr,
     HAS_G: tl.constexpr,
     L2NORM: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -185,8 +186,8 @@ def _output_kernel(
     PRECISE_EXP: tl.constexpr,
 ):
     # Per chunk, from the state entering it (S) and U, both stored by _forward_kernel (STORE_STATES):
-    # o = scale (exp(b) q S + tril(q k^T exp(b_t - b_s)) U). Off the sequential path, and q k^T once per chunk
-    # rather than once per V block of the per-sequence kernel.
+    # o = scale (exp(b) q S + tril(q k^T exp(b_t - b_s)) U), off the sequential path. ONE_V: one V block per
+    # program (axis 2), else every V block in turn, with q k^T formed once for them all.
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     lo, hi = chunk_bounds(chunks, i_c)
@@ -198,19 +199,31 @@ def _output_kernel(
     tok = (lo + o_t) * H + i_h
     state = (i_c * H + i_h).to(tl.int64) * K * V
     b_q, _ = load_rows(q, tok, m_t, o_k, K, L2NORM)
-    b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM)
+    b_kT, _ = load_cols(k, tok, m_t, o_k, K, L2NORM)
     gamma, e_b, _, _ = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
-    P = mm_lowp(b_q, tl.trans(b_k), DOT_PREC, ROUND, LOWP, LOWP_TY) * gamma
+    P = mm_lowp(b_q, b_kT, DOT_PREC, ROUND, LOWP, LOWP_TY) * gamma
     b_qs = b_q * e_b[:, None]
-    for i_v in range(0, tl.cdiv(V, BV)):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_tv = m_t[:, None] & (o_v < V)[None, :]
-        kv = o_k[:, None] * V + o_v[None, :]
-        S = tl.load(states + state + kv, mask=(o_k < K)[:, None] & (o_v < V)[None, :], other=0.0)
-        b_u = tl.load(u + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
-        b_o = mm_lowp(b_qs, S, DOT_PREC, ROUND, LOWP, LOWP_TY)
-        b_o += mm_lowp(P, b_u, DOT_PREC, ROUND, LOWP, LOWP_TY)
-        tl.store(o + tok[:, None] * V + o_v[None, :], (scale * b_o).to(o.dtype.element_ty), mask=m_tv)
+    if ONE_V:
+        _output_block(tl.program_id(2), b_qs, P, states + state, u, o, tok, m_t, o_k, scale, K, V, BV, DOT_PREC,
+                      ROUND, LOWP, LOWP_TY)  # fmt: skip
+    else:
+        for i_v in range(0, tl.cdiv(V, BV)):
+            _output_block(i_v, b_qs, P, states + state, u, o, tok, m_t, o_k, scale, K, V, BV, DOT_PREC, ROUND,
+                          LOWP, LOWP_TY)  # fmt: skip
+
+
+@triton.jit
+def _output_block(i_v, b_qs, P, state, u, o, tok, m_t, o_k, scale, K: tl.constexpr, V: tl.constexpr,
+                  BV: tl.constexpr, DOT_PREC: tl.constexpr, ROUND: tl.constexpr, LOWP: tl.constexpr,
+                  LOWP_TY: tl.constexpr):  # fmt: skip
+    """One V block of _output_kernel's o."""
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_tv = m_t[:, None] & (o_v < V)[None, :]
+    S = tl.load(state + o_k[:, None] * V + o_v[None, :], mask=(o_k < K)[:, None] & (o_v < V)[None, :], other=0.0)
+    b_u = tl.load(u + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+    b_o = mm_lowp(b_qs, S, DOT_PREC, ROUND, LOWP, LOWP_TY)
+    b_o += mm_lowp(P, b_u, DOT_PREC, ROUND, LOWP, LOWP_TY)
+    tl.store(o + tok[:, None] * V + o_v[None, :], (scale * b_o).to(o.dtype.element_ty), mask=m_tv)
 
 
 @triton.jit
@@ -228,6 +241,7 @@ def _local_du_kernel(
     BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
+    ONE_V: tl.constexpr,
     HAS_G: tl.constexpr,
     L2NORM: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -235,8 +249,8 @@ def _local_du_kernel(
     LOWP: tl.constexpr,
     PRECISE_EXP: tl.constexpr,
 ):
-    # Per chunk: du = scale P^T dO (float32), the share of dU within the chunk, for _backward_state_kernel
-    # (LOCAL_DU) to complete with the states' share.
+    # Per chunk: du = scale P^T dO (float32), the share of dU within the chunk, for _backward_state_kernel to
+    # complete with the states' share. ONE_V: as in _output_kernel.
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     lo, hi = chunk_bounds(chunks, i_c)
@@ -246,18 +260,28 @@ def _local_du_kernel(
     o_k = tl.arange(0, BK)
     m_t = lo + o_t < hi
     tok = (lo + o_t) * H + i_h
-    b_q, _ = load_rows(q, tok, m_t, o_k, K, L2NORM)
     b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM)
+    b_qT, _ = load_cols(q, tok, m_t, o_k, K, L2NORM)
     gamma, _, _, _ = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
-    PT = mm_lowp(b_k, tl.trans(b_q), DOT_PREC, ROUND, LOWP, LOWP_TY) * tl.trans(gamma)
-    for i_v in range(0, tl.cdiv(V, BV)):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_tv = m_t[:, None] & (o_v < V)[None, :]
-        b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
-        if not LOWP:
-            b_do = b_do.to(tl.float32)
-        b_du = scale * mm_lowp(PT, b_do, DOT_PREC, ROUND, LOWP, LOWP_TY)
-        tl.store(du + tok[:, None] * V + o_v[None, :], b_du, mask=m_tv)
+    PT = mm_lowp(b_k, b_qT, DOT_PREC, ROUND, LOWP, LOWP_TY) * tl.trans(gamma)
+    if ONE_V:
+        _local_du_block(tl.program_id(2), PT, do, du, tok, m_t, scale, V, BV, DOT_PREC, ROUND, LOWP, LOWP_TY)
+    else:
+        for i_v in range(0, tl.cdiv(V, BV)):
+            _local_du_block(i_v, PT, do, du, tok, m_t, scale, V, BV, DOT_PREC, ROUND, LOWP, LOWP_TY)
+
+
+@triton.jit
+def _local_du_block(i_v, PT, do, du, tok, m_t, scale, V: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr,
+                    ROUND: tl.constexpr, LOWP: tl.constexpr, LOWP_TY: tl.constexpr):  # fmt: skip
+    """One V block of _local_du_kernel's du."""
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_tv = m_t[:, None] & (o_v < V)[None, :]
+    b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+    if not LOWP:
+        b_do = b_do.to(tl.float32)
+    b_du = scale * mm_lowp(PT, b_do, DOT_PREC, ROUND, LOWP, LOWP_TY)
+    tl.store(du + tok[:, None] * V + o_v[None, :], b_du, mask=m_tv)
 
 
 @triton.jit
@@ -283,7 +307,6 @@ def _backward_state_kernel(
     HAS_G: tl.constexpr,
     HAS_DHT: tl.constexpr,
     STORE_DH0: tl.constexpr,
-    LOCAL_DU: tl.constexpr,
     L2NORM: tl.constexpr,
     DOT_PREC: tl.constexpr,
     ROUND: tl.constexpr,
@@ -292,8 +315,8 @@ def _backward_state_kernel(
 ):
     # The forward's chunk loop run backwards on the state gradient dS [K, BV]; stores the gradient of the
     # state leaving each chunk and dU (float32).  dU = scale P^T dO + (exp(b_C - b) k) dS;
-    # dS <- exp(b_C) dS + scale (exp(b) q)^T dO - W^T dU.  LOCAL_DU: du holds scale P^T dO already (from
-    # _local_du_kernel, in parallel over chunks), so the sequential loop forms neither P nor P^T dO.
+    # dS <- exp(b_C) dS + scale (exp(b) q)^T dO - W^T dU.  du holds scale P^T dO on entry (_local_du_kernel,
+    # parallel over chunks), so the sequential loop forms neither P nor P^T dO.
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -315,20 +338,16 @@ def _backward_state_kernel(
         m_t = rows < eos
         tok = rows * H + i_h
         m_tv = m_t[:, None] & (o_v < V)[None, :]
-        gamma, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
+        _, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
         # each tile loaded just before its product, so that few are live at once; q^T and W^T loaded as such
         b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM)
+        b_du = tl.load(du + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+        b_du += mm_lowp(b_k * e_end[:, None], dS, DOT_PREC, ROUND, LOWP, LOWP_TY)
+        tl.store(du + tok[:, None] * V + o_v[None, :], b_du, mask=m_tv)
         b_qT, _ = load_cols(q, tok, m_t, o_k, K, L2NORM)
         b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
         if not LOWP:
             b_do = b_do.to(tl.float32)
-        if LOCAL_DU:
-            b_du = tl.load(du + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
-        else:
-            PT = mm_lowp(b_k, b_qT, DOT_PREC, ROUND, LOWP, LOWP_TY) * tl.trans(gamma)
-            b_du = scale * mm_lowp(PT, b_do, DOT_PREC, ROUND, LOWP, LOWP_TY)
-        b_du += mm_lowp(b_k * e_end[:, None], dS, DOT_PREC, ROUND, LOWP, LOWP_TY)
-        tl.store(du + tok[:, None] * V + o_v[None, :], b_du, mask=m_tv)
         dS = dS * e_last + scale * mm_lowp(b_qT * e_b[None, :], b_do, DOT_PREC, ROUND, LOWP, LOWP_TY)
         b_wT = tl.load(w + tok[None, :] * K + o_k[:, None], mask=m_t[None, :] & (o_k < K)[:, None], other=0.0)
         dS -= mm_lowp(b_wT, b_du, DOT_PREC, ROUND, LOWP, LOWP_TY)
