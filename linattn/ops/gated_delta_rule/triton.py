@@ -90,7 +90,7 @@ FEW_PROGRAMS_STAGES = 2
 # T = 4096, B = 16) and 5.82 against 9.20 (gated). W stays float32: stored in bfloat16 (with forward and
 # backward_state both on) it gave illegal memory accesses and wrong gradients. LINATTN_LAUNCH=
 # "gated_delta_rule.LOWP_DOTS.output=1" turns one on for the tests and the benchmark.
-LOWP_DOTS = dict(prepare=False, forward=True, output=False, local_du=False, backward_state=True, backward_chunk=True)
+LOWP_DOTS = dict(prepare=False, forward=False, output=False, local_du=False, backward_state=False, backward_chunk=True)
 # The products of q and k that need no state (q k^T, P U and exp(b) q S in the forward, P^T dO in the backward) run
 # in kernels parallel over chunks (output, local_du), not in the per-sequence loops, which then form two products per
 # chunk (forward) and three (backward_state) instead of five. The backward always splits so; the forward does when
