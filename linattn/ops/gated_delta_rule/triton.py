@@ -83,13 +83,17 @@ NUM_STAGES = dict(prepare=1, forward=1, output=1, local_du=1, backward_state=1, 
 # 26.2 with 1 (delta_rule: 19.1 against 18.8).
 FEW_PROGRAMS = 132
 FEW_PROGRAMS_STAGES = 2
-# bf16 operands for bf16 inputs on a GPU (see the module docstring), by kernel. `python -m benchmarks.bisect_delta lowp`
-# turns them on for one kernel at a time (H200, Triton 3.6, session 6, K = 128, V blocks of 16 and of 32): forward,
-# backward_state and backward_chunk give the gradient errors of tf32 operands (4-5e-3 of the largest); output and
-# local_du end in illegal memory accesses. With bf16 operands backward_chunk took 4.36 ms against 5.95 (delta_rule,
-# T = 4096, B = 16) and 5.82 against 9.20 (gated). W stays float32: stored in bfloat16 (with forward and
-# backward_state both on) it gave illegal memory accesses and wrong gradients. LINATTN_LAUNCH=
-# "gated_delta_rule.LOWP_DOTS.output=1" turns one on for the tests and the benchmark.
+# bf16 operands for bf16 inputs on a GPU (see the module docstring), by kernel; H200, Triton 3.6, session 6:
+# - backward_chunk: on. Right at K = 128 (gradient errors 4-5e-3 of the largest, as with tf32); the GPU tests passed
+#   in three runs, and in a fourth one test's worker crashed in a path since removed (backward_state forming P^T dO
+#   itself; whether the bf16 operands took part is not known). It took 4.36 ms against 5.95 (delta_rule, T = 4096,
+#   B = 16) and 5.82 against 9.20 (gated).
+# - forward, backward_state: off. Turned on one at a time (`python -m benchmarks.bisect_delta lowp`) each was right
+#   in one run and wrong in another as the code around it changed (out-of-bounds shared-memory reads, gradients of
+#   1e35); on together, the GPU tests met non-finite dk and the benchmark an illegal memory access. W stored in
+#   bfloat16 (for both at once) made it worse.
+# - output, local_du: off; illegal memory accesses, or NaN gradients, with V blocks looped or one per program.
+# LINATTN_LAUNCH="gated_delta_rule.LOWP_DOTS.forward=1" turns one on for the tests and the benchmark.
 LOWP_DOTS = dict(prepare=False, forward=False, output=False, local_du=False, backward_state=False, backward_chunk=True)
 # The products of q and k that need no state (q k^T, P U and exp(b) q S in the forward, P^T dO in the backward) run
 # in kernels parallel over chunks (output, local_du), not in the per-sequence loops, which then form two products per
@@ -98,7 +102,8 @@ LOWP_DOTS = dict(prepare=False, forward=False, output=False, local_du=False, bac
 # a gradient the forward's loop forms o itself, and its memory stays that of W and U0.
 SPLIT_FORWARD = True
 # output and local_du: one V block per program (grid NC x H x V / BV), or all of a chunk's V blocks in one program,
-# forming q k^T once.
+# forming q k^T once. Both pass the GPU tests; one V block per program is not yet timed (its one timing run failed
+# for another reason), so the loop stays.
 PER_V_BLOCK = dict(output=False, local_du=False)
 FULL_GPU = 264  # programs that occupy every SM of an H100/H200 twice
 
