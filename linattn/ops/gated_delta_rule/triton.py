@@ -93,6 +93,7 @@ FEW_PROGRAMS_STAGES = 2
 #   1e35); on together, the GPU tests met non-finite dk and the benchmark an illegal memory access. W stored in
 #   bfloat16 (for both at once) made it worse.
 # - output, local_du: off; illegal memory accesses, or NaN gradients, with V blocks looped or one per program.
+# - prepare: forms no such product (the solve, W and U0 keep tf32), so its entry changes nothing.
 # LINATTN_LAUNCH="gated_delta_rule.LOWP_DOTS.forward=1" turns one on for the tests and the benchmark.
 LOWP_DOTS = dict(prepare=False, forward=False, output=False, local_du=False, backward_state=False, backward_chunk=True)
 # The products of q and k that need no state (q k^T, P U and exp(b) q S in the forward, P^T dO in the backward) run

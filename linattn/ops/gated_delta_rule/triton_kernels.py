@@ -16,7 +16,6 @@ from linattn.ops.common.triton_delta_utils import (
     chunk_decays_or_none,
     l2norm_backward,
     load_beta,
-    load_cols,
     load_rows,
     mm,
     mm_lowp,
@@ -75,7 +74,6 @@ def _prepare_kernel(
     else:
         Ti = tl.load(tinv + tok[:, None] * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
     b_w = mm(Ti, b_k * (b_beta * e_b)[:, None], DOT_PREC, ROUND)
-    b_w = b_w.to(w.dtype.element_ty)  # bfloat16 where every product W takes part in has bfloat16 operands (LOWP)
     tl.store(w + tok[:, None] * K + o_k[None, :], b_w, mask=m_t[:, None] & (o_k < K)[None, :])
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
@@ -149,7 +147,7 @@ def _forward_kernel(
         b_u -= mm_lowp(b_w, S, DOT_PREC, ROUND, LOWP, LOWP_TY)
         if STORE_STATES:
             tl.store(u + tok[:, None] * V + o_v[None, :], b_u, mask=m_tv)
-        b_kT, _ = load_cols(k, tok, m_t, o_k, K, L2NORM)  # k^T [BK, BT]
+        b_kT, _ = load_rows(k, tok, m_t, o_k, K, L2NORM, True)  # k^T [BK, BT]
         if STORE_O:
             b_q, _ = load_rows(q, tok, m_t, o_k, K, L2NORM)
             P = mm_lowp(b_q, b_kT, DOT_PREC, ROUND, LOWP, LOWP_TY) * gamma
@@ -199,7 +197,7 @@ def _output_kernel(
     tok = (lo + o_t) * H + i_h
     state = (i_c * H + i_h).to(tl.int64) * K * V
     b_q, _ = load_rows(q, tok, m_t, o_k, K, L2NORM)
-    b_kT, _ = load_cols(k, tok, m_t, o_k, K, L2NORM)
+    b_kT, _ = load_rows(k, tok, m_t, o_k, K, L2NORM, True)
     gamma, e_b, _, _ = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
     P = mm_lowp(b_q, b_kT, DOT_PREC, ROUND, LOWP, LOWP_TY) * gamma
     b_qs = b_q * e_b[:, None]
@@ -261,7 +259,7 @@ def _local_du_kernel(
     m_t = lo + o_t < hi
     tok = (lo + o_t) * H + i_h
     b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM)
-    b_qT, _ = load_cols(q, tok, m_t, o_k, K, L2NORM)
+    b_qT, _ = load_rows(q, tok, m_t, o_k, K, L2NORM, True)
     gamma, _, _, _ = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
     PT = mm_lowp(b_k, b_qT, DOT_PREC, ROUND, LOWP, LOWP_TY) * tl.trans(gamma)
     if ONE_V:
@@ -344,7 +342,7 @@ def _backward_state_kernel(
         b_du = tl.load(du + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
         b_du += mm_lowp(b_k * e_end[:, None], dS, DOT_PREC, ROUND, LOWP, LOWP_TY)
         tl.store(du + tok[:, None] * V + o_v[None, :], b_du, mask=m_tv)
-        b_qT, _ = load_cols(q, tok, m_t, o_k, K, L2NORM)
+        b_qT, _ = load_rows(q, tok, m_t, o_k, K, L2NORM, True)
         b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
         if not LOWP:
             b_do = b_do.to(tl.float32)
