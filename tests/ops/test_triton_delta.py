@@ -78,6 +78,30 @@ def test_products_without_the_state_in_either_place(case, split, per_v_block, mo
     check_against_naive(case, *to(tensors, state), "triton", **ON_DEVICE)
 
 
+@both
+@pytest.mark.parametrize("dx_in_state", [False, True])
+def test_dx_formed_in_either_backward_kernel(case, dx_in_state, monkeypatch):
+    """dX = Tinv^T dU formed by backward_state as it finishes each chunk's dU (DX_IN_STATE), or by backward_chunk
+    in each of its passes over V: the same gradients, over partial chunks and two V blocks."""
+    monkeypatch.setattr(tri, "DX_IN_STATE", dx_in_state)
+    tensors, state = case.draw(B=2, T=70, H=1, K=33, V=40, seed=10)
+    check_against_naive(case, *to(tensors, state), "triton", **ON_DEVICE)
+
+
+@both
+@pytest.mark.parametrize("chunk_keys", [None, 16])
+def test_backward_chunk_over_key_blocks(case, chunk_keys, monkeypatch):
+    """backward_chunk as one program per chunk, or one per block of 16 key columns (CHUNK_KEYS; K = 33: three
+    blocks, the last holding one column), whose shares of dg and dbeta the launcher adds: the same gradients,
+    with logits for beta (and unit keys: raw ones at K = 33 make the recurrence diverge, in float64 too).
+    qk_l2norm, whose backward needs whole rows, keeps one program per chunk."""
+    monkeypatch.setattr(tri, "CHUNK_KEYS", chunk_keys)
+    assert tri._chunk_keys(64, False) == (64 if chunk_keys is None else 16) and tri._chunk_keys(64, True) == 64
+    variant = dataclasses.replace(case, id=f"{case.id}_beta_is_logit", options=dict(beta_is_logit=True))
+    tensors, state = variant.draw(B=2, T=70, H=1, K=33, V=24, seed=12)
+    check_against_naive(variant, *to(tensors, state), "triton", **ON_DEVICE)
+
+
 def test_launch_choices(monkeypatch):
     """Narrow value blocks when few programs would run; bfloat16 dot operands only for bfloat16 on a GPU, and
     only for the kernels whose LOWP_DOTS entry is on."""

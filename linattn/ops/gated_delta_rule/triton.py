@@ -10,12 +10,13 @@ The chunked form of ``chunk.py`` (chunk length 64), in the kernels of ``triton_k
     output           per chunk      o = scale (exp(b) q S + tril(q k^T exp(b_t - b_s)) U)
     local_du         per chunk      dU = scale P^T dO (P the masked, decayed q k^T above), the part of dU
                                     that needs no state
-    backward_state   per sequence   the same loop in reverse on dS, storing dU and the gradient dS' of each
-                                    chunk's exit state: dU += (exp(b_C - b) k) dS',
+    backward_state   per sequence   the same loop in reverse on dS, storing dU (or, DX_IN_STATE, dX below) and
+                                    the gradient dS' of each chunk's exit state: dU += (exp(b_C - b) k) dS',
                                     dS <- exp(b_C) dS' + scale (exp(b) q)^T dO - W^T dU
     backward_chunk   per chunk      dq, dk, dv, dbeta and dg from the chunk's entering state S, dS', U and dU,
-                                    through dX = Tinv^T dU: dv = beta dX, dA = -dX U^T (strictly lower)
-                                    and dk gains -beta exp(b) dX S^T
+                     and key block  through dX = Tinv^T dU: dv = beta dX, dA = -dX U^T (strictly lower)
+                                    and dk gains -beta exp(b) dX S^T; one program per block of CHUNK_KEYS
+                                    key columns, whose shares of dg and dbeta the launcher adds
     recurrent        per sequence   token by token, for decoding
 
 When a gradient is needed the forward keeps Tinv [B, T, H, 64] (float32); the backward recomputes W
@@ -103,9 +104,20 @@ LOWP_DOTS = dict(prepare=False, forward=False, output=False, local_du=False, bac
 # a gradient the forward's loop forms o itself, and its memory stays that of W and U0.
 SPLIT_FORWARD = True
 # output and local_du: one V block per program (grid NC x H x V / BV), or all of a chunk's V blocks in one program,
-# forming q k^T once. Both pass the GPU tests; one V block per program is not yet timed (its one timing run failed
-# for another reason), so the loop stays.
+# forming q k^T once. Both pass the GPU tests; one V block per program was slower on an H200 (session 7, T = 4096,
+# B = 16, bf16: delta_rule fwd+bwd 14.83 ms against 13.88), so the loop stays.
 PER_V_BLOCK = dict(output=False, local_du=False)
+# dU enters backward_chunk only as dX = Tinv^T dU, which it formed once per pass over V (twice); DX_IN_STATE has
+# backward_state form it once, as each chunk's dU is final, and store it in dU's place. On an H200 (session 7,
+# T = 4096, B = 16, bf16, fwd+bwd): delta_rule 13.12 ms against 13.67, gated_delta_rule 15.72 against 15.77
+# (backward_state takes 0.7 ms more, backward_chunk about 1 ms less).
+DX_IN_STATE = True
+# CHUNK_KEYS: backward_chunk runs one program per chunk and block of this many key columns (without qk_l2norm),
+# halving its [BT, K] tiles at K = 128; the products over V (dP, dA) are formed in each program. None (or >= K): one
+# program per chunk. On an H200 (session 7, T = 4096, B = 16, bf16, fwd+bwd): delta_rule 12.49 ms against 13.24,
+# gated_delta_rule 15.39 against 16.01; backward_chunk alone 3.0 ms (delta_rule) and 4.9 (gated). Its sm_90 compile
+# still spills (fp16, 64 columns: 2480 B a thread, against 2576 B for bf16 with all 128).
+CHUNK_KEYS = 64
 FULL_GPU = 264  # programs that occupy every SM of an H100/H200 twice
 
 
@@ -131,6 +143,12 @@ def _warps(kernel: str, BK: int, BV: int) -> int:
     where 8 warps ended in illegal memory accesses or wrong gradients on an H200 (Triton 3.6), in tf32 dots
     as well as bf16 ones."""
     return NUM_WARPS[kernel] if BK >= 64 and BV >= 32 else 4
+
+
+def _chunk_keys(BK: int, qk_l2norm: bool) -> int:
+    """Key columns per program of backward_chunk: CHUNK_KEYS (None: all), or all of them with qk_l2norm, whose
+    backward needs whole rows."""
+    return BK if CHUNK_KEYS is None or qk_l2norm else min(BK, CHUNK_KEYS)
 
 
 def _chunk_bv(V: int) -> int:
@@ -292,22 +310,30 @@ def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l
     )  # fmt: skip
     _backward_state_kernel[(NV, lay.N * H)](
         q, k, g_, w, do, dht if dht is not None else dummy, lay.cu, lay.first, dstates, du,
-        dh0 if dh0 is not None else dummy, scale,
-        BV=BV, HAS_DHT=dht is not None, STORE_DH0=h0 is not None,
+        dh0 if dh0 is not None else dummy, tinv, scale,
+        BV=BV, HAS_DHT=dht is not None, STORE_DH0=h0 is not None, STORE_DX=DX_IN_STATE,
         **_launch("backward_state", q.dtype, BK, BV), **common, **flags("backward_state"),
     )  # fmt: skip
     del w
     dq = torch.empty(q.shape, dtype=store_dtype(q.dtype), device=q.device)
     dk = torch.empty(k.shape, dtype=store_dtype(k.dtype), device=q.device)
     dv = torch.empty(v.shape, dtype=store_dtype(v.dtype), device=q.device)
-    dg = torch.empty(B, T, H, dtype=torch.float32, device=q.device) if g is not None else None
-    dbeta = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
-    _backward_chunk_kernel[(lay.NC, H)](
+    # backward_chunk: NK programs per chunk, one per block of bk key columns; each stores its share of the sums
+    # over keys, dg (float64 when shared, as the kernel forms it) and dbeta, and the shares are added here.
+    bk = _chunk_keys(BK, qk_l2norm)
+    NK = triton.cdiv(K, bk)
+    dg_dtype = torch.float64 if NK > 1 else torch.float32
+    dg = torch.empty(NK, B, T, H, dtype=dg_dtype, device=q.device) if g is not None else None
+    dbeta = torch.empty(NK, B, T, H, dtype=torch.float32, device=q.device)
+    _backward_chunk_kernel[(lay.NC, H, NK)](
         q, k, v, g_, beta, tinv, u, du, do, lay.chunks, states, dstates,
-        dq, dk, dv, dg if dg is not None else dummy, dbeta, scale,
-        BV=bv_chunk, BETA_LOGIT=beta_is_logit, **_launch("backward_chunk", q.dtype, BK, bv_chunk), **common,
-        **flags("backward_chunk"),
+        dq, dk, dv, dg if dg is not None else dummy, dbeta, scale, B * T * H,
+        BV=bv_chunk, BETA_LOGIT=beta_is_logit, DX_GIVEN=DX_IN_STATE,
+        **_launch("backward_chunk", q.dtype, bk, bv_chunk), **dict(common, BK=bk),
+        **_flags(q.dtype, g is not None, qk_l2norm, "backward_chunk", BK=bk),
     )  # fmt: skip
+    dg = dg.sum(0).float() if dg is not None else None
+    dbeta = dbeta.sum(0)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dbeta, dh0
 
 
@@ -486,13 +512,16 @@ def compile_variants():
             yield f"forward BV={bv} {label}", _forward_kernel, ptrs, common["forward"] | out, opts["forward"]
             states = out | dict(STORE_O=False, STORE_HT=False, STORE_STATES=True)
             yield f"forward states BV={bv} {label}", _forward_kernel, ptrs, common["forward"] | states, opts["forward"]
-            state = common["backward_state"] | dict(BV=bv, HAS_DHT=True, STORE_DH0=True)
+            state = common["backward_state"] | dict(BV=bv, HAS_DHT=True, STORE_DH0=True, STORE_DX=DX_IN_STATE)
             yield f"backward state BV={bv} {label}", _backward_state_kernel, ptrs, state, opts["backward_state"]
         for one_v in (False, True):
             per = dict(BV=BV_CHUNK, ONE_V=one_v)
             yield f"output ONE_V={one_v} {label}", _output_kernel, ptrs, common["output"] | per, opts["output"]
             yield f"local du ONE_V={one_v} {label}", _local_du_kernel, ptrs, common["local_du"] | per, opts["local_du"]
-        chunk = dict(BV=BV_CHUNK, BETA_LOGIT=opt)
-        chunk_common = common["backward_chunk"]
-        yield f"backward chunk {label}", _backward_chunk_kernel, ptrs, chunk_common | chunk, opts["backward_chunk"]
+        bk = _chunk_keys(BK, opt)  # key columns per program: all of them with qk_l2norm
+        chunk = dict(BV=BV_CHUNK, BETA_LOGIT=opt, DX_GIVEN=DX_IN_STATE, BK=bk)
+        chunk |= _flags(torch_dtype, gated, opt, "backward_chunk", gpu=True, BK=bk)
+        chunk_opts = _launch("backward_chunk", torch_dtype, bk, BV_CHUNK) | dict(scalars=dict(scale="fp32", part="i32"))
+        chunk_common = common["backward_chunk"] | chunk
+        yield f"backward chunk BK={bk} {label}", _backward_chunk_kernel, ptrs, chunk_common, chunk_opts
     # The decode kernel, with the delta rule's update, compiles in the "recurrent" group.

@@ -295,6 +295,7 @@ def _backward_state_kernel(
     dstates,
     du,
     dh0,
+    tinv,
     scale,
     H: tl.constexpr,
     K: tl.constexpr,
@@ -305,6 +306,7 @@ def _backward_state_kernel(
     HAS_G: tl.constexpr,
     HAS_DHT: tl.constexpr,
     STORE_DH0: tl.constexpr,
+    STORE_DX: tl.constexpr,
     L2NORM: tl.constexpr,
     DOT_PREC: tl.constexpr,
     ROUND: tl.constexpr,
@@ -314,7 +316,7 @@ def _backward_state_kernel(
     # The forward's chunk loop run backwards on the state gradient dS [K, BV]; stores the gradient of the
     # state leaving each chunk and dU (float32).  dU = scale P^T dO + (exp(b_C - b) k) dS;
     # dS <- exp(b_C) dS + scale (exp(b) q)^T dO - W^T dU.  du holds scale P^T dO on entry (_local_du_kernel,
-    # parallel over chunks), so the sequential loop forms neither P nor P^T dO.
+    # parallel over chunks), so the sequential loop forms neither P nor P^T dO. STORE_DX: du gets dX = Tinv^T dU.
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -341,7 +343,11 @@ def _backward_state_kernel(
         b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM)
         b_du = tl.load(du + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
         b_du += mm_lowp(b_k * e_end[:, None], dS, DOT_PREC, ROUND, LOWP, LOWP_TY)
-        tl.store(du + tok[:, None] * V + o_v[None, :], b_du, mask=m_tv)
+        if STORE_DX:  # dX = Tinv^T dU in place of dU, the one form in which backward_chunk needs it
+            TiT = tl.load(tinv + tok[None, :] * BT + o_t[:, None], mask=m_t[None, :], other=0.0)
+            tl.store(du + tok[:, None] * V + o_v[None, :], mm(TiT, b_du, DOT_PREC, ROUND), mask=m_tv)
+        else:
+            tl.store(du + tok[:, None] * V + o_v[None, :], b_du, mask=m_tv)
         b_qT, _ = load_rows(q, tok, m_t, o_k, K, L2NORM, True)
         b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
         if not LOWP:
@@ -373,6 +379,7 @@ def _backward_chunk_kernel(
     dg,
     dbeta,
     scale,
+    part,
     H: tl.constexpr,
     K: tl.constexpr,
     V: tl.constexpr,
@@ -382,6 +389,7 @@ def _backward_chunk_kernel(
     HAS_G: tl.constexpr,
     L2NORM: tl.constexpr,
     BETA_LOGIT: tl.constexpr,
+    DX_GIVEN: tl.constexpr,
     DOT_PREC: tl.constexpr,
     ROUND: tl.constexpr,
     LOWP: tl.constexpr,
@@ -392,19 +400,23 @@ def _backward_chunk_kernel(
     # dX = Tinv^T dU: dR = dX, dA = -dX U^T (strictly lower), and R's share of dk is -beta exp(b) dX S^T.
     # Two passes over the V blocks keep few [BT, K] tiles live: the first gathers what needs the states
     # (dq, dk of S's products), the second the [BT, BT] gradients dP, dA and dv.
+    # Each program takes the key columns i_k BK .. (i_k + 1) BK (all of them when BK >= K; L2NORM needs whole
+    # rows). dq and dk are per column; dv and dP, dA (sums over V) are whole in each program, which stores dv
+    # if i_k = 0; dg and dbeta are sums over the columns, so each program stores its share at dg + i_k part,
+    # and the launcher adds the shares.
     LOWP_TY: tl.constexpr = k.dtype.element_ty
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     lo, hi = chunk_bounds(chunks, i_c)
     if hi <= lo:  # past the last chunk (varlen allots a bound on the count)
         return
     o_t = tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
+    o_k = i_k * BK + tl.arange(0, BK)
     m_t = lo + o_t < hi
     m_tk = m_t[:, None] & (o_k < K)[None, :]
     tok = (lo + o_t) * H + i_h
     strict = o_t[:, None] > o_t[None, :]
-    Ti = tl.load(tinv + tok[:, None] * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
-    TiT = tl.trans(Ti)
+    if not DX_GIVEN:  # else du holds dX already (_backward_state_kernel, STORE_DX)
+        TiT = tl.trans(tl.load(tinv + tok[:, None] * BT + o_t[None, :], mask=m_t[:, None], other=0.0))
     state = (i_c * H + i_h).to(tl.int64) * K * V
 
     # 1. The products with the states, over the V blocks.
@@ -420,11 +432,14 @@ def _backward_chunk_kernel(
         S = tl.load(states + state + kv, mask=m_kv, other=0.0)
         dSn = tl.load(dstates + state + kv, mask=m_kv, other=0.0)
         b_u = tl.load(u + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
-        b_du = tl.load(du + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
         b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
         if not LOWP:
             b_do = b_do.to(tl.float32)
-        d_x = mm(TiT, b_du, DOT_PREC, ROUND)
+        b_du = tl.load(du + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+        if DX_GIVEN:
+            d_x = b_du
+        else:
+            d_x = mm(TiT, b_du, DOT_PREC, ROUND)
         d_qs += mm_lowp(b_do, tl.trans(S), DOT_PREC, ROUND, LOWP, LOWP_TY)
         d_kend += mm_lowp(b_u, tl.trans(dSn), DOT_PREC, ROUND, LOWP, LOWP_TY)
         d_xw -= mm(d_x, tl.trans(S), DOT_PREC, ROUND)
@@ -452,13 +467,18 @@ def _backward_chunk_kernel(
         o_v = i_v * BV + tl.arange(0, BV)
         m_tv = m_t[:, None] & (o_v < V)[None, :]
         b_u = tl.load(u + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
-        b_du = tl.load(du + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
         b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
-        b_v = tl.load(v + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        # dv, and dbeta's share through v, come from the first key block's program alone
+        m_dv = m_t[:, None] & (o_v + i_k * V < V)[None, :]
+        b_v = tl.load(v + tok[:, None] * V + o_v[None, :], mask=m_dv, other=0.0).to(tl.float32)
         if not LOWP:
             b_do = b_do.to(tl.float32)
-        d_x = mm(TiT, b_du, DOT_PREC, ROUND)  # gradient of beta v
-        tl.store(dv + tok[:, None] * V + o_v[None, :], (d_x * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_tv)
+        b_du = tl.load(du + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+        if DX_GIVEN:
+            d_x = b_du
+        else:
+            d_x = mm(TiT, b_du, DOT_PREC, ROUND)  # gradient of beta v
+        tl.store(dv + tok[:, None] * V + o_v[None, :], (d_x * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_dv)
         d_beta += tl.sum(d_x * b_v, axis=1)
         dP += mm_lowp(b_do, tl.trans(b_u), DOT_PREC, ROUND, LOWP, LOWP_TY)
         dA += mm(d_x, tl.trans(b_u), DOT_PREC, ROUND)
@@ -490,10 +510,10 @@ def _backward_chunk_kernel(
 
     if HAS_G:  # b_t = g_1 + ... + g_t within the chunk
         b_dg = tl.cumsum(db.to(tl.float64), axis=0, reverse=True)
-        tl.store(dg + tok, b_dg.to(tl.float32), mask=m_t)
+        tl.store(dg + i_k * part + tok, b_dg.to(dg.dtype.element_ty), mask=m_t)
     if L2NORM:
         b_dk = l2norm_backward(b_dk, b_k, r_k)
     if BETA_LOGIT:
         d_beta = d_beta * b_beta * (1.0 - b_beta)
     tl.store(dk + tok[:, None] * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m_tk)
-    tl.store(dbeta + tok, d_beta, mask=m_t)
+    tl.store(dbeta + i_k * part + tok, d_beta, mask=m_t)
