@@ -145,8 +145,12 @@ def _dqkg_kernel(
     DOT_PREC: tl.constexpr,
     ROUND: tl.constexpr,
     PRECISE_EXP: tl.constexpr,
+    J_STAGES: tl.constexpr,
+    J_UNROLL: tl.constexpr,
 ):
     # Per chunk, head and key block: dq, dk and dg (every term is per key channel, given dA).
+    # J_STAGES, J_UNROLL: software-pipelining stages and unrolling of the loop over rows j inside sub-chunks,
+    # whose small loads (rows of k, q, hi, lo, dA) would otherwise each wait for memory.
     NS: tl.constexpr = BT // BC
     LOWP_TY: tl.constexpr = do.dtype.element_ty
     i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -221,7 +225,7 @@ def _dqkg_kernel(
     n_in = t_hi - t_lo
     dq3 = tl.zeros([NS, BC, BK], dtype=tl.float32)
     dk3 = tl.zeros([NS, BC, BK], dtype=tl.float32)
-    for j in range(0, BC):
+    for j in tl.range(0, BC, num_stages=J_STAGES, loop_unroll_factor=J_UNROLL):
         r_j = o_n * BC + j  # [NS]: row j of each sub-chunk
         m_j = r_j < n_in
         t_j = r_j[:, None] * (H * K) + o_k[None, :]

@@ -142,10 +142,13 @@ def _diag_kernel(
     BC: tl.constexpr,
     BK: tl.constexpr,
     PRECISE_EXP: tl.constexpr,
+    J_STAGES: tl.constexpr,
+    J_UNROLL: tl.constexpr,
 ):
     # Per chunk, sub-chunk and head: the diagonal [BC, BC] block of the scores A (after _intra_kernel, which
     # leaves it 0), exactly: A_ts = sum_k q_tk k_sk exp(b_tk - b_sk) for s < t, q_t . k_t for s = t (no
-    # decay), 0 for s > t. Source row s comes from memory, one at a time, against the sub-chunk's rows.
+    # decay), 0 for s > t. Source row s comes from memory, one at a time, against the sub-chunk's rows
+    # (J_STAGES, J_UNROLL: pipelining and unrolling of that loop, as in _dqkg_kernel).
     i_c, i_s, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t_lo, t_hi = chunk_bounds(chunks, i_c)
     s_lo = t_lo + i_s * BC
@@ -165,7 +168,7 @@ def _diag_kernel(
         b_q = tl.load(q + ptr, mask=m_ck, other=0.0).to(tl.float32)
         b_hi = tl.load(hi + ptr, mask=m_ck, other=0.0)
         b_lo = tl.load(lo + ptr, mask=m_ck, other=0.0)
-        for j in range(0, n_src):
+        for j in tl.range(0, n_src, num_stages=J_STAGES, loop_unroll_factor=J_UNROLL):
             k_j = tl.load(k + j * (H * K) + o_k, mask=m_k, other=0.0).to(tl.float32)
             hi_j = tl.load(hi + j * (H * K) + o_k, mask=m_k, other=0.0)
             lo_j = tl.load(lo + j * (H * K) + o_k, mask=m_k, other=0.0)
