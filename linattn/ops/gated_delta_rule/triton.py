@@ -518,10 +518,12 @@ def compile_variants():
             per = dict(BV=BV_CHUNK, ONE_V=one_v)
             yield f"output ONE_V={one_v} {label}", _output_kernel, ptrs, common["output"] | per, opts["output"]
             yield f"local du ONE_V={one_v} {label}", _local_du_kernel, ptrs, common["local_du"] | per, opts["local_du"]
-        bk = _chunk_keys(BK, opt)  # key columns per program: all of them with qk_l2norm
-        chunk = dict(BV=BV_CHUNK, BETA_LOGIT=opt, DX_GIVEN=DX_IN_STATE, BK=bk)
-        chunk |= _flags(torch_dtype, gated, opt, "backward_chunk", gpu=True, BK=bk)
-        chunk_opts = _launch("backward_chunk", torch_dtype, bk, BV_CHUNK) | dict(scalars=dict(scale="fp32", part="i32"))
-        chunk_common = common["backward_chunk"] | chunk
-        yield f"backward chunk BK={bk} {label}", _backward_chunk_kernel, ptrs, chunk_common, chunk_opts
+        for l2 in sorted({opt, False}):  # key columns per program: CHUNK_KEYS, or all of them with qk_l2norm
+            bk = _chunk_keys(BK, l2)
+            chunk = dict(BV=BV_CHUNK, BETA_LOGIT=opt, DX_GIVEN=DX_IN_STATE, BK=bk)
+            chunk |= _flags(torch_dtype, gated, l2, "backward_chunk", gpu=True, BK=bk)
+            scalars = dict(scalars=dict(scale="fp32", part="i32"))
+            chunk_opts = _launch("backward_chunk", torch_dtype, bk, BV_CHUNK) | scalars
+            chunk_label = f"backward chunk BK={bk} {dt} gated={gated} l2norm={l2} logit={opt}"
+            yield chunk_label, _backward_chunk_kernel, ptrs, common["backward_chunk"] | chunk, chunk_opts
     # The decode kernel, with the delta rule's update, compiles in the "recurrent" group.
