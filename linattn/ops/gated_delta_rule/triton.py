@@ -97,6 +97,10 @@ FEW_PROGRAMS_STAGES = 2
 # - prepare: forms no such product (the solve, W and U0 keep tf32), so its entry changes nothing.
 # LINATTN_LAUNCH="gated_delta_rule.LOWP_DOTS.forward=1" turns one on for the tests and the benchmark.
 LOWP_DOTS = dict(prepare=False, forward=False, output=False, local_du=False, backward_state=False, backward_chunk=True)
+# backward_chunk keeps tf32 dots below this many key columns a program: at K = 16 Triton 3.6's bf16 dots read shared
+# memory out of bounds (compute-sanitizer on an H200, 8 warps; at 4 warps a fault again in session 6). 32 is untried:
+# LINATTN_LAUNCH="gated_delta_rule.CHUNK_KEYS=32;gated_delta_rule.LOWP_MIN_KEYS=32" tries it.
+LOWP_MIN_KEYS = 64
 # The products of q and k that need no state (q k^T, P U and exp(b) q S in the forward, P^T dO in the backward) run
 # in kernels parallel over chunks (output, local_du), not in the per-sequence loops, which then form two products per
 # chunk (forward) and three (backward_state) instead of five. The backward always splits so; the forward does when
@@ -193,11 +197,10 @@ def _flags(
 def _lowp(dtype: torch.dtype, kernel: str, gpu: bool | None = None, BK: int | None = None) -> bool:
     """Whether ``kernel`` takes bfloat16 dot operands (LOWP): bfloat16 inputs on a GPU, with its LOWP_DOTS on.
 
-    backward_chunk keeps tf32 dots below 64 key channels: there Triton 3.6's bf16 dots read shared memory out of
-    bounds (compute-sanitizer on an H200, K = 16, at 8 warps; at 4 warps, K = 16, a fault again in session 6).
+    backward_chunk keeps tf32 dots below LOWP_MIN_KEYS key channels a program.
     """
     gpu = not triton_interpret() if gpu is None else gpu
-    small = kernel == "backward_chunk" and BK is not None and BK < 64
+    small = kernel == "backward_chunk" and BK is not None and BK < LOWP_MIN_KEYS
     return bool(LOWP_DOTS[kernel]) and dtype == torch.bfloat16 and gpu and not small
 
 
