@@ -67,24 +67,13 @@ def test_wide_value_blocks_of_the_sequence_kernels(case, monkeypatch):
 
 
 @both
-@pytest.mark.parametrize("split, per_v_block", [(False, False), (True, False), (True, True)])
-def test_products_without_the_state_in_either_place(case, split, per_v_block, monkeypatch):
+@pytest.mark.parametrize("split", [False, True])
+def test_products_without_the_state_in_either_place(case, split, monkeypatch):
     """The forward's q k^T, P U and exp(b) q S give the same results in the per-sequence loop as in the per-chunk
-    kernel (SPLIT_FORWARD), with one V block per program or all of them (PER_V_BLOCK, also for the backward's
-    P^T dO); with an initial state and V blocks of both kernels' widths."""
+    kernel (SPLIT_FORWARD); with an initial state, partial chunks and V blocks of both kernels' widths (the
+    backward, with dX stored by backward_state, runs over the same)."""
     monkeypatch.setattr(tri, "SPLIT_FORWARD", split)
-    monkeypatch.setattr(tri, "PER_V_BLOCK", dict(output=per_v_block, local_du=per_v_block))
     tensors, state = case.draw(B=2, T=70, H=1, K=33, V=40, seed=9)
-    check_against_naive(case, *to(tensors, state), "triton", **ON_DEVICE)
-
-
-@both
-@pytest.mark.parametrize("dx_in_state", [False, True])
-def test_dx_formed_in_either_backward_kernel(case, dx_in_state, monkeypatch):
-    """dX = Tinv^T dU formed by backward_state as it finishes each chunk's dU (DX_IN_STATE), or by backward_chunk
-    in each of its passes over V: the same gradients, over partial chunks and two V blocks."""
-    monkeypatch.setattr(tri, "DX_IN_STATE", dx_in_state)
-    tensors, state = case.draw(B=2, T=70, H=1, K=33, V=40, seed=10)
     check_against_naive(case, *to(tensors, state), "triton", **ON_DEVICE)
 
 

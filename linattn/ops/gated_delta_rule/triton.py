@@ -10,8 +10,8 @@ The chunked form of ``chunk.py`` (chunk length 64), in the kernels of ``triton_k
     output           per chunk      o = scale (exp(b) q S + tril(q k^T exp(b_t - b_s)) U)
     local_du         per chunk      dU = scale P^T dO (P the masked, decayed q k^T above), the part of dU
                                     that needs no state
-    backward_state   per sequence   the same loop in reverse on dS, storing dU (or, DX_IN_STATE, dX below) and
-                                    the gradient dS' of each chunk's exit state: dU += (exp(b_C - b) k) dS',
+    backward_state   per sequence   the same loop in reverse on dS, storing dX = Tinv^T dU (below) and the
+                                    gradient dS' of each chunk's exit state: dU += (exp(b_C - b) k) dS',
                                     dS <- exp(b_C) dS' + scale (exp(b) q)^T dO - W^T dU
     backward_chunk   per chunk      dq, dk, dv, dbeta and dg from the chunk's entering state S, dS', U and dU,
                      and key block  through dX = Tinv^T dU: dv = beta dX, dA = -dX U^T (strictly lower)
@@ -107,15 +107,11 @@ LOWP_MIN_KEYS = 64
 # a gradient is wanted (SPLIT_FORWARD), storing every chunk's entering state (float32, as the backward does). Without
 # a gradient the forward's loop forms o itself, and its memory stays that of W and U0.
 SPLIT_FORWARD = True
-# output and local_du: one V block per program (grid NC x H x V / BV), or all of a chunk's V blocks in one program,
-# forming q k^T once. Both pass the GPU tests; one V block per program was slower on an H200 (session 7, T = 4096,
-# B = 16, bf16: delta_rule fwd+bwd 14.83 ms against 13.88), so the loop stays.
-PER_V_BLOCK = dict(output=False, local_du=False)
-# dU enters backward_chunk only as dX = Tinv^T dU, which it formed once per pass over V (twice); DX_IN_STATE has
-# backward_state form it once, as each chunk's dU is final, and store it in dU's place. On an H200 (session 7,
-# T = 4096, B = 16, bf16, fwd+bwd): delta_rule 13.12 ms against 13.67, gated_delta_rule 15.72 against 15.77
+# output and local_du loop over a chunk's V blocks, forming q k^T once; one V block per program was slower on an H200
+# (session 7, T = 4096, B = 16, bf16: delta_rule fwd+bwd 14.83 ms against 13.88). backward_state stores dX = Tinv^T dU
+# in dU's place, formed once as each chunk's dU is final, rather than backward_chunk forming it in each of its two
+# passes over V: on the same card, delta_rule 13.12 ms against 13.67, gated_delta_rule 15.72 against 15.77
 # (backward_state takes 0.7 ms more, backward_chunk about 1 ms less).
-DX_IN_STATE = True
 # CHUNK_KEYS: backward_chunk runs one program per chunk and block of this many key columns (without qk_l2norm),
 # halving its [BT, K] tiles at K = 128; the products over V (dP, dA) are formed in each program. None (or >= K): one
 # program per chunk. On an H200 (session 7, T = 4096, B = 16, bf16, fwd+bwd): delta_rule 12.49 ms against 13.24,
@@ -266,9 +262,8 @@ def forward(q, k, v, g, beta, h0, scale: float, cu_seqlens, qk_l2norm: bool, bet
     if split:
         del w, u0
         bv = _chunk_bv(V)
-        one_v = PER_V_BLOCK["output"]
-        _output_kernel[(lay.NC, H, triton.cdiv(V, bv) if one_v else 1)](
-            q, k, g_, states, u, lay.chunks, o, scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=bv, ONE_V=one_v,
+        _output_kernel[(lay.NC, H)](
+            q, k, g_, states, u, lay.chunks, o, scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=bv,
             **_launch("output", q.dtype, BK, bv), **_flags(q.dtype, g is not None, qk_l2norm, "output"),
         )  # fmt: skip
     return o.to(v.dtype), ht, tinv
@@ -306,15 +301,15 @@ def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l
     du = torch.empty_like(u)
     dh0 = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None
     bv_chunk = _chunk_bv(V)
-    one_v = PER_V_BLOCK["local_du"]  # du = scale P^T dO, per chunk; backward_state adds the states' share
-    _local_du_kernel[(lay.NC, H, triton.cdiv(V, bv_chunk) if one_v else 1)](
-        q, k, g_, do, lay.chunks, du, scale, BV=bv_chunk, ONE_V=one_v,
+    # du = scale P^T dO, per chunk; backward_state adds the states' share
+    _local_du_kernel[(lay.NC, H)](
+        q, k, g_, do, lay.chunks, du, scale, BV=bv_chunk,
         **_launch("local_du", q.dtype, BK, bv_chunk), **common, **flags("local_du"),
     )  # fmt: skip
     _backward_state_kernel[(NV, lay.N * H)](
         q, k, g_, w, do, dht if dht is not None else dummy, lay.cu, lay.first, dstates, du,
         dh0 if dh0 is not None else dummy, tinv, scale,
-        BV=BV, HAS_DHT=dht is not None, STORE_DH0=h0 is not None, STORE_DX=DX_IN_STATE,
+        BV=BV, HAS_DHT=dht is not None, STORE_DH0=h0 is not None,
         **_launch("backward_state", q.dtype, BK, BV), **common, **flags("backward_state"),
     )  # fmt: skip
     del w
@@ -329,9 +324,9 @@ def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l
     dg = torch.empty(NK, B, T, H, dtype=dg_dtype, device=q.device) if g is not None else None
     dbeta = torch.empty(NK, B, T, H, dtype=torch.float32, device=q.device)
     _backward_chunk_kernel[(lay.NC, H, NK)](
-        q, k, v, g_, beta, tinv, u, du, do, lay.chunks, states, dstates,
+        q, k, v, g_, beta, u, du, do, lay.chunks, states, dstates,
         dq, dk, dv, dg if dg is not None else dummy, dbeta, scale, B * T * H,
-        BV=bv_chunk, BETA_LOGIT=beta_is_logit, DX_GIVEN=DX_IN_STATE,
+        BV=bv_chunk, BETA_LOGIT=beta_is_logit,
         **_launch("backward_chunk", q.dtype, bk, bv_chunk), **dict(common, BK=bk),
         **_flags(q.dtype, g is not None, qk_l2norm, "backward_chunk", BK=bk),
     )  # fmt: skip
@@ -515,15 +510,13 @@ def compile_variants():
             yield f"forward BV={bv} {label}", _forward_kernel, ptrs, common["forward"] | out, opts["forward"]
             states = out | dict(STORE_O=False, STORE_HT=False, STORE_STATES=True)
             yield f"forward states BV={bv} {label}", _forward_kernel, ptrs, common["forward"] | states, opts["forward"]
-            state = common["backward_state"] | dict(BV=bv, HAS_DHT=True, STORE_DH0=True, STORE_DX=DX_IN_STATE)
+            state = common["backward_state"] | dict(BV=bv, HAS_DHT=True, STORE_DH0=True)
             yield f"backward state BV={bv} {label}", _backward_state_kernel, ptrs, state, opts["backward_state"]
-        for one_v in (False, True):
-            per = dict(BV=BV_CHUNK, ONE_V=one_v)
-            yield f"output ONE_V={one_v} {label}", _output_kernel, ptrs, common["output"] | per, opts["output"]
-            yield f"local du ONE_V={one_v} {label}", _local_du_kernel, ptrs, common["local_du"] | per, opts["local_du"]
+        yield f"output {label}", _output_kernel, ptrs, common["output"] | dict(BV=BV_CHUNK), opts["output"]
+        yield f"local du {label}", _local_du_kernel, ptrs, common["local_du"] | dict(BV=BV_CHUNK), opts["local_du"]
         for l2 in sorted({opt, False}):  # key columns per program: CHUNK_KEYS, or all of them with qk_l2norm
             bk = _chunk_keys(BK, l2)
-            chunk = dict(BV=BV_CHUNK, BETA_LOGIT=opt, DX_GIVEN=DX_IN_STATE, BK=bk)
+            chunk = dict(BV=BV_CHUNK, BETA_LOGIT=opt, BK=bk)
             chunk |= _flags(torch_dtype, gated, l2, "backward_chunk", gpu=True, BK=bk)
             scalars = dict(scalars=dict(scale="fp32", part="i32"))
             chunk_opts = _launch("backward_chunk", torch_dtype, bk, BV_CHUNK) | scalars

@@ -175,7 +175,6 @@ def _output_kernel(
     BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
-    ONE_V: tl.constexpr,
     HAS_G: tl.constexpr,
     L2NORM: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -184,8 +183,8 @@ def _output_kernel(
     PRECISE_EXP: tl.constexpr,
 ):
     # Per chunk, from the state entering it (S) and U, both stored by _forward_kernel (STORE_STATES):
-    # o = scale (exp(b) q S + tril(q k^T exp(b_t - b_s)) U), off the sequential path. ONE_V: one V block per
-    # program (axis 2), else every V block in turn, with q k^T formed once for them all.
+    # o = scale (exp(b) q S + tril(q k^T exp(b_t - b_s)) U), off the sequential path, every V block in turn
+    # with q k^T formed once for them all.
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     lo, hi = chunk_bounds(chunks, i_c)
@@ -201,27 +200,15 @@ def _output_kernel(
     gamma, e_b, _, _ = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
     P = mm_lowp(b_q, b_kT, DOT_PREC, ROUND, LOWP, LOWP_TY) * gamma
     b_qs = b_q * e_b[:, None]
-    if ONE_V:
-        _output_block(tl.program_id(2), b_qs, P, states + state, u, o, tok, m_t, o_k, scale, K, V, BV, DOT_PREC,
-                      ROUND, LOWP, LOWP_TY)  # fmt: skip
-    else:
-        for i_v in range(0, tl.cdiv(V, BV)):
-            _output_block(i_v, b_qs, P, states + state, u, o, tok, m_t, o_k, scale, K, V, BV, DOT_PREC, ROUND,
-                          LOWP, LOWP_TY)  # fmt: skip
-
-
-@triton.jit
-def _output_block(i_v, b_qs, P, state, u, o, tok, m_t, o_k, scale, K: tl.constexpr, V: tl.constexpr,
-                  BV: tl.constexpr, DOT_PREC: tl.constexpr, ROUND: tl.constexpr, LOWP: tl.constexpr,
-                  LOWP_TY: tl.constexpr):  # fmt: skip
-    """One V block of _output_kernel's o."""
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_tv = m_t[:, None] & (o_v < V)[None, :]
-    S = tl.load(state + o_k[:, None] * V + o_v[None, :], mask=(o_k < K)[:, None] & (o_v < V)[None, :], other=0.0)
-    b_u = tl.load(u + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
-    b_o = mm_lowp(b_qs, S, DOT_PREC, ROUND, LOWP, LOWP_TY)
-    b_o += mm_lowp(P, b_u, DOT_PREC, ROUND, LOWP, LOWP_TY)
-    tl.store(o + tok[:, None] * V + o_v[None, :], (scale * b_o).to(o.dtype.element_ty), mask=m_tv)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        kv = o_k[:, None] * V + o_v[None, :]
+        S = tl.load(states + state + kv, mask=(o_k < K)[:, None] & (o_v < V)[None, :], other=0.0)
+        b_u = tl.load(u + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+        b_o = mm_lowp(b_qs, S, DOT_PREC, ROUND, LOWP, LOWP_TY)
+        b_o += mm_lowp(P, b_u, DOT_PREC, ROUND, LOWP, LOWP_TY)
+        tl.store(o + tok[:, None] * V + o_v[None, :], (scale * b_o).to(o.dtype.element_ty), mask=m_tv)
 
 
 @triton.jit
@@ -239,7 +226,6 @@ def _local_du_kernel(
     BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
-    ONE_V: tl.constexpr,
     HAS_G: tl.constexpr,
     L2NORM: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -248,7 +234,7 @@ def _local_du_kernel(
     PRECISE_EXP: tl.constexpr,
 ):
     # Per chunk: du = scale P^T dO (float32), the share of dU within the chunk, for _backward_state_kernel to
-    # complete with the states' share. ONE_V: as in _output_kernel.
+    # complete with the states' share.
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     lo, hi = chunk_bounds(chunks, i_c)
@@ -262,24 +248,14 @@ def _local_du_kernel(
     b_qT, _ = load_rows(q, tok, m_t, o_k, K, L2NORM, True)
     gamma, _, _, _ = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
     PT = mm_lowp(b_k, b_qT, DOT_PREC, ROUND, LOWP, LOWP_TY) * tl.trans(gamma)
-    if ONE_V:
-        _local_du_block(tl.program_id(2), PT, do, du, tok, m_t, scale, V, BV, DOT_PREC, ROUND, LOWP, LOWP_TY)
-    else:
-        for i_v in range(0, tl.cdiv(V, BV)):
-            _local_du_block(i_v, PT, do, du, tok, m_t, scale, V, BV, DOT_PREC, ROUND, LOWP, LOWP_TY)
-
-
-@triton.jit
-def _local_du_block(i_v, PT, do, du, tok, m_t, scale, V: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr,
-                    ROUND: tl.constexpr, LOWP: tl.constexpr, LOWP_TY: tl.constexpr):  # fmt: skip
-    """One V block of _local_du_kernel's du."""
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_tv = m_t[:, None] & (o_v < V)[None, :]
-    b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
-    if not LOWP:
-        b_do = b_do.to(tl.float32)
-    b_du = scale * mm_lowp(PT, b_do, DOT_PREC, ROUND, LOWP, LOWP_TY)
-    tl.store(du + tok[:, None] * V + o_v[None, :], b_du, mask=m_tv)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+        if not LOWP:
+            b_do = b_do.to(tl.float32)
+        b_du = scale * mm_lowp(PT, b_do, DOT_PREC, ROUND, LOWP, LOWP_TY)
+        tl.store(du + tok[:, None] * V + o_v[None, :], b_du, mask=m_tv)
 
 
 @triton.jit
@@ -306,7 +282,6 @@ def _backward_state_kernel(
     HAS_G: tl.constexpr,
     HAS_DHT: tl.constexpr,
     STORE_DH0: tl.constexpr,
-    STORE_DX: tl.constexpr,
     L2NORM: tl.constexpr,
     DOT_PREC: tl.constexpr,
     ROUND: tl.constexpr,
@@ -316,7 +291,8 @@ def _backward_state_kernel(
     # The forward's chunk loop run backwards on the state gradient dS [K, BV]; stores the gradient of the
     # state leaving each chunk and dU (float32).  dU = scale P^T dO + (exp(b_C - b) k) dS;
     # dS <- exp(b_C) dS + scale (exp(b) q)^T dO - W^T dU.  du holds scale P^T dO on entry (_local_du_kernel,
-    # parallel over chunks), so the sequential loop forms neither P nor P^T dO. STORE_DX: du gets dX = Tinv^T dU.
+    # parallel over chunks), so the sequential loop forms neither P nor P^T dO. du gets dX = Tinv^T dU in dU's
+    # place, the one form in which backward_chunk needs it, formed once here as each chunk's dU is final.
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -343,11 +319,8 @@ def _backward_state_kernel(
         b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM)
         b_du = tl.load(du + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
         b_du += mm_lowp(b_k * e_end[:, None], dS, DOT_PREC, ROUND, LOWP, LOWP_TY)
-        if STORE_DX:  # dX = Tinv^T dU in place of dU, the one form in which backward_chunk needs it
-            TiT = tl.load(tinv + tok[None, :] * BT + o_t[:, None], mask=m_t[None, :], other=0.0)
-            tl.store(du + tok[:, None] * V + o_v[None, :], mm(TiT, b_du, DOT_PREC, ROUND), mask=m_tv)
-        else:
-            tl.store(du + tok[:, None] * V + o_v[None, :], b_du, mask=m_tv)
+        TiT = tl.load(tinv + tok[None, :] * BT + o_t[:, None], mask=m_t[None, :], other=0.0)
+        tl.store(du + tok[:, None] * V + o_v[None, :], mm(TiT, b_du, DOT_PREC, ROUND), mask=m_tv)
         b_qT, _ = load_rows(q, tok, m_t, o_k, K, L2NORM, True)
         b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
         if not LOWP:
@@ -366,7 +339,6 @@ def _backward_chunk_kernel(
     v,
     g,
     beta,
-    tinv,
     u,
     du,
     do,
@@ -389,15 +361,15 @@ def _backward_chunk_kernel(
     HAS_G: tl.constexpr,
     L2NORM: tl.constexpr,
     BETA_LOGIT: tl.constexpr,
-    DX_GIVEN: tl.constexpr,
     DOT_PREC: tl.constexpr,
     ROUND: tl.constexpr,
     LOWP: tl.constexpr,
     PRECISE_EXP: tl.constexpr,
 ):
-    # Per chunk, from the state entering it (S), the gradient of the state leaving it (dS'), U and dU:
-    # every input gradient. U = Tinv R with R = beta (v - exp(b) k S) and Tinv = (I + A)^-1, so with
-    # dX = Tinv^T dU: dR = dX, dA = -dX U^T (strictly lower), and R's share of dk is -beta exp(b) dX S^T.
+    # Per chunk, from the state entering it (S), the gradient of the state leaving it (dS'), U and dX (which
+    # _backward_state_kernel stores in du): every input gradient. U = Tinv R with R = beta (v - exp(b) k S) and
+    # Tinv = (I + A)^-1, so with dX = Tinv^T dU: dR = dX, dA = -dX U^T (strictly lower), and R's share of dk is
+    # -beta exp(b) dX S^T.
     # Two passes over the V blocks keep few [BT, K] tiles live: the first gathers what needs the states
     # (dq, dk of S's products), the second the [BT, BT] gradients dP, dA and dv.
     # Each program takes the key columns i_k BK .. (i_k + 1) BK (all of them when BK >= K; L2NORM needs whole
@@ -415,8 +387,6 @@ def _backward_chunk_kernel(
     m_tk = m_t[:, None] & (o_k < K)[None, :]
     tok = (lo + o_t) * H + i_h
     strict = o_t[:, None] > o_t[None, :]
-    if not DX_GIVEN:  # else du holds dX already (_backward_state_kernel, STORE_DX)
-        TiT = tl.trans(tl.load(tinv + tok[:, None] * BT + o_t[None, :], mask=m_t[:, None], other=0.0))
     state = (i_c * H + i_h).to(tl.int64) * K * V
 
     # 1. The products with the states, over the V blocks.
@@ -435,11 +405,7 @@ def _backward_chunk_kernel(
         b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
         if not LOWP:
             b_do = b_do.to(tl.float32)
-        b_du = tl.load(du + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
-        if DX_GIVEN:
-            d_x = b_du
-        else:
-            d_x = mm(TiT, b_du, DOT_PREC, ROUND)
+        d_x = tl.load(du + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)  # dX (_backward_state_kernel)
         d_qs += mm_lowp(b_do, tl.trans(S), DOT_PREC, ROUND, LOWP, LOWP_TY)
         d_kend += mm_lowp(b_u, tl.trans(dSn), DOT_PREC, ROUND, LOWP, LOWP_TY)
         d_xw -= mm(d_x, tl.trans(S), DOT_PREC, ROUND)
@@ -473,11 +439,7 @@ def _backward_chunk_kernel(
         b_v = tl.load(v + tok[:, None] * V + o_v[None, :], mask=m_dv, other=0.0).to(tl.float32)
         if not LOWP:
             b_do = b_do.to(tl.float32)
-        b_du = tl.load(du + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
-        if DX_GIVEN:
-            d_x = b_du
-        else:
-            d_x = mm(TiT, b_du, DOT_PREC, ROUND)  # gradient of beta v
+        d_x = tl.load(du + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)  # gradient of beta v
         tl.store(dv + tok[:, None] * V + o_v[None, :], (d_x * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_dv)
         d_beta += tl.sum(d_x * b_v, axis=1)
         dP += mm_lowp(b_do, tl.trans(b_u), DOT_PREC, ROUND, LOWP, LOWP_TY)
