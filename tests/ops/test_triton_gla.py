@@ -48,6 +48,24 @@ def test_triton_head_dims_beyond_one_block(K, V):
     check_against_naive(CASE, *to(tensors, state), "triton", **ON_DEVICE)
 
 
+@pytest.mark.parametrize("state_kernel", [False, True])
+def test_state_products_in_dqkg_or_their_own_kernel(state_kernel, monkeypatch):
+    """dqkg forming dO S^T, V dS^T and sum_v S dS itself, or reading them from dqk_state (STATE_KERNEL), here with
+    key blocks of 16 (three, the last partly past K = 40) and packed sequences across chunks: the same gradients."""
+    monkeypatch.setattr(tri, "STATE_KERNEL", state_kernel)
+    launch = tri._launch
+
+    def narrow(dtype, K, V):
+        cfg = launch(dtype, K, V)
+        cfg["dqk_state"].update(BK=16, num_warps=4)
+        return cfg
+
+    monkeypatch.setattr(tri, "_launch", narrow)
+    cu_seqlens = torch.tensor([0, 70, 71, 150])
+    tensors, state = CASE.draw(B=1, T=150, H=2, K=40, V=24, seed=9, N=3)
+    check_against_naive(CASE, *to(tensors, state), "triton", cu_seqlens=cu_seqlens.to(DEVICE), **ON_DEVICE)
+
+
 @pytest.mark.parametrize("gates", [0.0, -30.0, -1e4, "mixed"])
 def test_triton_extreme_gates(gates):
     """No decay, and decay so strong that the state resets every token: no overflow, no NaN."""

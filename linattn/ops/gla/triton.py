@@ -35,7 +35,7 @@ from linattn.ops.common.triton_utils import (
     store_dtype,
     triton_unsupported,
 )
-from linattn.ops.gla.triton_backward import _dA_kernel, _dqkg_kernel, _dv_kernel
+from linattn.ops.gla.triton_backward import _dA_kernel, _dqk_state_kernel, _dqkg_kernel, _dv_kernel
 from linattn.ops.gla.triton_kernels import _diag_kernel, _intra_kernel, _state_kernel
 
 BT = 64  # chunk length
@@ -47,6 +47,11 @@ BC = 16  # sub-chunk length: the smallest tl.dot tile
 # 24.13 ms as a plain loop, 23.41 unrolled 4 times, 25.94 unrolled 16 times, 26.49 and 25.57 with 2 and 3 stages.
 # Unrolled 4 times the GLA GPU tests pass (39).
 ROW_LOOP = dict(J_STAGES=1, J_UNROLL=4)
+# STATE_KERNEL: the dq/dk/dg backward's products with the states (dO S^T, V dS^T, sum_v S dS) run in a kernel of their
+# own over key blocks of up to 128 (dqk_state; sm_90 compile, bf16, 8 warps, V blocks of 32: no spills), stored as
+# float32 [B, T, H, K] twice, rather than in every 16-column key block of dqkg, each of which read dO and V again.
+# Not yet timed on a GPU: LINATTN_LAUNCH="gla.STATE_KERNEL=1".
+STATE_KERNEL = False
 
 
 def _pow2(n: int, lo: int = 16, hi: int = 256) -> int:
@@ -73,6 +78,7 @@ def _launch(dtype: torch.dtype, K: int, V: int) -> dict:
         state=dict(BK=min(BK, 64), BV=_pow2(V, hi=64), num_warps=8),
         dv=dict(BK=min(BK, 64), BV=_pow2(V, hi=64), num_warps=4),
         dqkg=dict(BK=16, BV=_pow2(V, hi=32), num_warps=4, num_stages=1, **ROW_LOOP),
+        dqk_state=dict(BK=min(BK, 128), BV=_pow2(V, hi=32), num_warps=8 if BK >= 64 else 4),
     )
     if dtype == torch.float32 or BK > 128:  # Triton 3.6 on an H200 wanted 235-319 KB of shared memory at K = 256
         for c in cfg.values():
@@ -164,10 +170,20 @@ def backward(do, dht, q, k, v, g, h0, ht, scale: float, cu_seqlens):
     dq = torch.empty(q.shape, dtype=store_dtype(q.dtype), device=q.device)
     dk = torch.empty(k.shape, dtype=store_dtype(k.dtype), device=q.device)
     dg = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
+    dqs = dks = dc = dg  # placeholders unless STATE_KERNEL
+    if STATE_KERNEL:
+        dqs = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
+        dks = torch.empty_like(dqs)
+        dc = torch.empty(lay.NC, H, K, dtype=torch.float32, device=q.device)
+        c = cfg["dqk_state"]
+        _dqk_state_kernel[(lay.NC, H, triton.cdiv(K, c["BK"]))](
+            v, do, lay.chunks, states, dstates, dqs, dks, dc, H=H, K=K, V=V, BT=BT, LOWP=lowp,
+            DOT_PREC=flags["DOT_PREC"], ROUND=flags["ROUND"], **c,
+        )  # fmt: skip
     c = cfg["dqkg"]
     _dqkg_kernel[(lay.NC, H, triton.cdiv(K, c["BK"]))](
-        q, k, v, do, hi, lo, dA, lay.chunks, states, dstates, dq, dk, dg, scale,
-        H=H, K=K, V=V, BT=BT, BC=BC, LOWP=lowp, **c, **flags,
+        q, k, v, do, hi, lo, dA, lay.chunks, states, dstates, dqs, dks, dc, dq, dk, dg, scale,
+        H=H, K=K, V=V, BT=BT, BC=BC, LOWP=lowp, STATE_GIVEN=STATE_KERNEL, **c, **flags,
     )  # fmt: skip
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dh0
 
@@ -210,7 +226,9 @@ def compile_variants():
             ("dstates", _state_kernel, state | rev, cfg["state"]),
             ("dv", _dv_kernel, dict(LOWP=lowp), cfg["dv"]),
             ("dA", _dA_kernel, dict(LOWP=lowp), cfg["dA"]),
-            ("dqkg", _dqkg_kernel, dict(BC=BC, LOWP=lowp), cfg["dqkg"]),
+            ("dqkg", _dqkg_kernel, dict(BC=BC, LOWP=lowp, STATE_GIVEN=False), cfg["dqkg"]),
+            ("dqkg given the state products", _dqkg_kernel, dict(BC=BC, LOWP=lowp, STATE_GIVEN=True), cfg["dqkg"]),
+            ("dqk_state", _dqk_state_kernel, dict(LOWP=lowp), cfg["dqk_state"]),
         ]
         if dt == "bf16":
             kernels += [

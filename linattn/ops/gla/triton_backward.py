@@ -119,6 +119,73 @@ def _dA_kernel(
 
 
 @triton.jit
+def _state_products(do, v, states, dstates, state, o_t, m_t, o_k, m_k, H: tl.constexpr, V: tl.constexpr,
+                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LOWP: tl.constexpr, DOT_PREC: tl.constexpr,
+                    ROUND: tl.constexpr):  # fmt: skip
+    """What needs the whole value dim, for one chunk's key block: dO S^T, V dS^T [BT, BK] and sum_v S dS [BK],
+    with do and v offset to the chunk's first row and head, and ``state`` the chunk's offset in states."""
+    LOWP_TY: tl.constexpr = do.dtype.element_ty
+    d_qs = tl.zeros([BT, BK], dtype=tl.float32)
+    d_ks = tl.zeros([BT, BK], dtype=tl.float32)
+    d_c = tl.zeros([BK], dtype=tl.float32)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        m_kv = m_k[:, None] & (o_v < V)[None, :]
+        t_v = o_t[:, None] * (H * V) + o_v[None, :]
+        b_do = dot_operand(tl.load(do + t_v, mask=m_tv, other=0.0), ROUND, LOWP, LOWP_TY)
+        b_v = dot_operand(tl.load(v + t_v, mask=m_tv, other=0.0), ROUND, LOWP, LOWP_TY)
+        S = tl.load(states + state + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
+        dS = tl.load(dstates + state + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
+        d_qs += tl.dot(b_do, tl.trans(dot_operand(S, ROUND, LOWP, LOWP_TY)), input_precision=DOT_PREC)
+        d_ks += tl.dot(b_v, tl.trans(dot_operand(dS, ROUND, LOWP, LOWP_TY)), input_precision=DOT_PREC)
+        d_c += tl.sum(S * dS, 1)
+    return d_qs, d_ks, d_c
+
+
+@triton.jit
+def _dqk_state_kernel(
+    v,
+    do,
+    chunks,
+    states,
+    dstates,
+    dqs,
+    dks,
+    dc,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    LOWP: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    ROUND: tl.constexpr,
+):
+    # Per chunk, head and key block (wider than _dqkg_kernel's): _state_products, stored for _dqkg_kernel
+    # (STATE_GIVEN) as dqs = dO S^T and dks = V dS^T [.., T, H, K] and dc = sum_v S dS [NC, H, K], float32.
+    i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t_lo, t_hi = chunk_bounds(chunks, i_c)
+    if t_hi <= t_lo:
+        return
+    o_t = tl.arange(0, BT)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_t = t_lo + o_t < t_hi
+    m_k = o_k < K
+    row0 = t_lo * H + i_h
+    state = (i_c * H + i_h).to(tl.int64) * K * V
+    d_qs, d_ks, d_c = _state_products(
+        do + row0 * V, v + row0 * V, states, dstates, state, o_t, m_t, o_k, m_k,
+        H, V, BT, BK, BV, LOWP, DOT_PREC, ROUND,
+    )  # fmt: skip
+    ptr = row0 * K + o_t[:, None] * (H * K) + o_k[None, :]
+    tl.store(dqs + ptr, d_qs, mask=m_t[:, None] & m_k[None, :])
+    tl.store(dks + ptr, d_ks, mask=m_t[:, None] & m_k[None, :])
+    tl.store(dc + (i_c * H + i_h) * K + o_k, d_c, mask=m_k)
+
+
+@triton.jit
 def _dqkg_kernel(
     q,
     k,
@@ -130,6 +197,9 @@ def _dqkg_kernel(
     chunks,
     states,
     dstates,
+    dqs,
+    dks,
+    dc,
     dq,
     dk,
     dg,
@@ -147,12 +217,12 @@ def _dqkg_kernel(
     PRECISE_EXP: tl.constexpr,
     J_STAGES: tl.constexpr,
     J_UNROLL: tl.constexpr,
+    STATE_GIVEN: tl.constexpr,
 ):
     # Per chunk, head and key block: dq, dk and dg (every term is per key channel, given dA).
     # J_STAGES, J_UNROLL: software-pipelining stages and unrolling of the loop over rows j inside sub-chunks,
     # whose small loads (rows of k, q, hi, lo, dA) would otherwise each wait for memory.
     NS: tl.constexpr = BT // BC
-    LOWP_TY: tl.constexpr = do.dtype.element_ty
     i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t_lo, t_hi = chunk_bounds(chunks, i_c)
     if t_hi <= t_lo:
@@ -171,23 +241,17 @@ def _dqkg_kernel(
     is_last = o_t == t_hi - t_lo - 1
     last = (t_hi - t_lo - 1) * (H * K)
 
-    # What needs the whole value dim: the state terms dO S^T, V dS^T, sum_v S dS.
-    d_qs = tl.zeros([BT, BK], dtype=tl.float32)
-    d_ks = tl.zeros([BT, BK], dtype=tl.float32)
-    d_c = tl.zeros([BK], dtype=tl.float32)
-    state = (i_c * H + i_h).to(tl.int64) * K * V
-    for i_v in range(0, tl.cdiv(V, BV)):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_tv = m_t[:, None] & (o_v < V)[None, :]
-        m_kv = m_k[:, None] & (o_v < V)[None, :]
-        t_v = o_t[:, None] * (H * V) + o_v[None, :]
-        b_do = dot_operand(tl.load(do + t_v, mask=m_tv, other=0.0), ROUND, LOWP, LOWP_TY)
-        b_v = dot_operand(tl.load(v + t_v, mask=m_tv, other=0.0), ROUND, LOWP, LOWP_TY)
-        S = tl.load(states + state + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
-        dS = tl.load(dstates + state + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
-        d_qs += tl.dot(b_do, tl.trans(dot_operand(S, ROUND, LOWP, LOWP_TY)), input_precision=DOT_PREC)
-        d_ks += tl.dot(b_v, tl.trans(dot_operand(dS, ROUND, LOWP, LOWP_TY)), input_precision=DOT_PREC)
-        d_c += tl.sum(S * dS, 1)
+    # What needs the whole value dim: the state terms dO S^T, V dS^T, sum_v S dS (STATE_GIVEN: from
+    # _dqk_state_kernel, which forms them for wider key blocks, so that dO and V are read fewer times).
+    if STATE_GIVEN:
+        d_qs = tl.load(dqs + row0 * K + ptr, mask=m_tk, other=0.0)
+        d_ks = tl.load(dks + row0 * K + ptr, mask=m_tk, other=0.0)
+        d_c = tl.load(dc + (i_c * H + i_h) * K + o_k, mask=m_k, other=0.0)
+    else:
+        state = (i_c * H + i_h).to(tl.int64) * K * V
+        d_qs, d_ks, d_c = _state_products(
+            do, v, states, dstates, state, o_t, m_t, o_k, m_k, H, V, BT, BK, BV, LOWP, DOT_PREC, ROUND
+        )
     b_dA = tl.load(dA + o_t[:, None] * (H * BT) + o_t[None, :], mask=m_t[:, None], other=0.0)
 
     b_q = tl.load(q + ptr, mask=m_tk, other=0.0).to(tl.float32)
