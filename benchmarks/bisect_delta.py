@@ -1,8 +1,11 @@
 """Which delta-rule kernel breaks under a launch setting that Triton 3.6 miscompiles (towards an upstream reproducer).
 
-On an H200, two settings end in illegal memory accesses or wrong gradients, so the library does not use them:
+On an H200, two settings ended in illegal memory accesses or wrong gradients:
 - 8 warps over small tiles (keys of 16 channels, or V blocks of 16; session 4): ``_warps`` refuses them;
-- bfloat16 dot operands (``LOWP_DOTS``; sessions 4 and 5, at 4 warps and with 1 or 2 stages): off.
+- bfloat16 dot operands in the per-sequence and per-chunk forward kernels (``LOWP_DOTS``; sessions 4 to 7). Session 8
+  found the cause: Triton 3.6's sm_90 ptxas (12.8). Assembled by its 12.9 they pass, and the library now switches to
+  it for its kernels (linattn/ops/common/ptxas.py). LINATTN_PTXAS=triton keeps 12.8 (and the dots off): with
+  ``lowp`` here that brings the faults back. Whether the 8-warp faults share the cause is not known.
 
 This script turns a setting on for one kernel at a time, each in a process of its own (a CUDA fault poisons the
 process), and prints per kernel whether the op ran and its worst gradient error against the chunked PyTorch path
@@ -46,7 +49,7 @@ class _Forced:
 @contextlib.contextmanager
 def forced(mode: str, kernel: str):
     """Within the block, ``kernel`` (one of KERNELS) of the delta-rule launchers takes the setting of ``mode``; the
-    others keep the library's. For "lowp", LOWP_DOTS stays as it is (off), so W stays float32 for every kernel.
+    others keep the library's. For "lowp", LOWP_DOTS stays as it is, and so does W's dtype.
     Once a kernel is cleared here, LINATTN_LAUNCH="gated_delta_rule.LOWP_DOTS.<kernel>=1" runs the GPU tests and
     the benchmark with it (benchmarks/launch_variants.sh)."""
     from linattn.ops.gated_delta_rule import triton as tri

@@ -99,6 +99,16 @@ def test_launch_choices(monkeypatch):
         assert tri._flags(torch.bfloat16, True, False, kernel, gpu=True)["LOWP"] == on
         assert not tri._flags(torch.bfloat16, True, False, kernel, gpu=False)["LOWP"]
         assert not tri._flags(torch.float16, True, False, kernel, gpu=True)["LOWP"]
+    # found out on a GPU (gpu=None): the kernels that need a trusted ptxas take them only where it is trusted
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for trusted in (False, True):
+        monkeypatch.setattr(tri.ptxas, "lowp_trusted", lambda trusted=trusted: trusted)
+        for kernel, on in tri.LOWP_DOTS.items():
+            expected = on and (trusted or kernel not in tri.NEEDS_FIXED_PTXAS)
+            assert tri._flags(torch.bfloat16, True, False, kernel)["LOWP"] == expected, (kernel, trusted)
+    assert tri.NEEDS_FIXED_PTXAS < {k for k, on in tri.LOWP_DOTS.items() if on}
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not tri._flags(torch.bfloat16, True, False, "forward")["LOWP"]
     # backward_chunk keeps tf32 dots below 64 key channels, whatever LOWP_DOTS says
     monkeypatch.setitem(tri.LOWP_DOTS, "backward_chunk", True)
     assert tri._flags(torch.bfloat16, True, False, "backward_chunk", gpu=True, BK=128)["LOWP"]
@@ -237,6 +247,22 @@ gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA: the kernels' compiled for
 @pytest.mark.parametrize("T", [1, 300])
 def test_gpu_triton_matches_reference(case, dtype, T):
     tensors, state = case.draw(B=2, T=T, H=2, K=128, V=128, dtype=dtype, seed=T)
+    check_against_naive(case, *to(tensors, state), "triton", reference="chunk", plain_in_dtype=True)
+
+
+@gpu
+@both
+def test_gpu_bfloat16_operands_wide_value_blocks_and_w(case, monkeypatch):
+    """bfloat16 on a GPU whose ptxas is trusted: every kernel with bfloat16 dot operands, W stored in bfloat16 and
+    the per-sequence kernels' V blocks of BV_MAX_LOWP (V = 80: two blocks of 64, the second partial). Only a GPU can
+    check this: Triton's interpreter multiplies bfloat16 tiles wrongly (a 16 x 16 product of casts is off by 1e10)."""
+    if not tri.ptxas.lowp_trusted():
+        pytest.skip("no trusted ptxas here: the kernels keep tf32 dots")
+    assert all(tri._lowp(torch.bfloat16, kernel) for kernel, on in tri.LOWP_DOTS.items() if on)
+    assert tri._w_dtype(torch.bfloat16) == torch.bfloat16
+    monkeypatch.setattr(tri, "FULL_GPU", 0)
+    assert tri._sequence_bv(64, 80, 1, torch.bfloat16) == tri.BV_MAX_LOWP == 64
+    tensors, state = case.draw(B=2, T=200, H=2, K=64, V=80, dtype=torch.bfloat16, seed=9)
     check_against_naive(case, *to(tensors, state), "triton", reference="chunk", plain_in_dtype=True)
 
 

@@ -28,7 +28,10 @@ q k^T, (exp(b) q) S, P U when it forms o); output: the same three; local_du: k q
 (exp(b_C - b) k) dS', (exp(b) q)^T dO, W^T dU; backward_chunk: dO S^T, U dS'^T, dO U^T, q k^T, dP k, dP^T q,
 G k, G^T k (G = beta exp(b_t - b_s) dA). The solve and every product with Tinv or from it (W and U0 in prepare,
 Tinv^T dU, dX S^T, dX U^T, and k k^T as A) keep tf32 (rounded), as the plain run's triangular solve keeps
-float32. W, states, U, dU and all accumulators stay float32.
+float32. States, U, dU and all accumulators stay float32; W too, unless both kernels that read it take bfloat16
+operands (then it is stored in bfloat16: LOWP_STORE). forward, output, local_du and backward_state take them
+only where the ptxas that assembles them is trusted with them (``common/ptxas.py``); the op's launches run inside
+``ptxas.assembler()``, which on Hopper with Triton 3.6 assembles them with the newer of Triton's two ptxas.
 
 Gates stay in log space: b is the chunk-local cumulative sum (float64, split into a float32 pair by
 ``chunk_log_decay``) and every exponent used, b_t - b_s for s <= t, b and b_C - b, is <= 0, so gates
@@ -46,6 +49,7 @@ import torch
 import triton
 
 from linattn.ops._contract import RECURRENT_MAX_T, triton_interpret
+from linattn.ops.common import ptxas
 from linattn.ops.common.triton_ops import fake_state
 from linattn.ops.common.triton_recurrent import recurrent as common_recurrent
 from linattn.ops.common.triton_utils import (
@@ -67,7 +71,14 @@ from linattn.ops.gated_delta_rule.triton_kernels import (
 )
 
 BT = 64  # chunk length
-BV_MAX = 32  # value columns per program of the per-sequence kernels
+# Value columns per program of the per-sequence kernels (forward, backward_state): BV_MAX with tf32 dots, BV_MAX_LOWP
+# with bfloat16 operands (LOWP; half the operand bytes). On an H200 (session 8, T = 4096, B = 16, bf16, one call)
+# 64 against 32 took delta_rule fwd+bwd 10.19 ms against 11.31, gated_delta_rule 12.78 against 14.17.
+BV_MAX = 32
+BV_MAX_LOWP = 64
+# W stored in bfloat16 where forward and backward_state take bfloat16 operands: they round it so for their products
+# anyway, so nothing changes but the bytes (W is read once per V block of each).
+LOWP_STORE = True
 BV_CHUNK = 32  # value columns per step of the per-chunk backward's loops
 # Launch options by kernel. Every kernel holds several [BT, K] float32 tiles: at 4 warps each spills 0.3-3.6 KB of
 # registers per thread (compile_kernels --resources), yet on an H200 (T = 4096, B = 16, bf16) 4 warps measured
@@ -84,19 +95,19 @@ NUM_STAGES = dict(prepare=1, forward=1, output=1, local_du=1, backward_state=1, 
 # 26.2 with 1 (delta_rule: 19.1 against 18.8).
 FEW_PROGRAMS = 132
 FEW_PROGRAMS_STAGES = 2
-# bf16 operands for bf16 inputs on a GPU (see the module docstring), by kernel; H200, Triton 3.6, session 6:
-# - backward_chunk: on. Right at K = 128 (gradient errors 4-5e-3 of the largest, as with tf32); the GPU tests passed
-#   in three runs, and in a fourth one test's worker crashed in a path since removed (backward_state forming P^T dO
-#   itself; whether the bf16 operands took part is not known). It took 4.36 ms against 5.95 (delta_rule, T = 4096,
-#   B = 16) and 5.82 against 9.20 (gated).
-# - forward, backward_state: off. Turned on one at a time (`python -m benchmarks.bisect_delta lowp`) each was right
-#   in one run and wrong in another as the code around it changed (out-of-bounds shared-memory reads, gradients of
-#   1e35); on together, the GPU tests met non-finite dk and the benchmark an illegal memory access. W stored in
-#   bfloat16 (for both at once) made it worse.
-# - output, local_du: off; illegal memory accesses, or NaN gradients, with V blocks looped or one per program.
+# bf16 operands for bf16 inputs on a GPU (see the module docstring), by kernel (H200, Triton 3.6):
+# - backward_chunk: on. Right at K = 128 (gradient errors 4-5e-3 of the largest, as with tf32). Session 6: 4.36 ms
+#   against 5.95 with tf32 (delta_rule, T = 4096, B = 16) and 5.82 against 9.20 (gated).
+# - forward, backward_state, output, local_du (NEEDS_FIXED_PTXAS): on where common/ptxas.py trusts the ptxas that
+#   assembles them (12.9 or later; Triton 3.6 carries one and linattn switches to it for its kernels). Assembled by
+#   Triton 3.6's own sm_90 ptxas (12.8) they met illegal memory accesses and gradients of 1e35 (sessions 6-8); by its
+#   12.9 every delta-rule GPU test and property test passes (101), and at T = 4096, B = 16 (session 8, one call)
+#   fwd+bwd took 11.29 ms against 12.35 with tf32 (delta_rule) and 14.14 against 15.25 (gated). With an older
+#   ptxas only they keep tf32.
 # - prepare: forms no such product (the solve, W and U0 keep tf32), so its entry changes nothing.
-# LINATTN_LAUNCH="gated_delta_rule.LOWP_DOTS.forward=1" turns one on for the tests and the benchmark.
-LOWP_DOTS = dict(prepare=False, forward=False, output=False, local_du=False, backward_state=False, backward_chunk=True)
+# LINATTN_LAUNCH="gated_delta_rule.LOWP_DOTS.forward=0" turns one off for the tests and the benchmark.
+LOWP_DOTS = dict(prepare=False, forward=True, output=True, local_du=True, backward_state=True, backward_chunk=True)
+NEEDS_FIXED_PTXAS = frozenset({"forward", "output", "local_du", "backward_state"})
 # backward_chunk keeps tf32 dots below this many key columns a program: at K = 16 Triton 3.6's bf16 dots read shared
 # memory out of bounds (compute-sanitizer on an H200, 8 warps; at 4 warps a fault again in session 6). 32 is untried:
 # LINATTN_LAUNCH="gated_delta_rule.CHUNK_KEYS=32;gated_delta_rule.LOWP_MIN_KEYS=32" tries it.
@@ -121,10 +132,19 @@ CHUNK_KEYS = 64
 FULL_GPU = 264  # programs that occupy every SM of an H100/H200 twice
 
 
-def _blocks(K: int, V: int) -> tuple[int, int]:
+def _blocks(K: int, V: int, dtype: torch.dtype | None = None) -> tuple[int, int]:
+    """Key and value blocks; values at most BV_MAX_LOWP where the per-sequence kernels take bfloat16 operands for
+    inputs of ``dtype`` (None: never), else BV_MAX."""
     BK = max(16, triton.next_power_of_2(K))
-    BV = max(16, min(BV_MAX if BK <= 128 else BV_MAX // 2, triton.next_power_of_2(V)))
+    bv_max = BV_MAX_LOWP if dtype is not None and _lowp(dtype, "forward") else BV_MAX
+    BV = max(16, min(bv_max if BK <= 128 else bv_max // 2, triton.next_power_of_2(V)))
     return BK, BV
+
+
+def _w_dtype(dtype: torch.dtype) -> torch.dtype:
+    """W's storage: bfloat16 where both kernels that read it take bfloat16 operands (LOWP_STORE), else float32."""
+    lowp = LOWP_STORE and _lowp(dtype, "forward") and _lowp(dtype, "backward_state")
+    return torch.bfloat16 if lowp else torch.float32
 
 
 def _launch(kernel: str, dtype: torch.dtype, BK: int, BV: int, programs: int | None = None) -> dict:
@@ -156,9 +176,9 @@ def _chunk_bv(V: int) -> int:
     return min(BV_CHUNK, max(16, triton.next_power_of_2(V)))
 
 
-def _sequence_bv(K: int, V: int, NH: int) -> int:
+def _sequence_bv(K: int, V: int, NH: int, dtype: torch.dtype | None = None) -> int:
     """BV of the per-sequence kernels, which run (V / BV) N H programs: narrower when that is too few."""
-    _, BV = _blocks(K, V)
+    _, BV = _blocks(K, V, dtype)
     while BV > 16 and triton.cdiv(V, BV) * NH < FULL_GPU:
         BV //= 2
     return BV
@@ -183,32 +203,39 @@ def _flags(
     LOWP (bfloat16 on a GPU): the products that a plain bfloat16 run forms with matmuls take bfloat16
     operands (``mm_lowp``); those through the WY inverse Tinv keep tf32 (``mm``).
     """
+    lowp = _lowp(dtype, kernel, gpu, BK)
     gpu = not triton_interpret() if gpu is None else gpu
     flags = kernel_flags(dtype, long_sums=True, gpu=gpu)  # the chains through the WY inverse (dbeta)
     del flags["UPCAST_QK"]  # these kernels take every operand to float32 as they load it
     exact_exp = precise_exp(dtype, gpu)
-    return dict(HAS_G=gated, L2NORM=qk_l2norm, LOWP=_lowp(dtype, kernel, gpu, BK), PRECISE_EXP=exact_exp, **flags)
+    return dict(HAS_G=gated, L2NORM=qk_l2norm, LOWP=lowp, PRECISE_EXP=exact_exp, **flags)
 
 
 def _lowp(dtype: torch.dtype, kernel: str, gpu: bool | None = None, BK: int | None = None) -> bool:
     """Whether ``kernel`` takes bfloat16 dot operands (LOWP): bfloat16 inputs on a GPU, with its LOWP_DOTS on.
 
-    backward_chunk keeps tf32 dots below LOWP_MIN_KEYS key channels a program.
+    gpu None: found out (no GPU under the interpreter), and the kernels of NEEDS_FIXED_PTXAS take them only where
+    ``ptxas.lowp_trusted()``; True: a GPU whose ptxas is trusted (what compile_variants compiles). backward_chunk
+    keeps tf32 dots below LOWP_MIN_KEYS key channels a program.
     """
-    gpu = not triton_interpret() if gpu is None else gpu
+    if gpu is None:
+        gpu = not triton_interpret()
+        trusted = gpu and (kernel not in NEEDS_FIXED_PTXAS or ptxas.lowp_trusted())
+    else:
+        trusted = gpu
     small = kernel == "backward_chunk" and BK is not None and BK < LOWP_MIN_KEYS
-    return bool(LOWP_DOTS[kernel]) and dtype == torch.bfloat16 and gpu and not small
+    return bool(LOWP_DOTS[kernel]) and dtype == torch.bfloat16 and trusted and not small
 
 
 def prepare(k, v, g, beta, lay: ChunkTable, qk_l2norm: bool, beta_is_logit: bool, tinv=None, store_t: bool = False):
-    """W [B, T, H, K] float32, U0 [B, T, H, V] float32 and Tinv [B, T, H, BT] float32.
+    """W [B, T, H, K] (float32, or bfloat16: see _w_dtype), U0 [B, T, H, V] float32 and Tinv [B, T, H, BT] float32.
 
     Tinv is solved for unless given (as the forward stored it); it is returned only when given or store_t.
     """
     B, T, H, K = k.shape
     V = v.shape[-1]
-    BK, BV = _blocks(K, V)
-    w = torch.empty(B, T, H, K, dtype=torch.float32, device=k.device)
+    BK, BV = _blocks(K, V, k.dtype)
+    w = torch.empty(B, T, H, K, dtype=_w_dtype(k.dtype), device=k.device)
     u0 = torch.empty(B, T, H, V, dtype=torch.float32, device=k.device)
     solve = tinv is None
     store_t = store_t and solve
@@ -246,7 +273,7 @@ def forward(q, k, v, g, beta, h0, scale: float, cu_seqlens, qk_l2norm: bool, bet
     lay = ChunkTable(B, T, cu_seqlens, BT, q.device)
     w, u0, tinv = prepare(k, v, g, beta, lay, qk_l2norm, beta_is_logit, store_t=save)
     BK, _ = _blocks(K, V)
-    BV = _sequence_bv(K, V, lay.N * H)
+    BV = _sequence_bv(K, V, lay.N * H, q.dtype)
     o = torch.empty(B, T, H, V, dtype=store_dtype(v.dtype), device=q.device)
     ht = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device)
     split = save and SPLIT_FORWARD
@@ -279,7 +306,7 @@ def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l
     V = v.shape[-1]
     lay = ChunkTable(B, T, cu_seqlens, BT, q.device)
     BK, _ = _blocks(K, V)
-    BV = _sequence_bv(K, V, lay.N * H)
+    BV = _sequence_bv(K, V, lay.N * H, q.dtype)
     NV = triton.cdiv(V, BV)
     common = dict(H=H, K=K, V=V, BT=BT, BK=BK)
 
@@ -361,7 +388,8 @@ def _chunk_op(
     save: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(o, final state, Tinv for the backward: empty unless save)."""
-    o, ht, tinv = forward(q, k, v, g, beta, h0, scale, cu_seqlens, qk_l2norm, beta_is_logit, save)
+    with ptxas.assembler():
+        o, ht, tinv = forward(q, k, v, g, beta, h0, scale, cu_seqlens, qk_l2norm, beta_is_logit, save)
     return o, ht, (tinv if tinv is not None else q.new_empty(0, dtype=torch.float32))
 
 
@@ -388,7 +416,8 @@ def _chunk_backward_op(
     beta_is_logit: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     tinv = tinv if tinv.numel() else None
-    grads = backward(do, dht, q, k, v, g, beta, h0, tinv, scale, cu_seqlens, qk_l2norm, beta_is_logit)
+    with ptxas.assembler():
+        grads = backward(do, dht, q, k, v, g, beta, h0, tinv, scale, cu_seqlens, qk_l2norm, beta_is_logit)
     dq, dk, dv, dg, dbeta, dh0 = grads
     empty = q.new_empty(0, dtype=torch.float32)
     return dq, dk, dv, (dg if dg is not None else empty), dbeta, (dh0 if dh0 is not None else empty.clone())
@@ -491,21 +520,24 @@ def compile_variants():
     """The kernel variants that tests/ops/compile_kernels.py compiles for sm_90 (in CI, without a GPU)."""
     # Compiling is slow (minutes per float32 variant on a CI core): bfloat16 with every option, and
     # float16 without gates, catch what the interpreter lets through. The per-sequence kernels run with
-    # BV = 32 (many sequences and heads) and BV = 16 (few).
+    # BV = BV_MAX_LOWP for bfloat16 (BV_MAX otherwise; many sequences and heads) and BV = 16 (few), bfloat16 with
+    # the bfloat16 operands and W that a GPU with a trusted ptxas runs.
     for dt, gated, opt in (("bf16", True, True), ("fp16", False, False)):
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]
         ptrs = {n: dt for n in ("q", "k", "v", "o", "do", "dq", "dk", "dv")}
-        ptrs |= dict(chunks="i32", cu_seqlens="i32", chunk_start="i32", w="fp32")
+        lowp = torch_dtype == torch.bfloat16
+        ptrs |= dict(chunks="i32", cu_seqlens="i32", chunk_start="i32", w="bf16" if lowp and LOWP_STORE else "fp32")
         BK, BV = _blocks(128, 128)
+        seq_bv = BV_MAX_LOWP if lowp else BV
         opts = {name: _launch(name, torch_dtype, BK, BV) for name in NUM_WARPS}
         common = {
             name: dict(H=16, K=128, V=128, BT=BT, BK=BK, **_flags(torch_dtype, gated, opt, name, gpu=True))
             for name in NUM_WARPS
         }
         label = f"{dt} gated={gated} l2norm/logit={opt}"
-        solve = dict(BV=BV, SOLVE=True, STORE_T=True, BETA_LOGIT=opt)
+        solve = dict(BV=seq_bv, SOLVE=True, STORE_T=True, BETA_LOGIT=opt)
         yield f"prepare {label}", _prepare_kernel, ptrs, common["prepare"] | solve, opts["prepare"]
-        for bv in (BV, 16):
+        for bv in (seq_bv, 16):
             out = dict(BV=bv, HAS_H0=True, STORE_O=True, STORE_HT=True, STORE_STATES=False)
             yield f"forward BV={bv} {label}", _forward_kernel, ptrs, common["forward"] | out, opts["forward"]
             states = out | dict(STORE_O=False, STORE_HT=False, STORE_STATES=True)

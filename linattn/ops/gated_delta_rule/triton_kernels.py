@@ -51,7 +51,7 @@ def _prepare_kernel(
     PRECISE_EXP: tl.constexpr,
 ):
     # Per chunk: Tinv = (I + A)^-1 (solved, or loaded as the forward stored it), W = Tinv (beta exp(b) K)
-    # [BT, K], U0 = Tinv (beta V) [BT, V], all float32.
+    # [BT, K] (stored in w's dtype), U0 = Tinv (beta V) [BT, V], formed in float32.
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     lo, hi = chunk_bounds(chunks, i_c)
     if hi <= lo:  # past the last chunk (varlen allots a bound on the count)
@@ -74,7 +74,7 @@ def _prepare_kernel(
     else:
         Ti = tl.load(tinv + tok[:, None] * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
     b_w = mm(Ti, b_k * (b_beta * e_b)[:, None], DOT_PREC, ROUND)
-    tl.store(w + tok[:, None] * K + o_k[None, :], b_w, mask=m_t[:, None] & (o_k < K)[None, :])
+    tl.store(w + tok[:, None] * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=m_t[:, None] & (o_k < K)[None, :])
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_tv = m_t[:, None] & (o_v < V)[None, :]
@@ -143,7 +143,7 @@ def _forward_kernel(
         gamma, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
         # each tile loaded just before its product, so that few are live at once
         b_w = tl.load(w + tok[:, None] * K + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :], other=0.0)
-        b_u = tl.load(u0 + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+        b_u = tl.load(u0 + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
         b_u -= mm_lowp(b_w, S, DOT_PREC, ROUND, LOWP, LOWP_TY)
         if STORE_STATES:
             tl.store(u + tok[:, None] * V + o_v[None, :], b_u, mask=m_tv)
