@@ -3,8 +3,9 @@
     python benchmarks/profile_kernels.py [--ops delta_rule,gla] [--T 4096]
 
 Runs each op a few times at the standard shape (bf16, H = 16, K = V = 128, B * T = 65,536) and prints, per
-kernel name, the total device time per iteration and the number of launches. Use it to decide what to work
-on; time with bench_gpu.py.
+kernel name, the total device time per iteration and the number of launches, and for a kernel launched more than once
+per iteration each launch's share in launch order (e.g. the delta rules' prepare: the forward's, which solves for
+Tinv, then the backward's, which loads it). Use it to decide what to work on; time with bench_gpu.py.
 """
 
 from __future__ import annotations
@@ -43,14 +44,21 @@ def main():
                 step()
             torch.cuda.synchronize()
         times, counts = collections.Counter(), collections.Counter()
-        for e in prof.events():
-            if e.device_type == torch.autograd.DeviceType.CUDA:
-                times[e.name] += e.device_time_total / 1e3 / args.iters
-                counts[e.name] += 1
+        launches = collections.defaultdict(list)  # name -> device times in launch order
+        events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        for e in sorted(events, key=lambda e: e.time_range.start):
+            times[e.name] += e.device_time_total / 1e3 / args.iters
+            counts[e.name] += 1
+            launches[e.name].append(e.device_time_total / 1e3)
         total = sum(times.values())
         print(f"\n{op} T={args.T} B={B}: {total:.2f} ms of kernels per fwd+bwd")
         for name, ms in times.most_common(12):
-            print(f"  {ms:8.3f} ms  x{counts[name] // args.iters:<3d} {name[:100]}")
+            per_iter = counts[name] // args.iters
+            shares = ""
+            if 1 < per_iter <= 4 and len(launches[name]) == per_iter * args.iters:
+                each = [sum(launches[name][i::per_iter]) / args.iters for i in range(per_iter)]
+                shares = "  (" + " + ".join(f"{t:.3f}" for t in each) + ")"
+            print(f"  {ms:8.3f} ms  x{per_iter:<3d} {name[:100]}{shares}")
 
 
 if __name__ == "__main__":
