@@ -63,6 +63,11 @@ def test_knob_is_set_inside_and_put_back(bundled, monkeypatch):
     with pytest.raises(KeyError), ptxas._knob(bundled):  # put back when the block raises too
         raise KeyError
     assert _untouched()
+    with ptxas._knob(bundled):  # overlapping blocks (nested here, threads alike): set until the last one leaves
+        with ptxas._knob(bundled):
+            pass
+        assert knobs.nvidia.ptxas.path == bundled
+    assert _untouched() and ptxas._held == 0
 
 
 def test_triton_36_arrangement_switches_and_trusts(bundled, monkeypatch):

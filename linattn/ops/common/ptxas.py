@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -100,24 +101,39 @@ def _switches(arch: int, path: str) -> bool:
         return get_ptxas(arch).path == path
 
 
+_lock = threading.Lock()
+_held = 0  # blocks inside _knob now (threads, or nested calls)
+_saved: tuple = (None, None)  # the knob's override and TRITON_PTXAS_PATH before the first of them
+
+
 @contextmanager
 def _knob(path: str):
+    """Triton's sm_90 ptxas knob set to ``path`` inside the block; the first block in sets it and the last one out
+    puts back what was there, so that overlapping blocks (threads, nesting) leave it set until all have left."""
+    global _held, _saved
     from triton import knobs
 
     nvidia = knobs.nvidia
-    before, env = nvidia.__dict__.get("ptxas"), os.environ.get(USER_PATH)
-    nvidia.ptxas = path  # also sets TRITON_PTXAS_PATH
+    with _lock:
+        if _held == 0:
+            _saved = (nvidia.__dict__.get("ptxas"), os.environ.get(USER_PATH))
+            nvidia.ptxas = path  # also sets TRITON_PTXAS_PATH
+        _held += 1
     try:
         yield
     finally:
-        if before is None:
-            nvidia.__dict__.pop("ptxas", None)
-        else:
-            nvidia.__dict__["ptxas"] = before
-        if env is None:
-            os.environ.pop(USER_PATH, None)
-        else:
-            os.environ[USER_PATH] = env
+        with _lock:
+            _held -= 1
+            if _held == 0:
+                before, env = _saved
+                if before is None:
+                    nvidia.__dict__.pop("ptxas", None)
+                else:
+                    nvidia.__dict__["ptxas"] = before
+                if env is None:
+                    os.environ.pop(USER_PATH, None)
+                else:
+                    os.environ[USER_PATH] = env
 
 
 def _current_choice() -> Choice:
