@@ -17,8 +17,10 @@ puts it back after; ``lowp_trusted()`` says whether the bfloat16 dots are on. Tr
 - Only compute capability 9 has been tested; elsewhere nothing is switched and the dots stay off.
 - The choice is made once per device and process, at the first launch (environment changes after it are not seen).
 
-Triton's on-disk cache key names the ptxas version it saw first in the process; a kernel is always assembled by the
-same ptxas for the same settings, so a cached binary is the one that ptxas made.
+Triton's cache key names the ptxas version it saw first in the process, whichever kernel that was for. So a cached
+binary of a kernel whose constexprs do not depend on the choice (prepare, backward_chunk) may come from either ptxas,
+both of which assemble those correctly; the four kernels with bfloat16 dots have LOWP among their constexprs, so their
+binaries are never shared with a build that keeps them off.
 """
 
 from __future__ import annotations
