@@ -94,6 +94,14 @@ def test_triton_36_arrangement_switches_and_trusts(bundled, monkeypatch):
     assert _untouched()
 
 
+def test_a_triton_laid_out_otherwise_keeps_its_choice(monkeypatch):
+    import triton.backends.nvidia.compiler as compiler
+
+    monkeypatch.delattr(compiler, "get_ptxas")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))
+    assert ptxas._choice.__wrapped__(0) == ptxas.Choice(None, False)
+
+
 def test_assembler_switches_only_when_chosen(bundled, monkeypatch):
     monkeypatch.delenv(ptxas.USER_PATH, raising=False)
     monkeypatch.setattr(ptxas, "_current_choice", lambda: ptxas.Choice(bundled, True))

@@ -70,7 +70,10 @@ def choose(capability: tuple[int, int], own: tuple[str, str], spare: tuple[str, 
 
 @functools.cache
 def _choice(device_index: int) -> Choice:
-    from triton.backends.nvidia.compiler import get_ptxas
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+    except (ImportError, AttributeError):  # a Triton laid out otherwise: keep its choice, and tf32
+        return Choice(None, False)
 
     capability = torch.cuda.get_device_capability(device_index)
     arch = capability[0] * 10 + capability[1]
