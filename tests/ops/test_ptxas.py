@@ -14,22 +14,22 @@ from triton import knobs  # noqa: E402
 
 from linattn.ops.common import ptxas  # noqa: E402
 
-OLD = ("/triton/bin/ptxas", "12.8")
-NEW = ("/triton/bin/ptxas-blackwell", "12.9")
+OLD = "12.8"  # the version of the ptxas Triton would use
+NEW = ("/triton/bin/ptxas-blackwell", "12.9")  # its other one: (path, version)
 
 
 @pytest.mark.parametrize(
     "capability, own, spare, user, opt_out, expected",
     [
         ((9, 0), OLD, NEW, False, False, ptxas.Choice(NEW[0], True)),  # Triton 3.6 on an H100 / H200
-        ((9, 0), ("/x/ptxas", "13.4"), None, False, False, ptxas.Choice(None, True)),  # a later Triton: nothing to do
+        ((9, 0), "13.4", None, False, False, ptxas.Choice(None, True)),  # a later Triton: nothing to do
         ((9, 0), OLD, ("/x/b", "12.8"), False, False, ptxas.Choice(None, False)),  # no newer one at hand
         ((9, 0), OLD, None, False, False, ptxas.Choice(None, False)),
         ((9, 0), OLD, NEW, True, False, ptxas.Choice(None, False)),  # the user named a ptxas: theirs decides
-        ((9, 0), ("/mine", "13.0"), NEW, True, False, ptxas.Choice(None, True)),
+        ((9, 0), "13.0", NEW, True, False, ptxas.Choice(None, True)),
         ((9, 0), OLD, NEW, False, True, ptxas.Choice(None, False)),  # LINATTN_PTXAS=triton
         ((8, 0), OLD, NEW, False, False, ptxas.Choice(None, False)),  # untested outside compute capability 9
-        ((10, 0), NEW, None, False, False, ptxas.Choice(None, False)),
+        ((10, 0), "12.9", None, False, False, ptxas.Choice(None, False)),
     ],
 )
 def test_choice_from_the_facts(capability, own, spare, user, opt_out, expected):

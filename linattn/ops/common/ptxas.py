@@ -54,14 +54,14 @@ class Choice:
     trusted: bool
 
 
-def choose(capability: tuple[int, int], own: tuple[str, str], spare: tuple[str, str] | None, user_path: bool,
+def choose(capability: tuple[int, int], own: str, spare: tuple[str, str] | None, user_path: bool,
            opt_out: bool) -> Choice:  # fmt: skip
-    """The decision, from facts alone: the GPU's compute capability; (path, version) of the ptxas Triton assembles
-    that capability's code with (``own``) and of its other bundled one (``spare``, None if missing); whether the user
-    named a ptxas (TRITON_PTXAS_PATH); whether LINATTN_PTXAS=triton."""
+    """The decision, from facts alone: the GPU's compute capability; the version of the ptxas Triton assembles that
+    capability's code with (``own``); (path, version) of its other bundled one (``spare``, None if missing or the
+    same binary); whether the user named a ptxas (TRITON_PTXAS_PATH); whether LINATTN_PTXAS=triton."""
     if capability[0] != 9:
         return Choice(None, False)
-    if _version(own[1]) >= FIXED:
+    if _version(own) >= FIXED:
         return Choice(None, True)
     if user_path or opt_out or spare is None or _version(spare[1]) < FIXED:
         return Choice(None, False)
@@ -81,7 +81,7 @@ def _choice(device_index: int) -> Choice:
     spare = _spare()
     spare = spare if spare is not None and spare[0] != own.path else None
     user = bool(os.environ.get(USER_PATH))
-    choice = choose(capability, (own.path, own.version), spare, user, os.environ.get(OPT_OUT) == "triton")
+    choice = choose(capability, own.version, spare, user, os.environ.get(OPT_OUT) == "triton")
     if choice.switch_to is not None and not _switches(arch, choice.switch_to):
         return Choice(None, False)  # this Triton does not read the knob the way 3.6 does
     return choice

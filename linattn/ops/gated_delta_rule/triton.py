@@ -132,18 +132,18 @@ CHUNK_KEYS = 64
 FULL_GPU = 264  # programs that occupy every SM of an H100/H200 twice
 
 
-def _blocks(K: int, V: int, dtype: torch.dtype | None = None) -> tuple[int, int]:
+def _blocks(K: int, V: int, dtype: torch.dtype | None = None, gpu: bool | None = None) -> tuple[int, int]:
     """Key and value blocks; values at most BV_MAX_LOWP where the per-sequence kernels take bfloat16 operands for
-    inputs of ``dtype`` (None: never), else BV_MAX."""
+    inputs of ``dtype`` (None: never; ``gpu`` as for _lowp), else BV_MAX."""
     BK = max(16, triton.next_power_of_2(K))
-    bv_max = BV_MAX_LOWP if dtype is not None and _lowp(dtype, "forward") else BV_MAX
+    bv_max = BV_MAX_LOWP if dtype is not None and _lowp(dtype, "forward", gpu) else BV_MAX
     BV = max(16, min(bv_max if BK <= 128 else bv_max // 2, triton.next_power_of_2(V)))
     return BK, BV
 
 
-def _w_dtype(dtype: torch.dtype) -> torch.dtype:
+def _w_dtype(dtype: torch.dtype, gpu: bool | None = None) -> torch.dtype:
     """W's storage: bfloat16 where both kernels that read it take bfloat16 operands (LOWP_STORE), else float32."""
-    lowp = LOWP_STORE and _lowp(dtype, "forward") and _lowp(dtype, "backward_state")
+    lowp = LOWP_STORE and _lowp(dtype, "forward", gpu) and _lowp(dtype, "backward_state", gpu)
     return torch.bfloat16 if lowp else torch.float32
 
 
@@ -525,10 +525,10 @@ def compile_variants():
     for dt, gated, opt in (("bf16", True, True), ("fp16", False, False)):
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]
         ptrs = {n: dt for n in ("q", "k", "v", "o", "do", "dq", "dk", "dv")}
-        lowp = torch_dtype == torch.bfloat16
-        ptrs |= dict(chunks="i32", cu_seqlens="i32", chunk_start="i32", w="bf16" if lowp and LOWP_STORE else "fp32")
+        w = {torch.bfloat16: "bf16", torch.float32: "fp32"}[_w_dtype(torch_dtype, gpu=True)]
+        ptrs |= dict(chunks="i32", cu_seqlens="i32", chunk_start="i32", w=w)
         BK, BV = _blocks(128, 128)
-        seq_bv = BV_MAX_LOWP if lowp else BV
+        _, seq_bv = _blocks(128, 128, torch_dtype, gpu=True)
         opts = {name: _launch(name, torch_dtype, BK, BV) for name in NUM_WARPS}
         common = {
             name: dict(H=16, K=128, V=128, BT=BT, BK=BK, **_flags(torch_dtype, gated, opt, name, gpu=True))

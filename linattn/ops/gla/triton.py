@@ -51,7 +51,8 @@ ROW_LOOP = dict(J_STAGES=1, J_UNROLL=4)
 # own over key blocks of up to 128 (dqk_state; sm_90 compile, bf16, 8 warps, V blocks of 32: no spills), stored as
 # float32 [B, T, H, K] twice, rather than in every 16-column key block of dqkg, each of which read dO and V again.
 # On an H200 (session 8, T = 4096, B = 16, bf16, one call): GLA fwd+bwd 21.95 ms against 23.34 without it; the GLA
-# GPU tests pass with it (41). Its scratch is 0.5 GiB per tensor at that shape. False: dqkg forms the products itself.
+# GPU tests pass with it (41). Its scratch is 0.5 GiB per tensor at that shape. False: dqkg forms the products itself
+# (no scratch, for when memory is tighter than time; dqkg's STATE_GIVEN constexpr, one kernel either way).
 STATE_KERNEL = True
 
 
