@@ -28,6 +28,16 @@ def chunk_bounds(chunks, i_c):
 
 
 @triton.jit
+def chunk_and_block(NB: tl.constexpr):
+    """(chunk, block) of this program, where grid axis 0 runs over chunks times NB blocks of each (key or value
+    blocks), a chunk's blocks adjacent. Programs are scheduled in order of axis 0 first, so a chunk's blocks run
+    together, and what each of them reads of the whole chunk (dO, V, U, dA ...) comes from L2 after the first
+    read, rather than from memory once per block, as when the blocks are the slowest grid axis."""
+    pid = tl.program_id(0)
+    return pid // NB, pid % NB
+
+
+@triton.jit
 def sequence_bounds(cu_seqlens, i_n, T, VARLEN: tl.constexpr):
     """[bos, eos) of sequence i_n in the token axis (int64): from cu_seqlens, or row i_n of T tokens."""
     if VARLEN:

@@ -350,7 +350,7 @@ def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l
     dg_dtype = torch.float64 if NK > 1 else torch.float32
     dg = torch.empty(NK, B, T, H, dtype=dg_dtype, device=q.device) if g is not None else None
     dbeta = torch.empty(NK, B, T, H, dtype=torch.float32, device=q.device)
-    _backward_chunk_kernel[(lay.NC, H, NK)](
+    _backward_chunk_kernel[(lay.NC * NK, H)](
         q, k, v, g_, beta, u, du, do, lay.chunks, states, dstates,
         dq, dk, dv, dg if dg is not None else dummy, dbeta, scale, B * T * H,
         BV=bv_chunk, BETA_LOGIT=beta_is_logit,

@@ -21,7 +21,7 @@ from linattn.ops.common.triton_delta_utils import (
     mm_lowp,
     unit_lower_inverse,
 )
-from linattn.ops.common.triton_utils import chunk_bounds, sequence_bounds
+from linattn.ops.common.triton_utils import chunk_and_block, chunk_bounds, sequence_bounds
 
 
 @triton.jit
@@ -377,7 +377,8 @@ def _backward_chunk_kernel(
     # if i_k = 0; dg and dbeta are sums over the columns, so each program stores its share at dg + i_k part,
     # and the launcher adds the shares.
     LOWP_TY: tl.constexpr = k.dtype.element_ty
-    i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c, i_k = chunk_and_block((K + BK - 1) // BK)
+    i_h = tl.program_id(1)
     lo, hi = chunk_bounds(chunks, i_c)
     if hi <= lo:  # past the last chunk (varlen allots a bound on the count)
         return

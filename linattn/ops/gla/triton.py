@@ -159,7 +159,7 @@ def backward(do, dht, q, k, v, g, h0, ht, scale: float, cu_seqlens):
 
     dv = torch.empty(v.shape, dtype=store_dtype(v.dtype), device=q.device)
     c = cfg["dv"]
-    _dv_kernel[(lay.NC, H, triton.cdiv(V, c["BV"]))](
+    _dv_kernel[(lay.NC * triton.cdiv(V, c["BV"]), H)](
         kd, do, A, lay.chunks, dstates, dv, scale, H=H, K=K, V=V, BT=BT, LOWP=lowp, DOT_PREC=flags["DOT_PREC"],
         ROUND=flags["ROUND"], **c,
     )  # fmt: skip
@@ -178,12 +178,12 @@ def backward(do, dht, q, k, v, g, h0, ht, scale: float, cu_seqlens):
         dks = torch.empty_like(dqs)
         dc = torch.empty(lay.NC, H, K, dtype=torch.float32, device=q.device)
         c = cfg["dqk_state"]
-        _dqk_state_kernel[(lay.NC, H, triton.cdiv(K, c["BK"]))](
+        _dqk_state_kernel[(lay.NC * triton.cdiv(K, c["BK"]), H)](
             v, do, lay.chunks, states, dstates, dqs, dks, dc, H=H, K=K, V=V, BT=BT, LOWP=lowp,
             DOT_PREC=flags["DOT_PREC"], ROUND=flags["ROUND"], **c,
         )  # fmt: skip
     c = cfg["dqkg"]
-    _dqkg_kernel[(lay.NC, H, triton.cdiv(K, c["BK"]))](
+    _dqkg_kernel[(lay.NC * triton.cdiv(K, c["BK"]), H)](
         q, k, v, do, hi, lo, dA, lay.chunks, states, dstates, dqs, dks, dc, dq, dk, dg, scale,
         H=H, K=K, V=V, BT=BT, BC=BC, LOWP=lowp, STATE_GIVEN=STATE_KERNEL, **c, **flags,
     )  # fmt: skip

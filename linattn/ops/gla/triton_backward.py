@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from linattn.ops.common.triton_utils import chunk_bounds, dot_operand, exp32
+from linattn.ops.common.triton_utils import chunk_and_block, chunk_bounds, dot_operand, exp32
 from linattn.ops.gla.triton_kernels import _bridge, _sub_chunk_factors
 
 
@@ -53,7 +53,8 @@ def _dv_kernel(
 ):
     # Per chunk, head and V block: dv = scale A^T dO + kd dS, with kd = k exp(b_C - b) from _intra_kernel.
     LOWP_TY: tl.constexpr = do.dtype.element_ty
-    i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c, i_v = chunk_and_block((V + BV - 1) // BV)
+    i_h = tl.program_id(1)
     t_lo, t_hi = chunk_bounds(chunks, i_c)
     if t_hi <= t_lo:
         return
@@ -165,7 +166,8 @@ def _dqk_state_kernel(
 ):
     # Per chunk, head and key block (wider than _dqkg_kernel's): _state_products, stored for _dqkg_kernel
     # (STATE_GIVEN) as dqs = dO S^T and dks = V dS^T [.., T, H, K] and dc = sum_v S dS [NC, H, K], float32.
-    i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c, i_k = chunk_and_block((K + BK - 1) // BK)
+    i_h = tl.program_id(1)
     t_lo, t_hi = chunk_bounds(chunks, i_c)
     if t_hi <= t_lo:
         return
@@ -223,7 +225,8 @@ def _dqkg_kernel(
     # J_STAGES, J_UNROLL: software-pipelining stages and unrolling of the loop over rows j inside sub-chunks,
     # whose small loads (rows of k, q, hi, lo, dA) would otherwise each wait for memory.
     NS: tl.constexpr = BT // BC
-    i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c, i_k = chunk_and_block((K + BK - 1) // BK)
+    i_h = tl.program_id(1)
     t_lo, t_hi = chunk_bounds(chunks, i_c)
     if t_hi <= t_lo:
         return
