@@ -305,6 +305,16 @@ def test_gpu_bfloat16_operands_wide_value_blocks_and_w(case, monkeypatch):
 
 
 @gpu
+@both
+def test_gpu_segments_bfloat16(case, monkeypatch):
+    """Segments in bfloat16 on the card, where the transitions M are carried with bfloat16 operands (LOWP) over
+    segments of 8 chunks: T = 2000 in four segments, the last partial."""
+    monkeypatch.setattr(tri, "SEGMENTS", 4)
+    tensors, state = case.draw(B=1, T=2000, H=4, K=128, V=128, dtype=torch.bfloat16, seed=22, gate_scale=0.05)
+    check_against_naive(case, *to(tensors, state), "triton", reference="chunk", plain_in_dtype=True)
+
+
+@gpu
 @pytest.mark.parametrize("K, V", [(128, 256), (64, 256), (33, 24)])
 def test_gpu_head_dims(K, V):
     tensors, state = GATED.draw(B=1, T=200, H=2, K=K, V=V, dtype=torch.bfloat16, seed=K)
