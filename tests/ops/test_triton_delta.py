@@ -121,6 +121,44 @@ def test_launch_choices(monkeypatch):
 
 
 @both
+@pytest.mark.parametrize("segments", [2, 3])
+def test_long_sequences_cut_into_segments(case, segments, monkeypatch):
+    """The per-sequence kernels over segments chained by their transitions (SEGMENT_HEADS): T = 300 is five chunks,
+    so three segments are of 2, 2 and 1 (partial) chunks. Outputs, final state and every gradient against the token
+    recurrence, with an initial state; without a gradient, the same o and final state as one pass."""
+    calls = []
+    for name in ("_segmented_forward", "_segmented_backward_state"):
+        original = getattr(tri, name)
+        monkeypatch.setattr(tri, name, lambda *a, _f=original, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
+    monkeypatch.setattr(tri, "SEGMENTS", segments)
+    # mild gates (gate_scale), so that the segments' transitions are far from zero and a wrong one shows
+    tensors, state = case.draw(B=2, T=300, H=2, K=33, V=40, seed=21, gate_scale=0.05)
+    check_against_naive(case, *to(tensors, state), "triton", **ON_DEVICE)
+    assert {"_segmented_forward", "_segmented_backward_state"} <= set(calls)
+    tensors, state = to(tensors, state)
+    with torch.no_grad():
+        o, S = case(tensors, initial_state=state, output_final_state=True, impl="triton")
+        monkeypatch.setattr(tri, "SEGMENTS", 1)
+        o1, S1 = case(tensors, initial_state=state, output_final_state=True, impl="triton")
+    assert_same_result("o", o, o1)
+    assert_same_result("final state", S, S1)
+
+
+def test_segment_counts():
+    """Segments only for few, long sequences without cu_seqlens, at least MIN_SEGMENTS of them, and the
+    segment table: whole chunks, the last one of each sequence shorter."""
+    assert tri._num_segments(1, 16, 65536, None) == 16  # the standard shape at T = 65536
+    assert tri._num_segments(4, 16, 16384, None) == 4
+    assert tri._num_segments(16, 16, 4096, None) == 1  # enough sequences and heads already
+    assert tri._num_segments(8, 16, 8192, None) == 1  # 2 segments: not worth three passes
+    assert tri._num_segments(1, 16, 65536, torch.tensor([0, 65536])) == 1
+    assert tri._num_segments(1, 16, 2048, None) == 1  # 32 chunks: segments would be too short
+    seg = tri.Segments(N=2, T=300, NS=3, device="cpu")
+    assert seg.NS == 3 and seg.cu.tolist() == [0, 128, 256, 300, 428, 556, 600]
+    assert seg.first.tolist() == [0, 2, 4, 5, 7, 9]
+
+
+@both
 def test_varlen(case):
     cu_seqlens = torch.tensor([0, 0, 1, 131, 131, 195, 200])  # empty, one token, several chunks, empty, ...
     tensors, state = case.draw(B=1, T=200, H=2, K=16, V=24, seed=5, N=6)
@@ -263,6 +301,16 @@ def test_gpu_bfloat16_operands_wide_value_blocks_and_w(case, monkeypatch):
     monkeypatch.setattr(tri, "FULL_GPU", 0)
     assert tri._sequence_bv(64, 80, 1, torch.bfloat16) == tri.BV_MAX_LOWP == 64
     tensors, state = case.draw(B=2, T=200, H=2, K=64, V=80, dtype=torch.bfloat16, seed=9)
+    check_against_naive(case, *to(tensors, state), "triton", reference="chunk", plain_in_dtype=True)
+
+
+@gpu
+@both
+def test_gpu_segments_bfloat16(case, monkeypatch):
+    """Segments in bfloat16 on the card, where the transitions M are carried with bfloat16 operands (LOWP) over
+    segments of 8 chunks: T = 2000 in four segments, the last partial."""
+    monkeypatch.setattr(tri, "SEGMENTS", 4)
+    tensors, state = case.draw(B=1, T=2000, H=4, K=128, V=128, dtype=torch.bfloat16, seed=22, gate_scale=0.05)
     check_against_naive(case, *to(tensors, state), "triton", reference="chunk", plain_in_dtype=True)
 
 

@@ -130,6 +130,19 @@ SPLIT_FORWARD = True
 # still spills (bf16 with gates: 1928 B a thread at 64 columns, against 2936 B at 128).
 CHUNK_KEYS = 64
 FULL_GPU = 264  # programs that occupy every SM of an H100/H200 twice
+# Long sequences with few sequences and heads (T = 65536, B = 1): the per-sequence kernels would run N H (V / BV)
+# programs, too few for the GPU, each walking every chunk. They are then cut into segments, run side by side:
+#   1. each segment from a zero state: its own final state R and, from identity columns with U0 = 0, its
+#      transition M [K, K] (the product of the chunks' exp(b_C) (I - (exp(b_C - b) k)^T W));
+#   2. a scan over the segments in float64 (S_in(s+1) = M_s S_in(s) + R_s; dS_out(s-1) = M_s^T dS_out(s) + L_s);
+#   3. each segment again from its true entering state (or exit gradient), storing what the backward needs.
+# About three times the work of one pass, so only where SEGMENT_HEADS / (N H) gives at least MIN_SEGMENTS segments
+# of at least SEGMENT_MIN_CHUNKS chunks each. Not for cu_seqlens. SEGMENTS forces a count (tests).
+# Not yet timed on a GPU: LINATTN_LAUNCH="gated_delta_rule.SEGMENT_HEADS=0" turns segments off.
+SEGMENT_HEADS = 256  # sequences x heads x segments to aim for (the standard shape's B H at T = 4096)
+MIN_SEGMENTS = 4
+SEGMENT_MIN_CHUNKS = 16
+SEGMENTS = None
 
 
 def _blocks(K: int, V: int, dtype: torch.dtype | None = None, gpu: bool | None = None) -> tuple[int, int]:
@@ -182,6 +195,34 @@ def _sequence_bv(K: int, V: int, NH: int, dtype: torch.dtype | None = None) -> i
     while BV > 16 and triton.cdiv(V, BV) * NH < FULL_GPU:
         BV //= 2
     return BV
+
+
+def _num_segments(N: int, H: int, T: int, cu_seqlens) -> int:
+    """Segments per sequence for the per-sequence kernels (1: none); see SEGMENT_HEADS."""
+    NT = triton.cdiv(T, BT)
+    if SEGMENTS is not None:
+        return max(1, min(SEGMENTS, NT))
+    if cu_seqlens is not None or SEGMENT_HEADS <= 0:
+        return 1
+    ns = min(triton.cdiv(SEGMENT_HEADS, N * H), NT // SEGMENT_MIN_CHUNKS)
+    return ns if ns >= MIN_SEGMENTS else 1
+
+
+class Segments:
+    """A batch of N sequences of T tokens cut into NS segments each, of SEG tokens (whole chunks; the last of a
+    sequence may be shorter), laid out for the per-sequence kernels as N * NS sequences: cu [N NS + 1] and first
+    [N NS], each segment's first chunk in the ChunkTable's numbering."""
+
+    def __init__(self, N: int, T: int, NS: int, device):
+        NT = triton.cdiv(T, BT)
+        per = triton.cdiv(NT, NS)  # chunks per segment
+        self.NS = triton.cdiv(NT, per)
+        starts = torch.arange(self.NS, device=device, dtype=torch.int64) * per * BT  # within a sequence
+        seq = torch.arange(N, device=device, dtype=torch.int64)[:, None]
+        lo = (seq * T + starts[None, :]).reshape(-1)
+        self.cu = torch.cat([lo, torch.tensor([N * T], device=device)]).to(torch.int32)
+        self.first = (seq * NT + (starts // BT)[None, :]).reshape(-1).to(torch.int32)
+        self.N = N
 
 
 MAX_KEY_DIM = 128  # the per-chunk backward holds several [64, K] float32 tiles: K = 256 needs ~280 KB of shared memory
@@ -280,12 +321,18 @@ def forward(q, k, v, g, beta, h0, scale: float, cu_seqlens, qk_l2norm: bool, bet
     states = torch.empty(lay.NC, H, K, V, dtype=torch.float32, device=q.device) if split else ht
     u = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device) if split else ht
     g_ = g if g is not None else ht
-    _forward_kernel[(triton.cdiv(V, BV), lay.N * H)](
-        q, k, g_, w, u0, h0 if h0 is not None else ht, lay.cu, lay.first, o, ht, states, u,
-        scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_H0=h0 is not None, STORE_O=not split, STORE_HT=True,
-        STORE_STATES=split, **_launch("forward", q.dtype, BK, BV, triton.cdiv(V, BV) * lay.N * H),
-        **_flags(q.dtype, g is not None, qk_l2norm, "forward"),
-    )  # fmt: skip
+    flags = _flags(q.dtype, g is not None, qk_l2norm, "forward")
+    NS = _num_segments(lay.N, H, T, cu_seqlens)
+    if NS == 1:
+        _forward_kernel[(triton.cdiv(V, BV), lay.N * H)](
+            q, k, g_, w, u0, h0 if h0 is not None else ht, lay.cu, lay.first, o, ht, states, u,
+            scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_H0=h0 is not None, HAS_U0=True, STORE_O=not split,
+            STORE_HT=True, STORE_STATES=split, **_launch("forward", q.dtype, BK, BV, triton.cdiv(V, BV) * lay.N * H),
+            **flags,
+        )  # fmt: skip
+    else:
+        seg = Segments(lay.N, T, NS, q.device)
+        _segmented_forward(q, k, g_, w, u0, h0, seg, o, ht, states, u, scale, not split, split, flags)
     if split:
         del w, u0
         bv = _chunk_bv(V)
@@ -294,6 +341,74 @@ def forward(q, k, v, g, beta, h0, scale: float, cu_seqlens, qk_l2norm: bool, bet
             **_launch("output", q.dtype, BK, bv), **_flags(q.dtype, g is not None, qk_l2norm, "output"),
         )  # fmt: skip
     return o.to(v.dtype), ht, tinv
+
+
+def _segmented_forward(q, k, g_, w, u0, h0, seg: Segments, o, ht, states, u, scale, store_o, store_states, flags):
+    """The per-sequence forward over segments (see SEGMENT_HEADS): fills ht and, as asked, o or states and U.
+    Returns the segments' transitions M [N, NS, H, K, K] float32 (for the backward's scan)."""
+    H, K, V = q.shape[2], q.shape[3], u0.shape[-1]
+    BK, _ = _blocks(K, V)
+    NSH = seg.N * seg.NS * H
+    f32 = dict(dtype=torch.float32, device=q.device)
+    common = dict(H=H, K=K, BT=BT, BK=BK, **flags)
+
+    def run(V_, h0_, ht_, u0_, has_u0, store_o_, store_ht, store_states_):
+        BV = _sequence_bv(K, V_, NSH, q.dtype)
+        programs = triton.cdiv(V_, BV) * NSH
+        _forward_kernel[(triton.cdiv(V_, BV), NSH)](
+            q, k, g_, w, u0_, h0_ if h0_ is not None else ht, seg.cu, seg.first, o, ht_, states, u, scale,
+            V=V_, BV=BV, HAS_H0=h0_ is not None, HAS_U0=has_u0, STORE_O=store_o_, STORE_HT=store_ht,
+            STORE_STATES=store_states_, **_launch("forward", q.dtype, BK, BV, programs), **common,
+        )  # fmt: skip
+
+    # 1. each segment's own final state R, and its transition M (identity columns carried with U0 = 0)
+    R = torch.empty(seg.N, seg.NS, H, K, V, **f32)
+    run(V, None, R, u0, True, False, True, False)
+    eye = torch.eye(K, **f32).expand(seg.N * seg.NS, H, K, K).contiguous()
+    M = torch.empty(seg.N, seg.NS, H, K, K, **f32)
+    run(K, eye, M, u0, False, False, True, False)
+    del eye
+    # 2. the scan, in float64: the state entering each segment
+    S = h0.double() if h0 is not None else torch.zeros(seg.N, H, K, V, dtype=torch.float64, device=q.device)
+    S_in = torch.empty(seg.N, seg.NS, H, K, V, **f32)
+    for i in range(seg.NS):
+        S_in[:, i] = S
+        S = M[:, i].double() @ S + R[:, i].double()
+    ht.copy_(S)
+    del R
+    # 3. each segment from its entering state
+    run(V, S_in, ht, u0, True, store_o, False, store_states)
+    return M
+
+
+def _segmented_backward_state(q, k, g_, w, do, dht, seg: Segments, M, dstates, du, dh0, tinv, scale, flags):
+    """backward_state over segments: each segment's own share L of its entering gradient, the reverse scan
+    (dS_out(s - 1) = M_s^T dS_out(s) + L_s, float64), then each segment from its true exit gradient."""
+    H, K, V = q.shape[2], q.shape[3], do.shape[-1]
+    BK, _ = _blocks(K, V)
+    NSH = seg.N * seg.NS * H
+    BV = _sequence_bv(K, V, NSH, q.dtype)
+    dummy = torch.empty(1, dtype=torch.float32, device=q.device)
+
+    def run(dht_, dh0_, store_grads):
+        _backward_state_kernel[(triton.cdiv(V, BV), NSH)](
+            q, k, g_, w, do, dht_ if dht_ is not None else dummy, seg.cu, seg.first, dstates, du,
+            dh0_ if dh0_ is not None else dummy, tinv, scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+            HAS_DHT=dht_ is not None, STORE_DH0=dh0_ is not None, STORE_GRADS=store_grads,
+            **_launch("backward_state", q.dtype, BK, BV), **flags,
+        )  # fmt: skip
+
+    L = torch.empty(seg.N, seg.NS, H, K, V, dtype=torch.float32, device=q.device)
+    run(None, L, False)
+    dS = dht.double() if dht is not None else torch.zeros(seg.N, H, K, V, dtype=torch.float64, device=q.device)
+    dS_out = torch.empty_like(L)
+    for i in reversed(range(seg.NS)):
+        dS_out[:, i] = dS
+        dS = M[:, i].double().transpose(-1, -2) @ dS + L[:, i].double()
+    if dh0 is not None:
+        dh0.copy_(dS)
+    del L
+    run(dS_out, None, True)
 
 
 def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l2norm: bool, beta_is_logit: bool):
@@ -318,11 +433,18 @@ def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l
     u = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
     dummy = states
     g_ = g if g is not None else dummy
-    _forward_kernel[(NV, lay.N * H)](
-        q, k, g_, w, u0, h0 if h0 is not None else dummy, lay.cu, lay.first, dummy, dummy, states, u, scale,
-        BV=BV, HAS_H0=h0 is not None, STORE_O=False, STORE_HT=False, STORE_STATES=True,
-        **_launch("forward", q.dtype, BK, BV), **common, **flags("forward"),
-    )  # fmt: skip
+    NS = _num_segments(lay.N, H, T, cu_seqlens)
+    seg = Segments(lay.N, T, NS, q.device) if NS > 1 else None
+    if seg is None:
+        _forward_kernel[(NV, lay.N * H)](
+            q, k, g_, w, u0, h0 if h0 is not None else dummy, lay.cu, lay.first, dummy, dummy, states, u, scale,
+            BV=BV, HAS_H0=h0 is not None, HAS_U0=True, STORE_O=False, STORE_HT=False, STORE_STATES=True,
+            **_launch("forward", q.dtype, BK, BV), **common, **flags("forward"),
+        )  # fmt: skip
+    else:
+        ht = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device)
+        M = _segmented_forward(q, k, g_, w, u0, h0, seg, dummy, ht, states, u, scale, False, True, flags("forward"))
+        del ht
     del u0
     dstates = torch.empty_like(states)
     du = torch.empty_like(u)
@@ -333,12 +455,16 @@ def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l
         q, k, g_, do, lay.chunks, du, scale, BV=bv_chunk,
         **_launch("local_du", q.dtype, BK, bv_chunk), **common, **flags("local_du"),
     )  # fmt: skip
-    _backward_state_kernel[(NV, lay.N * H)](
-        q, k, g_, w, do, dht if dht is not None else dummy, lay.cu, lay.first, dstates, du,
-        dh0 if dh0 is not None else dummy, tinv, scale,
-        BV=BV, HAS_DHT=dht is not None, STORE_DH0=h0 is not None,
-        **_launch("backward_state", q.dtype, BK, BV), **common, **flags("backward_state"),
-    )  # fmt: skip
+    if seg is None:
+        _backward_state_kernel[(NV, lay.N * H)](
+            q, k, g_, w, do, dht if dht is not None else dummy, lay.cu, lay.first, dstates, du,
+            dh0 if dh0 is not None else dummy, tinv, scale,
+            BV=BV, HAS_DHT=dht is not None, STORE_DH0=h0 is not None, STORE_GRADS=True,
+            **_launch("backward_state", q.dtype, BK, BV), **common, **flags("backward_state"),
+        )  # fmt: skip
+    else:
+        _segmented_backward_state(q, k, g_, w, do, dht, seg, M, dstates, du, dh0, tinv, scale, flags("backward_state"))
+        del M
     del w
     dq = torch.empty(q.shape, dtype=store_dtype(q.dtype), device=q.device)
     dk = torch.empty(k.shape, dtype=store_dtype(k.dtype), device=q.device)
@@ -538,12 +664,17 @@ def compile_variants():
         solve = dict(BV=seq_bv, SOLVE=True, STORE_T=True, BETA_LOGIT=opt)
         yield f"prepare {label}", _prepare_kernel, ptrs, common["prepare"] | solve, opts["prepare"]
         for bv in (seq_bv, 16):
-            out = dict(BV=bv, HAS_H0=True, STORE_O=True, STORE_HT=True, STORE_STATES=False)
+            out = dict(BV=bv, HAS_H0=True, HAS_U0=True, STORE_O=True, STORE_HT=True, STORE_STATES=False)
             yield f"forward BV={bv} {label}", _forward_kernel, ptrs, common["forward"] | out, opts["forward"]
             states = out | dict(STORE_O=False, STORE_HT=False, STORE_STATES=True)
             yield f"forward states BV={bv} {label}", _forward_kernel, ptrs, common["forward"] | states, opts["forward"]
-            state = common["backward_state"] | dict(BV=bv, HAS_DHT=True, STORE_DH0=True)
+            state = common["backward_state"] | dict(BV=bv, HAS_DHT=True, STORE_DH0=True, STORE_GRADS=True)
             yield f"backward state BV={bv} {label}", _backward_state_kernel, ptrs, state, opts["backward_state"]
+        # segments (SEGMENT_HEADS): the transitions (U0 = 0, K columns) and each segment's own gradient share
+        transition = out | dict(HAS_U0=False, STORE_O=False, V=128, BV=seq_bv)
+        yield f"forward transition {label}", _forward_kernel, ptrs, common["forward"] | transition, opts["forward"]
+        share = state | dict(BV=seq_bv, HAS_DHT=False, STORE_GRADS=False)
+        yield f"backward state share {label}", _backward_state_kernel, ptrs, share, opts["backward_state"]
         yield f"output {label}", _output_kernel, ptrs, common["output"] | dict(BV=BV_CHUNK), opts["output"]
         yield f"local du {label}", _local_du_kernel, ptrs, common["local_du"] | dict(BV=BV_CHUNK), opts["local_du"]
         for l2 in sorted({opt, False}):  # key columns per program: CHUNK_KEYS, or all of them with qk_l2norm

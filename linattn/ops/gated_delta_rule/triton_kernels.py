@@ -108,6 +108,7 @@ def _forward_kernel(
     BV: tl.constexpr,
     HAS_G: tl.constexpr,
     HAS_H0: tl.constexpr,
+    HAS_U0: tl.constexpr,
     L2NORM: tl.constexpr,
     STORE_O: tl.constexpr,
     STORE_HT: tl.constexpr,
@@ -120,6 +121,9 @@ def _forward_kernel(
     # One sequence, one V block: the state S [K, BV] stays in registers while the chunks go by.
     #   U = U0 - W S;  o = scale (exp(b) q S + tril(q k^T exp(b_t - b_s)) U);  S = exp(b_C) S + (exp(b_C - b) k)^T U
     # STORE_STATES (for the backward): the state entering each chunk and U, both float32.
+    # Without HAS_U0, U0 = 0: the loop then carries h0's columns through the chunks' transitions alone
+    # (S <- exp(b_C) S - (exp(b_C - b) k)^T W S), which, from identity columns, is the transition of the
+    # whole sequence (a segment, in triton.py).
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -143,8 +147,9 @@ def _forward_kernel(
         gamma, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
         # each tile loaded just before its product, so that few are live at once
         b_w = tl.load(w + tok[:, None] * K + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :], other=0.0)
-        b_u = tl.load(u0 + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-        b_u -= mm_lowp(b_w, S, DOT_PREC, ROUND, LOWP, LOWP_TY)
+        b_u = -mm_lowp(b_w, S, DOT_PREC, ROUND, LOWP, LOWP_TY)
+        if HAS_U0:
+            b_u += tl.load(u0 + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
         if STORE_STATES:
             tl.store(u + tok[:, None] * V + o_v[None, :], b_u, mask=m_tv)
         b_kT, _ = load_rows(k, tok, m_t, o_k, K, L2NORM, True)  # k^T [BK, BT]
@@ -282,6 +287,7 @@ def _backward_state_kernel(
     HAS_G: tl.constexpr,
     HAS_DHT: tl.constexpr,
     STORE_DH0: tl.constexpr,
+    STORE_GRADS: tl.constexpr,
     L2NORM: tl.constexpr,
     DOT_PREC: tl.constexpr,
     ROUND: tl.constexpr,
@@ -293,6 +299,7 @@ def _backward_state_kernel(
     # dS <- exp(b_C) dS + scale (exp(b) q)^T dO - W^T dU.  du holds scale P^T dO on entry (_local_du_kernel,
     # parallel over chunks), so the sequential loop forms neither P nor P^T dO. du gets dX = Tinv^T dU in dU's
     # place, the one form in which backward_chunk needs it, formed once here as each chunk's dU is final.
+    # Without STORE_GRADS nothing is stored but dh0 (a segment's own share of its entering gradient, triton.py).
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -309,7 +316,8 @@ def _backward_state_kernel(
         dS += tl.load(dht + (i_n * H + i_h).to(tl.int64) * K * V + kv, mask=m_kv, other=0.0)
     for j in range(0, n_chunks):
         i = n_chunks - 1 - j
-        tl.store(dstates + ((c0 + i) * H + i_h) * K * V + kv, dS, mask=m_kv)
+        if STORE_GRADS:
+            tl.store(dstates + ((c0 + i) * H + i_h) * K * V + kv, dS, mask=m_kv)
         rows = bos + i * BT + o_t
         m_t = rows < eos
         tok = rows * H + i_h
@@ -320,7 +328,8 @@ def _backward_state_kernel(
         b_du = tl.load(du + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
         b_du += mm_lowp(b_k * e_end[:, None], dS, DOT_PREC, ROUND, LOWP, LOWP_TY)
         TiT = tl.load(tinv + tok[None, :] * BT + o_t[:, None], mask=m_t[None, :], other=0.0)
-        tl.store(du + tok[:, None] * V + o_v[None, :], mm(TiT, b_du, DOT_PREC, ROUND), mask=m_tv)
+        if STORE_GRADS:
+            tl.store(du + tok[:, None] * V + o_v[None, :], mm(TiT, b_du, DOT_PREC, ROUND), mask=m_tv)
         b_qT, _ = load_rows(q, tok, m_t, o_k, K, L2NORM, True)
         b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
         if not LOWP:
