@@ -52,6 +52,23 @@ def load_rows(x, tok, m_t, o_d, D: tl.constexpr, L2NORM: tl.constexpr, TRANS: tl
 
 
 @triton.jit
+def inverse_row_norms(x, tok, m_t, D: tl.constexpr, BD: tl.constexpr, L2NORM: tl.constexpr):
+    """1 / sqrt(sum x^2 + 1e-6) [BT] of rows tok of a [.., T, H, D] tensor, read in blocks of BD columns, as
+    ``load_rows`` forms it for whole rows (ones without L2NORM), for kernels that go through a row in blocks."""
+    if L2NORM:
+        ss = tl.zeros([m_t.shape[0]], dtype=tl.float32)
+        for i_d in range(0, tl.cdiv(D, BD)):
+            o_d = i_d * BD + tl.arange(0, BD)
+            b_x = tl.load(x + tok[:, None] * D + o_d[None, :], mask=m_t[:, None] & (o_d < D)[None, :], other=0.0)
+            b_x = b_x.to(tl.float32)
+            ss += tl.sum(b_x * b_x, axis=1)
+        r = 1.0 / tl.sqrt(ss + 1e-6)
+    else:
+        r = tl.full([m_t.shape[0]], 1.0, tl.float32)
+    return r
+
+
+@triton.jit
 def l2norm_backward(dx, x, r):
     """Gradient through y = x / |x| given y (here ``x``), dy (``dx``) and 1 / |x| (``r``), row-wise."""
     return (dx - x * tl.sum(x * dx, axis=1)[:, None]) * r[:, None]

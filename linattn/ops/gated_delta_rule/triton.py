@@ -80,6 +80,11 @@ BV_MAX_LOWP = 64
 # anyway, so nothing changes but the bytes (W is read once per V block of each).
 LOWP_STORE = True
 BV_CHUNK = 32  # value columns per step of the per-chunk backward's loops
+# prepare goes through K in blocks of this many columns (k k^T summed over them, W formed block by block), so that no
+# [BT, K] float32 tile is live. sm_90 compile, bf16 with gates, K = 128, 4 warps (Triton 3.9), spill stack a thread
+# (solving / loading Tinv): main's kernel 416 / 912 B; in blocks of 128: 952 / 344; 64: 1064 / 464; 32: 616 / 0.
+# Spills have not predicted speed here. Untimed on a GPU: LINATTN_LAUNCH="gated_delta_rule.PREPARE_KEYS=32".
+PREPARE_KEYS = 64
 # Launch options by kernel. Every kernel holds several [BT, K] float32 tiles: at 4 warps each spills 0.3-3.6 KB of
 # registers per thread (compile_kernels --resources), yet on an H200 (T = 4096, B = 16, bf16) 4 warps measured
 # faster than 8 (delta_rule fwd+bwd 18.6 ms against 24.8, gated_delta_rule 27.8 against 34.0).
@@ -297,6 +302,7 @@ def prepare(k, v, g, beta, lay: ChunkTable, qk_l2norm: bool, beta_is_logit: bool
         BT=BT,
         BK=BK,
         BV=BV,
+        BKP=min(BK, PREPARE_KEYS),
         BETA_LOGIT=beta_is_logit,
         SOLVE=solve,
         STORE_T=store_t,
@@ -661,7 +667,7 @@ def compile_variants():
             for name in NUM_WARPS
         }
         label = f"{dt} gated={gated} l2norm/logit={opt}"
-        solve = dict(BV=seq_bv, SOLVE=True, STORE_T=True, BETA_LOGIT=opt)
+        solve = dict(BV=seq_bv, BKP=min(BK, PREPARE_KEYS), SOLVE=True, STORE_T=True, BETA_LOGIT=opt)
         yield f"prepare {label}", _prepare_kernel, ptrs, common["prepare"] | solve, opts["prepare"]
         for bv in (seq_bv, 16):
             out = dict(BV=bv, HAS_H0=True, HAS_U0=True, STORE_O=True, STORE_HT=True, STORE_STATES=False)

@@ -14,6 +14,7 @@ import triton.language as tl
 
 from linattn.ops.common.triton_delta_utils import (
     chunk_decays_or_none,
+    inverse_row_norms,
     l2norm_backward,
     load_beta,
     load_rows,
@@ -40,6 +41,7 @@ def _prepare_kernel(
     BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
+    BKP: tl.constexpr,
     HAS_G: tl.constexpr,
     L2NORM: tl.constexpr,
     BETA_LOGIT: tl.constexpr,
@@ -51,21 +53,26 @@ def _prepare_kernel(
     PRECISE_EXP: tl.constexpr,
 ):
     # Per chunk: Tinv = (I + A)^-1 (solved, or loaded as the forward stored it), W = Tinv (beta exp(b) K)
-    # [BT, K] (stored in w's dtype), U0 = Tinv (beta V) [BT, V], formed in float32.
+    # [BT, K] (stored in w's dtype), U0 = Tinv (beta V) [BT, V], formed in float32. K is gone through in blocks of
+    # BKP columns (k k^T summed over them, W formed block by block), so that no [BT, K] float32 tile is live.
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     lo, hi = chunk_bounds(chunks, i_c)
     if hi <= lo:  # past the last chunk (varlen allots a bound on the count)
         return
     o_t = tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
     m_t = lo + o_t < hi
     tok = (lo + o_t) * H + i_h
-    b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM)
+    r_k = inverse_row_norms(k, tok, m_t, K, BKP, L2NORM)
     b_beta = load_beta(beta, tok, m_t, BETA_LOGIT)
     gamma, e_b, _, _ = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
 
     if SOLVE:
-        A = mm(b_k, tl.trans(b_k), DOT_PREC, ROUND) * gamma * b_beta[:, None]
+        A = tl.zeros([BT, BT], dtype=tl.float32)
+        for i_k in range(0, tl.cdiv(K, BKP)):
+            o_k = i_k * BKP + tl.arange(0, BKP)
+            b_k = load_rows(k, tok, m_t, o_k, K, False)[0] * r_k[:, None]
+            A += mm(b_k, tl.trans(b_k), DOT_PREC, ROUND)
+        A = A * gamma * b_beta[:, None]
         A = tl.where(o_t[:, None] > o_t[None, :], A, 0.0)
         if DOT_PREC == "ieee":
             Ti = unit_lower_inverse(A, BT, 16, "ieee")
@@ -73,8 +80,12 @@ def _prepare_kernel(
             Ti = unit_lower_inverse(A, BT, 16, "tf32x3")
     else:
         Ti = tl.load(tinv + tok[:, None] * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
-    b_w = mm(Ti, b_k * (b_beta * e_b)[:, None], DOT_PREC, ROUND)
-    tl.store(w + tok[:, None] * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=m_t[:, None] & (o_k < K)[None, :])
+    for i_k in range(0, tl.cdiv(K, BKP)):
+        o_k = i_k * BKP + tl.arange(0, BKP)
+        b_k = load_rows(k, tok, m_t, o_k, K, False)[0]
+        b_w = mm(Ti, b_k * (r_k * b_beta * e_b)[:, None], DOT_PREC, ROUND)
+        m_tk = m_t[:, None] & (o_k < K)[None, :]
+        tl.store(w + tok[:, None] * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=m_tk)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_tv = m_t[:, None] & (o_v < V)[None, :]
