@@ -93,6 +93,13 @@ NUM_WARPS = dict(prepare=4, forward=4, output=4, local_du=4, backward_state=4, b
 # cuts shared memory per program (sm_90 compile, bf16: forward 123 -> 82 KB, backward_state 99 -> 66 KB), so more
 # programs share an SM; on an H200 (T = 4096, B = 16, bf16, session 5) gated_delta_rule fwd+bwd went 30.6 -> 27.4 ms.
 NUM_STAGES = dict(prepare=1, forward=1, output=1, local_du=1, backward_state=1, backward_chunk=1)
+# gated_delta_rule's entries where they differ. On an H200 (session 9, one call, bf16, fwd+bwd ms, B T = 65536),
+# 2 stages in forward and backward_state against 1:
+#   T                  2048            4096            16384           65536
+#   gated_delta_rule   11.27 / 11.72   11.22 / 11.72   14.96 / 16.10   17.69 / 18.30
+#   delta_rule          9.17 /  9.33    9.18 /  9.30   13.58 / 13.26   16.80 / 15.71
+# so the gated op takes them at every T and delta_rule, slower at long T, does not.
+GATED_STAGES = dict(forward=2, backward_state=2)
 # The forward's launch with fewer programs than this (one per SM of an H100/H200) is not limited by shared memory,
 # and takes FEW_PROGRAMS_STAGES to hide its loads. At T = 65536, B = 1 (128 programs) on an H200, session 5, forward
 # alone: delta_rule 7.28 ms with 2 stages against 9.08 with 1, gated_delta_rule 12.2 against 13.4. The backward's
@@ -165,14 +172,16 @@ def _w_dtype(dtype: torch.dtype, gpu: bool | None = None) -> torch.dtype:
     return torch.bfloat16 if lowp else torch.float32
 
 
-def _launch(kernel: str, dtype: torch.dtype, BK: int, BV: int, programs: int | None = None) -> dict:
-    """num_warps (see _warps) and num_stages of a kernel launched as ``programs`` programs (None: many)."""
+def _launch(
+    kernel: str, dtype: torch.dtype, BK: int, BV: int, programs: int | None = None, gated: bool = False
+) -> dict:
+    """num_warps (see _warps) and num_stages of a kernel launched as ``programs`` programs (None: many), with
+    gates (GATED_STAGES) or without."""
+    stages = GATED_STAGES.get(kernel, NUM_STAGES[kernel]) if gated else NUM_STAGES[kernel]
     if dtype == torch.float32:
         stages = 1
     elif programs is not None and programs < FEW_PROGRAMS:
-        stages = max(NUM_STAGES[kernel], FEW_PROGRAMS_STAGES)
-    else:
-        stages = NUM_STAGES[kernel]
+        stages = max(stages, FEW_PROGRAMS_STAGES)
     return dict(num_warps=_warps(kernel, BK, BV), num_stages=stages)
 
 
@@ -306,7 +315,7 @@ def prepare(k, v, g, beta, lay: ChunkTable, qk_l2norm: bool, beta_is_logit: bool
         BETA_LOGIT=beta_is_logit,
         SOLVE=solve,
         STORE_T=store_t,
-        **_launch("prepare", k.dtype, BK, BV),
+        **_launch("prepare", k.dtype, BK, BV, gated=g is not None),
         **_flags(k.dtype, g is not None, qk_l2norm, "prepare"),
     )
     return w, u0, tinv
@@ -330,10 +339,11 @@ def forward(q, k, v, g, beta, h0, scale: float, cu_seqlens, qk_l2norm: bool, bet
     flags = _flags(q.dtype, g is not None, qk_l2norm, "forward")
     NS = _num_segments(lay.N, H, T, cu_seqlens)
     if NS == 1:
-        _forward_kernel[(triton.cdiv(V, BV), lay.N * H)](
+        NV = triton.cdiv(V, BV)
+        _forward_kernel[(NV, lay.N * H)](
             q, k, g_, w, u0, h0 if h0 is not None else ht, lay.cu, lay.first, o, ht, states, u,
             scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_H0=h0 is not None, HAS_U0=True, STORE_O=not split,
-            STORE_HT=True, STORE_STATES=split, **_launch("forward", q.dtype, BK, BV, triton.cdiv(V, BV) * lay.N * H),
+            STORE_HT=True, STORE_STATES=split, **_launch("forward", q.dtype, BK, BV, NV * lay.N * H, g is not None),
             **flags,
         )  # fmt: skip
     else:
@@ -344,7 +354,8 @@ def forward(q, k, v, g, beta, h0, scale: float, cu_seqlens, qk_l2norm: bool, bet
         bv = _chunk_bv(V)
         _output_kernel[(lay.NC, H)](
             q, k, g_, states, u, lay.chunks, o, scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=bv,
-            **_launch("output", q.dtype, BK, bv), **_flags(q.dtype, g is not None, qk_l2norm, "output"),
+            **_launch("output", q.dtype, BK, bv, gated=g is not None),
+            **_flags(q.dtype, g is not None, qk_l2norm, "output"),
         )  # fmt: skip
     return o.to(v.dtype), ht, tinv
 
@@ -364,7 +375,7 @@ def _segmented_forward(q, k, g_, w, u0, h0, seg: Segments, o, ht, states, u, sca
         _forward_kernel[(triton.cdiv(V_, BV), NSH)](
             q, k, g_, w, u0_, h0_ if h0_ is not None else ht, seg.cu, seg.first, o, ht_, states, u, scale,
             V=V_, BV=BV, HAS_H0=h0_ is not None, HAS_U0=has_u0, STORE_O=store_o_, STORE_HT=store_ht,
-            STORE_STATES=store_states_, **_launch("forward", q.dtype, BK, BV, programs), **common,
+            STORE_STATES=store_states_, **_launch("forward", q.dtype, BK, BV, programs, flags["HAS_G"]), **common,
         )  # fmt: skip
 
     # 1. each segment's own final state R, and its transition M (identity columns carried with U0 = 0)
@@ -401,7 +412,7 @@ def _segmented_backward_state(q, k, g_, w, do, dht, seg: Segments, M, dstates, d
             q, k, g_, w, do, dht_ if dht_ is not None else dummy, seg.cu, seg.first, dstates, du,
             dh0_ if dh0_ is not None else dummy, tinv, scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
             HAS_DHT=dht_ is not None, STORE_DH0=dh0_ is not None, STORE_GRADS=store_grads,
-            **_launch("backward_state", q.dtype, BK, BV), **flags,
+            **_launch("backward_state", q.dtype, BK, BV, gated=flags["HAS_G"]), **flags,
         )  # fmt: skip
 
     L = torch.empty(seg.N, seg.NS, H, K, V, dtype=torch.float32, device=q.device)
@@ -445,7 +456,7 @@ def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l
         _forward_kernel[(NV, lay.N * H)](
             q, k, g_, w, u0, h0 if h0 is not None else dummy, lay.cu, lay.first, dummy, dummy, states, u, scale,
             BV=BV, HAS_H0=h0 is not None, HAS_U0=True, STORE_O=False, STORE_HT=False, STORE_STATES=True,
-            **_launch("forward", q.dtype, BK, BV), **common, **flags("forward"),
+            **_launch("forward", q.dtype, BK, BV, gated=g is not None), **common, **flags("forward"),
         )  # fmt: skip
     else:
         ht = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device)
@@ -459,14 +470,14 @@ def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l
     # du = scale P^T dO, per chunk; backward_state adds the states' share
     _local_du_kernel[(lay.NC, H)](
         q, k, g_, do, lay.chunks, du, scale, BV=bv_chunk,
-        **_launch("local_du", q.dtype, BK, bv_chunk), **common, **flags("local_du"),
+        **_launch("local_du", q.dtype, BK, bv_chunk, gated=g is not None), **common, **flags("local_du"),
     )  # fmt: skip
     if seg is None:
         _backward_state_kernel[(NV, lay.N * H)](
             q, k, g_, w, do, dht if dht is not None else dummy, lay.cu, lay.first, dstates, du,
             dh0 if dh0 is not None else dummy, tinv, scale,
             BV=BV, HAS_DHT=dht is not None, STORE_DH0=h0 is not None, STORE_GRADS=True,
-            **_launch("backward_state", q.dtype, BK, BV), **common, **flags("backward_state"),
+            **_launch("backward_state", q.dtype, BK, BV, gated=g is not None), **common, **flags("backward_state"),
         )  # fmt: skip
     else:
         _segmented_backward_state(q, k, g_, w, do, dht, seg, M, dstates, du, dh0, tinv, scale, flags("backward_state"))
@@ -486,7 +497,7 @@ def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l
         q, k, v, g_, beta, u, du, do, lay.chunks, states, dstates,
         dq, dk, dv, dg if dg is not None else dummy, dbeta, scale, B * T * H,
         BV=bv_chunk, BETA_LOGIT=beta_is_logit,
-        **_launch("backward_chunk", q.dtype, bk, bv_chunk), **dict(common, BK=bk),
+        **_launch("backward_chunk", q.dtype, bk, bv_chunk, gated=g is not None), **dict(common, BK=bk),
         **_flags(q.dtype, g is not None, qk_l2norm, "backward_chunk", BK=bk),
     )  # fmt: skip
     dg = dg.sum(0).float() if dg is not None else None
@@ -661,7 +672,7 @@ def compile_variants():
         ptrs |= dict(chunks="i32", cu_seqlens="i32", chunk_start="i32", w=w)
         BK, BV = _blocks(128, 128)
         _, seq_bv = _blocks(128, 128, torch_dtype, gpu=True)
-        opts = {name: _launch(name, torch_dtype, BK, BV) for name in NUM_WARPS}
+        opts = {name: _launch(name, torch_dtype, BK, BV, gated=gated) for name in NUM_WARPS}
         common = {
             name: dict(H=16, K=128, V=128, BT=BT, BK=BK, **_flags(torch_dtype, gated, opt, name, gpu=True))
             for name in NUM_WARPS
@@ -688,7 +699,7 @@ def compile_variants():
             chunk = dict(BV=BV_CHUNK, BETA_LOGIT=opt, BK=bk)
             chunk |= _flags(torch_dtype, gated, l2, "backward_chunk", gpu=True, BK=bk)
             scalars = dict(scalars=dict(scale="fp32", part="i32"))
-            chunk_opts = _launch("backward_chunk", torch_dtype, bk, BV_CHUNK) | scalars
+            chunk_opts = _launch("backward_chunk", torch_dtype, bk, BV_CHUNK, gated=gated) | scalars
             chunk_label = f"backward chunk BK={bk} {dt} gated={gated} l2norm={l2} logit={opt}"
             yield chunk_label, _backward_chunk_kernel, ptrs, common["backward_chunk"] | chunk, chunk_opts
     # The decode kernel, with the delta rule's update, compiles in the "recurrent" group.
