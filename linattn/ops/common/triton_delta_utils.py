@@ -112,7 +112,8 @@ def unit_lower_inverse(A, BT: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr
     # Then by doubling: each level joins pairs of neighbouring diagonal blocks of size s, already inverted
     # (T1, T2), into one of size 2 s, whose lower-left block is -T2 A21 T1. With X = A21 T1 (A masked to those
     # blocks, times Ti) that is Ti <- Ti - Ti X, for every pair of the level at once: 2 log2(BT / BD) products
-    # (4 for BT = 64, BD = 16), where block row after block row took 2 (BT / BD - 1) (6).
+    # (4 for BT = 64, BD = 16), where block row after block row took 2 (BT / BD - 1) (6). On an H200 (session 9,
+    # bf16, T = 4096, B = 16) prepare's solving launch went 1.93 -> 1.78 ms (delta_rule), 2.04 -> 1.87 (gated).
     size = BD
     while size < BT:  # a loop, not unrolled: fewer tiles live at once
         pair = (o_t[:, None] // (2 * size)) == (o_t[None, :] // (2 * size))

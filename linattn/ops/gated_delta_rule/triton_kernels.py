@@ -466,7 +466,8 @@ def _backward_chunk_kernel(
         dP += mm_lowp(b_do, tl.trans(b_u), DOT_PREC, ROUND, LOWP, LOWP_TY)
         dA += mm(d_x, tl.trans(b_u), DOT_PREC, ROUND)
     # The decays (reloaded rather than kept live through the loops: registers) go into dP and dA at once, so
-    # that gamma, dP and the scores are never live together.
+    # that gamma, dP and the scores are never live together. On an H200 (session 9, bf16, T = 4096, B = 16),
+    # with gates this kernel went 4.42 -> 3.98 ms (the solve's change alongside); without, 2.66 -> 2.67.
     gamma, _, _, _ = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
     dPg = dP * (gamma * scale)
     dAg = tl.where(strict, -dA, 0.0) * gamma

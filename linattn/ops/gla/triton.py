@@ -63,14 +63,17 @@ ROW_LOOP = dict(J_STAGES=1, J_UNROLL=4)
 STATE_KERNEL = True
 # DIAG_KERNEL: dq's and dk's terms between tokens of one sub-chunk (a loop over the sub-chunk's rows) run in a kernel
 # of their own, per sub-chunk and key block of up to 64 (dqk_diag, 2 warps), stored as float32 [B, T, H, K] twice,
-# rather than inside dqkg, whose 16-column key blocks each ran the loop over all four sub-chunks at once. sm_90
-# compile (bf16, Triton 3.9): dqkg 255 registers and 104 B of spill stack without the loop, the new kernel none.
-# Its scratch is 0.5 GiB per tensor at T = 4096, B = 16. False: dqkg runs the loop (dqkg's DIAG_GIVEN constexpr).
-DIAG_KERNEL = True
+# rather than inside dqkg, whose 16-column key blocks each run the loop over all four sub-chunks at once (dqkg's
+# DIAG_GIVEN constexpr). sm_90 compile (bf16, Triton 3.9): dqkg without the loop spills nothing (536 B with it).
+# On an H200 (session 9, one call, T = 4096, B = 16, bf16) it changed nothing: GLA fwd+bwd 18.648 ms with it,
+# 18.653 without; the loop took the same time in either kernel (dqk_diag 3.61 ms, dqkg 9.5 -> 5.9 ms). So it is off,
+# which needs no scratch (0.5 GiB per tensor at that shape); GPU tests pass both ways (45 each).
+DIAG_KERNEL = False
 # SAVE_SCORES: the forward's scores A [B, T, H, BT] (bfloat16 for bfloat16 inputs on a GPU, else float32) are kept
 # for the backward, which then runs intra without them and skips diag, instead of forming them again: 128 MiB per
-# layer at T = 4096, B = 16 (bfloat16), as fla keeps its A. False: the backward forms A again (only the inputs and
-# outputs are kept).
+# layer at T = 4096, B = 16 (bfloat16), as fla keeps its A. On an H200 (session 9, one call, bf16, that shape) GLA
+# fwd+bwd took 18.65 ms with it, 22.01 without (the backward's intra 2.58 -> 1.16 ms, no diag: 1.90 ms). False: the
+# backward forms A again (only the inputs and outputs are kept).
 SAVE_SCORES = True
 
 
