@@ -66,6 +66,45 @@ def test_state_products_in_dqkg_or_their_own_kernel(state_kernel, monkeypatch):
     check_against_naive(CASE, *to(tensors, state), "triton", cu_seqlens=cu_seqlens.to(DEVICE), **ON_DEVICE)
 
 
+@pytest.mark.parametrize("diag_kernel", [False, True])
+def test_sub_chunk_terms_in_dqkg_or_their_own_kernel(diag_kernel, monkeypatch):
+    """dqkg running the loop over rows inside sub-chunks itself, or reading its terms from dqk_diag (DIAG_KERNEL),
+    here with dqk_diag's key blocks of 16 (three, the last partly past K = 40), packed sequences that end inside
+    sub-chunks and chunks: the same gradients."""
+    monkeypatch.setattr(tri, "DIAG_KERNEL", diag_kernel)
+    launch = tri._launch
+
+    def narrow(dtype, K, V):
+        cfg = launch(dtype, K, V)
+        cfg["dqk_diag"].update(BK=16)
+        return cfg
+
+    monkeypatch.setattr(tri, "_launch", narrow)
+    cu_seqlens = torch.tensor([0, 70, 71, 150])
+    tensors, state = CASE.draw(B=1, T=150, H=2, K=40, V=24, seed=11, N=3)
+    check_against_naive(CASE, *to(tensors, state), "triton", cu_seqlens=cu_seqlens.to(DEVICE), **ON_DEVICE)
+
+
+@pytest.mark.parametrize("save_scores", [False, True])
+def test_scores_kept_for_the_backward_or_formed_again(save_scores, monkeypatch):
+    """The backward given the forward's scores A (SAVE_SCORES: intra without them, no diag) or forming them again:
+    the same gradients, here with packed sequences; with them kept, the backward launches no diag kernel."""
+    monkeypatch.setattr(tri, "SAVE_SCORES", save_scores)
+    diag_launches = []
+    diag = tri._diag_kernel
+
+    class Counted:
+        def __getitem__(self, grid):
+            diag_launches.append(grid)
+            return diag[grid]
+
+    monkeypatch.setattr(tri, "_diag_kernel", Counted())
+    cu_seqlens = torch.tensor([0, 70, 71, 150])
+    tensors, state = CASE.draw(B=1, T=150, H=2, K=40, V=24, seed=12, N=3)
+    check_against_naive(CASE, *to(tensors, state), "triton", cu_seqlens=cu_seqlens.to(DEVICE), **ON_DEVICE)
+    assert len(diag_launches) == (1 if save_scores else 2)  # one forward and one backward
+
+
 @pytest.mark.parametrize("gates", [0.0, -30.0, -1e4, "mixed"])
 def test_triton_extreme_gates(gates):
     """No decay, and decay so strong that the state resets every token: no overflow, no NaN."""

@@ -23,17 +23,29 @@ def fake_state(q: torch.Tensor, v: torch.Tensor, cu_seqlens) -> torch.Tensor:
     return q.new_empty(N, q.shape[2], q.shape[3], v.shape[3], dtype=torch.float32)
 
 
+def _no_saved(q: torch.Tensor) -> torch.Tensor:
+    """The chunk op's third output when the forward saves nothing for the backward."""
+    return q.new_empty(0, dtype=torch.float32)
+
+
 def _fake_forward(q, k, v, g, h0, cu_seqlens, scale):
     """Shapes of (o, final state) for torch.compile's fake tensors; both forward ops share them."""
     return torch.empty_like(v), fake_state(q, v, cu_seqlens)
 
 
-def register_decay_ops(name: str, forward: Callable, backward: Callable) -> Callable:
+def register_decay_ops(
+    name: str, forward: Callable, backward: Callable, fake_saved: Callable | None = None
+) -> Callable:
     """Register the ops of one decay mechanism and return its Triton entry point.
 
     forward(q, k, v, g, h0, scale, cu_seqlens) -> (o, final state float32);
     backward(do, dht, q, k, v, g, h0, ht, scale, cu_seqlens) -> (dq, dk, dv, dg or None, dh0 or None),
     where dht is None when the final state got no gradient.
+
+    With ``fake_saved``, forward returns a third tensor that the backward gets back as ``saved=`` (something
+    the forward formed and the backward would otherwise form again; empty for none), and
+    fake_saved(q, k, v, g, h0, cu_seqlens, scale) gives its fake. It is an output of the chunk op that takes
+    no gradient, and ``run`` drops it, so nothing outlives a call without autograd.
     """
 
     @torch.library.custom_op(f"linattn::chunk_{name}", mutates_args=())
@@ -45,10 +57,14 @@ def register_decay_ops(name: str, forward: Callable, backward: Callable) -> Call
         h0: torch.Tensor | None,
         cu_seqlens: torch.Tensor | None,
         scale: float,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return forward(q, k, v, g, h0, scale, cu_seqlens)
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        o, ht, *saved = forward(q, k, v, g, h0, scale, cu_seqlens)
+        return o, ht, (saved[0] if saved else _no_saved(q))
 
-    chunk_op.register_fake(_fake_forward)
+    @chunk_op.register_fake
+    def _(q, k, v, g, h0, cu_seqlens, scale):
+        saved = fake_saved(q, k, v, g, h0, cu_seqlens, scale) if fake_saved is not None else _no_saved(q)
+        return (*_fake_forward(q, k, v, g, h0, cu_seqlens, scale), saved)
 
     @torch.library.custom_op(f"linattn::chunk_{name}_backward", mutates_args=())
     def backward_op(
@@ -60,15 +76,17 @@ def register_decay_ops(name: str, forward: Callable, backward: Callable) -> Call
         g: torch.Tensor | None,
         h0: torch.Tensor | None,
         ht: torch.Tensor,
+        saved: torch.Tensor,
         cu_seqlens: torch.Tensor | None,
         scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        dq, dk, dv, dg, dh0 = backward(do, dht, q, k, v, g, h0, ht, scale, cu_seqlens)
+        extra = dict(saved=saved) if fake_saved is not None else {}
+        dq, dk, dv, dg, dh0 = backward(do, dht, q, k, v, g, h0, ht, scale, cu_seqlens, **extra)
         empty = q.new_empty(0, dtype=torch.float32)  # custom ops return tensors: empty stands for None
         return dq, dk, dv, (dg if dg is not None else empty), (dh0 if dh0 is not None else empty.clone())
 
     @backward_op.register_fake
-    def _(do, dht, q, k, v, g, h0, ht, cu_seqlens, scale):
+    def _(do, dht, q, k, v, g, h0, ht, saved, cu_seqlens, scale):
         empty = q.new_empty(0, dtype=torch.float32)
         dg = torch.empty_like(g) if g is not None else empty
         dh0 = torch.empty_like(h0) if h0 is not None else empty.clone()
@@ -76,17 +94,18 @@ def register_decay_ops(name: str, forward: Callable, backward: Callable) -> Call
 
     def setup_context(ctx, inputs, output):
         q, k, v, g, h0, cu_seqlens, scale = inputs
-        ctx.save_for_backward(q, k, v, g, h0, output[1], cu_seqlens)
+        ctx.save_for_backward(q, k, v, g, h0, output[1], output[2], cu_seqlens)
+        ctx.mark_non_differentiable(output[2])
         ctx.scale = scale
         # An output that got no gradient (the final state, unless the caller used it) arrives as None, not as
         # zeros: the backward then skips the final-state terms instead of computing them from zeros.
         ctx.set_materialize_grads(False)
 
-    def backward_fn(ctx, do, dht):
-        q, k, v, g, h0, ht, cu_seqlens = ctx.saved_tensors
+    def backward_fn(ctx, do, dht, _):
+        q, k, v, g, h0, ht, saved, cu_seqlens = ctx.saved_tensors
         do = do if do is not None else torch.zeros_like(v)
         dht = dht.contiguous() if dht is not None else None
-        dq, dk, dv, dg, dh0 = backward_op(do.contiguous(), dht, q, k, v, g, h0, ht, cu_seqlens, ctx.scale)
+        dq, dk, dv, dg, dh0 = backward_op(do.contiguous(), dht, q, k, v, g, h0, ht, saved, cu_seqlens, ctx.scale)
         return dq, dk, dv, (dg if g is not None else None), (dh0 if h0 is not None else None), None, None
 
     chunk_op.register_autograd(backward_fn, setup_context=setup_context)
@@ -112,7 +131,7 @@ def register_decay_ops(name: str, forward: Callable, backward: Callable) -> Call
         h0 = initial_state.float().contiguous() if initial_state is not None else None
         short = short_for_recurrent(q, cu_seqlens, RECURRENT_MAX_T)
         op = recurrent_op if short and not needs_grad(q, k, v, g, h0) else chunk_op
-        o, ht = op(q, k, v, g, h0, cu_seqlens, float(scale))
+        o, ht = op(q, k, v, g, h0, cu_seqlens, float(scale))[:2]
         return o, (ht if output_final_state else None)
 
     return run

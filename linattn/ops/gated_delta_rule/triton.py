@@ -83,7 +83,8 @@ BV_CHUNK = 32  # value columns per step of the per-chunk backward's loops
 # prepare goes through K in blocks of this many columns (k k^T summed over them, W formed block by block), so that no
 # [BT, K] float32 tile is live. sm_90 compile, bf16 with gates, K = 128, 4 warps (Triton 3.9), spill stack a thread
 # (solving / loading Tinv): main's kernel 416 / 912 B; in blocks of 128: 952 / 344; 64: 1064 / 464; 32: 616 / 0.
-# Spills have not predicted speed here. Untimed on a GPU: LINATTN_LAUNCH="gated_delta_rule.PREPARE_KEYS=32".
+# Spills have not predicted speed here. On an H200 (session 9, one call, bf16, fwd+bwd ms, T = 4096, B = 16):
+# delta_rule 9.53 with blocks of 64, 9.64 with 32, 9.82 with 128 (as before); gated_delta_rule 12.10, 12.20, 12.39.
 PREPARE_KEYS = 64
 # Launch options by kernel. Every kernel holds several [BT, K] float32 tiles: at 4 warps each spills 0.3-3.6 KB of
 # registers per thread (compile_kernels --resources), yet on an H200 (T = 4096, B = 16, bf16) 4 warps measured
@@ -150,7 +151,9 @@ FULL_GPU = 264  # programs that occupy every SM of an H100/H200 twice
 #   3. each segment again from its true entering state (or exit gradient), storing what the backward needs.
 # About three times the work of one pass, so only where SEGMENT_HEADS / (N H) gives at least MIN_SEGMENTS segments
 # of at least SEGMENT_MIN_CHUNKS chunks each. Not for cu_seqlens. SEGMENTS forces a count (tests).
-# Not yet timed on a GPU: LINATTN_LAUNCH="gated_delta_rule.SEGMENT_HEADS=0" turns segments off.
+# On an H200 (session 9, bf16, fwd+bwd ms, T = 65536, B = 1: 16 segments), with and without them in one call:
+# delta_rule 13.04 against 15.16, gated_delta_rule 14.74 against 15.69.
+# LINATTN_LAUNCH="gated_delta_rule.SEGMENT_HEADS=0" turns segments off.
 SEGMENT_HEADS = 256  # sequences x heads x segments to aim for (the standard shape's B H at T = 4096)
 MIN_SEGMENTS = 4
 SEGMENT_MIN_CHUNKS = 16

@@ -465,18 +465,18 @@ def _backward_chunk_kernel(
         d_beta += tl.sum(d_x * b_v, axis=1)
         dP += mm_lowp(b_do, tl.trans(b_u), DOT_PREC, ROUND, LOWP, LOWP_TY)
         dA += mm(d_x, tl.trans(b_u), DOT_PREC, ROUND)
-    dP *= scale
-    dA = tl.where(strict, -dA, 0.0)
-
-    # Reloaded rather than kept live through the loops (registers); the decays likewise.
+    # The decays (reloaded rather than kept live through the loops: registers) go into dP and dA at once, so
+    # that gamma, dP and the scores are never live together. On an H200 (session 9, bf16, T = 4096, B = 16),
+    # with gates this kernel went 4.42 -> 3.98 ms (the solve's change alongside); without, 2.66 -> 2.67.
     gamma, _, _, _ = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
+    dPg = dP * (gamma * scale)
+    dAg = tl.where(strict, -dA, 0.0) * gamma
     b_q, r_q = load_rows(q, tok, m_t, o_k, K, L2NORM)
     b_k, r_k = load_rows(k, tok, m_t, o_k, K, L2NORM)
-    # intra-chunk scores P_ts = exp(b_t - b_s) q_t . k_s (the diagonal's b-terms cancel: left out)
-    P = mm_lowp(b_q, tl.trans(b_k), DOT_PREC, ROUND, LOWP, LOWP_TY) * gamma
-    M = tl.where(strict, dP * P, 0.0)
+    # intra-chunk scores P_ts = exp(b_t - b_s) q_t . k_s (the diagonal's b-terms cancel: left out), and
+    # dP_ts P_ts = dPg_ts (q_t . k_s)
+    M = tl.where(strict, dPg * mm_lowp(b_q, tl.trans(b_k), DOT_PREC, ROUND, LOWP, LOWP_TY), 0.0)
     db += tl.sum(M, axis=1) - tl.sum(M, axis=0)
-    dPg = dP * gamma
     b_dq += mm_lowp(dPg, b_k, DOT_PREC, ROUND, LOWP, LOWP_TY)
     if L2NORM:
         b_dq = l2norm_backward(b_dq, b_q, r_q)
@@ -484,7 +484,6 @@ def _backward_chunk_kernel(
     b_dk += mm_lowp(tl.trans(dPg), b_q, DOT_PREC, ROUND, LOWP, LOWP_TY)
     # A_ts = beta_t exp(b_t - b_s) k_t . k_s
     KK = mm(b_k, tl.trans(b_k), DOT_PREC, ROUND)
-    dAg = dA * gamma
     G = dAg * b_beta[:, None]
     b_dk += mm_lowp(G, b_k, DOT_PREC, ROUND, LOWP, LOWP_TY) + mm_lowp(tl.trans(G), b_k, DOT_PREC, ROUND, LOWP, LOWP_TY)
     d_beta += tl.sum(dAg * KK, axis=1)

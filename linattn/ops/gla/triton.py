@@ -11,13 +11,14 @@ and triton_backward.py; b is the chunk-local cumulative log-decay and b_C its va
                               state leaving each chunk: dS <- exp(b_C) dS + scale (q exp(b))^T dO
     dv         per chunk      dv = scale A^T dO + (k exp(b_C - b)) dS
     dA         per chunk      dA = scale dO V^T, masked to s <= t
+    dqk_diag   per sub-chunk  the gated dq, dk terms between tokens of one sub-chunk (float32, for dqkg)
     dqkg       per chunk      dq, dk, and dg as a float64 reverse cumulative sum within the chunk
     recurrent  per sequence   token by token, for decoding (ops/common/triton_recurrent.py)
 
-Between the kernels lie hi, lo [B, T, H, K] and A, dA [B, T, H, BT] (float32); the backward recomputes them
-(the registration saves only the inputs and outputs), runs the state kernel forward to store the state
-entering every chunk and in reverse to store the gradient of the state leaving it ([NC, H, K, V] float32
-each, NC the number of chunks), then the per-chunk kernels.
+Between the kernels lie hi, lo [B, T, H, K] and A, dA [B, T, H, BT] (float32). The backward recomputes hi and lo
+(the registration saves the inputs, the outputs and, with SAVE_SCORES, A; without it A too), runs the state
+kernel forward to store the state entering every chunk and in reverse to store the gradient of the state leaving
+it ([NC, H, K, V] float32 each, NC the number of chunks), then the per-chunk kernels.
 """
 
 from __future__ import annotations
@@ -35,7 +36,13 @@ from linattn.ops.common.triton_utils import (
     store_dtype,
     triton_unsupported,
 )
-from linattn.ops.gla.triton_backward import _dA_kernel, _dqk_state_kernel, _dqkg_kernel, _dv_kernel
+from linattn.ops.gla.triton_backward import (
+    _dA_kernel,
+    _dqk_diag_kernel,
+    _dqk_state_kernel,
+    _dqkg_kernel,
+    _dv_kernel,
+)
 from linattn.ops.gla.triton_kernels import _diag_kernel, _intra_kernel, _state_kernel
 
 BT = 64  # chunk length
@@ -54,6 +61,20 @@ ROW_LOOP = dict(J_STAGES=1, J_UNROLL=4)
 # GPU tests pass with it (41). Its scratch is 0.5 GiB per tensor at that shape. False: dqkg forms the products itself
 # (no scratch, for when memory is tighter than time; dqkg's STATE_GIVEN constexpr, one kernel either way).
 STATE_KERNEL = True
+# DIAG_KERNEL: dq's and dk's terms between tokens of one sub-chunk (a loop over the sub-chunk's rows) run in a kernel
+# of their own, per sub-chunk and key block of up to 64 (dqk_diag, 2 warps), stored as float32 [B, T, H, K] twice,
+# rather than inside dqkg, whose 16-column key blocks each run the loop over all four sub-chunks at once (dqkg's
+# DIAG_GIVEN constexpr). sm_90 compile (bf16, Triton 3.9): dqkg without the loop spills nothing (536 B with it).
+# On an H200 (session 9, one call, T = 4096, B = 16, bf16) it changed nothing: GLA fwd+bwd 18.648 ms with it,
+# 18.653 without; the loop took the same time in either kernel (dqk_diag 3.61 ms, dqkg 9.5 -> 5.9 ms). So it is off,
+# which needs no scratch (0.5 GiB per tensor at that shape); GPU tests pass both ways (45 each).
+DIAG_KERNEL = False
+# SAVE_SCORES: the forward's scores A [B, T, H, BT] (bfloat16 for bfloat16 inputs on a GPU, else float32) are kept
+# for the backward, which then runs intra without them and skips diag, instead of forming them again: 128 MiB per
+# layer at T = 4096, B = 16 (bfloat16), as fla keeps its A. On an H200 (session 9, one call, bf16, that shape) GLA
+# fwd+bwd took 18.65 ms with it, 22.01 without (the backward's intra 2.58 -> 1.16 ms, no diag: 1.90 ms). False: the
+# backward forms A again (only the inputs and outputs are kept).
+SAVE_SCORES = True
 
 
 def _pow2(n: int, lo: int = 16, hi: int = 256) -> int:
@@ -80,6 +101,7 @@ def _launch(dtype: torch.dtype, K: int, V: int) -> dict:
         state=dict(BK=min(BK, 64), BV=_pow2(V, hi=64), num_warps=8),
         dv=dict(BK=min(BK, 64), BV=_pow2(V, hi=64), num_warps=4),
         dqkg=dict(BK=16, BV=_pow2(V, hi=32), num_warps=4, num_stages=1, **ROW_LOOP),
+        dqk_diag=dict(BK=min(BK, 64), num_warps=2, **ROW_LOOP),
         dqk_state=dict(BK=min(BK, 128), BV=_pow2(V, hi=32), num_warps=8 if BK >= 64 else 4),
     )
     if dtype == torch.float32 or BK > 128:  # Triton 3.6 on an H200 wanted 235-319 KB of shared memory at K = 256
@@ -88,23 +110,30 @@ def _launch(dtype: torch.dtype, K: int, V: int) -> dict:
     return cfg
 
 
-def _intra(q, k, g, lay: ChunkTable, flags: dict, cfg: dict, lowp: bool):
-    """A [B, T, H, BT], qg and kd [B, T, H, K] (in the dots' operand dtype: bfloat16 with lowp, else float32),
-    bc [NC, H, K] float32, and hi and lo [B, T, H, K] float32."""
+def _scores_dtype(lowp: bool) -> torch.dtype:
+    """A's dtype (and qg's, kd's): that of the dots that take them."""
+    return torch.bfloat16 if lowp else torch.float32
+
+
+def _intra(q, k, g, lay: ChunkTable, flags: dict, cfg: dict, lowp: bool, scores: bool = True):
+    """A [B, T, H, BT] (None without ``scores``), qg and kd [B, T, H, K] (in the dots' operand dtype: bfloat16
+    with lowp, else float32), bc [NC, H, K] float32, and hi and lo [B, T, H, K] float32."""
     B, T, H, K = q.shape
-    dt = torch.bfloat16 if lowp else torch.float32
-    A = torch.empty(B, T, H, BT, dtype=dt, device=q.device)
+    dt = _scores_dtype(lowp)
     qg = torch.empty(B, T, H, K, dtype=dt, device=q.device)
     kd = torch.empty_like(qg)
     bc = torch.empty(lay.NC, H, K, dtype=torch.float32, device=q.device)
     hi = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
     lo = torch.empty_like(hi)
+    A = torch.empty(B, T, H, BT, dtype=dt, device=q.device) if scores else None
     _intra_kernel[(lay.NC, H)](
-        q, k, g, lay.chunks, hi, lo, A, qg, kd, bc, H=H, K=K, BT=BT, BC=BC, **cfg["intra"], **flags
+        q, k, g, lay.chunks, hi, lo, A if scores else qg, qg, kd, bc, H=H, K=K, BT=BT, BC=BC, STORE_A=scores,
+        **cfg["intra"], **flags
     )  # fmt: skip
-    _diag_kernel[(lay.NC, BT // BC, H)](
-        q, k, hi, lo, lay.chunks, A, H=H, K=K, BT=BT, BC=BC, PRECISE_EXP=flags["PRECISE_EXP"], **cfg["diag"]
-    )  # fmt: skip
+    if scores:
+        _diag_kernel[(lay.NC, BT // BC, H)](
+            q, k, hi, lo, lay.chunks, A, H=H, K=K, BT=BT, BC=BC, PRECISE_EXP=flags["PRECISE_EXP"], **cfg["diag"]
+        )  # fmt: skip
     return A, qg, kd, bc, hi, lo
 
 
@@ -148,10 +177,13 @@ def forward(q, k, v, g, h0, scale: float, cu_seqlens):
     return o.to(v.dtype), ht, A
 
 
-def backward(do, dht, q, k, v, g, h0, ht, scale: float, cu_seqlens):
-    """Gradients (dq, dk, dv, dg, dh0 or None); dht is None when the final state got no gradient."""
+def backward(do, dht, q, k, v, g, h0, ht, scale: float, cu_seqlens, saved=None):
+    """Gradients (dq, dk, dv, dg, dh0 or None); dht is None when the final state got no gradient. saved: the
+    forward's scores A (SAVE_SCORES), or None or empty to form them again."""
     B, T, H, K, V, lay, flags, lowp, cfg = _setup(q, v, cu_seqlens)
-    A, qg, kd, bc, hi, lo = _intra(q, k, g, lay, flags, cfg, lowp)
+    given = saved is not None and saved.numel() > 0
+    A, qg, kd, bc, hi, lo = _intra(q, k, g, lay, flags, cfg, lowp, scores=not given)
+    A = saved if given else A
     c = cfg["state"]
     states, _ = _states(kd, v, bc, h0, lay, scale, False, False, flags, c, lowp)
     dstates, dh0 = _states(qg, do, bc, dht, lay, scale, True, h0 is not None, flags, c, lowp)
@@ -182,10 +214,19 @@ def backward(do, dht, q, k, v, g, h0, ht, scale: float, cu_seqlens):
             v, do, lay.chunks, states, dstates, dqs, dks, dc, H=H, K=K, V=V, BT=BT, LOWP=lowp,
             DOT_PREC=flags["DOT_PREC"], ROUND=flags["ROUND"], **c,
         )  # fmt: skip
+    dq_in = dk_in = dg  # placeholders unless DIAG_KERNEL
+    if DIAG_KERNEL:
+        dq_in = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
+        dk_in = torch.empty_like(dq_in)
+        c = cfg["dqk_diag"]
+        _dqk_diag_kernel[(lay.NC * (BT // BC) * triton.cdiv(K, c["BK"]), H)](
+            q, k, hi, lo, dA, lay.chunks, dq_in, dk_in, H=H, K=K, BT=BT, BC=BC, PRECISE_EXP=flags["PRECISE_EXP"],
+            **c,
+        )  # fmt: skip
     c = cfg["dqkg"]
     _dqkg_kernel[(lay.NC * triton.cdiv(K, c["BK"]), H)](
-        q, k, v, do, hi, lo, dA, lay.chunks, states, dstates, dqs, dks, dc, dq, dk, dg, scale,
-        H=H, K=K, V=V, BT=BT, BC=BC, LOWP=lowp, STATE_GIVEN=STATE_KERNEL, **c, **flags,
+        q, k, v, do, hi, lo, dA, lay.chunks, states, dstates, dqs, dks, dc, dq_in, dk_in, dq, dk, dg, scale,
+        H=H, K=K, V=V, BT=BT, BC=BC, LOWP=lowp, STATE_GIVEN=STATE_KERNEL, DIAG_GIVEN=DIAG_KERNEL, **c, **flags,
     )  # fmt: skip
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dh0
 
@@ -196,12 +237,19 @@ def backward(do, dht, q, k, v, g, h0, ht, scale: float, cu_seqlens):
 
 
 def _forward(q, k, v, g, h0, scale, cu_seqlens):
-    o, ht, _ = forward(q, k, v, g, h0, scale, cu_seqlens)
-    return o, ht
+    o, ht, A = forward(q, k, v, g, h0, scale, cu_seqlens)
+    return o, ht, (A if SAVE_SCORES else A.new_empty(0))
+
+
+def _fake_scores(q, k, v, g, h0, cu_seqlens, scale):
+    """The fake of what _forward keeps for the backward."""
+    if not SAVE_SCORES:
+        return q.new_empty(0, dtype=_scores_dtype(lowp_dots(q.dtype)))
+    return q.new_empty(*q.shape[:3], BT, dtype=_scores_dtype(lowp_dots(q.dtype)))
 
 
 # Same contract as ``naive_gla``, with g [B, T, H, K].
-triton_gla = register_decay_ops("gla", _forward, backward)
+triton_gla = register_decay_ops("gla", _forward, backward, fake_saved=_fake_scores)
 
 
 def compile_variants():
@@ -228,13 +276,26 @@ def compile_variants():
             ("dstates", _state_kernel, state | rev, cfg["state"]),
             ("dv", _dv_kernel, dict(LOWP=lowp), cfg["dv"]),
             ("dA", _dA_kernel, dict(LOWP=lowp), cfg["dA"]),
-            ("dqkg", _dqkg_kernel, dict(BC=BC, LOWP=lowp, STATE_GIVEN=False), cfg["dqkg"]),
-            ("dqkg given the state products", _dqkg_kernel, dict(BC=BC, LOWP=lowp, STATE_GIVEN=True), cfg["dqkg"]),
+            ("dqkg", _dqkg_kernel, dict(BC=BC, LOWP=lowp, STATE_GIVEN=False, DIAG_GIVEN=False), cfg["dqkg"]),
+            (
+                "dqkg given the state products",
+                _dqkg_kernel,
+                dict(BC=BC, LOWP=lowp, STATE_GIVEN=True, DIAG_GIVEN=False),
+                cfg["dqkg"],
+            ),
+            (
+                "dqkg given the state products and diagonal terms",
+                _dqkg_kernel,
+                dict(BC=BC, LOWP=lowp, STATE_GIVEN=True, DIAG_GIVEN=True),
+                cfg["dqkg"],
+            ),
+            ("dqk_diag", _dqk_diag_kernel, dict(BC=BC), cfg["dqk_diag"]),
             ("dqk_state", _dqk_state_kernel, dict(LOWP=lowp), cfg["dqk_state"]),
         ]
         if dt == "bf16":
             kernels += [
-                ("intra", _intra_kernel, dict(BC=BC), cfg["intra"]),
+                ("intra", _intra_kernel, dict(BC=BC, STORE_A=True), cfg["intra"]),
+                ("intra without scores", _intra_kernel, dict(BC=BC, STORE_A=False), cfg["intra"]),
                 ("diag", _diag_kernel, dict(BC=BC), cfg["diag"]),
                 ("forward", _state_kernel, state | fwd | dict(STORE_O=True, STORE_STATES=False), cfg["output"]),
                 ("states", _state_kernel, state | fwd, cfg["state"]),

@@ -82,12 +82,13 @@ def _intra_kernel(
     DOT_PREC: tl.constexpr,
     ROUND: tl.constexpr,
     PRECISE_EXP: tl.constexpr,
+    STORE_A: tl.constexpr,
 ):
     # Per chunk and head: the scores A [.., T, H, BT] between sub-chunks, A_ts = sum_k q_tk k_sk exp(b_tk - b_sk)
     # for s in an earlier sub-chunk than t, 0 elsewhere (_diag_kernel then writes the diagonal blocks); the
     # operands of the state kernels qg = q exp(b) and kd = k exp(b_C - b) [.., T, H, K] (A, qg, kd in their
     # pointers' dtype: that of the dots that take them); b_C into bc [NC, H, K] float32; and the log-decay
-    # pair hi, lo [.., T, H, K] float32.
+    # pair hi, lo [.., T, H, K] float32. Without STORE_A (the backward, given the forward's A) no scores.
     NS: tl.constexpr = BT // BC
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t_lo, t_hi = chunk_bounds(chunks, i_c)
@@ -118,14 +119,17 @@ def _intra_kernel(
         w_end = exp32((c_hi[None, :] - b_hi) + (c_lo[None, :] - b_lo), PRECISE_EXP)
         tl.store(kd + ptr, (b_k * w_end).to(kd.dtype.element_ty), mask=m_tk)
 
-        w_row, w_src, e_hi, e_lo = _sub_chunk_factors(b_hi, b_lo, BT, BC, BK, PRECISE_EXP)
-        b_qr = b_q * w_row
-        b_ks = b_k * w_src
-        for i in tl.static_range(1, NS):
-            q_i = dot_operand(tl.where((sub == i)[:, None], b_qr, 0.0), ROUND, False, tl.float32)
-            k_i = dot_operand(b_ks * _bridge(e_hi, e_lo, i, BT, BC, BK, PRECISE_EXP), ROUND, False, tl.float32)
-            b_A += tl.dot(q_i, tl.trans(k_i), input_precision=DOT_PREC)
-    tl.store(A + row0 * BT + o_t[:, None] * (H * BT) + o_t[None, :], b_A.to(A.dtype.element_ty), mask=m_t[:, None])
+        if STORE_A:
+            w_row, w_src, e_hi, e_lo = _sub_chunk_factors(b_hi, b_lo, BT, BC, BK, PRECISE_EXP)
+            b_qr = b_q * w_row
+            b_ks = b_k * w_src
+            for i in tl.static_range(1, NS):
+                q_i = dot_operand(tl.where((sub == i)[:, None], b_qr, 0.0), ROUND, False, tl.float32)
+                k_i = dot_operand(b_ks * _bridge(e_hi, e_lo, i, BT, BC, BK, PRECISE_EXP), ROUND, False, tl.float32)
+                b_A += tl.dot(q_i, tl.trans(k_i), input_precision=DOT_PREC)
+    if STORE_A:
+        A_ptr = A + row0 * BT + o_t[:, None] * (H * BT) + o_t[None, :]
+        tl.store(A_ptr, b_A.to(A.dtype.element_ty), mask=m_t[:, None])
 
 
 @triton.jit
