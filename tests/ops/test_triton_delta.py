@@ -118,7 +118,9 @@ def test_launch_choices(monkeypatch):
     few = tri._launch("forward", torch.bfloat16, 128, 16, 128)
     assert many["num_stages"] == tri.NUM_STAGES["forward"] and few["num_stages"] == tri.FEW_PROGRAMS_STAGES
     assert tri._launch("forward", torch.float32, 128, 16, 128)["num_stages"] == 1
-    # the gated op's own stages (GATED_STAGES) where it has them, NUM_STAGES elsewhere; float32 still one
+    # the gated op's own stages (GATED_STAGES, an entry for every kernel so that LINATTN_LAUNCH reaches each) where
+    # it has them, NUM_STAGES elsewhere; float32 still one
+    assert set(tri.GATED_STAGES) == set(tri.NUM_STAGES)
     monkeypatch.setattr(tri, "NUM_STAGES", dict.fromkeys(tri.NUM_STAGES, 1))
     monkeypatch.setattr(tri, "GATED_STAGES", dict(forward=3))
     assert tri._launch("forward", torch.bfloat16, 128, 32, 1024, gated=True)["num_stages"] == 3

@@ -99,8 +99,9 @@ NUM_STAGES = dict(prepare=1, forward=1, output=1, local_du=1, backward_state=1, 
 #   T                  2048            4096            16384           65536
 #   gated_delta_rule   11.27 / 11.72   11.22 / 11.72   14.96 / 16.10   17.69 / 18.30
 #   delta_rule          9.17 /  9.33    9.18 /  9.30   13.58 / 13.26   16.80 / 15.71
-# so the gated op takes them at every T and delta_rule, slower at long T, does not.
-GATED_STAGES = dict(forward=2, backward_state=2)
+# so the gated op takes them at every T and delta_rule, slower at long T, does not. Every kernel has its entry, so
+# that LINATTN_LAUNCH="gated_delta_rule.GATED_STAGES.<kernel>=2" can try the others (untried with bf16 operands).
+GATED_STAGES = dict(prepare=1, forward=2, output=1, local_du=1, backward_state=2, backward_chunk=1)
 # The forward's launch with fewer programs than this (one per SM of an H100/H200) is not limited by shared memory,
 # and takes FEW_PROGRAMS_STAGES to hide its loads. At T = 65536, B = 1 (128 programs) on an H200, session 5, forward
 # alone: delta_rule 7.28 ms with 2 stages against 9.08 with 1, gated_delta_rule 12.2 against 13.4. The backward's
