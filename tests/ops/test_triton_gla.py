@@ -48,30 +48,21 @@ def test_triton_head_dims_beyond_one_block(K, V):
     check_against_naive(CASE, *to(tensors, state), "triton", **ON_DEVICE)
 
 
-# dqkg's terms formed in it, or read from a kernel of their own (switch, that kernel's narrowed launch, seed): the
-# state products dO S^T, V dS^T, sum_v S dS (STATE_KERNEL, dqk_state) and the in-sub-chunk loop's (DIAG_KERNEL,
-# dqk_diag)
-OWN_KERNELS = {"STATE_KERNEL": ("dqk_state", dict(BK=16, num_warps=4), 9), "DIAG_KERNEL": ("dqk_diag", dict(BK=16), 11)}
-
-
-@pytest.mark.parametrize("switch", sorted(OWN_KERNELS))
-@pytest.mark.parametrize("on", [False, True])
-def test_terms_in_dqkg_or_their_own_kernel(switch, on, monkeypatch):
-    """dqkg forming a group of its terms itself, or reading them from a kernel of their own, here with that
-    kernel's key blocks of 16 (three, the last partly past K = 40) and packed sequences that end inside
-    sub-chunks and chunks: the same gradients."""
-    kernel, narrowed, seed = OWN_KERNELS[switch]
-    monkeypatch.setattr(tri, switch, on)
+@pytest.mark.parametrize("state_kernel", [False, True])
+def test_state_products_in_dqkg_or_their_own_kernel(state_kernel, monkeypatch):
+    """dqkg forming dO S^T, V dS^T and sum_v S dS itself, or reading them from dqk_state (STATE_KERNEL), here with
+    key blocks of 16 (three, the last partly past K = 40) and packed sequences across chunks: the same gradients."""
+    monkeypatch.setattr(tri, "STATE_KERNEL", state_kernel)
     launch = tri._launch
 
     def narrow(dtype, K, V):
         cfg = launch(dtype, K, V)
-        cfg[kernel].update(narrowed)
+        cfg["dqk_state"].update(BK=16, num_warps=4)
         return cfg
 
     monkeypatch.setattr(tri, "_launch", narrow)
     cu_seqlens = torch.tensor([0, 70, 71, 150])
-    tensors, state = CASE.draw(B=1, T=150, H=2, K=40, V=24, seed=seed, N=3)
+    tensors, state = CASE.draw(B=1, T=150, H=2, K=40, V=24, seed=9, N=3)
     check_against_naive(CASE, *to(tensors, state), "triton", cu_seqlens=cu_seqlens.to(DEVICE), **ON_DEVICE)
 
 

@@ -11,7 +11,6 @@ and triton_backward.py; b is the chunk-local cumulative log-decay and b_C its va
                               state leaving each chunk: dS <- exp(b_C) dS + scale (q exp(b))^T dO
     dv         per chunk      dv = scale A^T dO + (k exp(b_C - b)) dS
     dA         per chunk      dA = scale dO V^T, masked to s <= t
-    dqk_diag   per sub-chunk  the gated dq, dk terms between tokens of one sub-chunk (float32, for dqkg)
     dqkg       per chunk      dq, dk, and dg as a float64 reverse cumulative sum within the chunk
     recurrent  per sequence   token by token, for decoding (ops/common/triton_recurrent.py)
 
@@ -38,7 +37,6 @@ from linattn.ops.common.triton_utils import (
 )
 from linattn.ops.gla.triton_backward import (
     _dA_kernel,
-    _dqk_diag_kernel,
     _dqk_state_kernel,
     _dqkg_kernel,
     _dv_kernel,
@@ -61,14 +59,6 @@ ROW_LOOP = dict(J_STAGES=1, J_UNROLL=4)
 # GPU tests pass with it (41). Its scratch is 0.5 GiB per tensor at that shape. False: dqkg forms the products itself
 # (no scratch, for when memory is tighter than time; dqkg's STATE_GIVEN constexpr, one kernel either way).
 STATE_KERNEL = True
-# DIAG_KERNEL: dq's and dk's terms between tokens of one sub-chunk (a loop over the sub-chunk's rows) run in a kernel
-# of their own, per sub-chunk and key block of up to 64 (dqk_diag, 2 warps), stored as float32 [B, T, H, K] twice,
-# rather than inside dqkg, whose 16-column key blocks each run the loop over all four sub-chunks at once (dqkg's
-# DIAG_GIVEN constexpr). sm_90 compile (bf16, Triton 3.9): dqkg without the loop spills nothing (536 B with it).
-# On an H200 (session 9, one call, T = 4096, B = 16, bf16) it changed nothing: GLA fwd+bwd 18.648 ms with it,
-# 18.653 without; the loop took the same time in either kernel (dqk_diag 3.61 ms, dqkg 9.5 -> 5.9 ms). So it is off,
-# which needs no scratch (0.5 GiB per tensor at that shape); GPU tests pass both ways (45 each).
-DIAG_KERNEL = False
 # SAVE_SCORES: the forward's scores A [B, T, H, BT] (bfloat16 for bfloat16 inputs on a GPU, else float32) are kept
 # for the backward, which then runs intra without them and skips diag, instead of forming them again: 128 MiB per
 # layer at T = 4096, B = 16 (bfloat16), as fla keeps its A. On an H200 (session 9, one call, bf16, that shape) GLA
@@ -101,7 +91,6 @@ def _launch(dtype: torch.dtype, K: int, V: int) -> dict:
         state=dict(BK=min(BK, 64), BV=_pow2(V, hi=64), num_warps=8),
         dv=dict(BK=min(BK, 64), BV=_pow2(V, hi=64), num_warps=4),
         dqkg=dict(BK=16, BV=_pow2(V, hi=32), num_warps=4, num_stages=1, **ROW_LOOP),
-        dqk_diag=dict(BK=min(BK, 64), num_warps=2, **ROW_LOOP),
         dqk_state=dict(BK=min(BK, 128), BV=_pow2(V, hi=32), num_warps=8 if BK >= 64 else 4),
     )
     if dtype == torch.float32 or BK > 128:  # Triton 3.6 on an H200 wanted 235-319 KB of shared memory at K = 256
@@ -214,19 +203,10 @@ def backward(do, dht, q, k, v, g, h0, ht, scale: float, cu_seqlens, saved=None):
             v, do, lay.chunks, states, dstates, dqs, dks, dc, H=H, K=K, V=V, BT=BT, LOWP=lowp,
             DOT_PREC=flags["DOT_PREC"], ROUND=flags["ROUND"], **c,
         )  # fmt: skip
-    dq_in = dk_in = dg  # placeholders unless DIAG_KERNEL
-    if DIAG_KERNEL:
-        dq_in = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
-        dk_in = torch.empty_like(dq_in)
-        c = cfg["dqk_diag"]
-        _dqk_diag_kernel[(lay.NC * (BT // BC) * triton.cdiv(K, c["BK"]), H)](
-            q, k, hi, lo, dA, lay.chunks, dq_in, dk_in, H=H, K=K, BT=BT, BC=BC, PRECISE_EXP=flags["PRECISE_EXP"],
-            **c,
-        )  # fmt: skip
     c = cfg["dqkg"]
     _dqkg_kernel[(lay.NC * triton.cdiv(K, c["BK"]), H)](
-        q, k, v, do, hi, lo, dA, lay.chunks, states, dstates, dqs, dks, dc, dq_in, dk_in, dq, dk, dg, scale,
-        H=H, K=K, V=V, BT=BT, BC=BC, LOWP=lowp, STATE_GIVEN=STATE_KERNEL, DIAG_GIVEN=DIAG_KERNEL, **c, **flags,
+        q, k, v, do, hi, lo, dA, lay.chunks, states, dstates, dqs, dks, dc, dq, dk, dg, scale,
+        H=H, K=K, V=V, BT=BT, BC=BC, LOWP=lowp, STATE_GIVEN=STATE_KERNEL, **c, **flags,
     )  # fmt: skip
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dh0
 
@@ -276,20 +256,13 @@ def compile_variants():
             ("dstates", _state_kernel, state | rev, cfg["state"]),
             ("dv", _dv_kernel, dict(LOWP=lowp), cfg["dv"]),
             ("dA", _dA_kernel, dict(LOWP=lowp), cfg["dA"]),
-            ("dqkg", _dqkg_kernel, dict(BC=BC, LOWP=lowp, STATE_GIVEN=False, DIAG_GIVEN=False), cfg["dqkg"]),
+            ("dqkg", _dqkg_kernel, dict(BC=BC, LOWP=lowp, STATE_GIVEN=False), cfg["dqkg"]),
             (
                 "dqkg given the state products",
                 _dqkg_kernel,
-                dict(BC=BC, LOWP=lowp, STATE_GIVEN=True, DIAG_GIVEN=False),
+                dict(BC=BC, LOWP=lowp, STATE_GIVEN=True),
                 cfg["dqkg"],
             ),
-            (
-                "dqkg given the state products and diagonal terms",
-                _dqkg_kernel,
-                dict(BC=BC, LOWP=lowp, STATE_GIVEN=True, DIAG_GIVEN=True),
-                cfg["dqkg"],
-            ),
-            ("dqk_diag", _dqk_diag_kernel, dict(BC=BC), cfg["dqk_diag"]),
             ("dqk_state", _dqk_state_kernel, dict(LOWP=lowp), cfg["dqk_state"]),
         ]
         if dt == "bf16":

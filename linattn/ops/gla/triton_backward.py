@@ -188,68 +188,6 @@ def _dqk_state_kernel(
 
 
 @triton.jit
-def _dqk_diag_kernel(
-    q,
-    k,
-    hi,
-    lo,
-    dA,
-    chunks,
-    dq_in,
-    dk_in,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    BT: tl.constexpr,
-    BC: tl.constexpr,
-    BK: tl.constexpr,
-    PRECISE_EXP: tl.constexpr,
-    J_STAGES: tl.constexpr,
-    J_UNROLL: tl.constexpr,
-):
-    # Per chunk and sub-chunk, key block and head (DIAG_KERNEL): the gated terms of dq and dk between tokens of
-    # one sub-chunk, exactly, into dq_in, dk_in [.., T, H, K] float32 for _dqkg_kernel (DIAG_GIVEN). Row j of the
-    # sub-chunk, loaded from memory, is the source of rows t > j (dq_t += dA_tj exp(b_t - b_j) k_j) and the
-    # target of rows s < j (dk_s += dA_js exp(b_j - b_s) q_j); no sums across rows, so no reductions.
-    NS: tl.constexpr = BT // BC
-    i_cs, i_k = chunk_and_block((K + BK - 1) // BK)
-    i_c, i_s = i_cs // NS, i_cs % NS
-    i_h = tl.program_id(1)
-    t_lo, t_hi = chunk_bounds(chunks, i_c)
-    s_lo = t_lo + i_s * BC
-    if s_lo >= t_hi:  # past the chunk's end (or past the last chunk)
-        return
-    n_src = tl.minimum(t_hi - s_lo, BC)
-    o_c = tl.arange(0, BC)
-    o_k = i_k * BK + tl.arange(0, BK)
-    m_c = o_c < n_src
-    m_k = o_k < K
-    m_ck = m_c[:, None] & m_k[None, :]
-    row0 = s_lo * H + i_h  # the sub-chunk's first token and head; tiles take int32 offsets from it
-    q, k, hi, lo = q + row0 * K, k + row0 * K, hi + row0 * K, lo + row0 * K
-    dq_in, dk_in = dq_in + row0 * K, dk_in + row0 * K
-    dA = dA + row0 * BT + i_s * BC  # dA[t, s] of this sub-chunk at t * (H * BT) + s
-    ptr = o_c[:, None] * (H * K) + o_k[None, :]
-    b_hi = tl.load(hi + ptr, mask=m_ck, other=0.0)
-    b_lo = tl.load(lo + ptr, mask=m_ck, other=0.0)
-    b_dq = tl.zeros([BC, BK], dtype=tl.float32)
-    b_dk = tl.zeros([BC, BK], dtype=tl.float32)
-    for j in tl.range(0, n_src, num_stages=J_STAGES, loop_unroll_factor=J_UNROLL):
-        k_j = tl.load(k + j * (H * K) + o_k, mask=m_k, other=0.0).to(tl.float32)
-        q_j = tl.load(q + j * (H * K) + o_k, mask=m_k, other=0.0).to(tl.float32)
-        hi_j = tl.load(hi + j * (H * K) + o_k, mask=m_k, other=0.0)
-        lo_j = tl.load(lo + j * (H * K) + o_k, mask=m_k, other=0.0)
-        dA_col = tl.load(dA + o_c * (H * BT) + j, mask=m_c, other=0.0)  # dA[t, j]
-        dA_row = tl.load(dA + j * (H * BT) + o_c, mask=m_c, other=0.0)  # dA[j, s]
-        diff = (b_hi - hi_j[None, :]) + (b_lo - lo_j[None, :])  # b_t - b_j: <= 0 for t > j
-        after = ((o_c > j) & m_c)[:, None]
-        before = (o_c < j)[:, None]
-        b_dq += dA_col[:, None] * k_j[None, :] * exp32(tl.where(after, diff, float("-inf")), PRECISE_EXP)
-        b_dk += dA_row[:, None] * q_j[None, :] * exp32(tl.where(before, -diff, float("-inf")), PRECISE_EXP)
-    tl.store(dq_in + ptr, b_dq, mask=m_ck)
-    tl.store(dk_in + ptr, b_dk, mask=m_ck)
-
-
-@triton.jit
 def _dqkg_kernel(
     q,
     k,
@@ -264,8 +202,6 @@ def _dqkg_kernel(
     dqs,
     dks,
     dc,
-    dq_in,
-    dk_in,
     dq,
     dk,
     dg,
@@ -284,7 +220,6 @@ def _dqkg_kernel(
     J_STAGES: tl.constexpr,
     J_UNROLL: tl.constexpr,
     STATE_GIVEN: tl.constexpr,
-    DIAG_GIVEN: tl.constexpr,
 ):
     # Per chunk, head and key block: dq, dk and dg (every term is per key channel, given dA).
     # J_STAGES, J_UNROLL: software-pipelining stages and unrolling of the loop over rows j inside sub-chunks,
@@ -346,47 +281,43 @@ def _dqkg_kernel(
         dq_x += tl.dot(dA_i, k_i, input_precision=DOT_PREC)
         dk_x += bridge * tl.dot(tl.trans(dA_i), b_qr, input_precision=DOT_PREC)
     b_dq += w_row * dq_x
-    dk_intra = w_src * dk_x  # the gated in-chunk terms of dk
+    dk_in = w_src * dk_x  # the gated in-chunk terms of dk
 
-    if DIAG_GIVEN:  # inside sub-chunks: from _dqk_diag_kernel
-        b_dq += tl.load(dq_in + row0 * K + ptr, mask=m_tk, other=0.0)
-        dk_intra += tl.load(dk_in + row0 * K + ptr, mask=m_tk, other=0.0)
-    else:
-        # Inside sub-chunks, exactly, row j of every sub-chunk (from memory) against that sub-chunk's rows:
-        # as the source of rows t > j (dq_t += dA_tj exp(b_t - b_j) k_j) and as the target of rows s < j
-        # (dk_s += dA_js exp(b_j - b_s) q_j); no sums across rows, so no reductions.
-        hi3 = tl.reshape(b_hi, [NS, BC, BK])
-        lo3 = tl.reshape(b_lo, [NS, BC, BK])
-        o_n = tl.arange(0, NS)
-        n_in = t_hi - t_lo
-        dq3 = tl.zeros([NS, BC, BK], dtype=tl.float32)
-        dk3 = tl.zeros([NS, BC, BK], dtype=tl.float32)
-        for j in tl.range(0, BC, num_stages=J_STAGES, loop_unroll_factor=J_UNROLL):
-            r_j = o_n * BC + j  # [NS]: row j of each sub-chunk
-            m_j = r_j < n_in
-            t_j = r_j[:, None] * (H * K) + o_k[None, :]
-            m_jk = m_j[:, None] & m_k[None, :]
-            k_j = tl.load(k + t_j, mask=m_jk, other=0.0).to(tl.float32)  # [NS, BK]
-            q_j = tl.load(q + t_j, mask=m_jk, other=0.0).to(tl.float32)
-            hi_j = tl.load(hi + t_j, mask=m_jk, other=0.0)
-            lo_j = tl.load(lo + t_j, mask=m_jk, other=0.0)
-            rows = (o_n * BC)[:, None] + o_c[None, :]  # [NS, BC]: the row of each (sub-chunk, position)
-            m_rows = m_j[:, None] & (rows < n_in)
-            dA_col = tl.load(dA + rows * (H * BT) + r_j[:, None], mask=m_rows, other=0.0)  # dA[t, j]
-            dA_row = tl.load(dA + r_j[:, None] * (H * BT) + rows, mask=m_rows, other=0.0)  # dA[j, s]
-            diff = (hi3 - hi_j[:, None, :]) + (lo3 - lo_j[:, None, :])  # b_t - b_j: <= 0 for t > j
-            after = m_j[:, None, None] & (o_c > j)[None, :, None]
-            before = m_j[:, None, None] & (o_c < j)[None, :, None]
-            dq3 += dA_col[:, :, None] * k_j[:, None, :] * exp32(tl.where(after, diff, float("-inf")), PRECISE_EXP)
-            dk3 += dA_row[:, :, None] * q_j[:, None, :] * exp32(tl.where(before, -diff, float("-inf")), PRECISE_EXP)
-        b_dq += tl.reshape(dq3, [BT, BK])
-        dk_intra += tl.reshape(dk3, [BT, BK])
+    # Inside sub-chunks, exactly, row j of every sub-chunk (from memory) against that sub-chunk's rows:
+    # as the source of rows t > j (dq_t += dA_tj exp(b_t - b_j) k_j) and as the target of rows s < j
+    # (dk_s += dA_js exp(b_j - b_s) q_j); no sums across rows, so no reductions.
+    hi3 = tl.reshape(b_hi, [NS, BC, BK])
+    lo3 = tl.reshape(b_lo, [NS, BC, BK])
+    o_n = tl.arange(0, NS)
+    n_in = t_hi - t_lo
+    dq3 = tl.zeros([NS, BC, BK], dtype=tl.float32)
+    dk3 = tl.zeros([NS, BC, BK], dtype=tl.float32)
+    for j in tl.range(0, BC, num_stages=J_STAGES, loop_unroll_factor=J_UNROLL):
+        r_j = o_n * BC + j  # [NS]: row j of each sub-chunk
+        m_j = r_j < n_in
+        t_j = r_j[:, None] * (H * K) + o_k[None, :]
+        m_jk = m_j[:, None] & m_k[None, :]
+        k_j = tl.load(k + t_j, mask=m_jk, other=0.0).to(tl.float32)  # [NS, BK]
+        q_j = tl.load(q + t_j, mask=m_jk, other=0.0).to(tl.float32)
+        hi_j = tl.load(hi + t_j, mask=m_jk, other=0.0)
+        lo_j = tl.load(lo + t_j, mask=m_jk, other=0.0)
+        rows = (o_n * BC)[:, None] + o_c[None, :]  # [NS, BC]: the row of each (sub-chunk, position)
+        m_rows = m_j[:, None] & (rows < n_in)
+        dA_col = tl.load(dA + rows * (H * BT) + r_j[:, None], mask=m_rows, other=0.0)  # dA[t, j]
+        dA_row = tl.load(dA + r_j[:, None] * (H * BT) + rows, mask=m_rows, other=0.0)  # dA[j, s]
+        diff = (hi3 - hi_j[:, None, :]) + (lo3 - lo_j[:, None, :])  # b_t - b_j: <= 0 for t > j
+        after = m_j[:, None, None] & (o_c > j)[None, :, None]
+        before = m_j[:, None, None] & (o_c < j)[None, :, None]
+        dq3 += dA_col[:, :, None] * k_j[:, None, :] * exp32(tl.where(after, diff, float("-inf")), PRECISE_EXP)
+        dk3 += dA_row[:, :, None] * q_j[:, None, :] * exp32(tl.where(before, -diff, float("-inf")), PRECISE_EXP)
+    b_dq += tl.reshape(dq3, [BT, BK])
+    dk_in += tl.reshape(dk3, [BT, BK])
 
     # dg: the reverse cumulative sum of db within the chunk (see the module docstring). The state's share
     # through the keys, sum_{s >= t} -x_s + sum_s x_s, is the forward sum of x before t: summed so, not
     # cancelled, since x at the chunk's last row is O(1) even where the sum before it is e^-30.
     x = (b_k * dk_state).to(tl.float64)
-    db = (b_q * b_dq).to(tl.float64) - (b_k * dk_intra).to(tl.float64)
+    db = (b_q * b_dq).to(tl.float64) - (b_k * dk_in).to(tl.float64)
     carry = (exp32(c_hi, PRECISE_EXP) * d_c).to(tl.float64)
     db += tl.where(is_last[:, None], carry[None, :], 0.0)
     _, before = tl.associative_scan((x, tl.zeros_like(x)), 0, _sum_before)
@@ -395,6 +326,6 @@ def _dqkg_kernel(
 
     own = tl.sum(tl.where(o_t[:, None] == o_t[None, :], b_dA, 0.0), 1)  # s = t: q_t . k_t, no decay
     b_dq += own[:, None] * b_k
-    b_dk = dk_intra + dk_state + own[:, None] * b_q
+    b_dk = dk_in + dk_state + own[:, None] * b_q
     tl.store(dq + ptr, b_dq.to(dq.dtype.element_ty), mask=m_tk)
     tl.store(dk + ptr, b_dk.to(dk.dtype.element_ty), mask=m_tk)
