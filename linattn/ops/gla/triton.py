@@ -59,6 +59,12 @@ ROW_LOOP = dict(J_STAGES=1, J_UNROLL=4)
 # GPU tests pass with it (41). Its scratch is 0.5 GiB per tensor at that shape. False: dqkg forms the products itself
 # (no scratch, for when memory is tighter than time; dqkg's STATE_GIVEN constexpr, one kernel either way).
 STATE_KERNEL = True
+# REBASE_LIMIT: inside a sub-chunk, diag (forward) and dqkg (backward) form the decayed products as matrix products
+# rebased on one row of the sub-chunk, exp(b_t - b_s) = exp(b_t - r) exp(r - b_s), where every |b - r| of the
+# program's tile is at most this; their factors then lie within exp(+-60) (1e-26 .. 1e26), finite and normal in
+# float32 and bfloat16, and the products carry the operands' rounding, as the products between sub-chunks do.
+# Elsewhere (decays of more than 60 nats within 16 tokens) exactly, a row at a time. -1 always takes the rows.
+REBASE_LIMIT = 60.0
 # SAVE_SCORES: the forward's scores A [B, T, H, BT] (bfloat16 for bfloat16 inputs on a GPU, else float32) are kept
 # for the backward, which then runs intra without them and skips diag, instead of forming them again: 128 MiB per
 # layer at T = 4096, B = 16 (bfloat16), as fla keeps its A. On an H200 (session 9, one call, bf16, that shape) GLA
@@ -121,7 +127,7 @@ def _intra(q, k, g, lay: ChunkTable, flags: dict, cfg: dict, lowp: bool, scores:
     )  # fmt: skip
     if scores:
         _diag_kernel[(lay.NC, BT // BC, H)](
-            q, k, hi, lo, lay.chunks, A, H=H, K=K, BT=BT, BC=BC, PRECISE_EXP=flags["PRECISE_EXP"], **cfg["diag"]
+            q, k, hi, lo, lay.chunks, A, H=H, K=K, BT=BT, BC=BC, REBASE_LIMIT=REBASE_LIMIT, **cfg["diag"], **flags
         )  # fmt: skip
     return A, qg, kd, bc, hi, lo
 
@@ -206,7 +212,8 @@ def backward(do, dht, q, k, v, g, h0, ht, scale: float, cu_seqlens, saved=None):
     c = cfg["dqkg"]
     _dqkg_kernel[(lay.NC * triton.cdiv(K, c["BK"]), H)](
         q, k, v, do, hi, lo, dA, lay.chunks, states, dstates, dqs, dks, dc, dq, dk, dg, scale,
-        H=H, K=K, V=V, BT=BT, BC=BC, LOWP=lowp, STATE_GIVEN=STATE_KERNEL, **c, **flags,
+        H=H, K=K, V=V, BT=BT, BC=BC, LOWP=lowp, STATE_GIVEN=STATE_KERNEL,
+        REBASE_LIMIT=REBASE_LIMIT, **c, **flags,
     )  # fmt: skip
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dh0
 
@@ -247,7 +254,7 @@ def compile_variants():
         ptrs = {n: dt for n in ("q", "k", "v", "do", "o", "dq", "dk", "dv")} | dict(A=op, qg=op, kd=op)
         ptrs |= dict(x=op, y=dt)
         ptrs |= dict(chunks="i32", cu_seqlens="i32", chunk_start="i32")
-        common = dict(H=16, K=128, V=128, BT=BT, **flags)
+        common = dict(H=16, K=128, V=128, BT=BT, REBASE_LIMIT=REBASE_LIMIT, **flags)
         scalars = dict(scalars={"scale": "fp32"})
 
         fwd, rev = dict(REVERSE=False, STORE_O=False, STORE_STATES=True), dict(REVERSE=True, STORE_O=False)
