@@ -14,7 +14,8 @@ and triton_backward.py; b is the chunk-local cumulative log-decay and b_C its va
     dqkg       per chunk      dq, dk, and dg as a float64 reverse cumulative sum within the chunk
     recurrent  per sequence   token by token, for decoding (ops/common/triton_recurrent.py)
 
-Between the kernels lie hi, lo [B, T, H, K] and A, dA [B, T, H, BT] (float32). The backward recomputes hi and lo
+Between the kernels lie hi, lo [B, T, H, K] and A, dA [B, T, H, BT] (float32); only the backward stores hi and lo
+(the forward's diag sums its sub-chunks' gates itself). The backward forms hi and lo again
 (the registration saves the inputs, the outputs and, with SAVE_SCORES, A; without it A too), runs the state
 kernel forward to store the state entering every chunk and in reverse to store the gradient of the state leaving
 it ([NC, H, K, V] float32 each, NC the number of chunks), then the per-chunk kernels.
@@ -110,24 +111,25 @@ def _scores_dtype(lowp: bool) -> torch.dtype:
     return torch.bfloat16 if lowp else torch.float32
 
 
-def _intra(q, k, g, lay: ChunkTable, flags: dict, cfg: dict, lowp: bool, scores: bool = True):
+def _intra(q, k, g, lay: ChunkTable, flags: dict, cfg: dict, lowp: bool, scores: bool = True, decay: bool = True):
     """A [B, T, H, BT] (None without ``scores``), qg and kd [B, T, H, K] (in the dots' operand dtype: bfloat16
-    with lowp, else float32), bc [NC, H, K] float32, and hi and lo [B, T, H, K] float32."""
+    with lowp, else float32), bc [NC, H, K] float32, and hi and lo [B, T, H, K] float32 (None without
+    ``decay``: diag sums its sub-chunks' gates itself)."""
     B, T, H, K = q.shape
     dt = _scores_dtype(lowp)
     qg = torch.empty(B, T, H, K, dtype=dt, device=q.device)
     kd = torch.empty_like(qg)
     bc = torch.empty(lay.NC, H, K, dtype=torch.float32, device=q.device)
-    hi = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
-    lo = torch.empty_like(hi)
+    hi = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device) if decay else None
+    lo = torch.empty_like(hi) if decay else None
     A = torch.empty(B, T, H, BT, dtype=dt, device=q.device) if scores else None
     _intra_kernel[(lay.NC, H)](
-        q, k, g, lay.chunks, hi, lo, A if scores else qg, qg, kd, bc, H=H, K=K, BT=BT, BC=BC, STORE_A=scores,
-        **cfg["intra"], **flags
+        q, k, g, lay.chunks, hi if decay else bc, lo if decay else bc, A if scores else qg, qg, kd, bc,
+        H=H, K=K, BT=BT, BC=BC, STORE_A=scores, STORE_DECAY=decay, **cfg["intra"], **flags
     )  # fmt: skip
     if scores:
         _diag_kernel[(lay.NC, BT // BC, H)](
-            q, k, hi, lo, lay.chunks, A, H=H, K=K, BT=BT, BC=BC, REBASE_LIMIT=REBASE_LIMIT, **cfg["diag"], **flags
+            q, k, g, lay.chunks, A, H=H, K=K, BT=BT, BC=BC, REBASE_LIMIT=REBASE_LIMIT, **cfg["diag"], **flags
         )  # fmt: skip
     return A, qg, kd, bc, hi, lo
 
@@ -159,8 +161,7 @@ def _setup(q, v, cu_seqlens):
 def forward(q, k, v, g, h0, scale: float, cu_seqlens):
     """o [B, T, H, V] in v's dtype, the final state [N, H, K, V] and the scores A [B, T, H, BT]."""
     B, T, H, K, V, lay, flags, lowp, cfg = _setup(q, v, cu_seqlens)
-    A, qg, kd, bc, hi, lo = _intra(q, k, g, lay, flags, cfg, lowp)
-    del hi, lo  # only the diag kernel needed them: free them before o is allocated
+    A, qg, kd, bc, _, _ = _intra(q, k, g, lay, flags, cfg, lowp, decay=False)
     o = torch.empty(B, T, H, V, dtype=store_dtype(v.dtype), device=q.device)
     ht = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device)
     c = cfg["output"]
@@ -274,8 +275,8 @@ def compile_variants():
         ]
         if dt == "bf16":
             kernels += [
-                ("intra", _intra_kernel, dict(BC=BC, STORE_A=True), cfg["intra"]),
-                ("intra without scores", _intra_kernel, dict(BC=BC, STORE_A=False), cfg["intra"]),
+                ("intra", _intra_kernel, dict(BC=BC, STORE_A=True, STORE_DECAY=False), cfg["intra"]),
+                ("intra for the backward", _intra_kernel, dict(BC=BC, STORE_A=False, STORE_DECAY=True), cfg["intra"]),
                 ("diag", _diag_kernel, dict(BC=BC), cfg["diag"]),
                 ("forward", _state_kernel, state | fwd | dict(STORE_O=True, STORE_STATES=False), cfg["output"]),
                 ("states", _state_kernel, state | fwd, cfg["state"]),
