@@ -86,6 +86,20 @@ def test_scores_kept_for_the_backward_or_formed_again(save_scores, monkeypatch):
     assert len(diag_launches) == (1 if save_scores else 2)  # one forward and one backward
 
 
+@pytest.mark.parametrize("limit", [-1.0, 60.0])
+def test_sub_chunk_products_rebased_or_row_by_row(limit, monkeypatch):
+    """Inside sub-chunks, products rebased on one row (REBASE_LIMIT) or one row at a time (-1): the same result.
+    Gates of -0.5 per token in the first 40 tokens and -8 after (128 nats over a sub-chunk, past the limit), so with
+    the limit some tiles take products and others, in the same chunk, rows; packed sequences end inside both."""
+    monkeypatch.setattr(tri, "REBASE_LIMIT", limit)
+    cu_seqlens = torch.tensor([0, 37, 38, 150])
+    tensors, state = CASE.draw(B=1, T=150, H=2, K=40, V=24, seed=13, N=3)
+    g = torch.full_like(tensors[3], -0.5)
+    g[:, 40:] = -8.0
+    tensors[3] = g * torch.rand(g.shape, generator=torch.Generator().manual_seed(1)).add(0.5)
+    check_against_naive(CASE, *to(tensors, state), "triton", cu_seqlens=cu_seqlens.to(DEVICE), **ON_DEVICE)
+
+
 @pytest.mark.parametrize("gates", [0.0, -30.0, -1e4, "mixed"])
 def test_triton_extreme_gates(gates):
     """No decay, and decay so strong that the state resets every token: no overflow, no NaN."""

@@ -14,7 +14,8 @@ and triton_backward.py; b is the chunk-local cumulative log-decay and b_C its va
     dqkg       per chunk      dq, dk, and dg as a float64 reverse cumulative sum within the chunk
     recurrent  per sequence   token by token, for decoding (ops/common/triton_recurrent.py)
 
-Between the kernels lie hi, lo [B, T, H, K] and A, dA [B, T, H, BT] (float32). The backward recomputes hi and lo
+Between the kernels lie hi, lo [B, T, H, K] and A, dA [B, T, H, BT] (float32); only the backward stores hi and lo
+(the forward's diag sums its sub-chunks' gates itself). The backward forms hi and lo again
 (the registration saves the inputs, the outputs and, with SAVE_SCORES, A; without it A too), runs the state
 kernel forward to store the state entering every chunk and in reverse to store the gradient of the state leaving
 it ([NC, H, K, V] float32 each, NC the number of chunks), then the per-chunk kernels.
@@ -59,6 +60,12 @@ ROW_LOOP = dict(J_STAGES=1, J_UNROLL=4)
 # GPU tests pass with it (41). Its scratch is 0.5 GiB per tensor at that shape. False: dqkg forms the products itself
 # (no scratch, for when memory is tighter than time; dqkg's STATE_GIVEN constexpr, one kernel either way).
 STATE_KERNEL = True
+# REBASE_LIMIT: inside a sub-chunk, diag (forward) and dqkg (backward) form the decayed products as matrix products
+# rebased on one row of the sub-chunk, exp(b_t - b_s) = exp(b_t - r) exp(r - b_s), where every |b - r| of the
+# program's tile is at most this; their factors then lie within exp(+-60) (1e-26 .. 1e26), finite and normal in
+# float32 and bfloat16, and the products carry the operands' rounding, as the products between sub-chunks do.
+# Elsewhere (decays of more than 60 nats within 16 tokens) exactly, a row at a time. -1 always takes the rows.
+REBASE_LIMIT = 60.0
 # SAVE_SCORES: the forward's scores A [B, T, H, BT] (bfloat16 for bfloat16 inputs on a GPU, else float32) are kept
 # for the backward, which then runs intra without them and skips diag, instead of forming them again: 128 MiB per
 # layer at T = 4096, B = 16 (bfloat16), as fla keeps its A. On an H200 (session 9, one call, bf16, that shape) GLA
@@ -104,24 +111,25 @@ def _scores_dtype(lowp: bool) -> torch.dtype:
     return torch.bfloat16 if lowp else torch.float32
 
 
-def _intra(q, k, g, lay: ChunkTable, flags: dict, cfg: dict, lowp: bool, scores: bool = True):
+def _intra(q, k, g, lay: ChunkTable, flags: dict, cfg: dict, lowp: bool, scores: bool = True, decay: bool = True):
     """A [B, T, H, BT] (None without ``scores``), qg and kd [B, T, H, K] (in the dots' operand dtype: bfloat16
-    with lowp, else float32), bc [NC, H, K] float32, and hi and lo [B, T, H, K] float32."""
+    with lowp, else float32), bc [NC, H, K] float32, and hi and lo [B, T, H, K] float32 (None without
+    ``decay``: diag sums its sub-chunks' gates itself)."""
     B, T, H, K = q.shape
     dt = _scores_dtype(lowp)
     qg = torch.empty(B, T, H, K, dtype=dt, device=q.device)
     kd = torch.empty_like(qg)
     bc = torch.empty(lay.NC, H, K, dtype=torch.float32, device=q.device)
-    hi = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
-    lo = torch.empty_like(hi)
+    hi = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device) if decay else None
+    lo = torch.empty_like(hi) if decay else None
     A = torch.empty(B, T, H, BT, dtype=dt, device=q.device) if scores else None
     _intra_kernel[(lay.NC, H)](
-        q, k, g, lay.chunks, hi, lo, A if scores else qg, qg, kd, bc, H=H, K=K, BT=BT, BC=BC, STORE_A=scores,
-        **cfg["intra"], **flags
+        q, k, g, lay.chunks, hi if decay else bc, lo if decay else bc, A if scores else qg, qg, kd, bc,
+        H=H, K=K, BT=BT, BC=BC, STORE_A=scores, STORE_DECAY=decay, **cfg["intra"], **flags
     )  # fmt: skip
     if scores:
         _diag_kernel[(lay.NC, BT // BC, H)](
-            q, k, hi, lo, lay.chunks, A, H=H, K=K, BT=BT, BC=BC, PRECISE_EXP=flags["PRECISE_EXP"], **cfg["diag"]
+            q, k, g, lay.chunks, A, H=H, K=K, BT=BT, BC=BC, REBASE_LIMIT=REBASE_LIMIT, **cfg["diag"], **flags
         )  # fmt: skip
     return A, qg, kd, bc, hi, lo
 
@@ -153,8 +161,7 @@ def _setup(q, v, cu_seqlens):
 def forward(q, k, v, g, h0, scale: float, cu_seqlens):
     """o [B, T, H, V] in v's dtype, the final state [N, H, K, V] and the scores A [B, T, H, BT]."""
     B, T, H, K, V, lay, flags, lowp, cfg = _setup(q, v, cu_seqlens)
-    A, qg, kd, bc, hi, lo = _intra(q, k, g, lay, flags, cfg, lowp)
-    del hi, lo  # only the diag kernel needed them: free them before o is allocated
+    A, qg, kd, bc, _, _ = _intra(q, k, g, lay, flags, cfg, lowp, decay=False)
     o = torch.empty(B, T, H, V, dtype=store_dtype(v.dtype), device=q.device)
     ht = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device)
     c = cfg["output"]
@@ -206,7 +213,8 @@ def backward(do, dht, q, k, v, g, h0, ht, scale: float, cu_seqlens, saved=None):
     c = cfg["dqkg"]
     _dqkg_kernel[(lay.NC * triton.cdiv(K, c["BK"]), H)](
         q, k, v, do, hi, lo, dA, lay.chunks, states, dstates, dqs, dks, dc, dq, dk, dg, scale,
-        H=H, K=K, V=V, BT=BT, BC=BC, LOWP=lowp, STATE_GIVEN=STATE_KERNEL, **c, **flags,
+        H=H, K=K, V=V, BT=BT, BC=BC, LOWP=lowp, STATE_GIVEN=STATE_KERNEL,
+        REBASE_LIMIT=REBASE_LIMIT, **c, **flags,
     )  # fmt: skip
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dh0
 
@@ -247,7 +255,7 @@ def compile_variants():
         ptrs = {n: dt for n in ("q", "k", "v", "do", "o", "dq", "dk", "dv")} | dict(A=op, qg=op, kd=op)
         ptrs |= dict(x=op, y=dt)
         ptrs |= dict(chunks="i32", cu_seqlens="i32", chunk_start="i32")
-        common = dict(H=16, K=128, V=128, BT=BT, **flags)
+        common = dict(H=16, K=128, V=128, BT=BT, REBASE_LIMIT=REBASE_LIMIT, **flags)
         scalars = dict(scalars={"scale": "fp32"})
 
         fwd, rev = dict(REVERSE=False, STORE_O=False, STORE_STATES=True), dict(REVERSE=True, STORE_O=False)
@@ -267,8 +275,8 @@ def compile_variants():
         ]
         if dt == "bf16":
             kernels += [
-                ("intra", _intra_kernel, dict(BC=BC, STORE_A=True), cfg["intra"]),
-                ("intra without scores", _intra_kernel, dict(BC=BC, STORE_A=False), cfg["intra"]),
+                ("intra", _intra_kernel, dict(BC=BC, STORE_A=True, STORE_DECAY=False), cfg["intra"]),
+                ("intra for the backward", _intra_kernel, dict(BC=BC, STORE_A=False, STORE_DECAY=True), cfg["intra"]),
                 ("diag", _diag_kernel, dict(BC=BC), cfg["diag"]),
                 ("forward", _state_kernel, state | fwd | dict(STORE_O=True, STORE_STATES=False), cfg["output"]),
                 ("states", _state_kernel, state | fwd, cfg["state"]),

@@ -32,7 +32,8 @@ from linattn.ops.common.triton_utils import chunk_bounds, chunk_log_decay, dot_o
 @triton.jit
 def _sub_chunk_factors(b_hi, b_lo, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, PRECISE_EXP: tl.constexpr):
     """From the chunk's log-decay pair [BT, BK]: exp(b - rho) [BT, BK] (rows against their sub-chunk's start),
-    exp(e - b) [BT, BK] (sources to their sub-chunk's end), and the pair e [NS, BK] of sub-chunk ends."""
+    exp(e - b) [BT, BK] (sources to their sub-chunk's end), the pair e [NS, BK] of sub-chunk ends, and b - rho
+    [BT, BK] itself (for the rebased products inside sub-chunks)."""
     NS: tl.constexpr = BT // BC
     o_c = tl.arange(0, BC)
     o_n = tl.arange(0, NS)
@@ -44,9 +45,10 @@ def _sub_chunk_factors(b_hi, b_lo, BT: tl.constexpr, BC: tl.constexpr, BK: tl.co
     prev = (o_n[:, None] - 1) == o_n[None, :]  # [NS, NS]: sub-chunk j ends just before sub-chunk i
     r_hi = tl.sum(tl.where(prev[:, :, None], e_hi[None, :, :], 0.0), 1)  # [NS, BK], 0 for i = 0
     r_lo = tl.sum(tl.where(prev[:, :, None], e_lo[None, :, :], 0.0), 1)
-    w_row = exp32((hi3 - r_hi[:, None, :]) + (lo3 - r_lo[:, None, :]), PRECISE_EXP)
+    d_row = (hi3 - r_hi[:, None, :]) + (lo3 - r_lo[:, None, :])
+    w_row = exp32(d_row, PRECISE_EXP)
     w_src = exp32((e_hi[:, None, :] - hi3) + (e_lo[:, None, :] - lo3), PRECISE_EXP)
-    return tl.reshape(w_row, [BT, BK]), tl.reshape(w_src, [BT, BK]), e_hi, e_lo
+    return tl.reshape(w_row, [BT, BK]), tl.reshape(w_src, [BT, BK]), e_hi, e_lo, tl.reshape(d_row, [BT, BK])
 
 
 @triton.jit
@@ -83,12 +85,14 @@ def _intra_kernel(
     ROUND: tl.constexpr,
     PRECISE_EXP: tl.constexpr,
     STORE_A: tl.constexpr,
+    STORE_DECAY: tl.constexpr,
 ):
     # Per chunk and head: the scores A [.., T, H, BT] between sub-chunks, A_ts = sum_k q_tk k_sk exp(b_tk - b_sk)
     # for s in an earlier sub-chunk than t, 0 elsewhere (_diag_kernel then writes the diagonal blocks); the
     # operands of the state kernels qg = q exp(b) and kd = k exp(b_C - b) [.., T, H, K] (A, qg, kd in their
     # pointers' dtype: that of the dots that take them); b_C into bc [NC, H, K] float32; and the log-decay
-    # pair hi, lo [.., T, H, K] float32. Without STORE_A (the backward, given the forward's A) no scores.
+    # pair hi, lo [.., T, H, K] float32 with STORE_DECAY (the backward; diag sums its own). Without STORE_A (the
+    # backward, given the forward's A) no scores.
     NS: tl.constexpr = BT // BC
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t_lo, t_hi = chunk_bounds(chunks, i_c)
@@ -108,8 +112,9 @@ def _intra_kernel(
         m_tk = m_t[:, None] & (o_k < K)[None, :]
         ptr = o_t[:, None] * (H * K) + o_k[None, :]
         _, b_hi, b_lo, _ = chunk_log_decay(tl.load(g + ptr, mask=m_tk, other=0.0))
-        tl.store(hi + ptr, b_hi, mask=m_tk)
-        tl.store(lo + ptr, b_lo, mask=m_tk)
+        if STORE_DECAY:
+            tl.store(hi + ptr, b_hi, mask=m_tk)
+            tl.store(lo + ptr, b_lo, mask=m_tk)
         b_q = tl.load(q + ptr, mask=m_tk, other=0.0).to(tl.float32)
         b_k = tl.load(k + ptr, mask=m_tk, other=0.0).to(tl.float32)
         c_hi = tl.sum(tl.where(is_last, b_hi, 0.0), 0)
@@ -120,7 +125,7 @@ def _intra_kernel(
         tl.store(kd + ptr, (b_k * w_end).to(kd.dtype.element_ty), mask=m_tk)
 
         if STORE_A:
-            w_row, w_src, e_hi, e_lo = _sub_chunk_factors(b_hi, b_lo, BT, BC, BK, PRECISE_EXP)
+            w_row, w_src, e_hi, e_lo, _ = _sub_chunk_factors(b_hi, b_lo, BT, BC, BK, PRECISE_EXP)
             b_qr = b_q * w_row
             b_ks = b_k * w_src
             for i in tl.static_range(1, NS):
@@ -136,8 +141,7 @@ def _intra_kernel(
 def _diag_kernel(
     q,
     k,
-    hi,
-    lo,
+    g,
     chunks,
     A,
     H: tl.constexpr,
@@ -148,11 +152,19 @@ def _diag_kernel(
     PRECISE_EXP: tl.constexpr,
     J_STAGES: tl.constexpr,
     J_UNROLL: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    ROUND: tl.constexpr,
+    REBASE_LIMIT: tl.constexpr,
 ):
     # Per chunk, sub-chunk and head: the diagonal [BC, BC] block of the scores A (after _intra_kernel, which
-    # leaves it 0), exactly: A_ts = sum_k q_tk k_sk exp(b_tk - b_sk) for s < t, q_t . k_t for s = t (no
-    # decay), 0 for s > t. Source row s comes from memory, one at a time, against the sub-chunk's rows
-    # (J_STAGES, J_UNROLL: pipelining and unrolling of that loop, as in _dqkg_kernel).
+    # leaves it 0): A_ts = sum_k q_tk k_sk exp(b_tk - b_sk) for s < t, q_t . k_t for s = t (no decay), 0 for
+    # s > t. Per key block, where |b_t - b_0| <= REBASE_LIMIT over the sub-chunk (b_0: its first row), as one
+    # product rebased on row 0, (q exp(b - b_0)) (k exp(b_0 - b))^T, whose factors then stay within
+    # exp(+-REBASE_LIMIT), finite and normal in float32; elsewhere (strong decays) exactly, source row s from
+    # memory, one at a time, against the sub-chunk's rows (J_STAGES, J_UNROLL: pipelining and unrolling of
+    # that loop, as in _dqkg_kernel). b_t - b_s inside one sub-chunk is a sum of its own gates: from their
+    # float64 cumulative sum c (rows t) and the same sum run row by row (source s), so that nothing of the
+    # chunk's earlier gates, nor hi and lo, is needed (the forward does not store them).
     i_c, i_s, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t_lo, t_hi = chunk_bounds(chunks, i_c)
     s_lo = t_lo + i_s * BC
@@ -162,7 +174,7 @@ def _diag_kernel(
     o_c = tl.arange(0, BC)
     m_c = o_c < n_src
     row0 = s_lo * H + i_h  # the sub-chunk's first token and head; tiles take int32 offsets from it
-    q, k, hi, lo = q + row0 * K, k + row0 * K, hi + row0 * K, lo + row0 * K
+    q, k, g = q + row0 * K, k + row0 * K, g + row0 * K
     b_A = tl.zeros([BC, BC], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
@@ -170,18 +182,28 @@ def _diag_kernel(
         m_ck = m_c[:, None] & m_k[None, :]
         ptr = o_c[:, None] * (H * K) + o_k[None, :]
         b_q = tl.load(q + ptr, mask=m_ck, other=0.0).to(tl.float32)
-        b_hi = tl.load(hi + ptr, mask=m_ck, other=0.0)
-        b_lo = tl.load(lo + ptr, mask=m_ck, other=0.0)
-        for j in tl.range(0, n_src, num_stages=J_STAGES, loop_unroll_factor=J_UNROLL):
-            k_j = tl.load(k + j * (H * K) + o_k, mask=m_k, other=0.0).to(tl.float32)
-            hi_j = tl.load(hi + j * (H * K) + o_k, mask=m_k, other=0.0)
-            lo_j = tl.load(lo + j * (H * K) + o_k, mask=m_k, other=0.0)
-            diff = (b_hi - hi_j[None, :]) + (b_lo - lo_j[None, :])
-            # exponent b_t - b_s <= 0 for rows t > s, 0 (no decay) for t = s, -inf above and past the end
-            after = (o_c > j) & m_c
-            diff = tl.where(after[:, None], diff, tl.where((o_c == j)[:, None], 0.0, float("-inf")))
-            col = tl.sum(b_q * k_j[None, :] * exp32(diff, PRECISE_EXP), 1)  # [BC]: A[t, s = j]
-            b_A += tl.where(o_c[None, :] == j, col[:, None], 0.0)
+        c = tl.cumsum(tl.load(g + ptr, mask=m_ck, other=0.0).to(tl.float64), axis=0)  # [BC, BK]
+        c_0 = tl.load(g + o_k, mask=m_k, other=0.0).to(tl.float64)  # row 0's sum: its own gate
+        d = tl.where(m_ck, (c - c_0[None, :]).to(tl.float32), 0.0)  # b_t - b_0
+        if tl.max(tl.abs(d)) <= REBASE_LIMIT:
+            b_k = tl.load(k + ptr, mask=m_ck, other=0.0).to(tl.float32)
+            q_r = dot_operand(b_q * exp32(d, PRECISE_EXP), ROUND, False, tl.float32)
+            k_r = dot_operand(b_k * exp32(-d, PRECISE_EXP), ROUND, False, tl.float32)
+            scores = tl.dot(q_r, tl.trans(k_r), input_precision=DOT_PREC)
+            own = tl.sum(b_q * b_k, 1)  # s = t: q_t . k_t, exactly
+            diagonal = o_c[:, None] == o_c[None, :]
+            b_A += tl.where(o_c[:, None] > o_c[None, :], scores, tl.where(diagonal, own[:, None], 0.0))
+        else:
+            c_j = tl.zeros([BK], dtype=tl.float64)
+            for j in tl.range(0, n_src, num_stages=J_STAGES, loop_unroll_factor=J_UNROLL):
+                k_j = tl.load(k + j * (H * K) + o_k, mask=m_k, other=0.0).to(tl.float32)
+                c_j += tl.load(g + j * (H * K) + o_k, mask=m_k, other=0.0).to(tl.float64)
+                diff = (c - c_j[None, :]).to(tl.float32)
+                # exponent b_t - b_s <= 0 for rows t > s, 0 (no decay) for t = s, -inf above and past the end
+                after = (o_c > j) & m_c
+                diff = tl.where(after[:, None], diff, tl.where((o_c == j)[:, None], 0.0, float("-inf")))
+                col = tl.sum(b_q * k_j[None, :] * exp32(diff, PRECISE_EXP), 1)  # [BC]: A[t, s = j]
+                b_A += tl.where(o_c[None, :] == j, col[:, None], 0.0)
     t_a = o_c[:, None] * (H * BT) + i_s * BC + o_c[None, :]
     tl.store(A + row0 * BT + t_a, b_A.to(A.dtype.element_ty), mask=m_c[:, None])
 
