@@ -86,6 +86,10 @@ BV_CHUNK = 32  # value columns per step of the per-chunk backward's loops
 # Spills have not predicted speed here. On an H200 (session 9, one call, bf16, fwd+bwd ms, T = 4096, B = 16):
 # delta_rule 9.53 with blocks of 64, 9.64 with 32, 9.82 with 128 (as before); gated_delta_rule 12.10, 12.20, 12.39.
 PREPARE_KEYS = 64
+# The WY solve's 16-blocks by doubling, as batched tensor-core products (unit_lower_inverse's DIAG_DOUBLING), rather
+# than row by row with elementwise products. Untimed on a GPU: LINATTN_LAUNCH="gated_delta_rule.SOLVE_DIAG_DOUBLING=0"
+# gives the rows.
+SOLVE_DIAG_DOUBLING = True
 # Launch options by kernel. Every kernel holds several [BT, K] float32 tiles: at 4 warps each spills 0.3-3.6 KB of
 # registers per thread (compile_kernels --resources), yet on an H200 (T = 4096, B = 16, bf16) 4 warps measured
 # faster than 8 (delta_rule fwd+bwd 18.6 ms against 24.8, gated_delta_rule 27.8 against 34.0).
@@ -316,6 +320,7 @@ def prepare(k, v, g, beta, lay: ChunkTable, qk_l2norm: bool, beta_is_logit: bool
         BK=BK,
         BV=BV,
         BKP=min(BK, PREPARE_KEYS),
+        DIAG_DOUBLING=SOLVE_DIAG_DOUBLING,
         BETA_LOGIT=beta_is_logit,
         SOLVE=solve,
         STORE_T=store_t,
@@ -683,6 +688,7 @@ def compile_variants():
         }
         label = f"{dt} gated={gated} l2norm/logit={opt}"
         solve = dict(BV=seq_bv, BKP=min(BK, PREPARE_KEYS), SOLVE=True, STORE_T=True, BETA_LOGIT=opt)
+        solve |= dict(DIAG_DOUBLING=SOLVE_DIAG_DOUBLING)
         yield f"prepare {label}", _prepare_kernel, ptrs, common["prepare"] | solve, opts["prepare"]
         for bv in (seq_bv, 16):
             out = dict(BV=bv, HAS_H0=True, HAS_U0=True, STORE_O=True, STORE_HT=True, STORE_STATES=False)

@@ -51,6 +51,7 @@ def _prepare_kernel(
     ROUND: tl.constexpr,
     LOWP: tl.constexpr,
     PRECISE_EXP: tl.constexpr,
+    DIAG_DOUBLING: tl.constexpr,
 ):
     # Per chunk: Tinv = (I + A)^-1 (solved, or loaded as the forward stored it), W = Tinv (beta exp(b) K)
     # [BT, K] (stored in w's dtype), U0 = Tinv (beta V) [BT, V], formed in float32. K is gone through in blocks of
@@ -75,9 +76,9 @@ def _prepare_kernel(
         A = A * gamma * b_beta[:, None]
         A = tl.where(o_t[:, None] > o_t[None, :], A, 0.0)
         if DOT_PREC == "ieee":
-            Ti = unit_lower_inverse(A, BT, 16, "ieee")
+            Ti = unit_lower_inverse(A, BT, 16, "ieee", DIAG_DOUBLING)
         else:
-            Ti = unit_lower_inverse(A, BT, 16, "tf32x3")
+            Ti = unit_lower_inverse(A, BT, 16, "tf32x3", DIAG_DOUBLING)
     else:
         Ti = tl.load(tinv + tok[:, None] * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
     for i_k in range(0, tl.cdiv(K, BKP)):
