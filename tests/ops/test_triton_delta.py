@@ -91,6 +91,16 @@ def test_backward_chunk_over_key_blocks(case, chunk_keys, monkeypatch):
     check_against_naive(variant, *to(tensors, state), "triton", **ON_DEVICE)
 
 
+@both
+@pytest.mark.parametrize("doubling", [False, True], ids=["rows", "doubling"])
+def test_solve_diagonal_blocks_by_rows_or_doubling(case, doubling, monkeypatch):
+    """The WY solve's 16-blocks row by row, or by doubling as batched products (SOLVE_DIAG_DOUBLING, the
+    library's choice): the same outputs, states and gradients, with a partial last chunk."""
+    monkeypatch.setattr(tri, "SOLVE_DIAG_DOUBLING", doubling)
+    tensors, state = case.draw(B=1, T=70, H=2, K=24, V=16, seed=13)
+    check_against_naive(case, *to(tensors, state), "triton", **ON_DEVICE)
+
+
 def test_launch_choices(monkeypatch):
     """Narrow value blocks when few programs would run; bfloat16 dot operands only for bfloat16 on a GPU, and
     only for the kernels whose LOWP_DOTS entry is on."""

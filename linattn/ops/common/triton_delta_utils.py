@@ -97,7 +97,8 @@ def unit_lower_inverse(A, BT: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr
 
     DIAG_DOUBLING: the diagonal blocks by doubling too (as below, from blocks of 1), as batched products of
     [BT / BD, BD, BD] tiles: 2 log2(BD) of them (8 for BD = 16) on the tensor cores, instead of BD - 1 rows of
-    elementwise products and sums.
+    elementwise products and sums. The delta rules' launcher takes it (SOLVE_DIAG_DOUBLING): on an H200
+    (session 10) it cut 0.3 ms from either delta rule's fwd+bwd at T = 4096, B = 16, bf16.
     """
     NB: tl.constexpr = BT // BD
     o_t = tl.arange(0, BT)
