@@ -62,14 +62,22 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() * 4 / (ms * 1e-3)
 
 
+# GLA's per-channel log-decays: "standard" logsigmoid(x + 4) / 16 (about -0.001 per token, as fla's benchmarks
+# take them), or "strong" logsigmoid(x - 2) (about -2.1 per token: some 135 nats over a 64-token chunk, past what
+# GLA's kernels form as one rebased product, so they take the sub-chunk form). x ~ N(0, 1).
+GK = "standard"
+
+
 def inputs(B, T, dtype=torch.bfloat16, gated=True):
-    """q, k, v [B, T, H, D] (k scaled to unit-ish norm), g [B, T, H] log-decay, beta [B, T, H], gk [B, T, H, D]."""
+    """q, k, v [B, T, H, D] (k scaled to unit-ish norm), g [B, T, H] log-decay, beta [B, T, H], gk [B, T, H, D]
+    (GK: see above)."""
     q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
     with torch.no_grad():
         k /= math.sqrt(D)
     g = F.logsigmoid(torch.randn(B, T, H, device="cuda") + 4).requires_grad_() if gated else None
     beta = torch.rand(B, T, H, device="cuda", dtype=dtype).requires_grad_()
-    gk = (F.logsigmoid(torch.randn(B, T, H, D, device="cuda") + 4) / 16).requires_grad_()
+    x = torch.randn(B, T, H, D, device="cuda")
+    gk = (F.logsigmoid(x - 2) if GK == "strong" else F.logsigmoid(x + 4) / 16).requires_grad_()
     return q, k, v, g, beta, gk
 
 
@@ -284,12 +292,15 @@ def main():
     parser.add_argument("--sweep", action="store_true", help="time the chunk kernel's launch settings first")
     parser.add_argument("--sweep-settings", default=None, help="warps,stages,bv_max;... (default: all)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--gla-gates", choices=("standard", "strong"), default="standard", help="see GK")
     args = parser.parse_args()
+    global GK
+    GK = args.gla_gates
     props = torch.cuda.get_device_properties(0)
     bw = copy_bandwidth()
     print(
         f"# {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}, "
-        f"{FLA}, python {platform.python_version()}; copy bandwidth {bw / 1e12:.2f} TB/s"
+        f"{FLA}, python {platform.python_version()}; copy bandwidth {bw / 1e12:.2f} TB/s; gla gates {GK}"
     )
     table: list = []
     if args.sweep:
