@@ -1,6 +1,6 @@
 """Where the GPU time of one Triton op goes: per-kernel device time of forward+backward, by torch.profiler.
 
-    python benchmarks/profile_kernels.py [--ops delta_rule,gla] [--T 4096]
+    python benchmarks/profile_kernels.py [--ops delta_rule,gla] [--T 4096] [--gla-gates strong]
 
 Runs each op a few times at the standard shape (bf16, H = 16, K = V = 128, B * T = 65,536) and prints, per
 kernel name, the total device time per iteration and the number of launches, and for a kernel launched more than once
@@ -16,6 +16,7 @@ import collections
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+import benchmarks.bench_gpu as bench_gpu
 from benchmarks.bench_gpu import inputs, op_runs
 
 
@@ -24,7 +25,9 @@ def main():
     parser.add_argument("--ops", default="simple_gla,delta_rule,gated_delta_rule,gla")
     parser.add_argument("--T", type=int, default=4096)
     parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--gla-gates", choices=("standard", "strong"), default="standard", help="bench_gpu.GK")
     args = parser.parse_args()
+    bench_gpu.GK = args.gla_gates
     B = 65536 // args.T
     for op in args.ops.split(","):
         q, k, v, g, beta, gk = inputs(B, args.T)
