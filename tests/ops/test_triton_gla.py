@@ -12,7 +12,7 @@ import torch
 from linattn import ops
 from tests.ops.mechanisms import by_id
 from tests.ops.tolerance import ON_DEVICE, assert_same_result, check_against_naive
-from tests.ops.triton_checks import assert_compiles_fullgraph, extreme, triton_calls
+from tests.ops.triton_checks import assert_compiles_fullgraph, count_launches, extreme, triton_calls
 
 triton = pytest.importorskip("triton")
 from linattn.ops.gla import triton as tri  # noqa: E402
@@ -71,15 +71,7 @@ def test_scores_kept_for_the_backward_or_formed_again(save_scores, monkeypatch):
     """The backward given the forward's scores A (SAVE_SCORES: intra without them, no diag) or forming them again:
     the same gradients, here with packed sequences; with them kept, the backward launches no diag kernel."""
     monkeypatch.setattr(tri, "SAVE_SCORES", save_scores)
-    diag_launches = []
-    diag = tri._diag_kernel
-
-    class Counted:
-        def __getitem__(self, grid):
-            diag_launches.append(grid)
-            return diag[grid]
-
-    monkeypatch.setattr(tri, "_diag_kernel", Counted())
+    diag_launches = count_launches(monkeypatch, tri, "_diag_kernel")
     cu_seqlens = torch.tensor([0, 70, 71, 150])
     tensors, state = CASE.draw(B=1, T=150, H=2, K=40, V=24, seed=12, N=3)
     check_against_naive(CASE, *to(tensors, state), "triton", cu_seqlens=cu_seqlens.to(DEVICE), **ON_DEVICE)

@@ -21,6 +21,22 @@ def extreme(tensors: list, gates, index: int = 3) -> list:
     return tensors
 
 
+def count_launches(monkeypatch, module, *names: str) -> list[str]:
+    """Wrap each named Triton kernel of ``module`` (the launcher module that holds it) so that every launch,
+    kernel[grid](...), records the kernel's name in the returned list; monkeypatch undoes it."""
+    launches: list[str] = []
+    for name in names:
+        kernel = getattr(module, name)
+
+        class Counted:
+            def __getitem__(self, grid, _kernel=kernel, _name=name):
+                launches.append(_name)
+                return _kernel[grid]
+
+        monkeypatch.setattr(module, name, Counted())
+    return launches
+
+
 def triton_calls(op, call) -> int:
     """How many times ``call()`` reaches the Triton impl of the public ``op`` (dispatch's "auto" choice)."""
     impls = op.__globals__["IMPLS"]
