@@ -84,6 +84,18 @@ def load_beta(beta, tok, m_t, BETA_LOGIT: tl.constexpr):
 
 
 @triton.jit
+def _join_pairs(Ti, A, o, size, PREC: tl.constexpr):
+    """One level of unit_lower_inverse's doubling, over the last two axes of Ti and A (index o along each): join
+    every pair of neighbouring diagonal blocks of size ``size``, already inverted (T1, T2), into one of twice the
+    size, whose lower-left block is -T2 A21 T1; with X = A21 T1 (A masked to those blocks, times Ti) that is
+    Ti <- Ti - Ti X, for every pair at once."""
+    pair = (o[:, None] // (2 * size)) == (o[None, :] // (2 * size))
+    lower_left = pair & ((o[:, None] // size) % 2 == 1) & ((o[None, :] // size) % 2 == 0)
+    X = tl.dot(tl.where(lower_left, A, 0.0), Ti, input_precision=PREC)
+    return Ti - tl.dot(Ti, X, input_precision=PREC)
+
+
+@triton.jit
 def unit_lower_inverse(A, BT: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, DIAG_DOUBLING: tl.constexpr = False):
     """(I + A)^-1 for a strictly lower triangular A [BT, BT], by forward substitution in float32.
 
@@ -111,11 +123,8 @@ def unit_lower_inverse(A, BT: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr
     Ti3 = tl.where(row == o_r[None, None, :], 1.0, 0.0) + tl.zeros([NB, BD, BD], dtype=tl.float32)
     if DIAG_DOUBLING:
         part = 1
-        while part < BD:
-            pair = (o_r[:, None] // (2 * part)) == (o_r[None, :] // (2 * part))
-            lower_left = pair & ((o_r[:, None] // part) % 2 == 1) & ((o_r[None, :] // part) % 2 == 0)
-            X = tl.dot(tl.where(lower_left[None, :, :], A3, 0.0), Ti3, input_precision=PREC)
-            Ti3 -= tl.dot(Ti3, X, input_precision=PREC)
+        while part < BD:  # the same levels as below, batched over the NB blocks
+            Ti3 = _join_pairs(Ti3, A3, o_r, part, PREC)
             part *= 2
     else:
         for r in range(1, BD):
@@ -123,17 +132,12 @@ def unit_lower_inverse(A, BT: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr
             Ti3 = tl.where(row == r, Ti3 - tl.sum(a[:, :, None] * Ti3, axis=1)[:, None, :], Ti3)
     # back to [BT, BT]: the block-diagonal inverse
     Ti = tl.reshape(tl.where(own, tl.reshape(Ti3, (BT, BD))[:, None, :], 0.0), (BT, BT))
-    # Then by doubling: each level joins pairs of neighbouring diagonal blocks of size s, already inverted
-    # (T1, T2), into one of size 2 s, whose lower-left block is -T2 A21 T1. With X = A21 T1 (A masked to those
-    # blocks, times Ti) that is Ti <- Ti - Ti X, for every pair of the level at once: 2 log2(BT / BD) products
-    # (4 for BT = 64, BD = 16), where block row after block row took 2 (BT / BD - 1) (6). On an H200 (session 9,
-    # bf16, T = 4096, B = 16) prepare's solving launch went 1.93 -> 1.78 ms (delta_rule), 2.04 -> 1.87 (gated).
+    # Then by doubling (_join_pairs), a level of pairs at a time: 2 log2(BT / BD) products (4 for BT = 64,
+    # BD = 16), where block row after block row took 2 (BT / BD - 1) (6). On an H200 (session 9, bf16, T = 4096,
+    # B = 16) prepare's solving launch went 1.93 -> 1.78 ms (delta_rule), 2.04 -> 1.87 (gated).
     size = BD
     while size < BT:  # a loop, not unrolled: fewer tiles live at once
-        pair = (o_t[:, None] // (2 * size)) == (o_t[None, :] // (2 * size))
-        lower_left = pair & ((o_t[:, None] // size) % 2 == 1) & ((o_t[None, :] // size) % 2 == 0)
-        X = tl.dot(tl.where(lower_left, A, 0.0), Ti, input_precision=PREC)
-        Ti -= tl.dot(Ti, X, input_precision=PREC)
+        Ti = _join_pairs(Ti, A, o_t, size, PREC)
         size *= 2
     return Ti
 

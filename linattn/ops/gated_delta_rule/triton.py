@@ -372,6 +372,18 @@ def forward(q, k, v, g, beta, h0, scale: float, cu_seqlens, qk_l2norm: bool, bet
     return o.to(v.dtype), ht, tinv
 
 
+def _chain(M, R, start, reverse: bool):
+    """The scan that chains segments, in float64: X(s+1) = M_s X(s) + R_s from X(0) = start (None: zeros), or
+    with reverse, X(s-1) = M_s^T X(s) + R_s from the last. M [N, NS, H, K, K], R [N, NS, H, K, V]. Returns
+    what enters each segment, [N, NS, H, K, V] float32, and what leaves the last one, [N, H, K, V] float64."""
+    X = start.double() if start is not None else torch.zeros_like(R[:, 0], dtype=torch.float64)
+    entering = torch.empty_like(R)
+    for i in reversed(range(R.shape[1])) if reverse else range(R.shape[1]):
+        entering[:, i] = X
+        X = (M[:, i].double().transpose(-1, -2) if reverse else M[:, i].double()) @ X + R[:, i].double()
+    return entering, X
+
+
 def _segmented_forward(q, k, g_, w, u0, h0, seg: Segments, o, ht, states, u, scale, store_o, store_states, flags):
     """The per-sequence forward over segments (see SEGMENT_HEADS): fills ht and, as asked, o or states and U.
     Returns the segments' transitions M [N, NS, H, K, K] float32 (for the backward's scan)."""
@@ -398,11 +410,7 @@ def _segmented_forward(q, k, g_, w, u0, h0, seg: Segments, o, ht, states, u, sca
     run(K, eye, M, u0, False, False, True, False)
     del eye
     # 2. the scan, in float64: the state entering each segment
-    S = h0.double() if h0 is not None else torch.zeros(seg.N, H, K, V, dtype=torch.float64, device=q.device)
-    S_in = torch.empty(seg.N, seg.NS, H, K, V, **f32)
-    for i in range(seg.NS):
-        S_in[:, i] = S
-        S = M[:, i].double() @ S + R[:, i].double()
+    S_in, S = _chain(M, R, h0, reverse=False)
     ht.copy_(S)
     del R
     # 3. each segment from its entering state
@@ -429,11 +437,7 @@ def _segmented_backward_state(q, k, g_, w, do, dht, seg: Segments, M, dstates, d
 
     L = torch.empty(seg.N, seg.NS, H, K, V, dtype=torch.float32, device=q.device)
     run(None, L, False)
-    dS = dht.double() if dht is not None else torch.zeros(seg.N, H, K, V, dtype=torch.float64, device=q.device)
-    dS_out = torch.empty_like(L)
-    for i in reversed(range(seg.NS)):
-        dS_out[:, i] = dS
-        dS = M[:, i].double().transpose(-1, -2) @ dS + L[:, i].double()
+    dS_out, dS = _chain(M, L, dht, reverse=True)
     if dh0 is not None:
         dh0.copy_(dS)
     del L

@@ -36,12 +36,7 @@ from linattn.ops.common.triton_utils import (
     store_dtype,
     triton_unsupported,
 )
-from linattn.ops.gla.triton_backward import (
-    _dA_kernel,
-    _dqk_state_kernel,
-    _dqkg_kernel,
-    _dv_kernel,
-)
+from linattn.ops.gla.triton_backward import _dA_kernel, _dqk_state_kernel, _dqkg_kernel, _dv_kernel
 from linattn.ops.gla.triton_kernels import _diag_kernel, _intra_kernel, _state_kernel
 
 BT = 64  # chunk length
@@ -267,12 +262,7 @@ def compile_variants():
             ("dv", _dv_kernel, dict(LOWP=lowp), cfg["dv"]),
             ("dA", _dA_kernel, dict(LOWP=lowp), cfg["dA"]),
             ("dqkg", _dqkg_kernel, dict(BC=BC, LOWP=lowp, STATE_GIVEN=False), cfg["dqkg"]),
-            (
-                "dqkg given the state products",
-                _dqkg_kernel,
-                dict(BC=BC, LOWP=lowp, STATE_GIVEN=True),
-                cfg["dqkg"],
-            ),
+            ("dqkg given the state products", _dqkg_kernel, dict(BC=BC, LOWP=lowp, STATE_GIVEN=True), cfg["dqkg"]),
             ("dqk_state", _dqk_state_kernel, dict(LOWP=lowp), cfg["dqk_state"]),
         ]
         if dt == "bf16":
