@@ -63,6 +63,13 @@ STATE_KERNEL = True
 # On an H200 (session 10, one call, bf16, T = 4096, B = 16, the benchmark's gates) GLA fwd+bwd went 18.82 ->
 # 14.10 ms (diag 1.90 -> 0.63 ms with the forward's diag summing its own gates, 13.80 ms in all).
 REBASE_LIMIT = 60.0
+# CHUNK_LIMIT: where every key channel's log-decay varies by at most 2 CHUNK_LIMIT over a chunk (|b - m| <=
+# CHUNK_LIMIT about the middle m of its range), intra (forward) and dqkg (backward) form a chunk's decayed products
+# whole, one matrix product per key block rebased on m, exp(b_t - b_s) = exp(b_t - m) exp(m - b_s), instead of per
+# pair of sub-chunks (intra: 3 products and the bridges between sub-chunks, then diag inside them; dqkg: 4 pairs of
+# products). The factors stay within exp(+-60), as REBASE_LIMIT's. Gates of typical size (120 nats over 64 tokens is
+# -1.9 per token in every channel) take it; stronger ones the sub-chunk form. -1 never takes it.
+CHUNK_LIMIT = 60.0
 # SAVE_SCORES: the forward's scores A [B, T, H, BT] (bfloat16 for bfloat16 inputs on a GPU, else float32) are kept
 # for the backward, which then runs intra without them and skips diag, instead of forming them again: 128 MiB per
 # layer at T = 4096, B = 16 (bfloat16), as fla keeps its A. On an H200 (session 9, one call, bf16, that shape) GLA
@@ -120,13 +127,16 @@ def _intra(q, k, g, lay: ChunkTable, flags: dict, cfg: dict, lowp: bool, scores:
     hi = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device) if decay else None
     lo = torch.empty_like(hi) if decay else None
     A = torch.empty(B, T, H, BT, dtype=dt, device=q.device) if scores else None
+    whole = torch.empty(lay.NC, H, dtype=torch.int8, device=q.device) if scores else None  # chunks formed whole
     _intra_kernel[(lay.NC, H)](
         q, k, g, lay.chunks, hi if decay else bc, lo if decay else bc, A if scores else qg, qg, kd, bc,
-        H=H, K=K, BT=BT, BC=BC, STORE_A=scores, STORE_DECAY=decay, **cfg["intra"], **flags
+        whole if scores else bc, H=H, K=K, BT=BT, BC=BC, STORE_A=scores, STORE_DECAY=decay,
+        CHUNK_LIMIT=CHUNK_LIMIT, **cfg["intra"], **flags,
     )  # fmt: skip
     if scores:
         _diag_kernel[(lay.NC, BT // BC, H)](
-            q, k, g, lay.chunks, A, H=H, K=K, BT=BT, BC=BC, REBASE_LIMIT=REBASE_LIMIT, **cfg["diag"], **flags
+            q, k, g, lay.chunks, A, whole, H=H, K=K, BT=BT, BC=BC, REBASE_LIMIT=REBASE_LIMIT, **cfg["diag"],
+            **flags,
         )  # fmt: skip
     return A, qg, kd, bc, hi, lo
 
@@ -211,7 +221,7 @@ def backward(do, dht, q, k, v, g, h0, ht, scale: float, cu_seqlens, saved=None):
     _dqkg_kernel[(lay.NC * triton.cdiv(K, c["BK"]), H)](
         q, k, v, do, hi, lo, dA, lay.chunks, states, dstates, dqs, dks, dc, dq, dk, dg, scale,
         H=H, K=K, V=V, BT=BT, BC=BC, LOWP=lowp, STATE_GIVEN=STATE_KERNEL,
-        REBASE_LIMIT=REBASE_LIMIT, **c, **flags,
+        REBASE_LIMIT=REBASE_LIMIT, CHUNK_LIMIT=CHUNK_LIMIT, **c, **flags,
     )  # fmt: skip
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dh0
 
@@ -251,8 +261,8 @@ def compile_variants():
         op = dt if lowp else "fp32"  # A, qg, kd: the dots' operand dtype
         ptrs = {n: dt for n in ("q", "k", "v", "do", "o", "dq", "dk", "dv")} | dict(A=op, qg=op, kd=op)
         ptrs |= dict(x=op, y=dt)
-        ptrs |= dict(chunks="i32", cu_seqlens="i32", chunk_start="i32")
-        common = dict(H=16, K=128, V=128, BT=BT, REBASE_LIMIT=REBASE_LIMIT, **flags)
+        ptrs |= dict(chunks="i32", cu_seqlens="i32", chunk_start="i32", whole="i8")
+        common = dict(H=16, K=128, V=128, BT=BT, REBASE_LIMIT=REBASE_LIMIT, CHUNK_LIMIT=CHUNK_LIMIT, **flags)
         scalars = dict(scalars={"scale": "fp32"})
 
         fwd, rev = dict(REVERSE=False, STORE_O=False, STORE_STATES=True), dict(REVERSE=True, STORE_O=False)

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from linattn.ops.common.triton_utils import chunk_and_block, chunk_bounds, dot_operand, exp32
-from linattn.ops.gla.triton_kernels import _bridge, _sub_chunk_factors
+from linattn.ops.gla.triton_kernels import _bridge, _from_middle, _sub_chunk_factors
 
 
 @triton.jit
@@ -221,6 +221,7 @@ def _dqkg_kernel(
     J_UNROLL: tl.constexpr,
     STATE_GIVEN: tl.constexpr,
     REBASE_LIMIT: tl.constexpr,
+    CHUNK_LIMIT: tl.constexpr,
 ):
     # Per chunk, head and key block: dq, dk and dg (every term is per key channel, given dA).
     # J_STAGES, J_UNROLL: software-pipelining stages and unrolling of the loop over rows j inside sub-chunks,
@@ -268,66 +269,79 @@ def _dqkg_kernel(
     b_dq = scale * d_qs * exp32(b_hi, PRECISE_EXP)  # the gated terms of dq
     dk_state = d_ks * exp32((c_hi[None, :] - b_hi) + (c_lo[None, :] - b_lo), PRECISE_EXP)
 
-    # Between sub-chunks, with the forward's factors (triton_kernels.py).
-    w_row, w_src, e_hi, e_lo, d_row = _sub_chunk_factors(b_hi, b_lo, BT, BC, BK, PRECISE_EXP)
-    b_qr = dot_operand(b_q * w_row, ROUND, False, tl.float32)
-    b_ks = b_k * w_src
-    sub = o_t // BC
-    dq_x = tl.zeros([BT, BK], dtype=tl.float32)
-    dk_x = tl.zeros([BT, BK], dtype=tl.float32)
-    for i in tl.static_range(1, NS):
-        bridge = _bridge(e_hi, e_lo, i, BT, BC, BK, PRECISE_EXP)
-        dA_i = dot_operand(tl.where((sub == i)[:, None], b_dA, 0.0), ROUND, False, tl.float32)
-        k_i = dot_operand(b_ks * bridge, ROUND, False, tl.float32)
-        dq_x += tl.dot(dA_i, k_i, input_precision=DOT_PREC)
-        dk_x += bridge * tl.dot(tl.trans(dA_i), b_qr, input_precision=DOT_PREC)
-    b_dq += w_row * dq_x
-    dk_in = w_src * dk_x  # the gated in-chunk terms of dk
-
-    # Inside sub-chunks. Where |b - rho| <= REBASE_LIMIT over this program's rows (rho: each sub-chunk's
-    # start, d_row = b - rho), as products rebased on rho, whose factors then stay within
-    # exp(+-REBASE_LIMIT): dq_t += exp(b_t - rho) sum_s dA_ts k_s exp(rho - b_s) and
-    # dk_s += exp(rho - b_s) sum_t dA_ts q_t exp(b_t - rho), over s < t of one sub-chunk.
-    d = tl.where(m_tk, d_row, 0.0)
-    if tl.max(tl.abs(d)) <= REBASE_LIMIT:
-        same = (sub[:, None] == sub[None, :]) & (o_t[:, None] > o_t[None, :])
-        dA_d = dot_operand(tl.where(same, b_dA, 0.0), ROUND, False, tl.float32)
-        w_in = exp32(-d, PRECISE_EXP)  # exp(rho - b)
-        k_r = dot_operand(b_k * w_in, ROUND, False, tl.float32)
-        b_dq += w_row * tl.dot(dA_d, k_r, input_precision=DOT_PREC)
-        dk_in += w_in * tl.dot(tl.trans(dA_d), b_qr, input_precision=DOT_PREC)
+    # The whole chunk at once where every |b - m| of this program's tile is at most CHUNK_LIMIT (m: the middle of
+    # each column's range, as in _intra_kernel): dq_t += exp(b_t - m) sum_s dA_ts k_s exp(m - b_s) and
+    # dk_s += exp(m - b_s) sum_t dA_ts q_t exp(b_t - m), over s < t. Elsewhere between and inside sub-chunks.
+    d_w = _from_middle(b_hi, b_lo, m_tk)
+    if tl.max(tl.abs(d_w)) <= CHUNK_LIMIT:
+        dA_w = dot_operand(tl.where(o_t[:, None] > o_t[None, :], b_dA, 0.0), ROUND, False, tl.float32)
+        w_in = exp32(d_w, PRECISE_EXP)  # exp(b - m)
+        w_out = exp32(-d_w, PRECISE_EXP)  # exp(m - b)
+        k_w = dot_operand(b_k * w_out, ROUND, False, tl.float32)
+        q_w = dot_operand(b_q * w_in, ROUND, False, tl.float32)
+        b_dq += w_in * tl.dot(dA_w, k_w, input_precision=DOT_PREC)
+        dk_in = w_out * tl.dot(tl.trans(dA_w), q_w, input_precision=DOT_PREC)
     else:
-        # Inside sub-chunks, exactly, row j of every sub-chunk (from memory) against that sub-chunk's rows:
-        # as the source of rows t > j (dq_t += dA_tj exp(b_t - b_j) k_j) and as the target of rows s < j
-        # (dk_s += dA_js exp(b_j - b_s) q_j); no sums across rows, so no reductions.
-        hi3 = tl.reshape(b_hi, [NS, BC, BK])
-        lo3 = tl.reshape(b_lo, [NS, BC, BK])
-        o_n = tl.arange(0, NS)
-        n_in = t_hi - t_lo
-        dq3 = tl.zeros([NS, BC, BK], dtype=tl.float32)
-        dk3 = tl.zeros([NS, BC, BK], dtype=tl.float32)
-        for j in tl.range(0, BC, num_stages=J_STAGES, loop_unroll_factor=J_UNROLL):
-            r_j = o_n * BC + j  # [NS]: row j of each sub-chunk
-            m_j = r_j < n_in
-            t_j = r_j[:, None] * (H * K) + o_k[None, :]
-            m_jk = m_j[:, None] & m_k[None, :]
-            k_j = tl.load(k + t_j, mask=m_jk, other=0.0).to(tl.float32)  # [NS, BK]
-            q_j = tl.load(q + t_j, mask=m_jk, other=0.0).to(tl.float32)
-            hi_j = tl.load(hi + t_j, mask=m_jk, other=0.0)
-            lo_j = tl.load(lo + t_j, mask=m_jk, other=0.0)
-            rows = (o_n * BC)[:, None] + o_c[None, :]  # [NS, BC]: the row of each (sub-chunk, position)
-            m_rows = m_j[:, None] & (rows < n_in)
-            dA_col = tl.load(dA + rows * (H * BT) + r_j[:, None], mask=m_rows, other=0.0)  # dA[t, j]
-            dA_row = tl.load(dA + r_j[:, None] * (H * BT) + rows, mask=m_rows, other=0.0)  # dA[j, s]
-            diff = (hi3 - hi_j[:, None, :]) + (lo3 - lo_j[:, None, :])  # b_t - b_j: <= 0 for t > j
-            after = m_j[:, None, None] & (o_c > j)[None, :, None]
-            before = m_j[:, None, None] & (o_c < j)[None, :, None]
-            w_after = exp32(tl.where(after, diff, float("-inf")), PRECISE_EXP)
-            w_before = exp32(tl.where(before, -diff, float("-inf")), PRECISE_EXP)
-            dq3 += dA_col[:, :, None] * k_j[:, None, :] * w_after
-            dk3 += dA_row[:, :, None] * q_j[:, None, :] * w_before
-        b_dq += tl.reshape(dq3, [BT, BK])
-        dk_in += tl.reshape(dk3, [BT, BK])
+        # Between sub-chunks, with the forward's factors (triton_kernels.py).
+        w_row, w_src, e_hi, e_lo, d_row = _sub_chunk_factors(b_hi, b_lo, BT, BC, BK, PRECISE_EXP)
+        b_qr = dot_operand(b_q * w_row, ROUND, False, tl.float32)
+        b_ks = b_k * w_src
+        sub = o_t // BC
+        dq_x = tl.zeros([BT, BK], dtype=tl.float32)
+        dk_x = tl.zeros([BT, BK], dtype=tl.float32)
+        for i in tl.static_range(1, NS):
+            bridge = _bridge(e_hi, e_lo, i, BT, BC, BK, PRECISE_EXP)
+            dA_i = dot_operand(tl.where((sub == i)[:, None], b_dA, 0.0), ROUND, False, tl.float32)
+            k_i = dot_operand(b_ks * bridge, ROUND, False, tl.float32)
+            dq_x += tl.dot(dA_i, k_i, input_precision=DOT_PREC)
+            dk_x += bridge * tl.dot(tl.trans(dA_i), b_qr, input_precision=DOT_PREC)
+        b_dq += w_row * dq_x
+        dk_in = w_src * dk_x  # the gated in-chunk terms of dk
+
+        # Inside sub-chunks. Where |b - rho| <= REBASE_LIMIT over this program's rows (rho: each sub-chunk's
+        # start, d_row = b - rho), as products rebased on rho, whose factors then stay within
+        # exp(+-REBASE_LIMIT): dq_t += exp(b_t - rho) sum_s dA_ts k_s exp(rho - b_s) and
+        # dk_s += exp(rho - b_s) sum_t dA_ts q_t exp(b_t - rho), over s < t of one sub-chunk.
+        d = tl.where(m_tk, d_row, 0.0)
+        if tl.max(tl.abs(d)) <= REBASE_LIMIT:
+            same = (sub[:, None] == sub[None, :]) & (o_t[:, None] > o_t[None, :])
+            dA_d = dot_operand(tl.where(same, b_dA, 0.0), ROUND, False, tl.float32)
+            w_in = exp32(-d, PRECISE_EXP)  # exp(rho - b)
+            k_r = dot_operand(b_k * w_in, ROUND, False, tl.float32)
+            b_dq += w_row * tl.dot(dA_d, k_r, input_precision=DOT_PREC)
+            dk_in += w_in * tl.dot(tl.trans(dA_d), b_qr, input_precision=DOT_PREC)
+        else:
+            # Inside sub-chunks, exactly, row j of every sub-chunk (from memory) against that sub-chunk's rows:
+            # as the source of rows t > j (dq_t += dA_tj exp(b_t - b_j) k_j) and as the target of rows s < j
+            # (dk_s += dA_js exp(b_j - b_s) q_j); no sums across rows, so no reductions.
+            hi3 = tl.reshape(b_hi, [NS, BC, BK])
+            lo3 = tl.reshape(b_lo, [NS, BC, BK])
+            o_n = tl.arange(0, NS)
+            n_in = t_hi - t_lo
+            dq3 = tl.zeros([NS, BC, BK], dtype=tl.float32)
+            dk3 = tl.zeros([NS, BC, BK], dtype=tl.float32)
+            for j in tl.range(0, BC, num_stages=J_STAGES, loop_unroll_factor=J_UNROLL):
+                r_j = o_n * BC + j  # [NS]: row j of each sub-chunk
+                m_j = r_j < n_in
+                t_j = r_j[:, None] * (H * K) + o_k[None, :]
+                m_jk = m_j[:, None] & m_k[None, :]
+                k_j = tl.load(k + t_j, mask=m_jk, other=0.0).to(tl.float32)  # [NS, BK]
+                q_j = tl.load(q + t_j, mask=m_jk, other=0.0).to(tl.float32)
+                hi_j = tl.load(hi + t_j, mask=m_jk, other=0.0)
+                lo_j = tl.load(lo + t_j, mask=m_jk, other=0.0)
+                rows = (o_n * BC)[:, None] + o_c[None, :]  # [NS, BC]: the row of each (sub-chunk, position)
+                m_rows = m_j[:, None] & (rows < n_in)
+                dA_col = tl.load(dA + rows * (H * BT) + r_j[:, None], mask=m_rows, other=0.0)  # dA[t, j]
+                dA_row = tl.load(dA + r_j[:, None] * (H * BT) + rows, mask=m_rows, other=0.0)  # dA[j, s]
+                diff = (hi3 - hi_j[:, None, :]) + (lo3 - lo_j[:, None, :])  # b_t - b_j: <= 0 for t > j
+                after = m_j[:, None, None] & (o_c > j)[None, :, None]
+                before = m_j[:, None, None] & (o_c < j)[None, :, None]
+                w_after = exp32(tl.where(after, diff, float("-inf")), PRECISE_EXP)
+                w_before = exp32(tl.where(before, -diff, float("-inf")), PRECISE_EXP)
+                dq3 += dA_col[:, :, None] * k_j[:, None, :] * w_after
+                dk3 += dA_row[:, :, None] * q_j[:, None, :] * w_before
+            b_dq += tl.reshape(dq3, [BT, BK])
+            dk_in += tl.reshape(dk3, [BT, BK])
 
     # dg: the reverse cumulative sum of db within the chunk (see the module docstring). The state's share
     # through the keys, sum_{s >= t} -x_s + sum_s x_s, is the forward sum of x before t: summed so, not

@@ -65,6 +65,18 @@ def _bridge(e_hi, e_lo, i, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
 
 
 @triton.jit
+def _from_middle(b_hi, b_lo, m_tk):
+    """b - m [BT, BK] on the rows and columns of m_tk (0 elsewhere), m the middle of each column's range of b
+    (the log-decay pair b_hi + b_lo) over those rows: |b - m| is at most half the range."""
+    b = b_hi + b_lo
+    top = tl.max(tl.where(m_tk, b, float("-inf")), 0)
+    bottom = tl.min(tl.where(m_tk, b, float("inf")), 0)
+    some = top >= bottom  # a column without rows (past K) takes m = 0, with no inf - inf on the way
+    m = 0.5 * tl.where(some, top, 0.0) + 0.5 * tl.where(some, bottom, 0.0)
+    return tl.where(m_tk, (b_hi - m[None, :]) + b_lo, 0.0)
+
+
+@triton.jit
 def _intra_kernel(
     q,
     k,
@@ -76,6 +88,7 @@ def _intra_kernel(
     qg,
     kd,
     bc,
+    whole,
     H: tl.constexpr,
     K: tl.constexpr,
     BT: tl.constexpr,
@@ -86,6 +99,7 @@ def _intra_kernel(
     PRECISE_EXP: tl.constexpr,
     STORE_A: tl.constexpr,
     STORE_DECAY: tl.constexpr,
+    CHUNK_LIMIT: tl.constexpr,
 ):
     # Per chunk and head: the scores A [.., T, H, BT] between sub-chunks, A_ts = sum_k q_tk k_sk exp(b_tk - b_sk)
     # for s in an earlier sub-chunk than t, 0 elsewhere (_diag_kernel then writes the diagonal blocks); the
@@ -93,6 +107,11 @@ def _intra_kernel(
     # pointers' dtype: that of the dots that take them); b_C into bc [NC, H, K] float32; and the log-decay
     # pair hi, lo [.., T, H, K] float32 with STORE_DECAY (the backward; diag sums its own). Without STORE_A (the
     # backward, given the forward's A) no scores.
+    # Where every key channel's log-decays b over the chunk span at most 2 CHUNK_LIMIT (a first pass bounds the
+    # span by sum_t |g_t|), A is the whole chunk's scores at once, one product per key block rebased on the middle
+    # m of each channel's span: (q exp(b - m)) (k exp(m - b))^T, below the diagonal, whose factors stay within
+    # exp(+-CHUNK_LIMIT); and q_t . k_t on it. whole [NC, H] (int8) then says so, and _diag_kernel leaves the
+    # chunk alone. Elsewhere the sub-chunk form: the scores between sub-chunks here, diag's inside them.
     NS: tl.constexpr = BT // BC
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t_lo, t_hi = chunk_bounds(chunks, i_c)
@@ -107,6 +126,17 @@ def _intra_kernel(
     sub = o_t // BC
 
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
+    own = tl.zeros([BT], dtype=tl.float32)  # q_t . k_t
+    is_whole = False
+    if STORE_A:
+        span = 0.0  # the largest sum_t |g_t| of a key channel over the chunk
+        for i_k in range(0, tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_tk = m_t[:, None] & (o_k < K)[None, :]
+            g_abs = tl.abs(tl.load(g + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32))
+            span = tl.maximum(span, tl.max(tl.sum(g_abs, 0)))
+        is_whole = span <= 2.0 * CHUNK_LIMIT
+        tl.store(whole + i_c * H + i_h, is_whole.to(tl.int8))
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_tk = m_t[:, None] & (o_k < K)[None, :]
@@ -125,14 +155,25 @@ def _intra_kernel(
         tl.store(kd + ptr, (b_k * w_end).to(kd.dtype.element_ty), mask=m_tk)
 
         if STORE_A:
-            w_row, w_src, e_hi, e_lo, _ = _sub_chunk_factors(b_hi, b_lo, BT, BC, BK, PRECISE_EXP)
-            b_qr = b_q * w_row
-            b_ks = b_k * w_src
-            for i in tl.static_range(1, NS):
-                q_i = dot_operand(tl.where((sub == i)[:, None], b_qr, 0.0), ROUND, False, tl.float32)
-                k_i = dot_operand(b_ks * _bridge(e_hi, e_lo, i, BT, BC, BK, PRECISE_EXP), ROUND, False, tl.float32)
-                b_A += tl.dot(q_i, tl.trans(k_i), input_precision=DOT_PREC)
+            if is_whole:
+                d = _from_middle(b_hi, b_lo, m_tk)
+                q_w = dot_operand(b_q * exp32(d, PRECISE_EXP), ROUND, False, tl.float32)
+                k_w = dot_operand(b_k * exp32(-d, PRECISE_EXP), ROUND, False, tl.float32)
+                b_A += tl.dot(q_w, tl.trans(k_w), input_precision=DOT_PREC)
+                own += tl.sum(b_q * b_k, 1)
+            else:
+                w_row, w_src, e_hi, e_lo, _rel = _sub_chunk_factors(b_hi, b_lo, BT, BC, BK, PRECISE_EXP)
+                b_qr = b_q * w_row
+                b_ks = b_k * w_src
+                for i in tl.static_range(1, NS):
+                    q_i = dot_operand(tl.where((sub == i)[:, None], b_qr, 0.0), ROUND, False, tl.float32)
+                    k_i = _bridge(e_hi, e_lo, i, BT, BC, BK, PRECISE_EXP)
+                    k_i = dot_operand(b_ks * k_i, ROUND, False, tl.float32)
+                    b_A += tl.dot(q_i, tl.trans(k_i), input_precision=DOT_PREC)
     if STORE_A:
+        if is_whole:  # strictly below the diagonal (above it the factors may overflow), q_t . k_t on it
+            below = o_t[:, None] > o_t[None, :]
+            b_A = tl.where(below, b_A, tl.where(o_t[:, None] == o_t[None, :], own[:, None], 0.0))
         A_ptr = A + row0 * BT + o_t[:, None] * (H * BT) + o_t[None, :]
         tl.store(A_ptr, b_A.to(A.dtype.element_ty), mask=m_t[:, None])
 
@@ -144,6 +185,7 @@ def _diag_kernel(
     g,
     chunks,
     A,
+    whole,
     H: tl.constexpr,
     K: tl.constexpr,
     BT: tl.constexpr,
@@ -164,11 +206,14 @@ def _diag_kernel(
     # memory, one at a time, against the sub-chunk's rows (J_STAGES, J_UNROLL: pipelining and unrolling of
     # that loop, as in _dqkg_kernel). b_t - b_s inside one sub-chunk is a sum of its own gates: from their
     # float64 cumulative sum c (rows t) and the same sum run row by row (source s), so that nothing of the
-    # chunk's earlier gates, nor hi and lo, is needed (the forward does not store them).
+    # chunk's earlier gates, nor hi and lo, is needed (the forward does not store them). Chunks that
+    # _intra_kernel formed whole (``whole``) are left as they are.
     i_c, i_s, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t_lo, t_hi = chunk_bounds(chunks, i_c)
     s_lo = t_lo + i_s * BC
     if s_lo >= t_hi:  # past the chunk's end (or past the last chunk)
+        return
+    if tl.load(whole + i_c * H + i_h) != 0:
         return
     n_src = tl.minimum(t_hi - s_lo, BC)
     o_c = tl.arange(0, BC)
