@@ -14,7 +14,7 @@ import torch
 from linattn import ops
 from tests.ops.mechanisms import by_id
 from tests.ops.tolerance import ON_DEVICE, assert_same_result, check_against_naive
-from tests.ops.triton_checks import assert_compiles_fullgraph, extreme, triton_calls
+from tests.ops.triton_checks import assert_compiles_fullgraph, count_launches, extreme, triton_calls
 
 triton = pytest.importorskip("triton")
 from linattn.ops.gated_delta_rule import triton as tri  # noqa: E402
@@ -84,16 +84,7 @@ def test_forward_states_kept_for_the_backward_or_formed_again(case, keep, monkey
     loop again: the same gradients, with packed sequences (an empty one, one token), an initial state and a
     final-state gradient; kept, the backward launches neither prepare nor the forward's loop."""
     monkeypatch.setattr(tri, "KEEP_STATES", keep)
-    launches = []
-    for name in ("_prepare_kernel", "_forward_kernel"):
-        original = getattr(tri, name)
-
-        class Counted:
-            def __getitem__(self, grid, _kernel=original, _name=name):
-                launches.append(_name)
-                return _kernel[grid]
-
-        monkeypatch.setattr(tri, name, Counted())
+    launches = count_launches(monkeypatch, tri, "_prepare_kernel", "_forward_kernel")
     cu_seqlens = torch.tensor([0, 0, 70, 71, 150])
     tensors, state = case.draw(B=1, T=150, H=2, K=24, V=16, seed=15, N=4)
     check_against_naive(case, *to(tensors, state), "triton", cu_seqlens=cu_seqlens.to(DEVICE), **ON_DEVICE)
