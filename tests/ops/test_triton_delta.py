@@ -14,7 +14,7 @@ import torch
 from linattn import ops
 from tests.ops.mechanisms import by_id
 from tests.ops.tolerance import ON_DEVICE, assert_same_result, check_against_naive
-from tests.ops.triton_checks import assert_compiles_fullgraph, extreme, triton_calls
+from tests.ops.triton_checks import assert_compiles_fullgraph, count_launches, extreme, triton_calls
 
 triton = pytest.importorskip("triton")
 from linattn.ops.gated_delta_rule import triton as tri  # noqa: E402
@@ -75,6 +75,27 @@ def test_products_without_the_state_in_either_place(case, split, monkeypatch):
     monkeypatch.setattr(tri, "SPLIT_FORWARD", split)
     tensors, state = case.draw(B=2, T=70, H=1, K=33, V=40, seed=9)
     check_against_naive(case, *to(tensors, state), "triton", **ON_DEVICE)
+
+
+@both
+@pytest.mark.parametrize("keep", [False, True], ids=["formed_again", "kept"])
+def test_forward_states_kept_for_the_backward_or_formed_again(case, keep, monkeypatch):
+    """The backward given the forward's states, U and W (KEEP_STATES), or solving for W and running the forward's
+    loop again: the same gradients, with packed sequences (an empty one, one token), an initial state and a
+    final-state gradient; kept, the backward launches neither prepare nor the forward's loop."""
+    monkeypatch.setattr(tri, "KEEP_STATES", keep)
+    launches = count_launches(monkeypatch, tri, "_prepare_kernel", "_forward_kernel")
+    cu_seqlens = torch.tensor([0, 0, 70, 71, 150])
+    tensors, state = case.draw(B=1, T=150, H=2, K=24, V=16, seed=15, N=4)
+    check_against_naive(case, *to(tensors, state), "triton", cu_seqlens=cu_seqlens.to(DEVICE), **ON_DEVICE)
+    # prepare and the forward's loop: once in the forward; in the backward again unless kept
+    assert launches.count("_prepare_kernel") == launches.count("_forward_kernel") == (1 if keep else 2)
+    # the fake tensors (torch.compile) have the real outputs' shapes and dtypes, kept tensors included
+    (q, k, v, *gates, beta), h0 = to(tensors, state)  # the delta rule draws no g
+    g = gates[0].float().contiguous() if gates else None
+    args = (q, k, v, g, beta.float(), h0.float(), cu_seqlens.to(DEVICE), 0.25, False, False, True)
+    checks = torch.library.opcheck(tri._chunk_op, args, test_utils=("test_schema", "test_faketensor"))
+    assert set(checks.values()) == {"SUCCESS"}, checks
 
 
 @both
@@ -247,7 +268,7 @@ def test_recurrent_decode_equals_chunk_kernel():
     q, k, v, g, beta = tensors
     cu = torch.tensor([0, 1, 1, 4, 6], device=DEVICE)
     o1, S1 = tri.recurrent(q, k, v, g, beta, state, 0.25, cu, False, False)
-    o2, S2, _ = tri.forward(q, k, v, g, beta, state, 0.25, cu, False, False)
+    o2, S2, _, _ = tri.forward(q, k, v, g, beta, state, 0.25, cu, False, False)
     assert_same_result("o", o1, o2)
     assert_same_result("final_state", S1, S2)
 
@@ -278,8 +299,11 @@ def test_auto_picks_triton_only_on_cuda():
     assert bool(triton_calls(ops.gated_delta_rule, lambda: ops.gated_delta_rule(q, q, q, -beta, beta))) == CUDA
 
 
-def test_torch_compile_fullgraph():
-    """The ops are opaque custom ops with fake tensors and autograd: no graph break, same numbers."""
+@pytest.mark.parametrize("keep", [False, True], ids=["formed_again", "kept"])
+def test_torch_compile_fullgraph(keep, monkeypatch):
+    """The ops are opaque custom ops with fake tensors and autograd: no graph break, same numbers (the fakes
+    give the shapes of what the forward keeps for the backward, KEEP_STATES, too)."""
+    monkeypatch.setattr(tri, "KEEP_STATES", keep)
     tensors, state = to(*GATED.draw(B=2, T=70, H=2, K=16, V=24, seed=3))
 
     opts = dict(qk_l2norm=True, beta_is_logit=True)
@@ -331,6 +355,19 @@ def test_gpu_segments_bfloat16(case, monkeypatch):
     monkeypatch.setattr(tri, "SEGMENTS", 4)
     tensors, state = case.draw(B=1, T=2000, H=4, K=128, V=128, dtype=torch.bfloat16, seed=22, gate_scale=0.05)
     check_against_naive(case, *to(tensors, state), "triton", reference="chunk", plain_in_dtype=True)
+
+
+@gpu
+@both
+def test_gpu_kept_states_bfloat16(case, monkeypatch):
+    """The forward's states, U and W kept for the backward (KEEP_STATES) on the card, in bfloat16, with packed
+    sequences."""
+    monkeypatch.setattr(tri, "KEEP_STATES", True)
+    cu_seqlens = torch.tensor([0, 300, 301, 1000], device=DEVICE)
+    tensors, state = case.draw(B=1, T=1000, H=4, K=128, V=128, dtype=torch.bfloat16, seed=23, N=3, gate_scale=0.05)
+    check_against_naive(
+        case, *to(tensors, state), "triton", cu_seqlens=cu_seqlens, reference="chunk", plain_in_dtype=True
+    )
 
 
 @gpu

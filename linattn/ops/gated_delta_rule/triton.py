@@ -139,6 +139,13 @@ LOWP_MIN_KEYS = 64
 # a gradient is wanted (SPLIT_FORWARD), storing every chunk's entering state (float32, as the backward does). Without
 # a gradient the forward's loop forms o itself, and its memory stays that of W and U0.
 SPLIT_FORWARD = True
+# KEEP_STATES: the split forward's stores (every chunk's entering state [NC, H, K, V] float32, U [B, T, H, V] float32)
+# and W are kept for the backward, which then neither solves for W and U0 again nor runs the forward's loop again:
+# about 1.6 GiB more per layer at B T = 65536, H = 16, K = V = 128, for the backward's prepare and forward launches
+# (0.65 + 0.86 ms of delta_rule's 8.88 on an H200, session 10's profile). Off: the backward forms them again, as
+# fla's does. Not with segments (long sequences, few of them: see SEGMENT_HEADS), whose backward also needs the
+# segments' transitions; there the backward forms everything again.
+KEEP_STATES = False
 # output and local_du loop over a chunk's V blocks, forming q k^T once; one V block per program was slower on an H200
 # (session 7, T = 4096, B = 16, bf16: delta_rule fwd+bwd 14.83 ms against 13.88). backward_state stores dX = Tinv^T dU
 # in dU's place, formed once as each chunk's dU is final, rather than backward_chunk forming it in each of its two
@@ -333,12 +340,19 @@ def prepare(k, v, g, beta, lay: ChunkTable, qk_l2norm: bool, beta_is_logit: bool
     return w, u0, tinv
 
 
+def _keeps(save: bool, N: int, H: int, T: int, cu_seqlens) -> bool:
+    """Whether the forward keeps its states, U and W for the backward (KEEP_STATES)."""
+    return save and KEEP_STATES and SPLIT_FORWARD and _num_segments(N, H, T, cu_seqlens) == 1
+
+
 def forward(q, k, v, g, beta, h0, scale: float, cu_seqlens, qk_l2norm: bool, beta_is_logit: bool, save: bool = False):
-    """The chunked forward: o [B, T, H, V] in v's dtype, the final state [N, H, K, V] float32 and, with
-    save, Tinv [B, T, H, BT] float32 for the backward (else None)."""
+    """The chunked forward: o [B, T, H, V] in v's dtype, the final state [N, H, K, V] float32, with save Tinv
+    [B, T, H, BT] float32 for the backward (else None), and (states, U, W) when it keeps them (see _keeps; else
+    None)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     lay = ChunkTable(B, T, cu_seqlens, BT, q.device)
+    keep = _keeps(save, lay.N, H, T, cu_seqlens)
     w, u0, tinv = prepare(k, v, g, beta, lay, qk_l2norm, beta_is_logit, store_t=save)
     BK, _ = _blocks(K, V)
     BV = _sequence_bv(K, V, lay.N * H, q.dtype)
@@ -362,6 +376,7 @@ def forward(q, k, v, g, beta, h0, scale: float, cu_seqlens, qk_l2norm: bool, bet
         seg = Segments(lay.N, T, NS, q.device)
         _segmented_forward(q, k, g_, w, u0, h0, seg, o, ht, states, u, scale, not split, split, flags)
     if split:
+        kept = (states, u, w) if keep else None
         del w, u0
         bv = _chunk_bv(V)
         _output_kernel[(lay.NC, H)](
@@ -369,7 +384,9 @@ def forward(q, k, v, g, beta, h0, scale: float, cu_seqlens, qk_l2norm: bool, bet
             **_launch("output", q.dtype, BK, bv, gated=g is not None),
             **_flags(q.dtype, g is not None, qk_l2norm, "output"),
         )  # fmt: skip
-    return o.to(v.dtype), ht, tinv
+    else:
+        kept = None
+    return o.to(v.dtype), ht, tinv, kept
 
 
 def _chain(M, R, start, reverse: bool):
@@ -444,12 +461,14 @@ def _segmented_backward_state(q, k, g_, w, do, dht, seg: Segments, M, dstates, d
     run(dS_out, None, True)
 
 
-def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l2norm: bool, beta_is_logit: bool):
+def backward(
+    do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l2norm: bool, beta_is_logit: bool, kept=None
+):
     """Gradients (dq, dk, dv, dg or None, dbeta, dh0 or None).
 
     Recomputes W, U0 (from the forward's Tinv when given), then the state entering every chunk and U
-    (float32), the gradient of the state leaving every chunk and dU (float32), and from those, per chunk,
-    every input gradient."""
+    (float32), unless the forward kept (states, U, W) (``kept``); then the gradient of the state leaving every
+    chunk and dU (float32), and from those, per chunk, every input gradient."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     lay = ChunkTable(B, T, cu_seqlens, BT, q.device)
@@ -461,24 +480,30 @@ def backward(do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l
     def flags(kernel):
         return _flags(q.dtype, g is not None, qk_l2norm, kernel, BK=BK)
 
-    w, u0, tinv = prepare(k, v, g, beta, lay, qk_l2norm, beta_is_logit, tinv=tinv, store_t=True)
-    states = torch.empty(lay.NC, H, K, V, dtype=torch.float32, device=q.device)
-    u = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
-    dummy = states
-    g_ = g if g is not None else dummy
     NS = _num_segments(lay.N, H, T, cu_seqlens)
-    seg = Segments(lay.N, T, NS, q.device) if NS > 1 else None
-    if seg is None:
-        _forward_kernel[(NV, lay.N * H)](
-            q, k, g_, w, u0, h0 if h0 is not None else dummy, lay.cu, lay.first, dummy, dummy, states, u, scale,
-            BV=BV, HAS_H0=h0 is not None, HAS_U0=True, STORE_O=False, STORE_HT=False, STORE_STATES=True,
-            **_launch("forward", q.dtype, BK, BV, gated=g is not None), **common, **flags("forward"),
-        )  # fmt: skip
+    if kept is not None and NS == 1:
+        states, u, w = kept
+        dummy = states
+        g_ = g if g is not None else dummy
+        seg = None
     else:
-        ht = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device)
-        M = _segmented_forward(q, k, g_, w, u0, h0, seg, dummy, ht, states, u, scale, False, True, flags("forward"))
-        del ht
-    del u0
+        w, u0, tinv = prepare(k, v, g, beta, lay, qk_l2norm, beta_is_logit, tinv=tinv, store_t=True)
+        states = torch.empty(lay.NC, H, K, V, dtype=torch.float32, device=q.device)
+        u = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
+        dummy = states
+        g_ = g if g is not None else dummy
+        seg = Segments(lay.N, T, NS, q.device) if NS > 1 else None
+        if seg is None:
+            _forward_kernel[(NV, lay.N * H)](
+                q, k, g_, w, u0, h0 if h0 is not None else dummy, lay.cu, lay.first, dummy, dummy, states, u, scale,
+                BV=BV, HAS_H0=h0 is not None, HAS_U0=True, STORE_O=False, STORE_HT=False, STORE_STATES=True,
+                **_launch("forward", q.dtype, BK, BV, gated=g is not None), **common, **flags("forward"),
+            )  # fmt: skip
+        else:
+            ht = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device)
+            M = _segmented_forward(q, k, g_, w, u0, h0, seg, dummy, ht, states, u, scale, False, True, flags("forward"))
+            del ht
+        del u0
     dstates = torch.empty_like(states)
     du = torch.empty_like(u)
     dh0 = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None
@@ -545,17 +570,31 @@ def _chunk_op(
     qk_l2norm: bool,
     beta_is_logit: bool,
     save: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(o, final state, Tinv for the backward: empty unless save)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(o, final state, then for the backward Tinv (empty unless save) and the kept states, U and W (empty
+    unless kept: _keeps))."""
     with ptxas.assembler():
-        o, ht, tinv = forward(q, k, v, g, beta, h0, scale, cu_seqlens, qk_l2norm, beta_is_logit, save)
-    return o, ht, (tinv if tinv is not None else q.new_empty(0, dtype=torch.float32))
+        o, ht, tinv, kept = forward(q, k, v, g, beta, h0, scale, cu_seqlens, qk_l2norm, beta_is_logit, save)
+    empty = q.new_empty(0, dtype=torch.float32)
+    states, u, w = kept if kept is not None else (empty, empty.clone(), empty.clone())
+    return o, ht, (tinv if tinv is not None else empty.clone()), states, u, w
 
 
 @_chunk_op.register_fake
 def _(q, k, v, g, beta, h0, cu_seqlens, scale, qk_l2norm, beta_is_logit, save):
-    tinv = q.new_empty(*q.shape[:3], BT, dtype=torch.float32) if save else q.new_empty(0, dtype=torch.float32)
-    return torch.empty_like(v), fake_state(q, v, cu_seqlens), tinv
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    empty = q.new_empty(0, dtype=torch.float32)
+    tinv = q.new_empty(B, T, H, BT, dtype=torch.float32) if save else empty
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    if _keeps(save, N, H, T, cu_seqlens):
+        NC = B * triton.cdiv(T, BT) if cu_seqlens is None else triton.cdiv(T, BT) + N  # as ChunkTable's
+        states = q.new_empty(NC, H, K, V, dtype=torch.float32)
+        u = q.new_empty(B, T, H, V, dtype=torch.float32)
+        w = q.new_empty(B, T, H, K, dtype=_w_dtype(k.dtype))
+    else:
+        states, u, w = empty.clone(), empty.clone(), empty.clone()
+    return torch.empty_like(v), fake_state(q, v, cu_seqlens), tinv, states, u, w
 
 
 @torch.library.custom_op("linattn::chunk_gated_delta_rule_backward", mutates_args=())
@@ -569,21 +608,25 @@ def _chunk_backward_op(
     beta: torch.Tensor,
     h0: torch.Tensor | None,
     tinv: torch.Tensor,
+    states: torch.Tensor,
+    u: torch.Tensor,
+    w: torch.Tensor,
     cu_seqlens: torch.Tensor | None,
     scale: float,
     qk_l2norm: bool,
     beta_is_logit: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     tinv = tinv if tinv.numel() else None
+    kept = (states, u, w) if states.numel() else None
     with ptxas.assembler():
-        grads = backward(do, dht, q, k, v, g, beta, h0, tinv, scale, cu_seqlens, qk_l2norm, beta_is_logit)
+        grads = backward(do, dht, q, k, v, g, beta, h0, tinv, scale, cu_seqlens, qk_l2norm, beta_is_logit, kept)
     dq, dk, dv, dg, dbeta, dh0 = grads
     empty = q.new_empty(0, dtype=torch.float32)
     return dq, dk, dv, (dg if dg is not None else empty), dbeta, (dh0 if dh0 is not None else empty.clone())
 
 
 @_chunk_backward_op.register_fake
-def _(do, dht, q, k, v, g, beta, h0, tinv, cu_seqlens, scale, qk_l2norm, beta_is_logit):
+def _(do, dht, q, k, v, g, beta, h0, tinv, states, u, w, cu_seqlens, scale, qk_l2norm, beta_is_logit):
     empty = q.new_empty(0, dtype=torch.float32)
     return (
         torch.empty_like(q),
@@ -597,18 +640,18 @@ def _(do, dht, q, k, v, g, beta, h0, tinv, cu_seqlens, scale, qk_l2norm, beta_is
 
 def _setup_context(ctx, inputs, output):
     q, k, v, g, beta, h0, cu_seqlens, scale, qk_l2norm, beta_is_logit, _ = inputs
-    ctx.save_for_backward(q, k, v, g, beta, h0, output[2], cu_seqlens)
+    ctx.save_for_backward(q, k, v, g, beta, h0, *output[2:], cu_seqlens)
     ctx.options = (scale, qk_l2norm, beta_is_logit)
     ctx.set_materialize_grads(False)  # an unused final state's gradient arrives as None, not as zeros
 
 
-def _backward(ctx, do, dht, _):
-    q, k, v, g, beta, h0, tinv, cu_seqlens = ctx.saved_tensors
+def _backward(ctx, do, dht, *_):
+    q, k, v, g, beta, h0, tinv, states, u, w, cu_seqlens = ctx.saved_tensors
     scale, qk_l2norm, beta_is_logit = ctx.options
     dht = dht.contiguous() if dht is not None else None
     do = do if do is not None else torch.zeros_like(v)
     dq, dk, dv, dg, dbeta, dh0 = _chunk_backward_op(
-        do.contiguous(), dht, q, k, v, g, beta, h0, tinv, cu_seqlens, scale, qk_l2norm, beta_is_logit
+        do.contiguous(), dht, q, k, v, g, beta, h0, tinv, states, u, w, cu_seqlens, scale, qk_l2norm, beta_is_logit
     )
     dg = dg if g is not None else None
     dh0 = dh0 if h0 is not None else None
@@ -668,7 +711,7 @@ def triton_gated_delta_rule(
     if not grad and short_for_recurrent(q, cu_seqlens, RECURRENT_MAX_T):
         o, ht = _recurrent_op(*args)
     else:
-        o, ht, _ = _chunk_op(*args, grad)
+        o, ht, *_ = _chunk_op(*args, grad)
     return o, (ht if output_final_state else None)
 
 
