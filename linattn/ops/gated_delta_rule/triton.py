@@ -135,14 +135,17 @@ NEEDS_FIXED_PTXAS = frozenset({"forward", "output", "local_du", "backward_state"
 LOWP_MIN_KEYS = 64
 # The products of q and k that need no state (q k^T, P U and exp(b) q S in the forward, P^T dO in the backward) run
 # in kernels parallel over chunks (output, local_du), not in the per-sequence loops, which then form two products per
-# chunk (forward) and three (backward_state) instead of five. The backward always splits so; the forward does when
-# a gradient is wanted (SPLIT_FORWARD), storing every chunk's entering state (float32, as the backward does). Without
-# a gradient the forward's loop forms o itself, and its memory stays that of W and U0.
-SPLIT_FORWARD = True
-# KEEP_STATES: the split forward's stores (every chunk's entering state [NC, H, K, V] float32, U [B, T, H, V] float32)
-# and W are kept for the backward, which then neither solves for W and U0 again nor runs the forward's loop again:
-# about 1.6 GiB more per layer at B T = 65536, H = 16, K = V = 128, for the backward's prepare and forward launches
-# (0.65 + 0.86 ms of delta_rule's 8.88 on an H200, session 10's profile). Off: the backward forms them again, as
+# chunk (forward) and three (backward_state) instead of five. The backward always splits so. The forward does only
+# where it keeps its states for the backward (KEEP_STATES), or with SPLIT_FORWARD and a gradient wanted; else its
+# loop forms o itself, and its memory stays that of W and U0. The split forward stores every chunk's entering state
+# and U only for its output kernel, which the unsplit loop does without: on an H200 (session 11, one call, bf16,
+# fwd+bwd ms, T = 4096, B = 16) delta_rule 7.97 unsplit against 8.89 split, gated_delta_rule 9.90 against 10.33.
+SPLIT_FORWARD = False
+# KEEP_STATES: the forward splits (above) and its stores (every chunk's entering state [NC, H, K, V] float32, U
+# [B, T, H, V] float32) and W are kept for the backward, which then neither solves for W and U0 again nor runs the
+# forward's loop again: about 1.6 GiB more per layer at B T = 65536, H = 16, K = V = 128. On an H200 (session 11, one
+# call, bf16, fwd+bwd ms, T = 4096, B = 16) delta_rule 7.37 against 8.89 with both off, gated_delta_rule 8.95
+# against 10.33 (unsplit, above: 7.97 and 9.90). Off by default, for the memory: the backward forms them again, as
 # fla's does. Not with segments (long sequences, few of them: see SEGMENT_HEADS), whose backward also needs the
 # segments' transitions; there the backward forms everything again.
 KEEP_STATES = False
@@ -342,7 +345,7 @@ def prepare(k, v, g, beta, lay: ChunkTable, qk_l2norm: bool, beta_is_logit: bool
 
 def _keeps(save: bool, N: int, H: int, T: int, cu_seqlens) -> bool:
     """Whether the forward keeps its states, U and W for the backward (KEEP_STATES)."""
-    return save and KEEP_STATES and SPLIT_FORWARD and _num_segments(N, H, T, cu_seqlens) == 1
+    return save and KEEP_STATES and _num_segments(N, H, T, cu_seqlens) == 1
 
 
 def forward(q, k, v, g, beta, h0, scale: float, cu_seqlens, qk_l2norm: bool, beta_is_logit: bool, save: bool = False):
@@ -358,7 +361,7 @@ def forward(q, k, v, g, beta, h0, scale: float, cu_seqlens, qk_l2norm: bool, bet
     BV = _sequence_bv(K, V, lay.N * H, q.dtype)
     o = torch.empty(B, T, H, V, dtype=store_dtype(v.dtype), device=q.device)
     ht = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device)
-    split = save and SPLIT_FORWARD
+    split = keep or (save and SPLIT_FORWARD)
     states = torch.empty(lay.NC, H, K, V, dtype=torch.float32, device=q.device) if split else ht
     u = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device) if split else ht
     g_ = g if g is not None else ht
