@@ -11,7 +11,7 @@ and triton_backward.py; b is the chunk-local cumulative log-decay and b_C its va
                               state leaving each chunk: dS <- exp(b_C) dS + scale (q exp(b))^T dO
     dv         per chunk      dv = scale A^T dO + (k exp(b_C - b)) dS
     dA         per chunk      dA = scale dO V^T, masked to s <= t
-    dqkg       per chunk      dq, dk, and dg as a float64 reverse cumulative sum within the chunk
+    dqkg       per chunk      dq, dk, and dg as a float32 reverse cumulative sum within the chunk
     recurrent  per sequence   token by token, for decoding (ops/common/triton_recurrent.py)
 
 Between the kernels lie hi, lo [B, T, H, K] and A, dA [B, T, H, BT] (float32); only the backward stores hi and lo
@@ -90,9 +90,14 @@ def _flags(dtype: torch.dtype, gpu: bool | None = None) -> dict:
 
 def _launch(dtype: torch.dtype, K: int, V: int) -> dict:
     """Blocks, warps and stages of each kernel, from a sweep on an H200 at K = V = 128 (bfloat16). Compiled for
-    sm_90, intra and dqkg sit at 255 registers and spill 32 and 104 B (compile_kernels --resources gla); the
-    8-warp settings that spilled nothing measured slower. float32 tiles, and every tile at K = 256, take one
-    stage, so that shared memory holds them."""
+    sm_90 (Triton 3.9, bf16), intra and dqkg sit at 255 registers and spill 176 and 1616 B a thread (dqkg given
+    the state products; compile_kernels --resources gla); the 8-warp settings measured slower. float32 tiles, and every tile at K = 256, take one
+    stage, so that shared memory holds them.
+
+    dqkg's key blocks: on an H200 (session 11, one call, bf16, T = 4096, B = 16, fwd+bwd ms, dg summed in float64
+    then) 10.25 with 32 columns against 10.87 with 16; 11.56 with 32 at 8 warps, 11.51 with 64 at 8 warps. With
+    float32 sums as now, 9.94 at 32. In the same call intra with key blocks of 64 took 10.68 (its forward 2.48 ms
+    against 2.71); it has not had its GPU tests, so intra keeps 32."""
     BK = _pow2(K)
     cfg = dict(
         intra=dict(BK=32, num_warps=4),
@@ -101,7 +106,7 @@ def _launch(dtype: torch.dtype, K: int, V: int) -> dict:
         output=dict(BK=BK, BV=_pow2(V, hi=32 if BK <= 128 else 16), num_warps=4),
         state=dict(BK=min(BK, 64), BV=_pow2(V, hi=64), num_warps=8),
         dv=dict(BK=min(BK, 64), BV=_pow2(V, hi=64), num_warps=4),
-        dqkg=dict(BK=16, BV=_pow2(V, hi=32), num_warps=4, num_stages=1, **ROW_LOOP),
+        dqkg=dict(BK=min(BK, 32), BV=_pow2(V, hi=32), num_warps=4, num_stages=1, **ROW_LOOP),
         dqk_state=dict(BK=min(BK, 128), BV=_pow2(V, hi=32), num_warps=8 if BK >= 64 else 4),
     )
     if dtype == torch.float32 or BK > 128:  # Triton 3.6 on an H200 wanted 235-319 KB of shared memory at K = 256
