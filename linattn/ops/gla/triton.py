@@ -91,8 +91,8 @@ def _flags(dtype: torch.dtype, gpu: bool | None = None) -> dict:
 def _launch(dtype: torch.dtype, K: int, V: int) -> dict:
     """Blocks, warps and stages of each kernel, from a sweep on an H200 at K = V = 128 (bfloat16). Compiled for
     sm_90 (Triton 3.9, bf16), intra and dqkg sit at 255 registers and spill 176 and 1616 B a thread (dqkg given
-    the state products; compile_kernels --resources gla); the 8-warp settings measured slower. float32 tiles, and every tile at K = 256, take one
-    stage, so that shared memory holds them.
+    the state products; compile_kernels --resources gla); the 8-warp settings measured slower. float32 tiles, and
+    every tile at K = 256, take one stage, so that shared memory holds them.
 
     dqkg's key blocks: on an H200 (session 11, one call, bf16, T = 4096, B = 16, fwd+bwd ms, dg summed in float64
     then) 10.25 with 32 columns against 10.87 with 16; 11.56 with 32 at 8 warps, 11.51 with 64 at 8 warps. With
