@@ -79,6 +79,23 @@ def test_gla_chunk_at_every_sub_chunk_split(gate_scale, sub_chunk):
         check_against_naive(case, tensors, state, "chunk")
 
 
+COMPILE_CASES = [(c, 1.0) for c in CASES] + [(c, 200.0) for c in CASES if c.id == "gla"]
+
+
+@pytest.mark.parametrize("case, gate_scale", COMPILE_CASES, ids=[f"{c.id}-gates x{s:g}" for c, s in COMPILE_CASES])
+def test_chunk_compiles_fullgraph(case, gate_scale):
+    """Every chunked path under torch.compile(fullgraph=True): no graph break, and outputs, final state and every
+    gradient against naive by the dtype rule. GLA's sub_chunk_size cannot read the gates there: it takes fixed
+    sub-chunks with their scores formed exactly per key channel, also for gates of -200 a token (which eager
+    splits into single tokens)."""
+    tensors, state = case.draw(B=1, T=100, H=2, K=16, V=24, seed=5, gate_scale=gate_scale)
+
+    def chunk(ts, s0):
+        return case(ts, initial_state=s0, output_final_state=True, impl="chunk")
+
+    check_against_naive(case, tensors, state, torch.compile(chunk, fullgraph=True, backend="aot_eager"))
+
+
 def test_gla_gate_sums_are_the_segment_sums():
     """gate_sums' one product against the sums it replaces, at a chunk of four sub-chunks."""
     from linattn.ops.gla.chunk import gate_sums

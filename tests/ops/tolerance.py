@@ -84,7 +84,7 @@ def check_against_naive(
     case,
     tensors,
     state,
-    impl: str,
+    impl,
     cu_seqlens=None,
     reference: str = "naive",
     state_grad: bool = True,
@@ -93,7 +93,8 @@ def check_against_naive(
 ):
     """impl against the token recurrence, outputs, final state and every gradient, by the rule above.
 
-    ``reference="chunk"`` takes the chunked path (itself tested against naive) as the float64
+    ``impl``: an impl name, or a function (tensors, initial_state) -> (o, final state) to judge (a compiled
+    call, say). ``reference="chunk"`` takes the chunked path (itself tested against naive) as the float64
     reference and as the plain same-dtype run, for long sequences on a GPU. ``plain_in_dtype`` runs
     that plain computation with its matmul operands in the inputs' dtype (LowPrecisionMatmuls): the
     comparator for tensor-core kernels in bf16 / fp16.
@@ -109,10 +110,11 @@ def check_against_naive(
     low = tensors[0].dtype in (torch.bfloat16, torch.float16) and plain_in_dtype
     with LowPrecisionMatmuls(tensors[0].dtype) if low else contextlib.nullcontext():
         plain = run_with_grads(call(reference), tensors, state, **kw)
-    fast = run_with_grads(call(impl), tensors, state, **kw)
+    fast = run_with_grads(call(impl) if isinstance(impl, str) else impl, tensors, state, **kw)
+    label = impl if isinstance(impl, str) else getattr(impl, "__name__", "function")
     for name, f, p, r in zip(names, fast, plain, ref):
         if only is None or name in only:
-            assert_dtype_close(f"{case.id} {impl} {name}", f, p, r)
+            assert_dtype_close(f"{case.id} {label} {name}", f, p, r)
 
 
 class _RoundedMatmul(torch.autograd.Function):

@@ -13,6 +13,8 @@ for a gate of -80 or below):
   are each <= 1, at the cost of n (n - 1) / 2 tiles [c, K] for n = C / c sub-chunks (one per pair).
 
 Every exponent is a segment sum of gates (common.chunking.segsum), not a difference of running sums.
+Under torch.compile the gates cannot choose c (that reads them on the host): sub-chunks of a fixed length
+there, with the scores inside each summed per key channel (COMPILED_SUB_CHUNK).
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ from linattn.ops.common.chunking import ChunkLayout, segsum
 from linattn.ops.simple_gla.chunk import chunk_state_passing
 
 MAX_EXPONENT = 80.0  # exp(80) ~ 5.5e34 and exp(-80) ~ 1.8e-35 are both normal float32 numbers
+# Under torch.compile the sub-chunk length cannot come from the gates (sub_chunk_size reads them on the host, which
+# fullgraph tracing forbids). There the sub-chunks are this long (or the largest power of two dividing the chunk
+# below it), and the scores inside each are formed exactly per key channel, exp of segment sums <= 0, which holds
+# for any gates at c / 2 times the memory of the rebased product (an [n, c, c, K] tile per chunk).
+COMPILED_SUB_CHUNK = 8
 
 
 def sub_chunk_size(g: torch.Tensor, C: int) -> int:
@@ -32,6 +39,14 @@ def sub_chunk_size(g: torch.Tensor, C: int) -> int:
     c = C
     while c > 1 and ((c - 1) * worst > MAX_EXPONENT or C % c):
         c //= 2
+    return c
+
+
+def _compiled_sub_chunk(C: int) -> int:
+    """The largest power of two that divides C and is at most COMPILED_SUB_CHUNK."""
+    c = 1
+    while c * 2 <= COMPILED_SUB_CHUNK and C % (c * 2) == 0:
+        c *= 2
     return c
 
 
@@ -63,10 +78,13 @@ def gate_sums(g: torch.Tensor, sub_chunk: int) -> dict[str, torch.Tensor]:
     return dict(zip(masks, (M.to(work) @ g.to(work)).to(g.dtype).split(C, dim=-2)))
 
 
-def gla_intra_scores(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, sub_chunk: int, sums=None) -> torch.Tensor:
+def gla_intra_scores(
+    q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, sub_chunk: int, sums=None, exact_inside: bool = False
+) -> torch.Tensor:
     """Causal in-chunk scores A [..., C, C] from q, k and log-decays g, all [..., C, K].
 
-    sub_chunk must satisfy (sub_chunk - 1) * max|g| <= MAX_EXPONENT (see sub_chunk_size). ``sums``:
+    sub_chunk must satisfy (sub_chunk - 1) * max|g| <= MAX_EXPONENT (see sub_chunk_size), unless
+    exact_inside: then the scores inside each sub-chunk are summed per key channel, for any gates. ``sums``:
     gate_sums(g, sub_chunk), if already formed.
     """
     *lead, C, K = q.shape
@@ -75,10 +93,15 @@ def gla_intra_scores(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, sub_chun
     sums = gate_sums(g, c) if sums is None else sums
     qs, ks = (x.reshape(*lead, n, c, K) for x in (q, k))  # [..., n, c, K]
 
-    # Inside each sub-chunk, rebased on its first token f: b_t - b_f is the sum of g over (f, t], in [-80, 0].
-    from_first = sums["from_first"].reshape(*lead, n, c, K)
-    A_diag = (qs * torch.exp(from_first)) @ (ks * torch.exp(-from_first)).transpose(-1, -2)  # [..., n, c, c]
-    A_diag = A_diag.tril(-1) + torch.diag_embed((qs * ks).sum(-1))
+    if exact_inside:
+        # sum_k q_tk k_sk exp(g_(s+1)k + ... + g_tk): the segment sums are <= 0 (-inf above the diagonal, 0 on it)
+        decay = torch.exp(segsum(g.reshape(*lead, n, c, K), dim=-2))  # [..., n, c(t), c(s), K]
+        A_diag = (qs.unsqueeze(-2) * ks.unsqueeze(-3) * decay).sum(-1)
+    else:
+        # Inside each sub-chunk, rebased on its first token f: b_t - b_f is the sum of g over (f, t], in [-80, 0].
+        from_first = sums["from_first"].reshape(*lead, n, c, K)
+        A_diag = (qs * torch.exp(from_first)) @ (ks * torch.exp(-from_first)).transpose(-1, -2)  # [..., n, c, c]
+        A_diag = A_diag.tril(-1) + torch.diag_embed((qs * ks).sum(-1))
     if n == 1:
         return A_diag.reshape(*lead, C, C)
 
@@ -125,12 +148,13 @@ def chunk_gla(
     S0 = layout.start_state(initial_state, H, K, V, like=q)
 
     g = layout.to_chunks(g.to(dtype))  # [R, H, NC, C, K]
-    c = sub_chunk_size(g, layout.C)
+    compiling = torch.compiler.is_compiling()
+    c = _compiled_sub_chunk(layout.C) if compiling else sub_chunk_size(g, layout.C)
     sums = gate_sums(g, c)
     b = sums["b"]
     dS = (k * torch.exp(sums["to_end"])).transpose(-1, -2) @ v  # [R, H, NC, K, V]
     states, final = chunk_state_passing(layout, S0, dS, torch.exp(b[..., -1:, :]).transpose(-1, -2))
-    A = gla_intra_scores(q, k, g, c, sums)
+    A = gla_intra_scores(q, k, g, c, sums, exact_inside=compiling)
     o = A @ v + (q * torch.exp(b)) @ states
     o = layout.from_chunks(o).to(out_dtype)
     return o, (final if output_final_state else None)
