@@ -73,7 +73,13 @@ def check_ids(model: str, input_ids, vocab_size: int) -> None:
         raise TypeError(f"{model}: input_ids must be int64 (or int32) token ids, got {input_ids.dtype}")
     if input_ids.ndim != 2:
         raise ValueError(f"{model}: input_ids must be [B, T], got shape {list(input_ids.shape)}")
-    if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
+    # The range check reads the ids on the host, which torch.compile(fullgraph=True) cannot trace; compiled, the
+    # embedding's own index check stands in (an IndexError on CPU, a device assert on CUDA).
+    if (
+        input_ids.numel()
+        and not torch.compiler.is_compiling()
+        and (input_ids.min() < 0 or input_ids.max() >= vocab_size)
+    ):
         raise ValueError(
             f"{model}: input_ids must lie in [0, vocab_size={vocab_size}), got values in "
             f"[{input_ids.min().item()}, {input_ids.max().item()}]"
