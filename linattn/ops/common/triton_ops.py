@@ -23,7 +23,7 @@ def fake_state(q: torch.Tensor, v: torch.Tensor, cu_seqlens) -> torch.Tensor:
     return q.new_empty(N, q.shape[2], q.shape[3], v.shape[3], dtype=torch.float32)
 
 
-def _none(q: torch.Tensor) -> torch.Tensor:
+def none_tensor(q: torch.Tensor) -> torch.Tensor:
     """What stands for None among a custom op's outputs (they must be tensors): an empty float32 tensor. The
     chunk op's third output is one when the forward saves nothing for the backward."""
     return q.new_empty(0, dtype=torch.float32)
@@ -60,11 +60,11 @@ def register_decay_ops(
         scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         o, ht, *saved = forward(q, k, v, g, h0, scale, cu_seqlens)
-        return o, ht, (saved[0] if saved else _none(q))
+        return o, ht, (saved[0] if saved else none_tensor(q))
 
     @chunk_op.register_fake
     def _(q, k, v, g, h0, cu_seqlens, scale):
-        saved = fake_saved(q, k, v, g, h0, cu_seqlens, scale) if fake_saved is not None else _none(q)
+        saved = fake_saved(q, k, v, g, h0, cu_seqlens, scale) if fake_saved is not None else none_tensor(q)
         return (*_fake_forward(q, k, v, g, h0, cu_seqlens, scale), saved)
 
     @torch.library.custom_op(f"linattn::chunk_{name}_backward", mutates_args=())
@@ -83,12 +83,12 @@ def register_decay_ops(
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         extra = dict(saved=saved) if fake_saved is not None else {}
         dq, dk, dv, dg, dh0 = backward(do, dht, q, k, v, g, h0, ht, scale, cu_seqlens, **extra)
-        empty = _none(q)
+        empty = none_tensor(q)
         return dq, dk, dv, (dg if dg is not None else empty), (dh0 if dh0 is not None else empty.clone())
 
     @backward_op.register_fake
     def _(do, dht, q, k, v, g, h0, ht, saved, cu_seqlens, scale):
-        empty = _none(q)
+        empty = none_tensor(q)
         dg = torch.empty_like(g) if g is not None else empty
         dh0 = torch.empty_like(h0) if h0 is not None else empty.clone()
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dg, dh0

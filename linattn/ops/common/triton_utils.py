@@ -200,13 +200,21 @@ class ChunkTable:
     each sequence's first chunk; chunks: int32 [NC, 2] each chunk's token range (empty past the last).
     """
 
+    @staticmethod
+    def count(B: int, T: int, cu_seqlens, BT: int) -> int:
+        """NC: the chunks of B rows of T tokens, or with cu_seqlens a bound on them (no sync with the device to
+        count them), from shapes alone (so fake tensors can allot what the kernels fill)."""
+        if cu_seqlens is None:
+            return B * triton.cdiv(T, BT)
+        return triton.cdiv(T, BT) + cu_seqlens.shape[0] - 1
+
     def __init__(self, B: int, T: int, cu_seqlens, BT: int, device):
+        self.NC = self.count(B, T, cu_seqlens, BT)
         if cu_seqlens is None:
             self.N = B
             NT = triton.cdiv(T, BT)
             self.cu = torch.arange(B + 1, device=device, dtype=torch.int32) * T
             self.first = torch.arange(B, device=device, dtype=torch.int32) * NT
-            self.NC = B * NT
             c = torch.arange(self.NC, device=device, dtype=torch.int32)
             lo = (c // NT) * T + (c % NT) * BT
             hi = torch.minimum(lo + BT, (c // NT + 1) * T)
@@ -216,7 +224,6 @@ class ChunkTable:
             per_seq = (self.cu[1:] - self.cu[:-1] + BT - 1) // BT
             ends = per_seq.cumsum(0).to(torch.int32)  # one past each sequence's last chunk
             self.first = ends - per_seq
-            self.NC = triton.cdiv(T, BT) + self.N  # a bound: no sync with the device to count them
             c = torch.arange(self.NC, device=device, dtype=torch.int32)
             n = torch.searchsorted(ends, c, right=True).clamp(max=self.N - 1)
             lo = self.cu[n] + (c - self.first[n]) * BT

@@ -50,7 +50,7 @@ import triton
 
 from linattn.ops._contract import RECURRENT_MAX_T, triton_interpret
 from linattn.ops.common import ptxas
-from linattn.ops.common.triton_ops import fake_state
+from linattn.ops.common.triton_ops import fake_state, none_tensor
 from linattn.ops.common.triton_recurrent import recurrent as common_recurrent
 from linattn.ops.common.triton_utils import (
     ChunkTable,
@@ -578,7 +578,7 @@ def _chunk_op(
     unless kept: _keeps))."""
     with ptxas.assembler():
         o, ht, tinv, kept = forward(q, k, v, g, beta, h0, scale, cu_seqlens, qk_l2norm, beta_is_logit, save)
-    empty = q.new_empty(0, dtype=torch.float32)
+    empty = none_tensor(q)
     states, u, w = kept if kept is not None else (empty, empty.clone(), empty.clone())
     return o, ht, (tinv if tinv is not None else empty.clone()), states, u, w
 
@@ -587,12 +587,11 @@ def _chunk_op(
 def _(q, k, v, g, beta, h0, cu_seqlens, scale, qk_l2norm, beta_is_logit, save):
     B, T, H, K = q.shape
     V = v.shape[-1]
-    empty = q.new_empty(0, dtype=torch.float32)
+    empty = none_tensor(q)
     tinv = q.new_empty(B, T, H, BT, dtype=torch.float32) if save else empty
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if _keeps(save, N, H, T, cu_seqlens):
-        NC = B * triton.cdiv(T, BT) if cu_seqlens is None else triton.cdiv(T, BT) + N  # as ChunkTable's
-        states = q.new_empty(NC, H, K, V, dtype=torch.float32)
+        states = q.new_empty(ChunkTable.count(B, T, cu_seqlens, BT), H, K, V, dtype=torch.float32)
         u = q.new_empty(B, T, H, V, dtype=torch.float32)
         w = q.new_empty(B, T, H, K, dtype=_w_dtype(k.dtype))
     else:
@@ -624,13 +623,13 @@ def _chunk_backward_op(
     with ptxas.assembler():
         grads = backward(do, dht, q, k, v, g, beta, h0, tinv, scale, cu_seqlens, qk_l2norm, beta_is_logit, kept)
     dq, dk, dv, dg, dbeta, dh0 = grads
-    empty = q.new_empty(0, dtype=torch.float32)
+    empty = none_tensor(q)
     return dq, dk, dv, (dg if dg is not None else empty), dbeta, (dh0 if dh0 is not None else empty.clone())
 
 
 @_chunk_backward_op.register_fake
 def _(do, dht, q, k, v, g, beta, h0, tinv, states, u, w, cu_seqlens, scale, qk_l2norm, beta_is_logit):
-    empty = q.new_empty(0, dtype=torch.float32)
+    empty = none_tensor(q)
     return (
         torch.empty_like(q),
         torch.empty_like(k),
