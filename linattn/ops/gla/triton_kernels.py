@@ -162,7 +162,8 @@ def _intra_kernel(
                 b_A += tl.dot(q_w, tl.trans(k_w), input_precision=DOT_PREC)
                 own += tl.sum(b_q * b_k, 1)
             else:
-                w_row, w_src, e_hi, e_lo, _ = _sub_chunk_factors(b_hi, b_lo, BT, BC, BK, PRECISE_EXP)
+                # not `_`: the compiler types a name across both branches, and `_` holds a float64 sum above
+                w_row, w_src, e_hi, e_lo, _rel = _sub_chunk_factors(b_hi, b_lo, BT, BC, BK, PRECISE_EXP)
                 b_qr = b_q * w_row
                 b_ks = b_k * w_src
                 for i in tl.static_range(1, NS):
