@@ -18,7 +18,8 @@ Between the kernels lie hi, lo [B, T, H, K] and A, dA [B, T, H, BT] (float32); o
 (the forward's diag sums its sub-chunks' gates itself). The backward forms hi and lo again
 (the registration saves the inputs, the outputs and, with SAVE_SCORES, A; without it A too), runs the state
 kernel forward to store the state entering every chunk and in reverse to store the gradient of the state leaving
-it ([NC, H, K, V] float32 each, NC the number of chunks), then the per-chunk kernels.
+it ([NC, H, K, V] each, NC the number of chunks; bfloat16 with bfloat16 operands, see STATES_LOWP, else float32),
+then the per-chunk kernels.
 """
 
 from __future__ import annotations
@@ -76,6 +77,12 @@ CHUNK_LIMIT = 60.0
 # fwd+bwd took 18.65 ms with it, 22.01 without (the backward's intra 2.58 -> 1.16 ms, no diag: 1.90 ms). False: the
 # backward forms A again (only the inputs and outputs are kept).
 SAVE_SCORES = True
+# STATES_LOWP: with bfloat16 operands (lowp_dots), the backward stores the state entering each chunk and the gradient
+# of the state leaving it in bfloat16, not float32: every product that reads them casts them to bfloat16 anyway, and
+# the one elementwise reader, dg's sum_v S dS, takes them to float32 first. The state carried from chunk to chunk
+# stays float32 in registers; only the stored copies are rounded, as fla stores its h and dh. Half the bytes of
+# [NC, H, K, V] twice (2 GiB less traffic per layer at T = 4096, B = 16; 16 GiB less memory at T = 1M).
+STATES_LOWP = True
 
 
 def _pow2(n: int, lo: int = 16, hi: int = 256) -> int:
@@ -120,6 +127,11 @@ def _scores_dtype(lowp: bool) -> torch.dtype:
     return torch.bfloat16 if lowp else torch.float32
 
 
+def _states_dtype(lowp: bool) -> torch.dtype:
+    """The dtype of the backward's stored states and state gradients (see STATES_LOWP)."""
+    return torch.bfloat16 if lowp and STATES_LOWP else torch.float32
+
+
 def _intra(q, k, g, lay: ChunkTable, flags: dict, cfg: dict, lowp: bool, scores: bool = True, decay: bool = True):
     """A [B, T, H, BT] (None without ``scores``), qg and kd [B, T, H, K] (in the dots' operand dtype: bfloat16
     with lowp, else float32), bc [NC, H, K] float32, and hi and lo [B, T, H, K] float32 (None without
@@ -147,10 +159,11 @@ def _intra(q, k, g, lay: ChunkTable, flags: dict, cfg: dict, lowp: bool, scores:
 
 
 def _states(x, y, bc, start, lay: ChunkTable, scale: float, reverse: bool, keep_last: bool, flags, cfg, lowp):
-    """The state [NC, H, K, V] float32 before each chunk's update (see _state_kernel), from start [N, H, K, V]
-    (or zeros), and with keep_last the state after the last update (in reverse: dh0), else None."""
+    """The state [NC, H, K, V] (float32, or bfloat16 with STATES_LOWP) before each chunk's update (see
+    _state_kernel), from start [N, H, K, V] (or zeros), and with keep_last the state after the last update (in
+    reverse: dh0), else None."""
     H, K, V = x.shape[2], x.shape[3], y.shape[3]
-    states = torch.empty(lay.NC, H, K, V, dtype=torch.float32, device=x.device)
+    states = torch.empty(lay.NC, H, K, V, dtype=_states_dtype(lowp), device=x.device)
     last = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=x.device) if keep_last else None
     BK, BV = cfg["BK"], cfg["BV"]
     _state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), lay.N * H)](
@@ -266,6 +279,8 @@ def compile_variants():
         op = dt if lowp else "fp32"  # A, qg, kd: the dots' operand dtype
         ptrs = {n: dt for n in ("q", "k", "v", "do", "o", "dq", "dk", "dv")} | dict(A=op, qg=op, kd=op)
         ptrs |= dict(x=op, y=dt)
+        st = "bf16" if _states_dtype(lowp) == torch.bfloat16 else "fp32"
+        ptrs |= dict(states=st, dstates=st)
         ptrs |= dict(chunks="i32", cu_seqlens="i32", chunk_start="i32", whole="i8")
         common = dict(H=16, K=128, V=128, BT=BT, REBASE_LIMIT=REBASE_LIMIT, CHUNK_LIMIT=CHUNK_LIMIT, **flags)
         scalars = dict(scalars={"scale": "fp32"})

@@ -142,7 +142,7 @@ def _state_products(do, v, states, dstates, state, o_t, m_t, o_k, m_k, H: tl.con
         dS = tl.load(dstates + state + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
         d_qs += tl.dot(b_do, tl.trans(dot_operand(S, ROUND, LOWP, LOWP_TY)), input_precision=DOT_PREC)
         d_ks += tl.dot(b_v, tl.trans(dot_operand(dS, ROUND, LOWP, LOWP_TY)), input_precision=DOT_PREC)
-        d_c += tl.sum(S * dS, 1)
+        d_c += tl.sum(S.to(tl.float32) * dS.to(tl.float32), 1)  # float32 even where they are stored in bfloat16
     return d_qs, d_ks, d_c
 
 

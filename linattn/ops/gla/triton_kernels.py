@@ -290,7 +290,8 @@ def _state_kernel(
     #                             o = scale (qg S + A v)
     #   reverse (x = qg, y = dO): dS <- exp(b_C) dS + scale x^T y, from dht, chunks in reverse
     # STORE_STATES: the state before each chunk's update (entering it forward, the gradient of the state
-    # leaving it in reverse) into states [NC, H, K, V]; STORE_HT: the last one into ht [N, H, K, V].
+    # leaving it in reverse) into states [NC, H, K, V], in its dtype (bfloat16 with STATES_LOWP; the carried S stays
+    # float32); STORE_HT: the last one into ht [N, H, K, V].
     LOWP_TY: tl.constexpr = y.dtype.element_ty
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
@@ -314,7 +315,7 @@ def _state_kernel(
         else:
             i = j
         if STORE_STATES:
-            tl.store(states + ((c0 + i) * H + i_h) * K * V + kv, S, mask=m_kv)
+            tl.store(states + ((c0 + i) * H + i_h) * K * V + kv, S.to(states.dtype.element_ty), mask=m_kv)
         t0 = bos + i * BT
         row0 = t0 * H + i_h  # the chunk's first token and head; tiles take int32 offsets from it
         m_t = t0 + o_t < eos
