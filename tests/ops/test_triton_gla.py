@@ -97,15 +97,16 @@ def test_sub_chunk_products_rebased_or_row_by_row(limit, monkeypatch):
 def test_chunks_whole_or_in_sub_chunks(limit, monkeypatch):
     """A chunk's decayed products at once, rebased on the middle of each channel's log-decays (CHUNK_LIMIT), or
     between and inside sub-chunks (-1): the same result. Gates of about -0.3 per token, and of about -3 in key
-    channels 16 and up from token 50 on (156 and 175 nats over the third sequence's two chunks, past the limit's
+    channels 32 and up from token 50 on (156 and 175 nats over the third sequence's two chunks, past the limit's
     120; at most 57 over a sub-chunk, within REBASE_LIMIT): with the limit, the forward forms the first two
-    sequences' chunks whole and the third's not, and there dqkg's first key block of 16 columns takes the whole
-    chunk and the other two the sub-chunks."""
+    sequences' chunks whole and the third's not, and there dqkg's first key block of 32 columns takes the whole
+    chunk and the second (columns 32-39) the sub-chunks."""
+    assert tri._launch(torch.float32, 40, 24)["dqkg"]["BK"] == 32, "the gates below split dqkg's key blocks"
     monkeypatch.setattr(tri, "CHUNK_LIMIT", limit)
     cu_seqlens = torch.tensor([0, 37, 38, 150])
     tensors, state = CASE.draw(B=1, T=150, H=2, K=40, V=24, seed=14, N=3)
     g = torch.full_like(tensors[3], -0.3)
-    g[:, 50:, :, 16:] = -3.0
+    g[:, 50:, :, 32:] = -3.0
     tensors[3] = g * torch.rand(g.shape, generator=torch.Generator().manual_seed(2)).add(0.5)
     check_against_naive(CASE, *to(tensors, state), "triton", cu_seqlens=cu_seqlens.to(DEVICE), **ON_DEVICE)
 

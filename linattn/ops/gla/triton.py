@@ -54,8 +54,11 @@ ROW_LOOP = dict(J_STAGES=1, J_UNROLL=4)
 # float32 [B, T, H, K] twice, rather than in every 16-column key block of dqkg, each of which read dO and V again.
 # On an H200 (session 8, T = 4096, B = 16, bf16, one call): GLA fwd+bwd 21.95 ms against 23.34 without it; the GLA
 # GPU tests pass with it (41). Its scratch is 0.5 GiB per tensor at that shape. False: dqkg forms the products itself
-# (no scratch, for when memory is tighter than time; dqkg's STATE_GIVEN constexpr, one kernel either way).
-STATE_KERNEL = True
+# (no scratch; dqkg's STATE_GIVEN constexpr, one kernel either way). Since the states are stored in bfloat16
+# (STATES_LOWP) dqkg's own products cost less than the separate kernel: session 12 (H200, one call, bf16, T = 4096,
+# B = 16) 9.11 ms without it against 9.17 with it, and 8.80 against 8.82 with the output kernel's 64-column value
+# blocks; the GLA GPU tests pass without it (47).
+STATE_KERNEL = False
 # REBASE_LIMIT: inside a sub-chunk, diag (forward) and dqkg (backward) form the decayed products as matrix products
 # rebased on one row of the sub-chunk, exp(b_t - b_s) = exp(b_t - r) exp(r - b_s), where every |b - r| of the
 # program's tile is at most this; their factors then lie within exp(+-60) (1e-26 .. 1e26), finite and normal in
@@ -99,21 +102,25 @@ def _flags(dtype: torch.dtype, gpu: bool | None = None) -> dict:
 
 def _launch(dtype: torch.dtype, K: int, V: int) -> dict:
     """Blocks, warps and stages of each kernel, from a sweep on an H200 at K = V = 128 (bfloat16). Compiled for
-    sm_90 (Triton 3.9, bf16), intra and dqkg sit at 255 registers and spill 176 and 1616 B a thread (dqkg given
-    the state products; compile_kernels --resources gla); the 8-warp settings measured slower. float32 tiles, and
+    sm_90 (Triton 3.9, bf16; compile_kernels --resources gla), intra, dqkg (forming the state products) and the
+    forward's output kernel sit at 255 registers and spill 504, 1472 and 1768 B a thread; the 8-warp settings
+    measured slower. float32 tiles, and
     every tile at K = 256, take one stage, so that shared memory holds them.
 
     dqkg's key blocks: on an H200 (session 11, one call, bf16, T = 4096, B = 16, fwd+bwd ms, dg summed in float64
     then) 10.25 with 32 columns against 10.87 with 16; 11.56 with 32 at 8 warps, 11.51 with 64 at 8 warps. With
     float32 sums as now, 9.94 at 32. In the same call intra with key blocks of 64 took 10.68 (its forward 2.48 ms
     against 2.71). Session 12 (one call, STATES_LOWP on): intra's key blocks 64 against 32, 9.09 against 9.26 (the
-    forward 2.45 against 2.67 ms); GPU GLA tests 47 passed with it; dqkg's key blocks 64, 11.06."""
+    forward 2.45 against 2.67 ms); GPU GLA tests 47 passed with it; dqkg's key blocks 64, 11.06. In the next call
+    (9.17 as then), the output kernel's value blocks of 64 (were 32) 8.82 (its forward 2.18 ms against 2.49); the GLA
+    GPU tests pass with it (47); dqk_state's of 64, 9.02; none of state BK 128 or 4 warps, dv BK 128, dA BV 128
+    moved it by more than 0.03 ms."""
     BK = _pow2(K)
     cfg = dict(
         intra=dict(BK=min(BK, 64), num_warps=4),
         diag=dict(BK=min(BK, 64), num_warps=2, **ROW_LOOP),
         dA=dict(BV=_pow2(V, hi=64), num_warps=4),
-        output=dict(BK=BK, BV=_pow2(V, hi=32 if BK <= 128 else 16), num_warps=4),
+        output=dict(BK=BK, BV=_pow2(V, hi=64 if BK <= 128 else 16), num_warps=4),
         state=dict(BK=min(BK, 64), BV=_pow2(V, hi=64), num_warps=8),
         dv=dict(BK=min(BK, 64), BV=_pow2(V, hi=64), num_warps=4),
         dqkg=dict(BK=min(BK, 32), BV=_pow2(V, hi=32), num_warps=4, num_stages=1, **ROW_LOOP),
