@@ -343,19 +343,23 @@ def prepare(k, v, g, beta, lay: ChunkTable, qk_l2norm: bool, beta_is_logit: bool
     return w, u0, tinv
 
 
-def _keeps(save: bool, N: int, H: int, T: int, cu_seqlens) -> bool:
-    """Whether the forward keeps its states, U and W for the backward (KEEP_STATES)."""
-    return save and KEEP_STATES and _num_segments(N, H, T, cu_seqlens) == 1
+def _keeps(keep: bool, N: int, H: int, T: int, cu_seqlens) -> bool:
+    """Whether the forward keeps its states, U and W for the backward: asked to (KEEP_STATES, read when the op is
+    called) and without segments."""
+    return keep and _num_segments(N, H, T, cu_seqlens) == 1
 
 
-def forward(q, k, v, g, beta, h0, scale: float, cu_seqlens, qk_l2norm: bool, beta_is_logit: bool, save: bool = False):
+def forward(
+    q, k, v, g, beta, h0, scale: float, cu_seqlens, qk_l2norm: bool, beta_is_logit: bool, save: bool = False,
+    keep: bool = False,
+):  # fmt: skip
     """The chunked forward: o [B, T, H, V] in v's dtype, the final state [N, H, K, V] float32, with save Tinv
-    [B, T, H, BT] float32 for the backward (else None), and (states, U, W) when it keeps them (see _keeps; else
-    None)."""
+    [B, T, H, BT] float32 for the backward (else None), and with save and keep (states, U, W) where it keeps them
+    (see _keeps; else None)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     lay = ChunkTable(B, T, cu_seqlens, BT, q.device)
-    keep = _keeps(save, lay.N, H, T, cu_seqlens)
+    keep = _keeps(save and keep, lay.N, H, T, cu_seqlens)
     w, u0, tinv = prepare(k, v, g, beta, lay, qk_l2norm, beta_is_logit, store_t=save)
     BK, _ = _blocks(K, V)
     BV = _sequence_bv(K, V, lay.N * H, q.dtype)
@@ -573,24 +577,26 @@ def _chunk_op(
     qk_l2norm: bool,
     beta_is_logit: bool,
     save: bool,
+    keep: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(o, final state, then for the backward Tinv (empty unless save) and the kept states, U and W (empty
-    unless kept: _keeps))."""
+    unless kept: _keeps)). keep is an argument, not KEEP_STATES read here, so that a compiled graph (and
+    torch.compile's caches, which do not see module settings) holds what the fake and the kernels do."""
     with ptxas.assembler():
-        o, ht, tinv, kept = forward(q, k, v, g, beta, h0, scale, cu_seqlens, qk_l2norm, beta_is_logit, save)
+        o, ht, tinv, kept = forward(q, k, v, g, beta, h0, scale, cu_seqlens, qk_l2norm, beta_is_logit, save, keep)
     empty = none_tensor(q)
     states, u, w = kept if kept is not None else (empty, empty.clone(), empty.clone())
     return o, ht, (tinv if tinv is not None else empty.clone()), states, u, w
 
 
 @_chunk_op.register_fake
-def _(q, k, v, g, beta, h0, cu_seqlens, scale, qk_l2norm, beta_is_logit, save):
+def _(q, k, v, g, beta, h0, cu_seqlens, scale, qk_l2norm, beta_is_logit, save, keep):
     B, T, H, K = q.shape
     V = v.shape[-1]
     empty = none_tensor(q)
     tinv = q.new_empty(B, T, H, BT, dtype=torch.float32) if save else empty
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    if _keeps(save, N, H, T, cu_seqlens):
+    if _keeps(save and keep, N, H, T, cu_seqlens):
         states = q.new_empty(ChunkTable.count(B, T, cu_seqlens, BT), H, K, V, dtype=torch.float32)
         u = q.new_empty(B, T, H, V, dtype=torch.float32)
         w = q.new_empty(B, T, H, K, dtype=_w_dtype(k.dtype))
@@ -641,7 +647,7 @@ def _(do, dht, q, k, v, g, beta, h0, tinv, states, u, w, cu_seqlens, scale, qk_l
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, g, beta, h0, cu_seqlens, scale, qk_l2norm, beta_is_logit, _ = inputs
+    q, k, v, g, beta, h0, cu_seqlens, scale, qk_l2norm, beta_is_logit, _, _ = inputs
     ctx.save_for_backward(q, k, v, g, beta, h0, *output[2:], cu_seqlens)
     ctx.options = (scale, qk_l2norm, beta_is_logit)
     ctx.set_materialize_grads(False)  # an unused final state's gradient arrives as None, not as zeros
@@ -657,7 +663,7 @@ def _backward(ctx, do, dht, *_):
     )
     dg = dg if g is not None else None
     dh0 = dh0 if h0 is not None else None
-    return dq, dk, dv, dg, dbeta, dh0, None, None, None, None, None
+    return dq, dk, dv, dg, dbeta, dh0, None, None, None, None, None, None
 
 
 _chunk_op.register_autograd(_backward, setup_context=_setup_context)
@@ -713,7 +719,7 @@ def triton_gated_delta_rule(
     if not grad and short_for_recurrent(q, cu_seqlens, RECURRENT_MAX_T):
         o, ht = _recurrent_op(*args)
     else:
-        o, ht, *_ = _chunk_op(*args, grad)
+        o, ht, *_ = _chunk_op(*args, grad, grad and KEEP_STATES)
     return o, (ht if output_final_state else None)
 
 
