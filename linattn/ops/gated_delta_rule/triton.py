@@ -149,6 +149,13 @@ SPLIT_FORWARD = False
 # fla's does. Not with segments (long sequences, few of them: see SEGMENT_HEADS), whose backward also needs the
 # segments' transitions; there the backward forms everything again.
 KEEP_STATES = False
+# STATES_LOWP: where backward_chunk takes bfloat16 operands (LOWP), the backward stores the states entering each
+# chunk, the gradients of the states leaving them and U in bfloat16, not float32 (the loops carry them in float32;
+# only the stored copies are rounded, as fla stores its h, dh and v_new), and backward_chunk's products of dX with S
+# and U take bfloat16 operands too. dU (dX) stays float32: it is summed into. Half the bytes of [NC, H, K, V] twice
+# and [B, T, H, V] once, written once and read by both key blocks' programs. Not where the forward kept its float32
+# states (KEEP_STATES).
+STATES_LOWP = True
 # output and local_du loop over a chunk's V blocks, forming q k^T once; one V block per program was slower on an H200
 # (session 7, T = 4096, B = 16, bf16: delta_rule fwd+bwd 14.83 ms against 13.88). backward_state stores dX = Tinv^T dU
 # in dU's place, formed once as each chunk's dU is final, rather than backward_chunk forming it in each of its two
@@ -474,8 +481,9 @@ def backward(
     """Gradients (dq, dk, dv, dg or None, dbeta, dh0 or None).
 
     Recomputes W, U0 (from the forward's Tinv when given), then the state entering every chunk and U
-    (float32), unless the forward kept (states, U, W) (``kept``); then the gradient of the state leaving every
-    chunk and dU (float32), and from those, per chunk, every input gradient."""
+    (float32, or bfloat16: STATES_LOWP), unless the forward kept (states, U, W) (``kept``); then the gradient of
+    the state leaving every chunk (in the states' dtype) and dU (float32), and from those, per chunk, every input
+    gradient."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     lay = ChunkTable(B, T, cu_seqlens, BT, q.device)
@@ -487,7 +495,10 @@ def backward(
     def flags(kernel):
         return _flags(q.dtype, g is not None, qk_l2norm, kernel, BK=BK)
 
+    bk = _chunk_keys(BK, qk_l2norm)
+    chunk_flags = _flags(q.dtype, g is not None, qk_l2norm, "backward_chunk", BK=bk)
     NS = _num_segments(lay.N, H, T, cu_seqlens)
+    states_lowp = STATES_LOWP and chunk_flags["LOWP"] and not (kept is not None and NS == 1)
     if kept is not None and NS == 1:
         states, u, w = kept
         dummy = states
@@ -495,9 +506,10 @@ def backward(
         seg = None
     else:
         w, u0, tinv = prepare(k, v, g, beta, lay, qk_l2norm, beta_is_logit, tinv=tinv, store_t=True)
-        states = torch.empty(lay.NC, H, K, V, dtype=torch.float32, device=q.device)
-        u = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
-        dummy = states
+        st = torch.bfloat16 if states_lowp else torch.float32
+        states = torch.empty(lay.NC, H, K, V, dtype=st, device=q.device)
+        u = torch.empty(B, T, H, V, dtype=st, device=q.device)
+        dummy = torch.empty(1, dtype=torch.float32, device=q.device)
         g_ = g if g is not None else dummy
         seg = Segments(lay.N, T, NS, q.device) if NS > 1 else None
         if seg is None:
@@ -512,7 +524,7 @@ def backward(
             del ht
         del u0
     dstates = torch.empty_like(states)
-    du = torch.empty_like(u)
+    du = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
     dh0 = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None
     bv_chunk = _chunk_bv(V)
     # du = scale P^T dO, per chunk; backward_state adds the states' share
@@ -536,7 +548,6 @@ def backward(
     dv = torch.empty(v.shape, dtype=store_dtype(v.dtype), device=q.device)
     # backward_chunk: NK programs per chunk, one per block of bk key columns; each stores its share of the sums
     # over keys, dg (float64 when shared, as the kernel forms it) and dbeta, and the shares are added here.
-    bk = _chunk_keys(BK, qk_l2norm)
     NK = triton.cdiv(K, bk)
     dg_dtype = torch.float64 if NK > 1 else torch.float32
     dg = torch.empty(NK, B, T, H, dtype=dg_dtype, device=q.device) if g is not None else None
@@ -546,7 +557,7 @@ def backward(
         dq, dk, dv, dg if dg is not None else dummy, dbeta, scale, B * T * H,
         BV=bv_chunk, BETA_LOGIT=beta_is_logit,
         **_launch("backward_chunk", q.dtype, bk, bv_chunk, gated=g is not None), **dict(common, BK=bk),
-        **_flags(q.dtype, g is not None, qk_l2norm, "backward_chunk", BK=bk),
+        **chunk_flags, STATES_LOWP=states_lowp,
     )  # fmt: skip
     dg = dg.sum(0).float() if dg is not None else None
     dbeta = dbeta.sum(0)
@@ -745,6 +756,9 @@ def compile_variants():
             for name in NUM_WARPS
         }
         label = f"{dt} gated={gated} l2norm/logit={opt}"
+        # what the backward stores for backward_chunk: bfloat16 where it takes bfloat16 operands (STATES_LOWP)
+        st = "bf16" if STATES_LOWP and _lowp(torch_dtype, "backward_chunk", True, _chunk_keys(BK, False)) else "fp32"
+        sptrs = ptrs | dict(states=st, u=st, dstates=st)
         solve = dict(BV=seq_bv, BKP=min(BK, PREPARE_KEYS), SOLVE=True, STORE_T=True, BETA_LOGIT=opt)
         solve |= dict(DIAG_DOUBLING=SOLVE_DIAG_DOUBLING)
         yield f"prepare {label}", _prepare_kernel, ptrs, common["prepare"] | solve, opts["prepare"]
@@ -752,22 +766,24 @@ def compile_variants():
             out = dict(BV=bv, HAS_H0=True, HAS_U0=True, STORE_O=True, STORE_HT=True, STORE_STATES=False)
             yield f"forward BV={bv} {label}", _forward_kernel, ptrs, common["forward"] | out, opts["forward"]
             states = out | dict(STORE_O=False, STORE_HT=False, STORE_STATES=True)
-            yield f"forward states BV={bv} {label}", _forward_kernel, ptrs, common["forward"] | states, opts["forward"]
+            yield f"forward states BV={bv} {label}", _forward_kernel, sptrs, common["forward"] | states, opts["forward"]
             state = common["backward_state"] | dict(BV=bv, HAS_DHT=True, STORE_DH0=True, STORE_GRADS=True)
-            yield f"backward state BV={bv} {label}", _backward_state_kernel, ptrs, state, opts["backward_state"]
+            yield f"backward state BV={bv} {label}", _backward_state_kernel, sptrs, state, opts["backward_state"]
         # segments (SEGMENT_HEADS): the transitions (U0 = 0, K columns) and each segment's own gradient share
         transition = out | dict(HAS_U0=False, STORE_O=False, V=128, BV=seq_bv)
         yield f"forward transition {label}", _forward_kernel, ptrs, common["forward"] | transition, opts["forward"]
         share = state | dict(BV=seq_bv, HAS_DHT=False, STORE_GRADS=False)
-        yield f"backward state share {label}", _backward_state_kernel, ptrs, share, opts["backward_state"]
+        yield f"backward state share {label}", _backward_state_kernel, sptrs, share, opts["backward_state"]
         yield f"output {label}", _output_kernel, ptrs, common["output"] | dict(BV=BV_CHUNK), opts["output"]
         yield f"local du {label}", _local_du_kernel, ptrs, common["local_du"] | dict(BV=BV_CHUNK), opts["local_du"]
         for l2 in sorted({opt, False}):  # key columns per program: CHUNK_KEYS, or all of them with qk_l2norm
             bk = _chunk_keys(BK, l2)
             chunk = dict(BV=BV_CHUNK, BETA_LOGIT=opt, BK=bk)
             chunk |= _flags(torch_dtype, gated, l2, "backward_chunk", gpu=True, BK=bk)
+            chunk |= dict(STATES_LOWP=STATES_LOWP and chunk["LOWP"])
+            chunk_ptrs = sptrs if chunk["STATES_LOWP"] else ptrs
             scalars = dict(scalars=dict(scale="fp32", part="i32"))
             chunk_opts = _launch("backward_chunk", torch_dtype, bk, BV_CHUNK, gated=gated) | scalars
             chunk_label = f"backward chunk BK={bk} {dt} gated={gated} l2norm={l2} logit={opt}"
-            yield chunk_label, _backward_chunk_kernel, ptrs, common["backward_chunk"] | chunk, chunk_opts
+            yield chunk_label, _backward_chunk_kernel, chunk_ptrs, common["backward_chunk"] | chunk, chunk_opts
     # The decode kernel, with the delta rule's update, compiles in the "recurrent" group.

@@ -132,7 +132,8 @@ def _forward_kernel(
 ):
     # One sequence, one V block: the state S [K, BV] stays in registers while the chunks go by.
     #   U = U0 - W S;  o = scale (exp(b) q S + tril(q k^T exp(b_t - b_s)) U);  S = exp(b_C) S + (exp(b_C - b) k)^T U
-    # STORE_STATES (for the backward): the state entering each chunk and U, both float32.
+    # STORE_STATES (for the backward): the state entering each chunk and U, in their pointers' dtype (float32, or
+    # bfloat16 with STATES_LOWP: the carried S and U stay float32).
     # Without HAS_U0, U0 = 0: the loop then carries h0's columns through the chunks' transitions alone
     # (S <- exp(b_C) S - (exp(b_C - b) k)^T W S), which, from identity columns, is the transition of the
     # whole sequence (a segment, in triton.py).
@@ -151,7 +152,7 @@ def _forward_kernel(
         S += tl.load(h0 + (i_n * H + i_h).to(tl.int64) * K * V + kv, mask=m_kv, other=0.0)
     for i in range(0, tl.cdiv(eos - bos, BT)):
         if STORE_STATES:
-            tl.store(states + ((c0 + i) * H + i_h) * K * V + kv, S, mask=m_kv)
+            tl.store(states + ((c0 + i) * H + i_h) * K * V + kv, S.to(states.dtype.element_ty), mask=m_kv)
         rows = bos + i * BT + o_t
         m_t = rows < eos
         tok = rows * H + i_h
@@ -163,7 +164,7 @@ def _forward_kernel(
         if HAS_U0:
             b_u += tl.load(u0 + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
         if STORE_STATES:
-            tl.store(u + tok[:, None] * V + o_v[None, :], b_u, mask=m_tv)
+            tl.store(u + tok[:, None] * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=m_tv)
         b_kT, _ = load_rows(k, tok, m_t, o_k, K, L2NORM, True)  # k^T [BK, BT]
         if STORE_O:
             b_q, _ = load_rows(q, tok, m_t, o_k, K, L2NORM)
@@ -329,7 +330,7 @@ def _backward_state_kernel(
     for j in range(0, n_chunks):
         i = n_chunks - 1 - j
         if STORE_GRADS:
-            tl.store(dstates + ((c0 + i) * H + i_h) * K * V + kv, dS, mask=m_kv)
+            tl.store(dstates + ((c0 + i) * H + i_h) * K * V + kv, dS.to(dstates.dtype.element_ty), mask=m_kv)
         rows = bos + i * BT + o_t
         m_t = rows < eos
         tok = rows * H + i_h
@@ -386,6 +387,7 @@ def _backward_chunk_kernel(
     ROUND: tl.constexpr,
     LOWP: tl.constexpr,
     PRECISE_EXP: tl.constexpr,
+    STATES_LOWP: tl.constexpr,
 ):
     # Per chunk, from the state entering it (S), the gradient of the state leaving it (dS'), U and dX (which
     # _backward_state_kernel stores in du): every input gradient. U = Tinv R with R = beta (v - exp(b) k S) and
@@ -397,6 +399,8 @@ def _backward_chunk_kernel(
     # rows). dq and dk are per column; dv and dP, dA (sums over V) are whole in each program, which stores dv
     # if i_k = 0; dg and dbeta are sums over the columns, so each program stores its share at dg + i_k part,
     # and the launcher adds the shares.
+    # STATES_LOWP: S, dS' and U are stored in bfloat16 (triton.py), and their products with dX take bfloat16
+    # operands too (dX rounded); sums of their elementwise products stay float32.
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_c, i_k = chunk_and_block((K + BK - 1) // BK)
     i_h = tl.program_id(1)
@@ -430,8 +434,8 @@ def _backward_chunk_kernel(
         d_x = tl.load(du + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)  # dX (_backward_state_kernel)
         d_qs += mm_lowp(b_do, tl.trans(S), DOT_PREC, ROUND, LOWP, LOWP_TY)
         d_kend += mm_lowp(b_u, tl.trans(dSn), DOT_PREC, ROUND, LOWP, LOWP_TY)
-        d_xw -= mm(d_x, tl.trans(S), DOT_PREC, ROUND)
-        d_last += tl.sum(dSn * S, axis=1)
+        d_xw -= mm_lowp(d_x, tl.trans(S), DOT_PREC, ROUND, STATES_LOWP, LOWP_TY)
+        d_last += tl.sum(dSn.to(tl.float32) * S.to(tl.float32), axis=1)
     b_beta = load_beta(beta, tok, m_t, BETA_LOGIT)
     _, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
     b_q, _ = load_rows(q, tok, m_t, o_k, K, L2NORM)
@@ -465,7 +469,7 @@ def _backward_chunk_kernel(
         tl.store(dv + tok[:, None] * V + o_v[None, :], (d_x * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_dv)
         d_beta += tl.sum(d_x * b_v, axis=1)
         dP += mm_lowp(b_do, tl.trans(b_u), DOT_PREC, ROUND, LOWP, LOWP_TY)
-        dA += mm(d_x, tl.trans(b_u), DOT_PREC, ROUND)
+        dA += mm_lowp(d_x, tl.trans(b_u), DOT_PREC, ROUND, STATES_LOWP, LOWP_TY)
     # The decays (reloaded rather than kept live through the loops: registers) go into dP and dA at once, so
     # that gamma, dP and the scores are never live together. On an H200 (session 9, bf16, T = 4096, B = 16),
     # with gates this kernel went 4.42 -> 3.98 ms (the solve's change alongside); without, 2.66 -> 2.67.
