@@ -149,13 +149,13 @@ SPLIT_FORWARD = False
 # fla's does. Not with segments (long sequences, few of them: see SEGMENT_HEADS), whose backward also needs the
 # segments' transitions; there the backward forms everything again.
 KEEP_STATES = False
-# STATES_LOWP: where backward_chunk takes bfloat16 operands (LOWP), the backward stores the states entering each
-# chunk, the gradients of the states leaving them and U in bfloat16, not float32 (the loops carry them in float32;
-# only the stored copies are rounded, as fla stores its h, dh and v_new), and backward_chunk's products of dX with S
-# and U take bfloat16 operands too. dU (dX) stays float32: it is summed into. Half the bytes of [NC, H, K, V] twice
-# and [B, T, H, V] once, written once and read by both key blocks' programs. Not where the forward kept its float32
-# states (KEEP_STATES).
-STATES_LOWP = True
+# STATES_LOWP: where backward_chunk takes bfloat16 operands (LOWP), what the backward stores for it in bfloat16,
+# not float32: the states entering each chunk (states), the gradients of the states leaving them (dstates), U (u);
+# the loops carry them in float32, only the stored copies are rounded, as fla stores its h, dh and v_new. dx:
+# backward_chunk's products of dX with S and U take bfloat16 operands too (else tf32). dU (dX) stays float32: it is
+# summed into. Half the bytes of [NC, H, K, V] twice and [B, T, H, V] once, written once and read by both key
+# blocks' programs. Not where the forward kept its float32 states (KEEP_STATES).
+STATES_LOWP = dict(states=True, dstates=True, u=True, dx=True)
 # output and local_du loop over a chunk's V blocks, forming q k^T once; one V block per program was slower on an H200
 # (session 7, T = 4096, B = 16, bf16: delta_rule fwd+bwd 14.83 ms against 13.88). backward_state stores dX = Tinv^T dU
 # in dU's place, formed once as each chunk's dU is final, rather than backward_chunk forming it in each of its two
@@ -498,7 +498,8 @@ def backward(
     bk = _chunk_keys(BK, qk_l2norm)
     chunk_flags = _flags(q.dtype, g is not None, qk_l2norm, "backward_chunk", BK=bk)
     NS = _num_segments(lay.N, H, T, cu_seqlens)
-    states_lowp = STATES_LOWP and chunk_flags["LOWP"] and not (kept is not None and NS == 1)
+    lowp = chunk_flags["LOWP"] and not (kept is not None and NS == 1)
+    stored = {n: torch.bfloat16 if lowp and STATES_LOWP[n] else torch.float32 for n in ("states", "dstates", "u")}
     if kept is not None and NS == 1:
         states, u, w = kept
         dummy = states
@@ -506,9 +507,8 @@ def backward(
         seg = None
     else:
         w, u0, tinv = prepare(k, v, g, beta, lay, qk_l2norm, beta_is_logit, tinv=tinv, store_t=True)
-        st = torch.bfloat16 if states_lowp else torch.float32
-        states = torch.empty(lay.NC, H, K, V, dtype=st, device=q.device)
-        u = torch.empty(B, T, H, V, dtype=st, device=q.device)
+        states = torch.empty(lay.NC, H, K, V, dtype=stored["states"], device=q.device)
+        u = torch.empty(B, T, H, V, dtype=stored["u"], device=q.device)
         dummy = torch.empty(1, dtype=torch.float32, device=q.device)
         g_ = g if g is not None else dummy
         seg = Segments(lay.N, T, NS, q.device) if NS > 1 else None
@@ -523,7 +523,7 @@ def backward(
             M = _segmented_forward(q, k, g_, w, u0, h0, seg, dummy, ht, states, u, scale, False, True, flags("forward"))
             del ht
         del u0
-    dstates = torch.empty_like(states)
+    dstates = torch.empty(states.shape, dtype=stored["dstates"], device=q.device)
     du = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
     dh0 = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None
     bv_chunk = _chunk_bv(V)
@@ -557,7 +557,7 @@ def backward(
         dq, dk, dv, dg if dg is not None else dummy, dbeta, scale, B * T * H,
         BV=bv_chunk, BETA_LOGIT=beta_is_logit,
         **_launch("backward_chunk", q.dtype, bk, bv_chunk, gated=g is not None), **dict(common, BK=bk),
-        **chunk_flags, STATES_LOWP=states_lowp,
+        **chunk_flags, DX_LOWP=lowp and STATES_LOWP["dx"],
     )  # fmt: skip
     dg = dg.sum(0).float() if dg is not None else None
     dbeta = dbeta.sum(0)
@@ -757,8 +757,8 @@ def compile_variants():
         }
         label = f"{dt} gated={gated} l2norm/logit={opt}"
         # what the backward stores for backward_chunk: bfloat16 where it takes bfloat16 operands (STATES_LOWP)
-        st = "bf16" if STATES_LOWP and _lowp(torch_dtype, "backward_chunk", True, _chunk_keys(BK, False)) else "fp32"
-        sptrs = ptrs | dict(states=st, u=st, dstates=st)
+        lowp = _lowp(torch_dtype, "backward_chunk", True, _chunk_keys(BK, False))
+        sptrs = ptrs | {n: "bf16" if lowp and STATES_LOWP[n] else "fp32" for n in ("states", "dstates", "u")}
         solve = dict(BV=seq_bv, BKP=min(BK, PREPARE_KEYS), SOLVE=True, STORE_T=True, BETA_LOGIT=opt)
         solve |= dict(DIAG_DOUBLING=SOLVE_DIAG_DOUBLING)
         yield f"prepare {label}", _prepare_kernel, ptrs, common["prepare"] | solve, opts["prepare"]
@@ -780,8 +780,8 @@ def compile_variants():
             bk = _chunk_keys(BK, l2)
             chunk = dict(BV=BV_CHUNK, BETA_LOGIT=opt, BK=bk)
             chunk |= _flags(torch_dtype, gated, l2, "backward_chunk", gpu=True, BK=bk)
-            chunk |= dict(STATES_LOWP=STATES_LOWP and chunk["LOWP"])
-            chunk_ptrs = sptrs if chunk["STATES_LOWP"] else ptrs
+            chunk |= dict(DX_LOWP=chunk["LOWP"] and STATES_LOWP["dx"])
+            chunk_ptrs = sptrs if chunk["LOWP"] else ptrs
             scalars = dict(scalars=dict(scale="fp32", part="i32"))
             chunk_opts = _launch("backward_chunk", torch_dtype, bk, BV_CHUNK, gated=gated) | scalars
             chunk_label = f"backward chunk BK={bk} {dt} gated={gated} l2norm={l2} logit={opt}"

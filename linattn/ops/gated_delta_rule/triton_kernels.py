@@ -387,7 +387,7 @@ def _backward_chunk_kernel(
     ROUND: tl.constexpr,
     LOWP: tl.constexpr,
     PRECISE_EXP: tl.constexpr,
-    STATES_LOWP: tl.constexpr,
+    DX_LOWP: tl.constexpr,
 ):
     # Per chunk, from the state entering it (S), the gradient of the state leaving it (dS'), U and dX (which
     # _backward_state_kernel stores in du): every input gradient. U = Tinv R with R = beta (v - exp(b) k S) and
@@ -399,8 +399,8 @@ def _backward_chunk_kernel(
     # rows). dq and dk are per column; dv and dP, dA (sums over V) are whole in each program, which stores dv
     # if i_k = 0; dg and dbeta are sums over the columns, so each program stores its share at dg + i_k part,
     # and the launcher adds the shares.
-    # STATES_LOWP: S, dS' and U are stored in bfloat16 (triton.py), and their products with dX take bfloat16
-    # operands too (dX rounded); sums of their elementwise products stay float32.
+    # S, dS' and U may be stored in bfloat16 (STATES_LOWP in triton.py); they are taken to float32 where they are
+    # not dot operands. DX_LOWP: dX's products with S and U take bfloat16 operands (dX rounded), else tf32.
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_c, i_k = chunk_and_block((K + BK - 1) // BK)
     i_h = tl.program_id(1)
@@ -434,7 +434,7 @@ def _backward_chunk_kernel(
         d_x = tl.load(du + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)  # dX (_backward_state_kernel)
         d_qs += mm_lowp(b_do, tl.trans(S), DOT_PREC, ROUND, LOWP, LOWP_TY)
         d_kend += mm_lowp(b_u, tl.trans(dSn), DOT_PREC, ROUND, LOWP, LOWP_TY)
-        d_xw -= mm_lowp(d_x, tl.trans(S), DOT_PREC, ROUND, STATES_LOWP, LOWP_TY)
+        d_xw -= mm_lowp(d_x, tl.trans(S.to(tl.float32)), DOT_PREC, ROUND, DX_LOWP, LOWP_TY)
         d_last += tl.sum(dSn.to(tl.float32) * S.to(tl.float32), axis=1)
     b_beta = load_beta(beta, tok, m_t, BETA_LOGIT)
     _, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
@@ -469,7 +469,7 @@ def _backward_chunk_kernel(
         tl.store(dv + tok[:, None] * V + o_v[None, :], (d_x * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_dv)
         d_beta += tl.sum(d_x * b_v, axis=1)
         dP += mm_lowp(b_do, tl.trans(b_u), DOT_PREC, ROUND, LOWP, LOWP_TY)
-        dA += mm_lowp(d_x, tl.trans(b_u), DOT_PREC, ROUND, STATES_LOWP, LOWP_TY)
+        dA += mm_lowp(d_x, tl.trans(b_u.to(tl.float32)), DOT_PREC, ROUND, DX_LOWP, LOWP_TY)
     # The decays (reloaded rather than kept live through the loops: registers) go into dP and dA at once, so
     # that gamma, dP and the scores are never live together. On an H200 (session 9, bf16, T = 4096, B = 16),
     # with gates this kernel went 4.42 -> 3.98 ms (the solve's change alongside); without, 2.66 -> 2.67.
