@@ -26,10 +26,11 @@ bfloat16 on a GPU (LOWP, by kernel: LOWP_DOTS): the products that a plain bfloat
 bfloat16 operands with float32 accumulation (``mm_lowp``). These are, forward: W S, (exp(b_C - b) k)^T U (and
 q k^T, (exp(b) q) S, P U when it forms o); output: the same three; local_du: k q^T, P^T dO; backward_state:
 (exp(b_C - b) k) dS', (exp(b) q)^T dO, W^T dU; backward_chunk: dO S^T, U dS'^T, dO U^T, q k^T, dP k, dP^T q,
-G k, G^T k (G = beta exp(b_t - b_s) dA). The solve and every product with Tinv or from it (W and U0 in prepare,
-Tinv^T dU, dX S^T, dX U^T, and k k^T as A) keep tf32 (rounded), as the plain run's triangular solve keeps
-float32. States, U, dU and all accumulators stay float32; W too, unless both kernels that read it take bfloat16
-operands (then it is stored in bfloat16: LOWP_STORE). forward, output, local_du and backward_state take them
+G k, G^T k (G = beta exp(b_t - b_s) dA), and (STATES_LOWP) dX S^T, dX U^T. The solve and the other products with
+Tinv or from it (W and U0 in prepare, Tinv^T dU, and k k^T as A) keep tf32 (rounded), as the plain run's triangular
+solve keeps float32. States, dU and all accumulators stay float32; so do W, unless both kernels that read it take
+bfloat16 operands (then it is stored in bfloat16: LOWP_STORE), and U, unless backward_chunk takes them (then the
+backward stores it in bfloat16: STATES_LOWP). forward, output, local_du and backward_state take bfloat16 operands
 only where the ptxas that assembles them is trusted with them (``common/ptxas.py``); the op's launches run inside
 ``ptxas.assembler()``, which on Hopper with Triton 3.6 assembles them with the newer of Triton's two ptxas.
 
