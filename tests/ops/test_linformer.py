@@ -8,7 +8,7 @@ import torch
 
 from linattn import ops
 from linattn.layers.linformer import LinformerAttention
-from tests.ops.tolerance import assert_dtype_close
+from tests.ops.tolerance import assert_dtype_close, assert_same_result
 
 B, T, H, K, V = 2, 63, 3, 16, 24
 
@@ -57,11 +57,16 @@ def test_sdpa_matches_reference(dtype, per_head):
 
 
 def test_per_head_projection_equal_to_shared():
+    """The same projection given once or per head: the same result up to the rounding of a reordered sum.
+    (It drew unseeded, unscaled projections before, whose large logits amplified that rounding past
+    assert_close's float32 default now and then; scaled by 1/sqrt(n), as the layer's are, the worst of 200
+    seeds came to 0.39 of the bound, against 0.98 unscaled.)"""
     q, k, v = _qkv()
-    E, F = torch.randn(10, T), torch.randn(10, T)
+    gen = torch.Generator().manual_seed(3)
+    E, F = (torch.randn(10, T, generator=gen) / 10**0.5 for _ in range(2))
     a, _ = ops.linformer(q, k, v, E, F)
     b, _ = ops.linformer(q, k, v, E.expand(H, -1, -1), F.expand(H, -1, -1))
-    torch.testing.assert_close(a, b)
+    assert_same_result("per-head projection", a, b, terms=T)
 
 
 def test_padding_mask_zeroes_padded_keys_and_values():
