@@ -66,6 +66,17 @@ def test_state_products_in_dqkg_or_their_own_kernel(state_kernel, monkeypatch):
     check_against_naive(CASE, *to(tensors, state), "triton", cu_seqlens=cu_seqlens.to(DEVICE), **ON_DEVICE)
 
 
+def test_per_sequence_kernels_narrowed_for_few_sequences(monkeypatch):
+    """With few programs (FEW_PROGRAMS, here always), the state kernels take value blocks of 16 (from 32 at V = 24,
+    two of them, the second partly past V): the same outputs, states and gradients, with packed sequences."""
+    monkeypatch.setattr(tri, "FEW_PROGRAMS", 10**6)
+    narrowed = tri._per_sequence(tri._launch(torch.float32, 40, 24)["state"], 40, 24, 6)
+    assert narrowed["BV"] == 16 and narrowed["num_warps"] == 4
+    cu_seqlens = torch.tensor([0, 70, 71, 150])
+    tensors, state = CASE.draw(B=1, T=150, H=2, K=40, V=24, seed=16, N=3)
+    check_against_naive(CASE, *to(tensors, state), "triton", cu_seqlens=cu_seqlens.to(DEVICE), **ON_DEVICE)
+
+
 @pytest.mark.parametrize("save_scores", [False, True])
 def test_scores_kept_for_the_backward_or_formed_again(save_scores, monkeypatch):
     """The backward given the forward's scores A (SAVE_SCORES: intra without them, no diag) or forming them again:

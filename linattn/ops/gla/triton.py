@@ -80,6 +80,13 @@ CHUNK_LIMIT = 60.0
 # fwd+bwd took 18.65 ms with it, 22.01 without (the backward's intra 2.58 -> 1.16 ms, no diag: 1.90 ms). False: the
 # backward forms A again (only the inputs and outputs are kept).
 SAVE_SCORES = True
+# FEW_PROGRAMS: the per-sequence state kernels (the forward's output kernel and the backward's two state passes) run
+# (K / BK) (V / BV) N H programs, each a loop over all of its sequence's chunks; where that is fewer than this (long
+# sequences, few of them: 32 and 64 programs at T = 65536, B = 1, H = 16), their value blocks are halved, down to 16
+# columns, until it is not: at T = 65536, B = 1 the state passes take 256 programs, the output kernel 128 (its key
+# block is the whole K). 132 is one program per SM of an H200; not yet timed on a GPU (sweep 0, 132 and 264). 0 keeps
+# the launch table's blocks.
+FEW_PROGRAMS = 132
 # STATES_LOWP: with bfloat16 operands (lowp_dots), the backward stores the state entering each chunk and the gradient
 # of the state leaving it in bfloat16, not float32: every product that reads them casts them to bfloat16 anyway, and
 # the one elementwise reader, dg's sum_v S dS, takes them to float32 first. The state carried from chunk to chunk
@@ -92,6 +99,15 @@ STATES_LOWP = True
 
 def _pow2(n: int, lo: int = 16, hi: int = 256) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
+
+
+def _per_sequence(cfg: dict, K: int, V: int, NH: int) -> dict:
+    """A per-sequence kernel's launch settings with its value blocks narrowed for few programs (FEW_PROGRAMS)."""
+    cfg = dict(cfg)
+    while cfg["BV"] > 16 and triton.cdiv(K, cfg["BK"]) * triton.cdiv(V, cfg["BV"]) * NH < FEW_PROGRAMS:
+        cfg["BV"] //= 2
+        cfg["num_warps"] = min(cfg["num_warps"], 4)  # 8 warps on small tiles faulted on Triton 3.6 (delta rules)
+    return cfg
 
 
 def _flags(dtype: torch.dtype, gpu: bool | None = None) -> dict:
@@ -175,6 +191,7 @@ def _states(x, y, bc, start, lay: ChunkTable, scale: float, reverse: bool, keep_
     H, K, V = x.shape[2], x.shape[3], y.shape[3]
     states = torch.empty(lay.NC, H, K, V, dtype=_states_dtype(lowp), device=x.device)
     last = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=x.device) if keep_last else None
+    cfg = _per_sequence(cfg, K, V, lay.N * H)
     BK, BV = cfg["BK"], cfg["BV"]
     _state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), lay.N * H)](
         x, y, bc, x, x, start if start is not None else states, lay.cu, lay.first, y, states,
@@ -199,7 +216,7 @@ def forward(q, k, v, g, h0, scale: float, cu_seqlens):
     A, qg, kd, bc, _, _ = _intra(q, k, g, lay, flags, cfg, lowp, decay=False)
     o = torch.empty(B, T, H, V, dtype=store_dtype(v.dtype), device=q.device)
     ht = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device)
-    c = cfg["output"]
+    c = _per_sequence(cfg["output"], K, V, lay.N * H)
     _state_kernel[(1, triton.cdiv(V, c["BV"]), lay.N * H)](
         kd, v, bc, qg, A, h0 if h0 is not None else ht, lay.cu, lay.first, o, ht, ht, scale,
         H=H, K=K, V=V, BT=BT, REVERSE=False, HAS_H0=h0 is not None, STORE_O=True, STORE_STATES=False,
@@ -312,6 +329,15 @@ def compile_variants():
                 ("diag", _diag_kernel, dict(BC=BC), cfg["diag"]),
                 ("forward", _state_kernel, state | fwd | dict(STORE_O=True, STORE_STATES=False), cfg["output"]),
                 ("states", _state_kernel, state | fwd, cfg["state"]),
+                # one sequence of 16 heads: the value blocks narrowed for few programs (FEW_PROGRAMS)
+                (
+                    "forward, few programs",
+                    _state_kernel,
+                    state | fwd | dict(STORE_O=True, STORE_STATES=False),
+                    _per_sequence(cfg["output"], 128, 128, 16),
+                ),
+                ("states, few programs", _state_kernel, state | fwd, _per_sequence(cfg["state"], 128, 128, 16)),
+                ("dstates, few programs", _state_kernel, state | rev, _per_sequence(cfg["state"], 128, 128, 16)),
             ]
         for name, kernel, const, c in kernels:
             c = dict(c)
