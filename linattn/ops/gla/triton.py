@@ -84,9 +84,9 @@ SAVE_SCORES = True
 # (K / BK) (V / BV) N H programs, each a loop over all of its sequence's chunks; where that is fewer than this (long
 # sequences, few of them: 32 and 64 programs at T = 65536, B = 1, H = 16), their value blocks are halved, down to 16
 # columns, until it is not: at T = 65536, B = 1 the state passes take 256 programs, the output kernel 128 (its key
-# block is the whole K). 132 is one program per SM of an H200; not yet timed on a GPU (sweep 0, 132 and 264). 0 keeps
-# the launch table's blocks.
-FEW_PROGRAMS = 132
+# block is the whole K). 132 is one program per SM of an H200. Off (0: the launch table's blocks) until it has been
+# timed and GPU-tested: LINATTN_LAUNCH="gla.FEW_PROGRAMS=132" (or 264) tries it. The interpreter tests run it.
+FEW_PROGRAMS = 0
 # STATES_LOWP: with bfloat16 operands (lowp_dots), the backward stores the state entering each chunk and the gradient
 # of the state leaving it in bfloat16, not float32: every product that reads them casts them to bfloat16 anyway, and
 # the one elementwise reader, dg's sum_v S dS, takes them to float32 first. The state carried from chunk to chunk
