@@ -506,9 +506,10 @@ def backward(
     bk = _chunk_keys(BK, qk_l2norm)
     chunk_flags = _flags(q.dtype, g is not None, qk_l2norm, "backward_chunk", BK=bk)
     NS = _num_segments(lay.N, H, T, cu_seqlens)
-    lowp = chunk_flags["LOWP"] and not (kept is not None and NS == 1)
+    use_kept = kept is not None and NS == 1
+    lowp = chunk_flags["LOWP"] and not use_kept  # what the backward stores itself may be bfloat16 (STATES_LOWP)
     stored = {n: torch.bfloat16 if lowp and STATES_LOWP[n] else torch.float32 for n in ("states", "dstates", "u")}
-    if kept is not None and NS == 1:
+    if use_kept:
         states, u, w = kept
         dummy = states
         g_ = g if g is not None else dummy

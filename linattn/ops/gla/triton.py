@@ -81,11 +81,11 @@ CHUNK_LIMIT = 60.0
 # backward forms A again (only the inputs and outputs are kept).
 SAVE_SCORES = True
 # FEW_PROGRAMS: the per-sequence state kernels (the forward's output kernel and the backward's two state passes) run
-# (K / BK) (V / BV) N H programs, each a loop over all of its sequence's chunks; where that is fewer than this (long
-# sequences, few of them: 32 and 64 programs at T = 65536, B = 1, H = 16), their value blocks are halved, down to 16
-# columns, until it is not: at T = 65536, B = 1 the state passes take 256 programs, the output kernel 128 (its key
-# block is the whole K). 132 is one program per SM of an H200. Off (0: the launch table's blocks) until it has been
-# timed and GPU-tested: LINATTN_LAUNCH="gla.FEW_PROGRAMS=132" (or 264) tries it. The interpreter tests run it.
+# (K / BK) (V / BV) N H programs, each a loop over all of its sequence's chunks; where that is fewer than this, their
+# value blocks are halved, down to 16 columns, until it is not. At T = 65536, B = 1, H = 16 the output kernel runs 32
+# programs and the state passes 64 (GLA fwd+bwd 11.25 ms there, 8.76 at T = 4096); narrowed for 132 (one program per
+# SM of an H200), 128 and 256. Off (0: the launch table's blocks) until it has been timed and GPU-tested:
+# LINATTN_LAUNCH="gla.FEW_PROGRAMS=132" (or 264) tries it. The interpreter tests run it.
 FEW_PROGRAMS = 0
 # STATES_LOWP: with bfloat16 operands (lowp_dots), the backward stores the state entering each chunk and the gradient
 # of the state leaving it in bfloat16, not float32: every product that reads them casts them to bfloat16 anyway, and
@@ -120,8 +120,7 @@ def _launch(dtype: torch.dtype, K: int, V: int) -> dict:
     """Blocks, warps and stages of each kernel, from a sweep on an H200 at K = V = 128 (bfloat16). Compiled for
     sm_90 (Triton 3.9, bf16; compile_kernels --resources gla), intra, dqkg (forming the state products) and the
     forward's output kernel sit at 255 registers and spill 504, 1472 and 1768 B a thread; the 8-warp settings
-    measured slower. float32 tiles, and
-    every tile at K = 256, take one stage, so that shared memory holds them.
+    measured slower. float32 tiles, and every tile at K = 256, take one stage, so that shared memory holds them.
 
     dqkg's key blocks: on an H200 (session 11, one call, bf16, T = 4096, B = 16, fwd+bwd ms, dg summed in float64
     then) 10.25 with 32 columns against 10.87 with 16; 11.56 with 32 at 8 warps, 11.51 with 64 at 8 warps. With
