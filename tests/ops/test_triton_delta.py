@@ -113,6 +113,24 @@ def test_backward_chunk_over_key_blocks(case, chunk_keys, monkeypatch):
 
 
 @both
+@pytest.mark.parametrize("from_products", [False, True], ids=["tiles", "products"])
+@pytest.mark.parametrize("qk_l2norm", [False, True], ids=["unit_keys", "qk_l2norm"])
+def test_db_and_dbeta_from_the_tiles_or_the_products(case, from_products, qk_l2norm, monkeypatch):
+    """backward_chunk's sums for db and dbeta from its [BT, BT] gradient tiles, or from the products that dq and dk
+    take anyway (DB_FROM_PRODUCTS): the same gradients, in key blocks of 16 (K = 33: the last holds one column) or,
+    with qk_l2norm, whole rows; beta as logits, packed sequences (one of one token), a partial last chunk."""
+    monkeypatch.setattr(tri, "DB_FROM_PRODUCTS", from_products)
+    monkeypatch.setattr(tri, "CHUNK_KEYS", 16)
+    if qk_l2norm:
+        variant = with_options(case, qk_l2norm=True, beta_is_logit=True)
+    else:
+        variant = dataclasses.replace(case, id=f"{case.id}_beta_is_logit", options=dict(beta_is_logit=True))
+    cu_seqlens = torch.tensor([0, 37, 38, 150])
+    tensors, state = variant.draw(B=1, T=150, H=2, K=33, V=24, seed=17, N=3)
+    check_against_naive(variant, *to(tensors, state), "triton", cu_seqlens=cu_seqlens.to(DEVICE), **ON_DEVICE)
+
+
+@both
 @pytest.mark.parametrize("doubling", [False, True], ids=["rows", "doubling"])
 def test_solve_diagonal_blocks_by_rows_or_doubling(case, doubling, monkeypatch):
     """The WY solve's 16-blocks row by row, or by doubling as batched products (SOLVE_DIAG_DOUBLING, the

@@ -164,6 +164,15 @@ KEEP_STATES = False
 #   tests of outputs and gradients (test_gpu_triton_matches_reference, test_gpu_varlen_with_empty_and_single_token)
 #   pass with it. The whole GPU test run with exactly this setting did not finish in the session's device time.
 STATES_LOWP = dict(states=False, dstates=False, u=True, dx=True)
+# DB_FROM_PRODUCTS: backward_chunk forms the row and column sums that db and dbeta take from its [BT, BT] gradient
+# tiles (dP * P and dA * A) out of the products that dq and dk need anyway, instead of forming q k^T (a product) and
+# k k^T (a tf32 product) and the tiles themselves (see _backward_chunk_kernel): two [BT, BK] products more, one
+# [BT, BT] and one tf32 product and two [BT, BT] tiles fewer. With bfloat16 operands the sums then take dP and dA
+# rounded to bfloat16, and the P part's diagonal terms cancel rather than being left out. sm_90 compile (bf16, 64
+# key columns, 4 warps): spill 1576 -> 1440 B gated, 608 -> 592 B without gates; with qk_l2norm (128 columns,
+# gated) 2392 -> 2880 B. Off until timed and GPU-tested (session 12 built it without device time; the interpreter
+# tests run it): LINATTN_LAUNCH="gated_delta_rule.DB_FROM_PRODUCTS=1".
+DB_FROM_PRODUCTS = False
 # output and local_du loop over a chunk's V blocks, forming q k^T once; one V block per program was slower on an H200
 # (session 7, T = 4096, B = 16, bf16: delta_rule fwd+bwd 14.83 ms against 13.88). backward_state stores dX = Tinv^T dU
 # in dU's place, formed once as each chunk's dU is final, rather than backward_chunk forming it in each of its two
@@ -566,7 +575,7 @@ def backward(
         dq, dk, dv, dg if dg is not None else dummy, dbeta, scale, B * T * H,
         BV=bv_chunk, BETA_LOGIT=beta_is_logit,
         **_launch("backward_chunk", q.dtype, bk, bv_chunk, gated=g is not None), **dict(common, BK=bk),
-        **chunk_flags, DX_LOWP=lowp and STATES_LOWP["dx"],
+        **chunk_flags, DX_LOWP=lowp and STATES_LOWP["dx"], DB_FROM_PRODUCTS=DB_FROM_PRODUCTS,
     )  # fmt: skip
     dg = dg.sum(0).float() if dg is not None else None
     dbeta = dbeta.sum(0)
@@ -789,7 +798,7 @@ def compile_variants():
             bk = _chunk_keys(BK, l2)
             chunk = dict(BV=BV_CHUNK, BETA_LOGIT=opt, BK=bk)
             chunk |= _flags(torch_dtype, gated, l2, "backward_chunk", gpu=True, BK=bk)
-            chunk |= dict(DX_LOWP=chunk["LOWP"] and STATES_LOWP["dx"])
+            chunk |= dict(DX_LOWP=chunk["LOWP"] and STATES_LOWP["dx"], DB_FROM_PRODUCTS=DB_FROM_PRODUCTS)
             chunk_ptrs = sptrs if chunk["LOWP"] else ptrs
             scalars = dict(scalars=dict(scale="fp32", part="i32"))
             chunk_opts = _launch("backward_chunk", torch_dtype, bk, BV_CHUNK, gated=gated) | scalars

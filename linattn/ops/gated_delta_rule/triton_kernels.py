@@ -388,6 +388,7 @@ def _backward_chunk_kernel(
     LOWP: tl.constexpr,
     PRECISE_EXP: tl.constexpr,
     DX_LOWP: tl.constexpr,
+    DB_FROM_PRODUCTS: tl.constexpr,
 ):
     # Per chunk, from the state entering it (S), the gradient of the state leaving it (dS'), U and dX (which
     # _backward_state_kernel stores in du): every input gradient. U = Tinv R with R = beta (v - exp(b) k S) and
@@ -401,6 +402,10 @@ def _backward_chunk_kernel(
     # and the launcher adds the shares.
     # S, dS' and U may be stored in bfloat16 (STATES_LOWP in triton.py); they are taken to float32 where they are
     # not dot operands. DX_LOWP: dX's products with S and U take bfloat16 operands (dX rounded), else tf32.
+    # DB_FROM_PRODUCTS: the row and column sums of the [BT, BT] gradient-times-score tiles (dP P and dA A, for db
+    # and dbeta) come from the products that dq and dk need anyway, as q_t . (dPg k)_t and k_s . (dPg^T q)_s (the
+    # diagonal, in both, cancels) and beta_t k_t . (dAg k)_t, k_s . (G^T k)_s, instead of forming q k^T and k k^T
+    # and the tiles themselves.
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_c, i_k = chunk_and_block((K + BK - 1) // BK)
     i_h = tl.program_id(1)
@@ -480,20 +485,36 @@ def _backward_chunk_kernel(
     b_k, r_k = load_rows(k, tok, m_t, o_k, K, L2NORM)
     # intra-chunk scores P_ts = exp(b_t - b_s) q_t . k_s (the diagonal's b-terms cancel: left out), and
     # dP_ts P_ts = dPg_ts (q_t . k_s)
-    M = tl.where(strict, dPg * mm_lowp(b_q, tl.trans(b_k), DOT_PREC, ROUND, LOWP, LOWP_TY), 0.0)
-    db += tl.sum(M, axis=1) - tl.sum(M, axis=0)
-    b_dq += mm_lowp(dPg, b_k, DOT_PREC, ROUND, LOWP, LOWP_TY)
+    if DB_FROM_PRODUCTS:
+        d_pk = mm_lowp(dPg, b_k, DOT_PREC, ROUND, LOWP, LOWP_TY)
+        d_pq = mm_lowp(tl.trans(dPg), b_q, DOT_PREC, ROUND, LOWP, LOWP_TY)
+        db += tl.sum(b_q * d_pk, axis=1) - tl.sum(b_k * d_pq, axis=1)
+        b_dq += d_pk
+        b_dk += d_pq
+    else:
+        M = tl.where(strict, dPg * mm_lowp(b_q, tl.trans(b_k), DOT_PREC, ROUND, LOWP, LOWP_TY), 0.0)
+        db += tl.sum(M, axis=1) - tl.sum(M, axis=0)
+        b_dq += mm_lowp(dPg, b_k, DOT_PREC, ROUND, LOWP, LOWP_TY)
+        b_dk += mm_lowp(tl.trans(dPg), b_q, DOT_PREC, ROUND, LOWP, LOWP_TY)
     if L2NORM:
         b_dq = l2norm_backward(b_dq, b_q, r_q)
     tl.store(dq + tok[:, None] * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m_tk)
-    b_dk += mm_lowp(tl.trans(dPg), b_q, DOT_PREC, ROUND, LOWP, LOWP_TY)
     # A_ts = beta_t exp(b_t - b_s) k_t . k_s
-    KK = mm(b_k, tl.trans(b_k), DOT_PREC, ROUND)
-    G = dAg * b_beta[:, None]
-    b_dk += mm_lowp(G, b_k, DOT_PREC, ROUND, LOWP, LOWP_TY) + mm_lowp(tl.trans(G), b_k, DOT_PREC, ROUND, LOWP, LOWP_TY)
-    d_beta += tl.sum(dAg * KK, axis=1)
-    M = dAg * KK * b_beta[:, None]  # dA * A
-    db += tl.sum(M, axis=1) - tl.sum(M, axis=0)
+    if DB_FROM_PRODUCTS:
+        d_ak = mm_lowp(dAg, b_k, DOT_PREC, ROUND, LOWP, LOWP_TY)  # dAg k; G k = beta dAg k
+        d_gk = mm_lowp(tl.trans(dAg * b_beta[:, None]), b_k, DOT_PREC, ROUND, LOWP, LOWP_TY)  # G^T k
+        k_ak = tl.sum(b_k * d_ak, axis=1)
+        d_beta += k_ak
+        db += b_beta * k_ak - tl.sum(b_k * d_gk, axis=1)
+        b_dk += d_ak * b_beta[:, None] + d_gk
+    else:
+        KK = mm(b_k, tl.trans(b_k), DOT_PREC, ROUND)
+        G = dAg * b_beta[:, None]
+        b_dk += mm_lowp(G, b_k, DOT_PREC, ROUND, LOWP, LOWP_TY)
+        b_dk += mm_lowp(tl.trans(G), b_k, DOT_PREC, ROUND, LOWP, LOWP_TY)
+        d_beta += tl.sum(dAg * KK, axis=1)
+        M = dAg * KK * b_beta[:, None]  # dA * A
+        db += tl.sum(M, axis=1) - tl.sum(M, axis=0)
 
     if HAS_G:  # b_t = g_1 + ... + g_t within the chunk
         b_dg = tl.cumsum(db.to(tl.float64), axis=0, reverse=True)
