@@ -183,6 +183,14 @@ def exclusive_cumsum_per_sequence(e: torch.Tensor, cu_seqlens) -> torch.Tensor:
     return total.movedim(-1, 1).contiguous()
 
 
+def narrow_bv(BV: int, V: int, blocks: int, target: int) -> int:
+    """The value block of a per-sequence kernel that runs (V / BV) blocks programs: BV halved, down to 16, while
+    those are fewer than target (long sequences, few of them, leave SMs idle otherwise)."""
+    while BV > 16 and triton.cdiv(V, BV) * blocks < target:
+        BV //= 2
+    return BV
+
+
 def short_for_recurrent(q: torch.Tensor, cu_seqlens, max_t: int) -> bool:
     """True when the call has at most max_t tokens per sequence on average (decoding)."""
     n = 1 if cu_seqlens is None else cu_seqlens.shape[0] - 1

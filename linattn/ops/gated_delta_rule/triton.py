@@ -56,6 +56,7 @@ from linattn.ops.common.triton_recurrent import recurrent as common_recurrent
 from linattn.ops.common.triton_utils import (
     ChunkTable,
     kernel_flags,
+    narrow_bv,
     needs_grad,
     precise_exp,
     short_for_recurrent,
@@ -250,10 +251,7 @@ def _chunk_bv(V: int) -> int:
 
 def _sequence_bv(K: int, V: int, NH: int, dtype: torch.dtype | None = None) -> int:
     """BV of the per-sequence kernels, which run (V / BV) N H programs: narrower when that is too few."""
-    _, BV = _blocks(K, V, dtype)
-    while BV > 16 and triton.cdiv(V, BV) * NH < FULL_GPU:
-        BV //= 2
-    return BV
+    return narrow_bv(_blocks(K, V, dtype)[1], V, NH, FULL_GPU)
 
 
 def _num_segments(N: int, H: int, T: int, cu_seqlens) -> int:
@@ -518,17 +516,15 @@ def backward(
     use_kept = kept is not None and NS == 1
     lowp = chunk_flags["LOWP"] and not use_kept  # what the backward stores itself may be bfloat16 (STATES_LOWP)
     stored = {n: torch.bfloat16 if lowp and STATES_LOWP[n] else torch.float32 for n in ("states", "dstates", "u")}
+    dummy = torch.empty(1, dtype=torch.float32, device=q.device)  # for pointers that a constexpr leaves unread
+    g_ = g if g is not None else dummy
     if use_kept:
         states, u, w = kept
-        dummy = states
-        g_ = g if g is not None else dummy
         seg = None
     else:
         w, u0, tinv = prepare(k, v, g, beta, lay, qk_l2norm, beta_is_logit, tinv=tinv, store_t=True)
         states = torch.empty(lay.NC, H, K, V, dtype=stored["states"], device=q.device)
         u = torch.empty(B, T, H, V, dtype=stored["u"], device=q.device)
-        dummy = torch.empty(1, dtype=torch.float32, device=q.device)
-        g_ = g if g is not None else dummy
         seg = Segments(lay.N, T, NS, q.device) if NS > 1 else None
         if seg is None:
             _forward_kernel[(NV, lay.N * H)](

@@ -33,6 +33,7 @@ from linattn.ops.common.triton_utils import (
     ChunkTable,
     kernel_flags,
     lowp_dots,
+    narrow_bv,
     precise_exp,
     store_dtype,
     triton_unsupported,
@@ -103,11 +104,11 @@ def _pow2(n: int, lo: int = 16, hi: int = 256) -> int:
 
 def _per_sequence(cfg: dict, K: int, V: int, NH: int) -> dict:
     """A per-sequence kernel's launch settings with its value blocks narrowed for few programs (FEW_PROGRAMS)."""
-    cfg = dict(cfg)
-    while cfg["BV"] > 16 and triton.cdiv(K, cfg["BK"]) * triton.cdiv(V, cfg["BV"]) * NH < FEW_PROGRAMS:
-        cfg["BV"] //= 2
-        cfg["num_warps"] = min(cfg["num_warps"], 4)  # 8 warps on small tiles faulted on Triton 3.6 (delta rules)
-    return cfg
+    BV = narrow_bv(cfg["BV"], V, triton.cdiv(K, cfg["BK"]) * NH, FEW_PROGRAMS)
+    if BV == cfg["BV"]:
+        return cfg
+    # 8 warps on small tiles faulted on Triton 3.6 (the delta rules' _warps)
+    return dict(cfg, BV=BV, num_warps=min(cfg["num_warps"], 4))
 
 
 def _flags(dtype: torch.dtype, gpu: bool | None = None) -> dict:
