@@ -119,7 +119,7 @@ def test_db_and_dbeta_from_the_tiles_or_the_products(case, from_products, qk_l2n
     """backward_chunk's sums for db and dbeta from its [BT, BT] gradient tiles, or from the products that dq and dk
     take anyway (DB_FROM_PRODUCTS): the same gradients, in key blocks of 16 (K = 33: the last holds one column) or,
     with qk_l2norm, whole rows; beta as logits, packed sequences (one of one token), a partial last chunk."""
-    monkeypatch.setattr(tri, "DB_FROM_PRODUCTS", from_products)
+    monkeypatch.setattr(tri, "DB_FROM_PRODUCTS", dict(gated=from_products, ungated=from_products))
     monkeypatch.setattr(tri, "CHUNK_KEYS", 16)
     if qk_l2norm:
         variant = with_options(case, qk_l2norm=True, beta_is_logit=True)
@@ -232,9 +232,12 @@ def test_unnormalised_keys_with_beta_near_one():
     check_against_naive(case, *to(tensors, state), "triton", **ON_DEVICE)
 
 
+@pytest.mark.parametrize("from_products", [False, True], ids=["tiles", "products"])
 @pytest.mark.parametrize("gates", [0.0, -30.0, -1e4, "mixed"])
-def test_extreme_gates(gates):
-    """No decay, and decay so strong that the state resets every token: finite, and matching naive."""
+def test_extreme_gates(gates, from_products, monkeypatch):
+    """No decay, and decay so strong that the state resets every token: finite, and matching naive, with db's sums
+    from either form (DB_FROM_PRODUCTS; at strong gates they are ~0, so terms that cancel would show)."""
+    monkeypatch.setattr(tri, "DB_FROM_PRODUCTS", dict(gated=from_products, ungated=from_products))
     tensors, state = GATED.draw(B=1, T=70, H=2, K=16, V=24, seed=2)
     check_against_naive(GATED, *to(extreme(tensors, gates), state), "triton", **ON_DEVICE)
 

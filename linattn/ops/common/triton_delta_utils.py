@@ -88,11 +88,12 @@ def _join_pairs(Ti, A, o, size, PREC: tl.constexpr):
     """One level of unit_lower_inverse's doubling, over the last two axes of Ti and A (index o along each): join
     every pair of neighbouring diagonal blocks of size ``size``, already inverted (T1, T2), into one of twice the
     size, whose lower-left block is -T2 A21 T1; with X = A21 T1 (A masked to those blocks, times Ti) that is
-    Ti <- Ti - Ti X, for every pair at once."""
+    Ti <- Ti - Ti X, for every pair at once. PREC "tf32" rounds the operands to the nearest tf32 (tf32_round)."""
     pair = (o[:, None] // (2 * size)) == (o[None, :] // (2 * size))
     lower_left = pair & ((o[:, None] // size) % 2 == 1) & ((o[None, :] // size) % 2 == 0)
-    X = tl.dot(tl.where(lower_left, A, 0.0), Ti, input_precision=PREC)
-    return Ti - tl.dot(Ti, X, input_precision=PREC)
+    ROUND: tl.constexpr = PREC == "tf32"
+    X = tl.dot(tf32_round(tl.where(lower_left, A, 0.0), ROUND), tf32_round(Ti, ROUND), input_precision=PREC)
+    return Ti - tl.dot(tf32_round(Ti, ROUND), tf32_round(X, ROUND), input_precision=PREC)
 
 
 @triton.jit
@@ -104,7 +105,8 @@ def unit_lower_inverse(A, BT: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr
     no tensor-core work, where forming each row as a [BT, BT] product took BD - 1 of them. Then by doubling
     (below), as products of [BT, BT] tiles. PREC is their precision:
     "ieee" (exact float32 products, which Hopper runs on its FMA units, not its tensor cores) for float32 inputs,
-    "tf32x3" (three tf32 products, about float32's accuracy, on the tensor cores) for 16-bit ones. Unlike the
+    "tf32x3" (three tf32 products, about float32's accuracy, on the tensor cores) for 16-bit ones, or "tf32"
+    (one, with operands rounded to the nearest tf32). Unlike the
     product form (I - A)(I + A^2)(I + A^4)..., nothing here cancels for large A.
 
     DIAG_DOUBLING: the diagonal blocks by doubling too (as below, from blocks of 1), as batched products of

@@ -93,6 +93,13 @@ PREPARE_KEYS = 64
 # On an H200 (session 10, one call, bf16, fwd+bwd ms, T = 4096, B = 16): delta_rule 8.92 against 9.26 with rows,
 # gated_delta_rule 10.37 against 10.68.
 SOLVE_DIAG_DOUBLING = True
+# prepare's precision for bfloat16 inputs on a GPU. SOLVE_TF32X3: the solve's products in three tf32 passes (about
+# float32's accuracy, as the plain run's triangular solve), else one. PREPARE_LOWP: kkt, A's k k^T from the
+# bfloat16 keys as they are (the same products as tf32's; not with qk_l2norm, whose normalised keys tf32 rounds);
+# wu, W's and U0's products with bfloat16 operands (Tinv rounded to bfloat16, as fla's solve stores it). Untimed and
+# not GPU-tested (session 13): LINATTN_LAUNCH="gated_delta_rule.PREPARE_LOWP.kkt=1;gated_delta_rule.SOLVE_TF32X3=0".
+SOLVE_TF32X3 = True
+PREPARE_LOWP = dict(kkt=True, wu=True)
 # Launch options by kernel. Every kernel holds several [BT, K] float32 tiles: at 4 warps each spills 0.3-3.6 KB of
 # registers per thread (compile_kernels --resources), yet on an H200 (T = 4096, B = 16, bf16) 4 warps measured
 # faster than 8 (delta_rule fwd+bwd 18.6 ms against 24.8, gated_delta_rule 27.8 against 34.0).
@@ -173,7 +180,7 @@ STATES_LOWP = dict(states=False, dstates=False, u=True, dx=True)
 # key columns, 4 warps): spill 1576 -> 1440 B gated, 608 -> 592 B without gates; with qk_l2norm (128 columns,
 # gated) 2392 -> 2880 B. Off until timed and GPU-tested (session 12 built it without device time; the interpreter
 # tests run it): LINATTN_LAUNCH="gated_delta_rule.DB_FROM_PRODUCTS=1".
-DB_FROM_PRODUCTS = False
+DB_FROM_PRODUCTS = dict(gated=True, ungated=False)
 # output and local_du loop over a chunk's V blocks, forming q k^T once; one V block per program was slower on an H200
 # (session 7, T = 4096, B = 16, bf16: delta_rule fwd+bwd 14.83 ms against 13.88). backward_state stores dX = Tinv^T dU
 # in dU's place, formed once as each chunk's dU is final, rather than backward_chunk forming it in each of its two
@@ -325,6 +332,18 @@ def _lowp(dtype: torch.dtype, kernel: str, gpu: bool | None = None, BK: int | No
     return bool(LOWP_DOTS[kernel]) and dtype == torch.bfloat16 and trusted and not small
 
 
+def _prepare_flags(dtype: torch.dtype, qk_l2norm: bool, gpu: bool | None = None) -> dict:
+    """prepare's precision constexprs (SOLVE_TF32X3, PREPARE_LOWP) for inputs of ``dtype``."""
+    gpu = not triton_interpret() if gpu is None else gpu
+    prec = kernel_flags(dtype, long_sums=True, gpu=gpu)["DOT_PREC"]
+    bf16 = dtype == torch.bfloat16 and gpu
+    return dict(
+        SOLVE_PREC="ieee" if prec == "ieee" else ("tf32x3" if SOLVE_TF32X3 or not bf16 else "tf32"),
+        KKT_LOWP=bool(PREPARE_LOWP["kkt"]) and bf16 and not qk_l2norm,
+        WU_LOWP=bool(PREPARE_LOWP["wu"]) and bf16,
+    )
+
+
 def prepare(k, v, g, beta, lay: ChunkTable, qk_l2norm: bool, beta_is_logit: bool, tinv=None, store_t: bool = False):
     """W [B, T, H, K] (float32, or bfloat16: see _w_dtype), U0 [B, T, H, V] float32 and Tinv [B, T, H, BT] float32.
 
@@ -361,8 +380,14 @@ def prepare(k, v, g, beta, lay: ChunkTable, qk_l2norm: bool, beta_is_logit: bool
         STORE_T=store_t,
         **_launch("prepare", k.dtype, BK, BV, gated=g is not None),
         **_flags(k.dtype, g is not None, qk_l2norm, "prepare"),
+        **_prepare_flags(k.dtype, qk_l2norm),
     )
     return w, u0, tinv
+
+
+def _db_from_products(gated: bool) -> bool:
+    """DB_FROM_PRODUCTS' entry for the gated op, or the delta rule's."""
+    return bool(DB_FROM_PRODUCTS["gated" if gated else "ungated"])
 
 
 def _keeps(keep: bool, N: int, H: int, T: int, cu_seqlens) -> bool:
@@ -571,7 +596,7 @@ def backward(
         dq, dk, dv, dg if dg is not None else dummy, dbeta, scale, B * T * H,
         BV=bv_chunk, BETA_LOGIT=beta_is_logit,
         **_launch("backward_chunk", q.dtype, bk, bv_chunk, gated=g is not None), **dict(common, BK=bk),
-        **chunk_flags, DX_LOWP=lowp and STATES_LOWP["dx"], DB_FROM_PRODUCTS=DB_FROM_PRODUCTS,
+        **chunk_flags, DX_LOWP=lowp and STATES_LOWP["dx"], DB_FROM_PRODUCTS=_db_from_products(g is not None),
     )  # fmt: skip
     dg = dg.sum(0).float() if dg is not None else None
     dbeta = dbeta.sum(0)
@@ -774,7 +799,7 @@ def compile_variants():
         lowp = _lowp(torch_dtype, "backward_chunk", True, _chunk_keys(BK, False))
         sptrs = ptrs | {n: "bf16" if lowp and STATES_LOWP[n] else "fp32" for n in ("states", "dstates", "u")}
         solve = dict(BV=seq_bv, BKP=min(BK, PREPARE_KEYS), SOLVE=True, STORE_T=True, BETA_LOGIT=opt)
-        solve |= dict(DIAG_DOUBLING=SOLVE_DIAG_DOUBLING)
+        solve |= dict(DIAG_DOUBLING=SOLVE_DIAG_DOUBLING, **_prepare_flags(torch_dtype, opt, gpu=True))
         yield f"prepare {label}", _prepare_kernel, ptrs, common["prepare"] | solve, opts["prepare"]
         for bv in (seq_bv, 16):
             out = dict(BV=bv, HAS_H0=True, HAS_U0=True, STORE_O=True, STORE_HT=True, STORE_STATES=False)
@@ -794,7 +819,7 @@ def compile_variants():
             bk = _chunk_keys(BK, l2)
             chunk = dict(BV=BV_CHUNK, BETA_LOGIT=opt, BK=bk)
             chunk |= _flags(torch_dtype, gated, l2, "backward_chunk", gpu=True, BK=bk)
-            chunk |= dict(DX_LOWP=chunk["LOWP"] and STATES_LOWP["dx"], DB_FROM_PRODUCTS=DB_FROM_PRODUCTS)
+            chunk |= dict(DX_LOWP=chunk["LOWP"] and STATES_LOWP["dx"], DB_FROM_PRODUCTS=_db_from_products(gated))
             chunk_ptrs = sptrs if chunk["LOWP"] else ptrs
             scalars = dict(scalars=dict(scale="fp32", part="i32"))
             chunk_opts = _launch("backward_chunk", torch_dtype, bk, BV_CHUNK, gated=gated) | scalars

@@ -52,10 +52,17 @@ def _prepare_kernel(
     LOWP: tl.constexpr,
     PRECISE_EXP: tl.constexpr,
     DIAG_DOUBLING: tl.constexpr,
+    SOLVE_PREC: tl.constexpr,
+    KKT_LOWP: tl.constexpr,
+    WU_LOWP: tl.constexpr,
 ):
     # Per chunk: Tinv = (I + A)^-1 (solved, or loaded as the forward stored it), W = Tinv (beta exp(b) K)
     # [BT, K] (stored in w's dtype), U0 = Tinv (beta V) [BT, V], formed in float32. K is gone through in blocks of
     # BKP columns (k k^T summed over them, W formed block by block), so that no [BT, K] float32 tile is live.
+    # SOLVE_PREC: the solve's products (unit_lower_inverse). KKT_LOWP: k k^T from the bfloat16 keys as they are
+    # (the same products as tf32's, for keys not normalised here). WU_LOWP: W's and U0's products take bfloat16
+    # operands (Tinv rounded to bfloat16), as fla's do.
+    LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     lo, hi = chunk_bounds(chunks, i_c)
     if hi <= lo:  # past the last chunk (varlen allots a bound on the count)
@@ -72,26 +79,23 @@ def _prepare_kernel(
         for i_k in range(0, tl.cdiv(K, BKP)):
             o_k = i_k * BKP + tl.arange(0, BKP)
             b_k = load_rows(k, tok, m_t, o_k, K, False)[0] * r_k[:, None]
-            A += mm(b_k, tl.trans(b_k), DOT_PREC, ROUND)
+            A += mm_lowp(b_k, tl.trans(b_k), DOT_PREC, ROUND, KKT_LOWP, LOWP_TY)
         A = A * gamma * b_beta[:, None]
         A = tl.where(o_t[:, None] > o_t[None, :], A, 0.0)
-        if DOT_PREC == "ieee":
-            Ti = unit_lower_inverse(A, BT, 16, "ieee", DIAG_DOUBLING)
-        else:
-            Ti = unit_lower_inverse(A, BT, 16, "tf32x3", DIAG_DOUBLING)
+        Ti = unit_lower_inverse(A, BT, 16, SOLVE_PREC, DIAG_DOUBLING)
     else:
         Ti = tl.load(tinv + tok[:, None] * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
     for i_k in range(0, tl.cdiv(K, BKP)):
         o_k = i_k * BKP + tl.arange(0, BKP)
         b_k = load_rows(k, tok, m_t, o_k, K, False)[0]
-        b_w = mm(Ti, b_k * (r_k * b_beta * e_b)[:, None], DOT_PREC, ROUND)
+        b_w = mm_lowp(Ti, b_k * (r_k * b_beta * e_b)[:, None], DOT_PREC, ROUND, WU_LOWP, LOWP_TY)
         m_tk = m_t[:, None] & (o_k < K)[None, :]
         tl.store(w + tok[:, None] * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=m_tk)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_tv = m_t[:, None] & (o_v < V)[None, :]
         b_v = tl.load(v + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-        b_u = mm(Ti, b_v * b_beta[:, None], DOT_PREC, ROUND)
+        b_u = mm_lowp(Ti, b_v * b_beta[:, None], DOT_PREC, ROUND, WU_LOWP, LOWP_TY)
         tl.store(u0 + tok[:, None] * V + o_v[None, :], b_u, mask=m_tv)
     if STORE_T:
         tl.store(tinv + tok[:, None] * BT + o_t[None, :], Ti, mask=m_t[:, None])
@@ -403,9 +407,9 @@ def _backward_chunk_kernel(
     # S, dS' and U may be stored in bfloat16 (STATES_LOWP in triton.py); they are taken to float32 where they are
     # not dot operands. DX_LOWP: dX's products with S and U take bfloat16 operands (dX rounded), else tf32.
     # DB_FROM_PRODUCTS: the row and column sums of the [BT, BT] gradient-times-score tiles (dP P and dA A, for db
-    # and dbeta) come from the products that dq and dk need anyway, as q_t . (dPg k)_t and k_s . (dPg^T q)_s (the
-    # diagonal, in both, cancels) and beta_t k_t . (dAg k)_t, k_s . (G^T k)_s, instead of forming q k^T and k k^T
-    # and the tiles themselves.
+    # and dbeta) come from the products that dq and dk need anyway, as q_t . (dPg k)_t and k_s . (dPg^T q)_s (dPg
+    # strictly lower: its diagonal is added to dq and dk apart) and beta_t k_t . (dAg k)_t, k_s . (G^T k)_s,
+    # instead of forming q k^T and k k^T and the tiles themselves.
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_c, i_k = chunk_and_block((K + BK - 1) // BK)
     i_h = tl.program_id(1)
@@ -486,11 +490,16 @@ def _backward_chunk_kernel(
     # intra-chunk scores P_ts = exp(b_t - b_s) q_t . k_s (the diagonal's b-terms cancel: left out), and
     # dP_ts P_ts = dPg_ts (q_t . k_s)
     if DB_FROM_PRODUCTS:
-        d_pk = mm_lowp(dPg, b_k, DOT_PREC, ROUND, LOWP, LOWP_TY)
-        d_pq = mm_lowp(tl.trans(dPg), b_q, DOT_PREC, ROUND, LOWP, LOWP_TY)
+        # the products take dPg's strictly lower part, so that db's two sums hold no diagonal terms to cancel
+        # (at strong gates the true sums are ~0 and the cancelled terms' rounding is not); the diagonal, dPg_tt
+        # q_t . k_t, goes into dq and dk elementwise
+        d_diag = tl.sum(tl.where(o_t[:, None] == o_t[None, :], dPg, 0.0), axis=1)
+        dPs = tl.where(strict, dPg, 0.0)
+        d_pk = mm_lowp(dPs, b_k, DOT_PREC, ROUND, LOWP, LOWP_TY)
+        d_pq = mm_lowp(tl.trans(dPs), b_q, DOT_PREC, ROUND, LOWP, LOWP_TY)
         db += tl.sum(b_q * d_pk, axis=1) - tl.sum(b_k * d_pq, axis=1)
-        b_dq += d_pk
-        b_dk += d_pq
+        b_dq += d_pk + d_diag[:, None] * b_k
+        b_dk += d_pq + d_diag[:, None] * b_q
     else:
         M = tl.where(strict, dPg * mm_lowp(b_q, tl.trans(b_k), DOT_PREC, ROUND, LOWP, LOWP_TY), 0.0)
         db += tl.sum(M, axis=1) - tl.sum(M, axis=0)
