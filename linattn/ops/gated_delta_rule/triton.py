@@ -94,12 +94,22 @@ PREPARE_KEYS = 64
 # gated_delta_rule 10.37 against 10.68.
 SOLVE_DIAG_DOUBLING = True
 # prepare's precision for bfloat16 inputs on a GPU. SOLVE_TF32X3: the solve's products in three tf32 passes (about
-# float32's accuracy, as the plain run's triangular solve), else one. PREPARE_LOWP: kkt, A's k k^T from the
-# bfloat16 keys as they are (the same products as tf32's; not with qk_l2norm, whose normalised keys tf32 rounds);
-# wu, W's and U0's products with bfloat16 operands (Tinv rounded to bfloat16, as fla's solve stores it). Untimed and
-# not GPU-tested (session 13): LINATTN_LAUNCH="gated_delta_rule.PREPARE_LOWP.kkt=1;gated_delta_rule.SOLVE_TF32X3=0".
-SOLVE_TF32X3 = True
-PREPARE_LOWP = dict(kkt=True, wu=True)
+# float32's accuracy, as the plain run's triangular solve), else one with operands rounded to the nearest tf32.
+# PREPARE_LOWP: kkt, A's k k^T from the bfloat16 keys as they are (the same products as tf32's; not with qk_l2norm,
+# whose normalised keys tf32 rounds); wu, W's and U0's products with bfloat16 operands (Tinv rounded to bfloat16, as
+# fla's solve stores it); u0, U0 stored in bfloat16. On an H200 (session 13, bf16, T = 4096, B = 16, fwd+bwd ms,
+# delta_rule / gated; DB_FROM_PRODUCTS on for both in the first four rows):
+#   tf32x3, float32 products (before)       7.68 / 9.52
+#   kkt                                     7.60 / 9.45   every delta GPU test passes (132)
+#   kkt, wu                                 7.16 / 9.01   the bf16 GPU tests (35) pass; all 132 with the defaults
+#   kkt, one rounded tf32 pass              7.27 / 9.12
+#   kkt, wu, one rounded tf32 pass          6.72 / 8.71   the defaults (other call; DB for the gated op only): the 35
+#                                                         pass; with truncated (unrounded) tf32, 6.86 / 8.67 and a
+#                                                         bf16 final state failed the dtype rule
+#   kkt, wu, u0                             6.85 / 8.99   fail: bf16 final state 0.00466 against twice the plain
+#                                                         run's error (with K = 128, V = 256: 0.00266 against 0.0010)
+SOLVE_TF32X3 = False
+PREPARE_LOWP = dict(kkt=True, wu=True, u0=False)
 # Launch options by kernel. Every kernel holds several [BT, K] float32 tiles: at 4 warps each spills 0.3-3.6 KB of
 # registers per thread (compile_kernels --resources), yet on an H200 (T = 4096, B = 16, bf16) 4 warps measured
 # faster than 8 (delta_rule fwd+bwd 18.6 ms against 24.8, gated_delta_rule 27.8 against 34.0).
@@ -176,10 +186,12 @@ STATES_LOWP = dict(states=False, dstates=False, u=True, dx=True)
 # tiles (dP * P and dA * A) out of the products that dq and dk need anyway, instead of forming q k^T (a product) and
 # k k^T (a tf32 product) and the tiles themselves (see _backward_chunk_kernel): two [BT, BK] products more, one
 # [BT, BT] and one tf32 product and two [BT, BT] tiles fewer. With bfloat16 operands the sums then take dP and dA
-# rounded to bfloat16, and the P part's diagonal terms cancel rather than being left out. sm_90 compile (bf16, 64
-# key columns, 4 warps): spill 1576 -> 1440 B gated, 608 -> 592 B without gates; with qk_l2norm (128 columns,
-# gated) 2392 -> 2880 B. Off until timed and GPU-tested (session 12 built it without device time; the interpreter
-# tests run it): LINATTN_LAUNCH="gated_delta_rule.DB_FROM_PRODUCTS=1".
+# rounded to bfloat16. The products take dP's strictly lower part, its diagonal going into dq and dk apart: with
+# the diagonal in both of db's sums (session 12's form), they cancelled it only to rounding, and at gates of -30
+# and -1e4, where the true sums are ~0, the float32 dg failed the dtype rule on the card (8.0e-7 against the plain
+# run's 0). sm_90 compile (bf16, 64 key columns, 4 warps), spill: gated 1576 -> 1504 B; with qk_l2norm (128
+# columns) 2392 -> 3632 B. On an H200 (session 13, bf16, T = 4096, B = 16, fwd+bwd ms, same call): gated 9.69 ->
+# 9.52, delta_rule 7.52 -> 7.68; so the gated op takes it, the delta rule does not. Every delta GPU test passes.
 DB_FROM_PRODUCTS = dict(gated=True, ungated=False)
 # output and local_du loop over a chunk's V blocks, forming q k^T once; one V block per program was slower on an H200
 # (session 7, T = 4096, B = 16, bf16: delta_rule fwd+bwd 14.83 ms against 13.88). backward_state stores dX = Tinv^T dU
@@ -345,7 +357,8 @@ def _prepare_flags(dtype: torch.dtype, qk_l2norm: bool, gpu: bool | None = None)
 
 
 def prepare(k, v, g, beta, lay: ChunkTable, qk_l2norm: bool, beta_is_logit: bool, tinv=None, store_t: bool = False):
-    """W [B, T, H, K] (float32, or bfloat16: see _w_dtype), U0 [B, T, H, V] float32 and Tinv [B, T, H, BT] float32.
+    """W [B, T, H, K] (float32, or bfloat16: see _w_dtype), U0 [B, T, H, V] float32 (or bfloat16: PREPARE_LOWP)
+    and Tinv [B, T, H, BT] float32.
 
     Tinv is solved for unless given (as the forward stored it); it is returned only when given or store_t.
     """
@@ -353,7 +366,9 @@ def prepare(k, v, g, beta, lay: ChunkTable, qk_l2norm: bool, beta_is_logit: bool
     V = v.shape[-1]
     BK, BV = _blocks(K, V, k.dtype)
     w = torch.empty(B, T, H, K, dtype=_w_dtype(k.dtype), device=k.device)
-    u0 = torch.empty(B, T, H, V, dtype=torch.float32, device=k.device)
+    precision = _prepare_flags(k.dtype, qk_l2norm)
+    u0_dtype = torch.bfloat16 if PREPARE_LOWP["u0"] and precision["WU_LOWP"] else torch.float32
+    u0 = torch.empty(B, T, H, V, dtype=u0_dtype, device=k.device)
     solve = tinv is None
     store_t = store_t and solve
     if store_t:
@@ -380,7 +395,7 @@ def prepare(k, v, g, beta, lay: ChunkTable, qk_l2norm: bool, beta_is_logit: bool
         STORE_T=store_t,
         **_launch("prepare", k.dtype, BK, BV, gated=g is not None),
         **_flags(k.dtype, g is not None, qk_l2norm, "prepare"),
-        **_prepare_flags(k.dtype, qk_l2norm),
+        **precision,
     )
     return w, u0, tinv
 

@@ -84,10 +84,13 @@ SAVE_SCORES = True
 # FEW_PROGRAMS: the per-sequence state kernels (the forward's output kernel and the backward's two state passes) run
 # (K / BK) (V / BV) N H programs, each a loop over all of its sequence's chunks; where that is fewer than this, their
 # value blocks are halved, down to 16 columns, until it is not. At T = 65536, B = 1, H = 16 the output kernel runs 32
-# programs and the state passes 64 (GLA fwd+bwd 11.25 ms there, 8.76 at T = 4096); narrowed for 132 (one program per
-# SM of an H200), 128 and 256. Off (0: the launch table's blocks) until it has been timed and GPU-tested:
-# LINATTN_LAUNCH="gla.FEW_PROGRAMS=132" (or 264) tries it. The interpreter tests run it.
-FEW_PROGRAMS = 0
+# programs and the state passes 64; narrowed for 100 they run 128. On an H200 (session 13, bf16, fwd+bwd ms; 0 is
+# the launch table's blocks; the 48 GPU GLA tests pass at 264):
+#   FEW_PROGRAMS     0       100     132     264
+#   T = 16384, B = 4  8.90*  8.93    -       9.87   (128 programs each: narrowed at 132 and 264, not at 100)
+#   T = 65536, B = 1  11.24  11.05   11.06   11.01
+# (* session 12; the rest in two calls of session 13.) T = 4096 (1024 programs) is not narrowed: 8.78 / 8.76 / 8.76.
+FEW_PROGRAMS = 100
 # STATES_LOWP: with bfloat16 operands (lowp_dots), the backward stores the state entering each chunk and the gradient
 # of the state leaving it in bfloat16, not float32: every product that reads them casts them to bfloat16 anyway, and
 # the one elementwise reader, dg's sum_v S dS, takes them to float32 first. The state carried from chunk to chunk
