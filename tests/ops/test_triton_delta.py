@@ -17,6 +17,9 @@ from tests.ops.tolerance import ON_DEVICE, assert_same_result, check_against_nai
 from tests.ops.triton_checks import assert_compiles_fullgraph, count_launches, extreme, triton_calls
 
 triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from linattn.ops.common.triton_delta_utils import unit_lower_inverse  # noqa: E402
 from linattn.ops.gated_delta_rule import triton as tri  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -128,6 +131,33 @@ def test_db_and_dbeta_from_the_tiles_or_the_products(case, from_products, qk_l2n
     cu_seqlens = torch.tensor([0, 37, 38, 150])
     tensors, state = variant.draw(B=1, T=150, H=2, K=33, V=24, seed=17, N=3)
     check_against_naive(variant, *to(tensors, state), "triton", cu_seqlens=cu_seqlens.to(DEVICE), **ON_DEVICE)
+
+
+@triton.jit
+def _inverse_kernel(a, out, BT: tl.constexpr, PREC: tl.constexpr, DOUBLING: tl.constexpr):
+    o = tl.arange(0, BT)
+    A = tl.load(a + o[:, None] * BT + o[None, :])
+    tl.store(out + o[:, None] * BT + o[None, :], unit_lower_inverse(A, BT, 16, PREC, DOUBLING))
+
+
+@pytest.mark.parametrize("doubling", [False, True], ids=["rows", "doubling"])
+def test_unit_lower_inverse_at_each_precision(doubling):
+    """The WY solve's helper alone, (I + A)^-1 for A = tril(beta k k^T, -1) with unit keys, against float64: exact
+    float32 products ("ieee") and three tf32 passes ("tf32x3") to float32's rounding; one pass ("tf32", the bf16
+    default on a GPU) to tf32's, with its operands rounded to tf32 (so its result is not the float32 one)."""
+    gen = torch.Generator().manual_seed(5)
+    k = torch.nn.functional.normalize(torch.randn(64, 32, generator=gen, dtype=torch.float64), dim=-1)
+    beta = torch.rand(64, 1, generator=gen, dtype=torch.float64)
+    A = torch.tril(beta * (k @ k.T), -1)
+    ref = torch.linalg.inv(torch.eye(64, dtype=torch.float64) + A)
+    out = {}
+    for prec in ("ieee", "tf32x3", "tf32"):
+        out[prec] = torch.empty(64, 64, device=DEVICE)
+        _inverse_kernel[(1,)](A.float().to(DEVICE), out[prec], BT=64, PREC=prec, DOUBLING=doubling)
+        err = (out[prec].cpu().double() - ref).abs().max().item() / ref.abs().max().item()
+        unit = 2.0**-11 if prec == "tf32" else torch.finfo(torch.float32).eps  # tf32 keeps 10 mantissa bits
+        assert err <= 8 * unit, f"{prec}: error {err:.3g} of the largest entry, bound {8 * unit:.3g}"
+    assert (out["tf32"] != out["ieee"]).any(), "tf32: operands not rounded"
 
 
 @both
