@@ -241,7 +241,7 @@ def test_segment_counts():
     assert tri._num_segments(8, 16, 8192, None) == 1  # 2 segments: not worth three passes
     assert tri._num_segments(1, 16, 65536, torch.tensor([0, 65536])) == 1
     assert tri._num_segments(1, 16, 2048, None) == 1  # 32 chunks: segments would be too short
-    seg = tri.Segments(N=2, T=300, NS=3, device="cpu")
+    seg = tri.Segments(N=2, T=300, NS=3, BT=tri.BT, device="cpu")
     assert seg.NS == 3 and seg.cu.tolist() == [0, 128, 256, 300, 428, 556, 600]
     assert seg.first.tolist() == [0, 2, 4, 5, 7, 9]
 

@@ -77,6 +77,38 @@ def test_per_sequence_kernels_narrowed_for_few_sequences(monkeypatch):
     check_against_naive(CASE, *to(tensors, state), "triton", cu_seqlens=cu_seqlens.to(DEVICE), **ON_DEVICE)
 
 
+@pytest.mark.parametrize("segments", [2, 3])
+def test_long_sequences_cut_into_segments(segments, monkeypatch):
+    """The per-sequence passes over segments chained by their summed log-decays per key (SEGMENT_HEADS): T = 300 is
+    five chunks, so three segments are of 2, 2 and 1 (partial) chunks, and K = 33 takes two key blocks in the state
+    passes. Outputs, final state and every gradient against the token recurrence, with an initial state; without a
+    gradient, the same o and final state as one pass."""
+    scans = []
+    chain = tri.chain_segments
+    monkeypatch.setattr(tri, "chain_segments", lambda *a, **kw: scans.append(a[3]) or chain(*a, **kw))
+    monkeypatch.setattr(tri, "SEGMENTS", segments)
+    # mild gates (gate_scale), so that the segments' decays are far from zero and a wrong one shows
+    tensors, state = CASE.draw(B=2, T=300, H=2, K=33, V=40, seed=21, gate_scale=0.05)
+    check_against_naive(CASE, *to(tensors, state), "triton", **ON_DEVICE)
+    assert scans.count(False) == 2 and scans.count(True) == 1  # the forward's, the backward's states and gradients
+    tensors, state = to(tensors, state)
+    with torch.no_grad():
+        o, S = CASE(tensors, initial_state=state, output_final_state=True, impl="triton")
+        monkeypatch.setattr(tri, "SEGMENTS", 1)
+        o1, S1 = CASE(tensors, initial_state=state, output_final_state=True, impl="triton")
+    assert_same_result("o", o, o1)
+    assert_same_result("final state", S, S1)
+
+
+def test_segment_counts(monkeypatch):
+    """Segments (when switched on) only for few, long sequences without cu_seqlens, as the delta rules'."""
+    assert tri._num_segments(1, 16, 65536, None) == 1  # off by default (SEGMENT_HEADS = 0)
+    monkeypatch.setattr(tri, "SEGMENT_HEADS", 256)
+    assert tri._num_segments(1, 16, 65536, None) == 16
+    assert tri._num_segments(16, 16, 4096, None) == 1
+    assert tri._num_segments(1, 16, 65536, torch.tensor([0, 65536])) == 1
+
+
 @pytest.mark.parametrize("save_scores", [False, True])
 def test_scores_kept_for_the_backward_or_formed_again(save_scores, monkeypatch):
     """The backward given the forward's scores A (SAVE_SCORES: intra without them, no diag) or forming them again:

@@ -53,6 +53,7 @@ from linattn.ops._contract import RECURRENT_MAX_T, triton_interpret
 from linattn.ops.common import ptxas
 from linattn.ops.common.triton_ops import fake_state, none_tensor
 from linattn.ops.common.triton_recurrent import recurrent as common_recurrent
+from linattn.ops.common.triton_segments import Segments, segment_count
 from linattn.ops.common.triton_utils import (
     ChunkTable,
     kernel_flags,
@@ -275,30 +276,7 @@ def _sequence_bv(K: int, V: int, NH: int, dtype: torch.dtype | None = None) -> i
 
 def _num_segments(N: int, H: int, T: int, cu_seqlens) -> int:
     """Segments per sequence for the per-sequence kernels (1: none); see SEGMENT_HEADS."""
-    NT = triton.cdiv(T, BT)
-    if SEGMENTS is not None:
-        return max(1, min(SEGMENTS, NT))
-    if cu_seqlens is not None or SEGMENT_HEADS <= 0:
-        return 1
-    ns = min(triton.cdiv(SEGMENT_HEADS, N * H), NT // SEGMENT_MIN_CHUNKS)
-    return ns if ns >= MIN_SEGMENTS else 1
-
-
-class Segments:
-    """A batch of N sequences of T tokens cut into NS segments each, of SEG tokens (whole chunks; the last of a
-    sequence may be shorter), laid out for the per-sequence kernels as N * NS sequences: cu [N NS + 1] and first
-    [N NS], each segment's first chunk in the ChunkTable's numbering."""
-
-    def __init__(self, N: int, T: int, NS: int, device):
-        NT = triton.cdiv(T, BT)
-        per = triton.cdiv(NT, NS)  # chunks per segment
-        self.NS = triton.cdiv(NT, per)
-        starts = torch.arange(self.NS, device=device, dtype=torch.int64) * per * BT  # within a sequence
-        seq = torch.arange(N, device=device, dtype=torch.int64)[:, None]
-        lo = (seq * T + starts[None, :]).reshape(-1)
-        self.cu = torch.cat([lo, torch.tensor([N * T], device=device)]).to(torch.int32)
-        self.first = (seq * NT + (starts // BT)[None, :]).reshape(-1).to(torch.int32)
-        self.N = N
+    return segment_count(N, H, T, BT, cu_seqlens, SEGMENTS, SEGMENT_HEADS, SEGMENT_MIN_CHUNKS, MIN_SEGMENTS)
 
 
 MAX_KEY_DIM = 128  # the per-chunk backward holds several [64, K] float32 tiles: K = 256 needs ~280 KB of shared memory
@@ -442,7 +420,7 @@ def forward(
             **flags,
         )  # fmt: skip
     else:
-        seg = Segments(lay.N, T, NS, q.device)
+        seg = Segments(lay.N, T, NS, BT, q.device)
         _segmented_forward(q, k, g_, w, u0, h0, seg, o, ht, states, u, scale, not split, split, flags)
     if split:
         kept = (states, u, w) if keep else None
@@ -565,7 +543,7 @@ def backward(
         w, u0, tinv = prepare(k, v, g, beta, lay, qk_l2norm, beta_is_logit, tinv=tinv, store_t=True)
         states = torch.empty(lay.NC, H, K, V, dtype=stored["states"], device=q.device)
         u = torch.empty(B, T, H, V, dtype=stored["u"], device=q.device)
-        seg = Segments(lay.N, T, NS, q.device) if NS > 1 else None
+        seg = Segments(lay.N, T, NS, BT, q.device) if NS > 1 else None
         if seg is None:
             _forward_kernel[(NV, lay.N * H)](
                 q, k, g_, w, u0, h0 if h0 is not None else dummy, lay.cu, lay.first, dummy, dummy, states, u, scale,

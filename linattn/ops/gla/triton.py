@@ -29,6 +29,7 @@ import triton
 
 from linattn.ops.common.triton_ops import register_decay_ops
 from linattn.ops.common.triton_recurrent import recurrent
+from linattn.ops.common.triton_segments import Segments, chain_segments, segment_count
 from linattn.ops.common.triton_utils import (
     ChunkTable,
     kernel_flags,
@@ -99,6 +100,19 @@ FEW_PROGRAMS = 100
 # (session 12, one call, bf16, T = 4096, B = 16) GLA fwd+bwd took 9.26 ms with it against 9.88 without (main then,
 # twice each); the GLA GPU tests pass with it (47).
 STATES_LOWP = True
+# Long sequences with few sequences and heads (T = 65536, B = 1): the per-sequence passes (the forward's output
+# kernel, the backward's state and state-gradient passes) run (K / BK) (V / BV) N H programs, each walking every
+# chunk. Each sequence is then cut into segments, run side by side (common/triton_segments.py): each segment's own
+# change of state from zeros, a scan over the segments (S <- exp(D_s) S + R_s, D_s the segment's summed log-decay
+# per key: GLA's transition is diagonal), then each segment from what enters it; about twice one pass's work. Only
+# where SEGMENT_HEADS / (N H) gives at least MIN_SEGMENTS segments of at least SEGMENT_MIN_CHUNKS chunks each; not
+# for cu_seqlens; SEGMENTS forces a count (tests). Off (0) until timed: session 13 built it without device time
+# (the interpreter tests run it; the kernels are the ones that run without segments). At T = 65536, B = 1, 256
+# gives 16 segments: LINATTN_LAUNCH="gla.SEGMENT_HEADS=256" tries it.
+SEGMENT_HEADS = 0
+MIN_SEGMENTS = 4
+SEGMENT_MIN_CHUNKS = 16
+SEGMENTS = None
 
 
 def _pow2(n: int, lo: int = 16, hi: int = 256) -> int:
@@ -187,21 +201,52 @@ def _intra(q, k, g, lay: ChunkTable, flags: dict, cfg: dict, lowp: bool, scores:
     return A, qg, kd, bc, hi, lo
 
 
-def _states(x, y, bc, start, lay: ChunkTable, scale: float, reverse: bool, keep_last: bool, flags, cfg, lowp):
+def _num_segments(N: int, H: int, T: int, cu_seqlens) -> int:
+    """Segments per sequence for the per-sequence passes (1: none); see SEGMENT_HEADS."""
+    return segment_count(N, H, T, BT, cu_seqlens, SEGMENTS, SEGMENT_HEADS, SEGMENT_MIN_CHUNKS, MIN_SEGMENTS)
+
+
+def _launch_state(x, y, bc, start, cu, first, nseq: int, scale, reverse: bool, cfg, flags, lowp, **out):
+    """One launch of _state_kernel over nseq sequences (cu, first: their bounds and first chunks) from start
+    [nseq, H, K, V] (None: zeros), filling what ``out`` gives: o (with qg and A), states, last."""
+    H, K, V = x.shape[2], x.shape[3], y.shape[3]
+    cfg = _per_sequence(cfg, K, V, nseq * H)
+    o, states, last = out.get("o"), out.get("states"), out.get("last")
+    _state_kernel[(triton.cdiv(K, cfg["BK"]), triton.cdiv(V, cfg["BV"]), nseq * H)](
+        x, y, bc, out.get("qg", x), out.get("A", x), start if start is not None else bc, cu, first,
+        o if o is not None else y, states if states is not None else bc, last if last is not None else bc, scale,
+        H=H, K=K, V=V, BT=BT, REVERSE=reverse, HAS_H0=start is not None, STORE_O=o is not None,
+        STORE_STATES=states is not None, STORE_HT=last is not None, LOWP=lowp, **cfg, **flags,
+    )  # fmt: skip
+
+
+def _sweep(x, y, bc, start, lay: ChunkTable, cu_seqlens, scale, reverse: bool, cfg, flags, lowp, own_cfg=None, **out):
+    """One per-sequence pass of _state_kernel from start [N, H, K, V] (None: zeros), filling what ``out`` gives
+    (see _launch_state). With segments (SEGMENT_HEADS): each segment's own change of state from zeros (own_cfg's
+    blocks, default cfg's), chained over the segments by their summed log-decays (common/triton_segments.py), then
+    each segment from what enters it."""
+    H = x.shape[2]
+    NS = _num_segments(lay.N, H, x.shape[1], cu_seqlens)
+    if NS == 1:
+        _launch_state(x, y, bc, start, lay.cu, lay.first, lay.N, scale, reverse, cfg, flags, lowp, **out)
+        return
+    seg = Segments(lay.N, x.shape[1], NS, BT, x.device)
+    own = torch.empty(seg.N, seg.NS, H, x.shape[3], y.shape[3], dtype=torch.float32, device=x.device)
+    nseq = seg.N * seg.NS
+    _launch_state(x, y, bc, None, seg.cu, seg.first, nseq, scale, reverse, own_cfg or cfg, flags, lowp, last=own)
+    hin, _ = chain_segments(own, seg.sum_chunks(bc), start, reverse, ht=out.pop("last", None))
+    del own
+    _launch_state(x, y, bc, hin, seg.cu, seg.first, nseq, scale, reverse, cfg, flags, lowp, **out)
+
+
+def _states(x, y, bc, start, lay: ChunkTable, cu_seqlens, scale, reverse, keep_last, flags, cfg, lowp):
     """The state [NC, H, K, V] (float32, or bfloat16 with STATES_LOWP) before each chunk's update (see
     _state_kernel), from start [N, H, K, V] (or zeros), and with keep_last the state after the last update (in
     reverse: dh0), else None."""
     H, K, V = x.shape[2], x.shape[3], y.shape[3]
     states = torch.empty(lay.NC, H, K, V, dtype=_states_dtype(lowp), device=x.device)
     last = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=x.device) if keep_last else None
-    cfg = _per_sequence(cfg, K, V, lay.N * H)
-    BK, BV = cfg["BK"], cfg["BV"]
-    _state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), lay.N * H)](
-        x, y, bc, x, x, start if start is not None else states, lay.cu, lay.first, y, states,
-        last if last is not None else states, scale,
-        H=H, K=K, V=V, BT=BT, REVERSE=reverse, HAS_H0=start is not None, STORE_O=False, STORE_STATES=True,
-        STORE_HT=last is not None, LOWP=lowp, **cfg, **flags,
-    )  # fmt: skip
+    _sweep(x, y, bc, start, lay, cu_seqlens, scale, reverse, cfg, flags, lowp, states=states, last=last)
     return states, last
 
 
@@ -219,11 +264,9 @@ def forward(q, k, v, g, h0, scale: float, cu_seqlens):
     A, qg, kd, bc, _, _ = _intra(q, k, g, lay, flags, cfg, lowp, decay=False)
     o = torch.empty(B, T, H, V, dtype=store_dtype(v.dtype), device=q.device)
     ht = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device)
-    c = _per_sequence(cfg["output"], K, V, lay.N * H)
-    _state_kernel[(1, triton.cdiv(V, c["BV"]), lay.N * H)](
-        kd, v, bc, qg, A, h0 if h0 is not None else ht, lay.cu, lay.first, o, ht, ht, scale,
-        H=H, K=K, V=V, BT=BT, REVERSE=False, HAS_H0=h0 is not None, STORE_O=True, STORE_STATES=False,
-        STORE_HT=True, LOWP=lowp, **c, **flags,
+    _sweep(
+        kd, v, bc, h0, lay, cu_seqlens, scale, False, cfg["output"], flags, lowp, own_cfg=cfg["state"], qg=qg, A=A,
+        o=o, last=ht,
     )  # fmt: skip
     return o.to(v.dtype), ht, A
 
@@ -236,8 +279,8 @@ def backward(do, dht, q, k, v, g, h0, ht, scale: float, cu_seqlens, saved=None):
     A, qg, kd, bc, hi, lo = _intra(q, k, g, lay, flags, cfg, lowp, scores=not given)
     A = saved if given else A
     c = cfg["state"]
-    states, _ = _states(kd, v, bc, h0, lay, scale, False, False, flags, c, lowp)
-    dstates, dh0 = _states(qg, do, bc, dht, lay, scale, True, h0 is not None, flags, c, lowp)
+    states, _ = _states(kd, v, bc, h0, lay, cu_seqlens, scale, False, False, flags, c, lowp)
+    dstates, dh0 = _states(qg, do, bc, dht, lay, cu_seqlens, scale, True, h0 is not None, flags, c, lowp)
     del qg
 
     dv = torch.empty(v.shape, dtype=store_dtype(v.dtype), device=q.device)
@@ -341,6 +384,13 @@ def compile_variants():
                 ),
                 ("states, few programs", _state_kernel, state | fwd, _per_sequence(cfg["state"], 128, 128, 16)),
                 ("dstates, few programs", _state_kernel, state | rev, _per_sequence(cfg["state"], 128, 128, 16)),
+                # segments (SEGMENT_HEADS): each segment's own change of state, from zeros, storing only its end
+                (
+                    "segment's own change",
+                    _state_kernel,
+                    state | fwd | dict(HAS_H0=False, STORE_STATES=False),
+                    cfg["state"],
+                ),
             ]
         for name, kernel, const, c in kernels:
             c = dict(c)

@@ -35,6 +35,7 @@ import triton.language as tl
 
 from linattn.ops.common.triton_ops import register_decay_ops
 from linattn.ops.common.triton_recurrent import recurrent
+from linattn.ops.common.triton_segments import SCAN_BLOCK, chain_segments, segment_scan_kernel
 from linattn.ops.common.triton_utils import (
     chunk_log_decay,
     dot_operand,
@@ -174,42 +175,6 @@ def _chunk_kernel(
         tl.store(ht + state_off + o_k[:, None] * V + o_v[None, :], S, mask=m_k[:, None] & m_v[None, :])
 
 
-@triton.jit
-def _segment_scan_kernel(
-    dS,
-    gsum,
-    h0,
-    hin,
-    ht,
-    NS,
-    H: tl.constexpr,
-    KV: tl.constexpr,
-    BLOCK: tl.constexpr,
-    HAS_G: tl.constexpr,
-    HAS_H0: tl.constexpr,
-    REVERSE: tl.constexpr,
-):
-    # dS, hin: [N, NS, H, K*V]; gsum: [N, NS, H] total log-decay of each segment; h0, ht: [N, H, K*V].
-    i_b, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    o_e = i_b * BLOCK + tl.arange(0, BLOCK)
-    m_e = o_e < KV
-    S = tl.zeros([BLOCK], dtype=tl.float32)
-    if HAS_H0:
-        S += tl.load(h0 + (i_n * H + i_h).to(tl.int64) * KV + o_e, mask=m_e, other=0.0)
-    for i in range(0, NS):
-        if REVERSE:
-            s = NS - 1 - i
-        else:
-            s = i
-        off = ((i_n * NS + s) * H + i_h).to(tl.int64)
-        tl.store(hin + off * KV + o_e, S, mask=m_e)
-        if HAS_G:
-            S = S * tl.exp(tl.load(gsum + off))
-        S += tl.load(dS + off * KV + o_e, mask=m_e, other=0.0)
-    tl.store(ht + (i_n * H + i_h).to(tl.int64) * KV + o_e, S, mask=m_e)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
@@ -340,22 +305,7 @@ def sweep(
         if g is not None:
             pad = NS * SEG - T
             gsum = torch.nn.functional.pad(g, (0, 0, 0, pad)).view(B, NS, SEG, H).sum(2).contiguous()
-        hin = torch.empty_like(dS)
-        BLOCK = 1024
-        _segment_scan_kernel[(triton.cdiv(K * V, BLOCK), N * H)](
-            dS,
-            gsum if gsum is not None else dummy,
-            h0 if h0 is not None else dummy,
-            hin,
-            ht,
-            NS,
-            H=H,
-            KV=K * V,
-            BLOCK=BLOCK,
-            HAS_G=g is not None,
-            HAS_H0=h0 is not None,
-            REVERSE=reverse,
-        )
+        hin, _ = chain_segments(dS, gsum, h0, reverse, ht=ht)
         _chunk_kernel[(NV, NS, N * H)](
             *args,
             hin,
@@ -467,5 +417,12 @@ def compile_variants():
                 opts = dict(num_warps=NUM_WARPS, num_stages=_num_stages(torch_dtype), scalars=SCALARS)
                 yield label, _chunk_kernel, ptrs, const | flags, opts
     ptrs = dict(dS="fp32", gsum="fp32", h0="fp32", hin="fp32", ht="fp32")
-    const = dict(H=16, KV=128 * 128, BLOCK=1024, HAS_G=True, HAS_H0=True, REVERSE=False)
-    yield "segment scan", _segment_scan_kernel, ptrs, const, dict(scalars=dict(NS="i32"))
+    const = dict(H=16, K=128, V=128, BLOCK=SCAN_BLOCK, HAS_G=True, HAS_H0=True, REVERSE=False)
+    for per_key in (False, True):  # GLA's segments take a log-decay per key
+        yield (
+            f"segment scan per_key={per_key}",
+            segment_scan_kernel,
+            ptrs,
+            const | dict(PER_KEY=per_key),
+            dict(scalars=dict(NS="i32")),
+        )
