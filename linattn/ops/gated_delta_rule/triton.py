@@ -183,6 +183,11 @@ KEEP_STATES = False
 #   tests of outputs and gradients (test_gpu_triton_matches_reference, test_gpu_varlen_with_empty_and_single_token)
 #   pass with it. The whole GPU test run with exactly this setting did not finish in the session's device time.
 STATES_LOWP = dict(states=False, dstates=False, u=True, dx=True)
+# The delta rule's own states and dstates entries (it has no dg, the one gradient that failed): with all four parts
+# in bfloat16, session 12's call 3 passed every delta_rule GPU test and took 7.08 ms against 7.46 with U and dX
+# alone. Off until the GPU tests run it on the code since (session 13's prepare): LINATTN_LAUNCH=
+# "gated_delta_rule.UNGATED_STATES_LOWP.states=1;gated_delta_rule.UNGATED_STATES_LOWP.dstates=1".
+UNGATED_STATES_LOWP = dict(states=False, dstates=False)
 # DB_FROM_PRODUCTS: backward_chunk forms the row and column sums that db and dbeta take from its [BT, BT] gradient
 # tiles (dP * P and dA * A) out of the products that dq and dk need anyway, instead of forming q k^T (a product) and
 # k k^T (a tf32 product) and the tiles themselves (see _backward_chunk_kernel): two [BT, BK] products more, one
@@ -378,6 +383,11 @@ def prepare(k, v, g, beta, lay: ChunkTable, qk_l2norm: bool, beta_is_logit: bool
     return w, u0, tinv
 
 
+def _states_lowp(gated: bool) -> dict:
+    """STATES_LOWP for the gated op; for the delta rule, with its own states and dstates (UNGATED_STATES_LOWP)."""
+    return STATES_LOWP if gated else STATES_LOWP | UNGATED_STATES_LOWP
+
+
 def _db_from_products(gated: bool) -> bool:
     """DB_FROM_PRODUCTS' entry for the gated op, or the delta rule's."""
     return bool(DB_FROM_PRODUCTS["gated" if gated else "ungated"])
@@ -533,7 +543,8 @@ def backward(
     NS = _num_segments(lay.N, H, T, cu_seqlens)
     use_kept = kept is not None and NS == 1
     lowp = chunk_flags["LOWP"] and not use_kept  # what the backward stores itself may be bfloat16 (STATES_LOWP)
-    stored = {n: torch.bfloat16 if lowp and STATES_LOWP[n] else torch.float32 for n in ("states", "dstates", "u")}
+    parts = _states_lowp(g is not None)
+    stored = {n: torch.bfloat16 if lowp and parts[n] else torch.float32 for n in ("states", "dstates", "u")}
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)  # for pointers that a constexpr leaves unread
     g_ = g if g is not None else dummy
     if use_kept:
@@ -790,7 +801,8 @@ def compile_variants():
         label = f"{dt} gated={gated} l2norm/logit={opt}"
         # what the backward stores for backward_chunk: bfloat16 where it takes bfloat16 operands (STATES_LOWP)
         lowp = _lowp(torch_dtype, "backward_chunk", True, _chunk_keys(BK, False))
-        sptrs = ptrs | {n: "bf16" if lowp and STATES_LOWP[n] else "fp32" for n in ("states", "dstates", "u")}
+        parts = _states_lowp(gated)
+        sptrs = ptrs | {n: "bf16" if lowp and parts[n] else "fp32" for n in ("states", "dstates", "u")}
         solve = dict(BV=seq_bv, BKP=min(BK, PREPARE_KEYS), SOLVE=True, STORE_T=True, BETA_LOGIT=opt)
         solve |= dict(DIAG_DOUBLING=SOLVE_DIAG_DOUBLING, **_prepare_flags(torch_dtype, opt, gpu=True))
         yield f"prepare {label}", _prepare_kernel, ptrs, common["prepare"] | solve, opts["prepare"]
