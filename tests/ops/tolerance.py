@@ -106,7 +106,8 @@ def check_against_naive(
     extra = ["dg"] * (case.gate is not None) + ["dbeta"] * case.beta
     names = ["o", "final_state", "dq", "dk", "dv", *extra, "dinitial_state"]
     kw = dict(state_grad=state_grad, cotangent_dtype=tensors[0].dtype)
-    ref = run_with_grads(call(reference), [t.double() for t in tensors], state.double(), **kw)
+    state64 = None if state is None else state.double()
+    ref = run_with_grads(call(reference), [t.double() for t in tensors], state64, **kw)
     low = tensors[0].dtype in (torch.bfloat16, torch.float16) and plain_in_dtype
     with LowPrecisionMatmuls(tensors[0].dtype) if low else contextlib.nullcontext():
         plain = run_with_grads(call(reference), tensors, state, **kw)
