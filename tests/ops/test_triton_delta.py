@@ -161,6 +161,17 @@ def test_unit_lower_inverse_at_each_precision(doubling):
 
 
 @both
+@pytest.mark.parametrize("segments", [1, 2])
+def test_dx_stored_apart_from_du(case, segments, monkeypatch):
+    """backward_state storing dX in a tensor of its own (as STATES_LOWP's dx_store does in bfloat16 on a GPU; here
+    float32), which backward_chunk then reads, with and without segments: the same gradients."""
+    monkeypatch.setattr(tri, "_dx_dtype", lambda lowp, parts: torch.float32)
+    monkeypatch.setattr(tri, "SEGMENTS", segments)
+    tensors, state = case.draw(B=1, T=200, H=2, K=24, V=40, seed=19, gate_scale=0.05)
+    check_against_naive(case, *to(tensors, state), "triton", **ON_DEVICE)
+
+
+@both
 @pytest.mark.parametrize("doubling", [False, True], ids=["rows", "doubling"])
 def test_solve_diagonal_blocks_by_rows_or_doubling(case, doubling, monkeypatch):
     """The WY solve's 16-blocks row by row, or by doubling as batched products (SOLVE_DIAG_DOUBLING, the

@@ -182,7 +182,11 @@ KEEP_STATES = False
 # - u and dx alone (the setting here): 7.46 / 9.78 in the same call as main's 7.95 / 9.87; the six bfloat16 GPU
 #   tests of outputs and gradients (test_gpu_triton_matches_reference, test_gpu_varlen_with_empty_and_single_token)
 #   pass with it. The whole GPU test run with exactly this setting did not finish in the session's device time.
-STATES_LOWP = dict(states=False, dstates=False, u=True, dx=True)
+STATES_LOWP = dict(states=False, dstates=False, u=True, dx=True, dx_store=False)
+# dx_store: backward_state stores dX in bfloat16 (a tensor of its own; else float32 in dU's place), which
+# backward_chunk reads in both of its passes: its products take it in bfloat16 anyway (dx), while dv = beta dX and
+# dbeta's sum over v of dX v take the rounded value. Off until GPU-tested and timed (session 13 built it without
+# device time): LINATTN_LAUNCH="gated_delta_rule.STATES_LOWP.dx_store=1".
 # The delta rule's own states and dstates entries (it has no dg, the one gradient that failed): with all four parts
 # in bfloat16, session 12's call 3 passed every delta_rule GPU test and took 7.08 ms against 7.46 with U and dX
 # alone. Off until the GPU tests run it on the code since (session 13's prepare): LINATTN_LAUNCH=
@@ -388,6 +392,12 @@ def _states_lowp(gated: bool) -> dict:
     return STATES_LOWP if gated else STATES_LOWP | UNGATED_STATES_LOWP
 
 
+def _dx_dtype(lowp: bool, parts: dict) -> torch.dtype | None:
+    """The dtype of dX where backward_state stores it in a tensor of its own (bfloat16: STATES_LOWP's dx_store, for
+    a backward_chunk with bfloat16 operands), else None: float32 in dU's place."""
+    return torch.bfloat16 if lowp and parts["dx_store"] else None
+
+
 def _db_from_products(gated: bool) -> bool:
     """DB_FROM_PRODUCTS' entry for the gated op, or the delta rule's."""
     return bool(DB_FROM_PRODUCTS["gated" if gated else "ungated"])
@@ -492,7 +502,7 @@ def _segmented_forward(q, k, g_, w, u0, h0, seg: Segments, o, ht, states, u, sca
     return M
 
 
-def _segmented_backward_state(q, k, g_, w, do, dht, seg: Segments, M, dstates, du, dh0, tinv, scale, flags):
+def _segmented_backward_state(q, k, g_, w, do, dht, seg: Segments, M, dstates, du, dx, dh0, tinv, scale, flags):
     """backward_state over segments: each segment's own share L of its entering gradient, the reverse scan
     (dS_out(s - 1) = M_s^T dS_out(s) + L_s, float64), then each segment from its true exit gradient."""
     H, K, V = q.shape[2], q.shape[3], do.shape[-1]
@@ -503,7 +513,7 @@ def _segmented_backward_state(q, k, g_, w, do, dht, seg: Segments, M, dstates, d
 
     def run(dht_, dh0_, store_grads):
         _backward_state_kernel[(triton.cdiv(V, BV), NSH)](
-            q, k, g_, w, do, dht_ if dht_ is not None else dummy, seg.cu, seg.first, dstates, du,
+            q, k, g_, w, do, dht_ if dht_ is not None else dummy, seg.cu, seg.first, dstates, du, dx,
             dh0_ if dh0_ is not None else dummy, tinv, scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
             HAS_DHT=dht_ is not None, STORE_DH0=dh0_ is not None, STORE_GRADS=store_grads,
             **_launch("backward_state", q.dtype, BK, BV, gated=flags["HAS_G"]), **flags,
@@ -568,6 +578,8 @@ def backward(
         del u0
     dstates = torch.empty(states.shape, dtype=stored["dstates"], device=q.device)
     du = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
+    dx_dtype = _dx_dtype(chunk_flags["LOWP"], parts)
+    dx = du if dx_dtype is None else torch.empty(B, T, H, V, dtype=dx_dtype, device=q.device)
     dh0 = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None
     bv_chunk = _chunk_bv(V)
     # du = scale P^T dO, per chunk; backward_state adds the states' share
@@ -577,15 +589,17 @@ def backward(
     )  # fmt: skip
     if seg is None:
         _backward_state_kernel[(NV, lay.N * H)](
-            q, k, g_, w, do, dht if dht is not None else dummy, lay.cu, lay.first, dstates, du,
+            q, k, g_, w, do, dht if dht is not None else dummy, lay.cu, lay.first, dstates, du, dx,
             dh0 if dh0 is not None else dummy, tinv, scale,
             BV=BV, HAS_DHT=dht is not None, STORE_DH0=h0 is not None, STORE_GRADS=True,
             **_launch("backward_state", q.dtype, BK, BV, gated=g is not None), **common, **flags("backward_state"),
         )  # fmt: skip
     else:
-        _segmented_backward_state(q, k, g_, w, do, dht, seg, M, dstates, du, dh0, tinv, scale, flags("backward_state"))
+        _segmented_backward_state(
+            q, k, g_, w, do, dht, seg, M, dstates, du, dx, dh0, tinv, scale, flags("backward_state")
+        )  # fmt: skip
         del M
-    del w
+    del w, du  # dx holds what backward_chunk needs
     dq = torch.empty(q.shape, dtype=store_dtype(q.dtype), device=q.device)
     dk = torch.empty(k.shape, dtype=store_dtype(k.dtype), device=q.device)
     dv = torch.empty(v.shape, dtype=store_dtype(v.dtype), device=q.device)
@@ -596,7 +610,7 @@ def backward(
     dg = torch.empty(NK, B, T, H, dtype=dg_dtype, device=q.device) if g is not None else None
     dbeta = torch.empty(NK, B, T, H, dtype=torch.float32, device=q.device)
     _backward_chunk_kernel[(lay.NC * NK, H)](
-        q, k, v, g_, beta, u, du, do, lay.chunks, states, dstates,
+        q, k, v, g_, beta, u, dx, do, lay.chunks, states, dstates,
         dq, dk, dv, dg if dg is not None else dummy, dbeta, scale, B * T * H,
         BV=bv_chunk, BETA_LOGIT=beta_is_logit,
         **_launch("backward_chunk", q.dtype, bk, bv_chunk, gated=g is not None), **dict(common, BK=bk),
@@ -803,6 +817,8 @@ def compile_variants():
         lowp = _lowp(torch_dtype, "backward_chunk", True, _chunk_keys(BK, False))
         parts = _states_lowp(gated)
         sptrs = ptrs | {n: "bf16" if lowp and parts[n] else "fp32" for n in ("states", "dstates", "u")}
+        xd = "bf16" if _dx_dtype(lowp, parts) == torch.bfloat16 else "fp32"
+        sptrs |= dict(dx=xd)  # backward_state's dX; backward_chunk reads it as du
         solve = dict(BV=seq_bv, BKP=min(BK, PREPARE_KEYS), SOLVE=True, STORE_T=True, BETA_LOGIT=opt)
         solve |= dict(DIAG_DOUBLING=SOLVE_DIAG_DOUBLING, **_prepare_flags(torch_dtype, opt, gpu=True))
         yield f"prepare {label}", _prepare_kernel, ptrs, common["prepare"] | solve, opts["prepare"]
@@ -825,7 +841,7 @@ def compile_variants():
             chunk = dict(BV=BV_CHUNK, BETA_LOGIT=opt, BK=bk)
             chunk |= _flags(torch_dtype, gated, l2, "backward_chunk", gpu=True, BK=bk)
             chunk |= dict(DX_LOWP=chunk["LOWP"] and STATES_LOWP["dx"], DB_FROM_PRODUCTS=_db_from_products(gated))
-            chunk_ptrs = sptrs if chunk["LOWP"] else ptrs
+            chunk_ptrs = sptrs | dict(du=xd) if chunk["LOWP"] else ptrs
             scalars = dict(scalars=dict(scale="fp32", part="i32"))
             chunk_opts = _launch("backward_chunk", torch_dtype, bk, BV_CHUNK, gated=gated) | scalars
             chunk_label = f"backward chunk BK={bk} {dt} gated={gated} l2norm={l2} logit={opt}"

@@ -292,6 +292,7 @@ def _backward_state_kernel(
     chunk_start,
     dstates,
     du,
+    dx,
     dh0,
     tinv,
     scale,
@@ -314,8 +315,9 @@ def _backward_state_kernel(
     # The forward's chunk loop run backwards on the state gradient dS [K, BV]; stores the gradient of the
     # state leaving each chunk and dU (float32).  dU = scale P^T dO + (exp(b_C - b) k) dS;
     # dS <- exp(b_C) dS + scale (exp(b) q)^T dO - W^T dU.  du holds scale P^T dO on entry (_local_du_kernel,
-    # parallel over chunks), so the sequential loop forms neither P nor P^T dO. du gets dX = Tinv^T dU in dU's
-    # place, the one form in which backward_chunk needs it, formed once here as each chunk's dU is final.
+    # parallel over chunks), so the sequential loop forms neither P nor P^T dO. dx gets dX = Tinv^T dU (in its
+    # dtype; dx may be du itself, dX taking dU's place), the one form in which backward_chunk needs it, formed once
+    # here as each chunk's dU is final.
     # Without STORE_GRADS nothing is stored but dh0 (a segment's own share of its entering gradient, triton.py).
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
@@ -346,7 +348,8 @@ def _backward_state_kernel(
         b_du += mm_lowp(b_k * e_end[:, None], dS, DOT_PREC, ROUND, LOWP, LOWP_TY)
         TiT = tl.load(tinv + tok[None, :] * BT + o_t[:, None], mask=m_t[None, :], other=0.0)
         if STORE_GRADS:
-            tl.store(du + tok[:, None] * V + o_v[None, :], mm(TiT, b_du, DOT_PREC, ROUND), mask=m_tv)
+            b_dx = mm(TiT, b_du, DOT_PREC, ROUND)
+            tl.store(dx + tok[:, None] * V + o_v[None, :], b_dx.to(dx.dtype.element_ty), mask=m_tv)
         b_qT, _ = load_rows(q, tok, m_t, o_k, K, L2NORM, True)
         b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
         if not LOWP:
@@ -440,7 +443,7 @@ def _backward_chunk_kernel(
         b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
         if not LOWP:
             b_do = b_do.to(tl.float32)
-        d_x = tl.load(du + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)  # dX (_backward_state_kernel)
+        d_x = tl.load(du + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)  # dX (dx above)
         d_qs += mm_lowp(b_do, tl.trans(S), DOT_PREC, ROUND, LOWP, LOWP_TY)
         d_kend += mm_lowp(b_u, tl.trans(dSn), DOT_PREC, ROUND, LOWP, LOWP_TY)
         d_xw -= mm_lowp(d_x, tl.trans(S.to(tl.float32)), DOT_PREC, ROUND, DX_LOWP, LOWP_TY)
@@ -474,7 +477,7 @@ def _backward_chunk_kernel(
         b_v = tl.load(v + tok[:, None] * V + o_v[None, :], mask=m_dv, other=0.0).to(tl.float32)
         if not LOWP:
             b_do = b_do.to(tl.float32)
-        d_x = tl.load(du + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)  # gradient of beta v
+        d_x = tl.load(du + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)  # of beta v
         tl.store(dv + tok[:, None] * V + o_v[None, :], (d_x * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_dv)
         d_beta += tl.sum(d_x * b_v, axis=1)
         dP += mm_lowp(b_do, tl.trans(b_u), DOT_PREC, ROUND, LOWP, LOWP_TY)
