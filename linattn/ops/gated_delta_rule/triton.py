@@ -98,7 +98,7 @@ SOLVE_DIAG_DOUBLING = True
 # float32's accuracy, as the plain run's triangular solve), else one with operands rounded to the nearest tf32.
 # PREPARE_LOWP: kkt, A's k k^T from the bfloat16 keys as they are (the same products as tf32's; not with qk_l2norm,
 # whose normalised keys tf32 rounds); wu, W's and U0's products with bfloat16 operands (Tinv rounded to bfloat16, as
-# fla's solve stores it); u0, U0 stored in bfloat16. On an H200 (session 13, bf16, T = 4096, B = 16, fwd+bwd ms,
+# fla's solve stores it). On an H200 (session 13, bf16, T = 4096, B = 16, fwd+bwd ms,
 # delta_rule / gated; DB_FROM_PRODUCTS on for both in the first four rows):
 #   tf32x3, float32 products (before)       7.68 / 9.52
 #   kkt                                     7.60 / 9.45   every delta GPU test passes (132)
@@ -107,10 +107,11 @@ SOLVE_DIAG_DOUBLING = True
 #   kkt, wu, one rounded tf32 pass          6.72 / 8.71   the defaults (other call; DB for the gated op only): the 35
 #                                                         pass; with truncated (unrounded) tf32, 6.86 / 8.67 and a
 #                                                         bf16 final state failed the dtype rule
-#   kkt, wu, u0                             6.85 / 8.99   fail: bf16 final state 0.00466 against twice the plain
-#                                                         run's error (with K = 128, V = 256: 0.00266 against 0.0010)
+#   kkt, wu, U0 stored in bfloat16          6.85 / 8.99   fail: bf16 final state 0.00466 against twice the plain
+#                                                         run's error (K = 128, V = 256: 0.00266 against 0.0010);
+#                                                         the switch was removed
 SOLVE_TF32X3 = False
-PREPARE_LOWP = dict(kkt=True, wu=True, u0=False)
+PREPARE_LOWP = dict(kkt=True, wu=True)
 # Launch options by kernel. Every kernel holds several [BT, K] float32 tiles: at 4 warps each spills 0.3-3.6 KB of
 # registers per thread (compile_kernels --resources), yet on an H200 (T = 4096, B = 16, bf16) 4 warps measured
 # faster than 8 (delta_rule fwd+bwd 18.6 ms against 24.8, gated_delta_rule 27.8 against 34.0).
@@ -344,8 +345,7 @@ def _prepare_flags(dtype: torch.dtype, qk_l2norm: bool, gpu: bool | None = None)
 
 
 def prepare(k, v, g, beta, lay: ChunkTable, qk_l2norm: bool, beta_is_logit: bool, tinv=None, store_t: bool = False):
-    """W [B, T, H, K] (float32, or bfloat16: see _w_dtype), U0 [B, T, H, V] float32 (or bfloat16: PREPARE_LOWP)
-    and Tinv [B, T, H, BT] float32.
+    """W [B, T, H, K] (float32, or bfloat16: see _w_dtype), U0 [B, T, H, V] float32 and Tinv [B, T, H, BT] float32.
 
     Tinv is solved for unless given (as the forward stored it); it is returned only when given or store_t.
     """
@@ -353,9 +353,7 @@ def prepare(k, v, g, beta, lay: ChunkTable, qk_l2norm: bool, beta_is_logit: bool
     V = v.shape[-1]
     BK, BV = _blocks(K, V, k.dtype)
     w = torch.empty(B, T, H, K, dtype=_w_dtype(k.dtype), device=k.device)
-    precision = _prepare_flags(k.dtype, qk_l2norm)
-    u0_dtype = torch.bfloat16 if PREPARE_LOWP["u0"] and precision["WU_LOWP"] else torch.float32
-    u0 = torch.empty(B, T, H, V, dtype=u0_dtype, device=k.device)
+    u0 = torch.empty(B, T, H, V, dtype=torch.float32, device=k.device)
     solve = tinv is None
     store_t = store_t and solve
     if store_t:
@@ -382,7 +380,7 @@ def prepare(k, v, g, beta, lay: ChunkTable, qk_l2norm: bool, beta_is_logit: bool
         STORE_T=store_t,
         **_launch("prepare", k.dtype, BK, BV, gated=g is not None),
         **_flags(k.dtype, g is not None, qk_l2norm, "prepare"),
-        **precision,
+        **_prepare_flags(k.dtype, qk_l2norm),
     )
     return w, u0, tinv
 
@@ -614,7 +612,7 @@ def backward(
         dq, dk, dv, dg if dg is not None else dummy, dbeta, scale, B * T * H,
         BV=bv_chunk, BETA_LOGIT=beta_is_logit,
         **_launch("backward_chunk", q.dtype, bk, bv_chunk, gated=g is not None), **dict(common, BK=bk),
-        **chunk_flags, DX_LOWP=lowp and STATES_LOWP["dx"], DB_FROM_PRODUCTS=_db_from_products(g is not None),
+        **chunk_flags, DX_LOWP=lowp and parts["dx"], DB_FROM_PRODUCTS=_db_from_products(g is not None),
     )  # fmt: skip
     dg = dg.sum(0).float() if dg is not None else None
     dbeta = dbeta.sum(0)
@@ -840,7 +838,7 @@ def compile_variants():
             bk = _chunk_keys(BK, l2)
             chunk = dict(BV=BV_CHUNK, BETA_LOGIT=opt, BK=bk)
             chunk |= _flags(torch_dtype, gated, l2, "backward_chunk", gpu=True, BK=bk)
-            chunk |= dict(DX_LOWP=chunk["LOWP"] and STATES_LOWP["dx"], DB_FROM_PRODUCTS=_db_from_products(gated))
+            chunk |= dict(DX_LOWP=chunk["LOWP"] and parts["dx"], DB_FROM_PRODUCTS=_db_from_products(gated))
             chunk_ptrs = sptrs | dict(du=xd) if chunk["LOWP"] else ptrs
             scalars = dict(scalars=dict(scale="fp32", part="i32"))
             chunk_opts = _launch("backward_chunk", torch_dtype, bk, BV_CHUNK, gated=gated) | scalars

@@ -96,7 +96,7 @@ def _prepare_kernel(
         m_tv = m_t[:, None] & (o_v < V)[None, :]
         b_v = tl.load(v + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
         b_u = mm_lowp(Ti, b_v * b_beta[:, None], DOT_PREC, ROUND, WU_LOWP, LOWP_TY)
-        tl.store(u0 + tok[:, None] * V + o_v[None, :], b_u.to(u0.dtype.element_ty), mask=m_tv)
+        tl.store(u0 + tok[:, None] * V + o_v[None, :], b_u, mask=m_tv)
     if STORE_T:
         tl.store(tinv + tok[:, None] * BT + o_t[None, :], Ti, mask=m_t[:, None])
 
