@@ -224,16 +224,26 @@ def test_launch_choices(monkeypatch):
 def test_long_sequences_cut_into_segments(case, segments, monkeypatch):
     """The per-sequence kernels over segments chained by their transitions (SEGMENT_HEADS): T = 300 is five chunks,
     so three segments are of 2, 2 and 1 (partial) chunks. Outputs, final state and every gradient against the token
-    recurrence, with an initial state; without a gradient, the same o and final state as one pass."""
+    recurrence, with an initial state; the backward takes the forward's entering states and transitions, so it runs
+    the forward's loop once (the forward: three times); the fakes' shapes; without a gradient, the same o and final
+    state as one pass."""
     calls = []
     for name in ("_segmented_forward", "_segmented_backward_state"):
         original = getattr(tri, name)
         monkeypatch.setattr(tri, name, lambda *a, _f=original, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
     monkeypatch.setattr(tri, "SEGMENTS", segments)
+    launches = count_launches(monkeypatch, tri, "_forward_kernel")
     # mild gates (gate_scale), so that the segments' transitions are far from zero and a wrong one shows
     tensors, state = case.draw(B=2, T=300, H=2, K=33, V=40, seed=21, gate_scale=0.05)
     check_against_naive(case, *to(tensors, state), "triton", **ON_DEVICE)
     assert {"_segmented_forward", "_segmented_backward_state"} <= set(calls)
+    assert len(launches) == 4  # the forward's three (R, M, then each segment), the backward's one
+    (q, k, v, *gates, beta), h0 = to(tensors, state)
+    g = gates[0].float().contiguous() if gates else None
+    args = (q, k, v, g, beta.float(), h0.float(), None, 0.25, False, False, True, False)
+    out = tri._chunk_op(*args)
+    assert out[6].shape == (2, segments, 2, 33, 40) and out[7].shape == (2, segments, 2, 33, 33)
+    torch.library.opcheck(tri._chunk_op, args, test_utils=("test_schema", "test_faketensor"))
     tensors, state = to(tensors, state)
     with torch.no_grad():
         o, S = case(tensors, initial_state=state, output_final_state=True, impl="triton")
@@ -330,7 +340,7 @@ def test_recurrent_decode_equals_chunk_kernel():
     q, k, v, g, beta = tensors
     cu = torch.tensor([0, 1, 1, 4, 6], device=DEVICE)
     o1, S1 = tri.recurrent(q, k, v, g, beta, state, 0.25, cu, False, False)
-    o2, S2, _, _ = tri.forward(q, k, v, g, beta, state, 0.25, cu, False, False)
+    o2, S2, *_ = tri.forward(q, k, v, g, beta, state, 0.25, cu, False, False)
     assert_same_result("o", o1, o2)
     assert_same_result("final_state", S1, S2)
 

@@ -103,10 +103,16 @@ class Segments:
     sequence may be shorter), laid out for the per-sequence kernels as N * NS sequences: cu [N NS + 1] and first
     [N NS], each segment's first chunk in the ChunkTable's numbering; ``per`` chunks a segment."""
 
+    @staticmethod
+    def count(T: int, NS: int, BT: int) -> int:
+        """The segments a sequence of T tokens is cut into when NS are asked for (whole chunks each: maybe fewer)."""
+        NT = triton.cdiv(T, BT)
+        return triton.cdiv(NT, triton.cdiv(NT, NS)) if NT else 1
+
     def __init__(self, N: int, T: int, NS: int, BT: int, device):
         NT = triton.cdiv(T, BT)
         self.per = triton.cdiv(NT, NS)  # chunks per segment
-        self.NS = triton.cdiv(NT, self.per)
+        self.NS = self.count(T, NS, BT)
         starts = torch.arange(self.NS, device=device, dtype=torch.int64) * self.per * BT  # within a sequence
         seq = torch.arange(N, device=device, dtype=torch.int64)[:, None]
         lo = (seq * T + starts[None, :]).reshape(-1)

@@ -223,7 +223,10 @@ FULL_GPU = 264  # programs that occupy every SM of an H100/H200 twice
 #   2. a scan over the segments in float64 (S_in(s+1) = M_s S_in(s) + R_s; dS_out(s-1) = M_s^T dS_out(s) + L_s);
 #   3. each segment again from its true entering state (or exit gradient), storing what the backward needs.
 # About three times the work of one pass, so only where SEGMENT_HEADS / (N H) gives at least MIN_SEGMENTS segments
-# of at least SEGMENT_MIN_CHUNKS chunks each. Not for cu_seqlens. SEGMENTS forces a count (tests).
+# of at least SEGMENT_MIN_CHUNKS chunks each. Not for cu_seqlens. SEGMENTS forces a count (tests). The forward keeps
+# what the scan found, the entering states and transitions (N NS H K (V + K) float32: 32 MiB at T = 65536, B = 1,
+# H = 16, K = V = 128), so that the backward runs only step 3 (the same states as running all three again;
+# session 13, not yet timed).
 # On an H200 (session 9, bf16, fwd+bwd ms, T = 65536, B = 1: 16 segments), with and without them in one call:
 # delta_rule 13.04 against 15.16, gated_delta_rule 14.74 against 15.69.
 # LINATTN_LAUNCH="gated_delta_rule.SEGMENT_HEADS=0" turns segments off.
@@ -412,8 +415,9 @@ def forward(
     keep: bool = False,
 ):  # fmt: skip
     """The chunked forward: o [B, T, H, V] in v's dtype, the final state [N, H, K, V] float32, with save Tinv
-    [B, T, H, BT] float32 for the backward (else None), and with save and keep (states, U, W) where it keeps them
-    (see _keeps; else None)."""
+    [B, T, H, BT] float32 for the backward (else None), with save and keep (states, U, W) where it keeps them
+    (see _keeps; else None), and with save and segments what the segments' scan found, (S_in, M) (see
+    _segmented_forward; else None)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     lay = ChunkTable(B, T, cu_seqlens, BT, q.device)
@@ -437,9 +441,11 @@ def forward(
             STORE_HT=True, STORE_STATES=split, **_launch("forward", q.dtype, BK, BV, NV * lay.N * H, g is not None),
             **flags,
         )  # fmt: skip
+        segs = None
     else:
         seg = Segments(lay.N, T, NS, BT, q.device)
-        _segmented_forward(q, k, g_, w, u0, h0, seg, o, ht, states, u, scale, not split, split, flags)
+        segs = _segmented_forward(q, k, g_, w, u0, h0, seg, o, ht, states, u, scale, not split, split, flags)
+        segs = segs if save else None
     if split:
         kept = (states, u, w) if keep else None
         del w, u0
@@ -451,7 +457,7 @@ def forward(
         )  # fmt: skip
     else:
         kept = None
-    return o.to(v.dtype), ht, tinv, kept
+    return o.to(v.dtype), ht, tinv, kept, segs
 
 
 def _chain(M, R, start, reverse: bool):
@@ -466,9 +472,14 @@ def _chain(M, R, start, reverse: bool):
     return entering, X
 
 
-def _segmented_forward(q, k, g_, w, u0, h0, seg: Segments, o, ht, states, u, scale, store_o, store_states, flags):
+def _segmented_forward(
+    q, k, g_, w, u0, h0, seg: Segments, o, ht, states, u, scale, store_o, store_states, flags, given=None
+):  # fmt: skip
     """The per-sequence forward over segments (see SEGMENT_HEADS): fills ht and, as asked, o or states and U.
-    Returns the segments' transitions M [N, NS, H, K, K] float32 (for the backward's scan)."""
+    Returns what the scan found, (S_in, M): the state entering each segment [N, NS, H, K, V] and the segments'
+    transitions [N, NS, H, K, K] (float32; M for the backward's scan). ``given``: those, as an earlier run over
+    the same inputs returned them (the forward's, for the backward): then only the last step runs, and ht is
+    left as it was."""
     H, K, V = q.shape[2], q.shape[3], u0.shape[-1]
     BK, _ = _blocks(K, V)
     NSH = seg.N * seg.NS * H
@@ -484,6 +495,10 @@ def _segmented_forward(q, k, g_, w, u0, h0, seg: Segments, o, ht, states, u, sca
             STORE_STATES=store_states_, **_launch("forward", q.dtype, BK, BV, programs, flags["HAS_G"]), **common,
         )  # fmt: skip
 
+    if given is not None:
+        S_in, M = given
+        run(V, S_in, ht, u0, True, store_o, False, store_states)
+        return S_in, M
     # 1. each segment's own final state R, and its transition M (identity columns carried with U0 = 0)
     R = torch.empty(seg.N, seg.NS, H, K, V, **f32)
     run(V, None, R, u0, True, False, True, False)
@@ -497,7 +512,7 @@ def _segmented_forward(q, k, g_, w, u0, h0, seg: Segments, o, ht, states, u, sca
     del R
     # 3. each segment from its entering state
     run(V, S_in, ht, u0, True, store_o, False, store_states)
-    return M
+    return S_in, M
 
 
 def _segmented_backward_state(q, k, g_, w, do, dht, seg: Segments, M, dstates, du, dx, dh0, tinv, scale, flags):
@@ -527,12 +542,14 @@ def _segmented_backward_state(q, k, g_, w, do, dht, seg: Segments, M, dstates, d
 
 
 def backward(
-    do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l2norm: bool, beta_is_logit: bool, kept=None
-):
+    do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l2norm: bool, beta_is_logit: bool, kept=None,
+    segs=None,
+):  # fmt: skip
     """Gradients (dq, dk, dv, dg or None, dbeta, dh0 or None).
 
     Recomputes W, U0 (from the forward's Tinv when given), then the state entering every chunk and U
-    (float32, or bfloat16: STATES_LOWP), unless the forward kept (states, U, W) (``kept``); then the gradient of
+    (float32, or bfloat16: STATES_LOWP), unless the forward kept (states, U, W) (``kept``; with segments, from the
+    forward's (S_in, M), ``segs``, rather than by the scan again); then the gradient of
     the state leaving every chunk (in the states' dtype) and dU (float32), and from those, per chunk, every input
     gradient."""
     B, T, H, K = q.shape
@@ -571,7 +588,9 @@ def backward(
             )  # fmt: skip
         else:
             ht = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device)
-            M = _segmented_forward(q, k, g_, w, u0, h0, seg, dummy, ht, states, u, scale, False, True, flags("forward"))
+            _, M = _segmented_forward(
+                q, k, g_, w, u0, h0, seg, dummy, ht, states, u, scale, False, True, flags("forward"), segs
+            )  # fmt: skip
             del ht
         del u0
     dstates = torch.empty(states.shape, dtype=stored["dstates"], device=q.device)
@@ -644,15 +663,21 @@ def _chunk_op(
     beta_is_logit: bool,
     save: bool,
     keep: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(o, final state, then for the backward Tinv (empty unless save) and the kept states, U and W (empty
-    unless kept: _keeps)). keep is an argument, not KEEP_STATES read here, so that a compiled graph (and
-    torch.compile's caches, which do not see module settings) holds what the fake and the kernels do."""
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+]:
+    """(o, final state, then for the backward Tinv (empty unless save), the kept states, U and W (empty unless
+    kept: _keeps) and the segments' S_in and M (empty unless save with segments)). keep is an argument, not
+    KEEP_STATES read here, so that a compiled graph (and torch.compile's caches, which do not see module
+    settings) holds what the fake and the kernels do."""
     with ptxas.assembler():
-        o, ht, tinv, kept = forward(q, k, v, g, beta, h0, scale, cu_seqlens, qk_l2norm, beta_is_logit, save, keep)
+        o, ht, tinv, kept, segs = forward(
+            q, k, v, g, beta, h0, scale, cu_seqlens, qk_l2norm, beta_is_logit, save, keep
+        )  # fmt: skip
     empty = none_tensor(q)
     states, u, w = kept if kept is not None else (empty, empty.clone(), empty.clone())
-    return o, ht, (tinv if tinv is not None else empty.clone()), states, u, w
+    seg_in, seg_m = segs if segs is not None else (empty.clone(), empty.clone())
+    return o, ht, (tinv if tinv is not None else empty.clone()), states, u, w, seg_in, seg_m
 
 
 @_chunk_op.register_fake
@@ -668,7 +693,13 @@ def _(q, k, v, g, beta, h0, cu_seqlens, scale, qk_l2norm, beta_is_logit, save, k
         w = q.new_empty(B, T, H, K, dtype=_w_dtype(k.dtype))
     else:
         states, u, w = empty.clone(), empty.clone(), empty.clone()
-    return torch.empty_like(v), fake_state(q, v, cu_seqlens), tinv, states, u, w
+    NS = Segments.count(T, _num_segments(N, H, T, cu_seqlens), BT)
+    if save and NS > 1:
+        seg_in = q.new_empty(N, NS, H, K, V, dtype=torch.float32)
+        seg_m = q.new_empty(N, NS, H, K, K, dtype=torch.float32)
+    else:
+        seg_in, seg_m = empty.clone(), empty.clone()
+    return torch.empty_like(v), fake_state(q, v, cu_seqlens), tinv, states, u, w, seg_in, seg_m
 
 
 @torch.library.custom_op("linattn::chunk_gated_delta_rule_backward", mutates_args=())
@@ -685,6 +716,8 @@ def _chunk_backward_op(
     states: torch.Tensor,
     u: torch.Tensor,
     w: torch.Tensor,
+    seg_in: torch.Tensor,
+    seg_m: torch.Tensor,
     cu_seqlens: torch.Tensor | None,
     scale: float,
     qk_l2norm: bool,
@@ -692,15 +725,18 @@ def _chunk_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     tinv = tinv if tinv.numel() else None
     kept = (states, u, w) if states.numel() else None
+    segs = (seg_in, seg_m) if seg_in.numel() else None
     with ptxas.assembler():
-        grads = backward(do, dht, q, k, v, g, beta, h0, tinv, scale, cu_seqlens, qk_l2norm, beta_is_logit, kept)
+        grads = backward(
+            do, dht, q, k, v, g, beta, h0, tinv, scale, cu_seqlens, qk_l2norm, beta_is_logit, kept, segs
+        )  # fmt: skip
     dq, dk, dv, dg, dbeta, dh0 = grads
     empty = none_tensor(q)
     return dq, dk, dv, (dg if dg is not None else empty), dbeta, (dh0 if dh0 is not None else empty.clone())
 
 
 @_chunk_backward_op.register_fake
-def _(do, dht, q, k, v, g, beta, h0, tinv, states, u, w, cu_seqlens, scale, qk_l2norm, beta_is_logit):
+def _(do, dht, q, k, v, g, beta, h0, tinv, states, u, w, seg_in, seg_m, cu_seqlens, scale, qk_l2norm, beta_is_logit):
     empty = none_tensor(q)
     return (
         torch.empty_like(q),
@@ -720,12 +756,29 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, do, dht, *_):
-    q, k, v, g, beta, h0, tinv, states, u, w, cu_seqlens = ctx.saved_tensors
+    q, k, v, g, beta, h0, tinv, states, u, w, seg_in, seg_m, cu_seqlens = ctx.saved_tensors
     scale, qk_l2norm, beta_is_logit = ctx.options
     dht = dht.contiguous() if dht is not None else None
     do = do if do is not None else torch.zeros_like(v)
     dq, dk, dv, dg, dbeta, dh0 = _chunk_backward_op(
-        do.contiguous(), dht, q, k, v, g, beta, h0, tinv, states, u, w, cu_seqlens, scale, qk_l2norm, beta_is_logit
+        do.contiguous(),
+        dht,
+        q,
+        k,
+        v,
+        g,
+        beta,
+        h0,
+        tinv,
+        states,
+        u,
+        w,
+        seg_in,
+        seg_m,
+        cu_seqlens,
+        scale,
+        qk_l2norm,
+        beta_is_logit,
     )
     dg = dg if g is not None else None
     dh0 = dh0 if h0 is not None else None
