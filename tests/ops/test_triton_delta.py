@@ -14,7 +14,13 @@ import torch
 from linattn import ops
 from tests.ops.mechanisms import by_id
 from tests.ops.tolerance import ON_DEVICE, assert_same_result, check_against_naive
-from tests.ops.triton_checks import assert_compiles_fullgraph, count_launches, extreme, triton_calls
+from tests.ops.triton_checks import (
+    assert_compiles_fullgraph,
+    assert_segments_equal_one_pass,
+    count_launches,
+    extreme,
+    triton_calls,
+)
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
@@ -244,13 +250,7 @@ def test_long_sequences_cut_into_segments(case, segments, monkeypatch):
     out = tri._chunk_op(*args)
     assert out[6].shape == (2, segments, 2, 33, 40) and out[7].shape == (2, segments, 2, 33, 33)
     torch.library.opcheck(tri._chunk_op, args, test_utils=("test_schema", "test_faketensor"))
-    tensors, state = to(tensors, state)
-    with torch.no_grad():
-        o, S = case(tensors, initial_state=state, output_final_state=True, impl="triton")
-        monkeypatch.setattr(tri, "SEGMENTS", 1)
-        o1, S1 = case(tensors, initial_state=state, output_final_state=True, impl="triton")
-    assert_same_result("o", o, o1)
-    assert_same_result("final state", S, S1)
+    assert_segments_equal_one_pass(case, tri, *to(tensors, state), monkeypatch)
 
 
 def test_segment_counts():

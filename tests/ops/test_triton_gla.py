@@ -12,7 +12,13 @@ import torch
 from linattn import ops
 from tests.ops.mechanisms import by_id
 from tests.ops.tolerance import ON_DEVICE, assert_same_result, check_against_naive
-from tests.ops.triton_checks import assert_compiles_fullgraph, count_launches, extreme, triton_calls
+from tests.ops.triton_checks import (
+    assert_compiles_fullgraph,
+    assert_segments_equal_one_pass,
+    count_launches,
+    extreme,
+    triton_calls,
+)
 
 triton = pytest.importorskip("triton")
 from linattn.ops.gla import triton as tri  # noqa: E402
@@ -92,13 +98,7 @@ def test_long_sequences_cut_into_segments(segments, with_state, monkeypatch):
     tensors, state = CASE.draw(B=2, T=300, H=2, K=33, V=40, seed=21, gate_scale=0.05, with_state=with_state)
     check_against_naive(CASE, *to(tensors, state), "triton", **ON_DEVICE)
     assert scans.count(False) == 2 and scans.count(True) == 1  # the forward's, the backward's states and gradients
-    tensors, state = to(tensors, state)
-    with torch.no_grad():
-        o, S = CASE(tensors, initial_state=state, output_final_state=True, impl="triton")
-        monkeypatch.setattr(tri, "SEGMENTS", 1)
-        o1, S1 = CASE(tensors, initial_state=state, output_final_state=True, impl="triton")
-    assert_same_result("o", o, o1)
-    assert_same_result("final state", S, S1)
+    assert_segments_equal_one_pass(CASE, tri, *to(tensors, state), monkeypatch)
 
 
 def test_segment_counts(monkeypatch):

@@ -65,3 +65,14 @@ def assert_compiles_fullgraph(f, inputs: list):
     assert_same_result("loss", loss2.detach(), loss.detach())
     for a, b in zip(leaves2, leaves):
         assert_same_result("grad", a.grad, b.grad)
+
+
+def assert_segments_equal_one_pass(case, module, tensors: list, state, monkeypatch):
+    """Without a gradient, the op with segments (as ``module.SEGMENTS`` is set now) gives the o and final state of one
+    pass per sequence (SEGMENTS = 1), to the rounding of a reordered sum."""
+    with torch.no_grad():
+        o, S = case(tensors, initial_state=state, output_final_state=True, impl="triton")
+        monkeypatch.setattr(module, "SEGMENTS", 1)
+        o1, S1 = case(tensors, initial_state=state, output_final_state=True, impl="triton")
+    assert_same_result("o", o, o1)
+    assert_same_result("final state", S, S1)
