@@ -463,13 +463,18 @@ def forward(
 def _chain(M, R, start, reverse: bool):
     """The scan that chains segments, in float64: X(s+1) = M_s X(s) + R_s from X(0) = start (None: zeros), or
     with reverse, X(s-1) = M_s^T X(s) + R_s from the last. M [N, NS, H, K, K], R [N, NS, H, K, V]. Returns
-    what enters each segment, [N, NS, H, K, V] float32, and what leaves the last one, [N, H, K, V] float64."""
-    X = start.double() if start is not None else torch.zeros_like(R[:, 0], dtype=torch.float64)
-    entering = torch.empty_like(R)
-    for i in reversed(range(R.shape[1])) if reverse else range(R.shape[1]):
-        entering[:, i] = X
-        X = (M[:, i].double().transpose(-1, -2) if reverse else M[:, i].double()) @ X + R[:, i].double()
-    return entering, X
+    what enters each segment, [N, NS, H, K, V] float32, and what leaves the last one, [N, H, K, V] float64.
+    One batched product-and-add (baddbmm) a segment, over every sequence and head at once."""
+    N, NS, H, K, V = R.shape
+    Ms = M.double().transpose(0, 1).reshape(NS, N * H, K, K)  # segment-major
+    Rs = R.double().transpose(0, 1).reshape(NS, N * H, K, V)
+    X = start.double().reshape(N * H, K, V) if start is not None else Rs.new_zeros(N * H, K, V)
+    entering = [X] * NS
+    for i in reversed(range(NS)) if reverse else range(NS):
+        entering[i] = X
+        X = torch.baddbmm(Rs[i], Ms[i].transpose(-1, -2) if reverse else Ms[i], X)
+    entering = torch.stack(entering).view(NS, N, H, K, V).transpose(0, 1).float().contiguous()
+    return entering, X.view(N, H, K, V)
 
 
 def _segmented_forward(
