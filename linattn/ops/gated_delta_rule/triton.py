@@ -23,16 +23,17 @@ When a gradient is needed the forward keeps Tinv [B, T, H, 64] (float32); the ba
 and U0 from it and runs the forward loop again to store each chunk's entering state and U.
 
 bfloat16 on a GPU (LOWP, by kernel: LOWP_DOTS): the products that a plain bfloat16 run forms with matmuls take
-bfloat16 operands with float32 accumulation (``mm_lowp``). These are, forward: W S, (exp(b_C - b) k)^T U (and
-q k^T, (exp(b) q) S, P U when it forms o); output: the same three; local_du: k q^T, P^T dO; backward_state:
-(exp(b_C - b) k) dS', (exp(b) q)^T dO, W^T dU; backward_chunk: dO S^T, U dS'^T, dO U^T, q k^T, dP k, dP^T q,
-G k, G^T k (G = beta exp(b_t - b_s) dA), and (STATES_LOWP) dX S^T, dX U^T. The solve and the other products with
-Tinv or from it (W and U0 in prepare, Tinv^T dU, and k k^T as A) keep tf32 (rounded), as the plain run's triangular
-solve keeps float32. States, dU and all accumulators stay float32; so do W, unless both kernels that read it take
-bfloat16 operands (then it is stored in bfloat16: LOWP_STORE), and U, unless backward_chunk takes them (then the
-backward stores it in bfloat16: STATES_LOWP). forward, output, local_du and backward_state take bfloat16 operands
-only where the ptxas that assembles them is trusted with them (``common/ptxas.py``); the op's launches run inside
-``ptxas.assembler()``, which on Hopper with Triton 3.6 assembles them with the newer of Triton's two ptxas.
+bfloat16 operands with float32 accumulation (``mm_lowp``). These are, forward: W S, (exp(b_C - b) k)^T U (and q k^T,
+(exp(b) q) S, P U when it forms o); output: the same three; local_du: k q^T, P^T dO; backward_state: (exp(b_C - b)
+k) dS', (exp(b) q)^T dO, W^T dU; backward_chunk: dO S^T, U dS'^T, dO U^T, q k^T, dP k, dP^T q, G k, G^T k (G = beta
+exp(b_t - b_s) dA), and (STATES_LOWP) dX S^T, dX U^T; prepare (PREPARE_LOWP): k k^T as A (the same products as
+tf32's for bfloat16 keys), and W and U0 from Tinv, as fla's. The solve (one pass of tf32 products with rounded
+operands: SOLVE_TF32X3) and Tinv^T dU keep tf32. States, dU and all accumulators stay float32; so do W, unless both
+kernels that read it take bfloat16 operands (then it is stored in bfloat16: LOWP_STORE), and U, unless
+backward_chunk takes them (then the backward stores it in bfloat16: STATES_LOWP). forward, output, local_du and
+backward_state take bfloat16 operands only where the ptxas that assembles them is trusted with them
+(``common/ptxas.py``); the op's launches run inside ``ptxas.assembler()``, which on Hopper with Triton 3.6 assembles
+them with the newer of Triton's two ptxas.
 
 Gates stay in log space: b is the chunk-local cumulative sum (float64, split into a float32 pair by
 ``chunk_log_decay``) and every exponent used, b_t - b_s for s <= t, b and b_C - b, is <= 0, so gates

@@ -313,7 +313,7 @@ def _backward_state_kernel(
     PRECISE_EXP: tl.constexpr,
 ):
     # The forward's chunk loop run backwards on the state gradient dS [K, BV]; stores the gradient of the
-    # state leaving each chunk and dU (float32).  dU = scale P^T dO + (exp(b_C - b) k) dS;
+    # state leaving each chunk and dX (below).  dU = scale P^T dO + (exp(b_C - b) k) dS;
     # dS <- exp(b_C) dS + scale (exp(b) q)^T dO - W^T dU.  du holds scale P^T dO on entry (_local_du_kernel,
     # parallel over chunks), so the sequential loop forms neither P nor P^T dO. dx gets dX = Tinv^T dU (in its
     # dtype; dx may be du itself, dX taking dU's place), the one form in which backward_chunk needs it, formed once
