@@ -1,11 +1,13 @@
 """Where the GPU time of one Triton op goes: per-kernel device time of forward+backward, by torch.profiler.
 
-    python benchmarks/profile_kernels.py [--ops delta_rule,gla] [--T 4096] [--gla-gates strong]
+    python benchmarks/profile_kernels.py [--ops delta_rule,gla] [--T 4096] [--gla-gates strong] [--fla]
 
 Runs each op a few times at the standard shape (bf16, H = 16, K = V = 128, B * T = 65,536) and prints, per
 kernel name, the total device time per iteration and the number of launches, and for a kernel launched more than once
 per iteration each launch's share in launch order (e.g. the delta rules' prepare: the forward's, which solves for
-Tinv, then the backward's, which loads it). Use it to decide what to work on; time with bench_gpu.py.
+Tinv, then the backward's, which loads it). Use it to decide what to work on; time with bench_gpu.py. --fla
+profiles fla's kernel of each op instead (its wheels installed, as shared/BENCHMARKS.md says; its first call
+autotunes, outside the profiled steps), to set beside ours kernel by kernel.
 """
 
 from __future__ import annotations
@@ -26,12 +28,17 @@ def main():
     parser.add_argument("--T", type=int, default=4096)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--gla-gates", choices=("standard", "strong"), default="standard", help="bench_gpu.GK")
+    parser.add_argument("--fla", action="store_true", help="profile fla's kernel of each op instead of ours")
     args = parser.parse_args()
     bench_gpu.GK = args.gla_gates
     B = 65536 // args.T
     for op in args.ops.split(","):
         q, k, v, g, beta, gk = inputs(B, args.T)
-        (_, fn, leaves), *_ = op_runs(op, q, k, v, g, beta, gk, with_fla=False)
+        runs = op_runs(op, q, k, v, g, beta, gk, with_fla=args.fla)
+        if args.fla and len(runs) < 2:
+            print(f"\n{op}: fla has no kernel for it here (or fla is not importable)")
+            continue
+        name, fn, leaves = runs[-1]
         do = torch.randn_like(q)
 
         def step(fn=fn, leaves=leaves, do=do):
@@ -54,7 +61,7 @@ def main():
             counts[e.name] += 1
             launches[e.name].append(e.device_time_total / 1e3)
         total = sum(times.values())
-        print(f"\n{op} T={args.T} B={B}: {total:.2f} ms of kernels per fwd+bwd")
+        print(f"\n{name} T={args.T} B={B}: {total:.2f} ms of kernels per fwd+bwd")
         for name, ms in times.most_common(12):
             per_iter = counts[name] // args.iters
             shares = ""
