@@ -87,7 +87,7 @@ def test_per_sequence_kernels_narrowed_for_few_sequences(monkeypatch):
 @pytest.mark.parametrize("segments", [2, 3])
 def test_long_sequences_cut_into_segments(segments, with_state, monkeypatch):
     """The per-sequence passes over segments chained by their summed log-decays per key (SEGMENT_HEADS): T = 300 is
-    five chunks, so three segments are of 2, 2 and 1 (partial) chunks, and K = 33 takes two key blocks in the state
+    five chunks, so three segments are of 2, 2 and 1 (partial) chunks, and K = 70 takes two key blocks in the state
     passes. Outputs, final state and every gradient against the token recurrence, with an initial state or without;
     without a gradient, the same o and final state as one pass."""
     scans = []
@@ -95,7 +95,7 @@ def test_long_sequences_cut_into_segments(segments, with_state, monkeypatch):
     monkeypatch.setattr(tri, "chain_segments", lambda *a, **kw: scans.append(a[3]) or chain(*a, **kw))
     monkeypatch.setattr(tri, "SEGMENTS", segments)
     # mild gates (gate_scale), so that the segments' decays are far from zero and a wrong one shows
-    tensors, state = CASE.draw(B=2, T=300, H=2, K=33, V=40, seed=21, gate_scale=0.05, with_state=with_state)
+    tensors, state = CASE.draw(B=2, T=300, H=2, K=70, V=40, seed=21, gate_scale=0.05, with_state=with_state)
     check_against_naive(CASE, *to(tensors, state), "triton", **ON_DEVICE)
     assert scans.count(False) == 2 and scans.count(True) == 1  # the forward's, the backward's states and gradients
     assert_segments_equal_one_pass(CASE, tri, *to(tensors, state), monkeypatch)
