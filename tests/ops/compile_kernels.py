@@ -6,10 +6,16 @@ the variants the launchers use here. Run in a fresh process: TRITON_INTERPRET mu
 
     python -m tests.ops.compile_kernels simple_gla                # compile one group, print each variant
     python -m tests.ops.compile_kernels --resources gla [warps]   # also registers and stack (spills) per variant
+    python -m tests.ops.compile_kernels --sass gated_delta_rule   # also the SASS instruction count by opcode
+
+Spills have not predicted speed well here; the opcode counts (--sass: shuffles for reductions, local loads and
+stores for spills, shared-memory round trips for layout conversions, float64 and exp work) show what a variant
+costs that another does not.
 """
 
 from __future__ import annotations
 
+import collections
 import importlib
 import os
 import re
@@ -73,11 +79,26 @@ def resources(compiled) -> str:
     return f"{found.group(1)} registers, stack {found.group(2)} B" if found else "resources unknown"
 
 
+def sass_counts(compiled, top: int = 12) -> str:
+    """The ``top`` most frequent SASS opcodes of a compiled kernel (static counts, from cuobjdump) and the total."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+    counts = collections.Counter(
+        m.group(1).split(".")[0]
+        for m in re.finditer(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", out, re.MULTILINE)
+    )
+    return f"{sum(counts.values())} instructions: " + " ".join(f"{op} {n}" for op, n in counts.most_common(top))
+
+
 def main(argv: list[str]) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces the compiler")
     show = "--resources" in argv
-    argv = [a for a in argv if a != "--resources"]
+    sass = "--sass" in argv
+    argv = [a for a in argv if a not in ("--resources", "--sass")]
     warps = [int(a) for a in argv if a.isdigit()]
     groups = _groups()
     for group in [a for a in argv if not a.isdigit()] or list(groups):
@@ -87,6 +108,8 @@ def main(argv: list[str]) -> int:
                 out = compile_variant(kernel, pointers, constexprs, **(opts | dict(num_warps=w)))
                 extra = f", {w} warps, {resources(out)}" if show else ""
                 print(f"{group} {label}: shared {out.metadata.shared} B{extra}, {time.perf_counter() - t0:.1f} s")
+                if sass:
+                    print(f"    {sass_counts(out)}")
     return 0
 
 
