@@ -699,8 +699,8 @@ def _(q, k, v, g, beta, h0, cu_seqlens, scale, qk_l2norm, beta_is_logit, save, k
         w = q.new_empty(B, T, H, K, dtype=_w_dtype(k.dtype))
     else:
         states, u, w = empty.clone(), empty.clone(), empty.clone()
-    NS = Segments.count(T, _num_segments(N, H, T, cu_seqlens), BT)
-    if save and NS > 1:
+    NS = Segments.count(T, _num_segments(N, H, T, cu_seqlens), BT) if save else 1  # (no shape guards otherwise)
+    if NS > 1:
         seg_in = q.new_empty(N, NS, H, K, V, dtype=torch.float32)
         seg_m = q.new_empty(N, NS, H, K, K, dtype=torch.float32)
     else:
