@@ -395,8 +395,9 @@ def _states_lowp(gated: bool) -> dict:
 
 
 def _dx_dtype(lowp: bool, parts: dict) -> torch.dtype | None:
-    """The dtype of dX where backward_state stores it in a tensor of its own (bfloat16: STATES_LOWP's dx_store, for
-    a backward_chunk with bfloat16 operands), else None: float32 in dU's place."""
+    """The dtype of dX where backward_state stores it in a tensor of its own (bfloat16: STATES_LOWP's dx_store, where
+    the backward stores for a backward_chunk with bfloat16 operands, as for the other parts), else None: float32 in
+    dU's place."""
     return torch.bfloat16 if lowp and parts["dx_store"] else None
 
 
@@ -601,7 +602,7 @@ def backward(
         del u0
     dstates = torch.empty(states.shape, dtype=stored["dstates"], device=q.device)
     du = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
-    dx_dtype = _dx_dtype(chunk_flags["LOWP"], parts)
+    dx_dtype = _dx_dtype(lowp, parts)
     dx = du if dx_dtype is None else torch.empty(B, T, H, V, dtype=dx_dtype, device=q.device)
     dh0 = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None
     bv_chunk = _chunk_bv(V)
