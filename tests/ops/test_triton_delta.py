@@ -13,7 +13,7 @@ import torch
 
 from linattn import ops
 from tests.ops.mechanisms import by_id
-from tests.ops.tolerance import ON_DEVICE, assert_same_result, check_against_naive
+from tests.ops.tolerance import ON_DEVICE, assert_same_result, check_against_naive, run_with_grads
 from tests.ops.triton_checks import (
     assert_compiles_fullgraph,
     assert_segments_equal_one_pass,
@@ -175,6 +175,38 @@ def test_dx_stored_apart_from_du(case, segments, monkeypatch):
     monkeypatch.setattr(tri, "SEGMENTS", segments)
     tensors, state = case.draw(B=1, T=200, H=2, K=24, V=40, seed=19, gate_scale=0.05)
     check_against_naive(case, *to(tensors, state), "triton", **ON_DEVICE)
+
+
+@both
+@pytest.mark.parametrize("store", ["tinv", "u0_backward", "du"])
+def test_bfloat16_stores_round_only(case, store, monkeypatch):
+    """PREPARE_LOWP's tinv and u0_backward and STATES_LOWP's du store in bfloat16 on a GPU; forced here, with float32
+    inputs: the gradients change (the store does round) by about bfloat16's rounding and no more, so the stores,
+    casts and loads around it are right. (Under the interpreter the GPU's bfloat16 products cannot be checked: see
+    test_gpu_bfloat16_operands_wide_value_blocks_and_w.)"""
+    bf16 = lambda *args, **kwargs: torch.bfloat16  # noqa: E731
+    if store == "tinv":
+        monkeypatch.setattr(tri, "_tinv_dtype", bf16)
+    elif store == "u0_backward":
+        monkeypatch.setattr(tri, "_u0_backward_dtype", bf16)
+    else:  # du in bfloat16 needs dX in a tensor of its own
+        monkeypatch.setattr(tri, "_dx_dtype", lambda lowp, parts: torch.float32)
+        monkeypatch.setattr(tri, "_du_dtype", bf16)
+    tensors, state = to(*case.draw(B=1, T=150, H=2, K=24, V=40, seed=31, gate_scale=0.05))
+
+    def run(ts, s0):
+        return case(ts, initial_state=s0, output_final_state=True, impl="triton")
+
+    rounded = run_with_grads(run, tensors, state)
+    monkeypatch.undo()
+    exact = run_with_grads(run, tensors, state)
+    names = ["o", "final_state", "dq", "dk", "dv", *["dg"] * (case.gate is not None), "dbeta", "dh0"]
+    moved = []
+    for name, a, b in zip(names, rounded, exact, strict=True):
+        err = (a - b).abs().max().item() / b.abs().max().item()
+        assert err <= 2.0**-6, f"{name}: {err:.3g} of the largest entry, beyond bfloat16 rounding"
+        moved.append(err > 0)
+    assert any(moved[2:]), "no gradient changed: nothing was stored in bfloat16"
 
 
 @both

@@ -112,7 +112,11 @@ SOLVE_DIAG_DOUBLING = True
 #                                                         run's error (K = 128, V = 256: 0.00266 against 0.0010);
 #                                                         the switch was removed
 SOLVE_TF32X3 = False
-PREPARE_LOWP = dict(kkt=True, wu=True)
+# tinv: Tinv stored in bfloat16 (it is rounded so for W and U0 anyway; backward_state's dX = Tinv^T dU then takes the
+# rounded Tinv too). u0_backward: the backward's prepare stores U0 in bfloat16 for the forward's loop it runs again
+# (the forward's own U0 stays float32: in bfloat16 it failed the bf16 final-state test, above). Both with wu, on
+# bfloat16 inputs on a GPU. Session 14 built them; off until GPU-tested and timed.
+PREPARE_LOWP = dict(kkt=True, wu=True, tinv=False, u0_backward=False)
 # Launch options by kernel. Every kernel holds several [BT, K] float32 tiles: at 4 warps each spills 0.3-3.6 KB of
 # registers per thread (compile_kernels --resources), yet on an H200 (T = 4096, B = 16, bf16) 4 warps measured
 # faster than 8 (delta_rule fwd+bwd 18.6 ms against 24.8, gated_delta_rule 27.8 against 34.0).
@@ -184,16 +188,19 @@ KEEP_STATES = False
 # - u and dx alone (the setting here): 7.46 / 9.78 in the same call as main's 7.95 / 9.87; the six bfloat16 GPU
 #   tests of outputs and gradients (test_gpu_triton_matches_reference, test_gpu_varlen_with_empty_and_single_token)
 #   pass with it. The whole GPU test run with exactly this setting did not finish in the session's device time.
-STATES_LOWP = dict(states=False, dstates=False, u=True, dx=True, dx_store=False)
+STATES_LOWP = dict(states=False, dstates=False, u=True, dx=True, dx_store=True, du=False, dx_product=False)
 # dx_store: backward_state stores dX in bfloat16 (a tensor of its own; else float32 in dU's place), which
 # backward_chunk reads in both of its passes: its products take it in bfloat16 anyway (dx), while dv = beta dX and
-# dbeta's sum over v of dX v take the rounded value. Off until GPU-tested and timed (session 13 built it without
-# device time): LINATTN_LAUNCH="gated_delta_rule.STATES_LOWP.dx_store=1".
-# The delta rule's own states and dstates entries (it has no dg, the one gradient that failed): with all four parts
-# in bfloat16, session 12's call 3 passed every delta_rule GPU test and took 7.08 ms against 7.46 with U and dX
-# alone. Off until the GPU tests run it on the code since (session 13's prepare): LINATTN_LAUNCH=
-# "gated_delta_rule.UNGATED_STATES_LOWP.states=1;gated_delta_rule.UNGATED_STATES_LOWP.dstates=1".
-UNGATED_STATES_LOWP = dict(states=False, dstates=False)
+# dbeta's sum over v of dX v take the rounded value.
+# The delta rule's own states and dstates entries (it has no dg, the one gradient that failed): in bfloat16.
+# On an H200 (session 14, one call, bf16, T = 4096, B = 16, fwd+bwd ms, delta_rule / gated), against main's
+# 6.70 / 8.67: UNGATED_STATES_LOWP 6.29 / 8.69; with dx_store as well 6.16 / 8.41. The 35 bf16 GPU tests (the only
+# ones either touches) pass with both.
+UNGATED_STATES_LOWP = dict(states=True, dstates=True)
+# du: local_du stores scale P^T dO in bfloat16 (only with dx_store: else backward_state stores dX in du's place);
+# backward_state adds the states' share to it in float32. dx_product: backward_state's dX = Tinv^T dU takes
+# bfloat16 operands (else tf32); dX is stored in bfloat16 anyway (dx_store). Session 14 built both; off until
+# GPU-tested and timed.
 # DB_FROM_PRODUCTS: backward_chunk forms the row and column sums that db and dbeta take from its [BT, BT] gradient
 # tiles (dP * P and dA * A) out of the products that dq and dk need anyway, instead of forming q k^T (a product) and
 # k k^T (a tf32 product) and the tiles themselves (see _backward_chunk_kernel): two [BT, BK] products more, one
@@ -348,8 +355,12 @@ def _prepare_flags(dtype: torch.dtype, qk_l2norm: bool, gpu: bool | None = None)
     )
 
 
-def prepare(k, v, g, beta, lay: ChunkTable, qk_l2norm: bool, beta_is_logit: bool, tinv=None, store_t: bool = False):
-    """W [B, T, H, K] (float32, or bfloat16: see _w_dtype), U0 [B, T, H, V] float32 and Tinv [B, T, H, BT] float32.
+def prepare(
+    k, v, g, beta, lay: ChunkTable, qk_l2norm: bool, beta_is_logit: bool, tinv=None, store_t: bool = False,
+    u0_dtype: torch.dtype = torch.float32,
+):  # fmt: skip
+    """W [B, T, H, K] (float32, or bfloat16: see _w_dtype), U0 [B, T, H, V] in u0_dtype and Tinv [B, T, H, BT]
+    (float32, or bfloat16: see _tinv_dtype).
 
     Tinv is solved for unless given (as the forward stored it); it is returned only when given or store_t.
     """
@@ -357,11 +368,11 @@ def prepare(k, v, g, beta, lay: ChunkTable, qk_l2norm: bool, beta_is_logit: bool
     V = v.shape[-1]
     BK, BV = _blocks(K, V, k.dtype)
     w = torch.empty(B, T, H, K, dtype=_w_dtype(k.dtype), device=k.device)
-    u0 = torch.empty(B, T, H, V, dtype=torch.float32, device=k.device)
+    u0 = torch.empty(B, T, H, V, dtype=u0_dtype, device=k.device)
     solve = tinv is None
     store_t = store_t and solve
     if store_t:
-        tinv = torch.empty(B, T, H, BT, dtype=torch.float32, device=k.device)
+        tinv = torch.empty(B, T, H, BT, dtype=_tinv_dtype(k.dtype), device=k.device)
     _prepare_kernel[(lay.NC, H)](
         k,
         v,
@@ -387,6 +398,24 @@ def prepare(k, v, g, beta, lay: ChunkTable, qk_l2norm: bool, beta_is_logit: bool
         **_prepare_flags(k.dtype, qk_l2norm),
     )
     return w, u0, tinv
+
+
+def _tinv_dtype(dtype: torch.dtype, gpu: bool | None = None) -> torch.dtype:
+    """Tinv's storage for inputs of ``dtype``: bfloat16 where W's and U0's products round it so (PREPARE_LOWP's wu)
+    and its tinv entry is on, else float32."""
+    lowp = _prepare_flags(dtype, False, gpu)["WU_LOWP"] and PREPARE_LOWP["tinv"]
+    return torch.bfloat16 if lowp else torch.float32
+
+
+def _u0_backward_dtype(dtype: torch.dtype, gpu: bool | None = None) -> torch.dtype:
+    """U0's storage in the backward's prepare (PREPARE_LOWP's u0_backward, with wu), else float32."""
+    lowp = _prepare_flags(dtype, False, gpu)["WU_LOWP"] and PREPARE_LOWP["u0_backward"]
+    return torch.bfloat16 if lowp else torch.float32
+
+
+def _du_dtype(dx_dtype: torch.dtype | None, parts: dict) -> torch.dtype:
+    """local_du's storage: bfloat16 with STATES_LOWP's du where dX has a tensor of its own, else float32."""
+    return torch.bfloat16 if dx_dtype is not None and parts["du"] else torch.float32
 
 
 def _states_lowp(gated: bool) -> dict:
@@ -583,7 +612,8 @@ def backward(
         states, u, w = kept
         seg = None
     else:
-        w, u0, tinv = prepare(k, v, g, beta, lay, qk_l2norm, beta_is_logit, tinv=tinv, store_t=True)
+        u0_dtype = _u0_backward_dtype(q.dtype)
+        w, u0, tinv = prepare(k, v, g, beta, lay, qk_l2norm, beta_is_logit, tinv, store_t=True, u0_dtype=u0_dtype)
         states = torch.empty(lay.NC, H, K, V, dtype=stored["states"], device=q.device)
         u = torch.empty(B, T, H, V, dtype=stored["u"], device=q.device)
         seg = Segments(lay.N, T, NS, BT, q.device) if NS > 1 else None
@@ -601,9 +631,10 @@ def backward(
             del ht
         del u0
     dstates = torch.empty(states.shape, dtype=stored["dstates"], device=q.device)
-    du = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
     dx_dtype = _dx_dtype(lowp, parts)
+    du = torch.empty(B, T, H, V, dtype=_du_dtype(dx_dtype, parts), device=q.device)
     dx = du if dx_dtype is None else torch.empty(B, T, H, V, dtype=dx_dtype, device=q.device)
+    state_flags = dict(flags("backward_state"), TINV_LOWP=lowp and parts["dx_product"])
     dh0 = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None
     bv_chunk = _chunk_bv(V)
     # du = scale P^T dO, per chunk; backward_state adds the states' share
@@ -616,12 +647,10 @@ def backward(
             q, k, g_, w, do, dht if dht is not None else dummy, lay.cu, lay.first, dstates, du, dx,
             dh0 if dh0 is not None else dummy, tinv, scale,
             BV=BV, HAS_DHT=dht is not None, STORE_DH0=h0 is not None, STORE_GRADS=True,
-            **_launch("backward_state", q.dtype, BK, BV, gated=g is not None), **common, **flags("backward_state"),
+            **_launch("backward_state", q.dtype, BK, BV, gated=g is not None), **common, **state_flags,
         )  # fmt: skip
     else:
-        _segmented_backward_state(
-            q, k, g_, w, do, dht, seg, M, dstates, du, dx, dh0, tinv, scale, flags("backward_state")
-        )  # fmt: skip
+        _segmented_backward_state(q, k, g_, w, do, dht, seg, M, dstates, du, dx, dh0, tinv, scale, state_flags)
         del M
     del w, du  # dx holds what backward_chunk needs
     dq = torch.empty(q.shape, dtype=store_dtype(q.dtype), device=q.device)
@@ -692,7 +721,7 @@ def _(q, k, v, g, beta, h0, cu_seqlens, scale, qk_l2norm, beta_is_logit, save, k
     B, T, H, K = q.shape
     V = v.shape[-1]
     empty = none_tensor(q)
-    tinv = q.new_empty(B, T, H, BT, dtype=torch.float32) if save else empty
+    tinv = q.new_empty(B, T, H, BT, dtype=_tinv_dtype(k.dtype)) if save else empty
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if _keeps(save and keep, N, H, T, cu_seqlens):
         states = q.new_empty(ChunkTable.count(B, T, cu_seqlens, BT), H, K, V, dtype=torch.float32)
@@ -877,6 +906,11 @@ def compile_variants():
         sptrs = ptrs | {n: "bf16" if lowp and parts[n] else "fp32" for n in ("states", "dstates", "u")}
         xd = "bf16" if _dx_dtype(lowp, parts) == torch.bfloat16 else "fp32"
         sptrs |= dict(dx=xd)  # backward_state's dX; backward_chunk reads it as du
+        td = "bf16" if _tinv_dtype(torch_dtype, gpu=True) == torch.bfloat16 else "fp32"
+        u0d = "bf16" if _u0_backward_dtype(torch_dtype, gpu=True) == torch.bfloat16 else "fp32"
+        dud = "bf16" if _du_dtype(_dx_dtype(lowp, parts), parts) == torch.bfloat16 else "fp32"
+        ptrs |= dict(tinv=td)
+        sptrs |= dict(tinv=td, u0=u0d, du=dud)
         solve = dict(BV=seq_bv, BKP=min(BK, PREPARE_KEYS), SOLVE=True, STORE_T=True, BETA_LOGIT=opt)
         solve |= dict(DIAG_DOUBLING=SOLVE_DIAG_DOUBLING, **_prepare_flags(torch_dtype, opt, gpu=True))
         yield f"prepare {label}", _prepare_kernel, ptrs, common["prepare"] | solve, opts["prepare"]
@@ -886,6 +920,7 @@ def compile_variants():
             states = out | dict(STORE_O=False, STORE_HT=False, STORE_STATES=True)
             yield f"forward states BV={bv} {label}", _forward_kernel, sptrs, common["forward"] | states, opts["forward"]
             state = common["backward_state"] | dict(BV=bv, HAS_DHT=True, STORE_DH0=True, STORE_GRADS=True)
+            state |= dict(TINV_LOWP=lowp and parts["dx_product"])
             yield f"backward state BV={bv} {label}", _backward_state_kernel, sptrs, state, opts["backward_state"]
         # segments (SEGMENT_HEADS): the transitions (U0 = 0, K columns) and each segment's own gradient share
         transition = out | dict(HAS_U0=False, STORE_O=False, V=128, BV=seq_bv)
@@ -893,7 +928,7 @@ def compile_variants():
         share = state | dict(BV=seq_bv, HAS_DHT=False, STORE_GRADS=False)
         yield f"backward state share {label}", _backward_state_kernel, sptrs, share, opts["backward_state"]
         yield f"output {label}", _output_kernel, ptrs, common["output"] | dict(BV=BV_CHUNK), opts["output"]
-        yield f"local du {label}", _local_du_kernel, ptrs, common["local_du"] | dict(BV=BV_CHUNK), opts["local_du"]
+        yield f"local du {label}", _local_du_kernel, sptrs, common["local_du"] | dict(BV=BV_CHUNK), opts["local_du"]
         for l2 in sorted({opt, False}):  # key columns per program: CHUNK_KEYS, or all of them with qk_l2norm
             bk = _chunk_keys(BK, l2)
             chunk = dict(BV=BV_CHUNK, BETA_LOGIT=opt, BK=bk)
