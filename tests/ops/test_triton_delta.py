@@ -178,20 +178,25 @@ def test_dx_stored_apart_from_du(case, segments, monkeypatch):
 
 
 @both
-@pytest.mark.parametrize("store", ["tinv", "u0_backward", "du"])
+@pytest.mark.parametrize("store", ["tinv", "u0_backward"])
 def test_bfloat16_stores_round_only(case, store, monkeypatch):
-    """PREPARE_LOWP's tinv and u0_backward and STATES_LOWP's du store in bfloat16 on a GPU; forced here, with float32
+    """PREPARE_LOWP's tinv and u0_backward store in bfloat16 on a GPU; forced here, with float32
     inputs: the gradients change (the store does round) by about bfloat16's rounding and no more, so the stores,
     casts and loads around it are right. (Under the interpreter the GPU's bfloat16 products cannot be checked: see
     test_gpu_bfloat16_operands_wide_value_blocks_and_w.)"""
     bf16 = lambda *args, **kwargs: torch.bfloat16  # noqa: E731
-    if store == "tinv":
-        monkeypatch.setattr(tri, "_tinv_dtype", bf16)
-    elif store == "u0_backward":
-        monkeypatch.setattr(tri, "_u0_backward_dtype", bf16)
-    else:  # du in bfloat16 needs dX in a tensor of its own
-        monkeypatch.setattr(tri, "_dx_dtype", lambda lowp, parts: torch.float32)
-        monkeypatch.setattr(tri, "_du_dtype", bf16)
+    # where they apply: bfloat16 inputs on a GPU, with wu (PREPARE_LOWP's entries as the library sets them)
+    for name, on in (
+        ("_tinv_dtype", tri.PREPARE_LOWP["tinv"]),
+        ("_u0_backward_dtype", tri.PREPARE_LOWP["u0_backward"]),
+    ):
+        assert getattr(tri, name)(torch.bfloat16, gpu=True) == (torch.bfloat16 if on else torch.float32)
+        assert (
+            getattr(tri, name)(torch.bfloat16, gpu=False)
+            == getattr(tri, name)(torch.float16, gpu=True)
+            == torch.float32
+        )
+    monkeypatch.setattr(tri, {"tinv": "_tinv_dtype", "u0_backward": "_u0_backward_dtype"}[store], bf16)
     tensors, state = to(*case.draw(B=1, T=150, H=2, K=24, V=40, seed=31, gate_scale=0.05))
 
     def run(ts, s0):

@@ -83,7 +83,10 @@ BV_MAX_LOWP = 64
 # W stored in bfloat16 where forward and backward_state take bfloat16 operands: they round it so for their products
 # anyway, so nothing changes but the bytes (W is read once per V block of each).
 LOWP_STORE = True
-BV_CHUNK = 32  # value columns per step of the per-chunk backward's loops
+# Value columns per step of the per-chunk kernels' loops (output, local_du, backward_chunk). On an H200 (session 14,
+# one call, bf16, fwd+bwd ms, T = 4096, B = 16) 64 against 32: delta_rule 6.13 against 6.22, gated_delta_rule 8.17
+# against 8.48; every delta GPU test passes (144, every dtype).
+BV_CHUNK = 64
 # prepare goes through K in blocks of this many columns (k k^T summed over them, W formed block by block), so that no
 # [BT, K] float32 tile is live. sm_90 compile, bf16 with gates, K = 128, 4 warps (Triton 3.9), spill stack a thread
 # (solving / loading Tinv): main's kernel 416 / 912 B; in blocks of 128: 952 / 344; 64: 1064 / 464; 32: 616 / 0.
@@ -112,11 +115,14 @@ SOLVE_DIAG_DOUBLING = True
 #                                                         run's error (K = 128, V = 256: 0.00266 against 0.0010);
 #                                                         the switch was removed
 SOLVE_TF32X3 = False
-# tinv: Tinv stored in bfloat16 (it is rounded so for W and U0 anyway; backward_state's dX = Tinv^T dU then takes the
-# rounded Tinv too). u0_backward: the backward's prepare stores U0 in bfloat16 for the forward's loop it runs again
-# (the forward's own U0 stays float32: in bfloat16 it failed the bf16 final-state test, above). Both with wu, on
-# bfloat16 inputs on a GPU. Session 14 built them; off until GPU-tested and timed.
-PREPARE_LOWP = dict(kkt=True, wu=True, tinv=False, u0_backward=False)
+# tinv: Tinv stored in bfloat16 (it is rounded so for W and U0 anyway, which stay the same to the bit; backward_state's
+# dX = Tinv^T dU then takes the rounded Tinv too). u0_backward: the backward's prepare stores U0 in bfloat16 for the
+# forward's loop it runs again (the forward's own U0 stays float32: in bfloat16 it failed the bf16 final-state
+# test, above). Both with wu, on bfloat16 inputs on a GPU. On an H200 (session 14, one call, bf16, T = 4096,
+# B = 16, fwd+bwd ms, delta_rule / gated, each on BV_CHUNK = 64's 6.08 / 8.05): tinv 5.95 / 7.65, u0_backward
+# 5.98 / 7.98; the bf16 GPU tests (41) pass with either. u0_backward stays off: the two together were neither
+# tested nor timed on the card (the session's device time ran out).
+PREPARE_LOWP = dict(kkt=True, wu=True, tinv=True, u0_backward=False)
 # Launch options by kernel. Every kernel holds several [BT, K] float32 tiles: at 4 warps each spills 0.3-3.6 KB of
 # registers per thread (compile_kernels --resources), yet on an H200 (T = 4096, B = 16, bf16) 4 warps measured
 # faster than 8 (delta_rule fwd+bwd 18.6 ms against 24.8, gated_delta_rule 27.8 against 34.0).
@@ -188,7 +194,7 @@ KEEP_STATES = False
 # - u and dx alone (the setting here): 7.46 / 9.78 in the same call as main's 7.95 / 9.87; the six bfloat16 GPU
 #   tests of outputs and gradients (test_gpu_triton_matches_reference, test_gpu_varlen_with_empty_and_single_token)
 #   pass with it. The whole GPU test run with exactly this setting did not finish in the session's device time.
-STATES_LOWP = dict(states=False, dstates=False, u=True, dx=True, dx_store=True, du=False, dx_product=False)
+STATES_LOWP = dict(states=False, dstates=False, u=True, dx=True, dx_store=True)
 # dx_store: backward_state stores dX in bfloat16 (a tensor of its own; else float32 in dU's place), which
 # backward_chunk reads in both of its passes: its products take it in bfloat16 anyway (dx), while dv = beta dX and
 # dbeta's sum over v of dX v take the rounded value.
@@ -197,10 +203,10 @@ STATES_LOWP = dict(states=False, dstates=False, u=True, dx=True, dx_store=True, 
 # 6.70 / 8.67: UNGATED_STATES_LOWP 6.29 / 8.69; with dx_store as well 6.16 / 8.41. The 35 bf16 GPU tests (the only
 # ones either touches) pass with both.
 UNGATED_STATES_LOWP = dict(states=True, dstates=True)
-# du: local_du stores scale P^T dO in bfloat16 (only with dx_store: else backward_state stores dX in du's place);
-# backward_state adds the states' share to it in float32. dx_product: backward_state's dX = Tinv^T dU takes
-# bfloat16 operands (else tf32); dX is stored in bfloat16 anyway (dx_store). Session 14 built both; off until
-# GPU-tested and timed.
+# Tried and removed (session 14, same call as PREPARE_LOWP's tinv, bf16 GPU tests): local_du's scale P^T dO stored
+# in bfloat16 (5.81 / 7.61 ms) failed the gated dv at gates of 0 (0.0288 against twice the plain run's 0.0136);
+# backward_state's dX = Tinv^T dU with bfloat16 operands (5.95 / 8.05) failed 4 (dv, 1.7-2.8x the plain error).
+# All four bfloat16 switches together took 5.52 / 7.38.
 # DB_FROM_PRODUCTS: backward_chunk forms the row and column sums that db and dbeta take from its [BT, BT] gradient
 # tiles (dP * P and dA * A) out of the products that dq and dk need anyway, instead of forming q k^T (a product) and
 # k k^T (a tf32 product) and the tiles themselves (see _backward_chunk_kernel): two [BT, BK] products more, one
@@ -411,11 +417,6 @@ def _u0_backward_dtype(dtype: torch.dtype, gpu: bool | None = None) -> torch.dty
     """U0's storage in the backward's prepare (PREPARE_LOWP's u0_backward, with wu), else float32."""
     lowp = _prepare_flags(dtype, False, gpu)["WU_LOWP"] and PREPARE_LOWP["u0_backward"]
     return torch.bfloat16 if lowp else torch.float32
-
-
-def _du_dtype(dx_dtype: torch.dtype | None, parts: dict) -> torch.dtype:
-    """local_du's storage: bfloat16 with STATES_LOWP's du where dX has a tensor of its own, else float32."""
-    return torch.bfloat16 if dx_dtype is not None and parts["du"] else torch.float32
 
 
 def _states_lowp(gated: bool) -> dict:
@@ -631,10 +632,9 @@ def backward(
             del ht
         del u0
     dstates = torch.empty(states.shape, dtype=stored["dstates"], device=q.device)
+    du = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
     dx_dtype = _dx_dtype(lowp, parts)
-    du = torch.empty(B, T, H, V, dtype=_du_dtype(dx_dtype, parts), device=q.device)
     dx = du if dx_dtype is None else torch.empty(B, T, H, V, dtype=dx_dtype, device=q.device)
-    state_flags = dict(flags("backward_state"), TINV_LOWP=lowp and parts["dx_product"])
     dh0 = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None
     bv_chunk = _chunk_bv(V)
     # du = scale P^T dO, per chunk; backward_state adds the states' share
@@ -647,10 +647,12 @@ def backward(
             q, k, g_, w, do, dht if dht is not None else dummy, lay.cu, lay.first, dstates, du, dx,
             dh0 if dh0 is not None else dummy, tinv, scale,
             BV=BV, HAS_DHT=dht is not None, STORE_DH0=h0 is not None, STORE_GRADS=True,
-            **_launch("backward_state", q.dtype, BK, BV, gated=g is not None), **common, **state_flags,
+            **_launch("backward_state", q.dtype, BK, BV, gated=g is not None), **common, **flags("backward_state"),
         )  # fmt: skip
     else:
-        _segmented_backward_state(q, k, g_, w, do, dht, seg, M, dstates, du, dx, dh0, tinv, scale, state_flags)
+        _segmented_backward_state(
+            q, k, g_, w, do, dht, seg, M, dstates, du, dx, dh0, tinv, scale, flags("backward_state")
+        )  # fmt: skip
         del M
     del w, du  # dx holds what backward_chunk needs
     dq = torch.empty(q.shape, dtype=store_dtype(q.dtype), device=q.device)
@@ -908,9 +910,8 @@ def compile_variants():
         sptrs |= dict(dx=xd)  # backward_state's dX; backward_chunk reads it as du
         td = "bf16" if _tinv_dtype(torch_dtype, gpu=True) == torch.bfloat16 else "fp32"
         u0d = "bf16" if _u0_backward_dtype(torch_dtype, gpu=True) == torch.bfloat16 else "fp32"
-        dud = "bf16" if _du_dtype(_dx_dtype(lowp, parts), parts) == torch.bfloat16 else "fp32"
         ptrs |= dict(tinv=td)
-        sptrs |= dict(tinv=td, u0=u0d, du=dud)
+        sptrs |= dict(tinv=td, u0=u0d)
         solve = dict(BV=seq_bv, BKP=min(BK, PREPARE_KEYS), SOLVE=True, STORE_T=True, BETA_LOGIT=opt)
         solve |= dict(DIAG_DOUBLING=SOLVE_DIAG_DOUBLING, **_prepare_flags(torch_dtype, opt, gpu=True))
         yield f"prepare {label}", _prepare_kernel, ptrs, common["prepare"] | solve, opts["prepare"]
@@ -920,7 +921,6 @@ def compile_variants():
             states = out | dict(STORE_O=False, STORE_HT=False, STORE_STATES=True)
             yield f"forward states BV={bv} {label}", _forward_kernel, sptrs, common["forward"] | states, opts["forward"]
             state = common["backward_state"] | dict(BV=bv, HAS_DHT=True, STORE_DH0=True, STORE_GRADS=True)
-            state |= dict(TINV_LOWP=lowp and parts["dx_product"])
             yield f"backward state BV={bv} {label}", _backward_state_kernel, sptrs, state, opts["backward_state"]
         # segments (SEGMENT_HEADS): the transitions (U0 = 0, K columns) and each segment's own gradient share
         transition = out | dict(HAS_U0=False, STORE_O=False, V=128, BV=seq_bv)
@@ -928,7 +928,7 @@ def compile_variants():
         share = state | dict(BV=seq_bv, HAS_DHT=False, STORE_GRADS=False)
         yield f"backward state share {label}", _backward_state_kernel, sptrs, share, opts["backward_state"]
         yield f"output {label}", _output_kernel, ptrs, common["output"] | dict(BV=BV_CHUNK), opts["output"]
-        yield f"local du {label}", _local_du_kernel, sptrs, common["local_du"] | dict(BV=BV_CHUNK), opts["local_du"]
+        yield f"local du {label}", _local_du_kernel, ptrs, common["local_du"] | dict(BV=BV_CHUNK), opts["local_du"]
         for l2 in sorted({opt, False}):  # key columns per program: CHUNK_KEYS, or all of them with qk_l2norm
             bk = _chunk_keys(BK, l2)
             chunk = dict(BV=BV_CHUNK, BETA_LOGIT=opt, BK=bk)

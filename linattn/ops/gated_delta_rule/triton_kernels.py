@@ -256,8 +256,8 @@ def _local_du_kernel(
     LOWP: tl.constexpr,
     PRECISE_EXP: tl.constexpr,
 ):
-    # Per chunk: du = scale P^T dO (in du's dtype: float32, or bfloat16 with STATES_LOWP's du), the share of dU
-    # within the chunk, for _backward_state_kernel to complete with the states' share.
+    # Per chunk: du = scale P^T dO (float32), the share of dU within the chunk, for _backward_state_kernel to
+    # complete with the states' share.
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     lo, hi = chunk_bounds(chunks, i_c)
@@ -278,7 +278,7 @@ def _local_du_kernel(
         if not LOWP:
             b_do = b_do.to(tl.float32)
         b_du = scale * mm_lowp(PT, b_do, DOT_PREC, ROUND, LOWP, LOWP_TY)
-        tl.store(du + tok[:, None] * V + o_v[None, :], b_du.to(du.dtype.element_ty), mask=m_tv)
+        tl.store(du + tok[:, None] * V + o_v[None, :], b_du, mask=m_tv)
 
 
 @triton.jit
@@ -312,14 +312,13 @@ def _backward_state_kernel(
     ROUND: tl.constexpr,
     LOWP: tl.constexpr,
     PRECISE_EXP: tl.constexpr,
-    TINV_LOWP: tl.constexpr,
 ):
     # The forward's chunk loop run backwards on the state gradient dS [K, BV]; stores the gradient of the
     # state leaving each chunk and dX (below).  dU = scale P^T dO + (exp(b_C - b) k) dS;
     # dS <- exp(b_C) dS + scale (exp(b) q)^T dO - W^T dU.  du holds scale P^T dO on entry (_local_du_kernel,
     # parallel over chunks), so the sequential loop forms neither P nor P^T dO. dx gets dX = Tinv^T dU (in its
     # dtype; dx may be du itself, dX taking dU's place), the one form in which backward_chunk needs it, formed once
-    # here as each chunk's dU is final, with bfloat16 operands under TINV_LOWP (else tf32, as DOT_PREC says).
+    # here as each chunk's dU is final.
     # Without STORE_GRADS nothing is stored but dh0 (a segment's own share of its entering gradient, triton.py).
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
@@ -346,11 +345,11 @@ def _backward_state_kernel(
         _, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
         # each tile loaded just before its product, so that few are live at once; q^T and W^T loaded as such
         b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM)
-        b_du = tl.load(du + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        b_du = tl.load(du + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
         b_du += mm_lowp(b_k * e_end[:, None], dS, DOT_PREC, ROUND, LOWP, LOWP_TY)
         TiT = tl.load(tinv + tok[None, :] * BT + o_t[:, None], mask=m_t[None, :], other=0.0).to(tl.float32)
         if STORE_GRADS:
-            b_dx = mm_lowp(TiT, b_du, DOT_PREC, ROUND, TINV_LOWP, LOWP_TY)
+            b_dx = mm(TiT, b_du, DOT_PREC, ROUND)
             tl.store(dx + tok[:, None] * V + o_v[None, :], b_dx.to(dx.dtype.element_ty), mask=m_tv)
         b_qT, _ = load_rows(q, tok, m_t, o_k, K, L2NORM, True)
         b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
