@@ -229,6 +229,14 @@ DB_FROM_PRODUCTS = dict(gated=True, ungated=False)
 # gated_delta_rule 15.39 against 16.01; backward_chunk alone 3.0 ms (delta_rule) and 4.9 (gated). Its sm_90 compile
 # still spills (bf16 with gates: 1928 B a thread at 64 columns, against 2936 B at 128).
 CHUNK_KEYS = 64
+# STATE_HALVES: the per-sequence kernels (forward, backward_state) hold the state (or its gradient) [BK, BV] as two
+# tiles of BK / 2 key rows, each product over keys formed as two of half the depth, and every [BT, BK] tile loaded
+# and used a half at a time (as fla's chunk_h kernels hold theirs in 64-row tiles). The sums are the same.
+# sm_90 compile (Triton 3.9, bf16, K = V = 128, BV = 64, 4 warps): less shared memory (backward_state 48 -> 40 KB,
+# gated 32 -> 24 KB) and less spill (gated backward_state 2184 -> 1552 B a thread), still 255 registers (RESULTS.md,
+# session 14). Built in session 14 without device time: off until GPU-tested and timed
+# (LINATTN_LAUNCH="gated_delta_rule.STATE_HALVES=1"). Only for BK >= 32 (halves of 16 rows or more).
+STATE_HALVES = False
 FULL_GPU = 264  # programs that occupy every SM of an H100/H200 twice
 # Long sequences with few sequences and heads (T = 65536, B = 1): the per-sequence kernels would run N H (V / BV)
 # programs, too few for the GPU, each walking every chunk. They are then cut into segments, run side by side:
@@ -330,7 +338,10 @@ def _flags(
     flags = kernel_flags(dtype, long_sums=True, gpu=gpu)  # the chains through the WY inverse (dbeta)
     del flags["UPCAST_QK"]  # these kernels take every operand to float32 as they load it
     exact_exp = precise_exp(dtype, gpu)
-    return dict(HAS_G=gated, L2NORM=qk_l2norm, LOWP=lowp, PRECISE_EXP=exact_exp, **flags)
+    out = dict(HAS_G=gated, L2NORM=qk_l2norm, LOWP=lowp, PRECISE_EXP=exact_exp, **flags)
+    if kernel in ("forward", "backward_state"):
+        out["HALVES"] = bool(STATE_HALVES) and (BK is None or BK >= 32)
+    return out
 
 
 def _lowp(dtype: torch.dtype, kernel: str, gpu: bool | None = None, BK: int | None = None) -> bool:
@@ -463,7 +474,7 @@ def forward(
     states = torch.empty(lay.NC, H, K, V, dtype=torch.float32, device=q.device) if split else ht
     u = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device) if split else ht
     g_ = g if g is not None else ht
-    flags = _flags(q.dtype, g is not None, qk_l2norm, "forward")
+    flags = _flags(q.dtype, g is not None, qk_l2norm, "forward", BK=BK)
     NS = _num_segments(lay.N, H, T, cu_seqlens)
     if NS == 1:
         NV = triton.cdiv(V, BV)
@@ -922,6 +933,12 @@ def compile_variants():
             yield f"forward states BV={bv} {label}", _forward_kernel, sptrs, common["forward"] | states, opts["forward"]
             state = common["backward_state"] | dict(BV=bv, HAS_DHT=True, STORE_DH0=True, STORE_GRADS=True)
             yield f"backward state BV={bv} {label}", _backward_state_kernel, sptrs, state, opts["backward_state"]
+        if opt:  # the state in halves of key rows (STATE_HALVES), whatever the setting
+            halves = dict(BV=seq_bv, HALVES=True)
+            fwd, bwd = opts["forward"], opts["backward_state"]
+            yield f"forward halves {label}", _forward_kernel, ptrs, common["forward"] | out | halves, fwd
+            yield f"forward states halves {label}", _forward_kernel, sptrs, common["forward"] | states | halves, fwd
+            yield f"backward state halves {label}", _backward_state_kernel, sptrs, state | halves, bwd
         # segments (SEGMENT_HEADS): the transitions (U0 = 0, K columns) and each segment's own gradient share
         transition = out | dict(HAS_U0=False, STORE_O=False, V=128, BV=seq_bv)
         yield f"forward transition {label}", _forward_kernel, ptrs, common["forward"] | transition, opts["forward"]

@@ -24,6 +24,158 @@ from linattn.ops.common.triton_delta_utils import (
 )
 from linattn.ops.common.triton_utils import chunk_and_block, chunk_bounds, sequence_bounds
 
+# The per-sequence kernels' state in two halves of key rows (STATE_HALVES, triton.py): rows [0, BK/2) and
+# [BK/2, BK) as tiles of their own, so that every product over keys is two of half the depth.
+
+
+@triton.jit
+def _state_rows(S, ptr, o_d, o_v, K: tl.constexpr, V: tl.constexpr):
+    """Stores rows o_d of a state [K, V] at ptr in ptr's dtype."""
+    m = (o_d < K)[:, None] & (o_v < V)[None, :]
+    tl.store(ptr + o_d[:, None] * V + o_v[None, :], S.to(ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _load_state_rows(ptr, o_d, o_v, K: tl.constexpr, V: tl.constexpr):
+    """Rows o_d of a float32 state [K, V] at ptr."""
+    m = (o_d < K)[:, None] & (o_v < V)[None, :]
+    return tl.load(ptr + o_d[:, None] * V + o_v[None, :], mask=m, other=0.0)
+
+
+@triton.jit
+def _key_cols(x, tok, m_t, o_d, scale_rows, D: tl.constexpr, TRANS: tl.constexpr):
+    """Columns o_d of rows tok of a [.., T, H, D] tensor as float32, each row times scale_rows [BT] (1 / its norm
+    and a decay); [BT, len(o_d)], or its transpose with TRANS."""
+    b_x, _ = load_rows(x, tok, m_t, o_d, D, False, TRANS)
+    if TRANS:
+        return b_x * scale_rows[None, :]
+    return b_x * scale_rows[:, None]
+
+
+@triton.jit
+def _w_cols(w, tok, m_t, o_d, K: tl.constexpr, TRANS: tl.constexpr):
+    """Columns o_d of W's rows tok, in W's dtype; [BT, len(o_d)], or its transpose with TRANS."""
+    if TRANS:
+        return tl.load(w + tok[None, :] * K + o_d[:, None], mask=m_t[None, :] & (o_d < K)[:, None], other=0.0)
+    return tl.load(w + tok[:, None] * K + o_d[None, :], mask=m_t[:, None] & (o_d < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _forward_halves(
+    q, k, g, w, u0, h0, o, ht, states, u, scale, bos, eos, c0, i_n, i_h, o_v,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_G: tl.constexpr, HAS_H0: tl.constexpr, HAS_U0: tl.constexpr, L2NORM: tl.constexpr, STORE_O: tl.constexpr,
+    STORE_HT: tl.constexpr, STORE_STATES: tl.constexpr, DOT_PREC: tl.constexpr, ROUND: tl.constexpr,
+    LOWP: tl.constexpr, PRECISE_EXP: tl.constexpr,
+):  # fmt: skip
+    """_forward_kernel's loop with its state in two halves of key rows: the same sums, each product over keys
+    formed as two of half the depth."""
+    LOWP_TY: tl.constexpr = k.dtype.element_ty
+    HALF: tl.constexpr = BK // 2
+    o_t = tl.arange(0, BT)
+    o_a = tl.arange(0, HALF)
+    o_b = HALF + o_a
+    S_a = tl.zeros([HALF, BV], dtype=tl.float32)
+    S_b = tl.zeros([HALF, BV], dtype=tl.float32)
+    if HAS_H0:
+        at_h0 = h0 + (i_n * H + i_h).to(tl.int64) * K * V
+        S_a += _load_state_rows(at_h0, o_a, o_v, K, V)
+        S_b += _load_state_rows(at_h0, o_b, o_v, K, V)
+    for i in range(0, tl.cdiv(eos - bos, BT)):
+        if STORE_STATES:
+            at_state = states + ((c0 + i) * H + i_h) * K * V
+            _state_rows(S_a, at_state, o_a, o_v, K, V)
+            _state_rows(S_b, at_state, o_b, o_v, K, V)
+        rows = bos + i * BT + o_t
+        m_t = rows < eos
+        tok = rows * H + i_h
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        gamma, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
+        r_k = inverse_row_norms(k, tok, m_t, K, HALF, L2NORM)
+        b_u = -mm_lowp(_w_cols(w, tok, m_t, o_a, K, False), S_a, DOT_PREC, ROUND, LOWP, LOWP_TY)
+        b_u -= mm_lowp(_w_cols(w, tok, m_t, o_b, K, False), S_b, DOT_PREC, ROUND, LOWP, LOWP_TY)
+        if HAS_U0:
+            b_u += tl.load(u0 + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        if STORE_STATES:
+            tl.store(u + tok[:, None] * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=m_tv)
+        if STORE_O:
+            r_q = inverse_row_norms(q, tok, m_t, K, HALF, L2NORM)
+            b_q = _key_cols(q, tok, m_t, o_a, r_q, K, False)
+            P = mm_lowp(b_q, _key_cols(k, tok, m_t, o_a, r_k, K, True), DOT_PREC, ROUND, LOWP, LOWP_TY)
+            b_o = mm_lowp(b_q * e_b[:, None], S_a, DOT_PREC, ROUND, LOWP, LOWP_TY)
+            b_q = _key_cols(q, tok, m_t, o_b, r_q, K, False)
+            P += mm_lowp(b_q, _key_cols(k, tok, m_t, o_b, r_k, K, True), DOT_PREC, ROUND, LOWP, LOWP_TY)
+            b_o += mm_lowp(b_q * e_b[:, None], S_b, DOT_PREC, ROUND, LOWP, LOWP_TY)
+            b_o += mm_lowp(P * gamma, b_u, DOT_PREC, ROUND, LOWP, LOWP_TY)
+            tl.store(o + tok[:, None] * V + o_v[None, :], (scale * b_o).to(o.dtype.element_ty), mask=m_tv)
+        kd = r_k * e_end
+        S_a = S_a * e_last + mm_lowp(_key_cols(k, tok, m_t, o_a, kd, K, True), b_u, DOT_PREC, ROUND, LOWP, LOWP_TY)
+        S_b = S_b * e_last + mm_lowp(_key_cols(k, tok, m_t, o_b, kd, K, True), b_u, DOT_PREC, ROUND, LOWP, LOWP_TY)
+    if STORE_HT:
+        at_ht = ht + (i_n * H + i_h).to(tl.int64) * K * V
+        _state_rows(S_a, at_ht, o_a, o_v, K, V)
+        _state_rows(S_b, at_ht, o_b, o_v, K, V)
+
+
+@triton.jit
+def _dstate_half(dS, q, w, tok, m_t, o_d, qd, e_last, b_do, b_du, scale, K: tl.constexpr, DOT_PREC: tl.constexpr,
+                 ROUND: tl.constexpr, LOWP: tl.constexpr, LOWP_TY: tl.constexpr):  # fmt: skip
+    """Rows o_d of dS <- exp(b_C) dS + scale (exp(b) q)^T dO - W^T dU (qd: 1 / q's norms times exp(b))."""
+    dS = dS * e_last + scale * mm_lowp(_key_cols(q, tok, m_t, o_d, qd, K, True), b_do, DOT_PREC, ROUND, LOWP, LOWP_TY)
+    return dS - mm_lowp(_w_cols(w, tok, m_t, o_d, K, True), b_du, DOT_PREC, ROUND, LOWP, LOWP_TY)
+
+
+@triton.jit
+def _backward_state_halves(
+    q, k, g, w, do, dht, dstates, du, dx, dh0, tinv, scale, bos, eos, c0, i_n, i_h, o_v,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_G: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, STORE_GRADS: tl.constexpr,
+    L2NORM: tl.constexpr, DOT_PREC: tl.constexpr, ROUND: tl.constexpr, LOWP: tl.constexpr,
+    PRECISE_EXP: tl.constexpr,
+):  # fmt: skip
+    """_backward_state_kernel's loop with dS in two halves of key rows (as _forward_halves)."""
+    LOWP_TY: tl.constexpr = k.dtype.element_ty
+    HALF: tl.constexpr = BK // 2
+    n_chunks = tl.cdiv(eos - bos, BT)
+    o_t = tl.arange(0, BT)
+    o_a = tl.arange(0, HALF)
+    o_b = HALF + o_a
+    dS_a = tl.zeros([HALF, BV], dtype=tl.float32)
+    dS_b = tl.zeros([HALF, BV], dtype=tl.float32)
+    if HAS_DHT:
+        at_dht = dht + (i_n * H + i_h).to(tl.int64) * K * V
+        dS_a += _load_state_rows(at_dht, o_a, o_v, K, V)
+        dS_b += _load_state_rows(at_dht, o_b, o_v, K, V)
+    for j in range(0, n_chunks):
+        i = n_chunks - 1 - j
+        if STORE_GRADS:
+            at_dstate = dstates + ((c0 + i) * H + i_h) * K * V
+            _state_rows(dS_a, at_dstate, o_a, o_v, K, V)
+            _state_rows(dS_b, at_dstate, o_b, o_v, K, V)
+        rows = bos + i * BT + o_t
+        m_t = rows < eos
+        tok = rows * H + i_h
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        _, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
+        kd = inverse_row_norms(k, tok, m_t, K, HALF, L2NORM) * e_end
+        b_du = tl.load(du + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+        b_du += mm_lowp(_key_cols(k, tok, m_t, o_a, kd, K, False), dS_a, DOT_PREC, ROUND, LOWP, LOWP_TY)
+        b_du += mm_lowp(_key_cols(k, tok, m_t, o_b, kd, K, False), dS_b, DOT_PREC, ROUND, LOWP, LOWP_TY)
+        if STORE_GRADS:
+            TiT = tl.load(tinv + tok[None, :] * BT + o_t[:, None], mask=m_t[None, :], other=0.0).to(tl.float32)
+            b_dx = mm(TiT, b_du, DOT_PREC, ROUND)
+            tl.store(dx + tok[:, None] * V + o_v[None, :], b_dx.to(dx.dtype.element_ty), mask=m_tv)
+        b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+        if not LOWP:
+            b_do = b_do.to(tl.float32)
+        qd = inverse_row_norms(q, tok, m_t, K, HALF, L2NORM) * e_b
+        dS_a = _dstate_half(dS_a, q, w, tok, m_t, o_a, qd, e_last, b_do, b_du, scale, K, DOT_PREC, ROUND, LOWP, LOWP_TY)
+        dS_b = _dstate_half(dS_b, q, w, tok, m_t, o_b, qd, e_last, b_do, b_du, scale, K, DOT_PREC, ROUND, LOWP, LOWP_TY)
+    if STORE_DH0:
+        at_dh0 = dh0 + (i_n * H + i_h).to(tl.int64) * K * V
+        _state_rows(dS_a, at_dh0, o_a, o_v, K, V)
+        _state_rows(dS_b, at_dh0, o_b, o_v, K, V)
+
 
 @triton.jit
 def _prepare_kernel(
@@ -134,6 +286,7 @@ def _forward_kernel(
     ROUND: tl.constexpr,
     LOWP: tl.constexpr,
     PRECISE_EXP: tl.constexpr,
+    HALVES: tl.constexpr,
 ):
     # One sequence, one V block: the state S [K, BV] stays in registers while the chunks go by.
     #   U = U0 - W S;  o = scale (exp(b) q S + tril(q k^T exp(b_t - b_s)) U);  S = exp(b_C) S + (exp(b_C - b) k)^T U
@@ -141,15 +294,21 @@ def _forward_kernel(
     # bfloat16 with STATES_LOWP: the carried S and U stay float32).
     # Without HAS_U0, U0 = 0: the loop then carries h0's columns through the chunks' transitions alone
     # (S <- exp(b_C) S - (exp(b_C - b) k)^T W S), which, from identity columns, is the transition of the
-    # whole sequence (a segment, in triton.py).
+    # whole sequence (a segment, in triton.py). HALVES: the state in two halves of key rows (_forward_halves).
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = sequence_bounds(cu_seqlens, i_n, 0, True)  # cu_seqlens: the ChunkTable's, always given
     c0 = tl.load(chunk_start + i_n).to(tl.int64)
+    o_v = i_v * BV + tl.arange(0, BV)
+    if HALVES:
+        _forward_halves(
+            q, k, g, w, u0, h0, o, ht, states, u, scale, bos, eos, c0, i_n, i_h, o_v, H, K, V, BT, BK, BV, HAS_G,
+            HAS_H0, HAS_U0, L2NORM, STORE_O, STORE_HT, STORE_STATES, DOT_PREC, ROUND, LOWP, PRECISE_EXP,
+        )  # fmt: skip
+        return
     o_t = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
     m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
     kv = o_k[:, None] * V + o_v[None, :]
     S = tl.zeros([BK, BV], dtype=tl.float32)
@@ -312,6 +471,7 @@ def _backward_state_kernel(
     ROUND: tl.constexpr,
     LOWP: tl.constexpr,
     PRECISE_EXP: tl.constexpr,
+    HALVES: tl.constexpr,
 ):
     # The forward's chunk loop run backwards on the state gradient dS [K, BV]; stores the gradient of the
     # state leaving each chunk and dX (below).  dU = scale P^T dO + (exp(b_C - b) k) dS;
@@ -320,15 +480,22 @@ def _backward_state_kernel(
     # dtype; dx may be du itself, dX taking dU's place), the one form in which backward_chunk needs it, formed once
     # here as each chunk's dU is final.
     # Without STORE_GRADS nothing is stored but dh0 (a segment's own share of its entering gradient, triton.py).
+    # HALVES: dS in two halves of key rows (_backward_state_halves).
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = sequence_bounds(cu_seqlens, i_n, 0, True)  # cu_seqlens: the ChunkTable's, always given
     c0 = tl.load(chunk_start + i_n).to(tl.int64)
+    o_v = i_v * BV + tl.arange(0, BV)
+    if HALVES:
+        _backward_state_halves(
+            q, k, g, w, do, dht, dstates, du, dx, dh0, tinv, scale, bos, eos, c0, i_n, i_h, o_v, H, K, V, BT, BK,
+            BV, HAS_G, HAS_DHT, STORE_DH0, STORE_GRADS, L2NORM, DOT_PREC, ROUND, LOWP, PRECISE_EXP,
+        )  # fmt: skip
+        return
     n_chunks = tl.cdiv(eos - bos, BT)
     o_t = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
     m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
     kv = o_k[:, None] * V + o_v[None, :]
     dS = tl.zeros([BK, BV], dtype=tl.float32)
