@@ -29,17 +29,26 @@ from linattn.ops.common.triton_utils import chunk_and_block, chunk_bounds, seque
 
 
 @triton.jit
-def _state_rows(S, ptr, o_d, o_v, K: tl.constexpr, V: tl.constexpr):
-    """Stores rows o_d of a state [K, V] at ptr in ptr's dtype."""
-    m = (o_d < K)[:, None] & (o_v < V)[None, :]
-    tl.store(ptr + o_d[:, None] * V + o_v[None, :], S.to(ptr.dtype.element_ty), mask=m)
+def _load_halves(ptr, GIVEN: tl.constexpr, o_v, K: tl.constexpr, V: tl.constexpr, HALF: tl.constexpr):
+    """Columns o_v of a float32 state [K, V] at ptr as its two halves of key rows (zeros unless GIVEN)."""
+    o_d = tl.arange(0, HALF)
+    S_a = tl.zeros([HALF, o_v.shape[0]], dtype=tl.float32)
+    S_b = tl.zeros([HALF, o_v.shape[0]], dtype=tl.float32)
+    if GIVEN:
+        m_v = (o_v < V)[None, :]
+        S_a += tl.load(ptr + o_d[:, None] * V + o_v[None, :], mask=(o_d < K)[:, None] & m_v, other=0.0)
+        S_b += tl.load(ptr + (HALF + o_d)[:, None] * V + o_v[None, :], mask=(HALF + o_d < K)[:, None] & m_v, other=0.0)
+    return S_a, S_b
 
 
 @triton.jit
-def _load_state_rows(ptr, o_d, o_v, K: tl.constexpr, V: tl.constexpr):
-    """Rows o_d of a float32 state [K, V] at ptr."""
-    m = (o_d < K)[:, None] & (o_v < V)[None, :]
-    return tl.load(ptr + o_d[:, None] * V + o_v[None, :], mask=m, other=0.0)
+def _store_halves(S_a, S_b, ptr, o_v, K: tl.constexpr, V: tl.constexpr, HALF: tl.constexpr):
+    """Stores two halves of key rows as columns o_v of a state [K, V] at ptr, in ptr's dtype."""
+    o_d = tl.arange(0, HALF)
+    m_v = (o_v < V)[None, :]
+    tl.store(ptr + o_d[:, None] * V + o_v[None, :], S_a.to(ptr.dtype.element_ty), mask=(o_d < K)[:, None] & m_v)
+    o_d += HALF
+    tl.store(ptr + o_d[:, None] * V + o_v[None, :], S_b.to(ptr.dtype.element_ty), mask=(o_d < K)[:, None] & m_v)
 
 
 @triton.jit
@@ -75,17 +84,10 @@ def _forward_halves(
     o_t = tl.arange(0, BT)
     o_a = tl.arange(0, HALF)
     o_b = HALF + o_a
-    S_a = tl.zeros([HALF, BV], dtype=tl.float32)
-    S_b = tl.zeros([HALF, BV], dtype=tl.float32)
-    if HAS_H0:
-        at_h0 = h0 + (i_n * H + i_h).to(tl.int64) * K * V
-        S_a += _load_state_rows(at_h0, o_a, o_v, K, V)
-        S_b += _load_state_rows(at_h0, o_b, o_v, K, V)
+    S_a, S_b = _load_halves(h0 + (i_n * H + i_h).to(tl.int64) * K * V, HAS_H0, o_v, K, V, HALF)
     for i in range(0, tl.cdiv(eos - bos, BT)):
         if STORE_STATES:
-            at_state = states + ((c0 + i) * H + i_h) * K * V
-            _state_rows(S_a, at_state, o_a, o_v, K, V)
-            _state_rows(S_b, at_state, o_b, o_v, K, V)
+            _store_halves(S_a, S_b, states + ((c0 + i) * H + i_h) * K * V, o_v, K, V, HALF)
         rows = bos + i * BT + o_t
         m_t = rows < eos
         tok = rows * H + i_h
@@ -112,9 +114,7 @@ def _forward_halves(
         S_a = S_a * e_last + mm_lowp(_key_cols(k, tok, m_t, o_a, kd, K, True), b_u, DOT_PREC, ROUND, LOWP, LOWP_TY)
         S_b = S_b * e_last + mm_lowp(_key_cols(k, tok, m_t, o_b, kd, K, True), b_u, DOT_PREC, ROUND, LOWP, LOWP_TY)
     if STORE_HT:
-        at_ht = ht + (i_n * H + i_h).to(tl.int64) * K * V
-        _state_rows(S_a, at_ht, o_a, o_v, K, V)
-        _state_rows(S_b, at_ht, o_b, o_v, K, V)
+        _store_halves(S_a, S_b, ht + (i_n * H + i_h).to(tl.int64) * K * V, o_v, K, V, HALF)
 
 
 @triton.jit
@@ -140,18 +140,11 @@ def _backward_state_halves(
     o_t = tl.arange(0, BT)
     o_a = tl.arange(0, HALF)
     o_b = HALF + o_a
-    dS_a = tl.zeros([HALF, BV], dtype=tl.float32)
-    dS_b = tl.zeros([HALF, BV], dtype=tl.float32)
-    if HAS_DHT:
-        at_dht = dht + (i_n * H + i_h).to(tl.int64) * K * V
-        dS_a += _load_state_rows(at_dht, o_a, o_v, K, V)
-        dS_b += _load_state_rows(at_dht, o_b, o_v, K, V)
+    dS_a, dS_b = _load_halves(dht + (i_n * H + i_h).to(tl.int64) * K * V, HAS_DHT, o_v, K, V, HALF)
     for j in range(0, n_chunks):
         i = n_chunks - 1 - j
         if STORE_GRADS:
-            at_dstate = dstates + ((c0 + i) * H + i_h) * K * V
-            _state_rows(dS_a, at_dstate, o_a, o_v, K, V)
-            _state_rows(dS_b, at_dstate, o_b, o_v, K, V)
+            _store_halves(dS_a, dS_b, dstates + ((c0 + i) * H + i_h) * K * V, o_v, K, V, HALF)
         rows = bos + i * BT + o_t
         m_t = rows < eos
         tok = rows * H + i_h
@@ -172,9 +165,7 @@ def _backward_state_halves(
         dS_a = _dstate_half(dS_a, q, w, tok, m_t, o_a, qd, e_last, b_do, b_du, scale, K, DOT_PREC, ROUND, LOWP, LOWP_TY)
         dS_b = _dstate_half(dS_b, q, w, tok, m_t, o_b, qd, e_last, b_do, b_du, scale, K, DOT_PREC, ROUND, LOWP, LOWP_TY)
     if STORE_DH0:
-        at_dh0 = dh0 + (i_n * H + i_h).to(tl.int64) * K * V
-        _state_rows(dS_a, at_dh0, o_a, o_v, K, V)
-        _state_rows(dS_b, at_dh0, o_b, o_v, K, V)
+        _store_halves(dS_a, dS_b, dh0 + (i_n * H + i_h).to(tl.int64) * K * V, o_v, K, V, HALF)
 
 
 @triton.jit
