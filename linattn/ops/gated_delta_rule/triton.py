@@ -19,8 +19,9 @@ The chunked form of ``chunk.py`` (chunk length 64), in the kernels of ``triton_k
                                     key columns, whose shares of dg and dbeta the launcher adds
     recurrent        per sequence   token by token, for decoding
 
-When a gradient is needed the forward keeps Tinv [B, T, H, 64] (float32); the backward recomputes W
-and U0 from it and runs the forward loop again to store each chunk's entering state and U.
+When a gradient is needed the forward keeps Tinv [B, T, H, 64] (float32; bfloat16 for bfloat16 inputs on a GPU:
+PREPARE_LOWP); the backward recomputes W and U0 from it and runs the forward loop again to store each chunk's
+entering state and U.
 
 bfloat16 on a GPU (LOWP, by kernel: LOWP_DOTS): the products that a plain bfloat16 run forms with matmuls take
 bfloat16 operands with float32 accumulation (``mm_lowp``). These are, forward: W S, (exp(b_C - b) k)^T U (and q k^T,
@@ -29,8 +30,9 @@ k) dS', (exp(b) q)^T dO, W^T dU; backward_chunk: dO S^T, U dS'^T, dO U^T, q k^T,
 exp(b_t - b_s) dA), and (STATES_LOWP) dX S^T, dX U^T; prepare (PREPARE_LOWP): k k^T as A (the same products as
 tf32's for bfloat16 keys), and W and U0 from Tinv, as fla's. The solve (one pass of tf32 products with rounded
 operands: SOLVE_TF32X3) and Tinv^T dU keep tf32. States, dU and all accumulators stay float32; so do W, unless both
-kernels that read it take bfloat16 operands (then it is stored in bfloat16: LOWP_STORE), and U, unless
-backward_chunk takes them (then the backward stores it in bfloat16: STATES_LOWP). forward, output, local_du and
+kernels that read it take bfloat16 operands (then it is stored in bfloat16: LOWP_STORE), and U and dX, unless
+backward_chunk takes them (then the backward stores them in bfloat16, and for the delta rule the states and their
+gradients too: STATES_LOWP, UNGATED_STATES_LOWP). forward, output, local_du and
 backward_state take bfloat16 operands only where the ptxas that assembles them is trusted with them
 (``common/ptxas.py``); the op's launches run inside ``ptxas.assembler()``, which on Hopper with Triton 3.6 assembles
 them with the newer of Triton's two ptxas.
