@@ -160,6 +160,25 @@ def test_state_in_halves_matches_naive(case, K, V, segments, packed, qk_l2norm, 
     check_against_naive(variant, *to(tensors, state), "triton", cu_seqlens=cu_seqlens, **ON_DEVICE)
 
 
+@both
+@pytest.mark.parametrize("halves", [False, True], ids=["whole", "halves"])
+@pytest.mark.parametrize("segments, packed", [(1, True), (2, False)], ids=["packed", "segments"])
+def test_state_pass_forms_local_du(case, halves, segments, packed, monkeypatch):
+    """SPLIT_BACKWARD off: backward_state's loop forms scale P^T dO itself and no local_du kernel runs. Against
+    naive, with the state whole or in halves, packed sequences (one of one token) or segments (whose first pass
+    forms it as well), dX in dU's tensor (float32 here) or apart."""
+    monkeypatch.setattr(tri, "SPLIT_BACKWARD", False)
+    monkeypatch.setattr(tri, "STATE_HALVES", halves)
+    monkeypatch.setattr(tri, "SEGMENTS", segments)
+    if segments > 1:  # dX apart, so that dU's tensor is not needed at all
+        monkeypatch.setattr(tri, "_dx_dtype", lambda lowp, parts: torch.float32)
+    launches = count_launches(monkeypatch, tri, "_local_du_kernel", "_backward_state_kernel")
+    cu_seqlens = torch.tensor([0, 70, 71, 200]).to(DEVICE) if packed else None
+    tensors, state = case.draw(B=1, T=200, H=2, K=40, V=24, seed=37, N=3 if packed else 1, gate_scale=0.05)
+    check_against_naive(case, *to(tensors, state), "triton", cu_seqlens=cu_seqlens, **ON_DEVICE)
+    assert "_backward_state_kernel" in launches and "_local_du_kernel" not in launches
+
+
 @triton.jit
 def _inverse_kernel(a, out, BT: tl.constexpr, PREC: tl.constexpr, DOUBLING: tl.constexpr):
     o = tl.arange(0, BT)

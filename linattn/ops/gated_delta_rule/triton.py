@@ -169,12 +169,19 @@ NEEDS_FIXED_PTXAS = frozenset({"forward", "output", "local_du", "backward_state"
 LOWP_MIN_KEYS = 64
 # The products of q and k that need no state (q k^T, P U and exp(b) q S in the forward, P^T dO in the backward) run
 # in kernels parallel over chunks (output, local_du), not in the per-sequence loops, which then form two products per
-# chunk (forward) and three (backward_state) instead of five. The backward always splits so. The forward does only
-# where it keeps its states for the backward (KEEP_STATES), or with SPLIT_FORWARD and a gradient wanted; else its
-# loop forms o itself, and its memory stays that of W and U0. The split forward stores every chunk's entering state
-# and U only for its output kernel, which the unsplit loop does without: on an H200 (session 11, one call, bf16,
-# fwd+bwd ms, T = 4096, B = 16) delta_rule 7.97 unsplit against 8.89 split, gated_delta_rule 9.90 against 10.33.
+# chunk (forward) and three (backward_state) instead of five. The backward splits so unless SPLIT_BACKWARD is off
+# (below). The forward does only where it keeps its states for the backward (KEEP_STATES), or with SPLIT_FORWARD and
+# a gradient wanted; else its loop forms o itself, and its memory stays that of W and U0. The split forward stores
+# every chunk's entering state and U only for its output kernel, which the unsplit loop does without: on an H200
+# (session 11, one call, bf16, fwd+bwd ms, T = 4096, B = 16) delta_rule 7.97 unsplit against 8.89 split,
+# gated_delta_rule 9.90 against 10.33.
 SPLIT_FORWARD = False
+# SPLIT_BACKWARD off: backward_state's loop forms scale P^T dO itself (two more products a chunk, from the q and k it
+# loads anyway), and no local_du kernel runs: it wrote dU's share [B, T, H, V] in float32 (512 MiB at the standard
+# shape) for backward_state to read back. fla's profile (RESULTS.md, session 14): its dv_local takes 0.25 ms
+# against our local_du's 0.42. Built in session 14 without device time; on (split) until timed
+# (LINATTN_LAUNCH="gated_delta_rule.SPLIT_BACKWARD=0").
+SPLIT_BACKWARD = True
 # KEEP_STATES: the forward splits (above) and its stores (every chunk's entering state [NC, H, K, V] float32, U
 # [B, T, H, V] float32) and W are kept for the backward, which then neither solves for W and U0 again nor runs the
 # forward's loop again: about 1.6 GiB more per layer at B T = 65536, H = 16, K = V = 128. On an H200 (session 11, one
@@ -343,6 +350,8 @@ def _flags(
     out = dict(HAS_G=gated, L2NORM=qk_l2norm, LOWP=lowp, PRECISE_EXP=exact_exp, **flags)
     if kernel in ("forward", "backward_state"):
         out["HALVES"] = bool(STATE_HALVES) and (BK is None or BK >= 32)
+    if kernel == "backward_state":
+        out["LOCAL_DU"] = not SPLIT_BACKWARD
     return out
 
 
@@ -645,27 +654,27 @@ def backward(
             del ht
         del u0
     dstates = torch.empty(states.shape, dtype=stored["dstates"], device=q.device)
-    du = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
+    state_flags = flags("backward_state")
     dx_dtype = _dx_dtype(lowp, parts)
+    local = state_flags["LOCAL_DU"]  # backward_state forms P^T dO itself: du is neither written nor read
+    du = dummy if local and dx_dtype is not None else torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
     dx = du if dx_dtype is None else torch.empty(B, T, H, V, dtype=dx_dtype, device=q.device)
     dh0 = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None
     bv_chunk = _chunk_bv(V)
-    # du = scale P^T dO, per chunk; backward_state adds the states' share
-    _local_du_kernel[(lay.NC, H)](
-        q, k, g_, do, lay.chunks, du, scale, BV=bv_chunk,
-        **_launch("local_du", q.dtype, BK, bv_chunk, gated=g is not None), **common, **flags("local_du"),
-    )  # fmt: skip
+    if not local:  # du = scale P^T dO, per chunk; backward_state adds the states' share
+        _local_du_kernel[(lay.NC, H)](
+            q, k, g_, do, lay.chunks, du, scale, BV=bv_chunk,
+            **_launch("local_du", q.dtype, BK, bv_chunk, gated=g is not None), **common, **flags("local_du"),
+        )  # fmt: skip
     if seg is None:
         _backward_state_kernel[(NV, lay.N * H)](
             q, k, g_, w, do, dht if dht is not None else dummy, lay.cu, lay.first, dstates, du, dx,
             dh0 if dh0 is not None else dummy, tinv, scale,
             BV=BV, HAS_DHT=dht is not None, STORE_DH0=h0 is not None, STORE_GRADS=True,
-            **_launch("backward_state", q.dtype, BK, BV, gated=g is not None), **common, **flags("backward_state"),
+            **_launch("backward_state", q.dtype, BK, BV, gated=g is not None), **common, **state_flags,
         )  # fmt: skip
     else:
-        _segmented_backward_state(
-            q, k, g_, w, do, dht, seg, M, dstates, du, dx, dh0, tinv, scale, flags("backward_state")
-        )  # fmt: skip
+        _segmented_backward_state(q, k, g_, w, do, dht, seg, M, dstates, du, dx, dh0, tinv, scale, state_flags)
         del M
     del w, du  # dx holds what backward_chunk needs
     dq = torch.empty(q.shape, dtype=store_dtype(q.dtype), device=q.device)
@@ -941,6 +950,10 @@ def compile_variants():
             yield f"forward halves {label}", _forward_kernel, ptrs, common["forward"] | out | halves, fwd
             yield f"forward states halves {label}", _forward_kernel, sptrs, common["forward"] | states | halves, fwd
             yield f"backward state halves {label}", _backward_state_kernel, sptrs, state | halves, bwd
+            # backward_state forming P^T dO itself (SPLIT_BACKWARD off), whole and in halves
+            local = dict(BV=seq_bv, LOCAL_DU=True)
+            yield f"backward state local du {label}", _backward_state_kernel, sptrs, state | local, bwd
+            yield f"backward state local du halves {label}", _backward_state_kernel, sptrs, state | local | halves, bwd
         # segments (SEGMENT_HEADS): the transitions (U0 = 0, K columns) and each segment's own gradient share
         transition = out | dict(HAS_U0=False, STORE_O=False, V=128, BV=seq_bv)
         yield f"forward transition {label}", _forward_kernel, ptrs, common["forward"] | transition, opts["forward"]

@@ -131,7 +131,7 @@ def _backward_state_halves(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_G: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, STORE_GRADS: tl.constexpr,
     L2NORM: tl.constexpr, DOT_PREC: tl.constexpr, ROUND: tl.constexpr, LOWP: tl.constexpr,
-    PRECISE_EXP: tl.constexpr,
+    PRECISE_EXP: tl.constexpr, LOCAL_DU: tl.constexpr,
 ):  # fmt: skip
     """_backward_state_kernel's loop with dS in two halves of key rows (as _forward_halves)."""
     LOWP_TY: tl.constexpr = k.dtype.element_ty
@@ -149,19 +149,28 @@ def _backward_state_halves(
         m_t = rows < eos
         tok = rows * H + i_h
         m_tv = m_t[:, None] & (o_v < V)[None, :]
-        _, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
-        kd = inverse_row_norms(k, tok, m_t, K, HALF, L2NORM) * e_end
-        b_du = tl.load(du + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+        gamma, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
+        r_k = inverse_row_norms(k, tok, m_t, K, HALF, L2NORM)
+        r_q = inverse_row_norms(q, tok, m_t, K, HALF, L2NORM)
+        b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+        if not LOWP:
+            b_do = b_do.to(tl.float32)
+        if LOCAL_DU:  # scale P^T dO, as _local_du_kernel forms it
+            PT = mm_lowp(_key_cols(k, tok, m_t, o_a, r_k, K, False), _key_cols(q, tok, m_t, o_a, r_q, K, True),
+                         DOT_PREC, ROUND, LOWP, LOWP_TY)  # fmt: skip
+            PT += mm_lowp(_key_cols(k, tok, m_t, o_b, r_k, K, False), _key_cols(q, tok, m_t, o_b, r_q, K, True),
+                          DOT_PREC, ROUND, LOWP, LOWP_TY)  # fmt: skip
+            b_du = scale * mm_lowp(PT * tl.trans(gamma), b_do, DOT_PREC, ROUND, LOWP, LOWP_TY)
+        else:
+            b_du = tl.load(du + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+        kd = r_k * e_end
         b_du += mm_lowp(_key_cols(k, tok, m_t, o_a, kd, K, False), dS_a, DOT_PREC, ROUND, LOWP, LOWP_TY)
         b_du += mm_lowp(_key_cols(k, tok, m_t, o_b, kd, K, False), dS_b, DOT_PREC, ROUND, LOWP, LOWP_TY)
         if STORE_GRADS:
             TiT = tl.load(tinv + tok[None, :] * BT + o_t[:, None], mask=m_t[None, :], other=0.0).to(tl.float32)
             b_dx = mm(TiT, b_du, DOT_PREC, ROUND)
             tl.store(dx + tok[:, None] * V + o_v[None, :], b_dx.to(dx.dtype.element_ty), mask=m_tv)
-        b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
-        if not LOWP:
-            b_do = b_do.to(tl.float32)
-        qd = inverse_row_norms(q, tok, m_t, K, HALF, L2NORM) * e_b
+        qd = r_q * e_b
         dS_a = _dstate_half(dS_a, q, w, tok, m_t, o_a, qd, e_last, b_do, b_du, scale, K, DOT_PREC, ROUND, LOWP, LOWP_TY)
         dS_b = _dstate_half(dS_b, q, w, tok, m_t, o_b, qd, e_last, b_do, b_du, scale, K, DOT_PREC, ROUND, LOWP, LOWP_TY)
     if STORE_DH0:
@@ -463,6 +472,7 @@ def _backward_state_kernel(
     LOWP: tl.constexpr,
     PRECISE_EXP: tl.constexpr,
     HALVES: tl.constexpr,
+    LOCAL_DU: tl.constexpr,
 ):
     # The forward's chunk loop run backwards on the state gradient dS [K, BV]; stores the gradient of the
     # state leaving each chunk and dX (below).  dU = scale P^T dO + (exp(b_C - b) k) dS;
@@ -471,7 +481,8 @@ def _backward_state_kernel(
     # dtype; dx may be du itself, dX taking dU's place), the one form in which backward_chunk needs it, formed once
     # here as each chunk's dU is final.
     # Without STORE_GRADS nothing is stored but dh0 (a segment's own share of its entering gradient, triton.py).
-    # HALVES: dS in two halves of key rows (_backward_state_halves).
+    # HALVES: dS in two halves of key rows (_backward_state_halves). LOCAL_DU: the loop forms scale P^T dO itself
+    # (SPLIT_BACKWARD off in triton.py), and du is not read (dx may still be du's tensor, then written).
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -481,7 +492,7 @@ def _backward_state_kernel(
     if HALVES:
         _backward_state_halves(
             q, k, g, w, do, dht, dstates, du, dx, dh0, tinv, scale, bos, eos, c0, i_n, i_h, o_v, H, K, V, BT, BK,
-            BV, HAS_G, HAS_DHT, STORE_DH0, STORE_GRADS, L2NORM, DOT_PREC, ROUND, LOWP, PRECISE_EXP,
+            BV, HAS_G, HAS_DHT, STORE_DH0, STORE_GRADS, L2NORM, DOT_PREC, ROUND, LOWP, PRECISE_EXP, LOCAL_DU,
         )  # fmt: skip
         return
     n_chunks = tl.cdiv(eos - bos, BT)
@@ -500,19 +511,28 @@ def _backward_state_kernel(
         m_t = rows < eos
         tok = rows * H + i_h
         m_tv = m_t[:, None] & (o_v < V)[None, :]
-        _, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
+        gamma, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
         # each tile loaded just before its product, so that few are live at once; q^T and W^T loaded as such
         b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM)
-        b_du = tl.load(du + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+        if LOCAL_DU:  # scale P^T dO, as _local_du_kernel forms it
+            b_qT, _ = load_rows(q, tok, m_t, o_k, K, L2NORM, True)
+            PT = mm_lowp(b_k, b_qT, DOT_PREC, ROUND, LOWP, LOWP_TY) * tl.trans(gamma)
+            b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+            if not LOWP:
+                b_do = b_do.to(tl.float32)
+            b_du = scale * mm_lowp(PT, b_do, DOT_PREC, ROUND, LOWP, LOWP_TY)
+        else:
+            b_du = tl.load(du + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
         b_du += mm_lowp(b_k * e_end[:, None], dS, DOT_PREC, ROUND, LOWP, LOWP_TY)
         TiT = tl.load(tinv + tok[None, :] * BT + o_t[:, None], mask=m_t[None, :], other=0.0).to(tl.float32)
         if STORE_GRADS:
             b_dx = mm(TiT, b_du, DOT_PREC, ROUND)
             tl.store(dx + tok[:, None] * V + o_v[None, :], b_dx.to(dx.dtype.element_ty), mask=m_tv)
-        b_qT, _ = load_rows(q, tok, m_t, o_k, K, L2NORM, True)
-        b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
-        if not LOWP:
-            b_do = b_do.to(tl.float32)
+        if not LOCAL_DU:
+            b_qT, _ = load_rows(q, tok, m_t, o_k, K, L2NORM, True)
+            b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+            if not LOWP:
+                b_do = b_do.to(tl.float32)
         dS = dS * e_last + scale * mm_lowp(b_qT * e_b[None, :], b_do, DOT_PREC, ROUND, LOWP, LOWP_TY)
         b_wT = tl.load(w + tok[None, :] * K + o_k[:, None], mask=m_t[None, :] & (o_k < K)[:, None], other=0.0)
         dS -= mm_lowp(b_wT, b_du, DOT_PREC, ROUND, LOWP, LOWP_TY)
