@@ -151,11 +151,11 @@ def _backward_state_halves(
         m_tv = m_t[:, None] & (o_v < V)[None, :]
         gamma, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
         r_k = inverse_row_norms(k, tok, m_t, K, HALF, L2NORM)
-        r_q = inverse_row_norms(q, tok, m_t, K, HALF, L2NORM)
-        b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
-        if not LOWP:
-            b_do = b_do.to(tl.float32)
         if LOCAL_DU:  # scale P^T dO, as _local_du_kernel forms it
+            r_q = inverse_row_norms(q, tok, m_t, K, HALF, L2NORM)
+            b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+            if not LOWP:
+                b_do = b_do.to(tl.float32)
             PT = mm_lowp(_key_cols(k, tok, m_t, o_a, r_k, K, False), _key_cols(q, tok, m_t, o_a, r_q, K, True),
                          DOT_PREC, ROUND, LOWP, LOWP_TY)  # fmt: skip
             PT += mm_lowp(_key_cols(k, tok, m_t, o_b, r_k, K, False), _key_cols(q, tok, m_t, o_b, r_q, K, True),
@@ -170,6 +170,11 @@ def _backward_state_halves(
             TiT = tl.load(tinv + tok[None, :] * BT + o_t[:, None], mask=m_t[None, :], other=0.0).to(tl.float32)
             b_dx = mm(TiT, b_du, DOT_PREC, ROUND)
             tl.store(dx + tok[:, None] * V + o_v[None, :], b_dx.to(dx.dtype.element_ty), mask=m_tv)
+        if not LOCAL_DU:
+            b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+            if not LOWP:
+                b_do = b_do.to(tl.float32)
+            r_q = inverse_row_norms(q, tok, m_t, K, HALF, L2NORM)
         qd = r_q * e_b
         dS_a = _dstate_half(dS_a, q, w, tok, m_t, o_a, qd, e_last, b_do, b_du, scale, K, DOT_PREC, ROUND, LOWP, LOWP_TY)
         dS_b = _dstate_half(dS_b, q, w, tok, m_t, o_b, qd, e_last, b_do, b_du, scale, K, DOT_PREC, ROUND, LOWP, LOWP_TY)
