@@ -7,6 +7,7 @@ the variants the launchers use here. Run in a fresh process: TRITON_INTERPRET mu
     python -m tests.ops.compile_kernels simple_gla                # compile one group, print each variant
     python -m tests.ops.compile_kernels --resources gla [warps]   # also registers and stack (spills) per variant
     python -m tests.ops.compile_kernels --sass gated_delta_rule   # also the SASS instruction count by opcode
+    python -m tests.ops.compile_kernels --layouts gated_delta_rule  # also the layout conversions, by tile
 
 Spills have not predicted speed well here; the opcode counts (--sass: shuffles for reductions, local loads and
 stores for spills, shared-memory round trips for layout conversions, float64 and exp work) show what a variant
@@ -93,12 +94,21 @@ def sass_counts(compiled, top: int = 12) -> str:
     return f"{sum(counts.values())} instructions: " + " ".join(f"{op} {n}" for op, n in counts.most_common(top))
 
 
+def layout_conversions(compiled, top: int = 8) -> str:
+    """The layout conversions (ttg.convert_layout) of a compiled kernel's TTGIR, counted by the tile converted
+    (e.g. 64x64xf32: a float32 tile through shared memory or shuffles), the most frequent ``top``, and the total."""
+    tiles = re.findall(r"ttg\.convert_layout %\S+ : tensor<([0-9x]+x\w+),", compiled.asm["ttgir"])
+    counts = collections.Counter(tiles)
+    return f"{len(tiles)} layout conversions: " + " ".join(f"{t} {n}" for t, n in counts.most_common(top))
+
+
 def main(argv: list[str]) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces the compiler")
     show = "--resources" in argv
     sass = "--sass" in argv
-    argv = [a for a in argv if a not in ("--resources", "--sass")]
+    layouts = "--layouts" in argv
+    argv = [a for a in argv if a not in ("--resources", "--sass", "--layouts")]
     warps = [int(a) for a in argv if a.isdigit()]
     groups = _groups()
     for group in [a for a in argv if not a.isdigit()] or list(groups):
@@ -110,6 +120,8 @@ def main(argv: list[str]) -> int:
                 print(f"{group} {label}: shared {out.metadata.shared} B{extra}, {time.perf_counter() - t0:.1f} s")
                 if sass:
                     print(f"    {sass_counts(out)}")
+                if layouts:
+                    print(f"    {layout_conversions(out)}")
     return 0
 
 
