@@ -242,7 +242,7 @@ CHUNK_KEYS = 64
 # tiles of BK / 2 key rows, each product over keys formed as two of half the depth, and every [BT, BK] tile loaded
 # and used a half at a time (as fla's chunk_h kernels hold theirs in 64-row tiles). The sums are the same.
 # sm_90 compile (Triton 3.9, bf16, K = V = 128, BV = 64, 4 warps): less shared memory (backward_state 48 -> 40 KB,
-# gated 32 -> 24 KB) and less spill (gated backward_state 2184 -> 1560 B a thread), still 255 registers (RESULTS.md,
+# gated 32 -> 24 KB) and less spill (gated backward_state 2184 -> 1552 B a thread), still 255 registers (RESULTS.md,
 # session 14). Built in session 14 without device time: off until GPU-tested and timed
 # (LINATTN_LAUNCH="gated_delta_rule.STATE_HALVES=1"). Only for BK >= 32 (halves of 16 rows or more).
 STATE_HALVES = False

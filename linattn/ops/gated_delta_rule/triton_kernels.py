@@ -70,6 +70,20 @@ def _w_cols(w, tok, m_t, o_d, K: tl.constexpr, TRANS: tl.constexpr):
 
 
 @triton.jit
+def _chunk_rows(k, g, bos, eos, i, i_h, o_v, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                HALF: tl.constexpr, HAS_G: tl.constexpr, L2NORM: tl.constexpr, PRECISE_EXP: tl.constexpr):  # fmt: skip
+    """Chunk i of a sequence for the loops over halves: its row mask m_t, token-and-head indices tok, the mask of
+    its [BT, BV] tiles, its decays (chunk_decays_or_none) and 1 / the norms of its keys (ones without L2NORM)."""
+    rows = bos + i * BT + tl.arange(0, BT)
+    m_t = rows < eos
+    tok = rows * H + i_h
+    m_tv = m_t[:, None] & (o_v < V)[None, :]
+    gamma, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
+    r_k = inverse_row_norms(k, tok, m_t, K, HALF, L2NORM)
+    return m_t, tok, m_tv, gamma, e_b, e_end, e_last, r_k
+
+
+@triton.jit
 def _forward_halves(
     q, k, g, w, u0, h0, o, ht, states, u, scale, bos, eos, c0, i_n, i_h, o_v,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -81,19 +95,15 @@ def _forward_halves(
     formed as two of half the depth."""
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     HALF: tl.constexpr = BK // 2
-    o_t = tl.arange(0, BT)
     o_a = tl.arange(0, HALF)
     o_b = HALF + o_a
     S_a, S_b = _load_halves(h0 + (i_n * H + i_h).to(tl.int64) * K * V, HAS_H0, o_v, K, V, HALF)
     for i in range(0, tl.cdiv(eos - bos, BT)):
         if STORE_STATES:
             _store_halves(S_a, S_b, states + ((c0 + i) * H + i_h) * K * V, o_v, K, V, HALF)
-        rows = bos + i * BT + o_t
-        m_t = rows < eos
-        tok = rows * H + i_h
-        m_tv = m_t[:, None] & (o_v < V)[None, :]
-        gamma, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
-        r_k = inverse_row_norms(k, tok, m_t, K, HALF, L2NORM)
+        m_t, tok, m_tv, gamma, e_b, e_end, e_last, r_k = _chunk_rows(
+            k, g, bos, eos, i, i_h, o_v, H, K, V, BT, HALF, HAS_G, L2NORM, PRECISE_EXP
+        )  # fmt: skip
         b_u = -mm_lowp(_w_cols(w, tok, m_t, o_a, K, False), S_a, DOT_PREC, ROUND, LOWP, LOWP_TY)
         b_u -= mm_lowp(_w_cols(w, tok, m_t, o_b, K, False), S_b, DOT_PREC, ROUND, LOWP, LOWP_TY)
         if HAS_U0:
@@ -145,12 +155,9 @@ def _backward_state_halves(
         i = n_chunks - 1 - j
         if STORE_GRADS:
             _store_halves(dS_a, dS_b, dstates + ((c0 + i) * H + i_h) * K * V, o_v, K, V, HALF)
-        rows = bos + i * BT + o_t
-        m_t = rows < eos
-        tok = rows * H + i_h
-        m_tv = m_t[:, None] & (o_v < V)[None, :]
-        gamma, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
-        r_k = inverse_row_norms(k, tok, m_t, K, HALF, L2NORM)
+        m_t, tok, m_tv, gamma, e_b, e_end, e_last, r_k = _chunk_rows(
+            k, g, bos, eos, i, i_h, o_v, H, K, V, BT, HALF, HAS_G, L2NORM, PRECISE_EXP
+        )  # fmt: skip
         if LOCAL_DU:  # scale P^T dO, as _local_du_kernel forms it
             r_q = inverse_row_norms(q, tok, m_t, K, HALF, L2NORM)
             b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
