@@ -214,7 +214,7 @@ STATES_LOWP = dict(states=False, dstates=False, u=True, dx=True, dx_store=True)
 UNGATED_STATES_LOWP = dict(states=True, dstates=True)
 # Tried and removed (session 14, same call as PREPARE_LOWP's tinv, bf16 GPU tests): local_du's scale P^T dO stored
 # in bfloat16 (5.81 / 7.61 ms) failed the gated dv at gates of 0 (0.0288 against twice the plain run's 0.0136);
-# backward_state's dX = Tinv^T dU with bfloat16 operands (5.95 / 8.05) failed 4 (dv, 2.1-2.8x the plain error).
+# backward_state's dX = Tinv^T dU with bfloat16 operands (5.95 / 8.05) failed 4 (dv; three at 2.1-2.8x the plain error).
 # All four bfloat16 switches together took 5.52 / 7.38.
 # DB_FROM_PRODUCTS: backward_chunk forms the row and column sums that db and dbeta take from its [BT, BT] gradient
 # tiles (dP * P and dA * A) out of the products that dq and dk need anyway, instead of forming q k^T (a product) and
