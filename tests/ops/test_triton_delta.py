@@ -467,6 +467,22 @@ def test_torch_compile_fullgraph(monkeypatch):
         assert_compiles_fullgraph(f, [*tensors, state])
 
 
+@pytest.mark.parametrize("keep", [False, True], ids=["formed_again", "kept"])
+def test_torch_compile_bfloat16(keep, monkeypatch):
+    """torch.compile in bfloat16: on a GPU the forward stores Tinv in bfloat16 (PREPARE_LOWP) and the backward its
+    own parts (STATES_LOWP), so the fakes must give those dtypes (inductor checks them); the same loss and
+    gradients as eager, with the forward's states kept or formed again. The loss is summed in float32, so that
+    the compiled and the eager run round it alike."""
+    monkeypatch.setattr(tri, "KEEP_STATES", keep)
+    tensors, state = to(*GATED.draw(B=2, T=70, H=2, K=16, V=24, dtype=torch.bfloat16, seed=5))
+
+    def f(q, k, v, g, beta, h0):
+        o, s = ops.gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True, impl="triton")
+        return (o.float() ** 2).sum() + s.sum()
+
+    assert_compiles_fullgraph(f, [*tensors, state])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # On the GPU: real shapes, every dtype
 # ----------------------------------------------------------------------------------------------------------------
