@@ -224,19 +224,18 @@ def test_bfloat16_stores_round_only(case, store, monkeypatch):
     inputs: the gradients change (the store does round) by about bfloat16's rounding and no more, so the stores,
     casts and loads around it are right. (Under the interpreter the GPU's bfloat16 products cannot be checked: see
     test_gpu_bfloat16_operands_wide_value_blocks_and_w.)"""
-    bf16 = lambda *args, **kwargs: torch.bfloat16  # noqa: E731
     # where they apply: bfloat16 inputs on a GPU, with wu (PREPARE_LOWP's entries as the library sets them)
-    for name, on in (
-        ("_tinv_dtype", tri.PREPARE_LOWP["tinv"]),
-        ("_u0_backward_dtype", tri.PREPARE_LOWP["u0_backward"]),
-    ):
-        assert getattr(tri, name)(torch.bfloat16, gpu=True) == (torch.bfloat16 if on else torch.float32)
+    for part in ("tinv", "u0_backward"):
+        on = tri.PREPARE_LOWP[part]
+        assert tri._prepare_store(part, torch.bfloat16, gpu=True) == (torch.bfloat16 if on else torch.float32)
         assert (
-            getattr(tri, name)(torch.bfloat16, gpu=False)
-            == getattr(tri, name)(torch.float16, gpu=True)
+            tri._prepare_store(part, torch.bfloat16, gpu=False)
+            == tri._prepare_store(part, torch.float16, gpu=True)
             == torch.float32
         )
-    monkeypatch.setattr(tri, {"tinv": "_tinv_dtype", "u0_backward": "_u0_backward_dtype"}[store], bf16)
+    original = tri._prepare_store
+    forced = lambda part, *args, **kwargs: torch.bfloat16 if part == store else original(part, *args, **kwargs)  # noqa: E731
+    monkeypatch.setattr(tri, "_prepare_store", forced)
     tensors, state = to(*case.draw(B=1, T=150, H=2, K=24, V=40, seed=31, gate_scale=0.05))
 
     def run(ts, s0):

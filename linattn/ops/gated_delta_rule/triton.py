@@ -388,7 +388,7 @@ def prepare(
     u0_dtype: torch.dtype = torch.float32,
 ):  # fmt: skip
     """W [B, T, H, K] (float32, or bfloat16: see _w_dtype), U0 [B, T, H, V] in u0_dtype and Tinv [B, T, H, BT]
-    (float32, or bfloat16: see _tinv_dtype).
+    (float32, or bfloat16: see _prepare_store).
 
     Tinv is solved for unless given (as the forward stored it); it is returned only when given or store_t.
     """
@@ -400,7 +400,7 @@ def prepare(
     solve = tinv is None
     store_t = store_t and solve
     if store_t:
-        tinv = torch.empty(B, T, H, BT, dtype=_tinv_dtype(k.dtype), device=k.device)
+        tinv = torch.empty(B, T, H, BT, dtype=_prepare_store("tinv", k.dtype), device=k.device)
     _prepare_kernel[(lay.NC, H)](
         k,
         v,
@@ -428,16 +428,11 @@ def prepare(
     return w, u0, tinv
 
 
-def _tinv_dtype(dtype: torch.dtype, gpu: bool | None = None) -> torch.dtype:
-    """Tinv's storage for inputs of ``dtype``: bfloat16 where W's and U0's products round it so (PREPARE_LOWP's wu)
-    and its tinv entry is on, else float32."""
-    lowp = _prepare_flags(dtype, False, gpu)["WU_LOWP"] and PREPARE_LOWP["tinv"]
-    return torch.bfloat16 if lowp else torch.float32
-
-
-def _u0_backward_dtype(dtype: torch.dtype, gpu: bool | None = None) -> torch.dtype:
-    """U0's storage in the backward's prepare (PREPARE_LOWP's u0_backward, with wu), else float32."""
-    lowp = _prepare_flags(dtype, False, gpu)["WU_LOWP"] and PREPARE_LOWP["u0_backward"]
+def _prepare_store(part: str, dtype: torch.dtype, gpu: bool | None = None) -> torch.dtype:
+    """The storage of what prepare stores, ``part`` "tinv" (Tinv) or "u0_backward" (U0 in the backward), for inputs
+    of ``dtype``: bfloat16 where W's and U0's products round Tinv so (PREPARE_LOWP's wu) and the part's entry is on,
+    else float32."""
+    lowp = _prepare_flags(dtype, False, gpu)["WU_LOWP"] and PREPARE_LOWP[part]
     return torch.bfloat16 if lowp else torch.float32
 
 
@@ -635,7 +630,7 @@ def backward(
         states, u, w = kept
         seg = None
     else:
-        u0_dtype = _u0_backward_dtype(q.dtype)
+        u0_dtype = _prepare_store("u0_backward", q.dtype)
         w, u0, tinv = prepare(k, v, g, beta, lay, qk_l2norm, beta_is_logit, tinv, store_t=True, u0_dtype=u0_dtype)
         states = torch.empty(lay.NC, H, K, V, dtype=stored["states"], device=q.device)
         u = torch.empty(B, T, H, V, dtype=stored["u"], device=q.device)
@@ -745,7 +740,7 @@ def _(q, k, v, g, beta, h0, cu_seqlens, scale, qk_l2norm, beta_is_logit, save, k
     B, T, H, K = q.shape
     V = v.shape[-1]
     empty = none_tensor(q)
-    tinv = q.new_empty(B, T, H, BT, dtype=_tinv_dtype(k.dtype)) if save else empty
+    tinv = q.new_empty(B, T, H, BT, dtype=_prepare_store("tinv", k.dtype)) if save else empty
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if _keeps(save and keep, N, H, T, cu_seqlens):
         states = q.new_empty(ChunkTable.count(B, T, cu_seqlens, BT), H, K, V, dtype=torch.float32)
@@ -930,8 +925,10 @@ def compile_variants():
         sptrs = ptrs | {n: "bf16" if lowp and parts[n] else "fp32" for n in ("states", "dstates", "u")}
         xd = "bf16" if _dx_dtype(lowp, parts) == torch.bfloat16 else "fp32"
         sptrs |= dict(dx=xd)  # backward_state's dX; backward_chunk reads it as du
-        td = "bf16" if _tinv_dtype(torch_dtype, gpu=True) == torch.bfloat16 else "fp32"
-        u0d = "bf16" if _u0_backward_dtype(torch_dtype, gpu=True) == torch.bfloat16 else "fp32"
+        td, u0d = (
+            "bf16" if _prepare_store(part, torch_dtype, gpu=True) == torch.bfloat16 else "fp32"
+            for part in ("tinv", "u0_backward")
+        )
         ptrs |= dict(tinv=td)
         sptrs |= dict(tinv=td, u0=u0d)
         solve = dict(BV=seq_bv, BKP=min(BK, PREPARE_KEYS), SOLVE=True, STORE_T=True, BETA_LOGIT=opt)

@@ -106,9 +106,10 @@ STATES_LOWP = True
 # change of state from zeros, a scan over the segments (S <- exp(D_s) S + R_s, D_s the segment's summed log-decay
 # per key: GLA's transition is diagonal), then each segment from what enters it; about twice one pass's work. Only
 # where SEGMENT_HEADS / (N H) gives at least MIN_SEGMENTS segments of at least SEGMENT_MIN_CHUNKS chunks each; not
-# for cu_seqlens; SEGMENTS forces a count (tests). Off (0) until timed: session 13 built it without device time
-# (the interpreter tests run it; the kernels are the ones that run without segments). At T = 65536, B = 1, 256
-# gives 16 segments: LINATTN_LAUNCH="gla.SEGMENT_HEADS=256" tries it.
+# for cu_seqlens; SEGMENTS forces a count (tests). Off (0): on an H200 (session 14, one call, bf16, fwd+bwd ms)
+# SEGMENT_HEADS = 256 (16 segments at T = 65536, B = 1; 4 at T = 16384, B = 4) took 11.06 against 10.90 at
+# T = 65536 and 10.94 against 8.86 at T = 16384; its GPU tests pass. LINATTN_LAUNCH="gla.SEGMENT_HEADS=256" tries
+# it (for fewer heads than the standard shape's 16, say).
 SEGMENT_HEADS = 0
 MIN_SEGMENTS = 4
 SEGMENT_MIN_CHUNKS = 16
