@@ -140,35 +140,14 @@ def test_db_and_dbeta_from_the_tiles_or_the_products(case, from_products, qk_l2n
 
 
 @both
-@pytest.mark.parametrize(
-    "K, V, segments, packed, qk_l2norm",
-    [(24, 40, 1, True, False), (70, 24, 2, False, True), (70, 24, 1, True, True)],
-    ids=["K24-packed", "K70-segments-qk_l2norm", "K70-packed-qk_l2norm"],
-)
-def test_state_in_halves_matches_naive(case, K, V, segments, packed, qk_l2norm, monkeypatch):
-    """The per-sequence kernels with the state in two halves of key rows (STATE_HALVES): outputs, final state and
-    every gradient against naive. K = 24 (halves of 16 rows, the second partial) and 70 (halves of 64, the second
-    mostly padding); packed sequences (one of one token), or segments (their transitions and gradient shares run
-    the halves too); qk_l2norm, whose norms the halves take over the whole row."""
-    monkeypatch.setattr(tri, "STATE_HALVES", True)
-    monkeypatch.setattr(tri, "SEGMENTS", segments)
-    assert tri._flags(torch.float32, True, False, "forward", BK=32)["HALVES"]
-    assert not tri._flags(torch.float32, True, False, "backward_state", BK=16)["HALVES"]
-    variant = with_options(case, qk_l2norm=True, beta_is_logit=True) if qk_l2norm else case
-    cu_seqlens = torch.tensor([0, 70, 71, 200]).to(DEVICE) if packed else None
-    tensors, state = variant.draw(B=1, T=200, H=2, K=K, V=V, seed=29, N=3 if packed else 1, gate_scale=0.05)
-    check_against_naive(variant, *to(tensors, state), "triton", cu_seqlens=cu_seqlens, **ON_DEVICE)
-
-
-@both
-@pytest.mark.parametrize("halves", [False, True], ids=["whole", "halves"])
+@pytest.mark.parametrize("split", [False, True], ids=["local", "split"])
 @pytest.mark.parametrize("segments, packed", [(1, True), (2, False)], ids=["packed", "segments"])
-def test_state_pass_forms_local_du(case, halves, segments, packed, monkeypatch):
-    """SPLIT_BACKWARD off: backward_state's loop forms scale P^T dO itself and no local_du kernel runs. Against
-    naive, with the state whole or in halves, packed sequences (one of one token) or segments (whose first pass
-    forms it as well), dX in dU's tensor (float32 here) or apart."""
-    monkeypatch.setattr(tri, "SPLIT_BACKWARD", False)
-    monkeypatch.setattr(tri, "STATE_HALVES", halves)
+def test_state_pass_forms_local_du_or_not(case, split, segments, packed, monkeypatch):
+    """SPLIT_BACKWARD, either way for either op (the delta rule's default forms it in the loop, the gated op's
+    splits): off, backward_state's loop forms scale P^T dO itself and no local_du kernel runs; on, local_du forms
+    it. Against naive, packed sequences (one of one token) or segments (whose first pass forms it as well), dX in
+    dU's tensor (float32 here) or apart."""
+    monkeypatch.setattr(tri, "SPLIT_BACKWARD", dict(gated=split, ungated=split))
     monkeypatch.setattr(tri, "SEGMENTS", segments)
     if segments > 1:  # dX apart, so that dU's tensor is not needed at all
         monkeypatch.setattr(tri, "_dx_dtype", lambda lowp, parts: torch.float32)
@@ -176,7 +155,7 @@ def test_state_pass_forms_local_du(case, halves, segments, packed, monkeypatch):
     cu_seqlens = torch.tensor([0, 70, 71, 200]).to(DEVICE) if packed else None
     tensors, state = case.draw(B=1, T=200, H=2, K=40, V=24, seed=37, N=3 if packed else 1, gate_scale=0.05)
     check_against_naive(case, *to(tensors, state), "triton", cu_seqlens=cu_seqlens, **ON_DEVICE)
-    assert "_backward_state_kernel" in launches and "_local_du_kernel" not in launches
+    assert "_backward_state_kernel" in launches and ("_local_du_kernel" in launches) == split
 
 
 @triton.jit

@@ -9,7 +9,8 @@ The chunked form of ``chunk.py`` (chunk length 64), in the kernels of ``triton_k
                                     entering S and U; or, without a gradient, forming o itself (as below)
     output           per chunk      o = scale (exp(b) q S + tril(q k^T exp(b_t - b_s)) U)
     local_du         per chunk      dU = scale P^T dO (P the masked, decayed q k^T above), the part of dU
-                                    that needs no state
+                                    that needs no state (the gated op; the delta rule's backward_state forms it
+                                    in its loop: SPLIT_BACKWARD)
     backward_state   per sequence   the same loop in reverse on dS, storing dX = Tinv^T dU (below) and the
                                     gradient dS' of each chunk's exit state: dU += (exp(b_C - b) k) dS',
                                     dS <- exp(b_C) dS' + scale (exp(b) q)^T dO - W^T dU
@@ -122,9 +123,9 @@ SOLVE_TF32X3 = False
 # forward's loop it runs again (the forward's own U0 stays float32: in bfloat16 it failed the bf16 final-state
 # test, above). Both with wu, on bfloat16 inputs on a GPU. On an H200 (session 14, one call, bf16, T = 4096,
 # B = 16, fwd+bwd ms, delta_rule / gated, each on BV_CHUNK = 64's 6.08 / 8.05): tinv 5.95 / 7.65, u0_backward
-# 5.98 / 7.98; the bf16 GPU tests (41) pass with either. u0_backward stays off: the two together were neither
-# tested nor timed on the card (the session's device time ran out).
-PREPARE_LOWP = dict(kkt=True, wu=True, tinv=True, u0_backward=False)
+# 5.98 / 7.98; the bf16 GPU tests (41) pass with either. Both together (session 15, one call, against 5.94 / 7.63
+# with tinv alone): 5.79 / 7.51, the 41 pass.
+PREPARE_LOWP = dict(kkt=True, wu=True, tinv=True, u0_backward=True)
 # Launch options by kernel. Every kernel holds several [BT, K] float32 tiles: at 4 warps each spills 0.3-3.6 KB of
 # registers per thread (compile_kernels --resources), yet on an H200 (T = 4096, B = 16, bf16) 4 warps measured
 # faster than 8 (delta_rule fwd+bwd 18.6 ms against 24.8, gated_delta_rule 27.8 against 34.0).
@@ -179,9 +180,10 @@ SPLIT_FORWARD = False
 # SPLIT_BACKWARD off: backward_state's loop forms scale P^T dO itself (two more products a chunk, from the q and k it
 # loads anyway), and no local_du kernel runs: it wrote dU's share [B, T, H, V] in float32 (512 MiB at the standard
 # shape) for backward_state to read back. fla's profile (RESULTS.md, session 14): its dv_local takes 0.25 ms
-# against our local_du's 0.42. Built in session 14 without device time; on (split) until timed
-# (LINATTN_LAUNCH="gated_delta_rule.SPLIT_BACKWARD=0").
-SPLIT_BACKWARD = True
+# against our local_du's 0.42. On an H200 (session 15, one call, bf16, T = 4096, B = 16, fwd+bwd ms, delta_rule /
+# gated, against 5.94 / 7.63 split): 5.57 / 7.76, the bf16 GPU tests (41) pass. So the delta rule forms it in its
+# loop, and the gated op, whose loop also scales by the decays, splits.
+SPLIT_BACKWARD = dict(gated=True, ungated=False)
 # KEEP_STATES: the forward splits (above) and its stores (every chunk's entering state [NC, H, K, V] float32, U
 # [B, T, H, V] float32) and W are kept for the backward, which then neither solves for W and U0 again nor runs the
 # forward's loop again: about 1.6 GiB more per layer at B T = 65536, H = 16, K = V = 128. On an H200 (session 11, one
@@ -238,14 +240,6 @@ DB_FROM_PRODUCTS = dict(gated=True, ungated=False)
 # gated_delta_rule 15.39 against 16.01; backward_chunk alone 3.0 ms (delta_rule) and 4.9 (gated). Its sm_90 compile
 # still spills (bf16 with gates: 1928 B a thread at 64 columns, against 2936 B at 128).
 CHUNK_KEYS = 64
-# STATE_HALVES: the per-sequence kernels (forward, backward_state) hold the state (or its gradient) [BK, BV] as two
-# tiles of BK / 2 key rows, each product over keys formed as two of half the depth, and every [BT, BK] tile loaded
-# and used a half at a time (as fla's chunk_h kernels hold theirs in 64-row tiles). The sums are the same.
-# sm_90 compile (Triton 3.9, bf16, K = V = 128, BV = 64, 4 warps): less shared memory (backward_state 48 -> 40 KB,
-# gated 32 -> 24 KB) and less spill (gated backward_state 2184 -> 1552 B a thread), still 255 registers (RESULTS.md,
-# session 14). Built in session 14 without device time: off until GPU-tested and timed
-# (LINATTN_LAUNCH="gated_delta_rule.STATE_HALVES=1"). Only for BK >= 32 (halves of 16 rows or more).
-STATE_HALVES = False
 FULL_GPU = 264  # programs that occupy every SM of an H100/H200 twice
 # Long sequences with few sequences and heads (T = 65536, B = 1): the per-sequence kernels would run N H (V / BV)
 # programs, too few for the GPU, each walking every chunk. They are then cut into segments, run side by side:
@@ -348,10 +342,8 @@ def _flags(
     del flags["UPCAST_QK"]  # these kernels take every operand to float32 as they load it
     exact_exp = precise_exp(dtype, gpu)
     out = dict(HAS_G=gated, L2NORM=qk_l2norm, LOWP=lowp, PRECISE_EXP=exact_exp, **flags)
-    if kernel in ("forward", "backward_state"):
-        out["HALVES"] = bool(STATE_HALVES) and (BK is None or BK >= 32)
     if kernel == "backward_state":
-        out["LOCAL_DU"] = not SPLIT_BACKWARD
+        out["LOCAL_DU"] = not SPLIT_BACKWARD["gated" if gated else "ungated"]
     return out
 
 
@@ -941,16 +933,15 @@ def compile_variants():
             yield f"forward states BV={bv} {label}", _forward_kernel, sptrs, common["forward"] | states, opts["forward"]
             state = common["backward_state"] | dict(BV=bv, HAS_DHT=True, STORE_DH0=True, STORE_GRADS=True)
             yield f"backward state BV={bv} {label}", _backward_state_kernel, sptrs, state, opts["backward_state"]
-        if opt:  # the state in halves of key rows (STATE_HALVES), whatever the setting
-            halves = dict(BV=seq_bv, HALVES=True)
-            fwd, bwd = opts["forward"], opts["backward_state"]
-            yield f"forward halves {label}", _forward_kernel, ptrs, common["forward"] | out | halves, fwd
-            yield f"forward states halves {label}", _forward_kernel, sptrs, common["forward"] | states | halves, fwd
-            yield f"backward state halves {label}", _backward_state_kernel, sptrs, state | halves, bwd
-            # backward_state forming P^T dO itself (SPLIT_BACKWARD off), whole and in halves
-            local = dict(BV=seq_bv, LOCAL_DU=True)
-            yield f"backward state local du {label}", _backward_state_kernel, sptrs, state | local, bwd
-            yield f"backward state local du halves {label}", _backward_state_kernel, sptrs, state | local | halves, bwd
+        if opt:  # backward_state with the other SPLIT_BACKWARD setting than this op's (LOCAL_DU)
+            other = state | dict(BV=seq_bv, LOCAL_DU=not state["LOCAL_DU"])
+            yield (
+                f"backward state LOCAL_DU={other['LOCAL_DU']} {label}",
+                _backward_state_kernel,
+                sptrs,
+                other,
+                opts["backward_state"],
+            )
         # segments (SEGMENT_HEADS): the transitions (U0 = 0, K columns) and each segment's own gradient share
         transition = out | dict(HAS_U0=False, STORE_O=False, V=128, BV=seq_bv)
         yield f"forward transition {label}", _forward_kernel, ptrs, common["forward"] | transition, opts["forward"]

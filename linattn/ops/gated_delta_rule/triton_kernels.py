@@ -24,170 +24,6 @@ from linattn.ops.common.triton_delta_utils import (
 )
 from linattn.ops.common.triton_utils import chunk_and_block, chunk_bounds, sequence_bounds
 
-# The per-sequence kernels' state in two halves of key rows (STATE_HALVES, triton.py): rows [0, BK/2) and
-# [BK/2, BK) as tiles of their own, so that every product over keys is two of half the depth.
-
-
-@triton.jit
-def _load_halves(ptr, GIVEN: tl.constexpr, o_v, K: tl.constexpr, V: tl.constexpr, HALF: tl.constexpr):
-    """Columns o_v of a float32 state [K, V] at ptr as its two halves of key rows (zeros unless GIVEN)."""
-    o_d = tl.arange(0, HALF)
-    S_a = tl.zeros([HALF, o_v.shape[0]], dtype=tl.float32)
-    S_b = tl.zeros([HALF, o_v.shape[0]], dtype=tl.float32)
-    if GIVEN:
-        m_v = (o_v < V)[None, :]
-        S_a += tl.load(ptr + o_d[:, None] * V + o_v[None, :], mask=(o_d < K)[:, None] & m_v, other=0.0)
-        S_b += tl.load(ptr + (HALF + o_d)[:, None] * V + o_v[None, :], mask=(HALF + o_d < K)[:, None] & m_v, other=0.0)
-    return S_a, S_b
-
-
-@triton.jit
-def _store_halves(S_a, S_b, ptr, o_v, K: tl.constexpr, V: tl.constexpr, HALF: tl.constexpr):
-    """Stores two halves of key rows as columns o_v of a state [K, V] at ptr, in ptr's dtype."""
-    o_d = tl.arange(0, HALF)
-    m_v = (o_v < V)[None, :]
-    tl.store(ptr + o_d[:, None] * V + o_v[None, :], S_a.to(ptr.dtype.element_ty), mask=(o_d < K)[:, None] & m_v)
-    o_d += HALF
-    tl.store(ptr + o_d[:, None] * V + o_v[None, :], S_b.to(ptr.dtype.element_ty), mask=(o_d < K)[:, None] & m_v)
-
-
-@triton.jit
-def _key_cols(x, tok, m_t, o_d, scale_rows, D: tl.constexpr, TRANS: tl.constexpr):
-    """Columns o_d of rows tok of a [.., T, H, D] tensor as float32, each row times scale_rows [BT] (1 / its norm
-    and a decay); [BT, len(o_d)], or its transpose with TRANS."""
-    b_x, _ = load_rows(x, tok, m_t, o_d, D, False, TRANS)
-    if TRANS:
-        return b_x * scale_rows[None, :]
-    return b_x * scale_rows[:, None]
-
-
-@triton.jit
-def _w_cols(w, tok, m_t, o_d, K: tl.constexpr, TRANS: tl.constexpr):
-    """Columns o_d of W's rows tok, in W's dtype; [BT, len(o_d)], or its transpose with TRANS."""
-    if TRANS:
-        return tl.load(w + tok[None, :] * K + o_d[:, None], mask=m_t[None, :] & (o_d < K)[:, None], other=0.0)
-    return tl.load(w + tok[:, None] * K + o_d[None, :], mask=m_t[:, None] & (o_d < K)[None, :], other=0.0)
-
-
-@triton.jit
-def _chunk_rows(k, g, bos, eos, i, i_h, o_v, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                HALF: tl.constexpr, HAS_G: tl.constexpr, L2NORM: tl.constexpr, PRECISE_EXP: tl.constexpr):  # fmt: skip
-    """Chunk i of a sequence for the loops over halves: its row mask m_t, token-and-head indices tok, the mask of
-    its [BT, BV] tiles, its decays (chunk_decays_or_none) and 1 / the norms of its keys (ones without L2NORM)."""
-    rows = bos + i * BT + tl.arange(0, BT)
-    m_t = rows < eos
-    tok = rows * H + i_h
-    m_tv = m_t[:, None] & (o_v < V)[None, :]
-    gamma, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
-    r_k = inverse_row_norms(k, tok, m_t, K, HALF, L2NORM)
-    return m_t, tok, m_tv, gamma, e_b, e_end, e_last, r_k
-
-
-@triton.jit
-def _forward_halves(
-    q, k, g, w, u0, h0, o, ht, states, u, scale, bos, eos, c0, i_n, i_h, o_v,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_G: tl.constexpr, HAS_H0: tl.constexpr, HAS_U0: tl.constexpr, L2NORM: tl.constexpr, STORE_O: tl.constexpr,
-    STORE_HT: tl.constexpr, STORE_STATES: tl.constexpr, DOT_PREC: tl.constexpr, ROUND: tl.constexpr,
-    LOWP: tl.constexpr, PRECISE_EXP: tl.constexpr,
-):  # fmt: skip
-    """_forward_kernel's loop with its state in two halves of key rows: the same sums, each product over keys
-    formed as two of half the depth."""
-    LOWP_TY: tl.constexpr = k.dtype.element_ty
-    HALF: tl.constexpr = BK // 2
-    o_a = tl.arange(0, HALF)
-    o_b = HALF + o_a
-    S_a, S_b = _load_halves(h0 + (i_n * H + i_h).to(tl.int64) * K * V, HAS_H0, o_v, K, V, HALF)
-    for i in range(0, tl.cdiv(eos - bos, BT)):
-        if STORE_STATES:
-            _store_halves(S_a, S_b, states + ((c0 + i) * H + i_h) * K * V, o_v, K, V, HALF)
-        m_t, tok, m_tv, gamma, e_b, e_end, e_last, r_k = _chunk_rows(
-            k, g, bos, eos, i, i_h, o_v, H, K, V, BT, HALF, HAS_G, L2NORM, PRECISE_EXP
-        )  # fmt: skip
-        b_u = -mm_lowp(_w_cols(w, tok, m_t, o_a, K, False), S_a, DOT_PREC, ROUND, LOWP, LOWP_TY)
-        b_u -= mm_lowp(_w_cols(w, tok, m_t, o_b, K, False), S_b, DOT_PREC, ROUND, LOWP, LOWP_TY)
-        if HAS_U0:
-            b_u += tl.load(u0 + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-        if STORE_STATES:
-            tl.store(u + tok[:, None] * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=m_tv)
-        if STORE_O:
-            r_q = inverse_row_norms(q, tok, m_t, K, HALF, L2NORM)
-            b_q = _key_cols(q, tok, m_t, o_a, r_q, K, False)
-            P = mm_lowp(b_q, _key_cols(k, tok, m_t, o_a, r_k, K, True), DOT_PREC, ROUND, LOWP, LOWP_TY)
-            b_o = mm_lowp(b_q * e_b[:, None], S_a, DOT_PREC, ROUND, LOWP, LOWP_TY)
-            b_q = _key_cols(q, tok, m_t, o_b, r_q, K, False)
-            P += mm_lowp(b_q, _key_cols(k, tok, m_t, o_b, r_k, K, True), DOT_PREC, ROUND, LOWP, LOWP_TY)
-            b_o += mm_lowp(b_q * e_b[:, None], S_b, DOT_PREC, ROUND, LOWP, LOWP_TY)
-            b_o += mm_lowp(P * gamma, b_u, DOT_PREC, ROUND, LOWP, LOWP_TY)
-            tl.store(o + tok[:, None] * V + o_v[None, :], (scale * b_o).to(o.dtype.element_ty), mask=m_tv)
-        kd = r_k * e_end
-        S_a = S_a * e_last + mm_lowp(_key_cols(k, tok, m_t, o_a, kd, K, True), b_u, DOT_PREC, ROUND, LOWP, LOWP_TY)
-        S_b = S_b * e_last + mm_lowp(_key_cols(k, tok, m_t, o_b, kd, K, True), b_u, DOT_PREC, ROUND, LOWP, LOWP_TY)
-    if STORE_HT:
-        _store_halves(S_a, S_b, ht + (i_n * H + i_h).to(tl.int64) * K * V, o_v, K, V, HALF)
-
-
-@triton.jit
-def _dstate_half(dS, q, w, tok, m_t, o_d, qd, e_last, b_do, b_du, scale, K: tl.constexpr, DOT_PREC: tl.constexpr,
-                 ROUND: tl.constexpr, LOWP: tl.constexpr, LOWP_TY: tl.constexpr):  # fmt: skip
-    """Rows o_d of dS <- exp(b_C) dS + scale (exp(b) q)^T dO - W^T dU (qd: 1 / q's norms times exp(b))."""
-    dS = dS * e_last + scale * mm_lowp(_key_cols(q, tok, m_t, o_d, qd, K, True), b_do, DOT_PREC, ROUND, LOWP, LOWP_TY)
-    return dS - mm_lowp(_w_cols(w, tok, m_t, o_d, K, True), b_du, DOT_PREC, ROUND, LOWP, LOWP_TY)
-
-
-@triton.jit
-def _backward_state_halves(
-    q, k, g, w, do, dht, dstates, du, dx, dh0, tinv, scale, bos, eos, c0, i_n, i_h, o_v,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_G: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, STORE_GRADS: tl.constexpr,
-    L2NORM: tl.constexpr, DOT_PREC: tl.constexpr, ROUND: tl.constexpr, LOWP: tl.constexpr,
-    PRECISE_EXP: tl.constexpr, LOCAL_DU: tl.constexpr,
-):  # fmt: skip
-    """_backward_state_kernel's loop with dS in two halves of key rows (as _forward_halves)."""
-    LOWP_TY: tl.constexpr = k.dtype.element_ty
-    HALF: tl.constexpr = BK // 2
-    n_chunks = tl.cdiv(eos - bos, BT)
-    o_t = tl.arange(0, BT)
-    o_a = tl.arange(0, HALF)
-    o_b = HALF + o_a
-    dS_a, dS_b = _load_halves(dht + (i_n * H + i_h).to(tl.int64) * K * V, HAS_DHT, o_v, K, V, HALF)
-    for j in range(0, n_chunks):
-        i = n_chunks - 1 - j
-        if STORE_GRADS:
-            _store_halves(dS_a, dS_b, dstates + ((c0 + i) * H + i_h) * K * V, o_v, K, V, HALF)
-        m_t, tok, m_tv, gamma, e_b, e_end, e_last, r_k = _chunk_rows(
-            k, g, bos, eos, i, i_h, o_v, H, K, V, BT, HALF, HAS_G, L2NORM, PRECISE_EXP
-        )  # fmt: skip
-        if LOCAL_DU:  # scale P^T dO, as _local_du_kernel forms it
-            r_q = inverse_row_norms(q, tok, m_t, K, HALF, L2NORM)
-            b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
-            if not LOWP:
-                b_do = b_do.to(tl.float32)
-            PT = mm_lowp(_key_cols(k, tok, m_t, o_a, r_k, K, False), _key_cols(q, tok, m_t, o_a, r_q, K, True),
-                         DOT_PREC, ROUND, LOWP, LOWP_TY)  # fmt: skip
-            PT += mm_lowp(_key_cols(k, tok, m_t, o_b, r_k, K, False), _key_cols(q, tok, m_t, o_b, r_q, K, True),
-                          DOT_PREC, ROUND, LOWP, LOWP_TY)  # fmt: skip
-            b_du = scale * mm_lowp(PT * tl.trans(gamma), b_do, DOT_PREC, ROUND, LOWP, LOWP_TY)
-        else:
-            b_du = tl.load(du + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
-        kd = r_k * e_end
-        b_du += mm_lowp(_key_cols(k, tok, m_t, o_a, kd, K, False), dS_a, DOT_PREC, ROUND, LOWP, LOWP_TY)
-        b_du += mm_lowp(_key_cols(k, tok, m_t, o_b, kd, K, False), dS_b, DOT_PREC, ROUND, LOWP, LOWP_TY)
-        if STORE_GRADS:
-            TiT = tl.load(tinv + tok[None, :] * BT + o_t[:, None], mask=m_t[None, :], other=0.0).to(tl.float32)
-            b_dx = mm(TiT, b_du, DOT_PREC, ROUND)
-            tl.store(dx + tok[:, None] * V + o_v[None, :], b_dx.to(dx.dtype.element_ty), mask=m_tv)
-        if not LOCAL_DU:
-            b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
-            if not LOWP:
-                b_do = b_do.to(tl.float32)
-            r_q = inverse_row_norms(q, tok, m_t, K, HALF, L2NORM)
-        qd = r_q * e_b
-        dS_a = _dstate_half(dS_a, q, w, tok, m_t, o_a, qd, e_last, b_do, b_du, scale, K, DOT_PREC, ROUND, LOWP, LOWP_TY)
-        dS_b = _dstate_half(dS_b, q, w, tok, m_t, o_b, qd, e_last, b_do, b_du, scale, K, DOT_PREC, ROUND, LOWP, LOWP_TY)
-    if STORE_DH0:
-        _store_halves(dS_a, dS_b, dh0 + (i_n * H + i_h).to(tl.int64) * K * V, o_v, K, V, HALF)
-
 
 @triton.jit
 def _prepare_kernel(
@@ -298,7 +134,6 @@ def _forward_kernel(
     ROUND: tl.constexpr,
     LOWP: tl.constexpr,
     PRECISE_EXP: tl.constexpr,
-    HALVES: tl.constexpr,
 ):
     # One sequence, one V block: the state S [K, BV] stays in registers while the chunks go by.
     #   U = U0 - W S;  o = scale (exp(b) q S + tril(q k^T exp(b_t - b_s)) U);  S = exp(b_C) S + (exp(b_C - b) k)^T U
@@ -306,19 +141,13 @@ def _forward_kernel(
     # bfloat16 with STATES_LOWP: the carried S and U stay float32).
     # Without HAS_U0, U0 = 0: the loop then carries h0's columns through the chunks' transitions alone
     # (S <- exp(b_C) S - (exp(b_C - b) k)^T W S), which, from identity columns, is the transition of the
-    # whole sequence (a segment, in triton.py). HALVES: the state in two halves of key rows (_forward_halves).
+    # whole sequence (a segment, in triton.py).
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = sequence_bounds(cu_seqlens, i_n, 0, True)  # cu_seqlens: the ChunkTable's, always given
     c0 = tl.load(chunk_start + i_n).to(tl.int64)
     o_v = i_v * BV + tl.arange(0, BV)
-    if HALVES:
-        _forward_halves(
-            q, k, g, w, u0, h0, o, ht, states, u, scale, bos, eos, c0, i_n, i_h, o_v, H, K, V, BT, BK, BV, HAS_G,
-            HAS_H0, HAS_U0, L2NORM, STORE_O, STORE_HT, STORE_STATES, DOT_PREC, ROUND, LOWP, PRECISE_EXP,
-        )  # fmt: skip
-        return
     o_t = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
@@ -483,7 +312,6 @@ def _backward_state_kernel(
     ROUND: tl.constexpr,
     LOWP: tl.constexpr,
     PRECISE_EXP: tl.constexpr,
-    HALVES: tl.constexpr,
     LOCAL_DU: tl.constexpr,
 ):
     # The forward's chunk loop run backwards on the state gradient dS [K, BV]; stores the gradient of the
@@ -493,20 +321,14 @@ def _backward_state_kernel(
     # dtype; dx may be du itself, dX taking dU's place), the one form in which backward_chunk needs it, formed once
     # here as each chunk's dU is final.
     # Without STORE_GRADS nothing is stored but dh0 (a segment's own share of its entering gradient, triton.py).
-    # HALVES: dS in two halves of key rows (_backward_state_halves). LOCAL_DU: the loop forms scale P^T dO itself
-    # (SPLIT_BACKWARD off in triton.py), and du is not read (dx may still be du's tensor, then written).
+    # LOCAL_DU: the loop forms scale P^T dO itself (SPLIT_BACKWARD in triton.py), and du is not read (dx may still
+    # be du's tensor, then written).
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = sequence_bounds(cu_seqlens, i_n, 0, True)  # cu_seqlens: the ChunkTable's, always given
     c0 = tl.load(chunk_start + i_n).to(tl.int64)
     o_v = i_v * BV + tl.arange(0, BV)
-    if HALVES:
-        _backward_state_halves(
-            q, k, g, w, do, dht, dstates, du, dx, dh0, tinv, scale, bos, eos, c0, i_n, i_h, o_v, H, K, V, BT, BK,
-            BV, HAS_G, HAS_DHT, STORE_DH0, STORE_GRADS, L2NORM, DOT_PREC, ROUND, LOWP, PRECISE_EXP, LOCAL_DU,
-        )  # fmt: skip
-        return
     n_chunks = tl.cdiv(eos - bos, BT)
     o_t = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
