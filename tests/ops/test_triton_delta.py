@@ -139,6 +139,33 @@ def test_db_and_dbeta_from_the_tiles_or_the_products(case, from_products, qk_l2n
     check_against_naive(variant, *to(tensors, state), "triton", cu_seqlens=cu_seqlens.to(DEVICE), **ON_DEVICE)
 
 
+@pytest.mark.parametrize(
+    "case, gates", [(GATED, None), (DELTA, None), (GATED, -30.0), (GATED, -1e4)], ids=lambda x: getattr(x, "id", x)
+)
+def test_first_pass_row_sums_in_place(case, gates, monkeypatch):
+    """SUMS_IN_PLACE: backward_chunk's first-pass row sums (db's and dbeta's shares through the states) reduced
+    in place (row_sums_in_place), and dbeta's share then scaled before db takes it: the same gradients, in key
+    blocks of 16 (K = 33, the last holding one column), beta as logits, packed sequences (one of one token), and
+    for the gated op gates so strong that db's terms are ~0."""
+    monkeypatch.setattr(tri, "SUMS_IN_PLACE", True)
+    monkeypatch.setattr(tri, "CHUNK_KEYS", 16)
+    seen, kernel = [], tri._backward_chunk_kernel
+
+    class Spy:  # records the setting each backward_chunk launch gets
+        def __getitem__(self, grid):
+            launch = kernel[grid]
+            return lambda *args, **kwargs: seen.append(kwargs["SUMS_IN_PLACE"]) or launch(*args, **kwargs)
+
+    monkeypatch.setattr(tri, "_backward_chunk_kernel", Spy())
+    variant = dataclasses.replace(case, id=f"{case.id}_beta_is_logit", options=dict(beta_is_logit=True))
+    cu_seqlens = torch.tensor([0, 37, 38, 150])
+    tensors, state = variant.draw(B=1, T=150, H=2, K=33, V=24, seed=19, N=3)
+    if gates is not None:
+        tensors = extreme(tensors, gates)
+    check_against_naive(variant, *to(tensors, state), "triton", cu_seqlens=cu_seqlens.to(DEVICE), **ON_DEVICE)
+    assert seen and all(seen)
+
+
 @both
 @pytest.mark.parametrize("split", [False, True], ids=["local", "split"])
 @pytest.mark.parametrize("segments, packed", [(1, True), (2, False)], ids=["packed", "segments"])

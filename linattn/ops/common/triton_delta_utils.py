@@ -75,6 +75,15 @@ def l2norm_backward(dx, x, r):
 
 
 @triton.jit
+def row_sums_in_place(x, w):
+    """Sums of x [R, C] over its columns, times w [R], as tl.sum(x, axis=1) * w but reduced with keep_dims and
+    scaled as [R, 1] before the reshape to [R]. Where x lies in a dot's (MMA) layout and the sums meet vectors laid
+    out for loaded tiles, the plain form lets the compiler convert the whole tile to the loaded layout first
+    (through shared memory and shuffles); here only the [R] result moves."""
+    return tl.reshape(tl.sum(x, axis=1, keep_dims=True) * w[:, None], [x.shape[0]])
+
+
+@triton.jit
 def load_beta(beta, tok, m_t, BETA_LOGIT: tl.constexpr):
     """beta [BT] as float32 (the sigmoid of the logits with BETA_LOGIT); 0 on padding rows."""
     b = tl.load(beta + tok, mask=m_t, other=0.0).to(tl.float32)

@@ -229,6 +229,15 @@ UNGATED_STATES_LOWP = dict(states=True, dstates=True)
 # columns) 2392 -> 3632 B. On an H200 (session 13, bf16, T = 4096, B = 16, fwd+bwd ms, same call): gated 9.69 ->
 # 9.52, delta_rule 7.52 -> 7.68; so the gated op takes it, the delta rule does not. Every delta GPU test passes.
 DB_FROM_PRODUCTS = dict(gated=True, ungated=False)
+# SUMS_IN_PLACE: backward_chunk's first-pass row sums (d_qs q, d_xw k, d_kend k: db's, and dbeta's) reduced in the
+# products' own (MMA) layout, with keep_dims and scaled as [BT, 1] (common's row_sums_in_place; db then takes
+# dbeta's share times beta), where the plain sums had the compiler convert each [BT, BK] float32 product to the
+# loaded tiles' layout first. sm_90 compile, bf16, BK = 64, the benchmark's launch (beta not as logits), gated:
+# with Triton 3.9, 13,392 -> 11,408 SASS instructions, SHFL 1,028 -> 464, spill stack 3,576 -> 2,512 B a thread;
+# with the card's Triton 3.6, 15,304 -> 13,984, SHFL 889 -> 575, stack 3,080 -> 3,136 B. The delta rule's kernel
+# compiles to the same code either way (its db is not formed). The same sums, in another order. Built in session
+# 15 after its device time: off until GPU-tested and timed (LINATTN_LAUNCH="gated_delta_rule.SUMS_IN_PLACE=1").
+SUMS_IN_PLACE = False
 # output and local_du loop over a chunk's V blocks, forming q k^T once; one V block per program was slower on an H200
 # (session 7, T = 4096, B = 16, bf16: delta_rule fwd+bwd 14.83 ms against 13.88). backward_state stores dX = Tinv^T dU
 # in dU's place, formed once as each chunk's dU is final, rather than backward_chunk forming it in each of its two
@@ -679,6 +688,7 @@ def backward(
         BV=bv_chunk, BETA_LOGIT=beta_is_logit,
         **_launch("backward_chunk", q.dtype, bk, bv_chunk, gated=g is not None), **dict(common, BK=bk),
         **chunk_flags, DX_LOWP=lowp and parts["dx"], DB_FROM_PRODUCTS=_db_from_products(g is not None),
+        SUMS_IN_PLACE=bool(SUMS_IN_PLACE),
     )  # fmt: skip
     dg = dg.sum(0).float() if dg is not None else None
     dbeta = dbeta.sum(0)
@@ -954,9 +964,15 @@ def compile_variants():
             chunk = dict(BV=BV_CHUNK, BETA_LOGIT=opt, BK=bk)
             chunk |= _flags(torch_dtype, gated, l2, "backward_chunk", gpu=True, BK=bk)
             chunk |= dict(DX_LOWP=chunk["LOWP"] and parts["dx"], DB_FROM_PRODUCTS=_db_from_products(gated))
+            chunk |= dict(SUMS_IN_PLACE=bool(SUMS_IN_PLACE))
             chunk_ptrs = sptrs | dict(du=xd) if chunk["LOWP"] else ptrs
             scalars = dict(scalars=dict(scale="fp32", part="i32"))
             chunk_opts = _launch("backward_chunk", torch_dtype, bk, BV_CHUNK, gated=gated) | scalars
             chunk_label = f"backward chunk BK={bk} {dt} gated={gated} l2norm={l2} logit={opt}"
             yield chunk_label, _backward_chunk_kernel, chunk_ptrs, common["backward_chunk"] | chunk, chunk_opts
+            if opt and not l2:  # the benchmark's launch (beta not as logits), with either SUMS_IN_PLACE setting
+                for in_place in (False, True):
+                    bench = chunk | dict(BETA_LOGIT=False, SUMS_IN_PLACE=in_place)
+                    label = chunk_label.replace("logit=True", f"logit=False SUMS_IN_PLACE={in_place}")
+                    yield label, _backward_chunk_kernel, chunk_ptrs, common["backward_chunk"] | bench, chunk_opts
     # The decode kernel, with the delta rule's update, compiles in the "recurrent" group.

@@ -20,6 +20,7 @@ from linattn.ops.common.triton_delta_utils import (
     load_rows,
     mm,
     mm_lowp,
+    row_sums_in_place,
     unit_lower_inverse,
 )
 from linattn.ops.common.triton_utils import chunk_and_block, chunk_bounds, sequence_bounds
@@ -409,6 +410,7 @@ def _backward_chunk_kernel(
     PRECISE_EXP: tl.constexpr,
     DX_LOWP: tl.constexpr,
     DB_FROM_PRODUCTS: tl.constexpr,
+    SUMS_IN_PLACE: tl.constexpr,
 ):
     # Per chunk, from the state entering it (S), the gradient of the state leaving it (dS'), U and dX (which
     # _backward_state_kernel stores in du): every input gradient. U = Tinv R with R = beta (v - exp(b) k S) and
@@ -426,6 +428,7 @@ def _backward_chunk_kernel(
     # and dbeta) come from the products that dq and dk need anyway, as q_t . (dPg k)_t and k_s . (dPg^T q)_s (dPg
     # strictly lower: its diagonal is added to dq and dk apart) and beta_t k_t . (dAg k)_t, k_s . (G^T k)_s,
     # instead of forming q k^T and k k^T and the tiles themselves.
+    # SUMS_IN_PLACE: the row sums of the first pass's products reduced where those lie (row_sums_in_place).
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_c, i_k = chunk_and_block((K + BK - 1) // BK)
     i_h = tl.program_id(1)
@@ -466,15 +469,25 @@ def _backward_chunk_kernel(
     b_q, _ = load_rows(q, tok, m_t, o_k, K, L2NORM)
     d_qs *= scale
     b_dq = d_qs * e_b[:, None]
-    db = tl.sum(d_qs * b_q, axis=1) * e_b  # gradient of the chunk-local sums b
-    b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM)
-    k_w = tl.sum(d_xw * b_k, axis=1)
-    d_beta = k_w * e_b
-    db += k_w * (b_beta * e_b)
+    # db: the gradient of the chunk-local sums b
+    if SUMS_IN_PLACE:
+        db = row_sums_in_place(d_qs * b_q, e_b)
+        b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM)
+        d_beta = row_sums_in_place(d_xw * b_k, e_b)
+        db += d_beta * b_beta
+    else:
+        db = tl.sum(d_qs * b_q, axis=1) * e_b
+        b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM)
+        k_w = tl.sum(d_xw * b_k, axis=1)
+        d_beta = k_w * e_b
+        db += k_w * (b_beta * e_b)
     b_dk = d_xw * (b_beta * e_b)[:, None] + d_kend * e_end[:, None]
     # keys decayed to the chunk end, and the decay of the entering state
     last = (hi - lo - 1).to(tl.int32)  # the chunk's last token: b_C is its b
-    E = tl.where(o_t == last, 0.0, tl.sum(d_kend * b_k, axis=1) * e_end)
+    if SUMS_IN_PLACE:
+        E = tl.where(o_t == last, 0.0, row_sums_in_place(d_kend * b_k, e_end))
+    else:
+        E = tl.where(o_t == last, 0.0, tl.sum(d_kend * b_k, axis=1) * e_end)
     db += tl.where(o_t == last, tl.sum(E, axis=0) + e_last * tl.sum(d_last, axis=0), -E)
 
     # 2. dv, dP and dA, over the V blocks.
