@@ -11,7 +11,7 @@
 # benchmarks/launch_override.py); an empty one is the library's own settings. TREES: source trees, each run with
 # its own code and Triton cache (default: this one). TESTS: a pytest -k expression (default: the whole files);
 # NO_TESTS=1 times only, NO_BENCH=1 tests only. LENGTHS: as bench_gpu.py (default 4096). PROFILE=1: then each
-# kernel's share (benchmarks/profile_kernels.py at T = 4096).
+# kernel's share (benchmarks/profile_kernels.py at T = PROFILE_T, default 4096).
 set -u
 export COLUMNS=300
 ops="${OP:?set OP}"
@@ -41,7 +41,7 @@ for tree in ${TREES:-.}; do
                     --long '' --lengths "${LENGTHS:-4096}" 2>&1 | grep -E "linattn .*triton|Error" | cut -c1-200
             fi
             if [ -n "${PROFILE:-}" ]; then
-                timeout "${PROFILE_TIMEOUT:-100}" python3 benchmarks/profile_kernels.py --ops "$ops" 2>&1 \
+                timeout "${PROFILE_TIMEOUT:-100}" python3 benchmarks/profile_kernels.py --ops "$ops" --T "${PROFILE_T:-4096}" 2>&1 \
                     | grep -E "ms of kernels|_kernel|Error" | cut -c1-110
             fi
         )

@@ -9,6 +9,12 @@ the variants the launchers use here. Run in a fresh process: TRITON_INTERPRET mu
     python -m tests.ops.compile_kernels --sass gated_delta_rule   # also the SASS instruction count by opcode
     python -m tests.ops.compile_kernels --layouts gated_delta_rule  # also the layout conversions, by tile
 
+It compiles with the Triton that is installed (CI: the README's). For the card's compiler (Triton 3.6 with torch
+2.11 on the device machine), in a second environment:
+
+    python3 -m venv .venv36 && .venv36/bin/pip install torch==2.13.0 triton==3.6.0 einops safetensors tqdm
+    .venv36/bin/pip install --no-deps -e . && .venv36/bin/python -m tests.ops.compile_kernels --sass gated_delta_rule
+
 Spills have not predicted speed well here; the opcode counts (--sass: shuffles for reductions, local loads and
 stores for spills, shared-memory round trips for layout conversions, float64 and exp work) show what a variant
 costs that another does not.

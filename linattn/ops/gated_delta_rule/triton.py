@@ -952,6 +952,11 @@ def compile_variants():
                 other,
                 opts["backward_state"],
             )
+        if opt:  # heads of K = 64 too: their key tiles take other shapes (session 14's STATE_HALVES compiled here at
+            # K = 128 only, and failed to compile on the card at K <= 64)
+            small = dict(K=64, BK=64, BV=seq_bv)
+            yield f"forward K=64 {label}", _forward_kernel, ptrs, common["forward"] | out | small, opts["forward"]
+            yield f"backward state K=64 {label}", _backward_state_kernel, sptrs, state | small, opts["backward_state"]
         # segments (SEGMENT_HEADS): the transitions (U0 = 0, K columns) and each segment's own gradient share
         transition = out | dict(HAS_U0=False, STORE_O=False, V=128, BV=seq_bv)
         yield f"forward transition {label}", _forward_kernel, ptrs, common["forward"] | transition, opts["forward"]
