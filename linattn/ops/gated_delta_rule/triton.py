@@ -978,6 +978,6 @@ def compile_variants():
             if opt and not l2:  # the benchmark's launch (beta not as logits), with either SUMS_IN_PLACE setting
                 for in_place in (False, True):
                     bench = chunk | dict(BETA_LOGIT=False, SUMS_IN_PLACE=in_place)
-                    label = chunk_label.replace("logit=True", f"logit=False SUMS_IN_PLACE={in_place}")
-                    yield label, _backward_chunk_kernel, chunk_ptrs, common["backward_chunk"] | bench, chunk_opts
+                    bench_label = chunk_label.replace("logit=True", f"logit=False SUMS_IN_PLACE={in_place}")
+                    yield bench_label, _backward_chunk_kernel, chunk_ptrs, common["backward_chunk"] | bench, chunk_opts
     # The decode kernel, with the delta rule's update, compiles in the "recurrent" group.
