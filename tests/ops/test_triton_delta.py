@@ -19,6 +19,7 @@ from tests.ops.triton_checks import (
     assert_segments_equal_one_pass,
     count_launches,
     extreme,
+    launch_kwargs,
     triton_calls,
 )
 
@@ -149,21 +150,14 @@ def test_first_pass_row_sums_in_place(case, gates, monkeypatch):
     for the gated op gates so strong that db's terms are ~0."""
     monkeypatch.setattr(tri, "SUMS_IN_PLACE", True)
     monkeypatch.setattr(tri, "CHUNK_KEYS", 16)
-    seen, kernel = [], tri._backward_chunk_kernel
-
-    class Spy:  # records the setting each backward_chunk launch gets
-        def __getitem__(self, grid):
-            launch = kernel[grid]
-            return lambda *args, **kwargs: seen.append(kwargs["SUMS_IN_PLACE"]) or launch(*args, **kwargs)
-
-    monkeypatch.setattr(tri, "_backward_chunk_kernel", Spy())
+    launches = launch_kwargs(monkeypatch, tri, "_backward_chunk_kernel")
     variant = dataclasses.replace(case, id=f"{case.id}_beta_is_logit", options=dict(beta_is_logit=True))
     cu_seqlens = torch.tensor([0, 37, 38, 150])
     tensors, state = variant.draw(B=1, T=150, H=2, K=33, V=24, seed=19, N=3)
     if gates is not None:
         tensors = extreme(tensors, gates)
     check_against_naive(variant, *to(tensors, state), "triton", cu_seqlens=cu_seqlens.to(DEVICE), **ON_DEVICE)
-    assert seen and all(seen)
+    assert launches and all(kw["SUMS_IN_PLACE"] for kw in launches)
 
 
 @both

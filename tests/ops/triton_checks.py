@@ -37,6 +37,26 @@ def count_launches(monkeypatch, module, *names: str) -> list[str]:
     return launches
 
 
+def launch_kwargs(monkeypatch, module, name: str) -> list[dict]:
+    """Wrap the Triton kernel ``name`` of ``module`` (its launcher module) so that every launch records its keyword
+    arguments (constexprs and launch options) in the returned list; monkeypatch undoes it."""
+    kwargs: list[dict] = []
+    kernel = getattr(module, name)
+
+    class Recorded:
+        def __getitem__(self, grid):
+            launch = kernel[grid]
+
+            def run(*args, **kw):
+                kwargs.append(kw)
+                return launch(*args, **kw)
+
+            return run
+
+    monkeypatch.setattr(module, name, Recorded())
+    return kwargs
+
+
 def triton_calls(op, call) -> int:
     """How many times ``call()`` reaches the Triton impl of the public ``op`` (dispatch's "auto" choice)."""
     impls = op.__globals__["IMPLS"]
