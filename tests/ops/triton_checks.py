@@ -21,39 +21,37 @@ def extreme(tensors: list, gates, index: int = 3) -> list:
     return tensors
 
 
+def _on_launch(monkeypatch, module, name: str, record) -> None:
+    """Wrap the Triton kernel ``name`` of ``module`` (the launcher module that holds it) so that every launch,
+    kernel[grid](*args, **kwargs), first calls record(kwargs); monkeypatch undoes it."""
+    kernel = getattr(module, name)
+
+    class Wrapped:
+        def __getitem__(self, grid):
+            launch = kernel[grid]
+
+            def run(*args, **kwargs):
+                record(kwargs)
+                return launch(*args, **kwargs)
+
+            return run
+
+    monkeypatch.setattr(module, name, Wrapped())
+
+
 def count_launches(monkeypatch, module, *names: str) -> list[str]:
-    """Wrap each named Triton kernel of ``module`` (the launcher module that holds it) so that every launch,
-    kernel[grid](...), records the kernel's name in the returned list; monkeypatch undoes it."""
+    """Every launch of the named Triton kernels of ``module`` records the kernel's name in the returned list."""
     launches: list[str] = []
     for name in names:
-        kernel = getattr(module, name)
-
-        class Counted:
-            def __getitem__(self, grid, _kernel=kernel, _name=name):
-                launches.append(_name)
-                return _kernel[grid]
-
-        monkeypatch.setattr(module, name, Counted())
+        _on_launch(monkeypatch, module, name, lambda kwargs, name=name: launches.append(name))
     return launches
 
 
 def launch_kwargs(monkeypatch, module, name: str) -> list[dict]:
-    """Wrap the Triton kernel ``name`` of ``module`` (its launcher module) so that every launch records its keyword
-    arguments (constexprs and launch options) in the returned list; monkeypatch undoes it."""
+    """Every launch of the Triton kernel ``name`` of ``module`` records its keyword arguments (constexprs and
+    launch options) in the returned list."""
     kwargs: list[dict] = []
-    kernel = getattr(module, name)
-
-    class Recorded:
-        def __getitem__(self, grid):
-            launch = kernel[grid]
-
-            def run(*args, **kw):
-                kwargs.append(kw)
-                return launch(*args, **kw)
-
-            return run
-
-    monkeypatch.setattr(module, name, Recorded())
+    _on_launch(monkeypatch, module, name, kwargs.append)
     return kwargs
 
 
