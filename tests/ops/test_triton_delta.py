@@ -16,6 +16,7 @@ from tests.ops.mechanisms import by_id
 from tests.ops.tolerance import ON_DEVICE, assert_same_result, check_against_naive, run_with_grads
 from tests.ops.triton_checks import (
     assert_compiles_fullgraph,
+    assert_no_host_sync,
     assert_segments_equal_one_pass,
     count_launches,
     extreme,
@@ -522,6 +523,16 @@ def test_gpu_segments_bfloat16(case, monkeypatch):
     monkeypatch.setattr(tri, "SEGMENTS", 4)
     tensors, state = case.draw(B=1, T=2000, H=4, K=128, V=128, dtype=torch.bfloat16, seed=22, gate_scale=0.05)
     check_against_naive(case, *to(tensors, state), "triton", reference="chunk", plain_in_dtype=True)
+
+
+@gpu
+@both
+@pytest.mark.parametrize("segments", [1, 4])
+def test_gpu_no_host_sync(case, segments, monkeypatch):
+    """fwd+bwd, with segments or without, never waits for the device (see assert_no_host_sync)."""
+    monkeypatch.setattr(tri, "SEGMENTS", segments)
+    tensors, state = case.draw(B=1, T=2000, H=2, K=128, V=128, dtype=torch.bfloat16, seed=25, gate_scale=0.05)
+    assert_no_host_sync(case, tensors, state)
 
 
 @gpu

@@ -14,6 +14,7 @@ from tests.ops.mechanisms import by_id
 from tests.ops.tolerance import ON_DEVICE, assert_same_result, check_against_naive
 from tests.ops.triton_checks import (
     assert_compiles_fullgraph,
+    assert_no_host_sync,
     assert_segments_equal_one_pass,
     count_launches,
     extreme,
@@ -245,6 +246,15 @@ def test_torch_compile_fullgraph():
 def test_gpu_triton_matches_reference(dtype, K, V):
     tensors, state = CASE.draw(B=2, T=300, H=2, K=K, V=V, dtype=dtype, seed=K)
     check_against_naive(CASE, *to(tensors, state), "triton", reference="chunk", plain_in_dtype=True)
+
+
+@gpu
+@pytest.mark.parametrize("segments", [1, 4])
+def test_gpu_no_host_sync(segments, monkeypatch):
+    """fwd+bwd, with segments or without, never waits for the device (see assert_no_host_sync)."""
+    monkeypatch.setattr(tri, "SEGMENTS", segments)
+    tensors, state = CASE.draw(B=1, T=2000, H=2, K=128, V=128, dtype=torch.bfloat16, seed=25)
+    assert_no_host_sync(CASE, tensors, state)
 
 
 @gpu

@@ -94,3 +94,25 @@ def assert_segments_equal_one_pass(case, module, tensors: list, state, monkeypat
         o1, S1 = case(tensors, initial_state=state, output_final_state=True, impl="triton")
     assert_same_result("o", o, o1)
     assert_same_result("final state", S, S1)
+
+
+def assert_no_host_sync(case, tensors: list, state):
+    """The case's Triton op, forward and backward on the GPU with an initial and a final state, never waits for the
+    device (torch's sync debug mode raises at any op that would), once its kernels are compiled: so the host can
+    run ahead of the GPU. A wait costs the GPU the host's launch time of whatever follows it, which at few, long
+    sequences (segments: many short launches) is most of a fwd+bwd."""
+    leaves = [t.detach().cuda().requires_grad_() for t in tensors]
+    s0 = None if state is None else state.detach().cuda().requires_grad_()
+
+    def step():
+        o, S = case(leaves, initial_state=s0, output_final_state=True, impl="triton")
+        (o.float().square().sum() + S.sum()).backward()
+
+    step()  # compiles
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()

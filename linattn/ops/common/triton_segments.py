@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from linattn.ops.common.triton_utils import cached_table
+
 
 @triton.jit
 def segment_scan_kernel(
@@ -101,7 +103,13 @@ def segment_count(
 class Segments:
     """A batch of N sequences of T tokens cut into NS segments each, of whole chunks of BT tokens (the last of a
     sequence may be shorter), laid out for the per-sequence kernels as N * NS sequences: cu [N NS + 1] and first
-    [N NS], each segment's first chunk in the ChunkTable's numbering; ``per`` chunks a segment."""
+    [N NS], each segment's first chunk in the ChunkTable's numbering; ``per`` chunks a segment. Read-only:
+    ``Segments.get`` may hand the same table to later calls."""
+
+    @classmethod
+    def get(cls, N: int, T: int, NS: int, BT: int, device) -> Segments:
+        """The table for these shapes, kept across calls (see triton_utils.cached_table)."""
+        return cached_table(lambda: cls(N, T, NS, BT, device), ("segments", N, T, NS, BT), device)
 
     @staticmethod
     def count(T: int, NS: int, BT: int) -> int:
@@ -116,7 +124,7 @@ class Segments:
         starts = torch.arange(self.NS, device=device, dtype=torch.int64) * self.per * BT  # within a sequence
         seq = torch.arange(N, device=device, dtype=torch.int64)[:, None]
         lo = (seq * T + starts[None, :]).reshape(-1)
-        self.cu = torch.cat([lo, torch.tensor([N * T], device=device)]).to(torch.int32)
+        self.cu = torch.cat([lo, lo.new_full((1,), N * T)]).to(torch.int32)  # no host-to-device copy (a sync)
         self.first = (seq * NT + (starts // BT)[None, :]).reshape(-1).to(torch.int32)
         self.N = N
 

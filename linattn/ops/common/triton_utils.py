@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import collections
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -201,12 +204,50 @@ def needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
 
 
+# Index tables built from shapes alone (ChunkTable without cu_seqlens, Segments), kept for the next call with
+# the same shapes on the same device and stream: building one launches about a dozen small kernels, which at
+# T = 65536 (few long sequences, segments) made the host, not the GPU, the bound on a delta rule's fwd+bwd.
+TABLE_CACHE_SIZE = 64
+_tables: collections.OrderedDict = collections.OrderedDict()
+
+
+def cached_table(build: Callable[[], object], key: tuple, device) -> object:
+    """build(), or what it returned for ``key`` before on this device and current stream (the last
+    TABLE_CACHE_SIZE kept). Built afresh, and not kept, while a CUDA graph is captured or torch.compile traces
+    (their tensors would not hold values outside that), and kept per stream, so that a table's kernels ran on
+    the stream that reads it. Built outside inference mode, so that any later call may read it."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if torch.compiler.is_compiling() or (cuda and torch.cuda.is_current_stream_capturing()):
+        return build()
+    stream = torch.cuda.current_stream(device).cuda_stream if cuda else None
+    full_key = (key, device, stream)
+    table = _tables.get(full_key)
+    if table is None:
+        with torch.inference_mode(False):
+            table = build()
+        _tables[full_key] = table
+        if len(_tables) > TABLE_CACHE_SIZE:
+            _tables.popitem(last=False)
+    else:
+        _tables.move_to_end(full_key)
+    return table
+
+
 class ChunkTable:
     """Where sequences and chunks of BT tokens lie in the packed token axis, for per-chunk kernels.
 
     cu: int32 [N + 1] sequence bounds (a batch of B rows of T tokens is B sequences); first: int32 [N]
     each sequence's first chunk; chunks: int32 [NC, 2] each chunk's token range (empty past the last).
+    Read-only: ``ChunkTable.get`` may hand the same table to later calls.
     """
+
+    @classmethod
+    def get(cls, B: int, T: int, cu_seqlens, BT: int, device) -> ChunkTable:
+        """The table, kept across calls without cu_seqlens (see cached_table); built for each call with them."""
+        if cu_seqlens is not None:
+            return cls(B, T, cu_seqlens, BT, device)
+        return cached_table(lambda: cls(B, T, None, BT, device), ("chunks", B, T, BT), device)
 
     @staticmethod
     def count(B: int, T: int, cu_seqlens, BT: int) -> int:

@@ -470,7 +470,7 @@ def forward(
     _segmented_forward; else None)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    lay = ChunkTable(B, T, cu_seqlens, BT, q.device)
+    lay = ChunkTable.get(B, T, cu_seqlens, BT, q.device)
     keep = _keeps(save and keep, lay.N, H, T, cu_seqlens)
     w, u0, tinv = prepare(k, v, g, beta, lay, qk_l2norm, beta_is_logit, store_t=save)
     BK, _ = _blocks(K, V)
@@ -493,7 +493,7 @@ def forward(
         )  # fmt: skip
         segs = None
     else:
-        seg = Segments(lay.N, T, NS, BT, q.device)
+        seg = Segments.get(lay.N, T, NS, BT, q.device)
         segs = _segmented_forward(q, k, g_, w, u0, h0, seg, o, ht, states, u, scale, not split, split, flags)
         segs = segs if save else None
     if split:
@@ -514,17 +514,25 @@ def _chain(M, R, start, reverse: bool):
     """The scan that chains segments, in float64: X(s+1) = M_s X(s) + R_s from X(0) = start (None: zeros), or
     with reverse, X(s-1) = M_s^T X(s) + R_s from the last. M [N, NS, H, K, K], R [N, NS, H, K, V]. Returns
     what enters each segment, [N, NS, H, K, V] float32, and what leaves the last one, [N, H, K, V] float64.
-    One batched product-and-add (baddbmm) a segment, over every sequence and head at once."""
+    One batched product-and-add (baddbmm) a segment, over every sequence and head at once, each into its place
+    in one buffer of every X: NS + 4 launches in all (the host's launches bound this at few, long sequences)."""
     N, NS, H, K, V = R.shape
-    Ms = M.double().transpose(0, 1).reshape(NS, N * H, K, K)  # segment-major
-    Rs = R.double().transpose(0, 1).reshape(NS, N * H, K, V)
-    X = start.double().reshape(N * H, K, V) if start is not None else Rs.new_zeros(N * H, K, V)
-    entering = [X] * NS
+    f64 = dict(dtype=torch.float64, device=R.device)
+    Ms = torch.empty(NS, N, H, K, K, **f64).copy_(M.transpose(0, 1)).view(NS, N * H, K, K)  # segment-major
+    Rs = torch.empty(NS, N, H, K, V, **f64).copy_(R.transpose(0, 1)).view(NS, N * H, K, V)
+    X = torch.empty(NS + 1, N * H, K, V, **f64)  # forward: X[s] enters segment s; reverse: X[s + 1] does
+    first = NS if reverse else 0
+    if start is None:
+        X[first].zero_()
+    else:
+        X[first].copy_(start.reshape(N * H, K, V))
     for i in reversed(range(NS)) if reverse else range(NS):
-        entering[i] = X
-        X = torch.baddbmm(Rs[i], Ms[i].transpose(-1, -2) if reverse else Ms[i], X)
-    entering = torch.stack(entering).view(NS, N, H, K, V).transpose(0, 1).float().contiguous()
-    return entering, X.view(N, H, K, V)
+        into, src = (i, i + 1) if reverse else (i + 1, i)
+        torch.baddbmm(Rs[i], Ms[i].transpose(-1, -2) if reverse else Ms[i], X[src], out=X[into])
+    entering = X[1:] if reverse else X[:NS]
+    out = torch.empty(N, NS, H, K, V, dtype=torch.float32, device=R.device)
+    out.copy_(entering.view(NS, N, H, K, V).transpose(0, 1))
+    return out, X[NS - first].view(N, H, K, V)
 
 
 def _segmented_forward(
@@ -609,7 +617,7 @@ def backward(
     gradient."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    lay = ChunkTable(B, T, cu_seqlens, BT, q.device)
+    lay = ChunkTable.get(B, T, cu_seqlens, BT, q.device)
     BK, _ = _blocks(K, V)
     BV = _sequence_bv(K, V, lay.N * H, q.dtype)
     NV = triton.cdiv(V, BV)
@@ -635,7 +643,7 @@ def backward(
         w, u0, tinv = prepare(k, v, g, beta, lay, qk_l2norm, beta_is_logit, tinv, store_t=True, u0_dtype=u0_dtype)
         states = torch.empty(lay.NC, H, K, V, dtype=stored["states"], device=q.device)
         u = torch.empty(B, T, H, V, dtype=stored["u"], device=q.device)
-        seg = Segments(lay.N, T, NS, BT, q.device) if NS > 1 else None
+        seg = Segments.get(lay.N, T, NS, BT, q.device) if NS > 1 else None
         if seg is None:
             _forward_kernel[(NV, lay.N * H)](
                 q, k, g_, w, u0, h0 if h0 is not None else dummy, lay.cu, lay.first, dummy, dummy, states, u, scale,

@@ -231,7 +231,7 @@ def _sweep(x, y, bc, start, lay: ChunkTable, cu_seqlens, scale, reverse: bool, c
     if NS == 1:
         _launch_state(x, y, bc, start, lay.cu, lay.first, lay.N, scale, reverse, cfg, flags, lowp, **out)
         return
-    seg = Segments(lay.N, x.shape[1], NS, BT, x.device)
+    seg = Segments.get(lay.N, x.shape[1], NS, BT, x.device)
     own = torch.empty(seg.N, seg.NS, H, x.shape[3], y.shape[3], dtype=torch.float32, device=x.device)
     nseq = seg.N * seg.NS
     _launch_state(x, y, bc, None, seg.cu, seg.first, nseq, scale, reverse, own_cfg or cfg, flags, lowp, last=own)
@@ -255,7 +255,7 @@ def _setup(q, v, cu_seqlens):
     """Shapes, the chunk table, the kernels' precision flags, whether dots take bf16 operands, launch settings."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    lay = ChunkTable(B, T, cu_seqlens, BT, q.device)
+    lay = ChunkTable.get(B, T, cu_seqlens, BT, q.device)
     return B, T, H, K, V, lay, _flags(q.dtype), lowp_dots(q.dtype), _launch(q.dtype, K, V)
 
 

@@ -1,0 +1,80 @@
+"""The index tables of the Triton ops (ChunkTable, Segments), kept across calls with the same shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from linattn.ops.common import triton_utils  # noqa: E402
+from linattn.ops.common.triton_segments import Segments  # noqa: E402
+from linattn.ops.common.triton_utils import ChunkTable  # noqa: E402
+
+
+@pytest.fixture
+def empty_cache(monkeypatch):
+    monkeypatch.setattr(triton_utils, "_tables", type(triton_utils._tables)())
+    return triton_utils._tables
+
+
+def same_table(a, b) -> bool:
+    return all(torch.equal(getattr(a, n), getattr(b, n)) for n in ("cu", "first")) and (
+        not hasattr(a, "chunks") or torch.equal(a.chunks, b.chunks)
+    )
+
+
+def test_tables_kept_for_the_same_shapes(empty_cache):
+    lay = ChunkTable.get(3, 130, None, 64, "cpu")
+    assert ChunkTable.get(3, 130, None, 64, "cpu") is lay
+    assert same_table(lay, ChunkTable(3, 130, None, 64, "cpu"))
+    assert lay.chunks.tolist()[:4] == [[0, 64], [64, 128], [128, 130], [130, 194]]
+    other = ChunkTable.get(3, 131, None, 64, "cpu")
+    assert other is not lay and other.chunks.tolist()[2] == [128, 131]
+    seg = Segments.get(2, 300, 3, 64, "cpu")
+    assert Segments.get(2, 300, 3, 64, "cpu") is seg and Segments.get(2, 300, 2, 64, "cpu") is not seg
+    assert seg.cu.tolist() == [0, 128, 256, 300, 428, 556, 600] and seg.cu.dtype == torch.int32
+    assert len(empty_cache) == 4
+
+
+def test_tables_with_cu_seqlens_built_for_each_call(empty_cache):
+    cu = torch.tensor([0, 5, 70])
+    lay = ChunkTable.get(1, 70, cu, 64, "cpu")
+    assert ChunkTable.get(1, 70, cu, 64, "cpu") is not lay and not empty_cache
+    cu[1] = 6  # so a kept table would now be wrong
+    assert ChunkTable.get(1, 70, cu, 64, "cpu").chunks.tolist()[:2] == [[0, 6], [6, 70]]
+
+
+def test_tables_built_in_inference_mode_serve_later_calls(empty_cache):
+    with torch.inference_mode():
+        lay = ChunkTable.get(2, 70, None, 64, "cpu")
+    assert not lay.chunks.is_inference() and not lay.cu.is_inference()
+    x = torch.ones(2, requires_grad=True)
+    (x * lay.cu[:2].float()).sum().backward()  # an ordinary autograd op may read it
+    assert x.grad.tolist() == [0.0, 70.0]
+
+
+def test_tables_not_kept_while_compiling(empty_cache, monkeypatch):
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    a, b = ChunkTable.get(2, 70, None, 64, "cpu"), ChunkTable.get(2, 70, None, 64, "cpu")
+    assert a is not b and same_table(a, b) and not empty_cache
+
+
+def test_least_recently_used_table_dropped(empty_cache, monkeypatch):
+    monkeypatch.setattr(triton_utils, "TABLE_CACHE_SIZE", 2)
+    a = ChunkTable.get(1, 64, None, 64, "cpu")
+    b = ChunkTable.get(2, 64, None, 64, "cpu")
+    assert ChunkTable.get(1, 64, None, 64, "cpu") is a  # a is now the most recent
+    ChunkTable.get(3, 64, None, 64, "cpu")  # drops b
+    assert len(empty_cache) == 2 and ChunkTable.get(1, 64, None, 64, "cpu") is a
+    assert ChunkTable.get(2, 64, None, 64, "cpu") is not b
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: streams")
+def test_gpu_tables_kept_per_stream(empty_cache):
+    lay = ChunkTable.get(2, 70, None, 64, "cuda")
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        other = ChunkTable.get(2, 70, None, 64, "cuda")
+    assert other is not lay and same_table(other, lay)
+    assert ChunkTable.get(2, 70, None, 64, "cuda") is lay
