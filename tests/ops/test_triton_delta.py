@@ -144,12 +144,13 @@ def test_db_and_dbeta_from_the_tiles_or_the_products(case, from_products, qk_l2n
 @pytest.mark.parametrize(
     "case, gates", [(GATED, None), (DELTA, None), (GATED, -30.0), (GATED, -1e4)], ids=lambda x: getattr(x, "id", x)
 )
-def test_first_pass_row_sums_in_place(case, gates, monkeypatch):
+@pytest.mark.parametrize("in_place", [False, True], ids=["converted", "in_place"])
+def test_first_pass_row_sums_in_place_or_not(case, gates, in_place, monkeypatch):
     """SUMS_IN_PLACE: backward_chunk's first-pass row sums (db's and dbeta's shares through the states) reduced
-    in place (row_sums_in_place), and dbeta's share then scaled before db takes it: the same gradients, in key
-    blocks of 16 (K = 33, the last holding one column), beta as logits, packed sequences (one of one token), and
-    for the gated op gates so strong that db's terms are ~0."""
-    monkeypatch.setattr(tri, "SUMS_IN_PLACE", True)
+    in place (row_sums_in_place), and dbeta's share then scaled before db takes it, or (off) reduced as loaded
+    tiles: the same gradients, in key blocks of 16 (K = 33, the last holding one column), beta as logits, packed
+    sequences (one of one token), and for the gated op gates so strong that db's terms are ~0."""
+    monkeypatch.setattr(tri, "SUMS_IN_PLACE", in_place)
     monkeypatch.setattr(tri, "CHUNK_KEYS", 16)
     launches = launch_kwargs(monkeypatch, tri, "_backward_chunk_kernel")
     variant = dataclasses.replace(case, id=f"{case.id}_beta_is_logit", options=dict(beta_is_logit=True))
@@ -158,7 +159,7 @@ def test_first_pass_row_sums_in_place(case, gates, monkeypatch):
     if gates is not None:
         tensors = extreme(tensors, gates)
     check_against_naive(variant, *to(tensors, state), "triton", cu_seqlens=cu_seqlens.to(DEVICE), **ON_DEVICE)
-    assert launches and all(kw["SUMS_IN_PLACE"] for kw in launches)
+    assert launches and all(kw["SUMS_IN_PLACE"] == in_place for kw in launches)
 
 
 @both
@@ -268,6 +269,7 @@ def test_launch_choices(monkeypatch):
     """Narrow value blocks when few programs would run; bfloat16 dot operands only for bfloat16 on a GPU, and
     only for the kernels whose LOWP_DOTS entry is on."""
     assert tri._sequence_bv(128, 128, 16) == 16 and tri._sequence_bv(128, 128, 256) == 32
+    assert tri._sequence_bv(128, 128, 32) == 32 == tri._sequence_bv(128, 128, 64)  # FULL_GPU programs: no narrower
     for kernel, on in tri.LOWP_DOTS.items():
         assert tri._flags(torch.bfloat16, True, False, kernel, gpu=True)["LOWP"] == on
         assert not tri._flags(torch.bfloat16, True, False, kernel, gpu=False)["LOWP"]
@@ -334,9 +336,9 @@ def test_segment_counts():
     """Segments only for few, long sequences without cu_seqlens, at least MIN_SEGMENTS of them, and the
     segment table: whole chunks, the last one of each sequence shorter."""
     assert tri._num_segments(1, 16, 65536, None) == 16  # the standard shape at T = 65536
-    assert tri._num_segments(4, 16, 16384, None) == 4
+    assert tri._num_segments(2, 16, 32768, None) == 8
     assert tri._num_segments(16, 16, 4096, None) == 1  # enough sequences and heads already
-    assert tri._num_segments(8, 16, 8192, None) == 1  # 2 segments: not worth three passes
+    assert tri._num_segments(4, 16, 16384, None) == 1  # 4 segments: not worth three passes (MIN_SEGMENTS)
     assert tri._num_segments(1, 16, 65536, torch.tensor([0, 65536])) == 1
     assert tri._num_segments(1, 16, 2048, None) == 1  # 32 chunks: segments would be too short
     seg = tri.Segments(N=2, T=300, NS=3, BT=tri.BT, device="cpu")

@@ -188,8 +188,9 @@ SPLIT_BACKWARD = dict(gated=True, ungated=False)
 # [B, T, H, V] float32) and W are kept for the backward, which then neither solves for W and U0 again nor runs the
 # forward's loop again: about 1.6 GiB more per layer at B T = 65536, H = 16, K = V = 128. On an H200 (session 11, one
 # call, bf16, fwd+bwd ms, T = 4096, B = 16) delta_rule 7.37 against 8.89 with both off, gated_delta_rule 8.95
-# against 10.33 (unsplit, above: 7.97 and 9.90). Off by default, for the memory: the backward forms them again, as
-# fla's does. Not with segments (long sequences, few of them: see SEGMENT_HEADS), whose backward also needs the
+# against 10.33 (unsplit, above: 7.97 and 9.90). Session 16 (same shape): 6.73 against 5.38, gated 8.05 against
+# 7.40, slower now that the backward's own states, U and dX are bf16 where the kept ones are float32. Off by
+# default, for the memory and the time: the backward forms them again, as fla's does. Not with segments (long sequences, few of them: see SEGMENT_HEADS), whose backward also needs the
 # segments' transitions; there the backward forms everything again.
 KEEP_STATES = False
 # STATES_LOWP: where backward_chunk takes bfloat16 operands (LOWP), what the backward stores for it in bfloat16,
@@ -235,9 +236,10 @@ DB_FROM_PRODUCTS = dict(gated=True, ungated=False)
 # loaded tiles' layout first. sm_90 compile, bf16, BK = 64, the benchmark's launch (beta not as logits), gated:
 # with Triton 3.9, 13,392 -> 11,408 SASS instructions, SHFL 1,028 -> 464, spill stack 3,576 -> 2,512 B a thread;
 # with the card's Triton 3.6, 15,304 -> 13,984, SHFL 889 -> 575, stack 3,080 -> 3,136 B. The delta rule's kernel
-# compiles to the same code either way (its db is not formed). The same sums, in another order. Built in session
-# 15 after its device time: off until GPU-tested and timed (LINATTN_LAUNCH="gated_delta_rule.SUMS_IN_PLACE=1").
-SUMS_IN_PLACE = False
+# compiles to the same code either way (its db is not formed). The same sums, in another order. On an H200
+# (session 16, bf16, fwd+bwd ms, same call): gated 7.50 -> 7.38 at T = 4096, 10.42 -> 9.79 at 16384, 10.70 -> 9.91
+# at 65536; every delta GPU test passes with it (156). LINATTN_LAUNCH="gated_delta_rule.SUMS_IN_PLACE=0": off.
+SUMS_IN_PLACE = True
 # output and local_du loop over a chunk's V blocks, forming q k^T once; one V block per program was slower on an H200
 # (session 7, T = 4096, B = 16, bf16: delta_rule fwd+bwd 14.83 ms against 13.88). backward_state stores dX = Tinv^T dU
 # in dU's place, formed once as each chunk's dU is final, rather than backward_chunk forming it in each of its two
@@ -249,7 +251,12 @@ SUMS_IN_PLACE = False
 # gated_delta_rule 15.39 against 16.01; backward_chunk alone 3.0 ms (delta_rule) and 4.9 (gated). Its sm_90 compile
 # still spills (bf16 with gates: 1928 B a thread at 64 columns, against 2936 B at 128).
 CHUNK_KEYS = 64
-FULL_GPU = 264  # programs that occupy every SM of an H100/H200 twice
+# FULL_GPU: the per-sequence kernels narrow BV (halving, down to 16) only while they would run fewer programs than
+# this. Narrow blocks repeat each chunk's K-side work once per block: on an H200 (session 16, bf16, fwd+bwd ms, one
+# call), T = 16384, B = 4 without segments, BV = 64 (128 programs) took delta_rule 6.55 and gated 8.50, against 8.35
+# and 10.74 at BV = 16 (512 programs, as FULL_GPU = 264 chose); T = 8192, B = 8, BV = 64 (256 programs) 5.32 and
+# 7.36, against 6.31 and 8.22 at BV = 32 (512).
+FULL_GPU = 128
 # Long sequences with few sequences and heads (T = 65536, B = 1): the per-sequence kernels would run N H (V / BV)
 # programs, too few for the GPU, each walking every chunk. They are then cut into segments, run side by side:
 #   1. each segment from a zero state: its own final state R and, from identity columns with U0 = 0, its
@@ -262,10 +269,13 @@ FULL_GPU = 264  # programs that occupy every SM of an H100/H200 twice
 # H = 16, K = V = 128), so that the backward runs only step 3 (the same states as running all three again;
 # session 13, not yet timed).
 # On an H200 (session 9, bf16, fwd+bwd ms, T = 65536, B = 1: 16 segments), with and without them in one call:
-# delta_rule 13.04 against 15.16, gated_delta_rule 14.74 against 15.69.
-# LINATTN_LAUNCH="gated_delta_rule.SEGMENT_HEADS=0" turns segments off.
+# delta_rule 13.04 against 15.16, gated_delta_rule 14.74 against 15.69. Session 16 (the host no longer the bound,
+# one card, one day): at T = 65536 (16 segments) 7.09 / 9.00 against 12.62 / 15.27 without (BV = 32); at 32768, B = 2
+# (8 segments) 7.00 / 8.93 against 8.03 / 10.40; at 16384, B = 4, 4 segments took 6.94 / 8.85 against 6.55 / 8.50
+# without (BV = 64), so MIN_SEGMENTS is 8. 8 segments at T = 65536 (SEGMENT_HEADS = 128): 8.52 / 10.47; 32 (512):
+# 7.55 / 9.46. LINATTN_LAUNCH="gated_delta_rule.SEGMENT_HEADS=0" turns segments off.
 SEGMENT_HEADS = 256  # sequences x heads x segments to aim for (the standard shape's B H at T = 4096)
-MIN_SEGMENTS = 4
+MIN_SEGMENTS = 8
 SEGMENT_MIN_CHUNKS = 16
 SEGMENTS = None
 
