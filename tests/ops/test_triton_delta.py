@@ -78,6 +78,20 @@ def test_wide_value_blocks_of_the_sequence_kernels(case, monkeypatch):
 
 
 @both
+@pytest.mark.parametrize("segments", [1, 2])
+def test_state_gradient_in_its_own_value_blocks(case, segments, monkeypatch):
+    """backward_state with value blocks of its own (STATE_GRAD_GPU): 16 columns where the forward's loop takes 32."""
+    monkeypatch.setattr(tri, "FULL_GPU", 0)
+    monkeypatch.setattr(tri, "STATE_GRAD_GPU", 10**6)
+    monkeypatch.setattr(tri, "SEGMENTS", segments)
+    forward = launch_kwargs(monkeypatch, tri, "_forward_kernel")
+    state = launch_kwargs(monkeypatch, tri, "_backward_state_kernel")
+    tensors, h0 = case.draw(B=1, T=200, H=1, K=33, V=40, seed=9, gate_scale=0.05)
+    check_against_naive(case, *to(tensors, h0), "triton", **ON_DEVICE)
+    assert {kw["BV"] for kw in forward} == {32} and {kw["BV"] for kw in state} == {16}
+
+
+@both
 @pytest.mark.parametrize("split", [False, True])
 def test_products_without_the_state_in_either_place(case, split, monkeypatch):
     """The forward's q k^T, P U and exp(b) q S give the same results in the per-sequence loop as in the per-chunk

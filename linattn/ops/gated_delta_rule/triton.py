@@ -257,6 +257,10 @@ CHUNK_KEYS = 64
 # and 10.74 at BV = 16 (512 programs, as FULL_GPU = 264 chose); T = 8192, B = 8, BV = 64 (256 programs) 5.32 and
 # 7.36, against 6.31 and 8.22 at BV = 32 (512).
 FULL_GPU = 128
+# The same for backward_state alone (None: FULL_GPU), for trying it apart (built after session 16's device time,
+# untimed): at T = 16384, B = 4, fla 0.6.0 took 5.66 ms against our 6.47, and our backward is 0.96 ms longer there
+# than at T = 4096, where backward_state runs 4x the programs (LINATTN_LAUNCH="gated_delta_rule.STATE_GRAD_GPU=256").
+STATE_GRAD_GPU = None
 # Long sequences with few sequences and heads (T = 65536, B = 1): the per-sequence kernels would run N H (V / BV)
 # programs, too few for the GPU, each walking every chunk. They are then cut into segments, run side by side:
 #   1. each segment from a zero state: its own final state R and, from identity columns with U0 = 0, its
@@ -326,9 +330,11 @@ def _chunk_bv(V: int) -> int:
     return min(BV_CHUNK, max(16, triton.next_power_of_2(V)))
 
 
-def _sequence_bv(K: int, V: int, NH: int, dtype: torch.dtype | None = None) -> int:
-    """BV of the per-sequence kernels, which run (V / BV) N H programs: narrower when that is too few."""
-    return narrow_bv(_blocks(K, V, dtype)[1], V, NH, FULL_GPU)
+def _sequence_bv(K: int, V: int, NH: int, dtype: torch.dtype | None = None, state_grad: bool = False) -> int:
+    """BV of the per-sequence kernels, which run (V / BV) N H programs: narrower when that is too few (FULL_GPU,
+    or for backward_state, with state_grad, STATE_GRAD_GPU where set)."""
+    target = STATE_GRAD_GPU if state_grad and STATE_GRAD_GPU is not None else FULL_GPU
+    return narrow_bv(_blocks(K, V, dtype)[1], V, NH, target)
 
 
 def _num_segments(N: int, H: int, T: int, cu_seqlens) -> int:
@@ -594,7 +600,7 @@ def _segmented_backward_state(q, k, g_, w, do, dht, seg: Segments, M, dstates, d
     H, K, V = q.shape[2], q.shape[3], do.shape[-1]
     BK, _ = _blocks(K, V)
     NSH = seg.N * seg.NS * H
-    BV = _sequence_bv(K, V, NSH, q.dtype)
+    BV = _sequence_bv(K, V, NSH, q.dtype, state_grad=True)
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)
 
     def run(dht_, dh0_, store_grads):
@@ -681,11 +687,12 @@ def backward(
             **_launch("local_du", q.dtype, BK, bv_chunk, gated=g is not None), **common, **flags("local_du"),
         )  # fmt: skip
     if seg is None:
-        _backward_state_kernel[(NV, lay.N * H)](
+        bv_state = _sequence_bv(K, V, lay.N * H, q.dtype, state_grad=True)
+        _backward_state_kernel[(triton.cdiv(V, bv_state), lay.N * H)](
             q, k, g_, w, do, dht if dht is not None else dummy, lay.cu, lay.first, dstates, du, dx,
             dh0 if dh0 is not None else dummy, tinv, scale,
-            BV=BV, HAS_DHT=dht is not None, STORE_DH0=h0 is not None, STORE_GRADS=True,
-            **_launch("backward_state", q.dtype, BK, BV, gated=g is not None), **common, **state_flags,
+            BV=bv_state, HAS_DHT=dht is not None, STORE_DH0=h0 is not None, STORE_GRADS=True,
+            **_launch("backward_state", q.dtype, BK, bv_state, gated=g is not None), **common, **state_flags,
         )  # fmt: skip
     else:
         _segmented_backward_state(q, k, g_, w, do, dht, seg, M, dstates, du, dx, dh0, tinv, scale, state_flags)
