@@ -16,6 +16,7 @@ from tests.ops.mechanisms import by_id
 from tests.ops.tolerance import ON_DEVICE, assert_same_result, check_against_naive, run_with_grads
 from tests.ops.triton_checks import (
     assert_compiles_fullgraph,
+    assert_cuda_graph_replays,
     assert_no_host_sync,
     assert_segments_equal_one_pass,
     count_launches,
@@ -549,6 +550,16 @@ def test_gpu_no_host_sync(case, segments, monkeypatch):
     monkeypatch.setattr(tri, "SEGMENTS", segments)
     tensors, state = case.draw(B=1, T=2000, H=2, K=128, V=128, dtype=torch.bfloat16, seed=25, gate_scale=0.05)
     assert_no_host_sync(case, tensors, state)
+
+
+@gpu
+@both
+@pytest.mark.parametrize("segments", [1, 4])
+def test_gpu_cuda_graph(case, segments, monkeypatch):
+    """fwd+bwd captured in a CUDA graph and replayed on new values (see assert_cuda_graph_replays)."""
+    monkeypatch.setattr(tri, "SEGMENTS", segments)
+    tensors, state = case.draw(B=1, T=2000, H=2, K=128, V=128, dtype=torch.bfloat16, seed=26, gate_scale=0.05)
+    assert_cuda_graph_replays(case, tensors, state)
 
 
 @gpu

@@ -14,6 +14,7 @@ from tests.ops.mechanisms import by_id
 from tests.ops.tolerance import ON_DEVICE, assert_same_result, check_against_naive
 from tests.ops.triton_checks import (
     assert_compiles_fullgraph,
+    assert_cuda_graph_replays,
     assert_no_host_sync,
     assert_segments_equal_one_pass,
     count_launches,
@@ -255,6 +256,15 @@ def test_gpu_no_host_sync(segments, monkeypatch):
     monkeypatch.setattr(tri, "SEGMENTS", segments)
     tensors, state = CASE.draw(B=1, T=2000, H=2, K=128, V=128, dtype=torch.bfloat16, seed=25)
     assert_no_host_sync(CASE, tensors, state)
+
+
+@gpu
+@pytest.mark.parametrize("segments", [1, 4])
+def test_gpu_cuda_graph(segments, monkeypatch):
+    """fwd+bwd captured in a CUDA graph and replayed on new values (see assert_cuda_graph_replays)."""
+    monkeypatch.setattr(tri, "SEGMENTS", segments)
+    tensors, state = CASE.draw(B=1, T=2000, H=2, K=128, V=128, dtype=torch.bfloat16, seed=26)
+    assert_cuda_graph_replays(CASE, tensors, state)
 
 
 @gpu

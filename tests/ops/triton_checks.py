@@ -116,3 +116,38 @@ def assert_no_host_sync(case, tensors: list, state):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
+
+
+def assert_cuda_graph_replays(case, tensors: list, state):
+    """The case's Triton op, forward and backward with an initial and a final state, captured in one CUDA graph
+    and replayed on new values of its inputs, gives what an eager run on those values gives: the launches wait on
+    nothing (a wait breaks capture), and what the op builds while capturing (index tables, segment chains) is
+    rebuilt by the graph, not taken from an eager call's cache. The same kernels on the same values: the two agree
+    to float32 rounding of the float64 segment chain (cuBLAS may choose another algorithm in a graph)."""
+    leaves = [t.detach().cuda().requires_grad_() for t in tensors]
+    s0 = None if state is None else state.detach().cuda().requires_grad_()
+    inputs = leaves + ([s0] if s0 is not None else [])
+
+    def step():
+        o, S = case(leaves, initial_state=s0, output_final_state=True, impl="triton")
+        loss = o.float().square().sum() + S.sum()
+        return [o, S, *torch.autograd.grad(loss, inputs)]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compiles, as capture needs
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    with torch.no_grad():  # new values, in range: gates stay <= 0, beta in (0, 1)
+        for x in inputs:
+            x.mul_(0.75)
+    graph.replay()
+    eager = step()
+    torch.cuda.synchronize()
+    for i, (r, e) in enumerate(zip(captured, eager)):
+        err = (r.float() - e.float()).abs().max().item()
+        assert err <= 1e-3 * e.float().abs().max().item() + 1e-6, f"output {i}: replay differs by {err}"

@@ -190,8 +190,9 @@ SPLIT_BACKWARD = dict(gated=True, ungated=False)
 # call, bf16, fwd+bwd ms, T = 4096, B = 16) delta_rule 7.37 against 8.89 with both off, gated_delta_rule 8.95
 # against 10.33 (unsplit, above: 7.97 and 9.90). Session 16 (same shape): 6.73 against 5.38, gated 8.05 against
 # 7.40, slower now that the backward's own states, U and dX are bf16 where the kept ones are float32. Off by
-# default, for the memory and the time: the backward forms them again, as fla's does. Not with segments (long sequences, few of them: see SEGMENT_HEADS), whose backward also needs the
-# segments' transitions; there the backward forms everything again.
+# default, for the memory and the time: the backward forms them again, as fla's does. Not with segments (long
+# sequences, few of them: see SEGMENT_HEADS), whose backward also needs the segments' transitions; there the
+# backward forms everything again.
 KEEP_STATES = False
 # STATES_LOWP: where backward_chunk takes bfloat16 operands (LOWP), what the backward stores for it in bfloat16,
 # not float32: the states entering each chunk (states), the gradients of the states leaving them (dstates), U (u);
