@@ -8,6 +8,7 @@ an implementation and never a silently wrong answer.
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -63,8 +64,26 @@ def check_same_device(op: str, name: str, x: torch.Tensor, ref: torch.Tensor) ->
         raise ValueError(f"{op}: {name} is on {x.device} but q is on {ref.device}")
 
 
+# cu_seqlens found valid, by id: (a weak reference to the tensor, its version counter, T). Checking its values
+# reads them on the host, which for a GPU tensor waits for the device; a model passes one cu_seqlens to every
+# layer, so each tensor is read once, and again only after an in-place change (which moves its version counter).
+_valid_bounds: dict[int, tuple[weakref.ref, int, int]] = {}
+
+
+def _known_valid(cu_seqlens: torch.Tensor, T: int) -> bool:
+    hit = _valid_bounds.get(id(cu_seqlens))
+    return hit is not None and hit[0]() is cu_seqlens and hit[1] == cu_seqlens._version and hit[2] == T
+
+
+def _remember_valid(cu_seqlens: torch.Tensor, T: int) -> None:
+    key = id(cu_seqlens)
+    _valid_bounds[key] = (weakref.ref(cu_seqlens, lambda _: _valid_bounds.pop(key, None)), cu_seqlens._version, T)
+
+
 def check_cu_seqlens(op: str, cu_seqlens, B: int, T: int) -> int:
-    """Check packed-sequence boundaries; return the number of sequences N (B when there are none)."""
+    """Check packed-sequence boundaries; return the number of sequences N (B when there are none). The values are
+    read (a wait for the device) the first time a tensor is seen, and after it changes in place; not for
+    inference-mode tensors (no version counter) or while torch.compile traces, which read them each call."""
     if cu_seqlens is None:
         return B
     if not isinstance(cu_seqlens, torch.Tensor):
@@ -75,6 +94,9 @@ def check_cu_seqlens(op: str, cu_seqlens, B: int, T: int) -> int:
         raise ValueError(f"{op}: cu_seqlens must be 1-D with N+1 >= 2 entries, got shape {_shape(cu_seqlens)}")
     if B != 1:
         raise ValueError(f"{op}: with cu_seqlens the batch size B must be 1 (sequences are packed along T), got B={B}")
+    remember = not cu_seqlens.is_inference() and not torch.compiler.is_compiling()
+    if remember and _known_valid(cu_seqlens, T):
+        return cu_seqlens.numel() - 1
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0:
         raise ValueError(f"{op}: cu_seqlens must start at 0, got {bounds[0]} (cu_seqlens={bounds})")
@@ -82,6 +104,8 @@ def check_cu_seqlens(op: str, cu_seqlens, B: int, T: int) -> int:
         raise ValueError(f"{op}: cu_seqlens must end at T={T}, got {bounds[-1]} (cu_seqlens={bounds})")
     if any(b < a for a, b in zip(bounds[:-1], bounds[1:])):
         raise ValueError(f"{op}: cu_seqlens must be non-decreasing, got {bounds}")
+    if remember:
+        _remember_valid(cu_seqlens, T)
     return len(bounds) - 1
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from linattn import ops
+from linattn.ops._contract import check_cu_seqlens
 
 B, T, H, K, V = 2, 10, 3, 4, 5
 
@@ -120,6 +121,32 @@ def test_bad_cu_seqlens(op, B_, cu, words):
         call(op, t, cu_seqlens=torch.tensor(cu))
     for w in words:
         assert w in str(info.value)
+
+
+def test_cu_seqlens_read_once_until_changed_in_place(monkeypatch):
+    """A valid cu_seqlens is read on the host (for a GPU tensor, a wait for the device) the first time only; an
+    in-place change, another T, or a new tensor is checked again, so bad bounds still raise."""
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(1) or tolist(self))
+    cu = torch.tensor([0, 4, 10])
+    assert [check_cu_seqlens("op", cu, 1, 10) for _ in range(3)] == [2, 2, 2] and len(reads) == 1
+    with pytest.raises(ValueError, match="end at T=8"):  # the same tensor, another T
+        check_cu_seqlens("op", cu, 1, 8)
+    cu[1] = 11  # in place: now decreasing
+    with pytest.raises(ValueError, match=r"non-decreasing, got \[0, 11, 10\]"):
+        check_cu_seqlens("op", cu, 1, 10)
+    with pytest.raises(ValueError, match="B must be 1"):  # shapes are checked at every call
+        check_cu_seqlens("op", cu, 2, 10)
+    with torch.inference_mode():
+        bad = torch.tensor([0, 4, 10])
+        check_cu_seqlens("op", bad, 1, 10)
+        bad[2] = 9  # inference tensors carry no version counter: checked at every call
+        with pytest.raises(ValueError, match="end at T=10"):
+            check_cu_seqlens("op", bad, 1, 10)
+    t = good(q=torch.randn(1, T, H, K), k=torch.randn(1, T, H, K), v=torch.randn(1, T, H, V))
+    with pytest.raises(ValueError, match="end at T=10"):  # through an op, after the checks above
+        ops.linear_attn(t["q"], t["k"], t["v"], cu_seqlens=torch.tensor([0, 4, 9]))
 
 
 def test_float_cu_seqlens():

@@ -554,6 +554,15 @@ def test_gpu_no_host_sync(case, segments, monkeypatch):
 
 @gpu
 @both
+def test_gpu_no_host_sync_varlen(case):
+    """Packed sequences: cu_seqlens is read on the host at its first call only (see check_cu_seqlens)."""
+    cu_seqlens = torch.tensor([0, 0, 1, 700, 2000])
+    tensors, state = case.draw(B=1, T=2000, H=2, K=128, V=128, dtype=torch.bfloat16, seed=27, N=4, gate_scale=0.05)
+    assert_no_host_sync(case, tensors, state, cu_seqlens)
+
+
+@gpu
+@both
 @pytest.mark.parametrize("segments", [1, 4])
 def test_gpu_cuda_graph(case, segments, monkeypatch):
     """fwd+bwd captured in a CUDA graph and replayed on new values (see assert_cuda_graph_replays)."""

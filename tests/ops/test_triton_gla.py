@@ -259,6 +259,14 @@ def test_gpu_no_host_sync(segments, monkeypatch):
 
 
 @gpu
+def test_gpu_no_host_sync_varlen():
+    """Packed sequences: cu_seqlens is read on the host at its first call only (see check_cu_seqlens)."""
+    cu_seqlens = torch.tensor([0, 0, 1, 700, 2000])
+    tensors, state = CASE.draw(B=1, T=2000, H=2, K=128, V=128, dtype=torch.bfloat16, seed=27, N=4)
+    assert_no_host_sync(CASE, tensors, state, cu_seqlens)
+
+
+@gpu
 @pytest.mark.parametrize("segments", [1, 4])
 def test_gpu_cuda_graph(segments, monkeypatch):
     """fwd+bwd captured in a CUDA graph and replayed on new values (see assert_cuda_graph_replays)."""

@@ -96,16 +96,17 @@ def assert_segments_equal_one_pass(case, module, tensors: list, state, monkeypat
     assert_same_result("final state", S, S1)
 
 
-def assert_no_host_sync(case, tensors: list, state):
+def assert_no_host_sync(case, tensors: list, state, cu_seqlens=None):
     """The case's Triton op, forward and backward on the GPU with an initial and a final state, never waits for the
-    device (torch's sync debug mode raises at any op that would), once its kernels are compiled: so the host can
-    run ahead of the GPU. A wait costs the GPU the host's launch time of whatever follows it, which at few, long
-    sequences (segments: many short launches) is most of a fwd+bwd."""
+    device (torch's sync debug mode raises at any op that would), once its kernels are compiled and its cu_seqlens
+    (if any, on the GPU) checked: so the host can run ahead of the GPU. A wait costs the GPU the host's launch time
+    of whatever follows it, which at few, long sequences (segments: many short launches) is most of a fwd+bwd."""
     leaves = [t.detach().cuda().requires_grad_() for t in tensors]
     s0 = None if state is None else state.detach().cuda().requires_grad_()
+    cu = None if cu_seqlens is None else cu_seqlens.cuda()
 
     def step():
-        o, S = case(leaves, initial_state=s0, output_final_state=True, impl="triton")
+        o, S = case(leaves, initial_state=s0, output_final_state=True, impl="triton", cu_seqlens=cu)
         (o.float().square().sum() + S.sum()).backward()
 
     step()  # compiles
