@@ -20,6 +20,7 @@ case ",$ops," in *,delta_rule,* | *,gated_delta_rule,*) files="$files tests/ops/
 case ",$ops," in *,gla,*) files="$files tests/ops/test_triton_gla.py" ;; esac
 case ",$ops," in *,linear_attn,* | *,simple_gla,* | *,retention,*) files="$files tests/ops/test_triton_decay.py" ;; esac
 [ -z "$files" ] && { echo "unknown OP $ops" >&2; exit 2; }
+case ",$ops," in *delta_rule,* | *,gla,*) files="$files tests/ops/test_triton_tables.py" ;; esac  # their shared tables
 workers=$(( $(nproc) > 14 ? 14 : $(nproc) ))
 IFS='|' read -r -a variants <<< "${VARIANTS:-}"
 [ ${#variants[@]} -eq 0 ] && variants=("")
