@@ -103,6 +103,24 @@ def test_products_without_the_state_in_either_place(case, split, monkeypatch):
     check_against_naive(case, *to(tensors, state), "triton", **ON_DEVICE)
 
 
+def test_kept_states_in_the_backwards_own_dtypes(monkeypatch):
+    """KEEP_LOWP: what KEEP_STATES keeps takes the dtypes the backward stores itself (STATES_LOWP), which are
+    bfloat16 only for bfloat16 inputs on a GPU: U for both ops, the states for the delta rule only."""
+    f32, bf16 = torch.float32, torch.bfloat16
+    for lowp_keep in (False, True):
+        monkeypatch.setattr(tri, "KEEP_LOWP", lowp_keep)
+        for gated in (False, True):
+            for dtype, gpu in [(bf16, True), (bf16, False), (torch.float16, True), (f32, True)]:
+                kept = tri._kept_dtypes(dtype, gated, False, 128, gpu=gpu)
+                lowp, own = tri._backward_stores(dtype, gated, False, 128, gpu=gpu)
+                assert lowp == (dtype == bf16 and gpu)
+                assert kept == ((own["states"], own["u"]) if lowp_keep else (f32, f32))
+                if lowp:
+                    assert own["u"] == bf16 and own["states"] == (f32 if gated else bf16)
+                else:
+                    assert set(own.values()) == {f32}
+
+
 @both
 @pytest.mark.parametrize("keep", [False, True], ids=["formed_again", "kept"])
 def test_forward_states_kept_for_the_backward_or_formed_again(case, keep, monkeypatch):
@@ -573,15 +591,22 @@ def test_gpu_cuda_graph(case, segments, monkeypatch):
 
 @gpu
 @both
-def test_gpu_kept_states_bfloat16(case, monkeypatch):
+@pytest.mark.parametrize("lowp_keep", [False, True], ids=["float32", "own_dtypes"])
+def test_gpu_kept_states_bfloat16(case, lowp_keep, monkeypatch):
     """The forward's states, U and W kept for the backward (KEEP_STATES) on the card, in bfloat16, with packed
-    sequences."""
+    sequences; kept in float32, or in the backward's own dtypes (KEEP_LOWP)."""
     monkeypatch.setattr(tri, "KEEP_STATES", True)
+    monkeypatch.setattr(tri, "KEEP_LOWP", lowp_keep)
     cu_seqlens = torch.tensor([0, 300, 301, 1000], device=DEVICE)
     tensors, state = case.draw(B=1, T=1000, H=4, K=128, V=128, dtype=torch.bfloat16, seed=23, N=3, gate_scale=0.05)
     check_against_naive(
         case, *to(tensors, state), "triton", cu_seqlens=cu_seqlens, reference="chunk", plain_in_dtype=True
     )
+    (q, k, v, *gates, beta), h0 = to(tensors, state)
+    g = gates[0] if gates else None
+    out = tri._chunk_op(q, k, v, g, beta, h0, cu_seqlens, 0.1, False, False, True, True)
+    want = tri._kept_dtypes(torch.bfloat16, g is not None, False, 128)
+    assert (out[3].dtype, out[4].dtype) == want and (want != (torch.float32,) * 2) == lowp_keep
 
 
 @gpu

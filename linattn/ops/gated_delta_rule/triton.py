@@ -194,6 +194,13 @@ SPLIT_BACKWARD = dict(gated=True, ungated=False)
 # sequences, few of them: see SEGMENT_HEADS), whose backward also needs the segments' transitions; there the
 # backward forms everything again.
 KEEP_STATES = False
+# KEEP_LOWP: what KEEP_STATES keeps is stored in the dtypes the backward would store it in itself (STATES_LOWP: for
+# bfloat16 inputs on a GPU, U in bfloat16, and the delta rule's states too), so that the backward keeps its bfloat16
+# stores (dstates, dX), which it gives up for kept float32 ones; the output kernel's products round the states and U
+# to bfloat16 anyway, as the unsplit loop's do. About 1 GiB kept per layer at the standard shape (delta rule),
+# against 1.6. Built after session 16's device time, untimed and not yet run on a card: off until then
+# (LINATTN_LAUNCH="gated_delta_rule.KEEP_STATES=1;gated_delta_rule.KEEP_LOWP=1").
+KEEP_LOWP = False
 # STATES_LOWP: where backward_chunk takes bfloat16 operands (LOWP), what the backward stores for it in bfloat16,
 # not float32: the states entering each chunk (states), the gradients of the states leaving them (dstates), U (u);
 # the loops carry them in float32, only the stored copies are rounded (fla stores its h, dh and v_new so). dx:
@@ -471,6 +478,27 @@ def _db_from_products(gated: bool) -> bool:
     return bool(DB_FROM_PRODUCTS["gated" if gated else "ungated"])
 
 
+def _backward_stores(
+    dtype: torch.dtype, gated: bool, qk_l2norm: bool, BK: int, gpu: bool | None = None
+) -> tuple[bool, dict]:
+    """(lowp, dtypes): whether backward_chunk takes bfloat16 operands (LOWP), and the dtypes that the backward stores
+    the states, their gradients and U in for it (bfloat16 where STATES_LOWP says, with LOWP; else float32)."""
+    bk = _chunk_keys(BK, qk_l2norm)
+    lowp = _flags(dtype, gated, qk_l2norm, "backward_chunk", gpu=gpu, BK=bk)["LOWP"]
+    parts = _states_lowp(gated)
+    return lowp, {n: torch.bfloat16 if lowp and parts[n] else torch.float32 for n in ("states", "dstates", "u")}
+
+
+def _kept_dtypes(
+    dtype: torch.dtype, gated: bool, qk_l2norm: bool, BK: int, gpu: bool | None = None
+) -> tuple[torch.dtype, torch.dtype]:
+    """The dtypes of the states and U that KEEP_STATES keeps: the backward's own with KEEP_LOWP, else float32."""
+    if not KEEP_LOWP:
+        return torch.float32, torch.float32
+    _, stored = _backward_stores(dtype, gated, qk_l2norm, BK, gpu)
+    return stored["states"], stored["u"]
+
+
 def _keeps(keep: bool, N: int, H: int, T: int, cu_seqlens) -> bool:
     """Whether the forward keeps its states, U and W for the backward: asked to (KEEP_STATES, read when the op is
     called) and without segments."""
@@ -495,8 +523,9 @@ def forward(
     o = torch.empty(B, T, H, V, dtype=store_dtype(v.dtype), device=q.device)
     ht = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device)
     split = keep or (save and SPLIT_FORWARD)
-    states = torch.empty(lay.NC, H, K, V, dtype=torch.float32, device=q.device) if split else ht
-    u = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device) if split else ht
+    s_dtype, u_dtype = _kept_dtypes(q.dtype, g is not None, qk_l2norm, BK) if keep else (torch.float32, torch.float32)
+    states = torch.empty(lay.NC, H, K, V, dtype=s_dtype, device=q.device) if split else ht
+    u = torch.empty(B, T, H, V, dtype=u_dtype, device=q.device) if split else ht
     g_ = g if g is not None else ht
     flags = _flags(q.dtype, g is not None, qk_l2norm, "forward", BK=BK)
     NS = _num_segments(lay.N, H, T, cu_seqlens)
@@ -647,7 +676,11 @@ def backward(
     chunk_flags = _flags(q.dtype, g is not None, qk_l2norm, "backward_chunk", BK=bk)
     NS = _num_segments(lay.N, H, T, cu_seqlens)
     use_kept = kept is not None and NS == 1
-    lowp = chunk_flags["LOWP"] and not use_kept  # what the backward stores itself may be bfloat16 (STATES_LOWP)
+    # what the backward stores itself may be bfloat16 (STATES_LOWP); not with kept float32 states and U, only with
+    # ones kept in those same dtypes (KEEP_LOWP)
+    lowp, own = _backward_stores(q.dtype, g is not None, qk_l2norm, BK)
+    if use_kept and (kept[0].dtype, kept[1].dtype) != (own["states"], own["u"]):
+        lowp = False
     parts = _states_lowp(g is not None)
     stored = {n: torch.bfloat16 if lowp and parts[n] else torch.float32 for n in ("states", "dstates", "u")}
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)  # for pointers that a constexpr leaves unread
@@ -771,8 +804,9 @@ def _(q, k, v, g, beta, h0, cu_seqlens, scale, qk_l2norm, beta_is_logit, save, k
     tinv = q.new_empty(B, T, H, BT, dtype=_prepare_store("tinv", k.dtype)) if save else empty
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if _keeps(save and keep, N, H, T, cu_seqlens):
-        states = q.new_empty(ChunkTable.count(B, T, cu_seqlens, BT), H, K, V, dtype=torch.float32)
-        u = q.new_empty(B, T, H, V, dtype=torch.float32)
+        s_dtype, u_dtype = _kept_dtypes(q.dtype, g is not None, qk_l2norm, _blocks(K, V)[0])
+        states = q.new_empty(ChunkTable.count(B, T, cu_seqlens, BT), H, K, V, dtype=s_dtype)
+        u = q.new_empty(B, T, H, V, dtype=u_dtype)
         w = q.new_empty(B, T, H, K, dtype=_w_dtype(k.dtype))
     else:
         states, u, w = empty.clone(), empty.clone(), empty.clone()
@@ -989,6 +1023,10 @@ def compile_variants():
         share = state | dict(BV=seq_bv, HAS_DHT=False, STORE_GRADS=False)
         yield f"backward state share {label}", _backward_state_kernel, sptrs, share, opts["backward_state"]
         yield f"output {label}", _output_kernel, ptrs, common["output"] | dict(BV=BV_CHUNK), opts["output"]
+        if lowp:  # reading states and U kept in the backward's own dtypes (KEEP_LOWP): this gating's, the delta rule's
+            for kept in (sptrs, ptrs | dict(states="bf16", u="bf16")):
+                kept_label = f"output kept states={kept['states']} u={kept['u']} {label}"
+                yield kept_label, _output_kernel, kept, common["output"] | dict(BV=BV_CHUNK), opts["output"]
         yield f"local du {label}", _local_du_kernel, ptrs, common["local_du"] | dict(BV=BV_CHUNK), opts["local_du"]
         for l2 in sorted({opt, False}):  # key columns per program: CHUNK_KEYS, or all of them with qk_l2norm
             bk = _chunk_keys(BK, l2)

@@ -228,8 +228,9 @@ def _output_kernel(
         o_v = i_v * BV + tl.arange(0, BV)
         m_tv = m_t[:, None] & (o_v < V)[None, :]
         kv = o_k[:, None] * V + o_v[None, :]
-        S = tl.load(states + state + kv, mask=(o_k < K)[:, None] & (o_v < V)[None, :], other=0.0)
-        b_u = tl.load(u + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+        # (float32, or bfloat16 where the forward keeps them for the backward in the backward's own dtypes)
+        S = tl.load(states + state + kv, mask=(o_k < K)[:, None] & (o_v < V)[None, :], other=0.0).to(tl.float32)
+        b_u = tl.load(u + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
         b_o = mm_lowp(b_qs, S, DOT_PREC, ROUND, LOWP, LOWP_TY)
         b_o += mm_lowp(P, b_u, DOT_PREC, ROUND, LOWP, LOWP_TY)
         tl.store(o + tok[:, None] * V + o_v[None, :], (scale * b_o).to(o.dtype.element_ty), mask=m_tv)
