@@ -164,21 +164,26 @@ class ShortConv(nn.Module):
                 cache = x.new_zeros(x.shape[0], W - 1, x.shape[-1])
             xe = torch.cat([cache.to(x.dtype), x], dim=1)  # [B, W - 1 + T, C]
             return self._conv(xe), xe[:, -(W - 1) :]
-        # Packed: put each sequence's cache in front of it, convolve once, keep the outputs of real tokens.
-        bounds = cu_seqlens.tolist()
-        N = len(bounds) - 1
+        # Packed: put each sequence's cache in front of it, convolve once, keep the outputs of real tokens. Every
+        # place is found on the device (no read of cu_seqlens on the host, which would wait for a GPU, and no loop
+        # over the sequences): sequence n's cache rows start at a_n + n (W - 1), and its token t sits at
+        # t + (n + 1) (W - 1), with a_n its first token.
+        T, C = x.shape[1], x.shape[2]
+        N = cu_seqlens.shape[0] - 1
+        cu = cu_seqlens.to(device=x.device, dtype=torch.long)
         if cache is None:
-            cache = x.new_zeros(N, W - 1, x.shape[-1])
-        pieces = []
-        for n, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-            pieces += [cache[n].to(x.dtype), x[0, a:b]]
-        xe = torch.cat(pieces)  # [T + N (W - 1), C]
-        y = self._conv(xe[None])[0]  # output i reads xe[i : i + W]
-        seq = torch.bucketize(torch.arange(x.shape[1], device=x.device), cu_seqlens[1:].to(x.device), right=True)
-        y = y[torch.arange(x.shape[1], device=x.device) + seq * (W - 1)]  # token t of sequence n sits at t + n (W-1)
-        ends = [b + (n + 1) * (W - 1) for n, b in enumerate(bounds[1:])]
-        new_cache = torch.stack([xe[e - (W - 1) : e] for e in ends])
-        return y[None], new_cache
+            cache = x.new_zeros(N, W - 1, C)
+        tokens = torch.arange(T, device=x.device)
+        seq = torch.bucketize(tokens, cu[1:], right=True)  # each token's sequence
+        at = tokens + (seq + 1) * (W - 1)
+        lag = torch.arange(W - 1, device=x.device)
+        shift = torch.arange(N, device=x.device) * (W - 1)
+        cache_at = ((cu[:-1] + shift)[:, None] + lag).reshape(-1)
+        xe = x.new_zeros(T + N * (W - 1), C).index_copy(0, at, x[0])
+        xe = xe.index_copy(0, cache_at, cache.reshape(-1, C).to(x.dtype))
+        y = self._conv(xe[None])[0]  # output i reads xe[i : i + W]: token t's is y[at_t - (W - 1)]
+        new_cache = xe[(cu[1:] + shift)[:, None] + lag]  # the last W - 1 rows of each sequence's stretch
+        return y[at - (W - 1)][None], new_cache
 
 
 # ----------------------------------------------------------------------------- positions and rotary embeddings

@@ -159,6 +159,35 @@ def test_short_conv_does_not_leak_across_sequences():
     assert torch.equal(new[0], torch.cat([cache[0, 2:], x[0, :2]]))
 
 
+@pytest.mark.parametrize("W", [2, 4])
+def test_short_conv_packed_equals_each_sequence_alone(W):
+    """Packed sequences (empty ones, one token, shorter and longer than the cache) give each sequence's own run:
+    outputs, new caches and the gradients of inputs, caches and weights."""
+    torch.manual_seed(0)
+    conv = ShortConv(5, kernel_size=W)
+    cu = torch.tensor([0, 0, 1, 3, 3, 20, 21])
+    x = torch.randn(1, 21, 5, requires_grad=True)
+    cache = torch.randn(6, W - 1, 5, requires_grad=True)
+    y, new = conv(x, cache, cu)
+    (y.square().sum() + new.sin().sum()).backward()
+    packed = [x.grad, cache.grad, conv.weight.grad, conv.bias.grad]
+    x.grad = cache.grad = conv.weight.grad = conv.bias.grad = None
+    ys, news = [], []
+    for n in range(6):
+        a, b = cu[n].item(), cu[n + 1].item()
+        y_n, c_n = conv(x[:, a:b], cache[n : n + 1])
+        ys.append(y_n)
+        news.append(c_n)
+    y_alone, new_alone = torch.cat(ys, dim=1), torch.cat(news)
+    (y_alone.square().sum() + new_alone.sin().sum()).backward()
+    torch.testing.assert_close(y, y_alone)
+    torch.testing.assert_close(new, new_alone)
+    for got, want in zip(packed, [x.grad, cache.grad, conv.weight.grad, conv.bias.grad]):
+        torch.testing.assert_close(got, want)
+    y0, new0 = conv(x.detach(), None, cu)  # no cache: zeros
+    torch.testing.assert_close(new0[0], torch.zeros(W - 1, 5))  # an empty sequence keeps its (zero) cache
+
+
 @pytest.mark.parametrize("name", RECURRENT)
 def test_state_size_is_constant(name):
     layer = make(name)
