@@ -563,11 +563,13 @@ def test_gpu_segments_bfloat16(case, monkeypatch):
 @gpu
 @both
 @pytest.mark.parametrize("segments", [1, 4])
-def test_gpu_no_host_sync(case, segments, monkeypatch):
-    """fwd+bwd, with segments or without, never waits for the device (see assert_no_host_sync)."""
+@pytest.mark.parametrize("check", [assert_no_host_sync, assert_cuda_graph_replays], ids=["sync_debug", "cuda_graph"])
+def test_gpu_no_host_sync(case, segments, check, monkeypatch):
+    """fwd+bwd, with segments or without, never waits for the device (see assert_no_host_sync), so it can also be
+    captured in a CUDA graph and replayed on new values (assert_cuda_graph_replays)."""
     monkeypatch.setattr(tri, "SEGMENTS", segments)
     tensors, state = case.draw(B=1, T=2000, H=2, K=128, V=128, dtype=torch.bfloat16, seed=25, gate_scale=0.05)
-    assert_no_host_sync(case, tensors, state)
+    check(case, tensors, state)
 
 
 @gpu
@@ -577,16 +579,6 @@ def test_gpu_no_host_sync_varlen(case):
     cu_seqlens = torch.tensor([0, 0, 1, 700, 2000])
     tensors, state = case.draw(B=1, T=2000, H=2, K=128, V=128, dtype=torch.bfloat16, seed=27, N=4, gate_scale=0.05)
     assert_no_host_sync(case, tensors, state, cu_seqlens)
-
-
-@gpu
-@both
-@pytest.mark.parametrize("segments", [1, 4])
-def test_gpu_cuda_graph(case, segments, monkeypatch):
-    """fwd+bwd captured in a CUDA graph and replayed on new values (see assert_cuda_graph_replays)."""
-    monkeypatch.setattr(tri, "SEGMENTS", segments)
-    tensors, state = case.draw(B=1, T=2000, H=2, K=128, V=128, dtype=torch.bfloat16, seed=26, gate_scale=0.05)
-    assert_cuda_graph_replays(case, tensors, state)
 
 
 @gpu
