@@ -678,11 +678,10 @@ def backward(
     use_kept = kept is not None and NS == 1
     # what the backward stores itself may be bfloat16 (STATES_LOWP); not with kept float32 states and U, only with
     # ones kept in those same dtypes (KEEP_LOWP)
-    lowp, own = _backward_stores(q.dtype, g is not None, qk_l2norm, BK)
-    if use_kept and (kept[0].dtype, kept[1].dtype) != (own["states"], own["u"]):
-        lowp = False
+    lowp, stored = _backward_stores(q.dtype, g is not None, qk_l2norm, BK)
+    if use_kept and (kept[0].dtype, kept[1].dtype) != (stored["states"], stored["u"]):
+        lowp, stored = False, dict.fromkeys(stored, torch.float32)
     parts = _states_lowp(g is not None)
-    stored = {n: torch.bfloat16 if lowp and parts[n] else torch.float32 for n in ("states", "dstates", "u")}
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)  # for pointers that a constexpr leaves unread
     g_ = g if g is not None else dummy
     if use_kept:
