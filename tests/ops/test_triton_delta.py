@@ -143,6 +143,26 @@ def test_forward_states_kept_for_the_backward_or_formed_again(case, keep, monkey
 
 
 @both
+def test_forward_states_kept_with_segments(case, monkeypatch):
+    """KEEP_STATES with segments: the forward's last pass over them keeps the states and U, and the backward takes
+    them and the segments' transitions from the forward, running neither prepare nor the forward's loop again."""
+    monkeypatch.setattr(tri, "KEEP_STATES", True)
+    monkeypatch.setattr(tri, "SEGMENTS", 2)
+    launches = count_launches(monkeypatch, tri, "_prepare_kernel", "_forward_kernel", "_output_kernel")
+    tensors, state = case.draw(B=2, T=300, H=2, K=24, V=16, seed=16, gate_scale=0.05)
+    check_against_naive(case, *to(tensors, state), "triton", **ON_DEVICE)
+    # the forward: prepare, the segments' own states and transitions, then the pass that keeps; its output kernel
+    assert [launches.count(n) for n in ("_prepare_kernel", "_forward_kernel", "_output_kernel")] == [1, 3, 1]
+    (q, k, v, *gates, beta), h0 = to(tensors, state)
+    g = gates[0].float().contiguous() if gates else None
+    args = (q, k, v, g, beta.float(), h0.float(), None, 0.25, False, False, True, True)
+    out = tri._chunk_op(*args)
+    assert out[3].shape == (2 * 5, 2, 24, 16) and out[6].shape == (2, 2, 2, 24, 16)  # kept states; segments' S_in
+    checks = torch.library.opcheck(tri._chunk_op, args, test_utils=("test_schema", "test_faketensor"))
+    assert set(checks.values()) == {"SUCCESS"}, checks
+
+
+@both
 @pytest.mark.parametrize("chunk_keys", [None, 16])
 def test_backward_chunk_over_key_blocks(case, chunk_keys, monkeypatch):
     """backward_chunk as one program per chunk, or one per block of 16 key columns (CHUNK_KEYS; K = 33: three

@@ -190,9 +190,9 @@ SPLIT_BACKWARD = dict(gated=True, ungated=False)
 # call, bf16, fwd+bwd ms, T = 4096, B = 16) delta_rule 7.37 against 8.89 with both off, gated_delta_rule 8.95
 # against 10.33 (unsplit, above: 7.97 and 9.90). Session 16 (same shape): 6.73 against 5.38, gated 8.05 against
 # 7.40, slower now that the backward's own states, U and dX are bf16 where the kept ones are float32. Off by
-# default, for the memory and the time: the backward forms them again, as fla's does. Not with segments (long
-# sequences, few of them: see SEGMENT_HEADS), whose backward also needs the segments' transitions; there the
-# backward forms everything again.
+# default, for the memory and the time: the backward forms them again, as fla's does. With segments (long sequences,
+# few of them: see SEGMENT_HEADS) the forward's last pass keeps them (since session 16, untimed; before, the backward
+# formed everything again there), and the backward takes the segments' transitions from the forward as well.
 KEEP_STATES = False
 # KEEP_LOWP: what KEEP_STATES keeps is stored in the dtypes the backward would store it in itself (STATES_LOWP: for
 # bfloat16 inputs on a GPU, U in bfloat16, and the delta rule's states too), so that the backward keeps its bfloat16
@@ -499,24 +499,18 @@ def _kept_dtypes(
     return stored["states"], stored["u"]
 
 
-def _keeps(keep: bool, N: int, H: int, T: int, cu_seqlens) -> bool:
-    """Whether the forward keeps its states, U and W for the backward: asked to (KEEP_STATES, read when the op is
-    called) and without segments."""
-    return keep and _num_segments(N, H, T, cu_seqlens) == 1
-
-
 def forward(
     q, k, v, g, beta, h0, scale: float, cu_seqlens, qk_l2norm: bool, beta_is_logit: bool, save: bool = False,
     keep: bool = False,
 ):  # fmt: skip
     """The chunked forward: o [B, T, H, V] in v's dtype, the final state [N, H, K, V] float32, with save Tinv
     [B, T, H, BT] float32 for the backward (else None), with save and keep (states, U, W) where it keeps them
-    (see _keeps; else None), and with save and segments what the segments' scan found, (S_in, M) (see
+    (with keep; else None), and with save and segments what the segments' scan found, (S_in, M) (see
     _segmented_forward; else None)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     lay = ChunkTable.get(B, T, cu_seqlens, BT, q.device)
-    keep = _keeps(save and keep, lay.N, H, T, cu_seqlens)
+    keep = save and keep  # (KEEP_STATES, read when the op is called) with segments or without
     w, u0, tinv = prepare(k, v, g, beta, lay, qk_l2norm, beta_is_logit, store_t=save)
     BK, _ = _blocks(K, V)
     BV = _sequence_bv(K, V, lay.N * H, q.dtype)
@@ -675,7 +669,7 @@ def backward(
     bk = _chunk_keys(BK, qk_l2norm)
     chunk_flags = _flags(q.dtype, g is not None, qk_l2norm, "backward_chunk", BK=bk)
     NS = _num_segments(lay.N, H, T, cu_seqlens)
-    use_kept = kept is not None and NS == 1
+    use_kept = kept is not None and (NS == 1 or segs is not None)  # with segments, their transitions M as well
     # what the backward stores itself may be bfloat16 (STATES_LOWP); not with kept float32 states and U, only with
     # ones kept in those same dtypes (KEEP_LOWP)
     lowp, stored = _backward_stores(q.dtype, g is not None, qk_l2norm, BK)
@@ -686,7 +680,8 @@ def backward(
     g_ = g if g is not None else dummy
     if use_kept:
         states, u, w = kept
-        seg = None
+        seg = Segments.get(lay.N, T, NS, BT, q.device) if NS > 1 else None
+        M = segs[1] if seg is not None else None
     else:
         u0_dtype = _prepare_store("u0_backward", q.dtype)
         w, u0, tinv = prepare(k, v, g, beta, lay, qk_l2norm, beta_is_logit, tinv, store_t=True, u0_dtype=u0_dtype)
@@ -802,7 +797,7 @@ def _(q, k, v, g, beta, h0, cu_seqlens, scale, qk_l2norm, beta_is_logit, save, k
     empty = none_tensor(q)
     tinv = q.new_empty(B, T, H, BT, dtype=_prepare_store("tinv", k.dtype)) if save else empty
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    if _keeps(save and keep, N, H, T, cu_seqlens):
+    if save and keep:
         s_dtype, u_dtype = _kept_dtypes(q.dtype, g is not None, qk_l2norm, _blocks(K, V)[0])
         states = q.new_empty(ChunkTable.count(B, T, cu_seqlens, BT), H, K, V, dtype=s_dtype)
         u = q.new_empty(B, T, H, V, dtype=u_dtype)
