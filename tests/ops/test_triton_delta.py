@@ -572,10 +572,14 @@ def test_gpu_bfloat16_operands_wide_value_blocks_and_w(case, monkeypatch):
 
 @gpu
 @both
-def test_gpu_segments_bfloat16(case, monkeypatch):
+@pytest.mark.parametrize("keep", [None, False, True], ids=["formed_again", "kept_float32", "kept_own_dtypes"])
+def test_gpu_segments_bfloat16(case, keep, monkeypatch):
     """Segments in bfloat16 on the card, where the transitions M are carried with bfloat16 operands (LOWP) over
-    segments of 8 chunks: T = 2000 in four segments, the last partial."""
+    segments of 8 chunks: T = 2000 in four segments, the last partial; the backward forming the states again, or
+    taking those the forward kept (KEEP_STATES, in float32 or with KEEP_LOWP)."""
     monkeypatch.setattr(tri, "SEGMENTS", 4)
+    monkeypatch.setattr(tri, "KEEP_STATES", keep is not None)
+    monkeypatch.setattr(tri, "KEEP_LOWP", bool(keep))
     tensors, state = case.draw(B=1, T=2000, H=4, K=128, V=128, dtype=torch.bfloat16, seed=22, gate_scale=0.05)
     check_against_naive(case, *to(tensors, state), "triton", reference="chunk", plain_in_dtype=True)
 
