@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import threading
 from collections.abc import Callable
 
 import torch
@@ -209,6 +210,7 @@ def needs_grad(*tensors) -> bool:
 # T = 65536 (few long sequences, segments) made the host, not the GPU, the bound on a delta rule's fwd+bwd.
 TABLE_CACHE_SIZE = 64
 _tables: collections.OrderedDict = collections.OrderedDict()
+_tables_lock = threading.Lock()  # ops called from several threads (one stream each, say) share the tables
 
 
 def cached_table(build: Callable[[], object], key: tuple, device) -> object:
@@ -222,15 +224,17 @@ def cached_table(build: Callable[[], object], key: tuple, device) -> object:
         return build()
     stream = torch.cuda.current_stream(device).cuda_stream if cuda else None
     full_key = (key, device, stream)
-    table = _tables.get(full_key)
-    if table is None:
-        with torch.inference_mode(False):
-            table = build()
+    with _tables_lock:
+        table = _tables.get(full_key)
+        if table is not None:
+            _tables.move_to_end(full_key)
+            return table
+    with torch.inference_mode(False):
+        table = build()
+    with _tables_lock:
         _tables[full_key] = table
-        if len(_tables) > TABLE_CACHE_SIZE:
+        while len(_tables) > TABLE_CACHE_SIZE:
             _tables.popitem(last=False)
-    else:
-        _tables.move_to_end(full_key)
     return table
 
 
