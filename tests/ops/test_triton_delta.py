@@ -385,6 +385,36 @@ def test_long_sequences_cut_into_segments(case, segments, monkeypatch):
     assert_segments_equal_one_pass(case, tri, *to(tensors, state), monkeypatch)
 
 
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("with_start", [False, True], ids=["zeros", "start"])
+def test_segment_chain_in_one_kernel(reverse, with_start, monkeypatch):
+    """CHAIN_KERNEL: the scan over segments in one Triton launch (float64 in registers) gives what the batched
+    float64 products give: every entering state and the last, both directions, K = 24 padded to 32 and V = 40 in
+    two blocks of CHAIN_BV = 32 columns, the start (an initial state or the final state's gradient) given as a
+    broadcast (non-contiguous) tensor."""
+    gen = torch.Generator().manual_seed(3)
+    N, NS, H, K, V = 2, 3, 2, 24, 40
+    M = torch.randn(N, NS, H, K, K, generator=gen) / K**0.5
+    R = torch.randn(N, NS, H, K, V, generator=gen)
+    start = torch.randn(1, H, K, V, generator=gen).expand(N, H, K, V) if with_start else None
+    want = tri._chain(M, R, start, reverse)
+    monkeypatch.setattr(tri, "CHAIN_KERNEL", True)
+    launches = count_launches(monkeypatch, tri, "_chain_kernel")
+    got = tri._chain(M, R, start, reverse)
+    assert launches == ["_chain_kernel"]
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got[1], want[1].float(), rtol=1e-6, atol=1e-6)
+
+
+@both
+def test_segments_chained_in_one_kernel(case, monkeypatch):
+    """The ops with segments and CHAIN_KERNEL, against the token recurrence (outputs, final state, every gradient)."""
+    monkeypatch.setattr(tri, "CHAIN_KERNEL", True)
+    monkeypatch.setattr(tri, "SEGMENTS", 3)
+    tensors, state = case.draw(B=1, T=300, H=2, K=24, V=40, seed=28, gate_scale=0.05)
+    check_against_naive(case, *to(tensors, state), "triton", **ON_DEVICE)
+
+
 def test_segment_counts():
     """Segments only for few, long sequences without cu_seqlens, at least MIN_SEGMENTS of them, and the
     segment table: whole chunks, the last one of each sequence shorter."""

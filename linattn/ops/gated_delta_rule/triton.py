@@ -71,6 +71,7 @@ from linattn.ops.common.triton_utils import (
 from linattn.ops.gated_delta_rule.triton_kernels import (
     _backward_chunk_kernel,
     _backward_state_kernel,
+    _chain_kernel,
     _forward_kernel,
     _local_du_kernel,
     _output_kernel,
@@ -550,13 +551,31 @@ def forward(
     return o.to(v.dtype), ht, tinv, kept, segs
 
 
+# CHAIN_KERNEL: the scan over segments (_chain) as one Triton launch (_chain_kernel: float64 in registers, DMMA on
+# Hopper), not NS batched cuBLAS products and four copies. Built after session 16's device time, where the chain took
+# about 0.1-0.2 ms of GPU time each way at T = 65536 (estimated, not profiled apart); untimed and not yet run on a
+# card: off (LINATTN_LAUNCH="gated_delta_rule.CHAIN_KERNEL=1").
+CHAIN_KERNEL = False
+CHAIN_BV = 32  # state columns per program of _chain_kernel (M's [K, K] float64 tile takes 128 KiB of shared memory)
+
+
 def _chain(M, R, start, reverse: bool):
     """The scan that chains segments, in float64: X(s+1) = M_s X(s) + R_s from X(0) = start (None: zeros), or
     with reverse, X(s-1) = M_s^T X(s) + R_s from the last. M [N, NS, H, K, K], R [N, NS, H, K, V]. Returns
-    what enters each segment, [N, NS, H, K, V] float32, and what leaves the last one, [N, H, K, V] float64.
+    what enters each segment, [N, NS, H, K, V] float32, and what leaves the last one, [N, H, K, V] float64
+    (float32 with CHAIN_KERNEL).
     One batched product-and-add (baddbmm) a segment, over every sequence and head at once, each into its place
     in one buffer of every X: NS + 4 launches in all (the host's launches bound this at few, long sequences)."""
     N, NS, H, K, V = R.shape
+    if CHAIN_KERNEL:
+        entering = torch.empty(N, NS, H, K, V, dtype=torch.float32, device=R.device)
+        last = torch.empty(N, H, K, V, dtype=torch.float32, device=R.device)
+        _chain_kernel[(N * H, triton.cdiv(V, CHAIN_BV))](
+            M, R, start.contiguous() if start is not None else last, entering, last, NS, H=H, K=K, V=V,
+            BK=max(16, triton.next_power_of_2(K)), BV=CHAIN_BV, HAS_START=start is not None, REVERSE=reverse,
+            num_warps=4, num_stages=1,
+        )  # fmt: skip
+        return entering, last
     f64 = dict(dtype=torch.float64, device=R.device)
     Ms = torch.empty(NS, N, H, K, K, **f64).copy_(M.transpose(0, 1)).view(NS, N * H, K, K)  # segment-major
     Rs = torch.empty(NS, N, H, K, V, **f64).copy_(R.transpose(0, 1)).view(NS, N * H, K, V)
@@ -1016,6 +1035,11 @@ def compile_variants():
         yield f"forward transition {label}", _forward_kernel, ptrs, common["forward"] | transition, opts["forward"]
         share = state | dict(BV=seq_bv, HAS_DHT=False, STORE_GRADS=False)
         yield f"backward state share {label}", _backward_state_kernel, sptrs, share, opts["backward_state"]
+        if opt:  # the segments' chain in one launch (CHAIN_KERNEL), float32 in and out, whatever the inputs' dtype
+            for K_, reverse in ((128, False), (128, True), (64, True)):
+                chain = dict(H=4, K=K_, V=128, BK=K_, BV=CHAIN_BV, HAS_START=True, REVERSE=reverse)
+                chain_opts = dict(num_warps=4, num_stages=1, scalars=dict(NS="i32"))
+                yield f"chain K={K_} reverse={reverse}", _chain_kernel, {}, chain, chain_opts
         yield f"output {label}", _output_kernel, ptrs, common["output"] | dict(BV=BV_CHUNK), opts["output"]
         if lowp:  # reading states and U kept in the backward's own dtypes (KEEP_LOWP): this gating's, the delta rule's
             for kept in (sptrs, ptrs | dict(states="bf16", u="bf16")):

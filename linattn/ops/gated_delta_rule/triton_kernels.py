@@ -564,3 +564,50 @@ def _backward_chunk_kernel(
         d_beta = d_beta * b_beta * (1.0 - b_beta)
     tl.store(dk + tok[:, None] * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m_tk)
     tl.store(dbeta + i_k * part + tok, d_beta, mask=m_t)
+
+
+@triton.jit
+def _chain_kernel(
+    M,
+    R,
+    start,
+    entering,
+    last,
+    NS,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_START: tl.constexpr,
+    REVERSE: tl.constexpr,
+):
+    # The scan that chains the segments (see triton.py's _chain), in float64, one program per sequence, head and
+    # block of BV state columns: X <- M_s X + R_s over s = 0 .. NS - 1 (REVERSE: X <- M_s^T X + R_s from the last),
+    # storing the X that enters each segment. M [N, NS, H, K, K], R and entering [N, NS, H, K, V], start and last
+    # [N, H, K, V], all float32; X stays float64 in registers, and M and R are taken to float64 as loaded.
+    i_nh, i_v = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
+    m_kk = (o_k < K)[:, None] & (o_k < K)[None, :]
+    kv = o_k[:, None] * V + o_v[None, :]
+    if REVERSE:  # M_s^T: element (i, j) is M_s[j, i]
+        kk = o_k[:, None] + o_k[None, :] * K
+    else:
+        kk = o_k[:, None] * K + o_k[None, :]
+    X = tl.zeros([BK, BV], dtype=tl.float64)
+    if HAS_START:
+        X += tl.load(start + i_nh.to(tl.int64) * K * V + kv, mask=m_kv, other=0.0).to(tl.float64)
+    for i in range(0, NS):
+        if REVERSE:
+            s = NS - 1 - i
+        else:
+            s = i
+        seg = ((i_n * NS + s) * H + i_h).to(tl.int64)
+        tl.store(entering + seg * K * V + kv, X.to(tl.float32), mask=m_kv)
+        b_m = tl.load(M + seg * K * K + kk, mask=m_kk, other=0.0).to(tl.float64)
+        b_r = tl.load(R + seg * K * V + kv, mask=m_kv, other=0.0).to(tl.float64)
+        X = tl.dot(b_m, X) + b_r
+    tl.store(last + i_nh.to(tl.int64) * K * V + kv, X.to(tl.float32), mask=m_kv)
