@@ -21,6 +21,17 @@ from linattn.ops.common.triton_utils import cached_table
 
 
 @triton.jit
+def scan_order(i, n, REVERSE: tl.constexpr):
+    """The item (segment, chunk) that a scan over n of them visits at its step i: from the first, or with REVERSE
+    from the last."""
+    if REVERSE:
+        s = n - 1 - i
+    else:
+        s = i
+    return s
+
+
+@triton.jit
 def segment_scan_kernel(
     dS,
     gsum,
@@ -48,11 +59,7 @@ def segment_scan_kernel(
     if HAS_H0:
         S += tl.load(h0 + (i_n * H + i_h).to(tl.int64) * K * V + o_e, mask=m_e, other=0.0)
     for i in range(0, NS):
-        if REVERSE:
-            s = NS - 1 - i
-        else:
-            s = i
-        off = ((i_n * NS + s) * H + i_h).to(tl.int64)
+        off = ((i_n * NS + scan_order(i, NS, REVERSE)) * H + i_h).to(tl.int64)
         tl.store(hin + off * K * V + o_e, S, mask=m_e)
         if HAS_G:
             if PER_KEY:

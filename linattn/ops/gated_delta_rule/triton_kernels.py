@@ -23,6 +23,7 @@ from linattn.ops.common.triton_delta_utils import (
     row_sums_in_place,
     unit_lower_inverse,
 )
+from linattn.ops.common.triton_segments import scan_order
 from linattn.ops.common.triton_utils import chunk_and_block, chunk_bounds, sequence_bounds
 
 
@@ -601,11 +602,7 @@ def _chain_kernel(
     if HAS_START:
         X += tl.load(start + i_nh.to(tl.int64) * K * V + kv, mask=m_kv, other=0.0).to(tl.float64)
     for i in range(0, NS):
-        if REVERSE:
-            s = NS - 1 - i
-        else:
-            s = i
-        seg = ((i_n * NS + s) * H + i_h).to(tl.int64)
+        seg = ((i_n * NS + scan_order(i, NS, REVERSE)) * H + i_h).to(tl.int64)
         tl.store(entering + seg * K * V + kv, X.to(tl.float32), mask=m_kv)
         b_m = tl.load(M + seg * K * K + kk, mask=m_kk, other=0.0).to(tl.float64)
         b_r = tl.load(R + seg * K * V + kv, mask=m_kv, other=0.0).to(tl.float64)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from linattn.ops.common.triton_segments import scan_order
 from linattn.ops.common.triton_utils import chunk_bounds, chunk_log_decay, dot_operand, exp32, sequence_bounds
 
 
@@ -310,10 +311,7 @@ def _state_kernel(
     if HAS_H0:
         S += tl.load(h0 + (i_n * H + i_h).to(tl.int64) * K * V + kv, mask=m_kv, other=0.0)
     for j in range(0, n_chunks):
-        if REVERSE:
-            i = n_chunks - 1 - j
-        else:
-            i = j
+        i = scan_order(j, n_chunks, REVERSE)
         if STORE_STATES:
             tl.store(states + ((c0 + i) * H + i_h) * K * V + kv, S.to(states.dtype.element_ty), mask=m_kv)
         t0 = bos + i * BT
