@@ -180,7 +180,8 @@ def evaluate(model, windows: torch.Tensor, batch_size: int, cfg: TrainConfig, d:
         with _autocast(cfg, d.device):
             logits = model(chunk[:, :-1])
         loss = F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum")
-        total += torch.stack([loss.double(), torch.tensor(chunk[:, 1:].numel(), dtype=torch.float64, device=d.device)])
+        total[0] += loss.double()
+        total[1] += chunk[:, 1:].numel()  # a Python number: no host-to-device copy (a wait for the GPU) per window
     if d.world > 1:
         dist.all_reduce(total)
     model.train(was_training)

@@ -139,3 +139,21 @@ def test_ddp_on_two_cpu_ranks_matches_one_process(tmp_path):
     a, b = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
     for k in a:  # 4 AdamW steps of ~2e-3 each: summation order differs by a few float32 roundings
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_evaluate_is_the_mean_next_byte_cross_entropy():
+    """evaluate's token-weighted mean over windows in batches that do not divide them, against one direct sum."""
+    import torch.nn.functional as F
+
+    from linattn.models import CausalLM
+    from linattn.models.training import _Dist, evaluate
+
+    torch.manual_seed(0)
+    cfg = tiny_run("unused")
+    model = CausalLM(cfg.model)
+    windows = torch.randint(0, 256, (7, 33))
+    got = evaluate(model, windows, 3, cfg, _Dist())
+    with torch.no_grad():
+        logits = model(windows[:, :-1])
+    want = F.cross_entropy(logits.double().flatten(0, 1), windows[:, 1:].flatten()).item()
+    assert got == pytest.approx(want, rel=1e-6) and model.training
