@@ -1,13 +1,15 @@
 """Where the GPU waits on the host in one fwd+bwd of a Triton op: syncs, host vs device time, idle gaps by frame.
 
-    python -m benchmarks.host_gaps [--ops delta_rule,gated_delta_rule] [--lengths 4096,65536]
+    python -m benchmarks.host_gaps [--ops delta_rule,gated_delta_rule] [--lengths 4096,65536] [--cprofile 15]
 
 At the standard shape (bf16, H = 16, K = V = 128, B * T = 65,536), for each op and T:
   1. the ops that make the host wait for the device (torch's sync debug mode, by file and line);
   2. the host's time to enqueue one fwd+bwd and the device's time for it, from an idle GPU (medians of 10):
      when the host's time nears the device's, launches, not kernels, bound the op;
   3. one profiled fwd+bwd: the span from first kernel to last, the kernels' busy time, and the idle gaps
-     between kernels, added up by the innermost linattn frame that launched the kernel after each gap.
+     between kernels, added up by the innermost linattn frame that launched the kernel after each gap;
+  4. with --cprofile N, the host's time by function over 20 steps (cProfile, the N largest by own time): where
+     the host's enqueue time goes (launches, torch.library's dispatch, the launchers' own Python).
 A profile_kernels.py total well under bench_gpu.py's time for the same op points here. Session 16 found the
 delta rules at T = 65536 bound by the host this way (9.1 ms a fwd+bwd against 7.1 ms of kernels).
 """
@@ -16,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import cProfile
 import json
 import os
+import pstats
 import statistics
 import tempfile
 import time
@@ -94,11 +98,26 @@ def idle_gaps(step, min_us: float = 3.0):
     return span, sum(k["dur"] for k in kernels), len(kernels), gaps
 
 
+def host_profile(step, top: int, steps: int = 20) -> None:
+    """Print the host's time by function over ``steps`` calls of step() (cProfile, the ``top`` by own time)."""
+    profiler = cProfile.Profile()
+    t0 = time.perf_counter()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    profiler.disable()
+    host = (time.perf_counter() - t0) / steps * 1e3
+    torch.cuda.synchronize()
+    print(f"  host {host:.2f} ms a step under cProfile ({steps} steps, the GPU running behind)")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--ops", default="delta_rule,gated_delta_rule")
     parser.add_argument("--lengths", default="4096,65536")
     parser.add_argument("--top", type=int, default=10)
+    parser.add_argument("--cprofile", type=int, default=0, help="also the host's top N functions (cProfile)")
     args = parser.parse_args()
     for op in args.ops.split(","):
         for T in (int(t) for t in args.lengths.split(",")):
@@ -123,6 +142,8 @@ def main():
             print(f"  profiled: span {span / 1e3:.2f} ms, kernels busy {busy / 1e3:.2f} ms ({count} kernels)")
             for label, (us, n) in sorted(gaps.items(), key=lambda kv: -kv[1][0])[: args.top]:
                 print(f"    idle {us / 1e3:6.3f} ms x{n:<3d} before {label}")
+            if args.cprofile:
+                host_profile(step, args.cprofile)
 
 
 if __name__ == "__main__":
