@@ -24,6 +24,7 @@ case ",$ops," in *delta_rule,* | *,gla,*) files="$files tests/ops/test_triton_ta
 workers=$(( $(nproc) > 14 ? 14 : $(nproc) ))
 IFS='|' read -r -a variants <<< "${VARIANTS:-}"
 [ ${#variants[@]} -eq 0 ] && variants=("")
+case "${VARIANTS:-}" in *'|') variants+=("") ;; esac  # read drops a trailing empty one (main again, last)
 for tree in ${TREES:-.}; do
     for variant in "${variants[@]}"; do
         echo "=== tree: $tree, variant: ${variant:-(library settings)}"
