@@ -96,19 +96,28 @@ def assert_segments_equal_one_pass(case, module, tensors: list, state, monkeypat
     assert_same_result("final state", S, S1)
 
 
+def _gpu_step(case, tensors: list, state, cu_seqlens=None):
+    """(inputs, step): the case's leaves (and initial state) on the GPU, and a step that runs its Triton op forward
+    with a final state and backward, returning [o, S, every input's gradient]."""
+    leaves = [t.detach().cuda().requires_grad_() for t in tensors]
+    s0 = None if state is None else state.detach().cuda().requires_grad_()
+    inputs = leaves + ([s0] if s0 is not None else [])
+    cu = None if cu_seqlens is None else cu_seqlens.cuda()
+
+    def step():
+        o, S = case(leaves, initial_state=s0, output_final_state=True, impl="triton", cu_seqlens=cu)
+        loss = o.float().square().sum() + S.sum()
+        return [o, S, *torch.autograd.grad(loss, inputs)]
+
+    return inputs, step
+
+
 def assert_no_host_sync(case, tensors: list, state, cu_seqlens=None):
     """The case's Triton op, forward and backward on the GPU with an initial and a final state, never waits for the
     device (torch's sync debug mode raises at any op that would), once its kernels are compiled and its cu_seqlens
     (if any, on the GPU) checked: so the host can run ahead of the GPU. A wait costs the GPU the host's launch time
     of whatever follows it, which at few, long sequences (segments: many short launches) is most of a fwd+bwd."""
-    leaves = [t.detach().cuda().requires_grad_() for t in tensors]
-    s0 = None if state is None else state.detach().cuda().requires_grad_()
-    cu = None if cu_seqlens is None else cu_seqlens.cuda()
-
-    def step():
-        o, S = case(leaves, initial_state=s0, output_final_state=True, impl="triton", cu_seqlens=cu)
-        (o.float().square().sum() + S.sum()).backward()
-
+    _, step = _gpu_step(case, tensors, state, cu_seqlens)
     step()  # compiles
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -125,15 +134,7 @@ def assert_cuda_graph_replays(case, tensors: list, state):
     nothing (a wait breaks capture), and what the op builds while capturing (index tables, segment chains) is
     rebuilt by the graph, not taken from an eager call's cache. The same kernels on the same values: the two agree
     to float32 rounding of the float64 segment chain (cuBLAS may choose another algorithm in a graph)."""
-    leaves = [t.detach().cuda().requires_grad_() for t in tensors]
-    s0 = None if state is None else state.detach().cuda().requires_grad_()
-    inputs = leaves + ([s0] if s0 is not None else [])
-
-    def step():
-        o, S = case(leaves, initial_state=s0, output_final_state=True, impl="triton")
-        loss = o.float().square().sum() + S.sum()
-        return [o, S, *torch.autograd.grad(loss, inputs)]
-
+    inputs, step = _gpu_step(case, tensors, state)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # compiles, as capture needs
