@@ -290,6 +290,7 @@ def test_bfloat16_stores_round_only(case, store, monkeypatch):
         )
     original = tri._prepare_store
     forced = lambda part, *args, **kwargs: torch.bfloat16 if part == store else original(part, *args, **kwargs)  # noqa: E731
+    monkeypatch.setattr(tri, "KEEP_STATES", False)  # the backward's own prepare (u0_backward) runs only then
     monkeypatch.setattr(tri, "_prepare_store", forced)
     tensors, state = to(*case.draw(B=1, T=150, H=2, K=24, V=40, seed=31, gate_scale=0.05))
 
@@ -297,7 +298,7 @@ def test_bfloat16_stores_round_only(case, store, monkeypatch):
         return case(ts, initial_state=s0, output_final_state=True, impl="triton")
 
     rounded = run_with_grads(run, tensors, state)
-    monkeypatch.undo()
+    monkeypatch.setattr(tri, "_prepare_store", original)
     exact = run_with_grads(run, tensors, state)
     names = ["o", "final_state", "dq", "dk", "dv", *["dg"] * (case.gate is not None), "dbeta", "dh0"]
     moved = []
@@ -363,8 +364,8 @@ def test_long_sequences_cut_into_segments(case, segments, monkeypatch):
     """The per-sequence kernels over segments chained by their transitions (SEGMENT_HEADS): T = 300 is five chunks,
     so three segments are of 2, 2 and 1 (partial) chunks. Outputs, final state and every gradient against the token
     recurrence, with an initial state; the backward takes the forward's entering states and transitions, so it runs
-    the forward's loop once (the forward: three times); the fakes' shapes; without a gradient, the same o and final
-    state as one pass."""
+    the forward's loop once, or not at all where it takes the forward's states too (KEEP_STATES; the forward: three
+    times); the fakes' shapes; without a gradient, the same o and final state as one pass."""
     calls = []
     for name in ("_segmented_forward", "_segmented_backward_state"):
         original = getattr(tri, name)
@@ -375,7 +376,7 @@ def test_long_sequences_cut_into_segments(case, segments, monkeypatch):
     tensors, state = case.draw(B=2, T=300, H=2, K=33, V=40, seed=21, gate_scale=0.05)
     check_against_naive(case, *to(tensors, state), "triton", **ON_DEVICE)
     assert {"_segmented_forward", "_segmented_backward_state"} <= set(calls)
-    assert len(launches) == 4  # the forward's three (R, M, then each segment), the backward's one
+    assert len(launches) == 3 + (not tri.KEEP_STATES)  # the forward's three (R, M, each segment); the backward's
     (q, k, v, *gates, beta), h0 = to(tensors, state)
     g = gates[0].float().contiguous() if gates else None
     args = (q, k, v, g, beta.float(), h0.float(), None, 0.25, False, False, True, False)
@@ -394,9 +395,9 @@ def test_segment_chain_in_one_kernel(reverse, with_start, monkeypatch):
     broadcast (non-contiguous) tensor."""
     gen = torch.Generator().manual_seed(3)
     N, NS, H, K, V = 2, 3, 2, 24, 40
-    M = torch.randn(N, NS, H, K, K, generator=gen) / K**0.5
-    R = torch.randn(N, NS, H, K, V, generator=gen)
-    start = torch.randn(1, H, K, V, generator=gen).expand(N, H, K, V) if with_start else None
+    M = (torch.randn(N, NS, H, K, K, generator=gen) / K**0.5).to(DEVICE)
+    R = torch.randn(N, NS, H, K, V, generator=gen).to(DEVICE)
+    start = torch.randn(1, H, K, V, generator=gen).to(DEVICE).expand(N, H, K, V) if with_start else None
     want = tri._chain(M, R, start, reverse)
     monkeypatch.setattr(tri, "CHAIN_KERNEL", True)
     launches = count_launches(monkeypatch, tri, "_chain_kernel")
@@ -637,12 +638,12 @@ def test_gpu_no_host_sync_varlen(case):
 
 @gpu
 @both
-@pytest.mark.parametrize("lowp_keep", [False, True], ids=["float32", "own_dtypes"])
-def test_gpu_kept_states_bfloat16(case, lowp_keep, monkeypatch):
+@pytest.mark.parametrize("keep", [None, False, True], ids=["formed_again", "kept_float32", "kept_own_dtypes"])
+def test_gpu_kept_states_bfloat16(case, keep, monkeypatch):
     """The forward's states, U and W kept for the backward (KEEP_STATES) on the card, in bfloat16, with packed
-    sequences; kept in float32, or in the backward's own dtypes (KEEP_LOWP)."""
-    monkeypatch.setattr(tri, "KEEP_STATES", True)
-    monkeypatch.setattr(tri, "KEEP_LOWP", lowp_keep)
+    sequences; kept in float32, or in the backward's own dtypes (KEEP_LOWP), or formed again by the backward."""
+    monkeypatch.setattr(tri, "KEEP_STATES", keep is not None)
+    monkeypatch.setattr(tri, "KEEP_LOWP", bool(keep))
     cu_seqlens = torch.tensor([0, 300, 301, 1000], device=DEVICE)
     tensors, state = case.draw(B=1, T=1000, H=4, K=128, V=128, dtype=torch.bfloat16, seed=23, N=3, gate_scale=0.05)
     check_against_naive(
@@ -650,9 +651,12 @@ def test_gpu_kept_states_bfloat16(case, lowp_keep, monkeypatch):
     )
     (q, k, v, *gates, beta), h0 = to(tensors, state)
     g = gates[0] if gates else None
-    out = tri._chunk_op(q, k, v, g, beta, h0, cu_seqlens, 0.1, False, False, True, True)
-    want = tri._kept_dtypes(torch.bfloat16, g is not None, False, 128)
-    assert (out[3].dtype, out[4].dtype) == want and (want != (torch.float32,) * 2) == lowp_keep
+    out = tri._chunk_op(q, k, v, g, beta, h0, cu_seqlens, 0.1, False, False, True, keep is not None)
+    if keep is None:
+        assert out[3].numel() == out[4].numel() == 0  # nothing kept
+    else:
+        want = tri._kept_dtypes(torch.bfloat16, g is not None, False, 128)
+        assert (out[3].dtype, out[4].dtype) == want and (want != (torch.float32,) * 2) == keep
 
 
 @gpu

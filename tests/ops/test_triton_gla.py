@@ -103,11 +103,12 @@ def test_long_sequences_cut_into_segments(segments, with_state, monkeypatch):
     assert_segments_equal_one_pass(CASE, tri, *to(tensors, state), monkeypatch)
 
 
-def test_segment_counts(monkeypatch):
-    """Segments (when switched on) only for few, long sequences without cu_seqlens, as the delta rules'."""
-    assert tri._num_segments(1, 16, 65536, None) == 1  # off by default (SEGMENT_HEADS = 0)
-    monkeypatch.setattr(tri, "SEGMENT_HEADS", 256)
-    assert tri._num_segments(1, 16, 65536, None) == 16
+def test_segment_counts():
+    """Segments only for few, long sequences without cu_seqlens, at least MIN_SEGMENTS of them, as the delta
+    rules'."""
+    assert tri._num_segments(1, 16, 65536, None) == 16  # the standard shape at T = 65536
+    assert tri._num_segments(2, 16, 32768, None) == 8
+    assert tri._num_segments(4, 16, 16384, None) == 1  # 4 segments: slower than none (MIN_SEGMENTS)
     assert tri._num_segments(16, 16, 4096, None) == 1
     assert tri._num_segments(1, 16, 65536, torch.tensor([0, 65536])) == 1
 

@@ -185,23 +185,28 @@ SPLIT_FORWARD = False
 # gated, against 5.94 / 7.63 split): 5.57 / 7.76, the bf16 GPU tests (41) pass. So the delta rule forms it in its
 # loop, and the gated op, whose loop also scales by the decays, splits.
 SPLIT_BACKWARD = dict(gated=True, ungated=False)
-# KEEP_STATES: the forward splits (above) and its stores (every chunk's entering state [NC, H, K, V] float32, U
-# [B, T, H, V] float32) and W are kept for the backward, which then neither solves for W and U0 again nor runs the
-# forward's loop again: about 1.6 GiB more per layer at B T = 65536, H = 16, K = V = 128. On an H200 (session 11, one
-# call, bf16, fwd+bwd ms, T = 4096, B = 16) delta_rule 7.37 against 8.89 with both off, gated_delta_rule 8.95
-# against 10.33 (unsplit, above: 7.97 and 9.90). Session 16 (same shape): 6.73 against 5.38, gated 8.05 against
-# 7.40, slower now that the backward's own states, U and dX are bf16 where the kept ones are float32. Off by
-# default, for the memory and the time: the backward forms them again, as fla's does. With segments (long sequences,
-# few of them: see SEGMENT_HEADS) the forward's last pass keeps them (since session 16, untimed; before, the backward
-# formed everything again there), and the backward takes the segments' transitions from the forward as well.
-KEEP_STATES = False
+# KEEP_STATES: the forward splits (above) and its stores (every chunk's entering state [NC, H, K, V], U [B, T, H, V])
+# and W are kept for the backward, which then neither solves for W and U0 again nor runs the forward's loop again
+# (fla's backward forms them again). With segments (long sequences, few of them: see SEGMENT_HEADS) the forward's
+# last pass keeps them, and the backward takes the segments' transitions from the forward as well. Kept in float32
+# (KEEP_LOWP off) it was slower (session 16, H200, bf16, fwd+bwd ms, T = 4096, B = 16: 6.73 against 5.38 formed
+# again, gated 8.05 against 7.40), since the backward's own states, U and dX are bf16 where float32 ones were kept.
 # KEEP_LOWP: what KEEP_STATES keeps is stored in the dtypes the backward would store it in itself (STATES_LOWP: for
-# bfloat16 inputs on a GPU, U in bfloat16, and the delta rule's states too), so that the backward keeps its bfloat16
-# stores (dstates, dX), which it gives up for kept float32 ones; the output kernel's products round the states and U
-# to bfloat16 anyway, as the unsplit loop's do. About 1 GiB kept per layer at the standard shape (delta rule),
-# against 1.6. Built after session 16's device time, untimed and not yet run on a card: off until then
-# (LINATTN_LAUNCH="gated_delta_rule.KEEP_STATES=1;gated_delta_rule.KEEP_LOWP=1").
-KEEP_LOWP = False
+# bfloat16 inputs on a GPU, U in bfloat16, and the delta rule's states too), so the backward keeps its bfloat16
+# stores (dstates, dX); the output kernel's products round the states and U to bfloat16 anyway, as the unsplit
+# loop's do. On an H200 (session 17, one call, bf16, fwd+bwd ms, delta_rule / gated) formed again / kept in float32
+# / kept with KEEP_LOWP:
+#   T = 4096, B = 16:  5.32 / 7.32    6.66 / 7.94    4.80 / 6.63
+#   T = 8192, B = 8:   5.31 / 7.35    6.66 / 7.94    4.79 / 6.63
+#   T = 65536, B = 1:  7.03 / 8.95    8.40 / 9.69    6.50 / 8.29
+# Every delta GPU test passes with both on (session 17). The memory: kept per layer from the forward to the
+# backward at B T = 65536, H = 16, K = V = 128, bf16: 1 GiB for the delta rule (its bf16 states 0.5, U and W 0.25
+# each), 1.5 GiB gated (its states stay float32: see STATES_LOWP); one layer's peak rose less, since the backward allocates the same tensors itself when it forms them again (peak
+# of one fwd+bwd, B = 1, session 17: T = 65536 5.1 -> 5.4 GB, gated 6.3 -> 6.5; T = 1M 75.9 -> 80.2 GB, gated
+# 93.6 -> 97.9). Only where a gradient is wanted. Read at each call: set KEEP_STATES = False to trade the time for
+# the memory (deep models at long context).
+KEEP_STATES = True
+KEEP_LOWP = True
 # STATES_LOWP: where backward_chunk takes bfloat16 operands (LOWP), what the backward stores for it in bfloat16,
 # not float32: the states entering each chunk (states), the gradients of the states leaving them (dstates), U (u);
 # the loops carry them in float32, only the stored copies are rounded (fla stores its h, dh and v_new so). dx:

@@ -106,12 +106,16 @@ STATES_LOWP = True
 # change of state from zeros, a scan over the segments (S <- exp(D_s) S + R_s, D_s the segment's summed log-decay
 # per key: GLA's transition is diagonal), then each segment from what enters it; about twice one pass's work. Only
 # where SEGMENT_HEADS / (N H) gives at least MIN_SEGMENTS segments of at least SEGMENT_MIN_CHUNKS chunks each; not
-# for cu_seqlens; SEGMENTS forces a count (tests). Off (0): on an H200 (session 14, one call, bf16, fwd+bwd ms)
-# SEGMENT_HEADS = 256 (16 segments at T = 65536, B = 1; 4 at T = 16384, B = 4) took 11.06 against 10.90 at
-# T = 65536 and 10.94 against 8.86 at T = 16384; its GPU tests pass. LINATTN_LAUNCH="gla.SEGMENT_HEADS=256" tries
-# it (for fewer heads than the standard shape's 16, say).
-SEGMENT_HEADS = 0
-MIN_SEGMENTS = 4
+# for cu_seqlens; SEGMENTS forces a count (tests). On an H200 (session 14, one call, bf16, fwd+bwd ms) they were
+# slower (11.06 against 10.90 at T = 65536), when the host built their tables with two syncs a sweep. Since session
+# 16 the tables cost the host nothing; session 17 (one call, same shape): without segments / SEGMENT_HEADS 256 with
+# MIN_SEGMENTS 4 / 256 with 8 / 128 with 8 / 512 with 8:
+#   T = 16384, B = 4: 8.82 / 9.26 (4 segments) / 8.82 (none) / 8.81 (none) / 9.34 (8)
+#   T = 32768, B = 2:  -   /  -                / 9.29 (8)    / 9.45 (none) / 9.38 (16)
+#   T = 65536, B = 1: 10.85 / 9.28 (16)        / 9.31 (16)   / 9.25 (8)    / 9.43 (32)
+# So 256 with at least 8: segments from T = 32768 at the standard shape. The GLA GPU tests pass with them (session 17).
+SEGMENT_HEADS = 256
+MIN_SEGMENTS = 8
 SEGMENT_MIN_CHUNKS = 16
 SEGMENTS = None
 
