@@ -92,6 +92,23 @@ def test_state_gradient_in_its_own_value_blocks(case, segments, monkeypatch):
     assert {kw["BV"] for kw in forward} == {32} and {kw["BV"] for kw in state} == {16}
 
 
+@pytest.mark.parametrize("segments", [1, 2])
+def test_state_gradient_launch_counts_its_programs(segments, monkeypatch):
+    """backward_state's launch is given its program count (value blocks x sequences x heads x segments), so that
+    a launch of fewer programs than SMs takes FEW_PROGRAMS_STAGES (see _launch)."""
+    monkeypatch.setattr(tri, "SEGMENTS", segments)
+    launches = []
+    original = tri._launch
+    monkeypatch.setattr(tri, "_launch", lambda *a, **kw: launches.append((a, kw)) or original(*a, **kw))
+    B, H, V = 2, 2, 40
+    tensors, state = DELTA.draw(B=B, T=300, H=H, K=24, V=V, seed=26)
+    check_against_naive(DELTA, *to(tensors, state), "triton", **ON_DEVICE)
+    state_launches = [(a, kw) for a, kw in launches if a[0] == "backward_state"]
+    assert state_launches, "no backward_state launch seen"
+    for (_, _, _, bv, programs, *_), _ in state_launches:
+        assert programs == triton.cdiv(V, bv) * B * H * segments
+
+
 @both
 @pytest.mark.parametrize("split", [False, True])
 def test_products_without_the_state_in_either_place(case, split, monkeypatch):
@@ -355,6 +372,7 @@ def test_launch_choices(monkeypatch):
     assert tri._launch("forward", torch.bfloat16, 128, 32, 1024, gated=True)["num_stages"] == 3
     assert tri._launch("forward", torch.bfloat16, 128, 32, 1024)["num_stages"] == 1
     assert tri._launch("backward_state", torch.bfloat16, 128, 32, gated=True)["num_stages"] == 1
+    assert tri._launch("backward_state", torch.bfloat16, 128, 64, 128)["num_stages"] == tri.FEW_PROGRAMS_STAGES
     assert tri._launch("forward", torch.float32, 128, 32, 1024, gated=True)["num_stages"] == 1
 
 

@@ -148,8 +148,11 @@ GATED_STAGES = dict(prepare=1, forward=2, output=1, local_du=1, backward_state=2
 # The forward's launch with fewer programs than this (one per SM of an H100/H200) is not limited by shared memory,
 # and takes FEW_PROGRAMS_STAGES to hide its loads. At T = 65536, B = 1 (128 programs) on an H200, session 5, forward
 # alone: delta_rule 7.28 ms with 2 stages against 9.08 with 1, gated_delta_rule 12.2 against 13.4. The backward's
-# launches keep NUM_STAGES there: with 2 stages for them as well, gated_delta_rule's backward took 31.8 ms, against
-# 26.2 with 1 (delta_rule: 19.1 against 18.8).
+# launches then kept NUM_STAGES there: with 2 stages for them as well, gated_delta_rule's backward took 31.8 ms,
+# against 26.2 with 1 (delta_rule: 19.1 against 18.8), with session 5's kernels. backward_state takes them too since
+# session 17 (H200, one call, bf16, delta_rule fwd+bwd ms, 2 stages for every launch of it against 1): T = 16384,
+# B = 4 (128 programs) 4.90 against 5.45; but 4.91 against 4.84 at T = 4096 and 6.41 against 6.31 at T = 65536
+# (512 programs each, the latter over 16 segments), so by its program count. The gated op's is 2 anyway.
 FEW_PROGRAMS = 132
 FEW_PROGRAMS_STAGES = 2
 # bf16 operands for bf16 inputs on a GPU (see the module docstring), by kernel (H200, Triton 3.6):
@@ -558,9 +561,11 @@ def forward(
 
 # CHAIN_KERNEL: the scan over segments (_chain) as one Triton launch (_chain_kernel: float64 in registers, DMMA on
 # Hopper), not NS batched cuBLAS products and four copies. Built after session 16's device time, where the chain took
-# about 0.1-0.2 ms of GPU time each way at T = 65536 (estimated, not profiled apart); untimed and not yet run on a
-# card: off (LINATTN_LAUNCH="gated_delta_rule.CHAIN_KERNEL=1").
-CHAIN_KERNEL = False
+# about 0.1-0.2 ms of GPU time each way at T = 65536 (estimated, not profiled apart). On an H200 (session 17, one
+# call, bf16, fwd+bwd ms, delta_rule / gated, against the batched products): T = 32768, B = 2 6.23 / 8.02 against
+# 6.44 / 8.24; T = 65536, B = 1 6.31 / 8.10 against 6.55 / 8.34. Its GPU tests and every segment test pass on the
+# card. LINATTN_LAUNCH="gated_delta_rule.CHAIN_KERNEL=0" goes back to the products.
+CHAIN_KERNEL = True
 CHAIN_BV = 32  # state columns a program of _chain_kernel (sm_90, K = 128: 64 KiB of shared memory, no spills)
 
 
@@ -656,7 +661,7 @@ def _segmented_backward_state(q, k, g_, w, do, dht, seg: Segments, M, dstates, d
             q, k, g_, w, do, dht_ if dht_ is not None else dummy, seg.cu, seg.first, dstates, du, dx,
             dh0_ if dh0_ is not None else dummy, tinv, scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
             HAS_DHT=dht_ is not None, STORE_DH0=dh0_ is not None, STORE_GRADS=store_grads,
-            **_launch("backward_state", q.dtype, BK, BV, gated=flags["HAS_G"]), **flags,
+            **_launch("backward_state", q.dtype, BK, BV, triton.cdiv(V, BV) * NSH, flags["HAS_G"]), **flags,
         )  # fmt: skip
 
     L = torch.empty(seg.N, seg.NS, H, K, V, dtype=torch.float32, device=q.device)
@@ -744,7 +749,8 @@ def backward(
             q, k, g_, w, do, dht if dht is not None else dummy, lay.cu, lay.first, dstates, du, dx,
             dh0 if dh0 is not None else dummy, tinv, scale,
             BV=bv_state, HAS_DHT=dht is not None, STORE_DH0=h0 is not None, STORE_GRADS=True,
-            **_launch("backward_state", q.dtype, BK, bv_state, gated=g is not None), **common, **state_flags,
+            **_launch("backward_state", q.dtype, BK, bv_state, triton.cdiv(V, bv_state) * lay.N * H, g is not None),
+            **common, **state_flags,
         )  # fmt: skip
     else:
         _segmented_backward_state(q, k, g_, w, do, dht, seg, M, dstates, du, dx, dh0, tinv, scale, state_flags)
@@ -1014,13 +1020,14 @@ def compile_variants():
         solve = dict(BV=seq_bv, BKP=min(BK, PREPARE_KEYS), SOLVE=True, STORE_T=True, BETA_LOGIT=opt)
         solve |= dict(DIAG_DOUBLING=SOLVE_DIAG_DOUBLING, **_prepare_flags(torch_dtype, opt, gpu=True))
         yield f"prepare {label}", _prepare_kernel, ptrs, common["prepare"] | solve, opts["prepare"]
-        for bv in (seq_bv, 16):
+        for bv in (seq_bv, 16):  # many programs; few, which take FEW_PROGRAMS_STAGES
+            run = {n: _launch(n, torch_dtype, BK, bv, None if bv == seq_bv else 1, gated) for n in opts}
             out = dict(BV=bv, HAS_H0=True, HAS_U0=True, STORE_O=True, STORE_HT=True, STORE_STATES=False)
-            yield f"forward BV={bv} {label}", _forward_kernel, ptrs, common["forward"] | out, opts["forward"]
+            yield f"forward BV={bv} {label}", _forward_kernel, ptrs, common["forward"] | out, run["forward"]
             states = out | dict(STORE_O=False, STORE_HT=False, STORE_STATES=True)
-            yield f"forward states BV={bv} {label}", _forward_kernel, sptrs, common["forward"] | states, opts["forward"]
+            yield f"forward states BV={bv} {label}", _forward_kernel, sptrs, common["forward"] | states, run["forward"]
             state = common["backward_state"] | dict(BV=bv, HAS_DHT=True, STORE_DH0=True, STORE_GRADS=True)
-            yield f"backward state BV={bv} {label}", _backward_state_kernel, sptrs, state, opts["backward_state"]
+            yield f"backward state BV={bv} {label}", _backward_state_kernel, sptrs, state, run["backward_state"]
         if opt:  # backward_state with the other SPLIT_BACKWARD setting than this op's (LOCAL_DU)
             other = state | dict(BV=seq_bv, LOCAL_DU=not state["LOCAL_DU"])
             yield (
