@@ -204,10 +204,10 @@ SPLIT_BACKWARD = dict(gated=True, ungated=False)
 #   T = 65536, B = 1:  7.03 / 8.95    8.40 / 9.69    6.50 / 8.29
 # Every delta GPU test passes with both on (session 17). The memory: kept per layer from the forward to the
 # backward at B T = 65536, H = 16, K = V = 128, bf16: 1 GiB for the delta rule (its bf16 states 0.5, U and W 0.25
-# each), 1.5 GiB gated (its states stay float32: see STATES_LOWP); one layer's peak rose less, since the backward allocates the same tensors itself when it forms them again (peak
-# of one fwd+bwd, B = 1, session 17: T = 65536 5.1 -> 5.4 GB, gated 6.3 -> 6.5; T = 1M 75.9 -> 80.2 GB, gated
-# 93.6 -> 97.9). Only where a gradient is wanted. Read at each call: set KEEP_STATES = False to trade the time for
-# the memory (deep models at long context).
+# each), 1.5 GiB gated (its states stay float32: see STATES_LOWP). One layer's peak rose less, since the backward
+# allocates the same tensors itself when it forms them again (peak of one fwd+bwd, B = 1, session 17: T = 65536
+# 5.1 -> 5.4 GB, gated 6.3 -> 6.5; T = 1M 75.9 -> 80.2 GB, gated 93.6 -> 97.9). Only where a gradient is wanted.
+# Read at each call: set KEEP_STATES = False to trade the time for the memory (deep models at long context).
 KEEP_STATES = True
 KEEP_LOWP = True
 # STATES_LOWP: where backward_chunk takes bfloat16 operands (LOWP), what the backward stores for it in bfloat16,
