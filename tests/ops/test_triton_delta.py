@@ -160,6 +160,27 @@ def test_forward_states_kept_for_the_backward_or_formed_again(case, keep, monkey
 
 
 @both
+def test_kept_states_under_activation_checkpointing(case):
+    """Under torch.utils.checkpoint (non-reentrant), what the forward keeps for the backward (KEEP_STATES, saved
+    through save_for_backward, so dropped after the first forward) is formed again by the recomputed forward, which
+    must save the same tensors (checkpoint raises otherwise): the same outputs and gradients as without it."""
+    from torch.utils.checkpoint import checkpoint
+
+    assert tri.KEEP_STATES  # the library's setting, which this test is about
+    tensors, state = to(*case.draw(B=1, T=150, H=2, K=24, V=16, seed=17))
+
+    def run(ts, s0):
+        return case(ts, initial_state=s0, output_final_state=True, impl="triton")
+
+    def checkpointed(ts, s0):
+        return checkpoint(lambda *a: run(list(a[:-1]), a[-1]), *ts, s0, use_reentrant=False)
+
+    got, want = run_with_grads(checkpointed, tensors, state), run_with_grads(run, tensors, state)
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert_same_result(f"output {i}", a, b)
+
+
+@both
 def test_forward_states_kept_with_segments(case, monkeypatch):
     """KEEP_STATES with segments: the forward's last pass over them keeps the states and U, and the backward takes
     them and the segments' transitions from the forward, running neither prepare nor the forward's loop again."""
