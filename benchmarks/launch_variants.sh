@@ -33,10 +33,14 @@ for tree in ${TREES:-.}; do
             export PYTHONPATH="$PWD" TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$HOME/.triton/cache}-$(basename "$PWD")"
             export LINATTN_LAUNCH="$variant"
             if [ -z "${NO_TESTS:-}" ]; then
+                log=$(mktemp)
                 timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -n "$workers" -p no:cacheprovider \
-                    -p benchmarks.launch_override -rf ${TESTS:+-k "$TESTS"} $files 2>&1 \
-                    | grep -E "^FAILED|^ERROR|passed|failed" | cut -c1-200 | head -8
-                [ "${PIPESTATUS[0]}" = 124 ] && echo "tests TIMED OUT after ${TEST_TIMEOUT:-300} s"
+                    -p benchmarks.launch_override -rf ${TESTS:+-k "$TESTS"} $files > "$log" 2>&1
+                [ $? = 124 ] && echo "tests TIMED OUT after ${TEST_TIMEOUT:-300} s"
+                # the first failures, then pytest's count line (which a long list of failures must not hide)
+                grep -E "^FAILED|^ERROR" "$log" | cut -c1-200 | head -8
+                grep -E "passed|failed|error" "$log" | grep -vE "^FAILED|^ERROR" | tail -1 | cut -c1-200
+                rm -f "$log"
             fi
             if [ -z "${NO_BENCH:-}" ]; then
                 timeout "${BENCH_TIMEOUT:-150}" python3 -m benchmarks.bench_gpu --ops "$ops" --fla-lengths '' \
