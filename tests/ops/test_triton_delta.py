@@ -437,13 +437,32 @@ def test_segment_chain_in_one_kernel(reverse, with_start, monkeypatch):
     M = (torch.randn(N, NS, H, K, K, generator=gen) / K**0.5).to(DEVICE)
     R = torch.randn(N, NS, H, K, V, generator=gen).to(DEVICE)
     start = torch.randn(1, H, K, V, generator=gen).to(DEVICE).expand(N, H, K, V) if with_start else None
+    monkeypatch.setattr(tri, "CHAIN_KERNEL", False)
     want = tri._chain(M, R, start, reverse)
+    assert want[1].dtype == torch.float64  # the batched products
     monkeypatch.setattr(tri, "CHAIN_KERNEL", True)
     launches = count_launches(monkeypatch, tri, "_chain_kernel")
     got = tri._chain(M, R, start, reverse)
     assert launches == ["_chain_kernel"]
     torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got[1], want[1].float(), rtol=1e-6, atol=1e-6)
+
+
+def test_segment_chain_kernel_only_with_float64_tensor_cores(monkeypatch):
+    """_chain_kernel runs on GPUs of compute capability 8.0, 9.0 and 10.0 (float64 on tensor cores) and on CPU
+    tensors (the interpreter); on others (8.6, 8.9, 12.0) its FMA float64 dot would need more shared memory than
+    they have, and the products chain the segments; never with CHAIN_KERNEL off."""
+    monkeypatch.setattr(tri, "CHAIN_KERNEL", True)
+    cuda = torch.device("cuda", 0)
+    for capability, on in [((8, 0), True), ((9, 0), True), ((10, 0), True), ((8, 6), False), ((8, 9), False),
+                           ((12, 0), False), ((7, 5), False)]:  # fmt: skip
+        monkeypatch.setattr(tri, "_capability", lambda index, c=capability: c)
+        assert tri._chain_kernel_on(cuda) == on, capability
+    assert tri._chain_kernel_on(torch.device("cpu"))
+    monkeypatch.setattr(tri, "CHAIN_KERNEL", False)
+    assert not tri._chain_kernel_on(torch.device("cpu"))
+    monkeypatch.setattr(tri, "_capability", lambda index: (9, 0))
+    assert not tri._chain_kernel_on(cuda)
 
 
 @both

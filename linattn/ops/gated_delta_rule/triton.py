@@ -50,6 +50,8 @@ run the token recurrence instead (decoding).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
@@ -565,19 +567,39 @@ def forward(
 # call, bf16, fwd+bwd ms, delta_rule / gated, against the batched products): T = 32768, B = 2 6.23 / 8.02 against
 # 6.44 / 8.24; T = 65536, B = 1 6.31 / 8.10 against 6.55 / 8.34. Its GPU tests and every segment test pass on the
 # card. LINATTN_LAUNCH="gated_delta_rule.CHAIN_KERNEL=0" goes back to the products.
+# Only on GPUs whose float64 products run on tensor cores (DMMA: compute capability 8.0, 9.0, 10.0; A100, H100/H200,
+# B200): elsewhere (8.6, 8.9, 12.0: consumer cards) Triton forms the kernel's float64 dot as an FMA loop whose
+# tiles take 144 KiB of shared memory (136 KiB on sm_120; compiled with Triton 3.9, against 64 KiB on sm_80, sm_90
+# and sm_100), past those cards' 99 KiB, so the products chain the segments there.
 CHAIN_KERNEL = True
 CHAIN_BV = 32  # state columns a program of _chain_kernel (sm_90, K = 128: 64 KiB of shared memory, no spills)
+FP64_MMA = frozenset({(8, 0), (9, 0), (10, 0)})  # compute capabilities with float64 tensor cores
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _chain_kernel_on(device: torch.device) -> bool:
+    """Whether _chain runs _chain_kernel on this device: CHAIN_KERNEL, on a GPU with float64 tensor cores (see
+    above), or on CPU tensors (the interpreter)."""
+    if not CHAIN_KERNEL:
+        return False
+    if device.type != "cuda":
+        return True
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) in FP64_MMA
 
 
 def _chain(M, R, start, reverse: bool):
     """The scan that chains segments, in float64: X(s+1) = M_s X(s) + R_s from X(0) = start (None: zeros), or
     with reverse, X(s-1) = M_s^T X(s) + R_s from the last. M [N, NS, H, K, K], R [N, NS, H, K, V]. Returns
     what enters each segment, [N, NS, H, K, V] float32, and what leaves the last one, [N, H, K, V] float64
-    (float32 with CHAIN_KERNEL).
+    (float32 from _chain_kernel: see _chain_kernel_on).
     One batched product-and-add (baddbmm) a segment, over every sequence and head at once, each into its place
     in one buffer of every X: NS + 4 launches in all (the host's launches bound this at few, long sequences)."""
     N, NS, H, K, V = R.shape
-    if CHAIN_KERNEL:
+    if _chain_kernel_on(R.device):
         entering = torch.empty(N, NS, H, K, V, dtype=torch.float32, device=R.device)
         last = torch.empty(N, H, K, V, dtype=torch.float32, device=R.device)
         _chain_kernel[(N * H, triton.cdiv(V, CHAIN_BV))](
