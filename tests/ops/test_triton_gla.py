@@ -125,6 +125,37 @@ def test_scores_kept_for_the_backward_or_formed_again(save_scores, monkeypatch):
     assert len(diag_launches) == (1 if save_scores else 2)  # one forward and one backward
 
 
+@pytest.mark.parametrize("keep", [False, True], ids=["formed_again", "kept"])
+@pytest.mark.parametrize("segments, packed", [(1, True), (2, False)], ids=["packed", "segments"])
+def test_states_kept_for_the_backward_or_formed_again(keep, segments, packed, monkeypatch):
+    """KEEP_STATES: the forward's last state pass also stores the state entering each chunk for the backward,
+    which then runs no forward state pass of its own: the same outputs and every gradient against the token
+    recurrence, with packed sequences (an empty one, one token) or over segments; the backward's launches of the
+    state kernel drop from two passes to one (a pass: one launch, or two with segments); the fakes (torch.compile)
+    have the kept tensors' shapes and dtypes; nothing kept without a gradient."""
+    monkeypatch.setattr(tri, "KEEP_STATES", keep)
+    monkeypatch.setattr(tri, "SEGMENTS", segments)
+    launches = count_launches(monkeypatch, tri, "_state_kernel")
+    keeps, forward = [], tri.forward
+    monkeypatch.setattr(tri, "forward", lambda *a: keeps.append(a[-1]) or forward(*a))
+    cu_seqlens = torch.tensor([0, 0, 70, 71, 150]) if packed else None
+    tensors, state = CASE.draw(B=1 if packed else 2, T=150, H=2, K=40, V=24, seed=14, N=4 if packed else None)
+    cu = cu_seqlens.to(DEVICE) if packed else None
+    check_against_naive(CASE, *to(tensors, state), "triton", cu_seqlens=cu, **ON_DEVICE)
+    # the forward's pass, then the backward's reverse pass and, unless kept, its forward one
+    assert len(launches) == segments * (3 - keep) and keeps == [keep]
+    (q, k, v, g), h0 = to(tensors, state)
+    args = (q, k, v, g.float(), h0.float(), cu, 0.25, keep)
+    _, _, saved = torch.ops.linattn.chunk_gla(*args)
+    assert len(saved) == 2 and (saved[1].numel() > 0) == keep
+    checks = torch.library.opcheck(torch.ops.linattn.chunk_gla, args, test_utils=("test_schema", "test_faketensor"))
+    assert set(checks.values()) == {"SUCCESS"}, checks
+    keeps.clear()
+    with torch.no_grad():  # no gradient wanted: nothing kept, whatever the setting
+        tri.triton_gla(q.requires_grad_(), k, v, g, scale=0.25, initial_state=h0, cu_seqlens=cu)
+    assert keeps == [False]
+
+
 @pytest.mark.parametrize("limit", [-1.0, 60.0])
 def test_sub_chunk_products_rebased_or_row_by_row(limit, monkeypatch):
     """Inside sub-chunks, products rebased on one row (REBASE_LIMIT) or one row at a time (-1): the same result.
@@ -170,7 +201,7 @@ def test_backward_without_final_state_gradient():
     tensors, state = to(*CASE.draw(B=2, T=40, H=1, K=16, V=24, seed=6))
     q, k, v, g = tensors
     do = torch.randn_like(v)
-    _, ht, _ = tri.forward(q, k, v, g, state, 0.25, None)
+    _, ht, *_ = tri.forward(q, k, v, g, state, 0.25, None)
     none = tri.backward(do, None, q, k, v, g, state, ht, 0.25, None)
     zero = tri.backward(do, torch.zeros_like(ht), q, k, v, g, state, ht, 0.25, None)
     for name, a, b in zip(("dq", "dk", "dv", "dg", "dh0"), none, zero):
@@ -203,7 +234,7 @@ def test_recurrent_decode_equals_chunk(T):
     q, k, v, g = tensors
     with torch.no_grad():
         o, S = CASE(tensors, initial_state=state, output_final_state=True, impl="triton")
-    o_chunk, S_chunk, _ = tri.forward(q, k, v, g, state, q.shape[-1] ** -0.5, None)
+    o_chunk, S_chunk, *_ = tri.forward(q, k, v, g, state, q.shape[-1] ** -0.5, None)
     assert_same_result("o", o, o_chunk)
     assert_same_result("final_state", S, S_chunk)
 
@@ -259,6 +290,20 @@ def test_gpu_no_host_sync(segments, check, monkeypatch):
     monkeypatch.setattr(tri, "SEGMENTS", segments)
     tensors, state = CASE.draw(B=1, T=2000, H=2, K=128, V=128, dtype=torch.bfloat16, seed=25)
     check(CASE, tensors, state)
+
+
+@gpu
+@pytest.mark.parametrize("segments, packed", [(1, True), (4, False)], ids=["packed", "segments"])
+def test_gpu_states_kept_bfloat16(segments, packed, monkeypatch):
+    """KEEP_STATES on the card, in bfloat16 (the kept states bfloat16, as STATES_LOWP stores them), with packed
+    sequences, or over segments and then captured in a CUDA graph and replayed on new values."""
+    monkeypatch.setattr(tri, "KEEP_STATES", True)
+    monkeypatch.setattr(tri, "SEGMENTS", segments)
+    cu = torch.tensor([0, 0, 1, 700, 2000], device="cuda") if packed else None
+    tensors, state = CASE.draw(B=1, T=2000, H=2, K=128, V=128, dtype=torch.bfloat16, seed=29, N=4 if packed else None)
+    check_against_naive(CASE, *to(tensors, state), "triton", cu_seqlens=cu, reference="chunk", plain_in_dtype=True)
+    if not packed:
+        assert_cuda_graph_replays(CASE, tensors, state)
 
 
 @gpu

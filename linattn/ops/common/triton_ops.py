@@ -24,8 +24,8 @@ def fake_state(q: torch.Tensor, v: torch.Tensor, cu_seqlens) -> torch.Tensor:
 
 
 def none_tensor(q: torch.Tensor) -> torch.Tensor:
-    """What stands for None among a custom op's outputs (they must be tensors): an empty float32 tensor. The
-    chunk op's third output is one when the forward saves nothing for the backward."""
+    """What stands for None among a custom op's outputs (they must be tensors): an empty float32 tensor, as for
+    a gradient not wanted, or a tensor the forward did not keep for the backward."""
     return q.new_empty(0, dtype=torch.float32)
 
 
@@ -35,7 +35,11 @@ def _fake_forward(q, k, v, g, h0, cu_seqlens, scale):
 
 
 def register_decay_ops(
-    name: str, forward: Callable, backward: Callable, fake_saved: Callable | None = None
+    name: str,
+    forward: Callable,
+    backward: Callable,
+    fake_saved: Callable | None = None,
+    keeps: Callable[[], bool] | None = None,
 ) -> Callable:
     """Register the ops of one decay mechanism and return its Triton entry point.
 
@@ -43,10 +47,13 @@ def register_decay_ops(
     backward(do, dht, q, k, v, g, h0, ht, scale, cu_seqlens) -> (dq, dk, dv, dg or None, dh0 or None),
     where dht is None when the final state got no gradient.
 
-    With ``fake_saved``, forward returns a third tensor that the backward gets back as ``saved=`` (something
-    the forward formed and the backward would otherwise form again; empty for none), and
-    fake_saved(q, k, v, g, h0, cu_seqlens, scale) gives its fake. It is an output of the chunk op that takes
-    no gradient, and ``run`` drops it, so nothing outlives a call without autograd.
+    With ``fake_saved``, forward takes one more argument, keep, and returns after (o, ht) the tensors that the
+    backward gets back as ``saved=`` (a list: things the forward formed and the backward would otherwise form
+    again, each empty for none), and fake_saved(q, k, v, g, h0, cu_seqlens, scale, keep) gives their fakes. keep
+    is whether a gradient is wanted and ``keeps()`` (a mechanism's setting, read at each call; False without it)
+    says to keep what costs memory: an argument of the op, not a setting read inside it, so that a compiled graph
+    holds what its fakes say. The saved tensors are an output of the chunk op that takes no gradient, and ``run``
+    drops them, so nothing outlives a call without autograd.
     """
 
     @torch.library.custom_op(f"linattn::chunk_{name}", mutates_args=())
@@ -58,13 +65,17 @@ def register_decay_ops(
         h0: torch.Tensor | None,
         cu_seqlens: torch.Tensor | None,
         scale: float,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        o, ht, *saved = forward(q, k, v, g, h0, scale, cu_seqlens)
-        return o, ht, (saved[0] if saved else none_tensor(q))
+        keep: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        if fake_saved is None:
+            o, ht = forward(q, k, v, g, h0, scale, cu_seqlens)
+            return o, ht, []
+        o, ht, *saved = forward(q, k, v, g, h0, scale, cu_seqlens, keep)
+        return o, ht, saved
 
     @chunk_op.register_fake
-    def _(q, k, v, g, h0, cu_seqlens, scale):
-        saved = fake_saved(q, k, v, g, h0, cu_seqlens, scale) if fake_saved is not None else none_tensor(q)
+    def _(q, k, v, g, h0, cu_seqlens, scale, keep):
+        saved = list(fake_saved(q, k, v, g, h0, cu_seqlens, scale, keep)) if fake_saved is not None else []
         return (*_fake_forward(q, k, v, g, h0, cu_seqlens, scale), saved)
 
     @torch.library.custom_op(f"linattn::chunk_{name}_backward", mutates_args=())
@@ -77,7 +88,7 @@ def register_decay_ops(
         g: torch.Tensor | None,
         h0: torch.Tensor | None,
         ht: torch.Tensor,
-        saved: torch.Tensor,
+        saved: list[torch.Tensor],
         cu_seqlens: torch.Tensor | None,
         scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -94,20 +105,20 @@ def register_decay_ops(
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dg, dh0
 
     def setup_context(ctx, inputs, output):
-        q, k, v, g, h0, cu_seqlens, scale = inputs
-        ctx.save_for_backward(q, k, v, g, h0, output[1], output[2], cu_seqlens)
-        ctx.mark_non_differentiable(output[2])
+        q, k, v, g, h0, cu_seqlens, scale, _ = inputs
+        ctx.save_for_backward(q, k, v, g, h0, output[1], cu_seqlens, *output[2])
+        ctx.mark_non_differentiable(*output[2])
         ctx.scale = scale
         # An output that got no gradient (the final state, unless the caller used it) arrives as None, not as
         # zeros: the backward then skips the final-state terms instead of computing them from zeros.
         ctx.set_materialize_grads(False)
 
     def backward_fn(ctx, do, dht, _):
-        q, k, v, g, h0, ht, saved, cu_seqlens = ctx.saved_tensors
+        q, k, v, g, h0, ht, cu_seqlens, *saved = ctx.saved_tensors
         do = do if do is not None else torch.zeros_like(v)
         dht = dht.contiguous() if dht is not None else None
         dq, dk, dv, dg, dh0 = backward_op(do.contiguous(), dht, q, k, v, g, h0, ht, saved, cu_seqlens, ctx.scale)
-        return dq, dk, dv, (dg if g is not None else None), (dh0 if h0 is not None else None), None, None
+        return dq, dk, dv, (dg if g is not None else None), (dh0 if h0 is not None else None), None, None, None
 
     chunk_op.register_autograd(backward_fn, setup_context=setup_context)
 
@@ -130,9 +141,11 @@ def register_decay_ops(
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         g = g.float().contiguous() if g is not None else None
         h0 = initial_state.float().contiguous() if initial_state is not None else None
-        short = short_for_recurrent(q, cu_seqlens, RECURRENT_MAX_T)
-        op = recurrent_op if short and not needs_grad(q, k, v, g, h0) else chunk_op
-        o, ht = op(q, k, v, g, h0, cu_seqlens, float(scale))[:2]
+        grad = needs_grad(q, k, v, g, h0)
+        if not grad and short_for_recurrent(q, cu_seqlens, RECURRENT_MAX_T):
+            o, ht = recurrent_op(q, k, v, g, h0, cu_seqlens, float(scale))
+        else:
+            o, ht, _ = chunk_op(q, k, v, g, h0, cu_seqlens, float(scale), grad and keeps is not None and keeps())
         return o, (ht if output_final_state else None)
 
     return run

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from linattn.ops.common.triton_ops import register_decay_ops
+from linattn.ops.common.triton_ops import none_tensor, register_decay_ops
 from linattn.ops.common.triton_recurrent import recurrent
 from linattn.ops.common.triton_segments import Segments, chain_segments, segment_count
 from linattn.ops.common.triton_utils import (
@@ -82,6 +82,14 @@ CHUNK_LIMIT = 60.0
 # fwd+bwd took 18.65 ms with it, 22.01 without (the backward's intra 2.58 -> 1.16 ms, no diag: 1.90 ms). False: the
 # backward forms A again (only the inputs and outputs are kept).
 SAVE_SCORES = True
+# KEEP_STATES: the forward's last pass over each sequence also stores the state entering each chunk (as the
+# backward's own state pass would: bfloat16 with STATES_LOWP), kept for the backward, which then runs no forward
+# state pass of its own (with segments: neither each segment's own pass nor their chain). 512 MiB kept per layer at
+# B T = 65536, H = 16, K = V = 128 in bfloat16; the forward's store is the write the backward's pass would make.
+# Only where a gradient is wanted (an argument of the op: see register_decay_ops' keeps). Built after session 17's
+# device time, untimed (the backward's state pass was about 0.5 ms of 8.7 at T = 4096 in session 11's profile, more
+# with segments): off until timed (LINATTN_LAUNCH="gla.KEEP_STATES=1").
+KEEP_STATES = False
 # FEW_PROGRAMS: the per-sequence state kernels (the forward's output kernel and the backward's two state passes) run
 # (K / BK) (V / BV) N H programs, each a loop over all of its sequence's chunks; where that is fewer than this, their
 # value blocks are halved, down to 16 columns, until it is not. At T = 65536, B = 1, H = 16 the output kernel runs 32
@@ -263,28 +271,34 @@ def _setup(q, v, cu_seqlens):
     return B, T, H, K, V, lay, _flags(q.dtype), lowp_dots(q.dtype), _launch(q.dtype, K, V)
 
 
-def forward(q, k, v, g, h0, scale: float, cu_seqlens):
-    """o [B, T, H, V] in v's dtype, the final state [N, H, K, V] and the scores A [B, T, H, BT]."""
+def forward(q, k, v, g, h0, scale: float, cu_seqlens, keep: bool = False):
+    """o [B, T, H, V] in v's dtype, the final state [N, H, K, V], the scores A [B, T, H, BT] and, with keep, the
+    state entering each chunk [NC, H, K, V] (as _states gives it; else None)."""
     B, T, H, K, V, lay, flags, lowp, cfg = _setup(q, v, cu_seqlens)
     A, qg, kd, bc, _, _ = _intra(q, k, g, lay, flags, cfg, lowp, decay=False)
     o = torch.empty(B, T, H, V, dtype=store_dtype(v.dtype), device=q.device)
     ht = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device)
+    states = torch.empty(lay.NC, H, K, V, dtype=_states_dtype(lowp), device=q.device) if keep else None
+    kept = dict(states=states) if keep else {}
     _sweep(
         kd, v, bc, h0, lay, cu_seqlens, scale, False, cfg["output"], flags, lowp, own_cfg=cfg["state"], qg=qg, A=A,
-        o=o, last=ht,
+        o=o, last=ht, **kept,
     )  # fmt: skip
-    return o.to(v.dtype), ht, A
+    return o.to(v.dtype), ht, A, states
 
 
-def backward(do, dht, q, k, v, g, h0, ht, scale: float, cu_seqlens, saved=None):
+def backward(do, dht, q, k, v, g, h0, ht, scale: float, cu_seqlens, saved=()):
     """Gradients (dq, dk, dv, dg, dh0 or None); dht is None when the final state got no gradient. saved: the
-    forward's scores A (SAVE_SCORES), or None or empty to form them again."""
+    forward's scores A (SAVE_SCORES) and states entering each chunk (KEEP_STATES), each empty (or left out) to
+    form them again."""
     B, T, H, K, V, lay, flags, lowp, cfg = _setup(q, v, cu_seqlens)
-    given = saved is not None and saved.numel() > 0
+    saved_A, states = (*saved, None, None)[:2]
+    given = saved_A is not None and saved_A.numel() > 0
     A, qg, kd, bc, hi, lo = _intra(q, k, g, lay, flags, cfg, lowp, scores=not given)
-    A = saved if given else A
+    A = saved_A if given else A
     c = cfg["state"]
-    states, _ = _states(kd, v, bc, h0, lay, cu_seqlens, scale, False, False, flags, c, lowp)
+    if states is None or states.numel() == 0:
+        states, _ = _states(kd, v, bc, h0, lay, cu_seqlens, scale, False, False, flags, c, lowp)
     dstates, dh0 = _states(qg, do, bc, dht, lay, cu_seqlens, scale, True, h0 is not None, flags, c, lowp)
     del qg
 
@@ -327,20 +341,27 @@ def backward(do, dht, q, k, v, g, h0, ht, scale: float, cu_seqlens, saved=None):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _forward(q, k, v, g, h0, scale, cu_seqlens):
-    o, ht, A = forward(q, k, v, g, h0, scale, cu_seqlens)
-    return o, ht, (A if SAVE_SCORES else A.new_empty(0))
+def _forward(q, k, v, g, h0, scale, cu_seqlens, keep):
+    o, ht, A, states = forward(q, k, v, g, h0, scale, cu_seqlens, keep)
+    return o, ht, (A if SAVE_SCORES else A.new_empty(0)), (states if keep else none_tensor(q))
 
 
-def _fake_scores(q, k, v, g, h0, cu_seqlens, scale):
-    """The fake of what _forward keeps for the backward."""
-    if not SAVE_SCORES:
-        return q.new_empty(0, dtype=_scores_dtype(lowp_dots(q.dtype)))
-    return q.new_empty(*q.shape[:3], BT, dtype=_scores_dtype(lowp_dots(q.dtype)))
+def _fake_saved(q, k, v, g, h0, cu_seqlens, scale, keep):
+    """The fakes of what _forward keeps for the backward: the scores (SAVE_SCORES) and the states (keep)."""
+    lowp = lowp_dots(q.dtype)
+    A = (
+        q.new_empty(*q.shape[:3], BT, dtype=_scores_dtype(lowp))
+        if SAVE_SCORES
+        else q.new_empty(0, dtype=_scores_dtype(lowp))
+    )
+    if not keep:
+        return A, none_tensor(q)
+    NC = ChunkTable.count(q.shape[0], q.shape[1], cu_seqlens, BT)
+    return A, q.new_empty(NC, q.shape[2], q.shape[3], v.shape[3], dtype=_states_dtype(lowp))
 
 
 # Same contract as ``naive_gla``, with g [B, T, H, K].
-triton_gla = register_decay_ops("gla", _forward, backward, fake_saved=_fake_scores)
+triton_gla = register_decay_ops("gla", _forward, backward, fake_saved=_fake_saved, keeps=lambda: KEEP_STATES)
 
 
 def compile_variants():
@@ -380,6 +401,7 @@ def compile_variants():
                 ("diag", _diag_kernel, dict(BC=BC), cfg["diag"]),
                 ("forward", _state_kernel, state | fwd | dict(STORE_O=True, STORE_STATES=False), cfg["output"]),
                 ("states", _state_kernel, state | fwd, cfg["state"]),
+                ("forward keeping its states", _state_kernel, state | fwd | dict(STORE_O=True), cfg["output"]),
                 # one sequence of 16 heads: the value blocks narrowed for few programs (FEW_PROGRAMS)
                 (
                     "forward, few programs",
