@@ -458,12 +458,12 @@ def test_segment_chain_kernel_only_with_float64_tensor_cores(monkeypatch):
     cuda = torch.device("cuda", 0)
     for capability, on in [((8, 0), True), ((9, 0), True), ((10, 0), True), ((8, 6), False), ((8, 9), False),
                            ((12, 0), False), ((7, 5), False)]:  # fmt: skip
-        monkeypatch.setattr(tri, "_capability", lambda index, c=capability: c)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
         assert tri._chain_kernel_on(cuda) == on, capability
     assert tri._chain_kernel_on(torch.device("cpu"))
     monkeypatch.setattr(tri, "CHAIN_KERNEL", False)
     assert not tri._chain_kernel_on(torch.device("cpu"))
-    monkeypatch.setattr(tri, "_capability", lambda index: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
     assert not tri._chain_kernel_on(cuda)
 
 

@@ -50,8 +50,6 @@ run the token recurrence instead (decoding).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 
@@ -576,11 +574,6 @@ CHAIN_BV = 32  # state columns a program of _chain_kernel (sm_90, K = 128: 64 Ki
 FP64_MMA = frozenset({(8, 0), (9, 0), (10, 0)})  # compute capabilities with float64 tensor cores
 
 
-@functools.cache
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
 def _chain_kernel_on(device: torch.device) -> bool:
     """Whether _chain runs _chain_kernel on this device: CHAIN_KERNEL, on a GPU with float64 tensor cores (see
     above), or on CPU tensors (the interpreter)."""
@@ -588,7 +581,7 @@ def _chain_kernel_on(device: torch.device) -> bool:
         return False
     if device.type != "cuda":
         return True
-    return _capability(device.index if device.index is not None else torch.cuda.current_device()) in FP64_MMA
+    return torch.cuda.get_device_capability(device) in FP64_MMA
 
 
 def _chain(M, R, start, reverse: bool):
