@@ -479,12 +479,14 @@ def test_segments_chained_in_one_kernel(case, monkeypatch):
 def test_segment_counts():
     """Segments only for few, long sequences without cu_seqlens, at least MIN_SEGMENTS of them, and the
     segment table: whole chunks, the last one of each sequence shorter."""
-    assert tri._num_segments(1, 16, 65536, None) == 16  # the standard shape at T = 65536
-    assert tri._num_segments(2, 16, 32768, None) == 8
-    assert tri._num_segments(16, 16, 4096, None) == 1  # enough sequences and heads already
-    assert tri._num_segments(4, 16, 16384, None) == 1  # 4 segments: not worth three passes (MIN_SEGMENTS)
-    assert tri._num_segments(1, 16, 65536, torch.tensor([0, 65536])) == 1
-    assert tri._num_segments(1, 16, 2048, None) == 1  # 32 chunks: segments would be too short
+    for gated in (False, True):
+        assert tri._num_segments(1, 16, 65536, None, gated) == 8  # the standard shape at T = 65536
+        assert tri._num_segments(16, 16, 4096, None, gated) == 1  # enough sequences and heads already
+        assert tri._num_segments(4, 16, 16384, None, gated) == 1  # 2 segments: not worth three passes
+        assert tri._num_segments(1, 16, 65536, torch.tensor([0, 65536]), gated) == 1
+        assert tri._num_segments(1, 16, 2048, None, gated) == 1  # 32 chunks: segments would be too short
+    assert tri._num_segments(2, 16, 32768, None, gated=True) == 4
+    assert tri._num_segments(2, 16, 32768, None, gated=False) == 1  # 4: fewer than the delta rule's MIN_SEGMENTS
     seg = tri.Segments(N=2, T=300, NS=3, BT=tri.BT, device="cpu")
     assert seg.NS == 3 and seg.cu.tolist() == [0, 128, 256, 300, 428, 556, 600]
     assert seg.first.tolist() == [0, 2, 4, 5, 7, 9]

@@ -294,9 +294,14 @@ STATE_GRAD_GPU = None
 # one card, one day): at T = 65536 (16 segments) 7.09 / 9.00 against 12.62 / 15.27 without (BV = 32); at 32768, B = 2
 # (8 segments) 7.00 / 8.93 against 8.03 / 10.40; at 16384, B = 4, 4 segments took 6.94 / 8.85 against 6.55 / 8.50
 # without (BV = 64), so MIN_SEGMENTS is 8. 8 segments at T = 65536 (SEGMENT_HEADS = 128): 8.52 / 10.47; 32 (512):
-# 7.55 / 9.46. LINATTN_LAUNCH="gated_delta_rule.SEGMENT_HEADS=0" turns segments off.
-SEGMENT_HEADS = 256  # sequences x heads x segments to aim for (the standard shape's B H at T = 4096)
-MIN_SEGMENTS = 8
+# 7.55 / 9.46. Session 18 (one card, one day; kept states, the chain kernel, two stages for few programs), delta_rule /
+# gated at SEGMENT_HEADS 256 with 8 (then main) / none / 128 with 2 / 128 with 4 / 64 with 2:
+#   T = 32768, B = 2: 6.22 / 8.01 (8) | 5.35 / 8.30 (none) | 6.15 / 7.96 (4) | 6.16 / 7.96 (4) | 6.41 / 9.24 (2)
+#   T = 65536, B = 1: 6.31 / 8.10 (16) | 6.96 / 10.82 (none) | 6.19 / 7.99 (8) | 6.20 / 8.01 (8) | 6.42 / 9.25 (4)
+# and at 16384 (B = 4, none at 128) 4.88 / 7.21. So 128, with at least 8 segments for the delta rule (none at
+# 32768), 4 for the gated one. LINATTN_LAUNCH="gated_delta_rule.SEGMENT_HEADS=0" turns segments off.
+SEGMENT_HEADS = 128  # sequences x heads x segments to aim for
+MIN_SEGMENTS = dict(gated=4, ungated=8)
 SEGMENT_MIN_CHUNKS = 16
 SEGMENTS = None
 
@@ -354,9 +359,10 @@ def _sequence_bv(K: int, V: int, NH: int, dtype: torch.dtype | None = None, stat
     return narrow_bv(_blocks(K, V, dtype)[1], V, NH, target)
 
 
-def _num_segments(N: int, H: int, T: int, cu_seqlens) -> int:
-    """Segments per sequence for the per-sequence kernels (1: none); see SEGMENT_HEADS."""
-    return segment_count(N, H, T, BT, cu_seqlens, SEGMENTS, SEGMENT_HEADS, SEGMENT_MIN_CHUNKS, MIN_SEGMENTS)
+def _num_segments(N: int, H: int, T: int, cu_seqlens, gated: bool) -> int:
+    """Segments per sequence for the per-sequence kernels (1: none), with gates or without; see SEGMENT_HEADS."""
+    least = MIN_SEGMENTS["gated" if gated else "ungated"]
+    return segment_count(N, H, T, BT, cu_seqlens, SEGMENTS, SEGMENT_HEADS, SEGMENT_MIN_CHUNKS, least)
 
 
 MAX_KEY_DIM = 128  # the per-chunk backward holds several [64, K] float32 tiles: K = 256 needs ~280 KB of shared memory
@@ -531,7 +537,7 @@ def forward(
     u = torch.empty(B, T, H, V, dtype=u_dtype, device=q.device) if split else ht
     g_ = g if g is not None else ht
     flags = _flags(q.dtype, g is not None, qk_l2norm, "forward", BK=BK)
-    NS = _num_segments(lay.N, H, T, cu_seqlens)
+    NS = _num_segments(lay.N, H, T, cu_seqlens, g is not None)
     if NS == 1:
         NV = triton.cdiv(V, BV)
         _forward_kernel[(NV, lay.N * H)](
@@ -712,7 +718,7 @@ def backward(
 
     bk = _chunk_keys(BK, qk_l2norm)
     chunk_flags = _flags(q.dtype, g is not None, qk_l2norm, "backward_chunk", BK=bk)
-    NS = _num_segments(lay.N, H, T, cu_seqlens)
+    NS = _num_segments(lay.N, H, T, cu_seqlens, g is not None)
     use_kept = kept is not None and (NS == 1 or segs is not None)  # with segments, their transitions M as well
     # what the backward stores itself may be bfloat16 (STATES_LOWP); not with kept float32 states and U, only with
     # ones kept in those same dtypes (KEEP_LOWP)
@@ -849,7 +855,8 @@ def _(q, k, v, g, beta, h0, cu_seqlens, scale, qk_l2norm, beta_is_logit, save, k
         w = q.new_empty(B, T, H, K, dtype=_w_dtype(k.dtype))
     else:
         states, u, w = empty.clone(), empty.clone(), empty.clone()
-    NS = Segments.count(T, _num_segments(N, H, T, cu_seqlens), BT) if save else 1  # (no shape guards otherwise)
+    # (no shape guards otherwise)
+    NS = Segments.count(T, _num_segments(N, H, T, cu_seqlens, g is not None), BT) if save else 1
     if NS > 1:
         seg_in = q.new_empty(N, NS, H, K, V, dtype=torch.float32)
         seg_m = q.new_empty(N, NS, H, K, K, dtype=torch.float32)

@@ -86,10 +86,10 @@ SAVE_SCORES = True
 # backward's own state pass would: bfloat16 with STATES_LOWP), kept for the backward, which then runs no forward
 # state pass of its own (with segments: neither each segment's own pass nor their chain). 512 MiB kept per layer at
 # B T = 65536, H = 16, K = V = 128 in bfloat16; the forward's store is the write the backward's pass would make.
-# Only where a gradient is wanted (an argument of the op: see register_decay_ops' keeps). Built after session 17's
-# device time, untimed (the backward's state pass was about 0.5 ms of 8.7 at T = 4096 in session 11's profile, more
-# with segments): off until timed (LINATTN_LAUNCH="gla.KEEP_STATES=1").
-KEEP_STATES = False
+# Only where a gradient is wanted (an argument of the op: see register_decay_ops' keeps). On an H200 (session 18, one
+# call, bf16, fwd+bwd ms, the then SEGMENT_HEADS 256), formed again / kept: T = 4096 8.72 / 8.63, 16384 8.85 / 8.67,
+# 32768 9.32 / 9.05, 65536 9.33 / 9.05; the GLA GPU tests pass with it. False gives the memory back.
+KEEP_STATES = True
 # FEW_PROGRAMS: the per-sequence state kernels (the forward's output kernel and the backward's two state passes) run
 # (K / BK) (V / BV) N H programs, each a loop over all of its sequence's chunks; where that is fewer than this, their
 # value blocks are halved, down to 16 columns, until it is not. At T = 65536, B = 1, H = 16 the output kernel runs 32
@@ -122,8 +122,13 @@ STATES_LOWP = True
 #   T = 32768, B = 2:  -   /  -                / 9.29 (8)    / 9.45 (none) / 9.38 (16)
 #   T = 65536, B = 1: 10.85 / 9.28 (16)        / 9.31 (16)   / 9.25 (8)    / 9.43 (32)
 # So 256 with at least 8: segments from T = 32768 at the standard shape. The GLA GPU tests pass with them (session 17).
-SEGMENT_HEADS = 256
-MIN_SEGMENTS = 8
+# Session 18, with KEEP_STATES (one call; none / 128 with 2 / 128 with 4 / 256 with 8 / 512 with 8):
+#   T = 16384, B = 4:  -   /  -        / 8.66 (none) /  -        /  -
+#   T = 32768, B = 2: 8.99 / 8.97 (4)  / 8.97 (4)    / 9.05 (8)  / 9.08 (16)
+#   T = 65536, B = 1: 10.08 / 9.00 (8) / 9.00 (8)    / 9.05 (16) / 9.11 (32)
+# (64 with 2: 9.22 / 9.21.) So 128 with at least 4: segments from T = 32768, half as many as before.
+SEGMENT_HEADS = 128
+MIN_SEGMENTS = 4
 SEGMENT_MIN_CHUNKS = 16
 SEGMENTS = None
 
