@@ -15,6 +15,7 @@ from linattn import ops
 from tests.ops.mechanisms import by_id
 from tests.ops.tolerance import ON_DEVICE, assert_same_result, check_against_naive, run_with_grads
 from tests.ops.triton_checks import (
+    assert_checkpointed_equals_plain,
     assert_compiles_fullgraph,
     assert_cuda_graph_replays,
     assert_no_host_sync,
@@ -161,23 +162,10 @@ def test_forward_states_kept_for_the_backward_or_formed_again(case, keep, monkey
 
 @both
 def test_kept_states_under_activation_checkpointing(case):
-    """Under torch.utils.checkpoint (non-reentrant), what the forward keeps for the backward (KEEP_STATES, saved
-    through save_for_backward, so dropped after the first forward) is formed again by the recomputed forward, which
-    must save the same tensors (checkpoint raises otherwise): the same outputs and gradients as without it."""
-    from torch.utils.checkpoint import checkpoint
-
+    """What the forward keeps (KEEP_STATES) under torch.utils.checkpoint: see assert_checkpointed_equals_plain."""
     assert tri.KEEP_STATES  # the library's setting, which this test is about
     tensors, state = to(*case.draw(B=1, T=150, H=2, K=24, V=16, seed=17))
-
-    def run(ts, s0):
-        return case(ts, initial_state=s0, output_final_state=True, impl="triton")
-
-    def checkpointed(ts, s0):
-        return checkpoint(lambda *a: run(list(a[:-1]), a[-1]), *ts, s0, use_reentrant=False)
-
-    got, want = run_with_grads(checkpointed, tensors, state), run_with_grads(run, tensors, state)
-    for i, (a, b) in enumerate(zip(got, want, strict=True)):
-        assert_same_result(f"output {i}", a, b)
+    assert_checkpointed_equals_plain(case, tensors, state)
 
 
 @both

@@ -13,6 +13,7 @@ from linattn import ops
 from tests.ops.mechanisms import by_id
 from tests.ops.tolerance import ON_DEVICE, assert_same_result, check_against_naive
 from tests.ops.triton_checks import (
+    assert_checkpointed_equals_plain,
     assert_compiles_fullgraph,
     assert_cuda_graph_replays,
     assert_no_host_sync,
@@ -156,6 +157,14 @@ def test_states_kept_for_the_backward_or_formed_again(keep, segments, packed, mo
     with torch.no_grad():  # no gradient wanted: nothing kept, whatever the setting
         tri.triton_gla(q.requires_grad_(), k, v, g, scale=0.25, initial_state=h0, cu_seqlens=cu)
     assert keeps == [False]
+
+
+def test_kept_states_under_activation_checkpointing():
+    """What the forward keeps (KEEP_STATES, and its scores: SAVE_SCORES) under torch.utils.checkpoint, with an
+    initial state: see assert_checkpointed_equals_plain."""
+    assert tri.KEEP_STATES and tri.SAVE_SCORES  # the library's settings, which this test is about
+    tensors, state = to(*CASE.draw(B=1, T=150, H=2, K=24, V=16, seed=17))
+    assert_checkpointed_equals_plain(CASE, tensors, state)
 
 
 @pytest.mark.parametrize("limit", [-1.0, 60.0])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.ops.tolerance import assert_same_result
+from tests.ops.tolerance import assert_same_result, run_with_grads
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -94,6 +94,24 @@ def assert_segments_equal_one_pass(case, module, tensors: list, state, monkeypat
         o1, S1 = case(tensors, initial_state=state, output_final_state=True, impl="triton")
     assert_same_result("o", o, o1)
     assert_same_result("final state", S, S1)
+
+
+def assert_checkpointed_equals_plain(case, tensors: list, state):
+    """Under torch.utils.checkpoint (non-reentrant), what the Triton op's forward keeps for its backward (its
+    KEEP_STATES, saved through save_for_backward, so dropped after the first forward) is formed again by the
+    recomputed forward, which must save the same tensors (checkpoint raises otherwise): the same outputs and
+    gradients as without it."""
+    from torch.utils.checkpoint import checkpoint
+
+    def run(ts, s0):
+        return case(ts, initial_state=s0, output_final_state=True, impl="triton")
+
+    def checkpointed(ts, s0):
+        return checkpoint(lambda *a: run(list(a[:-1]), a[-1]), *ts, s0, use_reentrant=False)
+
+    got, want = run_with_grads(checkpointed, tensors, state), run_with_grads(run, tensors, state)
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert_same_result(f"output {i}", a, b)
 
 
 def _gpu_step(case, tensors: list, state, cu_seqlens=None):
