@@ -93,6 +93,27 @@ def test_state_gradient_in_its_own_value_blocks(case, segments, monkeypatch):
     assert {kw["BV"] for kw in forward} == {32} and {kw["BV"] for kw in state} == {16}
 
 
+@pytest.mark.parametrize("warps", [None, 8])
+def test_few_programs_take_their_own_warps(warps, monkeypatch):
+    """FEW_PROGRAMS_WARPS: the per-sequence launches of fewer than FEW_PROGRAMS programs take it (None: NUM_WARPS),
+    where their tiles allow 8 warps (64 keys, 32 values: see _warps); launches of many programs, and the per-chunk
+    kernels, keep NUM_WARPS. K = V = 64: 2 value blocks of 32 x 2 sequences x 2 heads = 8 programs."""
+    monkeypatch.setattr(tri, "FEW_PROGRAMS_WARPS", warps)
+    monkeypatch.setattr(tri, "FEW_PROGRAMS", 9)
+    monkeypatch.setattr(tri, "FULL_GPU", 0)  # the blocks of many programs (BV_MAX), not narrowed
+    launched = {name: launch_kwargs(monkeypatch, tri, name) for name in ("_forward_kernel", "_backward_state_kernel")}
+    chunk = launch_kwargs(monkeypatch, tri, "_backward_chunk_kernel")
+    tensors, state = GATED.draw(B=2, T=150, H=2, K=64, V=64, seed=30, gate_scale=0.05)
+    check_against_naive(GATED, *to(tensors, state), "triton", **ON_DEVICE)
+    for name, kws in launched.items():
+        assert kws and {kw["num_warps"] for kw in kws} == {warps or tri.NUM_WARPS[name[1:-7]]}, name
+        assert {kw["BV"] for kw in kws} == {32}
+    assert {kw["num_warps"] for kw in chunk} == {tri.NUM_WARPS["backward_chunk"]}
+    monkeypatch.setattr(tri, "FEW_PROGRAMS", 8)  # 8 programs are then not few
+    assert tri._launch("forward", torch.bfloat16, 64, 32, 8)["num_warps"] == tri.NUM_WARPS["forward"]
+    assert tri._launch("forward", torch.bfloat16, 64, 16, 4)["num_warps"] == 4  # tiles too small for 8 warps
+
+
 @pytest.mark.parametrize("segments", [1, 2])
 def test_state_gradient_launch_counts_its_programs(segments, monkeypatch):
     """backward_state's launch is given its program count (value blocks x sequences x heads x segments), so that

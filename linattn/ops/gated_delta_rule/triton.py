@@ -155,6 +155,13 @@ GATED_STAGES = dict(prepare=1, forward=2, output=1, local_du=1, backward_state=2
 # (512 programs each, the latter over 16 segments), so by its program count. The gated op's is 2 anyway.
 FEW_PROGRAMS = 132
 FEW_PROGRAMS_STAGES = 2
+# FEW_PROGRAMS_WARPS: num_warps of such a launch (None: NUM_WARPS), for tiles where 8 warps are safe (see _warps).
+# With fewer programs than SMs, each SM holds one program, so its registers are not shared: 8 warps would halve each
+# thread's part of a chunk step, which is the sequential loop's latency. At T = 32768, B = 2 (no segments) the
+# per-sequence kernels run 128 programs of 32 value columns, and the forward and backward_state took 0.23 and 0.20
+# ms longer than at T = 4096 (session 18's profile). Built after session 18's device time, untimed: off until timed
+# (LINATTN_LAUNCH="gated_delta_rule.FEW_PROGRAMS_WARPS=8").
+FEW_PROGRAMS_WARPS = None
 # bf16 operands for bf16 inputs on a GPU (see the module docstring), by kernel (H200, Triton 3.6):
 # - backward_chunk: on. Right at K = 128 (gradient errors 4-5e-3 of the largest, as with tf32). Session 6: 4.36 ms
 #   against 5.95 with tf32 (delta_rule, T = 4096, B = 16) and 5.82 against 9.20 (gated).
@@ -327,18 +334,21 @@ def _launch(
     """num_warps (see _warps) and num_stages of a kernel launched as ``programs`` programs (None: many), with
     gates (GATED_STAGES) or without."""
     stages = GATED_STAGES.get(kernel, NUM_STAGES[kernel]) if gated else NUM_STAGES[kernel]
+    few = programs is not None and programs < FEW_PROGRAMS
     if dtype == torch.float32:
         stages = 1
-    elif programs is not None and programs < FEW_PROGRAMS:
+    elif few:
         stages = max(stages, FEW_PROGRAMS_STAGES)
-    return dict(num_warps=_warps(kernel, BK, BV), num_stages=stages)
+    return dict(num_warps=_warps(kernel, BK, BV, few), num_stages=stages)
 
 
-def _warps(kernel: str, BK: int, BV: int) -> int:
-    """num_warps of a kernel: NUM_WARPS for tiles of BK >= 64 keys and BV >= 32 values; 4 for smaller ones,
-    where 8 warps ended in illegal memory accesses or wrong gradients on an H200 (Triton 3.6), in tf32 dots
-    as well as bf16 ones."""
-    return NUM_WARPS[kernel] if BK >= 64 and BV >= 32 else 4
+def _warps(kernel: str, BK: int, BV: int, few: bool = False) -> int:
+    """num_warps of a kernel: NUM_WARPS (FEW_PROGRAMS_WARPS where set for a launch of ``few`` programs) for tiles of
+    BK >= 64 keys and BV >= 32 values; 4 for smaller ones, where 8 warps ended in illegal memory accesses or wrong
+    gradients on an H200 (Triton 3.6), in tf32 dots as well as bf16 ones."""
+    if BK < 64 or BV < 32:
+        return 4
+    return FEW_PROGRAMS_WARPS if few and FEW_PROGRAMS_WARPS is not None else NUM_WARPS[kernel]
 
 
 def _chunk_keys(BK: int, qk_l2norm: bool) -> int:
