@@ -122,7 +122,7 @@ STATES_LOWP = True
 #   T = 32768, B = 2:  -   /  -                / 9.29 (8)    / 9.45 (none) / 9.38 (16)
 #   T = 65536, B = 1: 10.85 / 9.28 (16)        / 9.31 (16)   / 9.25 (8)    / 9.43 (32)
 # So 256 with at least 8: segments from T = 32768 at the standard shape. The GLA GPU tests pass with them (session 17).
-# Session 18, with KEEP_STATES (one call; none / 128 with 2 / 128 with 4 / 256 with 8 / 512 with 8):
+# Session 18, with KEEP_STATES (three calls, one machine; none / 128 with 2 / 128 with 4 / 256 with 8 / 512 with 8):
 #   T = 16384, B = 4:  -   /  -        / 8.66 (none) /  -        /  -
 #   T = 32768, B = 2: 8.99 / 8.97 (4)  / 8.97 (4)    / 9.05 (8)  / 9.08 (16)
 #   T = 65536, B = 1: 10.08 / 9.00 (8) / 9.00 (8)    / 9.05 (16) / 9.11 (32)
