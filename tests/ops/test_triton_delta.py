@@ -114,6 +114,21 @@ def test_few_programs_take_their_own_warps(warps, monkeypatch):
     assert tri._launch("forward", torch.bfloat16, 64, 16, 4)["num_warps"] == 4  # tiles too small for 8 warps
 
 
+def test_one_stage_on_gpus_with_less_shared_memory(monkeypatch):
+    """On a GPU that offers a program less than SMALL_SHARED of shared memory (sm_86, sm_89, sm_120: 99 KiB),
+    every launch takes one stage, where Hopper's settings take two (GATED_STAGES, FEW_PROGRAMS_STAGES) and the
+    gated forward would need 108-120 KiB; on an H200 (227 KiB) they keep them; where Triton does not say, too.
+    The device faked: what Triton reports of it."""
+    monkeypatch.setattr(tri, "triton_interpret", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    for optin, gated_forward, few in [(101376, 1, 1), (232448, 2, 2), (166912, 2, 2), (None, 2, 2)]:  # 8.9, 9.0, 8.0
+        monkeypatch.setattr(tri, "_shared_per_program", lambda index, s=optin: s)
+        assert tri._launch("forward", torch.bfloat16, 128, 32, gated=True)["num_stages"] == gated_forward, optin
+        assert tri._launch("backward_state", torch.bfloat16, 128, 32, 64)["num_stages"] == few, optin  # few programs
+        assert tri._launch("backward_chunk", torch.bfloat16, 64, 64, gated=True)["num_stages"] == 1
+
+
 @pytest.mark.parametrize("segments", [1, 2])
 def test_state_gradient_launch_counts_its_programs(segments, monkeypatch):
     """backward_state's launch is given its program count (value blocks x sequences x heads x segments), so that

@@ -1,6 +1,9 @@
-"""The index tables of the Triton ops (ChunkTable, Segments), kept across calls with the same shapes."""
+"""The Triton ops' shared utilities: the index tables (ChunkTable, Segments), kept across calls with the same
+shapes, and which calls the kernels serve (triton_unsupported)."""
 
 from __future__ import annotations
+
+import types
 
 import pytest
 import torch
@@ -78,3 +81,15 @@ def test_gpu_tables_kept_per_stream(empty_cache):
         other = ChunkTable.get(2, 70, None, 64, "cuda")
     assert other is not lay and same_table(other, lay)
     assert ChunkTable.get(2, 70, None, 64, "cuda") is lay
+
+
+def test_gpus_before_ampere_take_the_chunked_path(monkeypatch):
+    """triton_unsupported turns GPUs of compute capability below 8.0 away (impl="auto" then takes the chunked path,
+    impl="triton" raises naming why); 8.0 and newer are served. A CUDA tensor is faked by its attributes."""
+    q = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=torch.float16, shape=(1, 8, 2, 64))
+    for capability, served in [((7, 5), False), ((7, 0), False), ((8, 0), True), ((8, 9), True), ((12, 0), True)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+        why = triton_utils.triton_unsupported(q, q)
+        assert (why is None) == served, (capability, why)
+        if not served:
+            assert f"compute capability {capability[0]}.{capability[1]}" in why and "8.0" in why

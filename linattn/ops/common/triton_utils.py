@@ -14,6 +14,11 @@ from triton.language.extra import libdevice
 from linattn.ops._contract import triton_interpret
 
 MAX_HEAD_DIM = 256
+# The kernels' launch settings are Hopper's; they have been timed on sm_90 only, and compiled for sm_80, sm_86, sm_89
+# and sm_120 besides (sessions 17-18, without a GPU). On Turing (7.5) a program gets 64 KiB of shared memory, and
+# the gated delta rule's forward and output kernels need 68-96 KiB even at one stage (compiled for sm_75 with
+# Triton 3.6, float16, session 18); bfloat16 dots need 8.0. Older GPUs take the chunked path.
+MIN_CAPABILITY = (8, 0)
 
 
 @triton.jit
@@ -144,6 +149,9 @@ def triton_unsupported(q: torch.Tensor, v: torch.Tensor) -> str | None:
     """None if Triton kernels can serve these inputs, else the reason they cannot."""
     if not (q.is_cuda or (q.device.type == "cpu" and triton_interpret())):
         return f"tensors are on {q.device}; Triton needs CUDA (or CPU tensors with TRITON_INTERPRET=1)"
+    if q.is_cuda and torch.cuda.get_device_capability(q.device) < MIN_CAPABILITY:
+        major, minor = torch.cuda.get_device_capability(q.device)
+        return f"{q.device} has compute capability {major}.{minor}; linattn's Triton kernels need 8.0 or newer"
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"dtype {q.dtype} is not supported (float32, bfloat16, float16 are)"
     if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:

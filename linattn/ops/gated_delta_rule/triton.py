@@ -50,6 +50,8 @@ run the token recurrence instead (decoding).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
@@ -155,6 +157,13 @@ GATED_STAGES = dict(prepare=1, forward=2, output=1, local_du=1, backward_state=2
 # (512 programs each, the latter over 16 segments), so by its program count. The gated op's is 2 anyway.
 FEW_PROGRAMS = 132
 FEW_PROGRAMS_STAGES = 2
+# Shared memory: the stages above were chosen on Hopper, which gives a program up to 227 KiB. Compiled for sm_89
+# (Triton 3.6, session 18) with the flags a GPU other than compute capability 9 gets (no bfloat16 dots in
+# NEEDS_FIXED_PTXAS' kernels: see common/ptxas.py), the gated forward that forms o (no gradient wanted) takes 108-120
+# KiB at two stages: more than the 99 KiB of sm_86, sm_89 and sm_120 GPUs, whose launch would fail. At one stage
+# every kernel fits (the largest 96 KiB). So on a GPU that offers a program less than SMALL_SHARED, every launch
+# takes one stage.
+SMALL_SHARED = 128 * 1024
 # FEW_PROGRAMS_WARPS: num_warps of such a launch (None: NUM_WARPS), for tiles where 8 warps are safe (see _warps).
 # With fewer programs than SMs, each SM holds one program, so its registers are not shared: 8 warps would halve each
 # thread's part of a chunk step, which is the sequential loop's latency. At T = 32768, B = 2 (no segments) the
@@ -335,11 +344,30 @@ def _launch(
     gates (GATED_STAGES) or without."""
     stages = GATED_STAGES.get(kernel, NUM_STAGES[kernel]) if gated else NUM_STAGES[kernel]
     few = programs is not None and programs < FEW_PROGRAMS
-    if dtype == torch.float32:
+    if dtype == torch.float32 or _small_shared_gpu():
         stages = 1
     elif few:
         stages = max(stages, FEW_PROGRAMS_STAGES)
     return dict(num_warps=_warps(kernel, BK, BV, few), num_stages=stages)
+
+
+@functools.cache
+def _shared_per_program(index: int) -> int | None:
+    """The shared memory a program may take on CUDA device ``index``, as Triton checks its launches against it
+    (the opt-in maximum per block), or None where this Triton does not say."""
+    try:
+        return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+    except (AttributeError, KeyError, RuntimeError):
+        return None
+
+
+def _small_shared_gpu() -> bool:
+    """Whether the kernels launch on a GPU (the current CUDA device) that offers a program less than SMALL_SHARED of
+    shared memory; False under the interpreter, or where Triton does not say."""
+    if triton_interpret() or not torch.cuda.is_available():
+        return False
+    shared = _shared_per_program(torch.cuda.current_device())
+    return shared is not None and shared < SMALL_SHARED
 
 
 def _warps(kernel: str, BK: int, BV: int, few: bool = False) -> int:
