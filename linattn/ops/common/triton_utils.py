@@ -16,8 +16,8 @@ from linattn.ops._contract import triton_interpret
 MAX_HEAD_DIM = 256
 # The kernels' launch settings are Hopper's; they have been timed on sm_90 only, and compiled for sm_80, sm_86, sm_89
 # and sm_120 besides (sessions 17-18, without a GPU). On Turing (7.5) a program gets 64 KiB of shared memory, and
-# the gated delta rule's forward and output kernels need 68-96 KiB even at one stage (compiled for sm_75 with
-# Triton 3.6, float16, session 18); bfloat16 dots need 8.0. Older GPUs take the chunked path.
+# the gated delta rule's forward and output kernels with qk_l2norm need 68-96 KiB even at one stage (compiled for
+# sm_75 with Triton 3.6, float16, session 18); bfloat16 dots need 8.0. Older GPUs take the chunked path.
 MIN_CAPABILITY = (8, 0)
 
 

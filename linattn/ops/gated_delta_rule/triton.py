@@ -159,10 +159,10 @@ FEW_PROGRAMS = 132
 FEW_PROGRAMS_STAGES = 2
 # Shared memory: the stages above were chosen on Hopper, which gives a program up to 227 KiB. Compiled for sm_89
 # (Triton 3.6, session 18) with the flags a GPU other than compute capability 9 gets (no bfloat16 dots in
-# NEEDS_FIXED_PTXAS' kernels: see common/ptxas.py), the gated forward that forms o (no gradient wanted) takes 108-120
-# KiB at two stages: more than the 99 KiB of sm_86, sm_89 and sm_120 GPUs, whose launch would fail. At one stage
-# every kernel fits (the largest 96 KiB). So on a GPU that offers a program less than SMALL_SHARED, every launch
-# takes one stage.
+# NEEDS_FIXED_PTXAS' kernels: see common/ptxas.py), the gated forward that forms o (no gradient wanted) with
+# qk_l2norm takes 108-120 KiB at two stages: more than the 99 KiB of sm_86, sm_89 and sm_120 GPUs, whose launch would
+# fail. At one stage every kernel fits (at most 80 KiB for bf16 inputs; 96 KiB for float32's output kernel). So on a
+# GPU that offers a program less than SMALL_SHARED, every launch takes one stage.
 SMALL_SHARED = 128 * 1024
 # FEW_PROGRAMS_WARPS: num_warps of such a launch (None: NUM_WARPS), for tiles where 8 warps are safe (see _warps).
 # With fewer programs than SMs, each SM holds one program, so its registers are not shared: 8 warps would halve each
