@@ -117,8 +117,8 @@ def test_few_programs_take_their_own_warps(warps, monkeypatch):
 def test_one_stage_on_gpus_with_less_shared_memory(monkeypatch):
     """On a GPU that offers a program less than SMALL_SHARED of shared memory (sm_86, sm_89, sm_120: 99 KiB),
     every launch takes one stage, where Hopper's settings take two (GATED_STAGES, FEW_PROGRAMS_STAGES) and the
-    gated forward would need 108-120 KiB; on an H200 (227 KiB) they keep them; where Triton does not say, too.
-    The device faked: what Triton reports of it."""
+    gated forward with qk_l2norm would need 108-120 KiB; on an H200 (227 KiB) they keep them; where Triton does not
+    say, too. The device faked: what Triton reports of it."""
     monkeypatch.setattr(tri, "triton_interpret", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
