@@ -13,11 +13,11 @@ from linattn.ops.gla.naive import naive_gla
 
 try:
     from linattn.ops.common.triton_recurrent import recurrent
-    from linattn.ops.common.triton_utils import triton_unsupported
+    from linattn.ops.common.triton_utils import on_device_of, triton_unsupported
 except ImportError as err:  # no Triton here: the token recurrence serves every call
     if err.name is None or err.name.split(".")[0] != "triton":
         raise
-    recurrent = triton_unsupported = None
+    recurrent = on_device_of = triton_unsupported = None
 
 
 if recurrent is not None:
@@ -32,7 +32,8 @@ if recurrent is not None:
         cu_seqlens: torch.Tensor | None,
         scale: float,
     ) -> torch.Tensor:
-        o, _ = recurrent(q, k, v, g, state, scale, cu_seqlens, out_state=state)
+        with on_device_of(q):
+            o, _ = recurrent(q, k, v, g, state, scale, cu_seqlens, out_state=state)
         return o
 
     @_decode_op.register_fake

@@ -1,8 +1,9 @@
 """The Triton ops' shared utilities: the index tables (ChunkTable, Segments), kept across calls with the same
-shapes, and which calls the kernels serve (triton_unsupported)."""
+shapes, which calls the kernels serve (triton_unsupported), and the device they launch on (on_device_of)."""
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import pytest
@@ -93,3 +94,61 @@ def test_gpus_before_ampere_take_the_chunked_path(monkeypatch):
         assert (why is None) == served, (capability, why)
         if not served:
             assert f"compute capability {capability[0]}.{capability[1]}" in why and "8.0" in why
+
+
+def test_kernels_launch_on_the_device_of_their_inputs(monkeypatch):
+    """on_device_of makes a CUDA tensor's device the current one (Triton launches on the current device), and
+    leaves CPU tensors alone; a CUDA tensor on the second GPU is faked by its attributes."""
+    entered = []
+
+    @contextlib.contextmanager
+    def device(d):
+        entered.append(d)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    with triton_utils.on_device_of(types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))):
+        assert entered == [torch.device("cuda", 1)]
+    with triton_utils.on_device_of(torch.zeros(1)):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+
+
+def test_every_op_that_launches_kernels_enters_the_device_of_its_inputs(monkeypatch):
+    """Each custom op whose body launches kernels (the decay family's and the delta rules' chunked forward and
+    backward and decode step, and decay_decode_) enters on_device_of(q) once a call."""
+    import linattn.ops.decode as decode
+    from linattn import ops
+    from linattn.ops.common import triton_ops
+    from linattn.ops.gated_delta_rule import triton as delta_triton
+    from tests.ops.mechanisms import by_id
+    from tests.ops.tolerance import run_with_grads
+
+    seen = []
+    real = triton_utils.on_device_of
+
+    def recording(t):
+        seen.append(t)
+        return real(t)
+
+    for module in (triton_ops, delta_triton, decode):
+        monkeypatch.setattr(module, "on_device_of", recording)
+    for case_id in ("simple_gla", "gated_delta_rule"):
+        case = by_id[case_id]
+        tensors, state = case.draw(B=1, T=20, H=2, K=16, V=16, seed=3)
+
+        def run(ts, s0, case=case):
+            return case(ts, initial_state=s0, output_final_state=True, impl="triton")
+
+        seen.clear()
+        run_with_grads(run, tensors, state)  # the chunked forward, then its backward
+        assert len(seen) == 2 and all(t.shape == tensors[0].shape for t in seen), case_id
+        seen.clear()
+        with torch.no_grad():
+            run([t[:, :4] for t in tensors], state)  # 4 tokens: the decode kernel
+        assert len(seen) == 1, case_id
+    seen.clear()
+    q, k, v, g = (t[:, :1] for t in by_id["simple_gla"].draw(B=1, T=20, H=2, K=16, V=16)[0])
+    with torch.no_grad():
+        ops.decay_decode_(q, k, v, g, torch.zeros(1, 2, 16, 16))
+    assert len(seen) == 1

@@ -14,7 +14,7 @@ import torch
 
 from linattn.ops._contract import RECURRENT_MAX_T
 from linattn.ops.common.triton_recurrent import recurrent
-from linattn.ops.common.triton_utils import needs_grad, short_for_recurrent
+from linattn.ops.common.triton_utils import needs_grad, on_device_of, short_for_recurrent
 
 
 def fake_state(q: torch.Tensor, v: torch.Tensor, cu_seqlens) -> torch.Tensor:
@@ -67,10 +67,11 @@ def register_decay_ops(
         scale: float,
         keep: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        if fake_saved is None:
-            o, ht = forward(q, k, v, g, h0, scale, cu_seqlens)
-            return o, ht, []
-        o, ht, *saved = forward(q, k, v, g, h0, scale, cu_seqlens, keep)
+        with on_device_of(q):
+            if fake_saved is None:
+                o, ht = forward(q, k, v, g, h0, scale, cu_seqlens)
+                return o, ht, []
+            o, ht, *saved = forward(q, k, v, g, h0, scale, cu_seqlens, keep)
         return o, ht, saved
 
     @chunk_op.register_fake
@@ -93,7 +94,8 @@ def register_decay_ops(
         scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         extra = dict(saved=saved) if fake_saved is not None else {}
-        dq, dk, dv, dg, dh0 = backward(do, dht, q, k, v, g, h0, ht, scale, cu_seqlens, **extra)
+        with on_device_of(q):
+            dq, dk, dv, dg, dh0 = backward(do, dht, q, k, v, g, h0, ht, scale, cu_seqlens, **extra)
         empty = none_tensor(q)
         return dq, dk, dv, (dg if dg is not None else empty), (dh0 if dh0 is not None else empty.clone())
 
@@ -132,7 +134,8 @@ def register_decay_ops(
         cu_seqlens: torch.Tensor | None,
         scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return recurrent(q, k, v, g, h0, scale, cu_seqlens)
+        with on_device_of(q):
+            return recurrent(q, k, v, g, h0, scale, cu_seqlens)
 
     recurrent_op.register_fake(_fake_forward)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import threading
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 import triton
@@ -207,6 +208,18 @@ def short_for_recurrent(q: torch.Tensor, cu_seqlens, max_t: int) -> bool:
     """True when the call has at most max_t tokens per sequence on average (decoding)."""
     n = 1 if cu_seqlens is None else cu_seqlens.shape[0] - 1
     return q.shape[1] <= max_t * n
+
+
+@contextmanager
+def on_device_of(t: torch.Tensor):
+    """Inside, the current CUDA device is ``t``'s. Triton launches its kernels on the current device, which need not
+    be the one that holds a layer's tensors (a model spread over GPUs in one process, as device_map="auto" does):
+    every custom op that launches kernels enters this first. Nothing for CPU tensors (the interpreter)."""
+    if t.is_cuda:
+        with torch.cuda.device(t.device):
+            yield
+    else:
+        yield
 
 
 def needs_grad(*tensors) -> bool:

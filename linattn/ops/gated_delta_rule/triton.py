@@ -65,6 +65,7 @@ from linattn.ops.common.triton_utils import (
     kernel_flags,
     narrow_bv,
     needs_grad,
+    on_device_of,
     precise_exp,
     short_for_recurrent,
     store_dtype,
@@ -869,7 +870,7 @@ def _chunk_op(
     kept: _keeps) and the segments' S_in and M (empty unless save with segments)). keep is an argument, not
     KEEP_STATES read here, so that a compiled graph (and torch.compile's caches, which do not see module
     settings) holds what the fake and the kernels do."""
-    with ptxas.assembler():
+    with on_device_of(q), ptxas.assembler():
         o, ht, tinv, kept, segs = forward(
             q, k, v, g, beta, h0, scale, cu_seqlens, qk_l2norm, beta_is_logit, save, keep
         )  # fmt: skip
@@ -927,7 +928,7 @@ def _chunk_backward_op(
     tinv = tinv if tinv.numel() else None
     kept = (states, u, w) if states.numel() else None
     segs = (seg_in, seg_m) if seg_in.numel() else None
-    with ptxas.assembler():
+    with on_device_of(q), ptxas.assembler():
         grads = backward(
             do, dht, q, k, v, g, beta, h0, tinv, scale, cu_seqlens, qk_l2norm, beta_is_logit, kept, segs
         )  # fmt: skip
@@ -1002,7 +1003,8 @@ def _recurrent_op(
     qk_l2norm: bool,
     beta_is_logit: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return recurrent(q, k, v, g, beta, h0, scale, cu_seqlens, qk_l2norm, beta_is_logit)
+    with on_device_of(q):
+        return recurrent(q, k, v, g, beta, h0, scale, cu_seqlens, qk_l2norm, beta_is_logit)
 
 
 @_recurrent_op.register_fake
