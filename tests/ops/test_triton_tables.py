@@ -152,3 +152,31 @@ def test_every_op_that_launches_kernels_enters_the_device_of_its_inputs(monkeypa
     with torch.no_grad():
         ops.decay_decode_(q, k, v, g, torch.zeros(1, 2, 16, 16))
     assert len(seen) == 1
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("case_id", ["simple_gla", "gla", "gated_delta_rule"])
+def test_gpu_inputs_on_the_second_gpu(case_id):
+    """With cuda:0 current and the inputs on cuda:1, the Triton path (forward, backward, decode) gives what it gives
+    with cuda:1 current."""
+    from tests.ops.mechanisms import by_id
+    from tests.ops.tolerance import run_with_grads
+
+    case = by_id[case_id]
+    tensors, state = case.draw(B=2, T=200, H=2, K=64, V=64, dtype=torch.bfloat16, seed=5)
+    tensors, state = [t.to("cuda:1") for t in tensors], state.to("cuda:1")
+
+    def run(ts, s0):
+        return case(ts, initial_state=s0, output_final_state=True, impl="triton")
+
+    results = {}
+    for current in (1, 0):
+        with torch.cuda.device(current):
+            got = run_with_grads(run, tensors, state)
+            with torch.no_grad():
+                got += list(run([t[:, :4] for t in tensors], state))
+            torch.cuda.synchronize(1)
+        results[current] = got
+    for i, (a, b) in enumerate(zip(results[0], results[1], strict=True)):
+        assert a.device == torch.device("cuda", 1), i
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"output {i}")
