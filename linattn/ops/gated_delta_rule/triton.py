@@ -342,7 +342,8 @@ def _launch(
     kernel: str, dtype: torch.dtype, BK: int, BV: int, programs: int | None = None, gated: bool = False
 ) -> dict:
     """num_warps (see _warps) and num_stages of a kernel launched as ``programs`` programs (None: many), with
-    gates (GATED_STAGES) or without."""
+    gates (GATED_STAGES) or without: one stage for float32 inputs and on GPUs with less shared memory
+    (SMALL_SHARED), at least FEW_PROGRAMS_STAGES for fewer programs than FEW_PROGRAMS."""
     stages = GATED_STAGES.get(kernel, NUM_STAGES[kernel]) if gated else NUM_STAGES[kernel]
     few = programs is not None and programs < FEW_PROGRAMS
     if dtype == torch.float32 or _small_shared_gpu():
