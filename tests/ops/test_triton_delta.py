@@ -13,7 +13,13 @@ import torch
 
 from linattn import ops
 from tests.ops.mechanisms import by_id
-from tests.ops.tolerance import ON_DEVICE, assert_same_result, check_against_naive, run_with_grads
+from tests.ops.tolerance import (
+    ON_DEVICE,
+    assert_same_result,
+    check_against_naive,
+    check_forward_against_naive,
+    run_with_grads,
+)
 from tests.ops.triton_checks import (
     assert_checkpointed_equals_plain,
     assert_compiles_fullgraph,
@@ -570,6 +576,18 @@ def test_options_mean_what_they_say():
 
 
 @both
+@pytest.mark.parametrize("segments", [1, 2])
+@pytest.mark.parametrize("options", [{}, dict(qk_l2norm=True, beta_is_logit=True)], ids=["plain", "options"])
+def test_inference_forward(case, segments, options, monkeypatch):
+    """Without a gradient, past the decode kernel's length, the chunked forward forms o in its loop (a kernel
+    variant training does not run), over segments or not: o and the final state against the token recurrence."""
+    monkeypatch.setattr(tri, "SEGMENTS", segments)
+    opt = with_options(case, **options) if options else case
+    tensors, state = opt.draw(B=2, T=150, H=2, K=24, V=40, seed=33, gate_scale=0.05)
+    check_forward_against_naive(opt, *to(tensors, state), "triton")
+
+
+@both
 @pytest.mark.parametrize("T", [1, 5])
 @pytest.mark.parametrize("options", [{}, dict(qk_l2norm=True, beta_is_logit=True)], ids=["plain", "options"])
 def test_recurrent_decode_path(case, T, options):
@@ -685,6 +703,37 @@ def test_gpu_bfloat16_operands_wide_value_blocks_and_w(case, monkeypatch):
     assert tri._sequence_bv(64, 80, 1, torch.bfloat16) == tri.BV_MAX_LOWP == 64
     tensors, state = case.draw(B=2, T=200, H=2, K=64, V=80, dtype=torch.bfloat16, seed=9)
     check_against_naive(case, *to(tensors, state), "triton", reference="chunk", plain_in_dtype=True)
+
+
+@gpu
+@both
+@pytest.mark.parametrize("segments", [1, 4])
+@pytest.mark.parametrize("options", [{}, dict(qk_l2norm=True, beta_is_logit=True)], ids=["plain", "options"])
+def test_gpu_inference_forward_bfloat16(case, segments, options, monkeypatch):
+    """Without a gradient the forward forms o in its loop (the kernel the split forward of training does not run),
+    over segments or not, with the in-kernel options or not: o and the final state by the dtype rule."""
+    monkeypatch.setattr(tri, "SEGMENTS", segments)
+    opt = with_options(case, **options) if options else case
+    tensors, state = opt.draw(B=1, T=2000, H=2, K=128, V=128, dtype=torch.bfloat16, seed=32, gate_scale=0.05)
+    check_forward_against_naive(opt, *to(tensors, state), "triton", reference="chunk", plain_in_dtype=True)
+
+
+@gpu
+@both
+@pytest.mark.parametrize("segments", [1, 4])
+def test_gpu_few_programs_at_eight_warps(case, segments, monkeypatch):
+    """FEW_PROGRAMS_WARPS = 8 (off by default, to be timed): the per-sequence launches of few programs at 8 warps,
+    with unnarrowed value blocks of 64 (FULL_GPU = 0; 8 warps need 32 or more), over segments or not: training's
+    outputs, final state and every gradient, and the no-gradient forward, by the dtype rule."""
+    monkeypatch.setattr(tri, "FEW_PROGRAMS_WARPS", 8)
+    monkeypatch.setattr(tri, "FULL_GPU", 0)
+    monkeypatch.setattr(tri, "SEGMENTS", segments)
+    launched = {name: launch_kwargs(monkeypatch, tri, name) for name in ("_forward_kernel", "_backward_state_kernel")}
+    tensors, state = case.draw(B=1, T=2000, H=2, K=128, V=128, dtype=torch.bfloat16, seed=31, gate_scale=0.05)
+    check_against_naive(case, *to(tensors, state), "triton", reference="chunk", plain_in_dtype=True)
+    check_forward_against_naive(case, *to(tensors, state), "triton", reference="chunk", plain_in_dtype=True)
+    for name, kws in launched.items():
+        assert kws and {kw["num_warps"] for kw in kws} == {8}, name
 
 
 @gpu

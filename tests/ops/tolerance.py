@@ -118,6 +118,23 @@ def check_against_naive(
             assert_dtype_close(f"{case.id} {label} {name}", f, p, r)
 
 
+def check_forward_against_naive(case, tensors, state, impl: str, reference: str = "naive", plain_in_dtype=False):
+    """check_against_naive without gradients (the inference path, which may run other kernels): o and the final
+    state of ``impl`` under torch.no_grad, by the same rule."""
+
+    def call(impl_name, ts, s0):
+        with torch.no_grad():
+            return case(ts, initial_state=s0, output_final_state=True, impl=impl_name)
+
+    ref = call(reference, [t.double() for t in tensors], None if state is None else state.double())
+    low = tensors[0].dtype in (torch.bfloat16, torch.float16) and plain_in_dtype
+    with LowPrecisionMatmuls(tensors[0].dtype) if low else contextlib.nullcontext():
+        plain = call(reference, tensors, state)
+    fast = call(impl, tensors, state)
+    for name, f, p, r in zip(("o", "final_state"), fast, plain, ref, strict=True):
+        assert_dtype_close(f"{case.id} {impl} {name} (no gradient)", f, p, r)
+
+
 class _RoundedMatmul(torch.autograd.Function):
     """A matmul whose operands are rounded to a low-precision dtype, accumulated in float32: tensor-core arithmetic."""
 
