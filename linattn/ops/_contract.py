@@ -153,8 +153,9 @@ def state_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def empty_result(q: torch.Tensor, v: torch.Tensor, dims: Dims, v_dim: int, initial_state, output_final_state: bool):
-    """T = 0: an empty output, and the initial state (zeros when none was given) passed through."""
-    o = v.new_empty(dims.B, 0, dims.H, dims.V)
+    """No tokens (T = 0) or no sequences (B = 0): an empty output, and the initial state (zeros when none was given)
+    passed through."""
+    o = v.new_empty(dims.B, dims.T, dims.H, dims.V)
     if not output_final_state:
         return o, None
     if initial_state is not None:
@@ -212,10 +213,11 @@ def dispatch(
     triton_ok: Callable | None = None,
     **options,
 ):
-    """Run ``impls[impl](*args, scale=..., initial_state=..., ...)``, or return the T = 0 result."""
+    """Run ``impls[impl](*args, scale=..., initial_state=..., ...)``, or return the empty result (no tokens, or an
+    empty batch, for which the kernels would launch no programs)."""
     q, v = args[0], args[2]
     fn = resolve_impl(op, impl, impls, q, dims.T, triton_ok)
-    if dims.T == 0:
+    if dims.T == 0 or dims.B == 0:
         return empty_result(q, v, dims, v_dim, initial_state, output_final_state)
     return fn(
         *args,

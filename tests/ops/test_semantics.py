@@ -82,6 +82,23 @@ def test_empty_sequence_returns_the_initial_state(case, with_state):
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("impl", ["naive", "chunk", "triton", "auto"])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_empty_batch(case, impl, with_state):
+    """B = 0 (an empty slice of a batch) gives empty results of the right shapes, by every impl the op has (Triton's
+    under the interpreter), the initial state passed through."""
+    tensors, state = case.draw(0, 70, 3, 4, 5)
+    state = state if with_state else None
+    try:
+        o, S = case(tensors, initial_state=state, output_final_state=True, impl=impl)
+    except ValueError as err:
+        if "is not available for this op" in str(err) or "cannot serve this call" in str(err):
+            pytest.skip(str(err))
+        raise
+    assert o.shape == (0, 70, 3, 5) and S.shape == (0, 3, 4, 5 + case.state_extra) and S.dtype == torch.float32
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_dtypes_of_the_results(case):
     tensors, state = case.draw(1, 20, 2, 4, 6, dtype=torch.bfloat16)
     o, S = case(tensors, initial_state=state, output_final_state=True, impl="chunk")
