@@ -119,6 +119,19 @@ def check_gate(op: str, name: str, g, q: torch.Tensor, dims: Dims, per_key: bool
     check_same_device(op, name, g, q)
 
 
+# A log-decay at or below GATE_FLOOR is a decay of exactly 0 in every float format (e^-1e4 underflows even in
+# float64), a reset of the state. -inf (log 0, as log(sigmoid(x)) gives where sigmoid underflows), or a finite gate
+# so negative that a sum of them overflows, would make the chunked forms' differences of sums -inf - (-inf) = NaN
+# (or, where such a NaN is masked, a silently wrong result). So the ops floor their gates here first: no result
+# changes, and the gradient at a floored gate is 0, as the true one is.
+GATE_FLOOR = -1e4
+
+
+def floor_gate(g: torch.Tensor) -> torch.Tensor:
+    """g with every log-decay below GATE_FLOOR raised to it (NaN stays NaN)."""
+    return g.clamp_min(GATE_FLOOR)
+
+
 def check_initial_state(op: str, s, q: torch.Tensor, dims: Dims, v_dim: int) -> None:
     if s is None:
         return

@@ -72,9 +72,11 @@ GATED = [c for c in CASES if c.gate is not None]
 @pytest.mark.parametrize("impl", IMPLS)
 @given(data=st.data())
 def test_extreme_gates_stay_finite(case, impl, data):
-    """Gates exactly 0 (no decay), and very negative gates (a full reset), in any mix."""
+    """Gates exactly 0 (no decay), and very negative gates (a full reset: -1e4, -1e30 whose sums would overflow,
+    -inf as log 0 gives; see GATE_FLOOR), in any mix."""
     T = data.draw(st.integers(1, 140), label="T")
-    choices = data.draw(st.lists(st.sampled_from([0.0, -1e-7, -30.0, -1e4]), min_size=1, max_size=4), label="gates")
+    resets = [0.0, -1e-7, -30.0, -1e4, -1e30, float("-inf")]
+    choices = data.draw(st.lists(st.sampled_from(resets), min_size=1, max_size=4), label="gates")
     tensors, state = case.draw(1, T, H, K, V, seed=T)
     pick = torch.randint(len(choices), tensors[3].shape, generator=torch.Generator().manual_seed(T))
     tensors[3] = torch.tensor(choices)[pick]

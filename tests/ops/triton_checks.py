@@ -12,10 +12,11 @@ DEVICE = "cuda" if CUDA else "cpu"
 
 def extreme(tensors: list, gates, index: int = 3) -> list:
     """Replace the gate ``tensors[index]`` by a constant, or, for "mixed", by a per-element draw of no decay,
-    almost none, strong decay and a reset."""
+    almost none, strong decay and resets (-1e4; -1e30, whose sums would overflow; -inf, log 0: see GATE_FLOOR)."""
     if gates == "mixed":
-        choice = torch.tensor([0.0, -1e-7, -30.0, -1e4])
-        tensors[index] = choice[torch.randint(4, tensors[index].shape, generator=torch.Generator().manual_seed(0))]
+        choice = torch.tensor([0.0, -1e-7, -30.0, -1e4, -1e30, float("-inf")])
+        pick = torch.randint(len(choice), tensors[index].shape, generator=torch.Generator().manual_seed(0))
+        tensors[index] = choice[pick]
     else:
         tensors[index] = torch.full_like(tensors[index], gates)
     return tensors

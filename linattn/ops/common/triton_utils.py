@@ -60,6 +60,14 @@ def sequence_bounds(cu_seqlens, i_n, T, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def load_gates(ptr, mask):
+    """Per-key log-decays (float32) loaded where ``mask`` (0 elsewhere), floored at GATE_FLOOR (-1e4, a decay of
+    exactly 0: see linattn.ops._contract), as the ops floor their per-head gates before the kernels: GLA's gates are
+    [B, T, H, K], and a pass over them in PyTorch would cost as much as a kernel of its own."""
+    return tl.maximum(tl.load(ptr, mask=mask, other=0.0).to(tl.float32), -1e4)
+
+
+@triton.jit
 def chunk_log_decay(b_g):
     """Chunk-local cumulative log-decay of b_g [BT] (or [BT, BK]) along axis 0, as a float32 pair.
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from linattn.ops._contract import check_common, check_gate, dispatch
+from linattn.ops._contract import check_common, check_gate, dispatch, floor_gate
 from linattn.ops.common.optional_triton import register_triton
 from linattn.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
 from linattn.ops.gated_delta_rule.naive import naive_gated_delta_rule
@@ -55,6 +55,7 @@ def gated_delta_rule(
     op = "gated_delta_rule"
     dims, scale = check_common(op, q, k, v, scale, initial_state, cu_seqlens)
     check_gate(op, "g", g, q, dims, per_key=False)
+    g = floor_gate(g)  # one log-decay per head: a small [B, T, H] pass (see GATE_FLOOR)
     check_gate(op, "beta", beta, q, dims, per_key=False)
     return dispatch(
         op,

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from linattn.ops._contract import state_dtype
+from linattn.ops._contract import floor_gate, state_dtype
 from linattn.ops.common.chunking import ChunkLayout, segsum
 from linattn.ops.simple_gla.chunk import chunk_state_passing
 
@@ -147,7 +147,7 @@ def chunk_gla(
     q = q * scale
     S0 = layout.start_state(initial_state, H, K, V, like=q)
 
-    g = layout.to_chunks(g.to(dtype))  # [R, H, NC, C, K]
+    g = layout.to_chunks(floor_gate(g.to(dtype)))  # [R, H, NC, C, K]; floored: see _contract.GATE_FLOOR
     compiling = torch.compiler.is_compiling()
     c = _compiled_sub_chunk(layout.C) if compiling else sub_chunk_size(g, layout.C)
     sums = gate_sums(g, c)

@@ -27,7 +27,14 @@ import triton
 import triton.language as tl
 
 from linattn.ops.common.triton_segments import scan_order
-from linattn.ops.common.triton_utils import chunk_bounds, chunk_log_decay, dot_operand, exp32, sequence_bounds
+from linattn.ops.common.triton_utils import (
+    chunk_bounds,
+    chunk_log_decay,
+    dot_operand,
+    exp32,
+    load_gates,
+    sequence_bounds,
+)
 
 
 @triton.jit
@@ -134,6 +141,7 @@ def _intra_kernel(
         for i_k in range(0, tl.cdiv(K, BK)):
             o_k = i_k * BK + tl.arange(0, BK)
             m_tk = m_t[:, None] & (o_k < K)[None, :]
+            # (unfloored: -inf only makes the span infinite, which takes the sub-chunk form, as -1e4 does)
             g_abs = tl.abs(tl.load(g + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32))
             span = tl.maximum(span, tl.max(tl.sum(g_abs, 0)))
         is_whole = span <= 2.0 * CHUNK_LIMIT
@@ -142,7 +150,7 @@ def _intra_kernel(
         o_k = i_k * BK + tl.arange(0, BK)
         m_tk = m_t[:, None] & (o_k < K)[None, :]
         ptr = o_t[:, None] * (H * K) + o_k[None, :]
-        _, b_hi, b_lo, _ = chunk_log_decay(tl.load(g + ptr, mask=m_tk, other=0.0))
+        _, b_hi, b_lo, _ = chunk_log_decay(load_gates(g + ptr, m_tk))
         if STORE_DECAY:
             tl.store(hi + ptr, b_hi, mask=m_tk)
             tl.store(lo + ptr, b_lo, mask=m_tk)
@@ -229,8 +237,8 @@ def _diag_kernel(
         m_ck = m_c[:, None] & m_k[None, :]
         ptr = o_c[:, None] * (H * K) + o_k[None, :]
         b_q = tl.load(q + ptr, mask=m_ck, other=0.0).to(tl.float32)
-        c = tl.cumsum(tl.load(g + ptr, mask=m_ck, other=0.0).to(tl.float64), axis=0)  # [BC, BK]
-        c_0 = tl.load(g + o_k, mask=m_k, other=0.0).to(tl.float64)  # row 0's sum: its own gate
+        c = tl.cumsum(load_gates(g + ptr, m_ck).to(tl.float64), axis=0)  # [BC, BK]
+        c_0 = load_gates(g + o_k, m_k).to(tl.float64)  # row 0's sum: its own gate
         d = tl.where(m_ck, (c - c_0[None, :]).to(tl.float32), 0.0)  # b_t - b_0
         if tl.max(tl.abs(d)) <= REBASE_LIMIT:
             b_k = tl.load(k + ptr, mask=m_ck, other=0.0).to(tl.float32)
@@ -244,7 +252,7 @@ def _diag_kernel(
             c_j = tl.zeros([BK], dtype=tl.float64)
             for j in tl.range(0, n_src, num_stages=J_STAGES, loop_unroll_factor=J_UNROLL):
                 k_j = tl.load(k + j * (H * K) + o_k, mask=m_k, other=0.0).to(tl.float32)
-                c_j += tl.load(g + j * (H * K) + o_k, mask=m_k, other=0.0).to(tl.float64)
+                c_j += load_gates(g + j * (H * K) + o_k, m_k).to(tl.float64)
                 diff = (c - c_j[None, :]).to(tl.float32)
                 # exponent b_t - b_s <= 0 for rows t > s, 0 (no decay) for t = s, -inf above and past the end
                 after = (o_c > j) & m_c

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from linattn.ops._contract import check_common, check_gate, dispatch
+from linattn.ops._contract import check_common, check_gate, dispatch, floor_gate
 from linattn.ops.common.optional_triton import register_triton
 from linattn.ops.simple_gla.chunk import chunk_simple_gla
 from linattn.ops.simple_gla.naive import naive_simple_gla
@@ -47,6 +47,7 @@ def simple_gla(
     op = "simple_gla"
     dims, scale = check_common(op, q, k, v, scale, initial_state, cu_seqlens)
     check_gate(op, "g", g, q, dims, per_key=False)
+    g = floor_gate(g)  # one log-decay per head: a small [B, T, H] pass (see GATE_FLOOR)
     return dispatch(
         op,
         IMPLS,
