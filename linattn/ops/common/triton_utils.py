@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from linattn.ops._contract import triton_interpret
+from linattn.ops._contract import GATE_FLOOR, triton_interpret
 
 MAX_HEAD_DIM = 256
 # The kernels' launch settings are Hopper's; they have been timed on sm_90 only, and compiled for sm_80, sm_86, sm_89
@@ -59,12 +59,15 @@ def sequence_bounds(cu_seqlens, i_n, T, VARLEN: tl.constexpr):
     return bos, eos
 
 
+_GATE_FLOOR: tl.constexpr = tl.constexpr(GATE_FLOOR)
+
+
 @triton.jit
 def load_gates(ptr, mask):
     """Per-key log-decays (float32) loaded where ``mask`` (0 elsewhere), floored at GATE_FLOOR (-1e4, a decay of
     exactly 0: see linattn.ops._contract), as the ops floor their per-head gates before the kernels: GLA's gates are
     [B, T, H, K], and a pass over them in PyTorch would cost as much as a kernel of its own."""
-    return tl.maximum(tl.load(ptr, mask=mask, other=0.0).to(tl.float32), -1e4)
+    return tl.maximum(tl.load(ptr, mask=mask, other=0.0).to(tl.float32), _GATE_FLOOR)
 
 
 @triton.jit
