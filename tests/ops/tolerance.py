@@ -90,6 +90,7 @@ def check_against_naive(
     state_grad: bool = True,
     plain_in_dtype: bool = False,
     only: tuple[str, ...] | None = None,
+    grads: bool = True,
 ):
     """impl against the token recurrence, outputs, final state and every gradient, by the rule above.
 
@@ -97,7 +98,8 @@ def check_against_naive(
     call, say). ``reference="chunk"`` takes the chunked path (itself tested against naive) as the float64
     reference and as the plain same-dtype run, for long sequences on a GPU. ``plain_in_dtype`` runs
     that plain computation with its matmul operands in the inputs' dtype (LowPrecisionMatmuls): the
-    comparator for tensor-core kernels in bf16 / fp16.
+    comparator for tensor-core kernels in bf16 / fp16. ``grads=False``: every run under torch.no_grad, judging
+    o and the final state alone (the inference path, which may run other kernels).
     """
 
     def call(impl_name):
@@ -106,33 +108,23 @@ def check_against_naive(
     extra = ["dg"] * (case.gate is not None) + ["dbeta"] * case.beta
     names = ["o", "final_state", "dq", "dk", "dv", *extra, "dinitial_state"]
     kw = dict(state_grad=state_grad, cotangent_dtype=tensors[0].dtype)
+    run = run_with_grads if grads else _run_without_grads
     state64 = None if state is None else state.double()
-    ref = run_with_grads(call(reference), [t.double() for t in tensors], state64, **kw)
+    ref = run(call(reference), [t.double() for t in tensors], state64, **kw)
     low = tensors[0].dtype in (torch.bfloat16, torch.float16) and plain_in_dtype
     with LowPrecisionMatmuls(tensors[0].dtype) if low else contextlib.nullcontext():
-        plain = run_with_grads(call(reference), tensors, state, **kw)
-    fast = run_with_grads(call(impl) if isinstance(impl, str) else impl, tensors, state, **kw)
-    label = impl if isinstance(impl, str) else getattr(impl, "__name__", "function")
+        plain = run(call(reference), tensors, state, **kw)
+    fast = run(call(impl) if isinstance(impl, str) else impl, tensors, state, **kw)
+    label = (impl if isinstance(impl, str) else getattr(impl, "__name__", "function")) + ("" if grads else ", no grad")
     for name, f, p, r in zip(names, fast, plain, ref):
         if only is None or name in only:
             assert_dtype_close(f"{case.id} {label} {name}", f, p, r)
 
 
-def check_forward_against_naive(case, tensors, state, impl: str, reference: str = "naive", plain_in_dtype=False):
-    """check_against_naive without gradients (the inference path, which may run other kernels): o and the final
-    state of ``impl`` under torch.no_grad, by the same rule."""
-
-    def call(impl_name, ts, s0):
-        with torch.no_grad():
-            return case(ts, initial_state=s0, output_final_state=True, impl=impl_name)
-
-    ref = call(reference, [t.double() for t in tensors], None if state is None else state.double())
-    low = tensors[0].dtype in (torch.bfloat16, torch.float16) and plain_in_dtype
-    with LowPrecisionMatmuls(tensors[0].dtype) if low else contextlib.nullcontext():
-        plain = call(reference, tensors, state)
-    fast = call(impl, tensors, state)
-    for name, f, p, r in zip(("o", "final_state"), fast, plain, ref, strict=True):
-        assert_dtype_close(f"{case.id} {impl} {name} (no gradient)", f, p, r)
+def _run_without_grads(fn, tensors, state, **_):
+    """[o, S] of fn(tensors, initial_state) under torch.no_grad (run_with_grads' counterpart)."""
+    with torch.no_grad():
+        return list(fn(tensors, state))
 
 
 class _RoundedMatmul(torch.autograd.Function):
