@@ -161,8 +161,9 @@ def triton_unsupported(q: torch.Tensor, v: torch.Tensor) -> str | None:
     """None if Triton kernels can serve these inputs, else the reason they cannot."""
     if not (q.is_cuda or (q.device.type == "cpu" and triton_interpret())):
         return f"tensors are on {q.device}; Triton needs CUDA (or CPU tensors with TRITON_INTERPRET=1)"
-    if q.is_cuda and torch.cuda.get_device_capability(q.device) < MIN_CAPABILITY:
-        major, minor = torch.cuda.get_device_capability(q.device)
+    capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
+    if capability is not None and capability < MIN_CAPABILITY:
+        major, minor = capability
         return f"{q.device} has compute capability {major}.{minor}; linattn's Triton kernels need 8.0 or newer"
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"dtype {q.dtype} is not supported (float32, bfloat16, float16 are)"

@@ -354,11 +354,7 @@ def _forward(q, k, v, g, h0, scale, cu_seqlens, keep):
 def _fake_saved(q, k, v, g, h0, cu_seqlens, scale, keep):
     """The fakes of what _forward keeps for the backward: the scores (SAVE_SCORES) and the states (keep)."""
     lowp = lowp_dots(q.dtype)
-    A = (
-        q.new_empty(*q.shape[:3], BT, dtype=_scores_dtype(lowp))
-        if SAVE_SCORES
-        else q.new_empty(0, dtype=_scores_dtype(lowp))
-    )
+    A = q.new_empty(*((*q.shape[:3], BT) if SAVE_SCORES else (0,)), dtype=_scores_dtype(lowp))
     if not keep:
         return A, none_tensor(q)
     NC = ChunkTable.count(q.shape[0], q.shape[1], cu_seqlens, BT)
