@@ -133,9 +133,11 @@ def test_every_op_that_launches_kernels_enters_the_device_of_its_inputs(monkeypa
 
     for module in (triton_ops, delta_triton, decode):
         monkeypatch.setattr(module, "on_device_of", recording)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter
     for case_id in ("simple_gla", "gated_delta_rule"):
         case = by_id[case_id]
         tensors, state = case.draw(B=1, T=20, H=2, K=16, V=16, seed=3)
+        tensors, state = [t.to(device) for t in tensors], state.to(device)
 
         def run(ts, s0, case=case):
             return case(ts, initial_state=s0, output_final_state=True, impl="triton")
@@ -148,9 +150,9 @@ def test_every_op_that_launches_kernels_enters_the_device_of_its_inputs(monkeypa
             run([t[:, :4] for t in tensors], state)  # 4 tokens: the decode kernel
         assert len(seen) == 1, case_id
     seen.clear()
-    q, k, v, g = (t[:, :1] for t in by_id["simple_gla"].draw(B=1, T=20, H=2, K=16, V=16)[0])
+    q, k, v, g = (t[:, :1].to(device) for t in by_id["simple_gla"].draw(B=1, T=20, H=2, K=16, V=16)[0])
     with torch.no_grad():
-        ops.decay_decode_(q, k, v, g, torch.zeros(1, 2, 16, 16))
+        ops.decay_decode_(q, k, v, g, torch.zeros(1, 2, 16, 16, device=device))
     assert len(seen) == 1
 
 
