@@ -113,7 +113,7 @@ def test_few_programs_take_their_own_warps(warps, monkeypatch):
     for name, kws in launched.items():
         assert kws and {kw["num_warps"] for kw in kws} == {warps or tri.NUM_WARPS[name[1:-7]]}, name
         assert {kw["BV"] for kw in kws} == {32}
-    assert {kw["num_warps"] for kw in chunk} == {tri.NUM_WARPS["backward_chunk"]}
+    assert {kw["num_warps"] for kw in chunk} == {tri.GATED_WARPS["backward_chunk"]}
     monkeypatch.setattr(tri, "FEW_PROGRAMS", 8)  # 8 programs are then not few
     assert tri._launch("forward", torch.bfloat16, 64, 32, 8)["num_warps"] == tri.NUM_WARPS["forward"]
     assert tri._launch("forward", torch.bfloat16, 64, 16, 4)["num_warps"] == 4  # tiles too small for 8 warps
@@ -236,11 +236,27 @@ def test_backward_chunk_over_key_blocks(case, chunk_keys, monkeypatch):
     blocks, the last holding one column), whose shares of dg and dbeta the launcher adds: the same gradients,
     with logits for beta (and unit keys: raw ones at K = 33 make the recurrence diverge, in float64 too).
     qk_l2norm, whose backward needs whole rows, keeps one program per chunk."""
-    monkeypatch.setattr(tri, "CHUNK_KEYS", chunk_keys)
-    assert tri._chunk_keys(64, False) == (64 if chunk_keys is None else 16) and tri._chunk_keys(64, True) == 64
+    gated = case.id.startswith("gated")
+    monkeypatch.setattr(tri, "CHUNK_KEYS", dict(tri.CHUNK_KEYS, **{"gated" if gated else "ungated": chunk_keys}))
+    assert tri._chunk_keys(64, False, gated) == (64 if chunk_keys is None else 16)
+    assert tri._chunk_keys(64, True, gated) == 64
     variant = dataclasses.replace(case, id=f"{case.id}_beta_is_logit", options=dict(beta_is_logit=True))
     tensors, state = variant.draw(B=2, T=70, H=1, K=33, V=24, seed=12)
     check_against_naive(variant, *to(tensors, state), "triton", **ON_DEVICE)
+
+
+@both
+def test_backward_chunk_keys_and_warps_by_op(case, monkeypatch):
+    """backward_chunk by op (CHUNK_KEYS, GATED_WARPS): at K = 128 the gated op runs one program per chunk over
+    whole rows at GATED_WARPS' warps, the delta rule one per CHUNK_KEYS["ungated"] key columns at NUM_WARPS."""
+    chunk = launch_kwargs(monkeypatch, tri, "_backward_chunk_kernel")
+    tensors, state = case.draw(B=1, T=70, H=1, K=128, V=64, seed=31)
+    check_against_naive(case, *to(tensors, state), "triton", **ON_DEVICE)
+    if case is GATED:
+        want = (128, tri.GATED_WARPS["backward_chunk"])
+    else:
+        want = (tri.CHUNK_KEYS["ungated"], tri.NUM_WARPS["backward_chunk"])
+    assert {(kw["BK"], kw["num_warps"]) for kw in chunk} == {want}
 
 
 @both
@@ -251,7 +267,7 @@ def test_db_and_dbeta_from_the_tiles_or_the_products(case, from_products, qk_l2n
     take anyway (DB_FROM_PRODUCTS): the same gradients, in key blocks of 16 (K = 33: the last holds one column) or,
     with qk_l2norm, whole rows; beta as logits, packed sequences (one of one token), a partial last chunk."""
     monkeypatch.setattr(tri, "DB_FROM_PRODUCTS", dict(gated=from_products, ungated=from_products))
-    monkeypatch.setattr(tri, "CHUNK_KEYS", 16)
+    monkeypatch.setattr(tri, "CHUNK_KEYS", dict(gated=16, ungated=16))
     if qk_l2norm:
         variant = with_options(case, qk_l2norm=True, beta_is_logit=True)
     else:
@@ -271,7 +287,7 @@ def test_first_pass_row_sums_in_place_or_not(case, gates, in_place, monkeypatch)
     tiles: the same gradients, in key blocks of 16 (K = 33, the last holding one column), beta as logits, packed
     sequences (one of one token), and for the gated op gates so strong that db's terms are ~0."""
     monkeypatch.setattr(tri, "SUMS_IN_PLACE", in_place)
-    monkeypatch.setattr(tri, "CHUNK_KEYS", 16)
+    monkeypatch.setattr(tri, "CHUNK_KEYS", dict(gated=16, ungated=16))
     launches = launch_kwargs(monkeypatch, tri, "_backward_chunk_kernel")
     variant = dataclasses.replace(case, id=f"{case.id}_beta_is_logit", options=dict(beta_is_logit=True))
     cu_seqlens = torch.tensor([0, 37, 38, 150])

@@ -148,6 +148,8 @@ NUM_STAGES = dict(prepare=1, forward=1, output=1, local_du=1, backward_state=1, 
 # T = 4096, gated fwd+bwd 10.69 / 10.71 ms with the settings above): 2 stages in prepare 10.88, output 10.67,
 # local_du 10.64, backward_chunk 11.26; none beyond the noise, so they stay at 1.
 GATED_STAGES = dict(prepare=1, forward=2, output=1, local_du=1, backward_state=2, backward_chunk=1)
+# gated_delta_rule's num_warps where they differ from NUM_WARPS: its backward_chunk over whole rows (CHUNK_KEYS).
+GATED_WARPS = dict(backward_chunk=8)
 # The forward's launch with fewer programs than this (one per SM of an H100/H200) is not limited by shared memory,
 # and takes FEW_PROGRAMS_STAGES to hide its loads. At T = 65536, B = 1 (128 programs) on an H200, session 5, forward
 # alone: delta_rule 7.28 ms with 2 stages against 9.08 with 1, gated_delta_rule 12.2 against 13.4. The backward's
@@ -187,7 +189,7 @@ LOWP_DOTS = dict(prepare=False, forward=True, output=True, local_du=True, backwa
 NEEDS_FIXED_PTXAS = frozenset({"forward", "output", "local_du", "backward_state"})
 # backward_chunk keeps tf32 dots below this many key columns a program: at K = 16 Triton 3.6's bf16 dots read shared
 # memory out of bounds (compute-sanitizer on an H200, 8 warps; at 4 warps a fault again in session 6). 32 is untried:
-# LINATTN_LAUNCH="gated_delta_rule.CHUNK_KEYS=32;gated_delta_rule.LOWP_MIN_KEYS=32" tries it.
+# LINATTN_LAUNCH="gated_delta_rule.CHUNK_KEYS.ungated=32;gated_delta_rule.LOWP_MIN_KEYS=32" tries it.
 LOWP_MIN_KEYS = 64
 # The products of q and k that need no state (q k^T, P U and exp(b) q S in the forward, P^T dO in the backward) run
 # in kernels parallel over chunks (output, local_du), not in the per-sequence loops, which then form two products per
@@ -284,7 +286,12 @@ SUMS_IN_PLACE = True
 # program per chunk. On an H200 (session 7, T = 4096, B = 16, bf16, fwd+bwd): delta_rule 12.49 ms against 13.24,
 # gated_delta_rule 15.39 against 16.01; backward_chunk alone 3.0 ms (delta_rule) and 4.9 (gated). Its sm_90 compile
 # still spills (bf16 with gates: 1928 B a thread at 64 columns, against 2936 B at 128).
-CHUNK_KEYS = 64
+# The gated op takes whole rows (None), at GATED_WARPS' 8 warps: on an H200 (session 19, one call, bf16, fwd+bwd ms,
+# T = 4096, B = 16 / T = 65536, B = 1), gated 6.64 / 7.97 with 64 columns at 4 warps, 6.47 / 7.80 with whole rows at
+# 8, 7.15 / 8.48 with 64 columns at 8; the delta rule took 4.81 / 6.15 with 64 at 4, 4.95 / 6.29 whole at 8. sm_90
+# compile (Triton 3.6, bf16, gated, the benchmark's launch): spill stack 3,136 B a thread at 64 columns and 4 warps,
+# 1,248 at 64 and 8, 2,768 whole at 8. By op: dict(gated=..., ungated=...).
+CHUNK_KEYS = dict(gated=None, ungated=64)
 # FULL_GPU: the per-sequence kernels narrow BV (halving, down to 16) only while they would run fewer programs than
 # this. Narrow blocks repeat each chunk's K-side work once per block: on an H200 (session 16, bf16, fwd+bwd ms, one
 # call), T = 16384, B = 4 without segments, BV = 64 (128 programs) took delta_rule 6.55 and gated 8.50, against 8.35
@@ -350,7 +357,7 @@ def _launch(
         stages = 1
     elif few:
         stages = max(stages, FEW_PROGRAMS_STAGES)
-    return dict(num_warps=_warps(kernel, BK, BV, few), num_stages=stages)
+    return dict(num_warps=_warps(kernel, BK, BV, few, gated), num_stages=stages)
 
 
 @functools.cache
@@ -372,19 +379,22 @@ def _small_shared_gpu() -> bool:
     return shared is not None and shared < SMALL_SHARED
 
 
-def _warps(kernel: str, BK: int, BV: int, few: bool = False) -> int:
-    """num_warps of a kernel: NUM_WARPS (FEW_PROGRAMS_WARPS where set for a launch of ``few`` programs) for tiles of
-    BK >= 64 keys and BV >= 32 values; 4 for smaller ones, where 8 warps ended in illegal memory accesses or wrong
-    gradients on an H200 (Triton 3.6), in tf32 dots as well as bf16 ones."""
+def _warps(kernel: str, BK: int, BV: int, few: bool = False, gated: bool = False) -> int:
+    """num_warps of a kernel: NUM_WARPS (GATED_WARPS' entry with gates; FEW_PROGRAMS_WARPS where set for a launch
+    of ``few`` programs) for tiles of BK >= 64 keys and BV >= 32 values; 4 for smaller ones, where 8 warps ended in
+    illegal memory accesses or wrong gradients on an H200 (Triton 3.6), in tf32 dots as well as bf16 ones."""
     if BK < 64 or BV < 32:
         return 4
-    return FEW_PROGRAMS_WARPS if few and FEW_PROGRAMS_WARPS is not None else NUM_WARPS[kernel]
+    if few and FEW_PROGRAMS_WARPS is not None:
+        return FEW_PROGRAMS_WARPS
+    return GATED_WARPS.get(kernel, NUM_WARPS[kernel]) if gated else NUM_WARPS[kernel]
 
 
-def _chunk_keys(BK: int, qk_l2norm: bool) -> int:
-    """Key columns per program of backward_chunk: CHUNK_KEYS (None: all), or all of them with qk_l2norm, whose
-    backward needs whole rows."""
-    return BK if CHUNK_KEYS is None or qk_l2norm else min(BK, CHUNK_KEYS)
+def _chunk_keys(BK: int, qk_l2norm: bool, gated: bool) -> int:
+    """Key columns per program of backward_chunk: CHUNK_KEYS' entry for the op (None: all), or all of them with
+    qk_l2norm, whose backward needs whole rows."""
+    keys = CHUNK_KEYS["gated" if gated else "ungated"]
+    return BK if keys is None or qk_l2norm else min(BK, keys)
 
 
 def _chunk_bv(V: int) -> int:
@@ -538,7 +548,7 @@ def _backward_stores(
 ) -> tuple[bool, dict]:
     """(lowp, dtypes): whether backward_chunk takes bfloat16 operands (LOWP), and the dtypes that the backward stores
     the states, their gradients and U in for it (bfloat16 where STATES_LOWP says, with LOWP; else float32)."""
-    bk = _chunk_keys(BK, qk_l2norm)
+    bk = _chunk_keys(BK, qk_l2norm, gated)
     lowp = _flags(dtype, gated, qk_l2norm, "backward_chunk", gpu=gpu, BK=bk)["LOWP"]
     parts = _states_lowp(gated)
     return lowp, {n: torch.bfloat16 if lowp and parts[n] else torch.float32 for n in ("states", "dstates", "u")}
@@ -756,7 +766,7 @@ def backward(
     def flags(kernel):
         return _flags(q.dtype, g is not None, qk_l2norm, kernel, BK=BK)
 
-    bk = _chunk_keys(BK, qk_l2norm)
+    bk = _chunk_keys(BK, qk_l2norm, g is not None)
     chunk_flags = _flags(q.dtype, g is not None, qk_l2norm, "backward_chunk", BK=bk)
     NS = _num_segments(lay.N, H, T, cu_seqlens, g is not None)
     use_kept = kept is not None and (NS == 1 or segs is not None)  # with segments, their transitions M as well
@@ -1069,7 +1079,7 @@ def compile_variants():
         }
         label = f"{dt} gated={gated} l2norm/logit={opt}"
         # what the backward stores for backward_chunk: bfloat16 where it takes bfloat16 operands (STATES_LOWP)
-        lowp = _lowp(torch_dtype, "backward_chunk", True, _chunk_keys(BK, False))
+        lowp = _lowp(torch_dtype, "backward_chunk", True, _chunk_keys(BK, False, gated))
         parts = _states_lowp(gated)
         sptrs = ptrs | {n: "bf16" if lowp and parts[n] else "fp32" for n in ("states", "dstates", "u")}
         xd = "bf16" if _dx_dtype(lowp, parts) == torch.bfloat16 else "fp32"
@@ -1122,7 +1132,7 @@ def compile_variants():
                 yield kept_label, _output_kernel, kept, common["output"] | dict(BV=BV_CHUNK), opts["output"]
         yield f"local du {label}", _local_du_kernel, ptrs, common["local_du"] | dict(BV=BV_CHUNK), opts["local_du"]
         for l2 in sorted({opt, False}):  # key columns per program: CHUNK_KEYS, or all of them with qk_l2norm
-            bk = _chunk_keys(BK, l2)
+            bk = _chunk_keys(BK, l2, gated)
             chunk = dict(BV=BV_CHUNK, BETA_LOGIT=opt, BK=bk)
             chunk |= _flags(torch_dtype, gated, l2, "backward_chunk", gpu=True, BK=bk)
             chunk |= dict(DX_LOWP=chunk["LOWP"] and parts["dx"], DB_FROM_PRODUCTS=_db_from_products(gated))
