@@ -66,6 +66,9 @@ def copy_bandwidth() -> float:
 # take them), or "strong" logsigmoid(x - 2) (about -2.1 per token: some 135 nats over a 64-token chunk, past what
 # GLA's kernels form as one rebased product, so they take the sub-chunk form). x ~ N(0, 1).
 GK = "standard"
+# --qk-l2norm: the delta rules take raw keys and L2-normalise q and k in their kernels (qk_l2norm=True; fla's
+# use_qk_l2norm_in_kernel=True), as Gated DeltaNet layers call them; else keys normalised beforehand.
+QK_L2NORM = False
 
 
 def inputs(B, T, dtype=torch.bfloat16, gated=True):
@@ -85,19 +88,22 @@ def op_runs(op, q, k, v, g, beta, gk, with_fla):
     """[(name, fn, leaves)] for our Triton kernel of ``op`` and, when asked and importable, fla's."""
     kn = F.normalize(k.detach().float(), dim=-1).to(k.dtype).requires_grad_()  # delta rules: L2-normed keys
     args = {
-        "linear_attn": ((q, k, v), {}),
-        "simple_gla": ((q, k, v, g), {}),
-        "retention": ((q, k, v), {}),
-        "delta_rule": ((q, kn, v, beta), {}),
-        "gated_delta_rule": ((q, kn, v, g, beta), {}),
-        "gla": ((q, k, v, gk), {}),
+        "linear_attn": (q, k, v),
+        "simple_gla": (q, k, v, g),
+        "retention": (q, k, v),
+        "delta_rule": (q, kn, v, beta),
+        "gated_delta_rule": (q, kn, v, g, beta),
+        "gla": (q, k, v, gk),
     }[op]
+    opts, fla_opts, tag = {}, dict(normalize=False) if op == "linear_attn" else {}, ""
+    if QK_L2NORM and op in ("delta_rule", "gated_delta_rule"):
+        args = (q, k, v, *args[3:])  # raw keys
+        opts, fla_opts, tag = dict(qk_l2norm=True), dict(use_qk_l2norm_in_kernel=True), " qk_l2norm"
     ours = getattr(ops, op)
-    runs = [(f"linattn {op} (triton)", lambda: ours(*args[0], impl="triton")[0], list(args[0]))]
+    runs = [(f"linattn {op}{tag} (triton)", lambda: ours(*args, impl="triton", **opts)[0], list(args))]
     if with_fla and op in fla_chunk:
         fn = fla_chunk[op]
-        extra = dict(normalize=False) if op == "linear_attn" else {}
-        runs.append((f"fla {fn.__name__}", lambda: fn(*args[0], **extra)[0], list(args[0])))
+        runs.append((f"fla {fn.__name__}{tag}", lambda: fn(*args, **fla_opts)[0], list(args)))
     return runs
 
 
@@ -293,9 +299,10 @@ def main():
     parser.add_argument("--sweep-settings", default=None, help="warps,stages,bv_max;... (default: all)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--gla-gates", choices=("standard", "strong"), default="standard", help="see GK")
+    parser.add_argument("--qk-l2norm", action="store_true", help="see QK_L2NORM")
     args = parser.parse_args()
-    global GK
-    GK = args.gla_gates
+    global GK, QK_L2NORM
+    GK, QK_L2NORM = args.gla_gates, args.qk_l2norm
     props = torch.cuda.get_device_properties(0)
     bw = copy_bandwidth()
     print(

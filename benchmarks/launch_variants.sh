@@ -10,8 +10,9 @@
 # OP: one op or a comma-separated list (bench_gpu.py's --ops). VARIANTS: '|'-separated LINATTN_LAUNCH strings (see
 # benchmarks/launch_override.py); an empty one is the library's own settings. TREES: source trees, each run with
 # its own code and Triton cache (default: this one). TESTS: a pytest -k expression (default: the whole files);
-# NO_TESTS=1 times only, NO_BENCH=1 tests only. LENGTHS: as bench_gpu.py (default 4096). PROFILE=1: then each
-# kernel's share (benchmarks/profile_kernels.py at T = PROFILE_T, default 4096).
+# NO_TESTS=1 times only, NO_BENCH=1 tests only. LENGTHS: as bench_gpu.py (default 4096); BENCH_ARGS: more of its
+# arguments (e.g. --qk-l2norm). PROFILE=1: then each kernel's share (benchmarks/profile_kernels.py at T = PROFILE_T,
+# default 4096).
 set -u
 export COLUMNS=300
 ops="${OP:?set OP}"
@@ -44,7 +45,7 @@ for tree in ${TREES:-.}; do
             fi
             if [ -z "${NO_BENCH:-}" ]; then
                 timeout "${BENCH_TIMEOUT:-150}" python3 -m benchmarks.bench_gpu --ops "$ops" --fla-lengths '' \
-                    --long '' --lengths "${LENGTHS:-4096}" 2>&1 | grep -E "linattn .*triton|Error" | cut -c1-200
+                    --long '' --lengths "${LENGTHS:-4096}" ${BENCH_ARGS:-} 2>&1 | grep -E "linattn .*triton|Error" | cut -c1-200
             fi
             if [ -n "${PROFILE:-}" ]; then
                 timeout "${PROFILE_TIMEOUT:-100}" python3 benchmarks/profile_kernels.py --ops "$ops" --T "${PROFILE_T:-4096}" 2>&1 \
