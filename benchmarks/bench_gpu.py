@@ -71,6 +71,11 @@ GK = "standard"
 QK_L2NORM = False
 
 
+def l2norm_in_kernel(op) -> bool:
+    """Whether ``op`` runs with qk_l2norm here (QK_L2NORM, for the delta rules)."""
+    return QK_L2NORM and op in ("delta_rule", "gated_delta_rule")
+
+
 def inputs(B, T, dtype=torch.bfloat16, gated=True):
     """q, k, v [B, T, H, D] (k scaled to unit-ish norm), g [B, T, H] log-decay, beta [B, T, H], gk [B, T, H, D]
     (GK: see above)."""
@@ -96,7 +101,7 @@ def op_runs(op, q, k, v, g, beta, gk, with_fla):
         "gla": (q, k, v, gk),
     }[op]
     opts, fla_opts, tag = {}, dict(normalize=False) if op == "linear_attn" else {}, ""
-    if QK_L2NORM and op in ("delta_rule", "gated_delta_rule"):
+    if l2norm_in_kernel(op):
         args = (q, k, v, *args[3:])  # raw keys
         opts, fla_opts, tag = dict(qk_l2norm=True), dict(use_qk_l2norm_in_kernel=True), " qk_l2norm"
     ours = getattr(ops, op)
@@ -204,7 +209,8 @@ def agreement_with_fla(op_names):
         leaves = runs[0][2]
         with torch.no_grad():
             outs = [fn().float() for _, fn, _ in runs]
-            ref = getattr(ops, op)(*[x.double() for x in leaves], impl="chunk")[0]
+            opts = dict(qk_l2norm=True) if l2norm_in_kernel(op) else {}
+            ref = getattr(ops, op)(*[x.double() for x in leaves], impl="chunk", **opts)[0]
         rel = ", ".join(f"{name} {((o - ref).norm() / ref.norm()).item():.2e}" for (name, _, _), o in zip(runs, outs))
         print(f"{op} rel. error vs float64 chunk, T=4096 B=16: {rel}", flush=True)
 

@@ -113,7 +113,7 @@ def test_few_programs_take_their_own_warps(warps, monkeypatch):
     for name, kws in launched.items():
         assert kws and {kw["num_warps"] for kw in kws} == {warps or tri.NUM_WARPS[name[1:-7]]}, name
         assert {kw["BV"] for kw in kws} == {32}
-    assert {kw["num_warps"] for kw in chunk} == {tri.GATED_WARPS["backward_chunk"]}
+    assert {kw["num_warps"] for kw in chunk} == {tri.NUM_WARPS["backward_chunk"]}  # 64 key columns
     monkeypatch.setattr(tri, "FEW_PROGRAMS", 8)  # 8 programs are then not few
     assert tri._launch("forward", torch.bfloat16, 64, 32, 8)["num_warps"] == tri.NUM_WARPS["forward"]
     assert tri._launch("forward", torch.bfloat16, 64, 16, 4)["num_warps"] == 4  # tiles too small for 8 warps
@@ -246,14 +246,17 @@ def test_backward_chunk_over_key_blocks(case, chunk_keys, monkeypatch):
 
 
 @both
-def test_backward_chunk_keys_and_warps_by_op(case, monkeypatch):
-    """backward_chunk by op (CHUNK_KEYS, GATED_WARPS): at K = 128 the gated op runs one program per chunk over
-    whole rows at GATED_WARPS' warps, the delta rule one per CHUNK_KEYS["ungated"] key columns at NUM_WARPS."""
+@pytest.mark.parametrize("qk_l2norm", [False, True], ids=["unit_keys", "qk_l2norm"])
+def test_backward_chunk_keys_and_warps_by_op(case, qk_l2norm, monkeypatch):
+    """backward_chunk's programs at K = 128 (CHUNK_KEYS, WIDE_KEYS_WARPS): the gated op's, and the delta rule's
+    with qk_l2norm, over whole rows at WIDE_KEYS_WARPS' warps; the delta rule's otherwise over CHUNK_KEYS["ungated"]
+    key columns at NUM_WARPS."""
     chunk = launch_kwargs(monkeypatch, tri, "_backward_chunk_kernel")
-    tensors, state = case.draw(B=1, T=70, H=1, K=128, V=64, seed=31)
-    check_against_naive(case, *to(tensors, state), "triton", **ON_DEVICE)
-    if case is GATED:
-        want = (128, tri.GATED_WARPS["backward_chunk"])
+    variant = with_options(case, qk_l2norm=True) if qk_l2norm else case
+    tensors, state = variant.draw(B=1, T=70, H=1, K=128, V=64, seed=31)
+    check_against_naive(variant, *to(tensors, state), "triton", **ON_DEVICE)
+    if case is GATED or qk_l2norm:
+        want = (128, tri.WIDE_KEYS_WARPS["backward_chunk"])
     else:
         want = (tri.CHUNK_KEYS["ungated"], tri.NUM_WARPS["backward_chunk"])
     assert {(kw["BK"], kw["num_warps"]) for kw in chunk} == {want}
@@ -702,6 +705,18 @@ gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA: the kernels' compiled for
 def test_gpu_triton_matches_reference(case, dtype, T):
     tensors, state = case.draw(B=2, T=T, H=2, K=128, V=128, dtype=dtype, seed=T)
     check_against_naive(case, *to(tensors, state), "triton", reference="chunk", plain_in_dtype=True)
+
+
+@gpu
+@both
+@dtypes
+def test_gpu_options_at_full_heads(case, dtype):
+    """qk_l2norm and beta as logits at K = V = 128, where backward_chunk runs over whole key rows at
+    WIDE_KEYS_WARPS' warps for either op: outputs, final state and every gradient by the dtype rule."""
+    opt = with_options(case, qk_l2norm=True, beta_is_logit=True)
+    tensors, state = opt.draw(B=2, T=300, H=2, K=128, V=128, dtype=dtype, seed=33)
+    tensors[-1] = torch.randn(tensors[-1].shape, generator=torch.Generator().manual_seed(34)) * 2  # logits
+    check_against_naive(opt, *to(tensors, state), "triton", reference="chunk", plain_in_dtype=True)
 
 
 @gpu

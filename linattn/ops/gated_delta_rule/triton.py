@@ -148,8 +148,11 @@ NUM_STAGES = dict(prepare=1, forward=1, output=1, local_du=1, backward_state=1, 
 # T = 4096, gated fwd+bwd 10.69 / 10.71 ms with the settings above): 2 stages in prepare 10.88, output 10.67,
 # local_du 10.64, backward_chunk 11.26; none beyond the noise, so they stay at 1.
 GATED_STAGES = dict(prepare=1, forward=2, output=1, local_du=1, backward_state=2, backward_chunk=1)
-# gated_delta_rule's num_warps where they differ from NUM_WARPS: its backward_chunk over whole rows (CHUNK_KEYS).
-GATED_WARPS = dict(backward_chunk=8)
+# num_warps of a kernel whose programs hold 128 key columns or more (NUM_WARPS otherwise): backward_chunk over
+# whole rows at K = 128 (CHUNK_KEYS, qk_l2norm). On an H200 (session 19, bf16, fwd+bwd ms, T = 4096, B = 16 /
+# T = 65536, B = 1, 8 warps against 4): gated 6.47 / 7.80 against (64 columns at 4 warps) 6.64 / 7.97; with
+# qk_l2norm, gated 9.50 / 11.92 against 12.64 / 15.07, the delta rule 6.40 / 8.44 against 7.71 / 9.75.
+WIDE_KEYS_WARPS = dict(backward_chunk=8)
 # The forward's launch with fewer programs than this (one per SM of an H100/H200) is not limited by shared memory,
 # and takes FEW_PROGRAMS_STAGES to hide its loads. At T = 65536, B = 1 (128 programs) on an H200, session 5, forward
 # alone: delta_rule 7.28 ms with 2 stages against 9.08 with 1, gated_delta_rule 12.2 against 13.4. The backward's
@@ -286,11 +289,11 @@ SUMS_IN_PLACE = True
 # program per chunk. On an H200 (session 7, T = 4096, B = 16, bf16, fwd+bwd): delta_rule 12.49 ms against 13.24,
 # gated_delta_rule 15.39 against 16.01; backward_chunk alone 3.0 ms (delta_rule) and 4.9 (gated). Its sm_90 compile
 # still spills (bf16 with gates: 1928 B a thread at 64 columns, against 2936 B at 128).
-# The gated op takes whole rows (None), at GATED_WARPS' 8 warps: on an H200 (session 19, one call, bf16, fwd+bwd ms,
-# T = 4096, B = 16 / T = 65536, B = 1), gated 6.64 / 7.97 with 64 columns at 4 warps, 6.47 / 7.80 with whole rows at
-# 8, 7.15 / 8.48 with 64 columns at 8; the delta rule took 4.81 / 6.15 with 64 at 4, 4.95 / 6.29 whole at 8. sm_90
-# compile (Triton 3.6, bf16, gated, the benchmark's launch): spill stack 3,136 B a thread at 64 columns and 4 warps,
-# 1,248 at 64 and 8, 2,768 whole at 8. By op: dict(gated=..., ungated=...).
+# The gated op takes whole rows (None), at WIDE_KEYS_WARPS' 8 warps: on an H200 (session 19, one call, bf16, fwd+bwd
+# ms, T = 4096, B = 16 / T = 65536, B = 1), gated 6.64 / 7.97 with 64 columns at 4 warps, 6.47 / 7.80 with whole rows
+# at 8, 7.15 / 8.48 with 64 columns at 8; the delta rule took 4.81 / 6.15 with 64 at 4, 4.95 / 6.29 whole at 8.
+# sm_90 compile (Triton 3.6, bf16, gated, the benchmark's launch): spill stack 3,136 B a thread at 64 columns and 4
+# warps, 1,248 at 64 and 8, 2,768 whole at 8. By op: dict(gated=..., ungated=...).
 CHUNK_KEYS = dict(gated=None, ungated=64)
 # FULL_GPU: the per-sequence kernels narrow BV (halving, down to 16) only while they would run fewer programs than
 # this. Narrow blocks repeat each chunk's K-side work once per block: on an H200 (session 16, bf16, fwd+bwd ms, one
@@ -357,7 +360,7 @@ def _launch(
         stages = 1
     elif few:
         stages = max(stages, FEW_PROGRAMS_STAGES)
-    return dict(num_warps=_warps(kernel, BK, BV, few, gated), num_stages=stages)
+    return dict(num_warps=_warps(kernel, BK, BV, few), num_stages=stages)
 
 
 @functools.cache
@@ -379,15 +382,15 @@ def _small_shared_gpu() -> bool:
     return shared is not None and shared < SMALL_SHARED
 
 
-def _warps(kernel: str, BK: int, BV: int, few: bool = False, gated: bool = False) -> int:
-    """num_warps of a kernel: NUM_WARPS (GATED_WARPS' entry with gates; FEW_PROGRAMS_WARPS where set for a launch
-    of ``few`` programs) for tiles of BK >= 64 keys and BV >= 32 values; 4 for smaller ones, where 8 warps ended in
-    illegal memory accesses or wrong gradients on an H200 (Triton 3.6), in tf32 dots as well as bf16 ones."""
+def _warps(kernel: str, BK: int, BV: int, few: bool = False) -> int:
+    """num_warps of a kernel: NUM_WARPS (WIDE_KEYS_WARPS' entry for BK >= 128; FEW_PROGRAMS_WARPS where set for a
+    launch of ``few`` programs) for tiles of BK >= 64 keys and BV >= 32 values; 4 for smaller ones, where 8 warps
+    ended in illegal memory accesses or wrong gradients on an H200 (Triton 3.6), in tf32 dots as well as bf16 ones."""
     if BK < 64 or BV < 32:
         return 4
     if few and FEW_PROGRAMS_WARPS is not None:
         return FEW_PROGRAMS_WARPS
-    return GATED_WARPS.get(kernel, NUM_WARPS[kernel]) if gated else NUM_WARPS[kernel]
+    return WIDE_KEYS_WARPS.get(kernel, NUM_WARPS[kernel]) if BK >= 128 else NUM_WARPS[kernel]
 
 
 def _chunk_keys(BK: int, qk_l2norm: bool, gated: bool) -> int:
