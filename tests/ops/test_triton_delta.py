@@ -247,19 +247,21 @@ def test_backward_chunk_over_key_blocks(case, chunk_keys, monkeypatch):
 
 @both
 @pytest.mark.parametrize("qk_l2norm", [False, True], ids=["unit_keys", "qk_l2norm"])
-def test_backward_chunk_keys_and_warps_by_op(case, qk_l2norm, monkeypatch):
-    """backward_chunk's programs at K = 128 (CHUNK_KEYS, WIDE_KEYS_WARPS): the gated op's, and the delta rule's
-    with qk_l2norm, over whole rows at WIDE_KEYS_WARPS' warps; the delta rule's otherwise over CHUNK_KEYS["ungated"]
-    key columns at NUM_WARPS."""
+@pytest.mark.parametrize("wide_l2norm", [False, True], ids=["l2norm_narrow", "l2norm_wide"])
+def test_backward_chunk_keys_and_warps_by_op(case, qk_l2norm, wide_l2norm, monkeypatch):
+    """backward_chunk's programs at K = 128 (CHUNK_KEYS, WIDE_KEYS_WARPS): the gated op's over whole rows, the delta
+    rule's over CHUNK_KEYS["ungated"] key columns, either's over whole rows with qk_l2norm; whole rows take
+    WIDE_KEYS_WARPS' warps, with qk_l2norm only where WIDE_KEYS_L2NORM says; else NUM_WARPS."""
+    monkeypatch.setattr(tri, "WIDE_KEYS_L2NORM", wide_l2norm)
     chunk = launch_kwargs(monkeypatch, tri, "_backward_chunk_kernel")
     variant = with_options(case, qk_l2norm=True) if qk_l2norm else case
     tensors, state = variant.draw(B=1, T=70, H=1, K=128, V=64, seed=31)
     check_against_naive(variant, *to(tensors, state), "triton", **ON_DEVICE)
-    if case is GATED or qk_l2norm:
-        want = (128, tri.WIDE_KEYS_WARPS["backward_chunk"])
-    else:
-        want = (tri.CHUNK_KEYS["ungated"], tri.NUM_WARPS["backward_chunk"])
+    keys = 128 if case is GATED or qk_l2norm else tri.CHUNK_KEYS["ungated"]
+    wide = keys == 128 and (wide_l2norm or not qk_l2norm)
+    want = (keys, tri.WIDE_KEYS_WARPS["backward_chunk"] if wide else tri.NUM_WARPS["backward_chunk"])
     assert {(kw["BK"], kw["num_warps"]) for kw in chunk} == {want}
+    assert want[1] == (8 if wide else 4)  # the settings as documented
 
 
 @both
@@ -710,9 +712,11 @@ def test_gpu_triton_matches_reference(case, dtype, T):
 @gpu
 @both
 @dtypes
-def test_gpu_options_at_full_heads(case, dtype):
-    """qk_l2norm and beta as logits at K = V = 128, where backward_chunk runs over whole key rows at
-    WIDE_KEYS_WARPS' warps for either op: outputs, final state and every gradient by the dtype rule."""
+@pytest.mark.parametrize("wide_l2norm", [False, True], ids=["l2norm_narrow", "l2norm_wide"])
+def test_gpu_options_at_full_heads(case, dtype, wide_l2norm, monkeypatch):
+    """qk_l2norm and beta as logits at K = V = 128, where backward_chunk runs over whole key rows, at NUM_WARPS or
+    (WIDE_KEYS_L2NORM) WIDE_KEYS_WARPS: outputs, final state and every gradient by the dtype rule."""
+    monkeypatch.setattr(tri, "WIDE_KEYS_L2NORM", wide_l2norm)
     opt = with_options(case, qk_l2norm=True, beta_is_logit=True)
     tensors, state = opt.draw(B=2, T=300, H=2, K=128, V=128, dtype=dtype, seed=33)
     tensors[-1] = torch.randn(tensors[-1].shape, generator=torch.Generator().manual_seed(34)) * 2  # logits

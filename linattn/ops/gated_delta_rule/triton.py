@@ -153,6 +153,10 @@ GATED_STAGES = dict(prepare=1, forward=2, output=1, local_du=1, backward_state=2
 # T = 65536, B = 1, 8 warps against 4): gated 6.47 / 7.80 against (64 columns at 4 warps) 6.64 / 7.97; with
 # qk_l2norm, gated 9.50 / 11.92 against 12.64 / 15.07, the delta rule 6.40 / 8.44 against 7.71 / 9.75.
 WIDE_KEYS_WARPS = dict(backward_chunk=8)
+# WIDE_KEYS_L2NORM: WIDE_KEYS_WARPS for the kernels with qk_l2norm too. Timed above, but the GPU tests of training
+# with qk_l2norm at K = 128 (test_gpu_options_at_full_heads, written after session 19's device time) have not run at
+# 8 warps: off until they pass (LINATTN_LAUNCH="gated_delta_rule.WIDE_KEYS_L2NORM=1").
+WIDE_KEYS_L2NORM = False
 # The forward's launch with fewer programs than this (one per SM of an H100/H200) is not limited by shared memory,
 # and takes FEW_PROGRAMS_STAGES to hide its loads. At T = 65536, B = 1 (128 programs) on an H200, session 5, forward
 # alone: delta_rule 7.28 ms with 2 stages against 9.08 with 1, gated_delta_rule 12.2 against 13.4. The backward's
@@ -349,18 +353,25 @@ def _w_dtype(dtype: torch.dtype, gpu: bool | None = None) -> torch.dtype:
 
 
 def _launch(
-    kernel: str, dtype: torch.dtype, BK: int, BV: int, programs: int | None = None, gated: bool = False
+    kernel: str,
+    dtype: torch.dtype,
+    BK: int,
+    BV: int,
+    programs: int | None = None,
+    gated: bool = False,
+    qk_l2norm: bool = False,
 ) -> dict:
-    """num_warps (see _warps) and num_stages of a kernel launched as ``programs`` programs (None: many), with
-    gates (GATED_STAGES) or without: one stage for float32 inputs and on GPUs with less shared memory
-    (SMALL_SHARED), at least FEW_PROGRAMS_STAGES for fewer programs than FEW_PROGRAMS."""
+    """num_warps (see _warps; WIDE_KEYS_WARPS with qk_l2norm only with WIDE_KEYS_L2NORM) and num_stages of a kernel
+    launched as ``programs`` programs (None: many), with gates (GATED_STAGES) or without: one stage for float32
+    inputs and on GPUs with less shared memory (SMALL_SHARED), at least FEW_PROGRAMS_STAGES for fewer programs than
+    FEW_PROGRAMS."""
     stages = GATED_STAGES.get(kernel, NUM_STAGES[kernel]) if gated else NUM_STAGES[kernel]
     few = programs is not None and programs < FEW_PROGRAMS
     if dtype == torch.float32 or _small_shared_gpu():
         stages = 1
     elif few:
         stages = max(stages, FEW_PROGRAMS_STAGES)
-    return dict(num_warps=_warps(kernel, BK, BV, few), num_stages=stages)
+    return dict(num_warps=_warps(kernel, BK, BV, few, wide=WIDE_KEYS_L2NORM or not qk_l2norm), num_stages=stages)
 
 
 @functools.cache
@@ -382,15 +393,16 @@ def _small_shared_gpu() -> bool:
     return shared is not None and shared < SMALL_SHARED
 
 
-def _warps(kernel: str, BK: int, BV: int, few: bool = False) -> int:
-    """num_warps of a kernel: NUM_WARPS (WIDE_KEYS_WARPS' entry for BK >= 128; FEW_PROGRAMS_WARPS where set for a
-    launch of ``few`` programs) for tiles of BK >= 64 keys and BV >= 32 values; 4 for smaller ones, where 8 warps
-    ended in illegal memory accesses or wrong gradients on an H200 (Triton 3.6), in tf32 dots as well as bf16 ones."""
+def _warps(kernel: str, BK: int, BV: int, few: bool = False, wide: bool = True) -> int:
+    """num_warps of a kernel: NUM_WARPS (WIDE_KEYS_WARPS' entry for BK >= 128 where ``wide``; FEW_PROGRAMS_WARPS
+    where set for a launch of ``few`` programs) for tiles of BK >= 64 keys and BV >= 32 values; 4 for smaller ones,
+    where 8 warps ended in illegal memory accesses or wrong gradients on an H200 (Triton 3.6), in tf32 dots as well
+    as bf16 ones."""
     if BK < 64 or BV < 32:
         return 4
     if few and FEW_PROGRAMS_WARPS is not None:
         return FEW_PROGRAMS_WARPS
-    return WIDE_KEYS_WARPS.get(kernel, NUM_WARPS[kernel]) if BK >= 128 else NUM_WARPS[kernel]
+    return WIDE_KEYS_WARPS.get(kernel, NUM_WARPS[kernel]) if wide and BK >= 128 else NUM_WARPS[kernel]
 
 
 def _chunk_keys(BK: int, qk_l2norm: bool, gated: bool) -> int:
@@ -843,7 +855,8 @@ def backward(
         q, k, v, g_, beta, u, dx, do, lay.chunks, states, dstates,
         dq, dk, dv, dg if dg is not None else dummy, dbeta, scale, B * T * H,
         BV=bv_chunk, BETA_LOGIT=beta_is_logit,
-        **_launch("backward_chunk", q.dtype, bk, bv_chunk, gated=g is not None), **dict(common, BK=bk),
+        **_launch("backward_chunk", q.dtype, bk, bv_chunk, gated=g is not None, qk_l2norm=qk_l2norm),
+        **dict(common, BK=bk),
         **chunk_flags, DX_LOWP=lowp and parts["dx"], DB_FROM_PRODUCTS=_db_from_products(g is not None),
         SUMS_IN_PLACE=bool(SUMS_IN_PLACE),
     )  # fmt: skip
@@ -1142,7 +1155,7 @@ def compile_variants():
             chunk |= dict(SUMS_IN_PLACE=bool(SUMS_IN_PLACE))
             chunk_ptrs = sptrs | dict(du=xd) if chunk["LOWP"] else ptrs
             scalars = dict(scalars=dict(scale="fp32", part="i32"))
-            chunk_opts = _launch("backward_chunk", torch_dtype, bk, BV_CHUNK, gated=gated) | scalars
+            chunk_opts = _launch("backward_chunk", torch_dtype, bk, BV_CHUNK, gated=gated, qk_l2norm=l2) | scalars
             chunk_label = f"backward chunk BK={bk} {dt} gated={gated} l2norm={l2} logit={opt}"
             yield chunk_label, _backward_chunk_kernel, chunk_ptrs, common["backward_chunk"] | chunk, chunk_opts
             if opt and not l2:  # the benchmark's launch (beta not as logits), with either SUMS_IN_PLACE setting
