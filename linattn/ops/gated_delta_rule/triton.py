@@ -164,8 +164,8 @@ WIDE_KEYS_L2NORM = False
 # the option: keys in blocks of CHUNK_KEYS, A's k k^T from the rounded keys (PREPARE_LOWP's kkt), no norms formed
 # again in each kernel. In-kernel normalisation was meant to cost no pass over memory, but on an H200 (session 19,
 # bf16, fwd+bwd ms, T = 4096, B = 16) qk_l2norm took the delta rule 4.81 -> 7.71 ms (6.40 at WIDE_KEYS_L2NORM) and
-# the gated op 6.47 -> 9.50 (WIDE_KEYS_WARPS), where fla 0.6.0 took 5.60 -> 6.23; its no-gradient forward, gated,
-# 1.75 -> 3.66. The pass's memory floor at that shape: about 0.5 GiB each way, some 0.3 ms in all. Built after the
+# the gated op 6.47 -> 12.64 (9.50 at WIDE_KEYS_L2NORM), where fla 0.6.0 took 5.60 (session 18) -> 6.23; the gated
+# no-gradient forward 1.75 -> 3.66. The pass's memory floor at that shape: about 0.5 GiB each way, some 0.3 ms in all. Built after the
 # session's device time, untimed: off until timed (LINATTN_LAUNCH="gated_delta_rule.L2NORM_PREPASS=1").
 L2NORM_PREPASS = False
 # The forward's launch with fewer programs than this (one per SM of an H100/H200) is not limited by shared memory,
