@@ -265,6 +265,21 @@ def test_backward_chunk_keys_and_warps_by_op(case, qk_l2norm, wide_l2norm, monke
 
 
 @both
+def test_backward_chunk_value_blocks_of_its_own(case, monkeypatch):
+    """BACKWARD_CHUNK_BV: backward_chunk's value blocks set for one op apart from the other per-chunk kernels'
+    (BV_CHUNK): V = 40 in blocks of 16 (three, the last partial) while the output kernel keeps one of 64; the same
+    outputs and gradients."""
+    key = "gated" if case is GATED else "ungated"
+    monkeypatch.setattr(tri, "BACKWARD_CHUNK_BV", dict(tri.BACKWARD_CHUNK_BV, **{key: 16}))
+    chunk = launch_kwargs(monkeypatch, tri, "_backward_chunk_kernel")
+    output = launch_kwargs(monkeypatch, tri, "_output_kernel")
+    tensors, state = case.draw(B=1, T=70, H=2, K=32, V=40, seed=44)
+    check_against_naive(case, *to(tensors, state), "triton", **ON_DEVICE)
+    assert {kw["BV"] for kw in chunk} == {16}
+    assert output and {kw["BV"] for kw in output} == {64}
+
+
+@both
 @pytest.mark.parametrize("from_products", [False, True], ids=["tiles", "products"])
 @pytest.mark.parametrize("qk_l2norm", [False, True], ids=["unit_keys", "qk_l2norm"])
 def test_db_and_dbeta_from_the_tiles_or_the_products(case, from_products, qk_l2norm, monkeypatch):

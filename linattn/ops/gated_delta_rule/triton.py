@@ -96,6 +96,11 @@ LOWP_STORE = True
 # one call, bf16, fwd+bwd ms, T = 4096, B = 16) 64 against 32: delta_rule 6.13 against 6.22, gated_delta_rule 8.17
 # against 8.48; every delta GPU test passes (144, every dtype).
 BV_CHUNK = 64
+# backward_chunk's own value columns per step, by op, where they differ from BV_CHUNK (None: BV_CHUNK). sm_90 compile
+# (Triton 3.6, bf16, gated, whole rows at 8 warps, the benchmark's launch): spill stack 2,768 B a thread at 64,
+# 2,136 at 32 (SASS 10,760 -> 8,112 instructions), 2,968 at 128. Built after session 19's device time, untimed
+# (LINATTN_LAUNCH="gated_delta_rule.BACKWARD_CHUNK_BV.gated=32").
+BACKWARD_CHUNK_BV = dict(gated=None, ungated=None)
 # prepare goes through K in blocks of this many columns (k k^T summed over them, W formed block by block), so that no
 # [BT, K] float32 tile is live. sm_90 compile, bf16 with gates, K = 128, 4 warps (Triton 3.9), spill stack a thread
 # (solving / loading Tinv): main's kernel 416 / 912 B; in blocks of 128: 952 / 344; 64: 1064 / 464; 32: 616 / 0.
@@ -165,8 +170,9 @@ WIDE_KEYS_L2NORM = False
 # again in each kernel. In-kernel normalisation was meant to cost no pass over memory, but on an H200 (session 19,
 # bf16, fwd+bwd ms, T = 4096, B = 16) qk_l2norm took the delta rule 4.81 -> 7.71 ms (6.40 at WIDE_KEYS_L2NORM) and
 # the gated op 6.47 -> 12.64 (9.50 at WIDE_KEYS_L2NORM), where fla 0.6.0 took 5.60 (session 18) -> 6.23; the gated
-# no-gradient forward 1.75 -> 3.66. The pass's memory floor at that shape: about 0.5 GiB each way, some 0.3 ms in all. Built after the
-# session's device time, untimed: off until timed (LINATTN_LAUNCH="gated_delta_rule.L2NORM_PREPASS=1").
+# no-gradient forward 1.75 -> 3.66. The pass's memory floor at that shape: about 0.5 GiB each way, some 0.3 ms in
+# all. Built after the session's device time, untimed: off until timed
+# (LINATTN_LAUNCH="gated_delta_rule.L2NORM_PREPASS=1").
 L2NORM_PREPASS = False
 # The forward's launch with fewer programs than this (one per SM of an H100/H200) is not limited by shared memory,
 # and takes FEW_PROGRAMS_STAGES to hide its loads. At T = 65536, B = 1 (128 programs) on an H200, session 5, forward
@@ -423,9 +429,14 @@ def _chunk_keys(BK: int, qk_l2norm: bool, gated: bool) -> int:
     return BK if keys is None or qk_l2norm else min(BK, keys)
 
 
-def _chunk_bv(V: int) -> int:
-    """BV of the per-chunk kernels, which loop over the V blocks."""
-    return min(BV_CHUNK, max(16, triton.next_power_of_2(V)))
+def _chunk_bv(V: int, block: int | None = None) -> int:
+    """BV of the per-chunk kernels, which loop over the V blocks: ``block`` (None: BV_CHUNK), narrowed to V."""
+    return min(block or BV_CHUNK, max(16, triton.next_power_of_2(V)))
+
+
+def _backward_chunk_bv(V: int, gated: bool) -> int:
+    """BV of backward_chunk: BACKWARD_CHUNK_BV's entry for the op (None: BV_CHUNK)."""
+    return _chunk_bv(V, BACKWARD_CHUNK_BV["gated" if gated else "ungated"])
 
 
 def _sequence_bv(K: int, V: int, NH: int, dtype: torch.dtype | None = None, state_grad: bool = False) -> int:
@@ -834,7 +845,7 @@ def backward(
     du = dummy if local and dx_dtype is not None else torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
     dx = du if dx_dtype is None else torch.empty(B, T, H, V, dtype=dx_dtype, device=q.device)
     dh0 = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None
-    bv_chunk = _chunk_bv(V)
+    bv_chunk, bv_bwd = _chunk_bv(V), _backward_chunk_bv(V, g is not None)
     if not local:  # du = scale P^T dO, per chunk; backward_state adds the states' share
         _local_du_kernel[(lay.NC, H)](
             q, k, g_, do, lay.chunks, du, scale, BV=bv_chunk,
@@ -865,8 +876,8 @@ def backward(
     _backward_chunk_kernel[(lay.NC * NK, H)](
         q, k, v, g_, beta, u, dx, do, lay.chunks, states, dstates,
         dq, dk, dv, dg if dg is not None else dummy, dbeta, scale, B * T * H,
-        BV=bv_chunk, BETA_LOGIT=beta_is_logit,
-        **_launch("backward_chunk", q.dtype, bk, bv_chunk, gated=g is not None, qk_l2norm=qk_l2norm),
+        BV=bv_bwd, BETA_LOGIT=beta_is_logit,
+        **_launch("backward_chunk", q.dtype, bk, bv_bwd, gated=g is not None, qk_l2norm=qk_l2norm),
         **dict(common, BK=bk),
         **chunk_flags, DX_LOWP=lowp and parts["dx"], DB_FROM_PRODUCTS=_db_from_products(g is not None),
         SUMS_IN_PLACE=bool(SUMS_IN_PLACE),
@@ -1163,13 +1174,14 @@ def compile_variants():
         yield f"local du {label}", _local_du_kernel, ptrs, common["local_du"] | dict(BV=BV_CHUNK), opts["local_du"]
         for l2 in sorted({opt, False}):  # key columns per program: CHUNK_KEYS, or all of them with qk_l2norm
             bk = _chunk_keys(BK, l2, gated)
-            chunk = dict(BV=BV_CHUNK, BETA_LOGIT=opt, BK=bk)
+            bv_bwd = _backward_chunk_bv(128, gated)
+            chunk = dict(BV=bv_bwd, BETA_LOGIT=opt, BK=bk)
             chunk |= _flags(torch_dtype, gated, l2, "backward_chunk", gpu=True, BK=bk)
             chunk |= dict(DX_LOWP=chunk["LOWP"] and parts["dx"], DB_FROM_PRODUCTS=_db_from_products(gated))
             chunk |= dict(SUMS_IN_PLACE=bool(SUMS_IN_PLACE))
             chunk_ptrs = sptrs | dict(du=xd) if chunk["LOWP"] else ptrs
             scalars = dict(scalars=dict(scale="fp32", part="i32"))
-            chunk_opts = _launch("backward_chunk", torch_dtype, bk, BV_CHUNK, gated=gated, qk_l2norm=l2) | scalars
+            chunk_opts = _launch("backward_chunk", torch_dtype, bk, bv_bwd, gated=gated, qk_l2norm=l2) | scalars
             chunk_label = f"backward chunk BK={bk} {dt} gated={gated} l2norm={l2} logit={opt}"
             yield chunk_label, _backward_chunk_kernel, chunk_ptrs, common["backward_chunk"] | chunk, chunk_opts
             if opt and not l2:  # the benchmark's launch (beta not as logits), with either SUMS_IN_PLACE setting
