@@ -727,13 +727,11 @@ def test_gpu_triton_matches_reference(case, dtype, T):
 @gpu
 @both
 @dtypes
-@pytest.mark.parametrize("l2norm", ["in_kernels", "in_kernels_wide", "prepass"])
-def test_gpu_options_at_full_heads(case, dtype, l2norm, monkeypatch):
-    """qk_l2norm and beta as logits at K = V = 128: in the kernels, where backward_chunk runs over whole key rows at
-    NUM_WARPS or (WIDE_KEYS_L2NORM) WIDE_KEYS_WARPS, or as a pass of its own (L2NORM_PREPASS): outputs, final state
-    and every gradient by the dtype rule."""
-    monkeypatch.setattr(tri, "WIDE_KEYS_L2NORM", l2norm == "in_kernels_wide")
-    monkeypatch.setattr(tri, "L2NORM_PREPASS", l2norm == "prepass")
+@pytest.mark.parametrize("wide_l2norm", [False, True], ids=["l2norm_narrow", "l2norm_wide"])
+def test_gpu_options_at_full_heads(case, dtype, wide_l2norm, monkeypatch):
+    """qk_l2norm and beta as logits at K = V = 128, where backward_chunk runs over whole key rows, at NUM_WARPS or
+    (WIDE_KEYS_L2NORM) WIDE_KEYS_WARPS: outputs, final state and every gradient by the dtype rule."""
+    monkeypatch.setattr(tri, "WIDE_KEYS_L2NORM", wide_l2norm)
     opt = with_options(case, qk_l2norm=True, beta_is_logit=True)
     tensors, state = opt.draw(B=2, T=300, H=2, K=128, V=128, dtype=dtype, seed=33)
     tensors[-1] = torch.randn(tensors[-1].shape, generator=torch.Generator().manual_seed(34)) * 2  # logits

@@ -57,8 +57,6 @@ import triton
 
 from linattn.ops._contract import RECURRENT_MAX_T, triton_interpret
 from linattn.ops.common import ptxas
-from linattn.ops.common import triton_l2norm as l2norm_module
-from linattn.ops.common.triton_l2norm import l2norm_rows
 from linattn.ops.common.triton_ops import fake_state, none_tensor
 from linattn.ops.common.triton_recurrent import recurrent as common_recurrent
 from linattn.ops.common.triton_segments import Segments, segment_count
@@ -164,16 +162,10 @@ WIDE_KEYS_WARPS = dict(backward_chunk=8)
 # with qk_l2norm at K = 128 (test_gpu_options_at_full_heads, written after session 19's device time) have not run at
 # 8 warps: off until they pass (LINATTN_LAUNCH="gated_delta_rule.WIDE_KEYS_L2NORM=1").
 WIDE_KEYS_L2NORM = False
-# L2NORM_PREPASS: qk_l2norm as a pass of its own before the chunked op (common/triton_l2norm.py: one read and one
-# write of q and k, and of their gradients in the backward), which then runs its kernels on unit rows, as without
-# the option: keys in blocks of CHUNK_KEYS, A's k k^T from the rounded keys (PREPARE_LOWP's kkt), no norms formed
-# again in each kernel. In-kernel normalisation was meant to cost no pass over memory, but on an H200 (session 19,
-# bf16, fwd+bwd ms, T = 4096, B = 16) qk_l2norm took the delta rule 4.81 -> 7.71 ms (6.40 at WIDE_KEYS_L2NORM) and
-# the gated op 6.47 -> 12.64 (9.50 at WIDE_KEYS_L2NORM), where fla 0.6.0 took 5.60 (session 18) -> 6.23; the gated
-# no-gradient forward 1.75 -> 3.66. The pass's memory floor at that shape: about 0.5 GiB each way, some 0.3 ms in
-# all. Built after the session's device time, untimed: off until timed
-# (LINATTN_LAUNCH="gated_delta_rule.L2NORM_PREPASS=1").
-L2NORM_PREPASS = False
+# qk_l2norm stays inside the kernels. A pass of its own before the op (built in session 19, then removed) hands them
+# q and k rounded to bfloat16, which the kernels then scale (beta, decays) and round again as dot operands, where a
+# plain run rounds them once; emulated on CPU (the chunked path with rounded matmuls, the GPU test's shape and seed)
+# its error in dh0 alone reached 1.99x the plain run's, before any kernel's own (RESULTS.md, session 19).
 # The forward's launch with fewer programs than this (one per SM of an H100/H200) is not limited by shared memory,
 # and takes FEW_PROGRAMS_STAGES to hide its loads. At T = 65536, B = 1 (128 programs) on an H200, session 5, forward
 # alone: delta_rule 7.28 ms with 2 stages against 9.08 with 1, gated_delta_rule 12.2 against 13.4. The backward's
@@ -1086,13 +1078,10 @@ def triton_gated_delta_rule(
     beta = beta.float().contiguous()
     h0 = initial_state.float().contiguous() if initial_state is not None else None
     grad = needs_grad(q, k, v, g, beta, h0)
+    args = (q, k, v, g, beta, h0, cu_seqlens, float(scale), bool(qk_l2norm), bool(beta_is_logit))
     if not grad and short_for_recurrent(q, cu_seqlens, RECURRENT_MAX_T):
-        args = (q, k, v, g, beta, h0, cu_seqlens, float(scale), bool(qk_l2norm), bool(beta_is_logit))
         o, ht = _recurrent_op(*args)
     else:
-        if qk_l2norm and L2NORM_PREPASS:
-            q, k, qk_l2norm = l2norm_rows(q), l2norm_rows(k), False
-        args = (q, k, v, g, beta, h0, cu_seqlens, float(scale), bool(qk_l2norm), bool(beta_is_logit))
         o, ht, *_ = _chunk_op(*args, grad, grad and KEEP_STATES)
     return o, (ht if output_final_state else None)
 
@@ -1189,12 +1178,4 @@ def compile_variants():
                     bench = chunk | dict(BETA_LOGIT=False, SUMS_IN_PLACE=in_place)
                     bench_label = chunk_label.replace("logit=True", f"logit=False SUMS_IN_PLACE={in_place}")
                     yield bench_label, _backward_chunk_kernel, chunk_ptrs, common["backward_chunk"] | bench, chunk_opts
-    # qk_l2norm's pass of its own (L2NORM_PREPASS), rows of 128 in bfloat16
-    rows = dict(D=128, BR=l2norm_module.ROW_ELEMENTS // 128, BD=128, EPS=1e-6)
-    pointers = dict(x="bf16", y="bf16", dy="bf16", dx="bf16")
-    for name, kernel in (
-        ("l2norm", l2norm_module._l2norm_kernel),
-        ("l2norm backward", l2norm_module._l2norm_backward_kernel),
-    ):
-        yield f"{name} bf16", kernel, pointers, rows, dict(num_warps=4, num_stages=1, scalars=dict(R="i32"))
     # The decode kernel, with the delta rule's update, compiles in the "recurrent" group.
