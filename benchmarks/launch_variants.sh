@@ -12,7 +12,7 @@
 # its own code and Triton cache (default: this one). TESTS: a pytest -k expression (default: the whole files);
 # NO_TESTS=1 times only, NO_BENCH=1 tests only. LENGTHS: as bench_gpu.py (default 4096); BENCH_ARGS: more of its
 # arguments (e.g. --qk-l2norm). PROFILE=1: then each kernel's share (benchmarks/profile_kernels.py at T = PROFILE_T,
-# default 4096).
+# default 4096, with PROFILE_ARGS, e.g. --qk-l2norm).
 set -u
 export COLUMNS=300
 ops="${OP:?set OP}"
@@ -48,7 +48,8 @@ for tree in ${TREES:-.}; do
                     --long '' --lengths "${LENGTHS:-4096}" ${BENCH_ARGS:-} 2>&1 | grep -E "linattn .*triton|Error" | cut -c1-200
             fi
             if [ -n "${PROFILE:-}" ]; then
-                timeout "${PROFILE_TIMEOUT:-100}" python3 benchmarks/profile_kernels.py --ops "$ops" --T "${PROFILE_T:-4096}" 2>&1 \
+                timeout "${PROFILE_TIMEOUT:-100}" python3 benchmarks/profile_kernels.py --ops "$ops" --T "${PROFILE_T:-4096}" \
+                    ${PROFILE_ARGS:-} 2>&1 \
                     | grep -E "ms of kernels|_kernel|Error" | cut -c1-110
             fi
         )

@@ -1,6 +1,6 @@
 """Where the GPU time of one Triton op goes: per-kernel device time of forward+backward, by torch.profiler.
 
-    python benchmarks/profile_kernels.py [--ops delta_rule,gla] [--T 4096] [--gla-gates strong] [--fla]
+    python benchmarks/profile_kernels.py [--ops delta_rule,gla] [--T 4096] [--gla-gates strong] [--qk-l2norm] [--fla]
 
 Runs each op a few times at the standard shape (bf16, H = 16, K = V = 128, B * T = 65,536) and prints, per
 kernel name, the total device time per iteration and the number of launches, and for a kernel launched more than once
@@ -28,9 +28,10 @@ def main():
     parser.add_argument("--T", type=int, default=4096)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--gla-gates", choices=("standard", "strong"), default="standard", help="bench_gpu.GK")
+    parser.add_argument("--qk-l2norm", action="store_true", help="bench_gpu.QK_L2NORM")
     parser.add_argument("--fla", action="store_true", help="profile fla's kernel of each op instead of ours")
     args = parser.parse_args()
-    bench_gpu.GK = args.gla_gates
+    bench_gpu.GK, bench_gpu.QK_L2NORM = args.gla_gates, args.qk_l2norm
     B = 65536 // args.T
     for op in args.ops.split(","):
         q, k, v, g, beta, gk = inputs(B, args.T)
