@@ -613,13 +613,18 @@ def test_options_mean_what_they_say():
 @both
 @pytest.mark.parametrize("segments", [1, 2])
 @pytest.mark.parametrize("options", [{}, dict(qk_l2norm=True, beta_is_logit=True)], ids=["plain", "options"])
-def test_inference_forward(case, segments, options, monkeypatch):
+@pytest.mark.parametrize("split", [False, True], ids=["loop", "split"])
+def test_inference_forward(case, segments, options, split, monkeypatch):
     """Without a gradient, past the decode kernel's length, the chunked forward forms o in its loop (a kernel
-    variant training does not run), over segments or not: o and the final state against the token recurrence."""
+    variant training does not run), or with SPLIT_INFERENCE stores the states and U for the output kernel, over
+    segments or not: o and the final state against the token recurrence."""
     monkeypatch.setattr(tri, "SEGMENTS", segments)
+    monkeypatch.setattr(tri, "SPLIT_INFERENCE", dict(l2norm=split, plain=split))
+    output = launch_kwargs(monkeypatch, tri, "_output_kernel")
     opt = with_options(case, **options) if options else case
     tensors, state = opt.draw(B=2, T=150, H=2, K=24, V=40, seed=33, gate_scale=0.05)
     check_against_naive(opt, *to(tensors, state), "triton", grads=False)
+    assert bool(output) == split
 
 
 @both
@@ -758,10 +763,13 @@ def test_gpu_bfloat16_operands_wide_value_blocks_and_w(case, monkeypatch):
 @both
 @pytest.mark.parametrize("segments", [1, 4])
 @pytest.mark.parametrize("options", [{}, dict(qk_l2norm=True, beta_is_logit=True)], ids=["plain", "options"])
-def test_gpu_inference_forward_bfloat16(case, segments, options, monkeypatch):
+@pytest.mark.parametrize("split", [False, True], ids=["loop", "split"])
+def test_gpu_inference_forward_bfloat16(case, segments, options, split, monkeypatch):
     """Without a gradient the forward forms o in its loop (the kernel the split forward of training does not run),
-    over segments or not, with the in-kernel options or not: o and the final state by the dtype rule."""
+    or with SPLIT_INFERENCE in the output kernel from the states and U it stores, over segments or not, with the
+    in-kernel options or not: o and the final state by the dtype rule."""
     monkeypatch.setattr(tri, "SEGMENTS", segments)
+    monkeypatch.setattr(tri, "SPLIT_INFERENCE", dict(l2norm=split, plain=split))
     opt = with_options(case, **options) if options else case
     tensors, state = opt.draw(B=1, T=2000, H=2, K=128, V=128, dtype=torch.bfloat16, seed=32, gate_scale=0.05)
     check_against_naive(opt, *to(tensors, state), "triton", reference="chunk", plain_in_dtype=True, grads=False)

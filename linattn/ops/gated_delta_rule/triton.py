@@ -216,6 +216,14 @@ LOWP_MIN_KEYS = 64
 # (session 11, one call, bf16, fwd+bwd ms, T = 4096, B = 16) delta_rule 7.97 unsplit against 8.89 split,
 # gated_delta_rule 9.90 against 10.33.
 SPLIT_FORWARD = False
+# SPLIT_INFERENCE: the forward without a gradient splits too, by whether the kernels normalise q and k (qk_l2norm:
+# "l2norm") or not ("plain"): its loop then stores each chunk's entering state and U (in KEEP_LOWP's dtypes, which
+# the output kernel's products round them to anyway) and the output kernel forms o, in parallel over chunks; the
+# loop no longer loads and normalises q. On an H200 (session 19, bf16, T = 4096, B = 16, the no-gradient forward) the
+# gated op took 1.75 ms, 3.66 with qk_l2norm; the delta rule 1.36 / 1.78. The price is memory: the states and U,
+# 1 GiB at that shape for the delta rule (1.5 gated), for the call's length. Built after session 19's device time,
+# untimed: off (LINATTN_LAUNCH="gated_delta_rule.SPLIT_INFERENCE.l2norm=1").
+SPLIT_INFERENCE = dict(l2norm=False, plain=False)
 # SPLIT_BACKWARD off: backward_state's loop forms scale P^T dO itself (two more products a chunk, from the q and k it
 # loads anyway), and no local_du kernel runs: it wrote dU's share [B, T, H, V] in float32 (512 MiB at the standard
 # shape) for backward_state to read back. fla's profile (RESULTS.md, session 14): its dv_local takes 0.25 ms
@@ -610,8 +618,10 @@ def forward(
     BV = _sequence_bv(K, V, lay.N * H, q.dtype)
     o = torch.empty(B, T, H, V, dtype=store_dtype(v.dtype), device=q.device)
     ht = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device)
-    split = keep or (save and SPLIT_FORWARD)
-    s_dtype, u_dtype = _kept_dtypes(q.dtype, g is not None, qk_l2norm, BK) if keep else (torch.float32, torch.float32)
+    inference = not save and SPLIT_INFERENCE["l2norm" if qk_l2norm else "plain"]
+    split = keep or (save and SPLIT_FORWARD) or inference
+    own = keep or inference  # the stores in KEEP_LOWP's dtypes, else float32
+    s_dtype, u_dtype = _kept_dtypes(q.dtype, g is not None, qk_l2norm, BK) if own else (torch.float32, torch.float32)
     states = torch.empty(lay.NC, H, K, V, dtype=s_dtype, device=q.device) if split else ht
     u = torch.empty(B, T, H, V, dtype=u_dtype, device=q.device) if split else ht
     g_ = g if g is not None else ht
