@@ -236,7 +236,7 @@ def test_backward_chunk_over_key_blocks(case, chunk_keys, monkeypatch):
     blocks, the last holding one column), whose shares of dg and dbeta the launcher adds: the same gradients,
     with logits for beta (and unit keys: raw ones at K = 33 make the recurrence diverge, in float64 too).
     qk_l2norm, whose backward needs whole rows, keeps one program per chunk."""
-    gated = case.id.startswith("gated")
+    gated = case is GATED
     monkeypatch.setattr(tri, "CHUNK_KEYS", dict(tri.CHUNK_KEYS, **{"gated" if gated else "ungated": chunk_keys}))
     assert tri._chunk_keys(64, False, gated) == (64 if chunk_keys is None else 16)
     assert tri._chunk_keys(64, True, gated) == 64
