@@ -628,6 +628,30 @@ def test_inference_forward(case, segments, options, split, monkeypatch):
 
 
 @both
+@pytest.mark.parametrize("layout", ["packed", "segments"])
+def test_norms_formed_once(case, layout, monkeypatch):
+    """NORMS_IN: with qk_l2norm the 1 / row norms of q and k are formed once a call and read by every kernel that
+    loads their rows (R_IN), training's and the no-gradient forward's: outputs, final state and every gradient
+    against the token recurrence, with packed sequences (one of one token) or over segments."""
+    monkeypatch.setattr(tri, "NORMS_IN", True)
+    names = ("forward", "output", "local_du", "backward_state", "backward_chunk")
+    launched = {name: launch_kwargs(monkeypatch, tri, f"_{name}_kernel") for name in names}
+    opt = with_options(case, qk_l2norm=True, beta_is_logit=True)
+    if layout == "packed":
+        cu = torch.tensor([0, 37, 38, 150], device=DEVICE)
+        tensors, state = opt.draw(B=1, T=150, H=2, K=24, V=40, seed=45, N=3)
+    else:
+        monkeypatch.setattr(tri, "SEGMENTS", 2)
+        cu = None
+        tensors, state = opt.draw(B=2, T=150, H=2, K=24, V=40, seed=46, gate_scale=0.05)
+    check_against_naive(opt, *to(tensors, state), "triton", cu_seqlens=cu, **ON_DEVICE)
+    check_against_naive(opt, *to(tensors, state), "triton", cu_seqlens=cu, grads=False, **ON_DEVICE)
+    assert all(kw["R_IN"] for kws in launched.values() for kw in kws)
+    ran = {name for name, kws in launched.items() if kws}
+    assert ran >= {"forward", "backward_state", "backward_chunk"} and ran <= tri.NORM_KERNELS, ran
+
+
+@both
 @pytest.mark.parametrize("T", [1, 5])
 @pytest.mark.parametrize("options", [{}, dict(qk_l2norm=True, beta_is_logit=True)], ids=["plain", "options"])
 def test_recurrent_decode_path(case, T, options):
@@ -733,14 +757,18 @@ def test_gpu_triton_matches_reference(case, dtype, T):
 @both
 @dtypes
 @pytest.mark.parametrize("wide_l2norm", [False, True], ids=["l2norm_narrow", "l2norm_wide"])
-def test_gpu_options_at_full_heads(case, dtype, wide_l2norm, monkeypatch):
+@pytest.mark.parametrize("norms_in", [False, True], ids=["norms_formed", "norms_in"])
+def test_gpu_options_at_full_heads(case, dtype, wide_l2norm, norms_in, monkeypatch):
     """qk_l2norm and beta as logits at K = V = 128, where backward_chunk runs over whole key rows, at NUM_WARPS or
-    (WIDE_KEYS_L2NORM) WIDE_KEYS_WARPS: outputs, final state and every gradient by the dtype rule."""
+    (WIDE_KEYS_L2NORM) WIDE_KEYS_WARPS, the row norms formed in each kernel or once (NORMS_IN): outputs, final
+    state and every gradient by the dtype rule, and the no-gradient forward's."""
     monkeypatch.setattr(tri, "WIDE_KEYS_L2NORM", wide_l2norm)
+    monkeypatch.setattr(tri, "NORMS_IN", norms_in)
     opt = with_options(case, qk_l2norm=True, beta_is_logit=True)
     tensors, state = opt.draw(B=2, T=300, H=2, K=128, V=128, dtype=dtype, seed=33)
     tensors[-1] = torch.randn(tensors[-1].shape, generator=torch.Generator().manual_seed(34)) * 2  # logits
     check_against_naive(opt, *to(tensors, state), "triton", reference="chunk", plain_in_dtype=True)
+    check_against_naive(opt, *to(tensors, state), "triton", reference="chunk", plain_in_dtype=True, grads=False)
 
 
 @gpu

@@ -29,13 +29,24 @@ def mm_lowp(a, b, DOT_PREC: tl.constexpr, ROUND: tl.constexpr, LOWP: tl.constexp
 
 
 @triton.jit
-def load_rows(x, tok, m_t, o_d, D: tl.constexpr, L2NORM: tl.constexpr, TRANS: tl.constexpr = False):
+def load_rows(
+    x,
+    tok,
+    m_t,
+    o_d,
+    D: tl.constexpr,
+    L2NORM: tl.constexpr,
+    TRANS: tl.constexpr = False,
+    rn=None,
+    R_IN: tl.constexpr = False,
+):
     """Rows [BT, BD] of a [.., T, H, D] tensor as float32 (tok = token * H + head), and 1 / norm [BT].
 
     With L2NORM the rows come back divided by sqrt(sum x^2 + 1e-6) (the norm is 1 otherwise), so
     that the qk_l2norm option costs no extra pass over memory. TRANS: the tile transposed, [BD, BT], loaded
     as such, so that an operand x^T of a product needs no transpose of a register tile (a round trip
-    through shared memory).
+    through shared memory). R_IN: the 1 / norms are read from rn + 2 tok (formed once for the call: the delta rules'
+    NORMS_IN), not formed from the rows.
     """
     if TRANS:
         b_x = tl.load(x + tok[None, :] * D + o_d[:, None], mask=m_t[None, :] & (o_d < D)[:, None], other=0.0)
@@ -44,7 +55,10 @@ def load_rows(x, tok, m_t, o_d, D: tl.constexpr, L2NORM: tl.constexpr, TRANS: tl
     b_x = b_x.to(tl.float32)
     AXIS: tl.constexpr = 0 if TRANS else 1  # the key axis
     if L2NORM:
-        r = 1.0 / tl.sqrt(tl.sum(b_x * b_x, axis=AXIS) + 1e-6)
+        if R_IN:
+            r = tl.load(rn + 2 * tok, mask=m_t, other=1.0)
+        else:
+            r = 1.0 / tl.sqrt(tl.sum(b_x * b_x, axis=AXIS) + 1e-6)
         b_x = b_x * tl.expand_dims(r, AXIS)
     else:
         r = tl.full([b_x.shape[1 - AXIS]], 1.0, tl.float32)

@@ -162,6 +162,17 @@ WIDE_KEYS_WARPS = dict(backward_chunk=8)
 # with qk_l2norm at K = 128 (test_gpu_options_at_full_heads, written after session 19's device time) have not run at
 # 8 warps: off until they pass (LINATTN_LAUNCH="gated_delta_rule.WIDE_KEYS_L2NORM=1").
 WIDE_KEYS_L2NORM = False
+# NORMS_IN: with qk_l2norm, the 1 / row norms of q and k are formed once a call (_row_norms: one read of each,
+# [B, T, H, 2] float32) and the kernels that load rows of q or k (NORM_KERNELS) read them, where each formed them
+# again from the rows it loaded (a sum over the row: shuffles, and the row's squares). sm_90 compile (Triton 3.6,
+# bf16, gated, qk_l2norm and beta logits; a load standing in for the stored norm), SASS instructions formed -> read:
+# the unsplit forward 11,304 -> 7,968 (7,368 without qk_l2norm), the storing forward 5,992 -> 4,336 (4,176),
+# backward_state 10,560 -> 7,592 (7,248), output 8,168 -> 5,088 (4,208), local_du 7,112 -> 4,200 (3,616),
+# backward_chunk at 8 warps 15,176 -> 11,664 (10,760). The norms are formed in float32 (a norm, then squared), not
+# in the kernels' order of summation: within float32's rounding of theirs. Built after session 19's device time,
+# untimed: off (LINATTN_LAUNCH="gated_delta_rule.NORMS_IN=1").
+NORMS_IN = False
+NORM_KERNELS = frozenset({"forward", "output", "local_du", "backward_state", "backward_chunk"})
 # qk_l2norm stays inside the kernels. A pass of its own before the op (built in session 19, then removed) hands them
 # q and k rounded to bfloat16, which the kernels then scale (beta, decays) and round again as dot operands, where a
 # plain run rounds them once; emulated on CPU (the chunked path with rounded matmuls, the GPU test's shape and seed)
@@ -477,6 +488,8 @@ def _flags(
     del flags["UPCAST_QK"]  # these kernels take every operand to float32 as they load it
     exact_exp = precise_exp(dtype, gpu)
     out = dict(HAS_G=gated, L2NORM=qk_l2norm, LOWP=lowp, PRECISE_EXP=exact_exp, **flags)
+    if kernel in NORM_KERNELS:  # their 1 / row norms read, not formed (NORMS_IN), with qk_l2norm
+        out["R_IN"] = bool(qk_l2norm and NORMS_IN)
     if kernel == "backward_state":
         out["LOCAL_DU"] = not SPLIT_BACKWARD["gated" if gated else "ungated"]
     return out
@@ -508,6 +521,15 @@ def _prepare_flags(dtype: torch.dtype, qk_l2norm: bool, gpu: bool | None = None)
         KKT_LOWP=bool(PREPARE_LOWP["kkt"]) and bf16 and not qk_l2norm,
         WU_LOWP=bool(PREPARE_LOWP["wu"]) and bf16,
     )
+
+
+def _row_norms(q: torch.Tensor, k: torch.Tensor, qk_l2norm: bool, dummy: torch.Tensor) -> torch.Tensor:
+    """With qk_l2norm and NORMS_IN, 1 / sqrt(sum x^2 + 1e-6) of every row of q and k, [B, T, H, 2] float32 (q's
+    first), which the kernels read at 2 (token H + head) and the next; else ``dummy``."""
+    if not (qk_l2norm and NORMS_IN):
+        return dummy
+    norms = [torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32) for x in (q, k)]
+    return (torch.stack(norms, dim=-1).square() + 1e-6).rsqrt()
 
 
 def prepare(
@@ -625,7 +647,8 @@ def forward(
     states = torch.empty(lay.NC, H, K, V, dtype=s_dtype, device=q.device) if split else ht
     u = torch.empty(B, T, H, V, dtype=u_dtype, device=q.device) if split else ht
     g_ = g if g is not None else ht
-    flags = _flags(q.dtype, g is not None, qk_l2norm, "forward", BK=BK)
+    norms = _row_norms(q, k, qk_l2norm, ht)
+    flags = _flags(q.dtype, g is not None, qk_l2norm, "forward", BK=BK) | dict(rn=norms)
     NS = _num_segments(lay.N, H, T, cu_seqlens, g is not None)
     if NS == 1:
         NV = triton.cdiv(V, BV)
@@ -647,7 +670,7 @@ def forward(
         _output_kernel[(lay.NC, H)](
             q, k, g_, states, u, lay.chunks, o, scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=bv,
             **_launch("output", q.dtype, BK, bv, gated=g is not None),
-            **_flags(q.dtype, g is not None, qk_l2norm, "output"),
+            **_flags(q.dtype, g is not None, qk_l2norm, "output"), rn=norms,
         )  # fmt: skip
     else:
         kept = None
@@ -802,11 +825,14 @@ def backward(
     NV = triton.cdiv(V, BV)
     common = dict(H=H, K=K, V=V, BT=BT, BK=BK)
 
+    dummy = torch.empty(1, dtype=torch.float32, device=q.device)  # for pointers that a constexpr leaves unread
+    norms = _row_norms(q, k, qk_l2norm, dummy)
+
     def flags(kernel):
-        return _flags(q.dtype, g is not None, qk_l2norm, kernel, BK=BK)
+        return _flags(q.dtype, g is not None, qk_l2norm, kernel, BK=BK) | dict(rn=norms)
 
     bk = _chunk_keys(BK, qk_l2norm, g is not None)
-    chunk_flags = _flags(q.dtype, g is not None, qk_l2norm, "backward_chunk", BK=bk)
+    chunk_flags = _flags(q.dtype, g is not None, qk_l2norm, "backward_chunk", BK=bk) | dict(rn=norms)
     NS = _num_segments(lay.N, H, T, cu_seqlens, g is not None)
     use_kept = kept is not None and (NS == 1 or segs is not None)  # with segments, their transitions M as well
     # what the backward stores itself may be bfloat16 (STATES_LOWP); not with kept float32 states and U, only with
@@ -815,7 +841,6 @@ def backward(
     if use_kept and (kept[0].dtype, kept[1].dtype) != (stored["states"], stored["u"]):
         lowp, stored = False, dict.fromkeys(stored, torch.float32)
     parts = _states_lowp(g is not None)
-    dummy = torch.empty(1, dtype=torch.float32, device=q.device)  # for pointers that a constexpr leaves unread
     g_ = g if g is not None else dummy
     if use_kept:
         states, u, w = kept
@@ -1100,7 +1125,16 @@ __all__ = ["triton_gated_delta_rule", "triton_unsupported", "forward", "backward
 
 
 def compile_variants():
-    """The kernel variants that tests/ops/compile_kernels.py compiles for sm_90 (in CI, without a GPU)."""
+    """The kernel variants that tests/ops/compile_kernels.py compiles for sm_90 (in CI, without a GPU): the library's
+    launches, and those with qk_l2norm again with the row norms read (NORMS_IN)."""
+    for label, kernel, pointers, constexprs, opts in _library_variants():
+        yield label, kernel, pointers, constexprs, opts
+        if constexprs.get("L2NORM") and "R_IN" in constexprs and not constexprs["R_IN"] and "K=64" not in label:
+            yield f"{label} NORMS_IN", kernel, pointers, constexprs | dict(R_IN=True), opts
+
+
+def _library_variants():
+    """compile_variants' launches as the library's settings make them."""
     # Compiling is slow (minutes per float32 variant on a CI core): bfloat16 with every option, and
     # float16 without gates, catch what the interpreter lets through. The per-sequence kernels run with
     # BV = BV_MAX_LOWP for bfloat16 (BV_MAX otherwise; many sequences and heads) and BV = 16 (few), bfloat16 with

@@ -119,6 +119,7 @@ def _forward_kernel(
     states,
     u,
     scale,
+    rn,
     H: tl.constexpr,
     K: tl.constexpr,
     V: tl.constexpr,
@@ -129,6 +130,7 @@ def _forward_kernel(
     HAS_H0: tl.constexpr,
     HAS_U0: tl.constexpr,
     L2NORM: tl.constexpr,
+    R_IN: tl.constexpr,
     STORE_O: tl.constexpr,
     STORE_HT: tl.constexpr,
     STORE_STATES: tl.constexpr,
@@ -172,9 +174,9 @@ def _forward_kernel(
             b_u += tl.load(u0 + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
         if STORE_STATES:
             tl.store(u + tok[:, None] * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=m_tv)
-        b_kT, _ = load_rows(k, tok, m_t, o_k, K, L2NORM, True)  # k^T [BK, BT]
+        b_kT, _ = load_rows(k, tok, m_t, o_k, K, L2NORM, True, rn + 1, R_IN)  # k^T [BK, BT]
         if STORE_O:
-            b_q, _ = load_rows(q, tok, m_t, o_k, K, L2NORM)
+            b_q, _ = load_rows(q, tok, m_t, o_k, K, L2NORM, False, rn, R_IN)
             P = mm_lowp(b_q, b_kT, DOT_PREC, ROUND, LOWP, LOWP_TY) * gamma
             b_o = mm_lowp(b_q * e_b[:, None], S, DOT_PREC, ROUND, LOWP, LOWP_TY)
             b_o += mm_lowp(P, b_u, DOT_PREC, ROUND, LOWP, LOWP_TY)
@@ -194,6 +196,7 @@ def _output_kernel(
     chunks,
     o,
     scale,
+    rn,
     H: tl.constexpr,
     K: tl.constexpr,
     V: tl.constexpr,
@@ -202,6 +205,7 @@ def _output_kernel(
     BV: tl.constexpr,
     HAS_G: tl.constexpr,
     L2NORM: tl.constexpr,
+    R_IN: tl.constexpr,
     DOT_PREC: tl.constexpr,
     ROUND: tl.constexpr,
     LOWP: tl.constexpr,
@@ -220,8 +224,8 @@ def _output_kernel(
     m_t = lo + o_t < hi
     tok = (lo + o_t) * H + i_h
     state = (i_c * H + i_h).to(tl.int64) * K * V
-    b_q, _ = load_rows(q, tok, m_t, o_k, K, L2NORM)
-    b_kT, _ = load_rows(k, tok, m_t, o_k, K, L2NORM, True)
+    b_q, _ = load_rows(q, tok, m_t, o_k, K, L2NORM, False, rn, R_IN)
+    b_kT, _ = load_rows(k, tok, m_t, o_k, K, L2NORM, True, rn + 1, R_IN)
     gamma, e_b, _, _ = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
     P = mm_lowp(b_q, b_kT, DOT_PREC, ROUND, LOWP, LOWP_TY) * gamma
     b_qs = b_q * e_b[:, None]
@@ -246,6 +250,7 @@ def _local_du_kernel(
     chunks,
     du,
     scale,
+    rn,
     H: tl.constexpr,
     K: tl.constexpr,
     V: tl.constexpr,
@@ -254,6 +259,7 @@ def _local_du_kernel(
     BV: tl.constexpr,
     HAS_G: tl.constexpr,
     L2NORM: tl.constexpr,
+    R_IN: tl.constexpr,
     DOT_PREC: tl.constexpr,
     ROUND: tl.constexpr,
     LOWP: tl.constexpr,
@@ -270,8 +276,8 @@ def _local_du_kernel(
     o_k = tl.arange(0, BK)
     m_t = lo + o_t < hi
     tok = (lo + o_t) * H + i_h
-    b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM)
-    b_qT, _ = load_rows(q, tok, m_t, o_k, K, L2NORM, True)
+    b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM, False, rn + 1, R_IN)
+    b_qT, _ = load_rows(q, tok, m_t, o_k, K, L2NORM, True, rn, R_IN)
     gamma, _, _, _ = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
     PT = mm_lowp(b_k, b_qT, DOT_PREC, ROUND, LOWP, LOWP_TY) * tl.trans(gamma)
     for i_v in range(0, tl.cdiv(V, BV)):
@@ -300,6 +306,7 @@ def _backward_state_kernel(
     dh0,
     tinv,
     scale,
+    rn,
     H: tl.constexpr,
     K: tl.constexpr,
     V: tl.constexpr,
@@ -311,6 +318,7 @@ def _backward_state_kernel(
     STORE_DH0: tl.constexpr,
     STORE_GRADS: tl.constexpr,
     L2NORM: tl.constexpr,
+    R_IN: tl.constexpr,
     DOT_PREC: tl.constexpr,
     ROUND: tl.constexpr,
     LOWP: tl.constexpr,
@@ -350,9 +358,9 @@ def _backward_state_kernel(
         m_tv = m_t[:, None] & (o_v < V)[None, :]
         gamma, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
         # each tile loaded just before its product, so that few are live at once; q^T and W^T loaded as such
-        b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM)
+        b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM, False, rn + 1, R_IN)
         if LOCAL_DU:  # scale P^T dO, as _local_du_kernel forms it
-            b_qT, _ = load_rows(q, tok, m_t, o_k, K, L2NORM, True)
+            b_qT, _ = load_rows(q, tok, m_t, o_k, K, L2NORM, True, rn, R_IN)
             PT = mm_lowp(b_k, b_qT, DOT_PREC, ROUND, LOWP, LOWP_TY) * tl.trans(gamma)
             b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
             if not LOWP:
@@ -366,7 +374,7 @@ def _backward_state_kernel(
             b_dx = mm(TiT, b_du, DOT_PREC, ROUND)
             tl.store(dx + tok[:, None] * V + o_v[None, :], b_dx.to(dx.dtype.element_ty), mask=m_tv)
         if not LOCAL_DU:
-            b_qT, _ = load_rows(q, tok, m_t, o_k, K, L2NORM, True)
+            b_qT, _ = load_rows(q, tok, m_t, o_k, K, L2NORM, True, rn, R_IN)
             b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
             if not LOWP:
                 b_do = b_do.to(tl.float32)
@@ -397,6 +405,7 @@ def _backward_chunk_kernel(
     dbeta,
     scale,
     part,
+    rn,
     H: tl.constexpr,
     K: tl.constexpr,
     V: tl.constexpr,
@@ -405,6 +414,7 @@ def _backward_chunk_kernel(
     BV: tl.constexpr,
     HAS_G: tl.constexpr,
     L2NORM: tl.constexpr,
+    R_IN: tl.constexpr,
     BETA_LOGIT: tl.constexpr,
     DOT_PREC: tl.constexpr,
     ROUND: tl.constexpr,
@@ -468,18 +478,18 @@ def _backward_chunk_kernel(
         d_last += tl.sum(dSn.to(tl.float32) * S.to(tl.float32), axis=1)
     b_beta = load_beta(beta, tok, m_t, BETA_LOGIT)
     _, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
-    b_q, _ = load_rows(q, tok, m_t, o_k, K, L2NORM)
+    b_q, _ = load_rows(q, tok, m_t, o_k, K, L2NORM, False, rn, R_IN)
     d_qs *= scale
     b_dq = d_qs * e_b[:, None]
     # db: the gradient of the chunk-local sums b
     if SUMS_IN_PLACE:
         db = row_sums_in_place(d_qs * b_q, e_b)
-        b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM)
+        b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM, False, rn + 1, R_IN)
         d_beta = row_sums_in_place(d_xw * b_k, e_b)
         db += d_beta * b_beta
     else:
         db = tl.sum(d_qs * b_q, axis=1) * e_b
-        b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM)
+        b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM, False, rn + 1, R_IN)
         k_w = tl.sum(d_xw * b_k, axis=1)
         d_beta = k_w * e_b
         db += k_w * (b_beta * e_b)
@@ -516,8 +526,8 @@ def _backward_chunk_kernel(
     gamma, _, _, _ = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
     dPg = dP * (gamma * scale)
     dAg = tl.where(strict, -dA, 0.0) * gamma
-    b_q, r_q = load_rows(q, tok, m_t, o_k, K, L2NORM)
-    b_k, r_k = load_rows(k, tok, m_t, o_k, K, L2NORM)
+    b_q, r_q = load_rows(q, tok, m_t, o_k, K, L2NORM, False, rn, R_IN)
+    b_k, r_k = load_rows(k, tok, m_t, o_k, K, L2NORM, False, rn + 1, R_IN)
     # intra-chunk scores P_ts = exp(b_t - b_s) q_t . k_s (the diagonal's b-terms cancel: left out), and
     # dP_ts P_ts = dPg_ts (q_t . k_s)
     if DB_FROM_PRODUCTS:
