@@ -634,7 +634,7 @@ def test_norms_formed_once(case, layout, monkeypatch):
     loads their rows (R_IN), training's and the no-gradient forward's: outputs, final state and every gradient
     against the token recurrence, with packed sequences (one of one token) or over segments."""
     monkeypatch.setattr(tri, "NORMS_IN", True)
-    names = ("forward", "output", "local_du", "backward_state", "backward_chunk")
+    names = ("prepare", "forward", "output", "local_du", "backward_state", "backward_chunk")
     launched = {name: launch_kwargs(monkeypatch, tri, f"_{name}_kernel") for name in names}
     opt = with_options(case, qk_l2norm=True, beta_is_logit=True)
     if layout == "packed":
@@ -648,7 +648,7 @@ def test_norms_formed_once(case, layout, monkeypatch):
     check_against_naive(opt, *to(tensors, state), "triton", cu_seqlens=cu, grads=False, **ON_DEVICE)
     assert all(kw["R_IN"] for kws in launched.values() for kw in kws)
     ran = {name for name, kws in launched.items() if kws}
-    assert ran >= {"forward", "backward_state", "backward_chunk"} and ran <= tri.NORM_KERNELS, ran
+    assert ran >= {"prepare", "forward", "backward_state", "backward_chunk"} and ran <= tri.NORM_KERNELS, ran
 
 
 @both

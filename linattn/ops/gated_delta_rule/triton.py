@@ -172,7 +172,7 @@ WIDE_KEYS_L2NORM = False
 # in the kernels' order of summation: within float32's rounding of theirs. Built after session 19's device time,
 # untimed: off (LINATTN_LAUNCH="gated_delta_rule.NORMS_IN=1").
 NORMS_IN = False
-NORM_KERNELS = frozenset({"forward", "output", "local_du", "backward_state", "backward_chunk"})
+NORM_KERNELS = frozenset({"prepare", "forward", "output", "local_du", "backward_state", "backward_chunk"})
 # qk_l2norm stays inside the kernels. A pass of its own before the op (built in session 19, then removed) hands them
 # q and k rounded to bfloat16, which the kernels then scale (beta, decays) and round again as dot operands, where a
 # plain run rounds them once; emulated on CPU (the chunked path with rounded matmuls, the GPU test's shape and seed)
@@ -523,23 +523,24 @@ def _prepare_flags(dtype: torch.dtype, qk_l2norm: bool, gpu: bool | None = None)
     )
 
 
-def _row_norms(q: torch.Tensor, k: torch.Tensor, qk_l2norm: bool, dummy: torch.Tensor) -> torch.Tensor:
+def _row_norms(q: torch.Tensor, k: torch.Tensor, qk_l2norm: bool) -> torch.Tensor | None:
     """With qk_l2norm and NORMS_IN, 1 / sqrt(sum x^2 + 1e-6) of every row of q and k, [B, T, H, 2] float32 (q's
-    first), which the kernels read at 2 (token H + head) and the next; else ``dummy``."""
+    first), which the kernels read at 2 (token H + head) and the next; else None."""
     if not (qk_l2norm and NORMS_IN):
-        return dummy
+        return None
     norms = [torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32) for x in (q, k)]
     return (torch.stack(norms, dim=-1).square() + 1e-6).rsqrt()
 
 
 def prepare(
     k, v, g, beta, lay: ChunkTable, qk_l2norm: bool, beta_is_logit: bool, tinv=None, store_t: bool = False,
-    u0_dtype: torch.dtype = torch.float32,
+    u0_dtype: torch.dtype = torch.float32, norms=None,
 ):  # fmt: skip
     """W [B, T, H, K] (float32, or bfloat16: see _w_dtype), U0 [B, T, H, V] in u0_dtype and Tinv [B, T, H, BT]
     (float32, or bfloat16: see _prepare_store).
 
     Tinv is solved for unless given (as the forward stored it); it is returned only when given or store_t.
+    ``norms``: _row_norms' (read where NORMS_IN says; None: formed here).
     """
     B, T, H, K = k.shape
     V = v.shape[-1]
@@ -571,8 +572,9 @@ def prepare(
         SOLVE=solve,
         STORE_T=store_t,
         **_launch("prepare", k.dtype, BK, BV, gated=g is not None),
-        **_flags(k.dtype, g is not None, qk_l2norm, "prepare"),
+        **(_flags(k.dtype, g is not None, qk_l2norm, "prepare") | dict(R_IN=norms is not None)),
         **_prepare_flags(k.dtype, qk_l2norm),
+        rn=norms if norms is not None else u0,
     )
     return w, u0, tinv
 
@@ -635,11 +637,13 @@ def forward(
     V = v.shape[-1]
     lay = ChunkTable.get(B, T, cu_seqlens, BT, q.device)
     keep = save and keep  # (KEEP_STATES, read when the op is called) with segments or without
-    w, u0, tinv = prepare(k, v, g, beta, lay, qk_l2norm, beta_is_logit, store_t=save)
     BK, _ = _blocks(K, V)
     BV = _sequence_bv(K, V, lay.N * H, q.dtype)
     o = torch.empty(B, T, H, V, dtype=store_dtype(v.dtype), device=q.device)
     ht = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device)
+    norms = _row_norms(q, k, qk_l2norm)
+    rn = norms if norms is not None else ht  # (unread without them)
+    w, u0, tinv = prepare(k, v, g, beta, lay, qk_l2norm, beta_is_logit, store_t=save, norms=norms)
     inference = not save and SPLIT_INFERENCE["l2norm" if qk_l2norm else "plain"]
     split = keep or (save and SPLIT_FORWARD) or inference
     own = keep or inference  # the stores in KEEP_LOWP's dtypes, else float32
@@ -647,8 +651,7 @@ def forward(
     states = torch.empty(lay.NC, H, K, V, dtype=s_dtype, device=q.device) if split else ht
     u = torch.empty(B, T, H, V, dtype=u_dtype, device=q.device) if split else ht
     g_ = g if g is not None else ht
-    norms = _row_norms(q, k, qk_l2norm, ht)
-    flags = _flags(q.dtype, g is not None, qk_l2norm, "forward", BK=BK) | dict(rn=norms)
+    flags = _flags(q.dtype, g is not None, qk_l2norm, "forward", BK=BK) | dict(rn=rn)
     NS = _num_segments(lay.N, H, T, cu_seqlens, g is not None)
     if NS == 1:
         NV = triton.cdiv(V, BV)
@@ -670,7 +673,7 @@ def forward(
         _output_kernel[(lay.NC, H)](
             q, k, g_, states, u, lay.chunks, o, scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=bv,
             **_launch("output", q.dtype, BK, bv, gated=g is not None),
-            **_flags(q.dtype, g is not None, qk_l2norm, "output"), rn=norms,
+            **_flags(q.dtype, g is not None, qk_l2norm, "output"), rn=rn,
         )  # fmt: skip
     else:
         kept = None
@@ -826,13 +829,14 @@ def backward(
     common = dict(H=H, K=K, V=V, BT=BT, BK=BK)
 
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)  # for pointers that a constexpr leaves unread
-    norms = _row_norms(q, k, qk_l2norm, dummy)
+    norms = _row_norms(q, k, qk_l2norm)
+    rn = norms if norms is not None else dummy
 
     def flags(kernel):
-        return _flags(q.dtype, g is not None, qk_l2norm, kernel, BK=BK) | dict(rn=norms)
+        return _flags(q.dtype, g is not None, qk_l2norm, kernel, BK=BK) | dict(rn=rn)
 
     bk = _chunk_keys(BK, qk_l2norm, g is not None)
-    chunk_flags = _flags(q.dtype, g is not None, qk_l2norm, "backward_chunk", BK=bk) | dict(rn=norms)
+    chunk_flags = _flags(q.dtype, g is not None, qk_l2norm, "backward_chunk", BK=bk) | dict(rn=rn)
     NS = _num_segments(lay.N, H, T, cu_seqlens, g is not None)
     use_kept = kept is not None and (NS == 1 or segs is not None)  # with segments, their transitions M as well
     # what the backward stores itself may be bfloat16 (STATES_LOWP); not with kept float32 states and U, only with
@@ -848,7 +852,9 @@ def backward(
         M = segs[1] if seg is not None else None
     else:
         u0_dtype = _prepare_store("u0_backward", q.dtype)
-        w, u0, tinv = prepare(k, v, g, beta, lay, qk_l2norm, beta_is_logit, tinv, store_t=True, u0_dtype=u0_dtype)
+        w, u0, tinv = prepare(
+            k, v, g, beta, lay, qk_l2norm, beta_is_logit, tinv, store_t=True, u0_dtype=u0_dtype, norms=norms
+        )  # fmt: skip
         states = torch.empty(lay.NC, H, K, V, dtype=stored["states"], device=q.device)
         u = torch.empty(B, T, H, V, dtype=stored["u"], device=q.device)
         seg = Segments.get(lay.N, T, NS, BT, q.device) if NS > 1 else None

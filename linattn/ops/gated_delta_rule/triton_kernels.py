@@ -37,6 +37,7 @@ def _prepare_kernel(
     w,
     u0,
     tinv,
+    rn,
     H: tl.constexpr,
     K: tl.constexpr,
     V: tl.constexpr,
@@ -46,6 +47,7 @@ def _prepare_kernel(
     BKP: tl.constexpr,
     HAS_G: tl.constexpr,
     L2NORM: tl.constexpr,
+    R_IN: tl.constexpr,
     BETA_LOGIT: tl.constexpr,
     SOLVE: tl.constexpr,
     STORE_T: tl.constexpr,
@@ -73,7 +75,10 @@ def _prepare_kernel(
     o_t = tl.arange(0, BT)
     m_t = lo + o_t < hi
     tok = (lo + o_t) * H + i_h
-    r_k = inverse_row_norms(k, tok, m_t, K, BKP, L2NORM)
+    if L2NORM and R_IN:  # formed once for the call (NORMS_IN)
+        r_k = tl.load(rn + 1 + 2 * tok, mask=m_t, other=1.0)
+    else:
+        r_k = inverse_row_norms(k, tok, m_t, K, BKP, L2NORM)
     b_beta = load_beta(beta, tok, m_t, BETA_LOGIT)
     gamma, e_b, _, _ = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
 
