@@ -17,7 +17,7 @@ The chunked form of ``chunk.py`` (chunk length 64), in the kernels of ``triton_k
     backward_chunk   per chunk      dq, dk, dv, dbeta and dg from the chunk's entering state S, dS', U and dU,
                      and key block  through dX = Tinv^T dU: dv = beta dX, dA = -dX U^T (strictly lower)
                                     and dk gains -beta exp(b) dX S^T; one program per block of CHUNK_KEYS
-                                    key columns, whose shares of dg and dbeta the launcher adds
+                                    key columns (by op), whose shares of dg and dbeta the launcher adds
     recurrent        per sequence   token by token, for decoding
 
 When a gradient is needed the forward keeps Tinv [B, T, H, 64] (float32; bfloat16 for bfloat16 inputs on a GPU:
@@ -44,8 +44,9 @@ of 0 and of -1e4 neither overflow nor produce NaN. dg is a float64 reverse cumul
 chunk, of the gradient with respect to b; each token's own +x - x terms are left out rather than cancelled.
 
 qk_l2norm and beta_is_logit are applied as the kernels load q, k and beta, and their backward chains
-are applied in the per-chunk kernel, so the options cost no extra pass. Few tokens and no gradient
-run the token recurrence instead (decoding).
+are applied in the per-chunk kernel, so the options cost no extra pass over memory; but each kernel forms the
+row norms of what it loads again, which on an H200 cost more than a pass would (NORMS_IN, WIDE_KEYS_L2NORM).
+Few tokens and no gradient run the token recurrence instead (decoding).
 """
 
 from __future__ import annotations
