@@ -628,8 +628,9 @@ def test_inference_forward(case, segments, options, split, monkeypatch):
 
 
 @both
+@dtypes
 @pytest.mark.parametrize("layout", ["packed", "segments"])
-def test_norms_formed_once(case, layout, monkeypatch):
+def test_norms_formed_once(case, dtype, layout, monkeypatch):
     """NORMS_IN: with qk_l2norm the 1 / row norms of q and k are formed once a call and read by every kernel that
     loads their rows (R_IN), training's and the no-gradient forward's: outputs, final state and every gradient
     against the token recurrence, with packed sequences (one of one token) or over segments."""
@@ -639,11 +640,11 @@ def test_norms_formed_once(case, layout, monkeypatch):
     opt = with_options(case, qk_l2norm=True, beta_is_logit=True)
     if layout == "packed":
         cu = torch.tensor([0, 37, 38, 150], device=DEVICE)
-        tensors, state = opt.draw(B=1, T=150, H=2, K=24, V=40, seed=45, N=3)
+        tensors, state = opt.draw(B=1, T=150, H=2, K=24, V=40, dtype=dtype, seed=45, N=3)
     else:
         monkeypatch.setattr(tri, "SEGMENTS", 2)
         cu = None
-        tensors, state = opt.draw(B=2, T=150, H=2, K=24, V=40, seed=46, gate_scale=0.05)
+        tensors, state = opt.draw(B=2, T=150, H=2, K=24, V=40, dtype=dtype, seed=46, gate_scale=0.05)
     check_against_naive(opt, *to(tensors, state), "triton", cu_seqlens=cu, **ON_DEVICE)
     check_against_naive(opt, *to(tensors, state), "triton", cu_seqlens=cu, grads=False, **ON_DEVICE)
     assert all(kw["R_IN"] for kws in launched.values() for kw in kws)
