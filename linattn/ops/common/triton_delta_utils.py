@@ -45,8 +45,8 @@ def load_rows(
     With L2NORM the rows come back divided by sqrt(sum x^2 + 1e-6) (the norm is 1 otherwise), so
     that the qk_l2norm option costs no extra pass over memory. TRANS: the tile transposed, [BD, BT], loaded
     as such, so that an operand x^T of a product needs no transpose of a register tile (a round trip
-    through shared memory). R_IN: the 1 / norms are read from rn + 2 tok (formed once for the call: the delta rules'
-    NORMS_IN), not formed from the rows.
+    through shared memory). R_IN: the 1 / norms are read (``stored_row_norms``: formed once for the call, the
+    delta rules' NORMS_IN), not formed from the rows.
     """
     if TRANS:
         b_x = tl.load(x + tok[None, :] * D + o_d[:, None], mask=m_t[None, :] & (o_d < D)[:, None], other=0.0)
@@ -56,7 +56,7 @@ def load_rows(
     AXIS: tl.constexpr = 0 if TRANS else 1  # the key axis
     if L2NORM:
         if R_IN:
-            r = tl.load(rn + 2 * tok, mask=m_t, other=1.0)
+            r = stored_row_norms(rn, tok, m_t)
         else:
             r = 1.0 / tl.sqrt(tl.sum(b_x * b_x, axis=AXIS) + 1e-6)
         b_x = b_x * tl.expand_dims(r, AXIS)
@@ -66,10 +66,22 @@ def load_rows(
 
 
 @triton.jit
-def inverse_row_norms(x, tok, m_t, D: tl.constexpr, BD: tl.constexpr, L2NORM: tl.constexpr):
+def stored_row_norms(rn, tok, m_t):
+    """The 1 / row norms [BT] of rows tok as formed once for the call (the delta rules' NORMS_IN): at rn + 2 tok
+    (rn points at q's, rn + 1 at k's)."""
+    return tl.load(rn + 2 * tok, mask=m_t, other=1.0)
+
+
+@triton.jit
+def inverse_row_norms(
+    x, tok, m_t, D: tl.constexpr, BD: tl.constexpr, L2NORM: tl.constexpr, rn=None, R_IN: tl.constexpr = False
+):
     """1 / sqrt(sum x^2 + 1e-6) [BT] of rows tok of a [.., T, H, D] tensor, read in blocks of BD columns, as
-    ``load_rows`` forms it for whole rows (ones without L2NORM), for kernels that go through a row in blocks."""
-    if L2NORM:
+    ``load_rows`` forms it for whole rows (ones without L2NORM), for kernels that go through a row in blocks; with
+    R_IN read, as ``load_rows`` reads them."""
+    if L2NORM and R_IN:
+        r = stored_row_norms(rn, tok, m_t)
+    elif L2NORM:
         ss = tl.zeros([m_t.shape[0]], dtype=tl.float32)
         for i_d in range(0, tl.cdiv(D, BD)):
             o_d = i_d * BD + tl.arange(0, BD)

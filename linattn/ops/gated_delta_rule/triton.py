@@ -381,6 +381,11 @@ def _w_dtype(dtype: torch.dtype, gpu: bool | None = None) -> torch.dtype:
     return torch.bfloat16 if lowp else torch.float32
 
 
+def _by_op(setting: dict, gated: bool):
+    """A setting given by op, dict(gated=..., ungated=...): the gated op's entry or the delta rule's."""
+    return setting["gated" if gated else "ungated"]
+
+
 def _launch(
     kernel: str,
     dtype: torch.dtype,
@@ -437,7 +442,7 @@ def _warps(kernel: str, BK: int, BV: int, few: bool = False, wide: bool = True) 
 def _chunk_keys(BK: int, qk_l2norm: bool, gated: bool) -> int:
     """Key columns per program of backward_chunk: CHUNK_KEYS' entry for the op (None: all), or all of them with
     qk_l2norm, whose backward needs whole rows."""
-    keys = CHUNK_KEYS["gated" if gated else "ungated"]
+    keys = _by_op(CHUNK_KEYS, gated)
     return BK if keys is None or qk_l2norm else min(BK, keys)
 
 
@@ -448,7 +453,7 @@ def _chunk_bv(V: int, block: int | None = None) -> int:
 
 def _backward_chunk_bv(V: int, gated: bool) -> int:
     """BV of backward_chunk: BACKWARD_CHUNK_BV's entry for the op (None: BV_CHUNK)."""
-    return _chunk_bv(V, BACKWARD_CHUNK_BV["gated" if gated else "ungated"])
+    return _chunk_bv(V, _by_op(BACKWARD_CHUNK_BV, gated))
 
 
 def _sequence_bv(K: int, V: int, NH: int, dtype: torch.dtype | None = None, state_grad: bool = False) -> int:
@@ -460,7 +465,7 @@ def _sequence_bv(K: int, V: int, NH: int, dtype: torch.dtype | None = None, stat
 
 def _num_segments(N: int, H: int, T: int, cu_seqlens, gated: bool) -> int:
     """Segments per sequence for the per-sequence kernels (1: none), with gates or without; see SEGMENT_HEADS."""
-    least = MIN_SEGMENTS["gated" if gated else "ungated"]
+    least = _by_op(MIN_SEGMENTS, gated)
     return segment_count(N, H, T, BT, cu_seqlens, SEGMENTS, SEGMENT_HEADS, SEGMENT_MIN_CHUNKS, least)
 
 
@@ -492,7 +497,7 @@ def _flags(
     if kernel in NORM_KERNELS:  # their 1 / row norms read, not formed (NORMS_IN), with qk_l2norm
         out["R_IN"] = bool(qk_l2norm and NORMS_IN)
     if kernel == "backward_state":
-        out["LOCAL_DU"] = not SPLIT_BACKWARD["gated" if gated else "ungated"]
+        out["LOCAL_DU"] = not _by_op(SPLIT_BACKWARD, gated)
     return out
 
 
@@ -602,7 +607,7 @@ def _dx_dtype(lowp: bool, parts: dict) -> torch.dtype | None:
 
 def _db_from_products(gated: bool) -> bool:
     """DB_FROM_PRODUCTS' entry for the gated op, or the delta rule's."""
-    return bool(DB_FROM_PRODUCTS["gated" if gated else "ungated"])
+    return bool(_by_op(DB_FROM_PRODUCTS, gated))
 
 
 def _backward_stores(
@@ -1136,7 +1141,7 @@ def compile_variants():
     launches, and those with qk_l2norm again with the row norms read (NORMS_IN)."""
     for label, kernel, pointers, constexprs, opts in _library_variants():
         yield label, kernel, pointers, constexprs, opts
-        if constexprs.get("L2NORM") and "R_IN" in constexprs and not constexprs["R_IN"] and "K=64" not in label:
+        if constexprs.get("L2NORM") and constexprs.get("R_IN") is False and "K=64" not in label:  # (K = 128 only)
             yield f"{label} NORMS_IN", kernel, pointers, constexprs | dict(R_IN=True), opts
 
 

@@ -75,10 +75,7 @@ def _prepare_kernel(
     o_t = tl.arange(0, BT)
     m_t = lo + o_t < hi
     tok = (lo + o_t) * H + i_h
-    if L2NORM and R_IN:  # formed once for the call (NORMS_IN)
-        r_k = tl.load(rn + 1 + 2 * tok, mask=m_t, other=1.0)
-    else:
-        r_k = inverse_row_norms(k, tok, m_t, K, BKP, L2NORM)
+    r_k = inverse_row_norms(k, tok, m_t, K, BKP, L2NORM, rn + 1, R_IN)
     b_beta = load_beta(beta, tok, m_t, BETA_LOGIT)
     gamma, e_b, _, _ = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
 
