@@ -633,10 +633,12 @@ def test_inference_forward(case, segments, options, split, monkeypatch):
 def test_norms_formed_once(case, dtype, layout, monkeypatch):
     """NORMS_IN: with qk_l2norm the 1 / row norms of q and k are formed once a call and read by every kernel that
     loads their rows (R_IN), training's and the no-gradient forward's: outputs, final state and every gradient
-    against the token recurrence, with packed sequences (one of one token) or over segments."""
+    against the token recurrence, with packed sequences (one of one token) or over segments. The backward reads the
+    forward's norms (formed once for forward and backward), which the fake tensors (torch.compile) give too."""
     monkeypatch.setattr(tri, "NORMS_IN", True)
     names = ("prepare", "forward", "output", "local_du", "backward_state", "backward_chunk")
     launched = {name: launch_kwargs(monkeypatch, tri, f"_{name}_kernel") for name in names}
+    formed = count_launches(monkeypatch, tri, "_row_norms_kernel")
     opt = with_options(case, qk_l2norm=True, beta_is_logit=True)
     if layout == "packed":
         cu = torch.tensor([0, 37, 38, 150], device=DEVICE)
@@ -646,8 +648,15 @@ def test_norms_formed_once(case, dtype, layout, monkeypatch):
         cu = None
         tensors, state = opt.draw(B=2, T=150, H=2, K=24, V=40, dtype=dtype, seed=46, gate_scale=0.05)
     check_against_naive(opt, *to(tensors, state), "triton", cu_seqlens=cu, **ON_DEVICE)
+    assert len(formed) == 1  # in the forward, and read again by the backward
     check_against_naive(opt, *to(tensors, state), "triton", cu_seqlens=cu, grads=False, **ON_DEVICE)
+    assert len(formed) == 2
     assert all(kw["R_IN"] for kws in launched.values() for kw in kws)
+    (q, k, v, *gates, beta), h0 = to(tensors, state)
+    g = gates[0].float().contiguous() if gates else None
+    args = (q, k, v, g, beta.float(), h0.float(), cu, 0.25, True, True, True, True)
+    checks = torch.library.opcheck(tri._chunk_op, args, test_utils=("test_schema", "test_faketensor"))
+    assert set(checks.values()) == {"SUCCESS"}, checks
     ran = {name for name, kws in launched.items() if kws}
     assert ran >= {"prepare", "forward", "backward_state", "backward_chunk"} and ran <= tri.NORM_KERNELS, ran
 

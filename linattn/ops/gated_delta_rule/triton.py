@@ -80,6 +80,7 @@ from linattn.ops.gated_delta_rule.triton_kernels import (
     _local_du_kernel,
     _output_kernel,
     _prepare_kernel,
+    _row_norms_kernel,
 )
 
 BT = 64  # chunk length
@@ -144,6 +145,10 @@ NUM_WARPS = dict(prepare=4, forward=4, output=4, local_du=4, backward_state=4, b
 # cuts shared memory per program (sm_90 compile, bf16: forward 123 -> 82 KB, backward_state 99 -> 66 KB), so more
 # programs share an SM; on an H200 (T = 4096, B = 16, bf16, session 5) gated_delta_rule fwd+bwd went 30.6 -> 27.4 ms.
 NUM_STAGES = dict(prepare=1, forward=1, output=1, local_du=1, backward_state=1, backward_chunk=1)
+# float16 with qk_l2norm, the norms formed in the kernels, takes one stage as well: its tf32x3 dots and the rows it
+# reduces took the delta rule's forward and backward_state past the 227 KiB of shared memory that Hopper gives a
+# program at the few-program launches' 2 stages (sm_90, Triton 3.6: 249,856 and 245,760 B; OutOfResources on an
+# H200 in session 20, K = 128). With the norms read (NORMS_IN) they fit (184,832 and 180,736 B).
 # gated_delta_rule's entries where they differ. On an H200 (session 9, one call, bf16, fwd+bwd ms, B T = 65536),
 # 2 stages in forward and backward_state against 1:
 #   T                  2048            4096            16384           65536
@@ -159,10 +164,12 @@ GATED_STAGES = dict(prepare=1, forward=2, output=1, local_du=1, backward_state=2
 # T = 65536, B = 1, 8 warps against 4): gated 6.47 / 7.80 against (64 columns at 4 warps) 6.64 / 7.97; with
 # qk_l2norm, gated 9.50 / 11.92 against 12.64 / 15.07, the delta rule 6.40 / 8.44 against 7.71 / 9.75.
 WIDE_KEYS_WARPS = dict(backward_chunk=8)
-# WIDE_KEYS_L2NORM: WIDE_KEYS_WARPS for the kernels with qk_l2norm too. Timed above, but the GPU tests of training
-# with qk_l2norm at K = 128 (test_gpu_options_at_full_heads, written after session 19's device time) have not run at
-# 8 warps: off until they pass (LINATTN_LAUNCH="gated_delta_rule.WIDE_KEYS_L2NORM=1").
-WIDE_KEYS_L2NORM = False
+# WIDE_KEYS_L2NORM: WIDE_KEYS_WARPS for the kernels with qk_l2norm too (the timings above). Session 20 (H200): the GPU
+# tests of training with qk_l2norm at K = 128 (test_gpu_options_at_full_heads) pass at 8 warps in bfloat16 and
+# float32 (float16's failed at 4 and 8 warps alike, out of shared memory: see NUM_STAGES). Again in session 20's
+# call 1, with qk_l2norm, fwd+bwd ms at T = 4096 / 65536: delta 6.40 / 8.44 against 7.70 / 9.78, gated 9.51 / 11.91
+# against 12.66 / 15.10. LINATTN_LAUNCH="gated_delta_rule.WIDE_KEYS_L2NORM=0": off.
+WIDE_KEYS_L2NORM = True
 # NORMS_IN: with qk_l2norm, the 1 / row norms of q and k are formed once a call (_row_norms: one read of each,
 # [B, T, H, 2] float32) and the kernels that load rows of q or k (NORM_KERNELS) read them, where each formed them
 # again from the rows it loaded (a sum over the row: shuffles, and the row's squares). sm_90 compile (Triton 3.6,
@@ -300,8 +307,11 @@ UNGATED_STATES_LOWP = dict(states=True, dstates=True)
 # and -1e4, where the true sums are ~0, the float32 dg failed the dtype rule on the card (8.0e-7 against the plain
 # run's 0). sm_90 compile (bf16, 64 key columns, 4 warps), spill: gated 1576 -> 1504 B; with qk_l2norm (128
 # columns) 2392 -> 3632 B. On an H200 (session 13, bf16, T = 4096, B = 16, fwd+bwd ms, same call): gated 9.69 ->
-# 9.52, delta_rule 7.52 -> 7.68; so the gated op takes it, the delta rule does not. Every delta GPU test passes.
-DB_FROM_PRODUCTS = dict(gated=True, ungated=False)
+# 9.52, delta_rule 7.52 -> 7.68; so the gated op took it, the delta rule did not. Every delta GPU test passes.
+# Since session 19 the gated backward_chunk runs over whole rows at 8 warps (CHUNK_KEYS), and there the products
+# lose: on an H200 (session 20, call 2, bf16, gated fwd+bwd ms, T = 4096 / 65536) 6.385 / 7.676 without them against
+# 6.464 / 7.823 with (main, same GPU, before and after: 6.482 / 7.798). So neither op takes them now.
+DB_FROM_PRODUCTS = dict(gated=False, ungated=False)
 # SUMS_IN_PLACE: backward_chunk's first-pass row sums (d_qs q, d_xw k, d_kend k: db's, and dbeta's) reduced in the
 # products' own (MMA) layout, with keep_dims and scaled as [BT, 1] (common's row_sums_in_place; db then takes
 # dbeta's share times beta), where the plain sums had the compiler convert each [BT, BK] float32 product to the
@@ -397,11 +407,12 @@ def _launch(
 ) -> dict:
     """num_warps (see _warps; WIDE_KEYS_WARPS with qk_l2norm only with WIDE_KEYS_L2NORM) and num_stages of a kernel
     launched as ``programs`` programs (None: many), with gates (GATED_STAGES) or without: one stage for float32
-    inputs and on GPUs with less shared memory (SMALL_SHARED), at least FEW_PROGRAMS_STAGES for fewer programs than
-    FEW_PROGRAMS."""
+    inputs, for float16 ones whose row norms the kernel forms (qk_l2norm without NORMS_IN) and on GPUs with less shared
+    memory (SMALL_SHARED), at least FEW_PROGRAMS_STAGES for fewer programs than FEW_PROGRAMS."""
     stages = GATED_STAGES.get(kernel, NUM_STAGES[kernel]) if gated else NUM_STAGES[kernel]
     few = programs is not None and programs < FEW_PROGRAMS
-    if dtype == torch.float32 or _small_shared_gpu():
+    float16_norms = dtype == torch.float16 and qk_l2norm and not _norms_in(qk_l2norm)
+    if dtype == torch.float32 or float16_norms or _small_shared_gpu():
         stages = 1
     elif few:
         stages = max(stages, FEW_PROGRAMS_STAGES)
@@ -495,7 +506,7 @@ def _flags(
     exact_exp = precise_exp(dtype, gpu)
     out = dict(HAS_G=gated, L2NORM=qk_l2norm, LOWP=lowp, PRECISE_EXP=exact_exp, **flags)
     if kernel in NORM_KERNELS:  # their 1 / row norms read, not formed (NORMS_IN), with qk_l2norm
-        out["R_IN"] = bool(qk_l2norm and NORMS_IN)
+        out["R_IN"] = _norms_in(qk_l2norm)
     if kernel == "backward_state":
         out["LOCAL_DU"] = not _by_op(SPLIT_BACKWARD, gated)
     return out
@@ -529,13 +540,28 @@ def _prepare_flags(dtype: torch.dtype, qk_l2norm: bool, gpu: bool | None = None)
     )
 
 
+def _norms_in(qk_l2norm: bool) -> bool:
+    """Whether the kernels read the row norms of q and k (NORMS_IN, with qk_l2norm) rather than form them."""
+    return bool(qk_l2norm and NORMS_IN)
+
+
+ROW_NORM_ROWS = 64  # rows of q and of k per program of _row_norms_kernel
+
+
 def _row_norms(q: torch.Tensor, k: torch.Tensor, qk_l2norm: bool) -> torch.Tensor | None:
-    """With qk_l2norm and NORMS_IN, 1 / sqrt(sum x^2 + 1e-6) of every row of q and k, [B, T, H, 2] float32 (q's
-    first), which the kernels read at 2 (token H + head) and the next; else None."""
-    if not (qk_l2norm and NORMS_IN):
+    """Where _norms_in, 1 / sqrt(sum x^2 + 1e-6) of every row of q and k, [B, T, H, 2] float32 (q's first), which
+    the kernels read at 2 (token H + head) and the next; else None. One launch that reads q and k once (on an H200,
+    session 20, torch's vector_norm over the rows of bf16 took 0.27 ms for each of q and k at the standard shape:
+    a quarter of their bandwidth)."""
+    if not _norms_in(qk_l2norm):
         return None
-    norms = [torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32) for x in (q, k)]
-    return (torch.stack(norms, dim=-1).square() + 1e-6).rsqrt()
+    B, T, H, K = q.shape
+    norms = torch.empty(B, T, H, 2, dtype=torch.float32, device=q.device)
+    R = B * T * H
+    if R:
+        BD = max(16, triton.next_power_of_2(K))
+        _row_norms_kernel[(triton.cdiv(R, ROW_NORM_ROWS),)](q, k, norms, R, D=K, BR=ROW_NORM_ROWS, BD=BD, num_warps=4)
+    return norms
 
 
 def prepare(
@@ -577,7 +603,7 @@ def prepare(
         BETA_LOGIT=beta_is_logit,
         SOLVE=solve,
         STORE_T=store_t,
-        **_launch("prepare", k.dtype, BK, BV, gated=g is not None),
+        **_launch("prepare", k.dtype, BK, BV, gated=g is not None, qk_l2norm=qk_l2norm),
         **(_flags(k.dtype, g is not None, qk_l2norm, "prepare") | dict(R_IN=norms is not None)),
         **_prepare_flags(k.dtype, qk_l2norm),
         rn=norms if norms is not None else u0,
@@ -605,9 +631,12 @@ def _dx_dtype(lowp: bool, parts: dict) -> torch.dtype | None:
     return torch.bfloat16 if lowp and parts["dx_store"] else None
 
 
-def _db_from_products(gated: bool) -> bool:
-    """DB_FROM_PRODUCTS' entry for the gated op, or the delta rule's."""
-    return bool(_by_op(DB_FROM_PRODUCTS, gated))
+def _db_from_products(gated: bool, dtype: torch.dtype, qk_l2norm: bool) -> bool:
+    """DB_FROM_PRODUCTS' entry for the gated op, or the delta rule's; float16 with the row norms formed in the kernel
+    takes the products anyway: without them its tf32x3 tiles of q k^T and k k^T took the gated backward_chunk over
+    whole rows to 294,912 B of shared memory, past Hopper's 227 KiB (sm_90, Triton 3.6, at 4 warps and at 8)."""
+    float16_norms = dtype == torch.float16 and qk_l2norm and not _norms_in(qk_l2norm)
+    return bool(_by_op(DB_FROM_PRODUCTS, gated)) or float16_norms
 
 
 def _backward_stores(
@@ -637,8 +666,9 @@ def forward(
 ):  # fmt: skip
     """The chunked forward: o [B, T, H, V] in v's dtype, the final state [N, H, K, V] float32, with save Tinv
     [B, T, H, BT] float32 for the backward (else None), with save and keep (states, U, W) where it keeps them
-    (with keep; else None), and with save and segments what the segments' scan found, (S_in, M) (see
-    _segmented_forward; else None)."""
+    (with keep; else None), with save and segments what the segments' scan found, (S_in, M) (see
+    _segmented_forward; else None), and with save the row norms of q and k where the kernels read them
+    (_row_norms; else None), which the backward reads again."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     lay = ChunkTable.get(B, T, cu_seqlens, BT, q.device)
@@ -664,7 +694,8 @@ def forward(
         _forward_kernel[(NV, lay.N * H)](
             q, k, g_, w, u0, h0 if h0 is not None else ht, lay.cu, lay.first, o, ht, states, u,
             scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_H0=h0 is not None, HAS_U0=True, STORE_O=not split,
-            STORE_HT=True, STORE_STATES=split, **_launch("forward", q.dtype, BK, BV, NV * lay.N * H, g is not None),
+            STORE_HT=True, STORE_STATES=split,
+            **_launch("forward", q.dtype, BK, BV, NV * lay.N * H, g is not None, qk_l2norm),
             **flags,
         )  # fmt: skip
         segs = None
@@ -678,12 +709,12 @@ def forward(
         bv = _chunk_bv(V)
         _output_kernel[(lay.NC, H)](
             q, k, g_, states, u, lay.chunks, o, scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=bv,
-            **_launch("output", q.dtype, BK, bv, gated=g is not None),
+            **_launch("output", q.dtype, BK, bv, gated=g is not None, qk_l2norm=qk_l2norm),
             **_flags(q.dtype, g is not None, qk_l2norm, "output"), rn=rn,
         )  # fmt: skip
     else:
         kept = None
-    return o.to(v.dtype), ht, tinv, kept, segs
+    return o.to(v.dtype), ht, tinv, kept, segs, (norms if save else None)
 
 
 # CHAIN_KERNEL: the scan over segments (_chain) as one Triton launch (_chain_kernel: float64 in registers, DMMA on
@@ -766,7 +797,8 @@ def _segmented_forward(
         _forward_kernel[(triton.cdiv(V_, BV), NSH)](
             q, k, g_, w, u0_, h0_ if h0_ is not None else ht, seg.cu, seg.first, o, ht_, states, u, scale,
             V=V_, BV=BV, HAS_H0=h0_ is not None, HAS_U0=has_u0, STORE_O=store_o_, STORE_HT=store_ht,
-            STORE_STATES=store_states_, **_launch("forward", q.dtype, BK, BV, programs, flags["HAS_G"]), **common,
+            STORE_STATES=store_states_, **common,
+            **_launch("forward", q.dtype, BK, BV, programs, flags["HAS_G"], flags["L2NORM"]),
         )  # fmt: skip
 
     if given is not None:
@@ -803,7 +835,8 @@ def _segmented_backward_state(q, k, g_, w, do, dht, seg: Segments, M, dstates, d
             q, k, g_, w, do, dht_ if dht_ is not None else dummy, seg.cu, seg.first, dstates, du, dx,
             dh0_ if dh0_ is not None else dummy, tinv, scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
             HAS_DHT=dht_ is not None, STORE_DH0=dh0_ is not None, STORE_GRADS=store_grads,
-            **_launch("backward_state", q.dtype, BK, BV, triton.cdiv(V, BV) * NSH, flags["HAS_G"]), **flags,
+            **_launch("backward_state", q.dtype, BK, BV, triton.cdiv(V, BV) * NSH, flags["HAS_G"], flags["L2NORM"]),
+            **flags,
         )  # fmt: skip
 
     L = torch.empty(seg.N, seg.NS, H, K, V, dtype=torch.float32, device=q.device)
@@ -817,7 +850,7 @@ def _segmented_backward_state(q, k, g_, w, do, dht, seg: Segments, M, dstates, d
 
 def backward(
     do, dht, q, k, v, g, beta, h0, tinv, scale: float, cu_seqlens, qk_l2norm: bool, beta_is_logit: bool, kept=None,
-    segs=None,
+    segs=None, norms=None,
 ):  # fmt: skip
     """Gradients (dq, dk, dv, dg or None, dbeta, dh0 or None).
 
@@ -825,7 +858,8 @@ def backward(
     (float32, or bfloat16: STATES_LOWP), unless the forward kept (states, U, W) (``kept``; with segments, from the
     forward's (S_in, M), ``segs``, rather than by the scan again); then the gradient of
     the state leaving every chunk (in the states' dtype) and dU (float32), and from those, per chunk, every input
-    gradient."""
+    gradient. ``norms``: the row norms the forward formed (_row_norms; None: formed again where the kernels read
+    them)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     lay = ChunkTable.get(B, T, cu_seqlens, BT, q.device)
@@ -835,7 +869,7 @@ def backward(
     common = dict(H=H, K=K, V=V, BT=BT, BK=BK)
 
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)  # for pointers that a constexpr leaves unread
-    norms = _row_norms(q, k, qk_l2norm)
+    norms = norms if norms is not None and _norms_in(qk_l2norm) else _row_norms(q, k, qk_l2norm)
     rn = norms if norms is not None else dummy
 
     def flags(kernel):
@@ -868,7 +902,8 @@ def backward(
             _forward_kernel[(NV, lay.N * H)](
                 q, k, g_, w, u0, h0 if h0 is not None else dummy, lay.cu, lay.first, dummy, dummy, states, u, scale,
                 BV=BV, HAS_H0=h0 is not None, HAS_U0=True, STORE_O=False, STORE_HT=False, STORE_STATES=True,
-                **_launch("forward", q.dtype, BK, BV, gated=g is not None), **common, **flags("forward"),
+                **_launch("forward", q.dtype, BK, BV, gated=g is not None, qk_l2norm=qk_l2norm), **common,
+                **flags("forward"),
             )  # fmt: skip
         else:
             ht = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device)
@@ -888,7 +923,8 @@ def backward(
     if not local:  # du = scale P^T dO, per chunk; backward_state adds the states' share
         _local_du_kernel[(lay.NC, H)](
             q, k, g_, do, lay.chunks, du, scale, BV=bv_chunk,
-            **_launch("local_du", q.dtype, BK, bv_chunk, gated=g is not None), **common, **flags("local_du"),
+            **_launch("local_du", q.dtype, BK, bv_chunk, gated=g is not None, qk_l2norm=qk_l2norm), **common,
+            **flags("local_du"),
         )  # fmt: skip
     if seg is None:
         bv_state = _sequence_bv(K, V, lay.N * H, q.dtype, state_grad=True)
@@ -896,7 +932,9 @@ def backward(
             q, k, g_, w, do, dht if dht is not None else dummy, lay.cu, lay.first, dstates, du, dx,
             dh0 if dh0 is not None else dummy, tinv, scale,
             BV=bv_state, HAS_DHT=dht is not None, STORE_DH0=h0 is not None, STORE_GRADS=True,
-            **_launch("backward_state", q.dtype, BK, bv_state, triton.cdiv(V, bv_state) * lay.N * H, g is not None),
+            **_launch(
+                "backward_state", q.dtype, BK, bv_state, triton.cdiv(V, bv_state) * lay.N * H, g is not None, qk_l2norm
+            ),
             **common, **state_flags,
         )  # fmt: skip
     else:
@@ -918,7 +956,8 @@ def backward(
         BV=bv_bwd, BETA_LOGIT=beta_is_logit,
         **_launch("backward_chunk", q.dtype, bk, bv_bwd, gated=g is not None, qk_l2norm=qk_l2norm),
         **dict(common, BK=bk),
-        **chunk_flags, DX_LOWP=lowp and parts["dx"], DB_FROM_PRODUCTS=_db_from_products(g is not None),
+        **chunk_flags, DX_LOWP=lowp and parts["dx"],
+        DB_FROM_PRODUCTS=_db_from_products(g is not None, q.dtype, qk_l2norm),
         SUMS_IN_PLACE=bool(SUMS_IN_PLACE),
     )  # fmt: skip
     dg = dg.sum(0).float() if dg is not None else None
@@ -952,20 +991,30 @@ def _chunk_op(
     save: bool,
     keep: bool,
 ) -> tuple[
-    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
 ]:
     """(o, final state, then for the backward Tinv (empty unless save), the kept states, U and W (empty unless
-    kept: _keeps) and the segments' S_in and M (empty unless save with segments)). keep is an argument, not
+    kept: _keeps), the segments' S_in and M (empty unless save with segments) and the row norms of q and k (empty
+    unless save where the kernels read them: _norms_in)). keep is an argument, not
     KEEP_STATES read here, so that a compiled graph (and torch.compile's caches, which do not see module
     settings) holds what the fake and the kernels do."""
     with on_device_of(q), ptxas.assembler():
-        o, ht, tinv, kept, segs = forward(
+        o, ht, tinv, kept, segs, norms = forward(
             q, k, v, g, beta, h0, scale, cu_seqlens, qk_l2norm, beta_is_logit, save, keep
         )  # fmt: skip
     empty = none_tensor(q)
     states, u, w = kept if kept is not None else (empty, empty.clone(), empty.clone())
     seg_in, seg_m = segs if segs is not None else (empty.clone(), empty.clone())
-    return o, ht, (tinv if tinv is not None else empty.clone()), states, u, w, seg_in, seg_m
+    norms = norms if norms is not None else empty.clone()
+    return o, ht, (tinv if tinv is not None else empty.clone()), states, u, w, seg_in, seg_m, norms
 
 
 @_chunk_op.register_fake
@@ -989,7 +1038,8 @@ def _(q, k, v, g, beta, h0, cu_seqlens, scale, qk_l2norm, beta_is_logit, save, k
         seg_m = q.new_empty(N, NS, H, K, K, dtype=torch.float32)
     else:
         seg_in, seg_m = empty.clone(), empty.clone()
-    return torch.empty_like(v), fake_state(q, v, cu_seqlens), tinv, states, u, w, seg_in, seg_m
+    norms = q.new_empty(B, T, H, 2, dtype=torch.float32) if save and _norms_in(qk_l2norm) else empty.clone()
+    return torch.empty_like(v), fake_state(q, v, cu_seqlens), tinv, states, u, w, seg_in, seg_m, norms
 
 
 @torch.library.custom_op("linattn::chunk_gated_delta_rule_backward", mutates_args=())
@@ -1008,6 +1058,7 @@ def _chunk_backward_op(
     w: torch.Tensor,
     seg_in: torch.Tensor,
     seg_m: torch.Tensor,
+    norms: torch.Tensor,
     cu_seqlens: torch.Tensor | None,
     scale: float,
     qk_l2norm: bool,
@@ -1016,9 +1067,10 @@ def _chunk_backward_op(
     tinv = tinv if tinv.numel() else None
     kept = (states, u, w) if states.numel() else None
     segs = (seg_in, seg_m) if seg_in.numel() else None
+    norms = norms if norms.numel() else None
     with on_device_of(q), ptxas.assembler():
         grads = backward(
-            do, dht, q, k, v, g, beta, h0, tinv, scale, cu_seqlens, qk_l2norm, beta_is_logit, kept, segs
+            do, dht, q, k, v, g, beta, h0, tinv, scale, cu_seqlens, qk_l2norm, beta_is_logit, kept, segs, norms
         )  # fmt: skip
     dq, dk, dv, dg, dbeta, dh0 = grads
     empty = none_tensor(q)
@@ -1026,7 +1078,10 @@ def _chunk_backward_op(
 
 
 @_chunk_backward_op.register_fake
-def _(do, dht, q, k, v, g, beta, h0, tinv, states, u, w, seg_in, seg_m, cu_seqlens, scale, qk_l2norm, beta_is_logit):
+def _(
+    do, dht, q, k, v, g, beta, h0, tinv, states, u, w, seg_in, seg_m, norms, cu_seqlens, scale, qk_l2norm,
+    beta_is_logit,
+):  # fmt: skip
     empty = none_tensor(q)
     return (
         torch.empty_like(q),
@@ -1046,7 +1101,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, do, dht, *_):
-    q, k, v, g, beta, h0, tinv, states, u, w, seg_in, seg_m, cu_seqlens = ctx.saved_tensors
+    q, k, v, g, beta, h0, tinv, states, u, w, seg_in, seg_m, norms, cu_seqlens = ctx.saved_tensors
     scale, qk_l2norm, beta_is_logit = ctx.options
     dht = dht.contiguous() if dht is not None else None
     do = do if do is not None else torch.zeros_like(v)
@@ -1065,6 +1120,7 @@ def _backward(ctx, do, dht, *_):
         w,
         seg_in,
         seg_m,
+        norms,
         cu_seqlens,
         scale,
         qk_l2norm,
@@ -1141,6 +1197,10 @@ def compile_variants():
     launches, and those with qk_l2norm again with the row norms read (NORMS_IN)."""
     for label, kernel, pointers, constexprs, opts in _library_variants():
         yield label, kernel, pointers, constexprs, opts
+    rows = dict(R="i32")
+    for dt in ("bf16", "fp16"):
+        norms = dict(D=128, BR=ROW_NORM_ROWS, BD=128)
+        yield f"row norms {dt}", _row_norms_kernel, dict(q=dt, k=dt), norms, dict(num_warps=4, scalars=rows)
         if constexprs.get("L2NORM") and constexprs.get("R_IN") is False and "K=64" not in label:  # (K = 128 only)
             yield f"{label} NORMS_IN", kernel, pointers, constexprs | dict(R_IN=True), opts
 
@@ -1158,7 +1218,7 @@ def _library_variants():
         ptrs |= dict(chunks="i32", cu_seqlens="i32", chunk_start="i32", w=w)
         BK, BV = _blocks(128, 128)
         _, seq_bv = _blocks(128, 128, torch_dtype, gpu=True)
-        opts = {name: _launch(name, torch_dtype, BK, BV, gated=gated) for name in NUM_WARPS}
+        opts = {name: _launch(name, torch_dtype, BK, BV, gated=gated, qk_l2norm=opt) for name in NUM_WARPS}
         common = {
             name: dict(H=16, K=128, V=128, BT=BT, BK=BK, **_flags(torch_dtype, gated, opt, name, gpu=True))
             for name in NUM_WARPS
@@ -1180,7 +1240,7 @@ def _library_variants():
         solve |= dict(DIAG_DOUBLING=SOLVE_DIAG_DOUBLING, **_prepare_flags(torch_dtype, opt, gpu=True))
         yield f"prepare {label}", _prepare_kernel, ptrs, common["prepare"] | solve, opts["prepare"]
         for bv in (seq_bv, 16):  # many programs; few, which take FEW_PROGRAMS_STAGES
-            run = {n: _launch(n, torch_dtype, BK, bv, None if bv == seq_bv else 1, gated) for n in opts}
+            run = {n: _launch(n, torch_dtype, BK, bv, None if bv == seq_bv else 1, gated, opt) for n in opts}
             out = dict(BV=bv, HAS_H0=True, HAS_U0=True, STORE_O=True, STORE_HT=True, STORE_STATES=False)
             yield f"forward BV={bv} {label}", _forward_kernel, ptrs, common["forward"] | out, run["forward"]
             states = out | dict(STORE_O=False, STORE_HT=False, STORE_STATES=True)
@@ -1222,7 +1282,8 @@ def _library_variants():
             bv_bwd = _backward_chunk_bv(128, gated)
             chunk = dict(BV=bv_bwd, BETA_LOGIT=opt, BK=bk)
             chunk |= _flags(torch_dtype, gated, l2, "backward_chunk", gpu=True, BK=bk)
-            chunk |= dict(DX_LOWP=chunk["LOWP"] and parts["dx"], DB_FROM_PRODUCTS=_db_from_products(gated))
+            chunk |= dict(DX_LOWP=chunk["LOWP"] and parts["dx"])
+            chunk |= dict(DB_FROM_PRODUCTS=_db_from_products(gated, torch_dtype, l2))
             chunk |= dict(SUMS_IN_PLACE=bool(SUMS_IN_PLACE))
             chunk_ptrs = sptrs | dict(du=xd) if chunk["LOWP"] else ptrs
             scalars = dict(scalars=dict(scale="fp32", part="i32"))

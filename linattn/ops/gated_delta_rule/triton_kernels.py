@@ -580,6 +580,17 @@ def _backward_chunk_kernel(
 
 
 @triton.jit
+def _row_norms_kernel(q, k, rn, R, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+    # NORMS_IN (see triton.py): 1 / sqrt(sum x^2 + 1e-6) of BR rows of q and of k, each [R, D] (R = tokens * heads,
+    # the rows that tok indexes), stored interleaved, q's at rn + 2 row and k's at the next: what inverse_row_norms
+    # forms inside the kernels, once for the call.
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    m_r = rows < R
+    tl.store(rn + 2 * rows, inverse_row_norms(q, rows, m_r, D, BD, True), mask=m_r)
+    tl.store(rn + 2 * rows + 1, inverse_row_norms(k, rows, m_r, D, BD, True), mask=m_r)
+
+
+@triton.jit
 def _chain_kernel(
     M,
     R,

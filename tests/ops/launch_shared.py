@@ -1,0 +1,146 @@
+"""The shared memory that a call's Triton launches take when compiled for Hopper (sm_90), found without a GPU.
+
+The interpreter runs the kernels' logic but not the compiler, so a launch whose compiled form needs more shared
+memory than the GPU offers a program passes every interpreter test and fails only on the card (OutOfResources).
+This runs a call under the interpreter (CPU tensors), records every launch of the delta rules' kernels (pointer
+dtypes, constexprs, warps and stages), then compiles each distinct launch for sm_90 in a fresh process and reports
+its shared memory against Hopper's 227 KiB per program.
+
+    python -m tests.ops.launch_shared --dtype float16 --B 2 --T 300 --H 2 --K 128 --qk-l2norm [--no-grad]
+        [--compiler .venv36/bin/python]   # compile with another environment's Triton (the card's)
+    LINATTN_LAUNCH="gated_delta_rule.NORMS_IN=1" python -m tests.ops.launch_shared ...   # with other settings
+
+The launchers choose their constexprs as for a GPU (compile_variants' gpu=True), but what depends on the card
+itself takes its CPU form (bfloat16 dot operands only on a trusted ptxas; no GPU with less shared memory): use it
+for float16 and float32, whose launches are then the card's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+DTYPES = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.int32": "i32",
+          "torch.int64": "i64"}  # fmt: skip
+MODULE = "linattn.ops.gated_delta_rule.triton"
+
+
+def record(args) -> list[dict]:
+    """Run the call under the interpreter; every distinct launch as {kernel, args, warps, stages}."""
+    import inspect
+
+    import torch
+
+    import linattn
+    from linattn.ops.gated_delta_rule import triton as tri
+
+    if os.environ.get("LINATTN_LAUNCH"):  # settings to try, as benchmarks/launch_variants.sh gives them
+        from benchmarks.launch_override import apply_env
+
+        apply_env()
+    launches: dict[str, dict] = {}
+
+    def wrap(name):
+        kernel = getattr(tri, name)
+        names = list(inspect.signature(kernel.fn).parameters)
+
+        class Wrapped:
+            def __getitem__(self, grid):
+                launch = kernel[grid]
+
+                def run(*a, **kw):
+                    given = dict(zip(names, a)) | {n: v for n, v in kw.items() if n not in ("num_warps", "num_stages")}
+                    desc = {
+                        n: ["ptr", DTYPES[str(v.dtype)]] if isinstance(v, torch.Tensor) else ["val", v]
+                        for n, v in given.items()
+                    }
+                    item = dict(kernel=name, args=desc, warps=kw.get("num_warps", 4), stages=kw.get("num_stages", 3))
+                    launches.setdefault(json.dumps(item, sort_keys=True), item)
+                    return launch(*a, **kw)
+
+                return run
+
+        setattr(tri, name, Wrapped())
+
+    for name in [n for n in dir(tri) if n.startswith("_") and n.endswith("_kernel")]:
+        wrap(name)
+    tri.triton_interpret = lambda: False  # the launchers choose their flags as for a GPU (e.g. float16's tf32x3)
+    tri.precise_exp = lambda dtype, gpu=None: False  # but exp as the interpreter can run it (not libdevice's)
+    dtype = getattr(torch, args.dtype)
+    gen = torch.Generator().manual_seed(0)
+    B, T, H, K, V = args.B, args.T, args.H, args.K, args.V
+    q, k = (torch.randn(B, T, H, K, generator=gen).to(dtype) for _ in range(2))
+    v = torch.randn(B, T, H, V, generator=gen).to(dtype)
+    g = -torch.rand(B, T, H, generator=gen) * 0.1 if args.gated else None
+    beta = torch.randn(B, T, H, generator=gen)
+    opts = dict(qk_l2norm=args.qk_l2norm, beta_is_logit=True, impl="triton", output_final_state=True)
+    leaves = [q, k, v] if not args.no_grad else []
+    for x in leaves:
+        x.requires_grad_(True)
+    with torch.set_grad_enabled(not args.no_grad):
+        if g is None:
+            o, s = linattn.ops.delta_rule(q, k, v, beta, **opts)
+        else:
+            o, s = linattn.ops.gated_delta_rule(q, k, v, g, beta, **opts)
+        if not args.no_grad:
+            (o.float().square().sum() + s.sum()).backward()
+    return list(launches.values())
+
+
+def compile_all(launches: list[dict]) -> int:
+    """Compile each launch for sm_90; print its shared memory; 1 if any exceeds HOPPER_SHARED."""
+    import importlib
+
+    from tests.ops.compile_kernels import HOPPER_SHARED, compile_variant
+
+    tri = importlib.import_module(MODULE)
+    worst = 0
+    for item in launches:
+        kernel = getattr(tri, item["kernel"])
+        constexprs, pointers, scalars = {}, {}, {}
+        for p in kernel.params:
+            kind, value = item["args"].get(p.name, ["val", None])
+            if p.is_constexpr:
+                constexprs[p.name] = value
+            elif kind == "ptr":
+                pointers[p.name] = value
+            else:
+                scalars[p.name] = "fp32" if isinstance(value, float) else "i32"
+        out = compile_variant(
+            kernel, pointers, constexprs, scalars=scalars, num_warps=item["warps"], num_stages=item["stages"]
+        )
+        shared = out.metadata.shared
+        worst = max(worst, shared)
+        flag = "  OVER" if shared > HOPPER_SHARED else ""
+        print(f"{item['kernel']} warps={item['warps']} stages={item['stages']}: shared {shared} B{flag}", flush=True)
+    return int(worst > HOPPER_SHARED)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dtype", default="float16")
+    for dim, size in dict(B=2, T=300, H=2, K=128, V=128).items():
+        parser.add_argument(f"--{dim}", type=int, default=size)
+    parser.add_argument("--gated", action="store_true")
+    parser.add_argument("--qk-l2norm", action="store_true")
+    parser.add_argument("--no-grad", action="store_true")
+    parser.add_argument("--compiler", default=sys.executable, help="the python that compiles (e.g. the card's Triton)")
+    parser.add_argument("--compile", help="(internal) compile the launches in this JSON file")
+    args = parser.parse_args(argv)
+    if args.compile:
+        with open(args.compile) as f:
+            return compile_all(json.load(f))
+    os.environ["TRITON_INTERPRET"] = "1"
+    launches = record(args)
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"launches-{os.getpid()}.json")
+    with open(path, "w") as f:
+        json.dump(launches, f)
+    env = {n: v for n, v in os.environ.items() if n != "TRITON_INTERPRET"}
+    return subprocess.run([args.compiler, "-m", "tests.ops.launch_shared", "--compile", path], env=env).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
