@@ -29,19 +29,22 @@ def test_kernels_compile_for_sm90(group):
     assert done.returncode == 0, f"{group} kernels failed to compile:\n{done.stdout}\n{done.stderr[-4000:]}"
 
 
+@pytest.mark.parametrize("norms", ["read", "formed"])
 @pytest.mark.parametrize(
     "call",
     [["--qk-l2norm"], ["--qk-l2norm", "--no-grad"], ["--qk-l2norm", "--gated"]],
     ids=["delta", "delta_no_grad", "gated"],
 )
-def test_float16_launches_fit_hopper_shared_memory(call):
+def test_float16_launches_fit_hopper_shared_memory(call, norms):
     """The launches of a float16 call with qk_l2norm at K = V = 128 and few programs (B = H = 2), as the launchers
     make them on a GPU, compiled for sm_90: each within the 227 KiB of shared memory a program may take. Two stages
     took the delta rule's forward and backward_state past it (OutOfResources on the card, session 20), in the card's
     Triton 3.6; Triton 3.9 (CI's) allocates less and fits them either way. To compile with the card's Triton, set
-    LINATTN_CARD_PYTHON to a python that has it (tests/ops/compile_kernels.py says how to make one)."""
+    LINATTN_CARD_PYTHON to a python that has it (tests/ops/compile_kernels.py says how to make one). With the row
+    norms read (NORMS_IN) or formed in each kernel."""
     compiler = os.environ.get("LINATTN_CARD_PYTHON", sys.executable)
     args = [sys.executable, "-m", "tests.ops.launch_shared", "--dtype", "float16", "--compiler", compiler, *call]
-    done = subprocess.run(args, capture_output=True, text=True)
+    env = os.environ | dict(LINATTN_LAUNCH=f"gated_delta_rule.NORMS_IN={int(norms == 'read')}")
+    done = subprocess.run(args, capture_output=True, text=True, env=env)
     assert done.returncode == 0, f"a launch is over Hopper's shared memory:\n{done.stdout}\n{done.stderr[-3000:]}"
     assert "_backward_chunk_kernel" in done.stdout or "--no-grad" in call, done.stdout

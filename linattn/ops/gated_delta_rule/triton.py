@@ -176,10 +176,14 @@ WIDE_KEYS_L2NORM = True
 # bf16, gated, qk_l2norm and beta logits; a load standing in for the stored norm), SASS instructions formed -> read:
 # the unsplit forward 11,304 -> 7,968 (7,368 without qk_l2norm), the storing forward 5,992 -> 4,336 (4,176),
 # backward_state 10,560 -> 7,592 (7,248), output 8,168 -> 5,088 (4,208), local_du 7,112 -> 4,200 (3,616),
-# backward_chunk at 8 warps 15,176 -> 11,664 (10,760). The norms are formed in float32 (a norm, then squared), not
-# in the kernels' order of summation: within float32's rounding of theirs. Built after session 19's device time,
-# untimed: off (LINATTN_LAUNCH="gated_delta_rule.NORMS_IN=1").
-NORMS_IN = False
+# backward_chunk at 8 warps 15,176 -> 11,664 (10,760). _row_norms_kernel forms them as the kernels do
+# (inverse_row_norms), in one launch per forward; the backward reads the forward's (8 MiB at the standard shape).
+# On an H200 (session 20, call 3, bf16, qk_l2norm, fwd+bwd ms, T = 4096 / 65536, same GPU): delta 6.38 / 8.08
+# against 6.41 / 8.47, gated 8.79 / 10.53 against 9.77 / 12.21; _row_norms_kernel 0.13 ms (a first form with
+# torch's vector_norm took 1.08 ms for its four reductions, formed again in the backward). The no-gradient forward
+# of the delta rule is slower with it (1.99 / 2.84 against 1.78 / 2.60 ms), the gated one's faster (2.90 / 3.63
+# against 3.81 / 4.70). LINATTN_LAUNCH="gated_delta_rule.NORMS_IN=0": off.
+NORMS_IN = True
 NORM_KERNELS = frozenset({"prepare", "forward", "output", "local_du", "backward_state", "backward_chunk"})
 # qk_l2norm stays inside the kernels. A pass of its own before the op (built in session 19, then removed) hands them
 # q and k rounded to bfloat16, which the kernels then scale (beta, decays) and round again as dot operands, where a
@@ -309,9 +313,11 @@ UNGATED_STATES_LOWP = dict(states=True, dstates=True)
 # columns) 2392 -> 3632 B. On an H200 (session 13, bf16, T = 4096, B = 16, fwd+bwd ms, same call): gated 9.69 ->
 # 9.52, delta_rule 7.52 -> 7.68; so the gated op took it, the delta rule did not. Every delta GPU test passes.
 # Since session 19 the gated backward_chunk runs over whole rows at 8 warps (CHUNK_KEYS), and there the products
-# lose: on an H200 (session 20, call 2, bf16, gated fwd+bwd ms, T = 4096 / 65536) 6.385 / 7.676 without them against
-# 6.464 / 7.823 with (main, same GPU, before and after: 6.482 / 7.798). So neither op takes them now.
-DB_FROM_PRODUCTS = dict(gated=False, ungated=False)
+# lose without qk_l2norm but win with it. On an H200 (session 20, bf16, gated, T = 4096 / 65536, fwd+bwd ms): without
+# qk_l2norm 6.385 / 7.676 without them against 6.464 / 7.823 with (call 2; main before and after, same GPU: 6.482 /
+# 7.798; call 3 again 6.383 / 7.708); with qk_l2norm and NORMS_IN, backward_chunk alone took 4.59 ms without them
+# (call 3's profile, T = 4096) against 3.82 with (call 2's). An entry "l2norm": the products with qk_l2norm only.
+DB_FROM_PRODUCTS = dict(gated="l2norm", ungated=False)
 # SUMS_IN_PLACE: backward_chunk's first-pass row sums (d_qs q, d_xw k, d_kend k: db's, and dbeta's) reduced in the
 # products' own (MMA) layout, with keep_dims and scaled as [BT, 1] (common's row_sums_in_place; db then takes
 # dbeta's share times beta), where the plain sums had the compiler convert each [BT, BK] float32 product to the
@@ -632,11 +638,13 @@ def _dx_dtype(lowp: bool, parts: dict) -> torch.dtype | None:
 
 
 def _db_from_products(gated: bool, dtype: torch.dtype, qk_l2norm: bool) -> bool:
-    """DB_FROM_PRODUCTS' entry for the gated op, or the delta rule's; float16 with the row norms formed in the kernel
-    takes the products anyway: without them its tf32x3 tiles of q k^T and k k^T took the gated backward_chunk over
-    whole rows to 294,912 B of shared memory, past Hopper's 227 KiB (sm_90, Triton 3.6, at 4 warps and at 8)."""
+    """DB_FROM_PRODUCTS' entry for the gated op, or the delta rule's ("l2norm": with qk_l2norm); float16 with the
+    row norms formed in the kernel takes the products anyway: without them its tf32x3 tiles of q k^T and k k^T took
+    the gated backward_chunk over whole rows to 294,912 B of shared memory, past Hopper's 227 KiB (sm_90, Triton
+    3.6, at 4 warps and at 8)."""
+    entry = _by_op(DB_FROM_PRODUCTS, gated)
     float16_norms = dtype == torch.float16 and qk_l2norm and not _norms_in(qk_l2norm)
-    return bool(_by_op(DB_FROM_PRODUCTS, gated)) or float16_norms
+    return (qk_l2norm if entry == "l2norm" else bool(entry)) or float16_norms
 
 
 def _backward_stores(
