@@ -619,12 +619,24 @@ def test_inference_forward(case, segments, options, split, monkeypatch):
     variant training does not run), or with SPLIT_INFERENCE stores the states and U for the output kernel, over
     segments or not: o and the final state against the token recurrence."""
     monkeypatch.setattr(tri, "SEGMENTS", segments)
-    monkeypatch.setattr(tri, "SPLIT_INFERENCE", dict(l2norm=split, plain=split))
+    monkeypatch.setattr(tri, "SPLIT_INFERENCE", dict.fromkeys(tri.SPLIT_INFERENCE, split))
     output = launch_kwargs(monkeypatch, tri, "_output_kernel")
     opt = with_options(case, **options) if options else case
     tensors, state = opt.draw(B=2, T=150, H=2, K=24, V=40, seed=33, gate_scale=0.05)
     check_against_naive(opt, *to(tensors, state), "triton", grads=False)
     assert bool(output) == split
+
+
+@both
+@pytest.mark.parametrize("qk_l2norm", [False, True], ids=["plain", "qk_l2norm"])
+def test_inference_split_by_op_and_options(case, qk_l2norm, monkeypatch):
+    """The library's SPLIT_INFERENCE: without a gradient, the gated op with qk_l2norm forms o in the output kernel;
+    the delta rule, and either op without qk_l2norm, in the loop."""
+    output = launch_kwargs(monkeypatch, tri, "_output_kernel")
+    opt = with_options(case, qk_l2norm=True) if qk_l2norm else case
+    tensors, state = opt.draw(B=1, T=150, H=2, K=16, V=16, seed=35)
+    check_against_naive(opt, *to(tensors, state), "triton", grads=False)
+    assert bool(output) == (case is GATED and qk_l2norm)
 
 
 @both
@@ -807,7 +819,7 @@ def test_gpu_inference_forward_bfloat16(case, segments, options, split, monkeypa
     or with SPLIT_INFERENCE in the output kernel from the states and U it stores, over segments or not, with the
     in-kernel options or not: o and the final state by the dtype rule."""
     monkeypatch.setattr(tri, "SEGMENTS", segments)
-    monkeypatch.setattr(tri, "SPLIT_INFERENCE", dict(l2norm=split, plain=split))
+    monkeypatch.setattr(tri, "SPLIT_INFERENCE", dict.fromkeys(tri.SPLIT_INFERENCE, split))
     opt = with_options(case, **options) if options else case
     tensors, state = opt.draw(B=1, T=2000, H=2, K=128, V=128, dtype=torch.bfloat16, seed=32, gate_scale=0.05)
     check_against_naive(opt, *to(tensors, state), "triton", reference="chunk", plain_in_dtype=True, grads=False)

@@ -239,14 +239,17 @@ LOWP_MIN_KEYS = 64
 # (session 11, one call, bf16, fwd+bwd ms, T = 4096, B = 16) delta_rule 7.97 unsplit against 8.89 split,
 # gated_delta_rule 9.90 against 10.33.
 SPLIT_FORWARD = False
-# SPLIT_INFERENCE: the forward without a gradient splits too, by whether the kernels normalise q and k (qk_l2norm:
-# "l2norm") or not ("plain"): its loop then stores each chunk's entering state and U (in KEEP_LOWP's dtypes, which
-# the output kernel's products round them to anyway) and the output kernel forms o, in parallel over chunks; the
+# SPLIT_INFERENCE: the forward without a gradient splits too, by op and by whether the kernels normalise q and k
+# (qk_l2norm: "l2norm") or not ("plain"): its loop then stores each chunk's entering state and U (in KEEP_LOWP's dtypes,
+# which the output kernel's products round them to anyway) and the output kernel forms o, in parallel over chunks; the
 # loop no longer loads and normalises q. On an H200 (session 19, bf16, T = 4096, B = 16, the no-gradient forward) the
-# gated op took 1.75 ms, 3.66 with qk_l2norm; the delta rule 1.36 / 1.78. The price is memory: the states and U,
-# 1 GiB at that shape for the delta rule (1.5 gated), for the call's length. Built after session 19's device time,
-# untimed: off (LINATTN_LAUNCH="gated_delta_rule.SPLIT_INFERENCE.l2norm=1").
-SPLIT_INFERENCE = dict(l2norm=False, plain=False)
+# gated op took 1.75 ms, 3.66 with qk_l2norm; the delta rule 1.36 / 1.78. The price is memory: the states and U, 1 GiB
+# at that shape for the delta rule (1.5 gated), for the call's length. On an H200 (session 20, call 3, bf16, qk_l2norm
+# with NORMS_IN, no-gradient forward ms, T = 4096 / 65536): gated 2.43 / 3.22 split against 2.90 / 3.63, the delta rule
+# 2.18 / 3.06 against 1.99 / 2.84; so the gated op splits with qk_l2norm. Without qk_l2norm untimed since session 19's
+# change (LINATTN_LAUNCH="gated_delta_rule.SPLIT_INFERENCE.gated_plain=1" and ungated_plain). Its GPU test
+# (test_gpu_inference_forward_bfloat16, both forms) passes on the card (session 20).
+SPLIT_INFERENCE = dict(gated_l2norm=True, ungated_l2norm=False, gated_plain=False, ungated_plain=False)
 # SPLIT_BACKWARD off: backward_state's loop forms scale P^T dO itself (two more products a chunk, from the q and k it
 # loads anyway), and no local_du kernel runs: it wrote dU's share [B, T, H, V] in float32 (512 MiB at the standard
 # shape) for backward_state to read back. fla's profile (RESULTS.md, session 14): its dv_local takes 0.25 ms
@@ -688,7 +691,8 @@ def forward(
     norms = _row_norms(q, k, qk_l2norm)
     rn = norms if norms is not None else ht  # (unread without them)
     w, u0, tinv = prepare(k, v, g, beta, lay, qk_l2norm, beta_is_logit, store_t=save, norms=norms)
-    inference = not save and SPLIT_INFERENCE["l2norm" if qk_l2norm else "plain"]
+    by_op = "gated" if g is not None else "ungated"
+    inference = not save and SPLIT_INFERENCE[f"{by_op}_{'l2norm' if qk_l2norm else 'plain'}"]
     split = keep or (save and SPLIT_FORWARD) or inference
     own = keep or inference  # the stores in KEEP_LOWP's dtypes, else float32
     s_dtype, u_dtype = _kept_dtypes(q.dtype, g is not None, qk_l2norm, BK) if own else (torch.float32, torch.float32)
