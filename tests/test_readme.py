@@ -23,24 +23,29 @@ def test_python_examples_run():
 
 
 def test_inline_settings_run(monkeypatch):
-    """Every setting the README's text gives as one line of code (an assignment naming linattn) runs as written
-    and sets what it names. (The op functions shadow their packages' names in ``linattn.ops``, so an attribute
-    path such as ``linattn.ops.gla.triton.KEEP_STATES`` fails: the README imports the module instead.)"""
+    """Every setting the README's text gives as one line of code (an assignment naming linattn, to a module's
+    setting or an entry of one) runs as written and sets what it names. (The op functions shadow their packages'
+    names in ``linattn.ops``, so an attribute path such as ``linattn.ops.gla.triton.KEEP_STATES`` fails: the
+    README imports the module instead.)"""
     import importlib
 
     import linattn.ops
 
     pytest.importorskip("triton")
-    snippets = [c for c in re.findall(r"`([^`\n]*linattn[^`\n]*)`", README) if re.search(r"\w = ", c)]
+    snippets = [c for c in re.findall(r"`([^`\n]*linattn[^`\n]*)`", README) if re.search(r"[\w\]] = ", c)]
     assert snippets, "the README gives no inline setting"
+    assert any("SPLIT_INFERENCE" in snippet for snippet in snippets), snippets  # an entry of a setting
     for snippet in snippets:
         imported = re.match(r"from (\S+) import (\S+) as (\S+);", snippet)
-        owner, name, value = re.search(r"([\w.]+)\.(\w+) = (.+)$", snippet).groups()
+        owner, name, key, value = re.search(r"([\w.]+)\.(\w+)(?:\[\"(\w+)\"\])? = (.+)$", snippet).groups()
         path = f"{imported[1]}.{imported[2]}" if imported and owner == imported[3] else owner
         module = importlib.import_module(path)
-        monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
+        old = getattr(module, name)
+        assert key is None or key in old, f"{snippet}: {name} has no entry {key!r}"
+        monkeypatch.setattr(module, name, dict(old) if key else old)  # restored after the test
         exec(compile(snippet, "README.md", "exec"), {"linattn": linattn})
-        assert getattr(module, name) == eval(value), snippet
+        setting = getattr(module, name)
+        assert (setting[key] if key else setting) == eval(value), snippet
 
 
 def test_ci_runs_the_readme_test_command():

@@ -15,6 +15,9 @@ It compiles with the Triton that is installed (CI: the README's). For the card's
     python3 -m venv .venv36 && .venv36/bin/pip install torch==2.13.0 triton==3.6.0 einops safetensors tqdm
     .venv36/bin/pip install --no-deps -e . && .venv36/bin/python -m tests.ops.compile_kernels --sass gated_delta_rule
 
+To compile the launches that one call makes, as the launchers choose them for a GPU (and to check that each fits
+Hopper's shared memory): tests/ops/launch_shared.py.
+
 Spills have not predicted speed well here; the opcode counts (--sass: shuffles for reductions, local loads and
 stores for spills, shared-memory round trips for layout conversions, float64 and exp work) show what a variant
 costs that another does not.

@@ -2,11 +2,12 @@
 
 The interpreter runs the kernels' logic but not the compiler, so a launch whose compiled form needs more shared
 memory than the GPU offers a program passes every interpreter test and fails only on the card (OutOfResources).
-This runs a call under the interpreter (CPU tensors), records every launch of the delta rules' kernels (pointer
+This runs a call of one op under the interpreter (CPU tensors), records every launch of its chunk kernels (pointer
 dtypes, constexprs, warps and stages), then compiles each distinct launch for sm_90 in a fresh process and reports
 its shared memory against Hopper's 227 KiB per program.
 
     python -m tests.ops.launch_shared --dtype float16 --B 2 --T 300 --H 2 --K 128 --qk-l2norm [--no-grad]
+    python -m tests.ops.launch_shared --op gla --dtype float16 --K 256 --V 64
         [--compiler .venv36/bin/python]   # compile with another environment's Triton (the card's)
     LINATTN_LAUNCH="gated_delta_rule.NORMS_IN=1" python -m tests.ops.launch_shared ...   # with other settings
 
@@ -24,18 +25,21 @@ import subprocess
 import sys
 
 DTYPES = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.int32": "i32",
-          "torch.int64": "i64"}  # fmt: skip
-MODULE = "linattn.ops.gated_delta_rule.triton"
+          "torch.int64": "i64", "torch.int8": "i8", "torch.uint8": "u8", "torch.bool": "i1"}  # fmt: skip
+MODULES = dict(delta_rule="gated_delta_rule", gated_delta_rule="gated_delta_rule", gla="gla", simple_gla="simple_gla")
 
 
 def record(args) -> list[dict]:
     """Run the call under the interpreter; every distinct launch as {kernel, args, warps, stages}."""
+    import importlib
     import inspect
 
     import torch
 
     import linattn
-    from linattn.ops.gated_delta_rule import triton as tri
+    from linattn.ops.common.triton_utils import kernel_flags
+
+    tri = importlib.import_module(f"linattn.ops.{MODULES[args.op]}.triton")
 
     if os.environ.get("LINATTN_LAUNCH"):  # settings to try, as benchmarks/launch_variants.sh gives them
         from benchmarks.launch_override import apply_env
@@ -57,7 +61,8 @@ def record(args) -> list[dict]:
                         n: ["ptr", DTYPES[str(v.dtype)]] if isinstance(v, torch.Tensor) else ["val", v]
                         for n, v in given.items()
                     }
-                    item = dict(kernel=name, args=desc, warps=kw.get("num_warps", 4), stages=kw.get("num_stages", 3))
+                    item = dict(kernel=name, module=tri.__name__, args=desc)
+                    item |= dict(warps=kw.get("num_warps", 4), stages=kw.get("num_stages", 3))
                     launches.setdefault(json.dumps(item, sort_keys=True), item)
                     return launch(*a, **kw)
 
@@ -67,24 +72,32 @@ def record(args) -> list[dict]:
 
     for name in [n for n in dir(tri) if n.startswith("_") and n.endswith("_kernel")]:
         wrap(name)
-    tri.triton_interpret = lambda: False  # the launchers choose their flags as for a GPU (e.g. float16's tf32x3)
-    tri.precise_exp = lambda dtype, gpu=None: False  # but exp as the interpreter can run it (not libdevice's)
+    # the launchers choose their flags as for a GPU (e.g. float16's tf32x3), but exp as the interpreter can run it
+    # (not libdevice's)
+    tri.triton_interpret = lambda: False
+    tri.kernel_flags = lambda dtype, long_sums=False, gpu=None: kernel_flags(dtype, long_sums, True)
+    tri.precise_exp = lambda dtype, gpu=None: False
     dtype = getattr(torch, args.dtype)
     gen = torch.Generator().manual_seed(0)
     B, T, H, K, V = args.B, args.T, args.H, args.K, args.V
     q, k = (torch.randn(B, T, H, K, generator=gen).to(dtype) for _ in range(2))
     v = torch.randn(B, T, H, V, generator=gen).to(dtype)
-    g = -torch.rand(B, T, H, generator=gen) * 0.1 if args.gated else None
+    g = -torch.rand(B, T, H, generator=gen) * 0.1
+    gk = -torch.rand(B, T, H, K, generator=gen) * 0.1
     beta = torch.randn(B, T, H, generator=gen)
-    opts = dict(qk_l2norm=args.qk_l2norm, beta_is_logit=True, impl="triton", output_final_state=True)
+    opts = dict(impl="triton", output_final_state=True)
+    delta = dict(opts, qk_l2norm=args.qk_l2norm, beta_is_logit=True)
     leaves = [q, k, v] if not args.no_grad else []
     for x in leaves:
         x.requires_grad_(True)
+    calls = dict(
+        delta_rule=lambda: linattn.ops.delta_rule(q, k, v, beta, **delta),
+        gated_delta_rule=lambda: linattn.ops.gated_delta_rule(q, k, v, g, beta, **delta),
+        gla=lambda: linattn.ops.gla(q, k, v, gk, **opts),
+        simple_gla=lambda: linattn.ops.simple_gla(q, k, v, g, **opts),
+    )
     with torch.set_grad_enabled(not args.no_grad):
-        if g is None:
-            o, s = linattn.ops.delta_rule(q, k, v, beta, **opts)
-        else:
-            o, s = linattn.ops.gated_delta_rule(q, k, v, g, beta, **opts)
+        o, s = calls[args.op]()
         if not args.no_grad:
             (o.float().square().sum() + s.sum()).backward()
     return list(launches.values())
@@ -96,10 +109,9 @@ def compile_all(launches: list[dict]) -> int:
 
     from tests.ops.compile_kernels import HOPPER_SHARED, compile_variant
 
-    tri = importlib.import_module(MODULE)
     worst = 0
     for item in launches:
-        kernel = getattr(tri, item["kernel"])
+        kernel = getattr(importlib.import_module(item["module"]), item["kernel"])
         constexprs, pointers, scalars = {}, {}, {}
         for p in kernel.params:
             kind, value = item["args"].get(p.name, ["val", None])
@@ -121,20 +133,25 @@ def compile_all(launches: list[dict]) -> int:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--op", choices=sorted(MODULES), default="delta_rule")
     parser.add_argument("--dtype", default="float16")
     for dim, size in dict(B=2, T=300, H=2, K=128, V=128).items():
         parser.add_argument(f"--{dim}", type=int, default=size)
-    parser.add_argument("--gated", action="store_true")
+    parser.add_argument("--gated", action="store_true", help="the gated delta rule (--op gated_delta_rule)")
     parser.add_argument("--qk-l2norm", action="store_true")
     parser.add_argument("--no-grad", action="store_true")
     parser.add_argument("--compiler", default=sys.executable, help="the python that compiles (e.g. the card's Triton)")
     parser.add_argument("--compile", help="(internal) compile the launches in this JSON file")
     args = parser.parse_args(argv)
+    if args.gated:
+        args.op = "gated_delta_rule"
     if args.compile:
         with open(args.compile) as f:
             return compile_all(json.load(f))
     os.environ["TRITON_INTERPRET"] = "1"
     launches = record(args)
+    if not launches:
+        raise SystemExit(f"no kernel of {MODULES[args.op]} launched: nothing to compile")
     path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"launches-{os.getpid()}.json")
     with open(path, "w") as f:
         json.dump(launches, f)

@@ -1015,9 +1015,9 @@ def _chunk_op(
 ]:
     """(o, final state, then for the backward Tinv (empty unless save), the kept states, U and W (empty unless
     kept: _keeps), the segments' S_in and M (empty unless save with segments) and the row norms of q and k (empty
-    unless save where the kernels read them: _norms_in)). keep is an argument, not
-    KEEP_STATES read here, so that a compiled graph (and torch.compile's caches, which do not see module
-    settings) holds what the fake and the kernels do."""
+    unless save where the kernels read them: _norms_in)). keep is an argument, not KEEP_STATES read here, so that a
+    compiled graph (and torch.compile's caches, which do not see module settings) holds what the fake and the
+    kernels do."""
     with on_device_of(q), ptxas.assembler():
         o, ht, tinv, kept, segs, norms = forward(
             q, k, v, g, beta, h0, scale, cu_seqlens, qk_l2norm, beta_is_logit, save, keep
