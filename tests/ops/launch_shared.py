@@ -11,9 +11,9 @@ its shared memory against Hopper's 227 KiB per program.
         [--compiler .venv36/bin/python]   # compile with another environment's Triton (the card's)
     LINATTN_LAUNCH="gated_delta_rule.NORMS_IN=1" python -m tests.ops.launch_shared ...   # with other settings
 
-The launchers choose their constexprs as for a GPU (compile_variants' gpu=True), but what depends on the card
-itself takes its CPU form (bfloat16 dot operands only on a trusted ptxas; no GPU with less shared memory): use it
-for float16 and float32, whose launches are then the card's.
+The launchers choose their constexprs as for a GPU whose ptxas is trusted with bfloat16 dots (compile_variants'
+gpu=True: the card's), not one with less shared memory; every dtype's launches are then the card's. The interpreter
+runs them only to record them: its numbers (bfloat16 products among them) are not looked at.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def record(args) -> list[dict]:
     import torch
 
     import linattn
+    from linattn.ops.common import ptxas
     from linattn.ops.common.triton_utils import kernel_flags
 
     tri = importlib.import_module(f"linattn.ops.{MODULES[args.op]}.triton")
@@ -72,11 +73,15 @@ def record(args) -> list[dict]:
 
     for name in [n for n in dir(tri) if n.startswith("_") and n.endswith("_kernel")]:
         wrap(name)
-    # the launchers choose their flags as for a GPU (e.g. float16's tf32x3), but exp as the interpreter can run it
-    # (not libdevice's)
+    # the launchers choose their flags as for a GPU with a trusted ptxas (float16's tf32x3 dots, bfloat16 operands
+    # and stores), but exp as the interpreter can run it (not libdevice's); the interpreter's numbers are not looked at
     tri.triton_interpret = lambda: False
     tri.kernel_flags = lambda dtype, long_sums=False, gpu=None: kernel_flags(dtype, long_sums, True)
     tri.precise_exp = lambda dtype, gpu=None: False
+    gpu_forms = dict(lowp_dots=lambda dtype: dtype == torch.bfloat16, store_dtype=lambda dtype: dtype)
+    for name in set(gpu_forms) & set(vars(tri)):
+        setattr(tri, name, gpu_forms[name])
+    ptxas.lowp_trusted = lambda: True
     dtype = getattr(torch, args.dtype)
     gen = torch.Generator().manual_seed(0)
     B, T, H, K, V = args.B, args.T, args.H, args.K, args.V

@@ -630,13 +630,18 @@ def test_inference_forward(case, segments, options, split, monkeypatch):
 @both
 @pytest.mark.parametrize("qk_l2norm", [False, True], ids=["plain", "qk_l2norm"])
 def test_inference_split_by_op_and_options(case, qk_l2norm, monkeypatch):
-    """The library's SPLIT_INFERENCE: without a gradient, the gated op with qk_l2norm forms o in the output kernel;
-    the delta rule, and either op without qk_l2norm, in the loop."""
+    """The library's SPLIT_INFERENCE and NORMS_IN_INFERENCE: without a gradient, the gated op with qk_l2norm reads
+    the row norms formed once and forms o in the output kernel; the delta rule forms the norms in its loop, which
+    forms o too, and so does either op without qk_l2norm."""
     output = launch_kwargs(monkeypatch, tri, "_output_kernel")
+    loop = launch_kwargs(monkeypatch, tri, "_forward_kernel")
+    formed = count_launches(monkeypatch, tri, "_row_norms_kernel")
     opt = with_options(case, qk_l2norm=True) if qk_l2norm else case
     tensors, state = opt.draw(B=1, T=150, H=2, K=16, V=16, seed=35)
     check_against_naive(opt, *to(tensors, state), "triton", grads=False)
-    assert bool(output) == (case is GATED and qk_l2norm)
+    gated_norms = case is GATED and qk_l2norm
+    assert bool(output) == gated_norms
+    assert len(formed) == int(gated_norms) and [kw["R_IN"] for kw in loop + output] == [gated_norms] * (1 + len(output))
 
 
 @both
@@ -648,6 +653,7 @@ def test_norms_formed_once(case, dtype, layout, monkeypatch):
     against the token recurrence, with packed sequences (one of one token) or over segments. The backward reads the
     forward's norms (formed once for forward and backward), which the fake tensors (torch.compile) give too."""
     monkeypatch.setattr(tri, "NORMS_IN", True)
+    monkeypatch.setattr(tri, "NORMS_IN_INFERENCE", dict(gated=True, ungated=True))
     names = ("prepare", "forward", "output", "local_du", "backward_state", "backward_chunk")
     launched = {name: launch_kwargs(monkeypatch, tri, f"_{name}_kernel") for name in names}
     formed = count_launches(monkeypatch, tri, "_row_norms_kernel")

@@ -145,10 +145,11 @@ NUM_WARPS = dict(prepare=4, forward=4, output=4, local_du=4, backward_state=4, b
 # cuts shared memory per program (sm_90 compile, bf16: forward 123 -> 82 KB, backward_state 99 -> 66 KB), so more
 # programs share an SM; on an H200 (T = 4096, B = 16, bf16, session 5) gated_delta_rule fwd+bwd went 30.6 -> 27.4 ms.
 NUM_STAGES = dict(prepare=1, forward=1, output=1, local_du=1, backward_state=1, backward_chunk=1)
-# float16 with qk_l2norm, the norms formed in the kernels, takes one stage as well: its tf32x3 dots and the rows it
-# reduces took the delta rule's forward and backward_state past the 227 KiB of shared memory that Hopper gives a
+# float16 with qk_l2norm takes one stage as well: with the norms formed in the kernels, its tf32x3 dots and the rows
+# it reduces took the delta rule's forward and backward_state past the 227 KiB of shared memory that Hopper gives a
 # program at the few-program launches' 2 stages (sm_90, Triton 3.6: 249,856 and 245,760 B; OutOfResources on an
-# H200 in session 20, K = 128). With the norms read (NORMS_IN) they fit (184,832 and 180,736 B).
+# H200 in session 20, K = 128). With the norms read (NORMS_IN) they would fit (184,832 and 180,736 B), but whether
+# a launch reads them depends on the call (NORMS_IN_INFERENCE), so the rule does not ask.
 # gated_delta_rule's entries where they differ. On an H200 (session 9, one call, bf16, fwd+bwd ms, B T = 65536),
 # 2 stages in forward and backward_state against 1:
 #   T                  2048            4096            16384           65536
@@ -184,6 +185,12 @@ WIDE_KEYS_L2NORM = True
 # of the delta rule is slower with it (1.99 / 2.84 against 1.78 / 2.60 ms), the gated one's faster (2.90 / 3.63
 # against 3.81 / 4.70). LINATTN_LAUNCH="gated_delta_rule.NORMS_IN=0": off.
 NORMS_IN = True
+# NORMS_IN_INFERENCE: whether the forward without a gradient reads them too, by op. Session 20 (H200, calls 1 and 3,
+# bf16, qk_l2norm, no-gradient forward ms, T = 4096 / 65536): the delta rule 1.78 / 2.60 formed against 1.99 / 2.84
+# read (its one loop forms o and loads every row once: the extra launch and reads cost more than the sums they
+# save); the gated op 3.81 / 4.70 formed, 2.90 / 3.63 read, 2.43 / 3.22 read and split (SPLIT_INFERENCE). Both forms
+# pass the GPU inference tests (test_gpu_inference_forward_bfloat16: formed in session 20's call 1, read in call 4).
+NORMS_IN_INFERENCE = dict(gated=True, ungated=False)
 NORM_KERNELS = frozenset({"prepare", "forward", "output", "local_du", "backward_state", "backward_chunk"})
 # qk_l2norm stays inside the kernels. A pass of its own before the op (built in session 19, then removed) hands them
 # q and k rounded to bfloat16, which the kernels then scale (beta, decays) and round again as dot operands, where a
@@ -416,12 +423,11 @@ def _launch(
 ) -> dict:
     """num_warps (see _warps; WIDE_KEYS_WARPS with qk_l2norm only with WIDE_KEYS_L2NORM) and num_stages of a kernel
     launched as ``programs`` programs (None: many), with gates (GATED_STAGES) or without: one stage for float32
-    inputs, for float16 ones whose row norms the kernel forms (qk_l2norm without NORMS_IN) and on GPUs with less shared
-    memory (SMALL_SHARED), at least FEW_PROGRAMS_STAGES for fewer programs than FEW_PROGRAMS."""
+    inputs, for float16 ones with qk_l2norm (see NUM_STAGES) and on GPUs with less shared memory (SMALL_SHARED), at
+    least FEW_PROGRAMS_STAGES for fewer programs than FEW_PROGRAMS."""
     stages = GATED_STAGES.get(kernel, NUM_STAGES[kernel]) if gated else NUM_STAGES[kernel]
     few = programs is not None and programs < FEW_PROGRAMS
-    float16_norms = dtype == torch.float16 and qk_l2norm and not _norms_in(qk_l2norm)
-    if dtype == torch.float32 or float16_norms or _small_shared_gpu():
+    if dtype == torch.float32 or (dtype == torch.float16 and qk_l2norm) or _small_shared_gpu():
         stages = 1
     elif few:
         stages = max(stages, FEW_PROGRAMS_STAGES)
@@ -549,20 +555,24 @@ def _prepare_flags(dtype: torch.dtype, qk_l2norm: bool, gpu: bool | None = None)
     )
 
 
-def _norms_in(qk_l2norm: bool) -> bool:
-    """Whether the kernels read the row norms of q and k (NORMS_IN, with qk_l2norm) rather than form them."""
-    return bool(qk_l2norm and NORMS_IN)
+def _norms_in(qk_l2norm: bool, gated: bool = False, save: bool = True) -> bool:
+    """Whether the kernels read the row norms of q and k (NORMS_IN, with qk_l2norm) rather than form them: in
+    training (``save``: the forward of a call that wants gradients, and its backward), and without a gradient where
+    NORMS_IN_INFERENCE says for the op."""
+    return bool(qk_l2norm and NORMS_IN and (save or _by_op(NORMS_IN_INFERENCE, gated)))
 
 
 ROW_NORM_ROWS = 64  # rows of q and of k per program of _row_norms_kernel
 
 
-def _row_norms(q: torch.Tensor, k: torch.Tensor, qk_l2norm: bool) -> torch.Tensor | None:
-    """Where _norms_in, 1 / sqrt(sum x^2 + 1e-6) of every row of q and k, [B, T, H, 2] float32 (q's first), which
-    the kernels read at 2 (token H + head) and the next; else None. One launch that reads q and k once (on an H200,
-    session 20, torch's vector_norm over the rows of bf16 took 0.27 ms for each of q and k at the standard shape:
-    a quarter of their bandwidth)."""
-    if not _norms_in(qk_l2norm):
+def _row_norms(
+    q: torch.Tensor, k: torch.Tensor, qk_l2norm: bool, gated: bool = False, save: bool = True
+) -> torch.Tensor | None:
+    """Where _norms_in (for these arguments), 1 / sqrt(sum x^2 + 1e-6) of every row of q and k, [B, T, H, 2]
+    float32 (q's first), which the kernels read at 2 (token H + head) and the next; else None. One launch that reads
+    q and k once (on an H200, session 20, torch's vector_norm over the rows of bf16 took 0.27 ms for each of q and k
+    at the standard shape: a quarter of their bandwidth)."""
+    if not _norms_in(qk_l2norm, gated, save):
         return None
     B, T, H, K = q.shape
     norms = torch.empty(B, T, H, 2, dtype=torch.float32, device=q.device)
@@ -641,13 +651,12 @@ def _dx_dtype(lowp: bool, parts: dict) -> torch.dtype | None:
 
 
 def _db_from_products(gated: bool, dtype: torch.dtype, qk_l2norm: bool) -> bool:
-    """DB_FROM_PRODUCTS' entry for the gated op, or the delta rule's ("l2norm": with qk_l2norm); float16 with the
-    row norms formed in the kernel takes the products anyway: without them its tf32x3 tiles of q k^T and k k^T took
-    the gated backward_chunk over whole rows to 294,912 B of shared memory, past Hopper's 227 KiB (sm_90, Triton
-    3.6, at 4 warps and at 8)."""
+    """DB_FROM_PRODUCTS' entry for the gated op, or the delta rule's ("l2norm": with qk_l2norm); float16 with
+    qk_l2norm takes the products anyway: without them, its row norms formed in the kernel, its tf32x3 tiles of q k^T
+    and k k^T took the gated backward_chunk over whole rows to 294,912 B of shared memory, past Hopper's 227 KiB
+    (sm_90, Triton 3.6, at 4 warps and at 8; 229,376 B with the norms read)."""
     entry = _by_op(DB_FROM_PRODUCTS, gated)
-    float16_norms = dtype == torch.float16 and qk_l2norm and not _norms_in(qk_l2norm)
-    return (qk_l2norm if entry == "l2norm" else bool(entry)) or float16_norms
+    return (qk_l2norm if entry == "l2norm" else bool(entry)) or (dtype == torch.float16 and qk_l2norm)
 
 
 def _backward_stores(
@@ -688,8 +697,9 @@ def forward(
     BV = _sequence_bv(K, V, lay.N * H, q.dtype)
     o = torch.empty(B, T, H, V, dtype=store_dtype(v.dtype), device=q.device)
     ht = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device)
-    norms = _row_norms(q, k, qk_l2norm)
+    norms = _row_norms(q, k, qk_l2norm, g is not None, save)
     rn = norms if norms is not None else ht  # (unread without them)
+    read = dict(R_IN=norms is not None, rn=rn)
     w, u0, tinv = prepare(k, v, g, beta, lay, qk_l2norm, beta_is_logit, store_t=save, norms=norms)
     by_op = "gated" if g is not None else "ungated"
     inference = not save and SPLIT_INFERENCE[f"{by_op}_{'l2norm' if qk_l2norm else 'plain'}"]
@@ -699,7 +709,7 @@ def forward(
     states = torch.empty(lay.NC, H, K, V, dtype=s_dtype, device=q.device) if split else ht
     u = torch.empty(B, T, H, V, dtype=u_dtype, device=q.device) if split else ht
     g_ = g if g is not None else ht
-    flags = _flags(q.dtype, g is not None, qk_l2norm, "forward", BK=BK) | dict(rn=rn)
+    flags = _flags(q.dtype, g is not None, qk_l2norm, "forward", BK=BK) | read
     NS = _num_segments(lay.N, H, T, cu_seqlens, g is not None)
     if NS == 1:
         NV = triton.cdiv(V, BV)
@@ -722,7 +732,7 @@ def forward(
         _output_kernel[(lay.NC, H)](
             q, k, g_, states, u, lay.chunks, o, scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=bv,
             **_launch("output", q.dtype, BK, bv, gated=g is not None, qk_l2norm=qk_l2norm),
-            **_flags(q.dtype, g is not None, qk_l2norm, "output"), rn=rn,
+            **(_flags(q.dtype, g is not None, qk_l2norm, "output") | read),
         )  # fmt: skip
     else:
         kept = None
@@ -881,7 +891,7 @@ def backward(
     common = dict(H=H, K=K, V=V, BT=BT, BK=BK)
 
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)  # for pointers that a constexpr leaves unread
-    norms = norms if norms is not None and _norms_in(qk_l2norm) else _row_norms(q, k, qk_l2norm)
+    norms = norms if norms is not None and _norms_in(qk_l2norm) else _row_norms(q, k, qk_l2norm)  # (training's)
     rn = norms if norms is not None else dummy
 
     def flags(kernel):
