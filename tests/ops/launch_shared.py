@@ -10,9 +10,11 @@ its shared memory against Hopper's 227 KiB per program.
     python -m tests.ops.launch_shared --op gla --dtype float16 --K 256 --V 64
         [--compiler .venv36/bin/python]   # compile with another environment's Triton (the card's)
     LINATTN_LAUNCH="gated_delta_rule.NORMS_IN=1" python -m tests.ops.launch_shared ...   # with other settings
+    python -m tests.ops.launch_shared --arch 89 ...   # for an sm_89 GPU (99 KiB a program), as the launchers make it
 
 The launchers choose their constexprs as for a GPU whose ptxas is trusted with bfloat16 dots (compile_variants'
-gpu=True: the card's), not one with less shared memory; every dtype's launches are then the card's. The interpreter
+gpu=True: the card's), with the shared memory of --arch's GPUs (Hopper's by default); every dtype's launches are
+then the card's. The interpreter
 runs them only to record them: its numbers (bfloat16 products among them) are not looked at.
 """
 
@@ -82,6 +84,8 @@ def record(args) -> list[dict]:
     for name in set(gpu_forms) & set(vars(tri)):
         setattr(tri, name, gpu_forms[name])
     ptxas.lowp_trusted = lambda: True
+    if hasattr(tri, "gpu_shared_below"):  # the launchers' settings for --arch's shared memory
+        tri.gpu_shared_below = lambda limit: SHARED_LIMITS[args.arch] < limit
     dtype = getattr(torch, args.dtype)
     gen = torch.Generator().manual_seed(0)
     B, T, H, K, V = args.B, args.T, args.H, args.K, args.V
@@ -108,11 +112,17 @@ def record(args) -> list[dict]:
     return list(launches.values())
 
 
-def compile_all(launches: list[dict]) -> int:
-    """Compile each launch for sm_90; print its shared memory; 1 if any exceeds HOPPER_SHARED."""
+SHARED_LIMITS = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 120: 99 * 1024}  # per program
+
+
+def compile_all(launches: list[dict], arch: int = 90) -> int:
+    """Compile each launch for sm_``arch``; print its shared memory; 1 if any exceeds what that GPU gives a
+    program (SHARED_LIMITS)."""
     import importlib
 
-    from tests.ops.compile_kernels import HOPPER_SHARED, compile_variant
+    from tests.ops.compile_kernels import compile_variant
+
+    limit = SHARED_LIMITS[arch]
 
     worst = 0
     for item in launches:
@@ -126,14 +136,13 @@ def compile_all(launches: list[dict]) -> int:
                 pointers[p.name] = value
             else:
                 scalars[p.name] = "fp32" if isinstance(value, float) else "i32"
-        out = compile_variant(
-            kernel, pointers, constexprs, scalars=scalars, num_warps=item["warps"], num_stages=item["stages"]
-        )
+        opts = dict(scalars=scalars, arch=arch, num_warps=item["warps"], num_stages=item["stages"])
+        out = compile_variant(kernel, pointers, constexprs, **opts)
         shared = out.metadata.shared
         worst = max(worst, shared)
-        flag = "  OVER" if shared > HOPPER_SHARED else ""
+        flag = "  OVER" if shared > limit else ""
         print(f"{item['kernel']} warps={item['warps']} stages={item['stages']}: shared {shared} B{flag}", flush=True)
-    return int(worst > HOPPER_SHARED)
+    return int(worst > limit)
 
 
 def main(argv: list[str]) -> int:
@@ -146,13 +155,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--qk-l2norm", action="store_true")
     parser.add_argument("--no-grad", action="store_true")
     parser.add_argument("--compiler", default=sys.executable, help="the python that compiles (e.g. the card's Triton)")
+    parser.add_argument("--arch", type=int, choices=sorted(SHARED_LIMITS), default=90, help="compile for sm_ARCH")
     parser.add_argument("--compile", help="(internal) compile the launches in this JSON file")
     args = parser.parse_args(argv)
     if args.gated:
         args.op = "gated_delta_rule"
     if args.compile:
         with open(args.compile) as f:
-            return compile_all(json.load(f))
+            return compile_all(json.load(f), args.arch)
     os.environ["TRITON_INTERPRET"] = "1"
     launches = record(args)
     if not launches:
@@ -161,7 +171,8 @@ def main(argv: list[str]) -> int:
     with open(path, "w") as f:
         json.dump(launches, f)
     env = {n: v for n, v in os.environ.items() if n != "TRITON_INTERPRET"}
-    return subprocess.run([args.compiler, "-m", "tests.ops.launch_shared", "--compile", path], env=env).returncode
+    command = [args.compiler, "-m", "tests.ops.launch_shared", "--compile", path, "--arch", str(args.arch)]
+    return subprocess.run(command, env=env).returncode
 
 
 if __name__ == "__main__":

@@ -124,11 +124,13 @@ def test_one_stage_on_gpus_with_less_shared_memory(monkeypatch):
     every launch takes one stage, where Hopper's settings take two (GATED_STAGES, FEW_PROGRAMS_STAGES) and the
     gated forward with qk_l2norm would need 108-120 KiB; on an H200 (227 KiB) they keep them; where Triton does not
     say, too. The device faked: what Triton reports of it."""
-    monkeypatch.setattr(tri, "triton_interpret", lambda: False)
+    from linattn.ops.common import triton_utils
+
+    monkeypatch.setattr(triton_utils, "triton_interpret", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     for optin, gated_forward, few in [(101376, 1, 1), (232448, 2, 2), (166912, 2, 2), (None, 2, 2)]:  # 8.9, 9.0, 8.0
-        monkeypatch.setattr(tri, "_shared_per_program", lambda index, s=optin: s)
+        monkeypatch.setattr(triton_utils, "shared_per_program", lambda index, s=optin: s)
         assert tri._launch("forward", torch.bfloat16, 128, 32, gated=True)["num_stages"] == gated_forward, optin
         assert tri._launch("backward_state", torch.bfloat16, 128, 32, 64)["num_stages"] == few, optin  # few programs
         assert tri._launch("backward_chunk", torch.bfloat16, 64, 64, gated=True)["num_stages"] == 1
@@ -650,8 +652,9 @@ def test_inference_split_by_op_and_options(case, qk_l2norm, monkeypatch):
 def test_norms_formed_once(case, dtype, layout, monkeypatch):
     """NORMS_IN: with qk_l2norm the 1 / row norms of q and k are formed once a call and read by every kernel that
     loads their rows (R_IN), training's and the no-gradient forward's: outputs, final state and every gradient
-    against the token recurrence, with packed sequences (one of one token) or over segments. The backward reads the
-    forward's norms (formed once for forward and backward), which the fake tensors (torch.compile) give too."""
+    against the token recurrence, with packed sequences (an empty one, one of one token) or over segments. The
+    backward reads the forward's norms (formed once for forward and backward), which the fake tensors
+    (torch.compile) give too."""
     monkeypatch.setattr(tri, "NORMS_IN", True)
     monkeypatch.setattr(tri, "NORMS_IN_INFERENCE", dict(gated=True, ungated=True))
     names = ("prepare", "forward", "output", "local_du", "backward_state", "backward_chunk")
@@ -659,8 +662,8 @@ def test_norms_formed_once(case, dtype, layout, monkeypatch):
     formed = count_launches(monkeypatch, tri, "_row_norms_kernel")
     opt = with_options(case, qk_l2norm=True, beta_is_logit=True)
     if layout == "packed":
-        cu = torch.tensor([0, 37, 38, 150], device=DEVICE)
-        tensors, state = opt.draw(B=1, T=150, H=2, K=24, V=40, dtype=dtype, seed=45, N=3)
+        cu = torch.tensor([0, 37, 37, 38, 150], device=DEVICE)
+        tensors, state = opt.draw(B=1, T=150, H=2, K=24, V=40, dtype=dtype, seed=45, N=4)
     else:
         monkeypatch.setattr(tri, "SEGMENTS", 2)
         cu = None

@@ -75,6 +75,25 @@ def test_state_products_in_dqkg_or_their_own_kernel(state_kernel, monkeypatch):
     check_against_naive(CASE, *to(tensors, state), "triton", cu_seqlens=cu_seqlens.to(DEVICE), **ON_DEVICE)
 
 
+def test_float16_takes_one_stage_on_gpus_with_less_shared_memory(monkeypatch):
+    """float16's tiles are float32 (its dots take float32 operands): on a GPU that gives a program less than
+    Hopper's shared memory (an A100's 163 KiB, 99 KiB on sm_86, sm_89, sm_120) every kernel takes one stage, as
+    float32's do everywhere (the forward state kernel at 3 stages took 196,608 B compiled for sm_80); on Hopper, or
+    where Triton does not say, float16 keeps the table's stages. bfloat16 keeps them everywhere. The device faked:
+    what Triton reports of it."""
+    from linattn.ops.common import triton_utils
+
+    monkeypatch.setattr(triton_utils, "triton_interpret", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    for optin, one_stage in [(101376, True), (166912, True), (232448, False), (None, False)]:  # 8.9, 8.0, 9.0
+        monkeypatch.setattr(triton_utils, "shared_per_program", lambda index, s=optin: s)
+        half = tri._launch(torch.float16, 128, 128)
+        assert all(c.get("num_stages") == 1 for c in half.values()) == one_stage, optin
+        assert tri._launch(torch.bfloat16, 128, 128)["state"].get("num_stages") is None, optin  # Triton's default
+        assert all(c["num_stages"] == 1 for c in tri._launch(torch.float32, 128, 128).values())
+
+
 def test_per_sequence_kernels_narrowed_for_few_sequences(monkeypatch):
     """With few programs (FEW_PROGRAMS, here always), the state kernels take value blocks of 16 (from 32 at V = 24,
     two of them, the second partly past V): the same outputs, states and gradients, with packed sequences."""

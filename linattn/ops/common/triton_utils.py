@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 import threading
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -20,6 +21,27 @@ MAX_HEAD_DIM = 256
 # the gated delta rule's forward and output kernels with qk_l2norm need 68-96 KiB even at one stage (compiled for
 # sm_75 with Triton 3.6, float16, session 18); bfloat16 dots need 8.0. Older GPUs take the chunked path.
 MIN_CAPABILITY = (8, 0)
+
+HOPPER_SHARED = 227 * 1024  # the shared memory that Hopper (sm_90; and sm_100) gives a program
+
+
+@functools.cache
+def shared_per_program(index: int) -> int | None:
+    """The shared memory a program may take on CUDA device ``index``, as Triton checks its launches against it
+    (the opt-in maximum per block), or None where this Triton does not say."""
+    try:
+        return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+    except (AttributeError, KeyError, RuntimeError):
+        return None
+
+
+def gpu_shared_below(limit: int) -> bool:
+    """Whether kernels launch on a GPU (the current CUDA device) that offers a program less than ``limit`` bytes of
+    shared memory; False under the interpreter, or where Triton does not say."""
+    if triton_interpret() or not torch.cuda.is_available():
+        return False
+    shared = shared_per_program(torch.cuda.current_device())
+    return shared is not None and shared < limit
 
 
 @triton.jit

@@ -51,8 +51,6 @@ Few tokens and no gradient run the token recurrence instead (decoding).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 
@@ -63,6 +61,7 @@ from linattn.ops.common.triton_recurrent import recurrent as common_recurrent
 from linattn.ops.common.triton_segments import Segments, segment_count
 from linattn.ops.common.triton_utils import (
     ChunkTable,
+    gpu_shared_below,
     kernel_flags,
     narrow_bv,
     needs_grad,
@@ -427,30 +426,11 @@ def _launch(
     least FEW_PROGRAMS_STAGES for fewer programs than FEW_PROGRAMS."""
     stages = GATED_STAGES.get(kernel, NUM_STAGES[kernel]) if gated else NUM_STAGES[kernel]
     few = programs is not None and programs < FEW_PROGRAMS
-    if dtype == torch.float32 or (dtype == torch.float16 and qk_l2norm) or _small_shared_gpu():
+    if dtype == torch.float32 or (dtype == torch.float16 and qk_l2norm) or gpu_shared_below(SMALL_SHARED):
         stages = 1
     elif few:
         stages = max(stages, FEW_PROGRAMS_STAGES)
     return dict(num_warps=_warps(kernel, BK, BV, few, wide=WIDE_KEYS_L2NORM or not qk_l2norm), num_stages=stages)
-
-
-@functools.cache
-def _shared_per_program(index: int) -> int | None:
-    """The shared memory a program may take on CUDA device ``index``, as Triton checks its launches against it
-    (the opt-in maximum per block), or None where this Triton does not say."""
-    try:
-        return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
-    except (AttributeError, KeyError, RuntimeError):
-        return None
-
-
-def _small_shared_gpu() -> bool:
-    """Whether the kernels launch on a GPU (the current CUDA device) that offers a program less than SMALL_SHARED of
-    shared memory; False under the interpreter, or where Triton does not say."""
-    if triton_interpret() or not torch.cuda.is_available():
-        return False
-    shared = _shared_per_program(torch.cuda.current_device())
-    return shared is not None and shared < SMALL_SHARED
 
 
 def _warps(kernel: str, BK: int, BV: int, few: bool = False, wide: bool = True) -> int:

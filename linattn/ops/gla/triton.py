@@ -31,7 +31,9 @@ from linattn.ops.common.triton_ops import none_tensor, register_decay_ops
 from linattn.ops.common.triton_recurrent import recurrent
 from linattn.ops.common.triton_segments import Segments, chain_segments, segment_count
 from linattn.ops.common.triton_utils import (
+    HOPPER_SHARED,
     ChunkTable,
+    gpu_shared_below,
     kernel_flags,
     lowp_dots,
     narrow_bv,
@@ -177,7 +179,12 @@ def _launch(dtype: torch.dtype, K: int, V: int) -> dict:
         dqkg=dict(BK=min(BK, 32), BV=_pow2(V, hi=32), num_warps=4, num_stages=1, **ROW_LOOP),
         dqk_state=dict(BK=min(BK, 128), BV=_pow2(V, hi=32), num_warps=8 if BK >= 64 else 4),
     )
-    if dtype == torch.float32 or BK > 128:  # Triton 3.6 on an H200 wanted 235-319 KB of shared memory at K = 256
+    # float32 tiles and every tile at K = 256 take one stage: Triton 3.6 on an H200 wanted 235-319 KB of shared
+    # memory at K = 256. So do float16's (its dots take float32 operands) on GPUs that give a program less than
+    # Hopper's: its forward state kernel at Triton's default 3 stages took 196,608 B at K = V = 128 (sm_80 compile,
+    # Triton 3.6, session 20; 172,032 B at few programs), past the 163 KiB of an A100 and the 99 KiB of RTX and L4 /
+    # L40 cards (tests/ops/launch_shared.py --arch); at one stage 32,768 B. Hopper keeps 3 (212,992 B there).
+    if dtype == torch.float32 or BK > 128 or (dtype == torch.float16 and gpu_shared_below(HOPPER_SHARED)):
         for c in cfg.values():
             c["num_stages"] = 1
     return cfg
