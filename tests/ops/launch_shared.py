@@ -1,10 +1,11 @@
-"""The shared memory that a call's Triton launches take when compiled for Hopper (sm_90), found without a GPU.
+"""The shared memory that a call's Triton launches take when compiled for a GPU (Hopper's sm_90 by default), found
+without one.
 
 The interpreter runs the kernels' logic but not the compiler, so a launch whose compiled form needs more shared
 memory than the GPU offers a program passes every interpreter test and fails only on the card (OutOfResources).
 This runs a call of one op under the interpreter (CPU tensors), records every launch of its chunk kernels (pointer
-dtypes, constexprs, warps and stages), then compiles each distinct launch for sm_90 in a fresh process and reports
-its shared memory against Hopper's 227 KiB per program.
+dtypes, constexprs, warps and stages), then compiles each distinct launch in a fresh process and reports its shared
+memory against what that GPU gives a program (Hopper: 227 KiB).
 
     python -m tests.ops.launch_shared --dtype float16 --B 2 --T 300 --H 2 --K 128 --qk-l2norm [--no-grad]
     python -m tests.ops.launch_shared --op gla --dtype float16 --K 256 --V 64
@@ -14,8 +15,8 @@ its shared memory against Hopper's 227 KiB per program.
 
 The launchers choose their constexprs as for a GPU whose ptxas is trusted with bfloat16 dots (compile_variants'
 gpu=True: the card's), with the shared memory of --arch's GPUs (Hopper's by default); every dtype's launches are
-then the card's. The interpreter
-runs them only to record them: its numbers (bfloat16 products among them) are not looked at.
+then the card's. The interpreter runs them only to record them: its numbers (bfloat16 products among them) are not
+looked at.
 """
 
 from __future__ import annotations
