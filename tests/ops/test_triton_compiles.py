@@ -50,12 +50,22 @@ def test_float16_launches_fit_hopper_shared_memory(call, norms):
     assert "_backward_chunk_kernel" in done.stdout or "--no-grad" in call, done.stdout
 
 
-@pytest.mark.parametrize("arch", [80, 89])
-def test_gla_float16_launches_fit_smaller_gpus(arch):
-    """GLA's float16 launches as the launchers make them for an A100 (sm_80, 163 KiB a program) or an sm_89 card
-    (99 KiB), at few programs: each within that GPU's shared memory. At Triton's default 3 stages its forward state
-    kernel took 172,032 B (session 20; CI's Triton 3.9 and the card's 3.6 alike)."""
-    args = [sys.executable, "-m", "tests.ops.launch_shared", "--op", "gla", "--dtype", "float16", "--arch", str(arch)]
-    done = subprocess.run([*args, "--B", "1", "--H", "1", "--T", "65"], capture_output=True, text=True)
+@pytest.mark.parametrize(
+    "arch, call",
+    [
+        (80, ["--op", "gla", "--dtype", "float16"]),
+        (89, ["--op", "gla", "--dtype", "float16"]),
+        (89, ["--op", "gated_delta_rule", "--dtype", "float32"]),
+        (89, ["--op", "delta_rule", "--dtype", "float32", "--qk-l2norm"]),
+    ],
+    ids=["gla_float16_sm80", "gla_float16_sm89", "gated_float32_sm89", "delta_float32_l2norm_sm89"],
+)
+def test_launches_fit_smaller_gpus(arch, call):
+    """Launches as the launchers make them for an A100 (sm_80, 163 KiB a program) or an sm_89 card (99 KiB), at few
+    programs: each within that GPU's shared memory. GLA's float16 forward state kernel at Triton's default 3 stages
+    took 172,032 B, and float32's backward_chunk over whole rows 114,688 B at value blocks of 64 or 8 warps
+    (session 20)."""
+    args = [sys.executable, "-m", "tests.ops.launch_shared", *call, "--arch", str(arch), "--B", "1", "--H", "1"]
+    done = subprocess.run([*args, "--T", "65"], capture_output=True, text=True)
     assert done.returncode == 0, f"a launch is over sm_{arch}'s shared memory:\n{done.stdout}\n{done.stderr[-3000:]}"
-    assert "_state_kernel" in done.stdout, done.stdout
+    assert "_state_kernel" in done.stdout or "_backward_chunk_kernel" in done.stdout, done.stdout

@@ -123,7 +123,8 @@ def test_one_stage_on_gpus_with_less_shared_memory(monkeypatch):
     """On a GPU that offers a program less than SMALL_SHARED of shared memory (sm_86, sm_89, sm_120: 99 KiB),
     every launch takes one stage, where Hopper's settings take two (GATED_STAGES, FEW_PROGRAMS_STAGES) and the
     gated forward with qk_l2norm would need 108-120 KiB; on an H200 (227 KiB) they keep them; where Triton does not
-    say, too. The device faked: what Triton reports of it."""
+    say, too. There float32's backward_chunk over whole rows takes value blocks of 32 and 4 warps. The device faked:
+    what Triton reports of it."""
     from linattn.ops.common import triton_utils
 
     monkeypatch.setattr(triton_utils, "triton_interpret", lambda: False)
@@ -134,6 +135,12 @@ def test_one_stage_on_gpus_with_less_shared_memory(monkeypatch):
         assert tri._launch("forward", torch.bfloat16, 128, 32, gated=True)["num_stages"] == gated_forward, optin
         assert tri._launch("backward_state", torch.bfloat16, 128, 32, 64)["num_stages"] == few, optin  # few programs
         assert tri._launch("backward_chunk", torch.bfloat16, 64, 64, gated=True)["num_stages"] == 1
+        # float32's backward_chunk over whole rows: value blocks of 32 and 4 warps there, else 64 and 8
+        small = optin == 101376
+        assert tri._backward_chunk_bv(128, True, torch.float32) == (32 if small else 64), optin
+        assert tri._backward_chunk_bv(128, True, torch.bfloat16) == 64, optin
+        wide = tri._launch("backward_chunk", torch.float32, 128, 64, gated=True, qk_l2norm=True)["num_warps"]
+        assert wide == (tri.NUM_WARPS["backward_chunk"] if small else tri.WIDE_KEYS_WARPS["backward_chunk"]), optin
 
 
 @pytest.mark.parametrize("segments", [1, 2])

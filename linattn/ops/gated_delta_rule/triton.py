@@ -212,6 +212,11 @@ FEW_PROGRAMS_STAGES = 2
 # fail. At one stage every kernel fits (at most 80 KiB for bf16 inputs; 96 KiB for float32's output kernel). So on a
 # GPU that offers a program less than SMALL_SHARED, every launch takes one stage.
 SMALL_SHARED = 128 * 1024
+# There, float32's backward_chunk over whole key rows (the gated op's, and either op's with qk_l2norm) took 114,688 B
+# at value blocks of 64 or at 8 warps (sm_89 compile, Triton 3.6, session 20: tests/ops/launch_shared.py --arch 89),
+# past 99 KiB; at 32 and 4 warps at most 98,304 B. So float32 there takes value blocks of SMALL_SHARED_CHUNK_BV and
+# NUM_WARPS, not WIDE_KEYS_WARPS.
+SMALL_SHARED_CHUNK_BV = 32
 # FEW_PROGRAMS_WARPS: num_warps of such a launch (None: NUM_WARPS), for tiles where 8 warps are safe (see _warps).
 # With fewer programs than SMs, each SM holds one program, so its registers are not shared: 8 warps would halve each
 # thread's part of a chunk step, which is the sequential loop's latency. At T = 32768, B = 2 (no segments) the
@@ -430,7 +435,8 @@ def _launch(
         stages = 1
     elif few:
         stages = max(stages, FEW_PROGRAMS_STAGES)
-    return dict(num_warps=_warps(kernel, BK, BV, few, wide=WIDE_KEYS_L2NORM or not qk_l2norm), num_stages=stages)
+    wide = (WIDE_KEYS_L2NORM or not qk_l2norm) and not (dtype == torch.float32 and gpu_shared_below(SMALL_SHARED))
+    return dict(num_warps=_warps(kernel, BK, BV, few, wide=wide), num_stages=stages)
 
 
 def _warps(kernel: str, BK: int, BV: int, few: bool = False, wide: bool = True) -> int:
@@ -457,8 +463,11 @@ def _chunk_bv(V: int, block: int | None = None) -> int:
     return min(block or BV_CHUNK, max(16, triton.next_power_of_2(V)))
 
 
-def _backward_chunk_bv(V: int, gated: bool) -> int:
-    """BV of backward_chunk: BACKWARD_CHUNK_BV's entry for the op (None: BV_CHUNK)."""
+def _backward_chunk_bv(V: int, gated: bool, dtype: torch.dtype | None = None) -> int:
+    """BV of backward_chunk: BACKWARD_CHUNK_BV's entry for the op (None: BV_CHUNK); SMALL_SHARED_CHUNK_BV for float32
+    inputs on a GPU that gives a program less than SMALL_SHARED."""
+    if dtype == torch.float32 and gpu_shared_below(SMALL_SHARED):
+        return _chunk_bv(V, SMALL_SHARED_CHUNK_BV)
     return _chunk_bv(V, _by_op(BACKWARD_CHUNK_BV, gated))
 
 
@@ -921,7 +930,7 @@ def backward(
     du = dummy if local and dx_dtype is not None else torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
     dx = du if dx_dtype is None else torch.empty(B, T, H, V, dtype=dx_dtype, device=q.device)
     dh0 = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None
-    bv_chunk, bv_bwd = _chunk_bv(V), _backward_chunk_bv(V, g is not None)
+    bv_chunk, bv_bwd = _chunk_bv(V), _backward_chunk_bv(V, g is not None, q.dtype)
     if not local:  # du = scale P^T dO, per chunk; backward_state adds the states' share
         _local_du_kernel[(lay.NC, H)](
             q, k, g_, do, lay.chunks, du, scale, BV=bv_chunk,
