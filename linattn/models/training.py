@@ -217,7 +217,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
     """
     d = _setup(cfg.device)
     try:
-        return _train(cfg, resume, progress, d)
+        result = _train(cfg, resume, progress, d)
+        if d.world > 1:  # every rank done before any tears down: a rank that left early once took another's gloo
+            dist.barrier()  # threads down with it (SIGABRT at exit, CI under load, session 20)
+        return result
     finally:
         if d.world > 1:
             dist.destroy_process_group()
