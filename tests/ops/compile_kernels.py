@@ -38,6 +38,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from linattn.ops.common.triton_utils import HOPPER_SHARED
+
 
 def compile_variant(kernel, pointers: dict[str, str], constexprs: dict, scalars=None, arch: int = 90, **opts):
     """Compile ``kernel`` for sm_``arch``.
@@ -66,7 +68,6 @@ def compile_variant(kernel, pointers: dict[str, str], constexprs: dict, scalars=
 
 
 GROUPS = ("simple_gla", "gated_delta_rule", "gla", "recurrent")
-HOPPER_SHARED = 227 * 1024  # the most shared memory a program may take on sm_90
 
 
 def _groups():

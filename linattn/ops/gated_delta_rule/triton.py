@@ -431,7 +431,7 @@ def _launch(
     least FEW_PROGRAMS_STAGES for fewer programs than FEW_PROGRAMS."""
     stages = GATED_STAGES.get(kernel, NUM_STAGES[kernel]) if gated else NUM_STAGES[kernel]
     few = programs is not None and programs < FEW_PROGRAMS
-    if dtype == torch.float32 or (dtype == torch.float16 and qk_l2norm) or gpu_shared_below(SMALL_SHARED):
+    if dtype == torch.float32 or _float16_norms(dtype, qk_l2norm) or gpu_shared_below(SMALL_SHARED):
         stages = 1
     elif few:
         stages = max(stages, FEW_PROGRAMS_STAGES)
@@ -544,6 +544,12 @@ def _prepare_flags(dtype: torch.dtype, qk_l2norm: bool, gpu: bool | None = None)
     )
 
 
+def _float16_norms(dtype: torch.dtype, qk_l2norm: bool) -> bool:
+    """float16 inputs with qk_l2norm, whose launches are sized down for shared memory (see NUM_STAGES and
+    _db_from_products)."""
+    return dtype == torch.float16 and qk_l2norm
+
+
 def _norms_in(qk_l2norm: bool, gated: bool = False, save: bool = True) -> bool:
     """Whether the kernels read the row norms of q and k (NORMS_IN, with qk_l2norm) rather than form them: in
     training (``save``: the forward of a call that wants gradients, and its backward), and without a gradient where
@@ -645,7 +651,7 @@ def _db_from_products(gated: bool, dtype: torch.dtype, qk_l2norm: bool) -> bool:
     and k k^T took the gated backward_chunk over whole rows to 294,912 B of shared memory, past Hopper's 227 KiB
     (sm_90, Triton 3.6, at 4 warps and at 8; 229,376 B with the norms read)."""
     entry = _by_op(DB_FROM_PRODUCTS, gated)
-    return (qk_l2norm if entry == "l2norm" else bool(entry)) or (dtype == torch.float16 and qk_l2norm)
+    return (qk_l2norm if entry == "l2norm" else bool(entry)) or _float16_norms(dtype, qk_l2norm)
 
 
 def _backward_stores(
