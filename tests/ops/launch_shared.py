@@ -12,6 +12,7 @@ memory against what that GPU gives a program (Hopper: 227 KiB).
         [--compiler .venv36/bin/python]   # compile with another environment's Triton (the card's)
     LINATTN_LAUNCH="gated_delta_rule.NORMS_IN=1" python -m tests.ops.launch_shared ...   # with other settings
     python -m tests.ops.launch_shared --arch 89 ...   # for an sm_89 GPU (99 KiB a program), as the launchers make it
+    python -m tests.ops.launch_shared --resources ...  # registers, spill stack and SASS counts of each launch too
 
 The launchers choose their constexprs as for a GPU whose ptxas is trusted with bfloat16 dots (compile_variants'
 gpu=True: the card's), with the shared memory of --arch's GPUs (Hopper's by default); every dtype's launches are
@@ -124,14 +125,15 @@ def shared_limit(arch: int) -> int:
     return SHARED_LIMITS.get(arch, HOPPER_SHARED)
 
 
-def compile_all(launches: list[dict], arch: int = 90) -> int:
-    """Compile each launch for sm_``arch``; print its shared memory; 1 if any exceeds what that GPU gives a
-    program (shared_limit)."""
+def compile_all(launches: list[dict], arch: int = 90, show: bool = False) -> int:
+    """Compile each launch for sm_``arch``; print its shared memory (``show``: its registers, spill stack and SASS
+    instruction counts too); 1 if any exceeds what that GPU gives a program (shared_limit)."""
     import importlib
 
-    from tests.ops.compile_kernels import compile_variant
+    from tests.ops.compile_kernels import compile_variant, resources, sass_counts
 
     limit = shared_limit(arch)
+    top = int(os.environ.get("LINATTN_SASS_TOP", "8"))  # opcodes shown with show
 
     worst = 0
     for item in launches:
@@ -150,7 +152,9 @@ def compile_all(launches: list[dict], arch: int = 90) -> int:
         shared = out.metadata.shared
         worst = max(worst, shared)
         flag = "  OVER" if shared > limit else ""
-        print(f"{item['kernel']} warps={item['warps']} stages={item['stages']}: shared {shared} B{flag}", flush=True)
+        extra = f", {resources(out)}\n    {sass_counts(out, top=top)}" if show else ""
+        launch = f"{item['kernel']} warps={item['warps']} stages={item['stages']}"
+        print(f"{launch}: shared {shared} B{flag}{extra}", flush=True)
     return int(worst > limit)
 
 
@@ -165,13 +169,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-grad", action="store_true")
     parser.add_argument("--compiler", default=sys.executable, help="the python that compiles (e.g. the card's Triton)")
     parser.add_argument("--arch", type=int, choices=sorted([*SHARED_LIMITS, 90]), default=90, help="sm_ARCH")
+    parser.add_argument("--resources", action="store_true", help="registers, spill stack and SASS counts too")
     parser.add_argument("--compile", help="(internal) compile the launches in this JSON file")
     args = parser.parse_args(argv)
     if args.gated:
         args.op = "gated_delta_rule"
     if args.compile:
         with open(args.compile) as f:
-            return compile_all(json.load(f), args.arch)
+            return compile_all(json.load(f), args.arch, args.resources)
     os.environ["TRITON_INTERPRET"] = "1"
     launches = record(args)
     if not launches:
@@ -181,6 +186,7 @@ def main(argv: list[str]) -> int:
         json.dump(launches, f)
     env = {n: v for n, v in os.environ.items() if n != "TRITON_INTERPRET"}
     command = [args.compiler, "-m", "tests.ops.launch_shared", "--compile", path, "--arch", str(args.arch)]
+    command += ["--resources"] if args.resources else []
     return subprocess.run(command, env=env).returncode
 
 

@@ -203,8 +203,14 @@ NORM_KERNELS = frozenset({"prepare", "forward", "output", "local_du", "backward_
 # session 17 (H200, one call, bf16, delta_rule fwd+bwd ms, 2 stages for every launch of it against 1): T = 16384,
 # B = 4 (128 programs) 4.90 against 5.45; but 4.91 against 4.84 at T = 4096 and 6.41 against 6.31 at T = 65536
 # (512 programs each, the latter over 16 segments), so by its program count. The gated op's is 2 anyway.
+# Session 21 (H200, bf16, fwd+bwd ms, one call, main with 2 stages -> 3): the delta rule at T = 16384, B = 4 (128
+# programs) 4.86 -> 4.79, at T = 32768, B = 2 (128 programs, no segments) 5.28 -> 4.64 (its forward alone 0.90 ->
+# about 0.5 ms: fwd 1.89 -> 1.50); at T = 65536 over 8 segments (256 programs each pass, not few) unchanged. 4 stages
+# ran out of shared memory (OutOfResources) at 16384 and 32768. By dtype: float16 keeps 2, since its tf32x3 dots
+# take more shared memory (the delta rule's few-program launch at 3 stages needed 233,472 B on the card, over the
+# 232,448 it gives a program: OutOfResources in test_gpu_triton_matches_reference, session 21). float32 takes 1.
 FEW_PROGRAMS = 132
-FEW_PROGRAMS_STAGES = 2
+FEW_PROGRAMS_STAGES = dict(bfloat16=3, float16=2)
 # Shared memory: the stages above were chosen on Hopper, which gives a program up to 227 KiB. Compiled for sm_89
 # (Triton 3.6, session 18) with the flags a GPU other than compute capability 9 gets (no bfloat16 dots in
 # NEEDS_FIXED_PTXAS' kernels: see common/ptxas.py), the gated forward that forms o (no gradient wanted) with
@@ -389,9 +395,18 @@ STATE_GRAD_GPU = None
 #   T = 32768, B = 2: 6.22 / 8.01 (8) | 5.35 / 8.30 (none) | 6.15 / 7.96 (4) | 6.16 / 7.96 (4) | 6.41 / 9.24 (2)
 #   T = 65536, B = 1: 6.31 / 8.10 (16) | 6.96 / 10.82 (none) | 6.19 / 7.99 (8) | 6.20 / 8.01 (8) | 6.42 / 9.25 (4)
 # and at 16384 (B = 4, none at 128) 4.88 / 7.21. So 128, with at least 8 segments for the delta rule (none at
-# 32768), 4 for the gated one. LINATTN_LAUNCH="gated_delta_rule.SEGMENT_HEADS=0" turns segments off.
+# 32768), 4 for the gated one. Session 21, with three stages at few programs (FEW_PROGRAMS_STAGES; one call,
+# delta_rule / gated, main's segments / none / 2 segments (SEGMENT_HEADS 32) / 4 (64)):
+#   T = 32768, B = 2: 4.64 (none) / 7.64 (4) | 4.64 / 7.55 | 4.65 / 7.51 (none) | 5.80 / 8.44 (2)
+#   T = 65536, B = 1: 6.16 (8) / 7.70 (8) | 5.57 / 9.52 | 6.15 / 10.11 (2) | 5.82 / 8.44 (4)
+# So the delta rule takes none at the standard shape (its sequential passes at 128 programs of 16 value columns
+# beat three passes over segments), and the gated op none at 32768 and 8 at 65536. Below SEGMENT_HEADS / 16 = 8
+# sequences x heads the delta rule still cuts them (untimed since). With qk_l2norm the delta rule without segments
+# took 9.03 ms at T = 65536 (same call; fwd 4.03 ms against 2.00 without the option), against 8.06 over 8 segments
+# in session 20, so with qk_l2norm it keeps 8 (entries by op and option, as SPLIT_INFERENCE's).
+# LINATTN_LAUNCH="gated_delta_rule.SEGMENT_HEADS=0" turns segments off.
 SEGMENT_HEADS = 128  # sequences x heads x segments to aim for
-MIN_SEGMENTS = dict(gated=4, ungated=8)
+MIN_SEGMENTS = dict(gated_plain=8, ungated_plain=16, gated_l2norm=8, ungated_l2norm=8)
 SEGMENT_MIN_CHUNKS = 16
 SEGMENTS = None
 
@@ -434,7 +449,7 @@ def _launch(
     if dtype == torch.float32 or _float16_norms(dtype, qk_l2norm) or gpu_shared_below(SMALL_SHARED):
         stages = 1
     elif few:
-        stages = max(stages, FEW_PROGRAMS_STAGES)
+        stages = max(stages, FEW_PROGRAMS_STAGES[str(dtype).removeprefix("torch.")])
     wide = (WIDE_KEYS_L2NORM or not qk_l2norm) and not (dtype == torch.float32 and gpu_shared_below(SMALL_SHARED))
     return dict(num_warps=_warps(kernel, BK, BV, few, wide=wide), num_stages=stages)
 
@@ -478,9 +493,10 @@ def _sequence_bv(K: int, V: int, NH: int, dtype: torch.dtype | None = None, stat
     return narrow_bv(_blocks(K, V, dtype)[1], V, NH, target)
 
 
-def _num_segments(N: int, H: int, T: int, cu_seqlens, gated: bool) -> int:
-    """Segments per sequence for the per-sequence kernels (1: none), with gates or without; see SEGMENT_HEADS."""
-    least = _by_op(MIN_SEGMENTS, gated)
+def _num_segments(N: int, H: int, T: int, cu_seqlens, gated: bool, qk_l2norm: bool) -> int:
+    """Segments per sequence for the per-sequence kernels (1: none), with gates or without, with qk_l2norm or
+    without; see SEGMENT_HEADS."""
+    least = MIN_SEGMENTS[f"{'gated' if gated else 'ungated'}_{'l2norm' if qk_l2norm else 'plain'}"]
     return segment_count(N, H, T, BT, cu_seqlens, SEGMENTS, SEGMENT_HEADS, SEGMENT_MIN_CHUNKS, least)
 
 
@@ -705,7 +721,7 @@ def forward(
     u = torch.empty(B, T, H, V, dtype=u_dtype, device=q.device) if split else ht
     g_ = g if g is not None else ht
     flags = _flags(q.dtype, g is not None, qk_l2norm, "forward", BK=BK) | read
-    NS = _num_segments(lay.N, H, T, cu_seqlens, g is not None)
+    NS = _num_segments(lay.N, H, T, cu_seqlens, g is not None, qk_l2norm)
     if NS == 1:
         NV = triton.cdiv(V, BV)
         _forward_kernel[(NV, lay.N * H)](
@@ -894,7 +910,7 @@ def backward(
 
     bk = _chunk_keys(BK, qk_l2norm, g is not None)
     chunk_flags = _flags(q.dtype, g is not None, qk_l2norm, "backward_chunk", BK=bk) | dict(rn=rn)
-    NS = _num_segments(lay.N, H, T, cu_seqlens, g is not None)
+    NS = _num_segments(lay.N, H, T, cu_seqlens, g is not None, qk_l2norm)
     use_kept = kept is not None and (NS == 1 or segs is not None)  # with segments, their transitions M as well
     # what the backward stores itself may be bfloat16 (STATES_LOWP); not with kept float32 states and U, only with
     # ones kept in those same dtypes (KEEP_LOWP)
@@ -1049,7 +1065,7 @@ def _(q, k, v, g, beta, h0, cu_seqlens, scale, qk_l2norm, beta_is_logit, save, k
     else:
         states, u, w = empty.clone(), empty.clone(), empty.clone()
     # (no shape guards otherwise)
-    NS = Segments.count(T, _num_segments(N, H, T, cu_seqlens, g is not None), BT) if save else 1
+    NS = Segments.count(T, _num_segments(N, H, T, cu_seqlens, g is not None, qk_l2norm), BT) if save else 1
     if NS > 1:
         seg_in = q.new_empty(N, NS, H, K, V, dtype=torch.float32)
         seg_m = q.new_empty(N, NS, H, K, K, dtype=torch.float32)
