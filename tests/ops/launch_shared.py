@@ -14,10 +14,10 @@ memory against what that GPU gives a program (Hopper: 227 KiB).
     python -m tests.ops.launch_shared --arch 89 ...   # for an sm_89 GPU (99 KiB a program), as the launchers make it
     python -m tests.ops.launch_shared --resources ...  # registers, spill stack and SASS counts of each launch too
 
-The launchers choose their constexprs as for a GPU whose ptxas is trusted with bfloat16 dots (compile_variants'
-gpu=True: the card's), with the shared memory of --arch's GPUs (Hopper's by default); every dtype's launches are
-then the card's. The interpreter runs them only to record them: its numbers (bfloat16 products among them) are not
-looked at.
+The launchers choose their constexprs as for a GPU (compile_variants' gpu=True), with the shared memory of
+--arch's GPUs (Hopper's by default) and, on compute capability 9 only, a ptxas trusted with bfloat16 dots
+(common/ptxas.py); on Hopper every dtype's launches are then the card's. The interpreter runs them only to record
+them: its numbers (bfloat16 products among them) are not looked at.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ import os
 import subprocess
 import sys
 
-DTYPES = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.int32": "i32",
-          "torch.int64": "i64", "torch.int8": "i8", "torch.uint8": "u8", "torch.bool": "i1"}  # fmt: skip
+DTYPES = {"torch.float32": "fp32", "torch.float64": "fp64", "torch.float16": "fp16", "torch.bfloat16": "bf16",
+          "torch.int32": "i32", "torch.int64": "i64", "torch.int8": "i8", "torch.uint8": "u8",
+          "torch.bool": "i1"}  # fmt: skip
 MODULES = dict(delta_rule="gated_delta_rule", gated_delta_rule="gated_delta_rule", gla="gla", simple_gla="simple_gla")
 
 
@@ -85,7 +86,9 @@ def record(args) -> list[dict]:
     gpu_forms = dict(lowp_dots=lambda dtype: dtype == torch.bfloat16, store_dtype=lambda dtype: dtype)
     for name in set(gpu_forms) & set(vars(tri)):
         setattr(tri, name, gpu_forms[name])
-    ptxas.lowp_trusted = lambda: True
+    # bfloat16 operands in the kernels that need a fixed ptxas (common/ptxas.py) only on compute capability 9, where
+    # linattn switches to the newer ptxas; elsewhere they keep tf32 (larger tiles in shared memory)
+    ptxas.lowp_trusted = lambda: args.arch // 10 == 9
     if hasattr(tri, "gpu_shared_below"):  # the launchers' settings for --arch's shared memory
         tri.gpu_shared_below = lambda limit: shared_limit(args.arch) < limit
     dtype = getattr(torch, args.dtype)

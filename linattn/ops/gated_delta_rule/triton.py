@@ -60,6 +60,7 @@ from linattn.ops.common.triton_ops import fake_state, none_tensor
 from linattn.ops.common.triton_recurrent import recurrent as common_recurrent
 from linattn.ops.common.triton_segments import Segments, segment_count
 from linattn.ops.common.triton_utils import (
+    HOPPER_SHARED,
     ChunkTable,
     gpu_shared_below,
     kernel_flags,
@@ -209,6 +210,9 @@ NORM_KERNELS = frozenset({"prepare", "forward", "output", "local_du", "backward_
 # ran out of shared memory (OutOfResources) at 16384 and 32768. By dtype: float16 keeps 2, since its tf32x3 dots
 # take more shared memory (the delta rule's few-program launch at 3 stages needed 233,472 B on the card, over the
 # 232,448 it gives a program: OutOfResources in test_gpu_triton_matches_reference, session 21). float32 takes 1.
+# Three were timed on Hopper only: a GPU that gives a program less shared memory keeps two at most (on an A100,
+# 166,912 B, without bfloat16 operands in NEEDS_FIXED_PTXAS' kernels, the delta rule's no-gradient forward with
+# qk_l2norm at 128 programs of 32 value columns would take 163,840 B at three: tests/ops/launch_shared.py --arch 80).
 FEW_PROGRAMS = 132
 FEW_PROGRAMS_STAGES = dict(bfloat16=3, float16=2)
 # Shared memory: the stages above were chosen on Hopper, which gives a program up to 227 KiB. Compiled for sm_89
@@ -443,13 +447,14 @@ def _launch(
     """num_warps (see _warps; WIDE_KEYS_WARPS with qk_l2norm only with WIDE_KEYS_L2NORM) and num_stages of a kernel
     launched as ``programs`` programs (None: many), with gates (GATED_STAGES) or without: one stage for float32
     inputs, for float16 ones with qk_l2norm (see NUM_STAGES) and on GPUs with less shared memory (SMALL_SHARED), at
-    least FEW_PROGRAMS_STAGES for fewer programs than FEW_PROGRAMS."""
+    least FEW_PROGRAMS_STAGES for fewer programs than FEW_PROGRAMS (two at most below Hopper's shared memory)."""
     stages = GATED_STAGES.get(kernel, NUM_STAGES[kernel]) if gated else NUM_STAGES[kernel]
     few = programs is not None and programs < FEW_PROGRAMS
     if dtype == torch.float32 or _float16_norms(dtype, qk_l2norm) or gpu_shared_below(SMALL_SHARED):
         stages = 1
     elif few:
-        stages = max(stages, FEW_PROGRAMS_STAGES[str(dtype).removeprefix("torch.")])
+        few_stages = FEW_PROGRAMS_STAGES[str(dtype).removeprefix("torch.")]
+        stages = max(stages, min(few_stages, 2) if gpu_shared_below(HOPPER_SHARED) else few_stages)
     wide = (WIDE_KEYS_L2NORM or not qk_l2norm) and not (dtype == torch.float32 and gpu_shared_below(SMALL_SHARED))
     return dict(num_warps=_warps(kernel, BK, BV, few, wide=wide), num_stages=stages)
 
