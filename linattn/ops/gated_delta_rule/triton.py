@@ -430,9 +430,11 @@ def _w_dtype(dtype: torch.dtype, gpu: bool | None = None) -> torch.dtype:
     return torch.bfloat16 if lowp else torch.float32
 
 
-def _by_op(setting: dict, gated: bool):
-    """A setting given by op, dict(gated=..., ungated=...): the gated op's entry or the delta rule's."""
-    return setting["gated" if gated else "ungated"]
+def _by_op(setting: dict, gated: bool, qk_l2norm: bool | None = None):
+    """A setting given by op, dict(gated=..., ungated=...): the gated op's entry or the delta rule's; or, with
+    ``qk_l2norm`` given, by op and option (gated_l2norm, gated_plain, ungated_l2norm, ungated_plain)."""
+    op = "gated" if gated else "ungated"
+    return setting[op if qk_l2norm is None else f"{op}_{'l2norm' if qk_l2norm else 'plain'}"]
 
 
 def _launch(
@@ -501,7 +503,7 @@ def _sequence_bv(K: int, V: int, NH: int, dtype: torch.dtype | None = None, stat
 def _num_segments(N: int, H: int, T: int, cu_seqlens, gated: bool, qk_l2norm: bool) -> int:
     """Segments per sequence for the per-sequence kernels (1: none), with gates or without, with qk_l2norm or
     without; see SEGMENT_HEADS."""
-    least = MIN_SEGMENTS[f"{'gated' if gated else 'ungated'}_{'l2norm' if qk_l2norm else 'plain'}"]
+    least = _by_op(MIN_SEGMENTS, gated, qk_l2norm)
     return segment_count(N, H, T, BT, cu_seqlens, SEGMENTS, SEGMENT_HEADS, SEGMENT_MIN_CHUNKS, least)
 
 
@@ -717,8 +719,7 @@ def forward(
     rn = norms if norms is not None else ht  # (unread without them)
     read = dict(R_IN=norms is not None, rn=rn)
     w, u0, tinv = prepare(k, v, g, beta, lay, qk_l2norm, beta_is_logit, store_t=save, norms=norms)
-    by_op = "gated" if g is not None else "ungated"
-    inference = not save and SPLIT_INFERENCE[f"{by_op}_{'l2norm' if qk_l2norm else 'plain'}"]
+    inference = not save and _by_op(SPLIT_INFERENCE, g is not None, qk_l2norm)
     split = keep or (save and SPLIT_FORWARD) or inference
     own = keep or inference  # the stores in KEEP_LOWP's dtypes, else float32
     s_dtype, u_dtype = _kept_dtypes(q.dtype, g is not None, qk_l2norm, BK) if own else (torch.float32, torch.float32)
