@@ -464,14 +464,6 @@ def test_launch_choices(monkeypatch):
     # float16 keeps two there (its tf32x3 dots ran out of shared memory at three on the card), float32 one
     assert tri._launch("forward", torch.float16, 128, 16, 128)["num_stages"] == 2
     assert tri._launch("forward", torch.float32, 128, 16, 128)["num_stages"] == 1
-    # NARROW_FEW_STAGES: its own stages at 16 value columns in bfloat16 only, where set
-    monkeypatch.setattr(tri, "NARROW_FEW_STAGES", 4)
-    assert tri._launch("forward", torch.bfloat16, 128, 16, 128)["num_stages"] == 4
-    assert tri._launch("backward_state", torch.bfloat16, 128, 16, 128)["num_stages"] == 4
-    assert tri._launch("forward", torch.bfloat16, 128, 32, 128)["num_stages"] == 3
-    assert tri._launch("forward", torch.float16, 128, 16, 128)["num_stages"] == 2
-    assert tri._launch("forward", torch.bfloat16, 128, 16, 1024)["num_stages"] == tri.NUM_STAGES["forward"]
-    monkeypatch.setattr(tri, "NARROW_FEW_STAGES", None)
     # the gated op's own stages (GATED_STAGES, an entry for every kernel so that LINATTN_LAUNCH reaches each) where
     # it has them, NUM_STAGES elsewhere; float32 still one
     assert set(tri.GATED_STAGES) == set(tri.NUM_STAGES)

@@ -215,12 +215,6 @@ NORM_KERNELS = frozenset({"prepare", "forward", "output", "local_du", "backward_
 # qk_l2norm at 128 programs of 32 value columns would take 163,840 B at three: tests/ops/launch_shared.py --arch 80).
 FEW_PROGRAMS = 132
 FEW_PROGRAMS_STAGES = dict(bfloat16=3, float16=2)
-# NARROW_FEW_STAGES: the stages of such a launch whose value blocks are 16 wide (None: FEW_PROGRAMS_STAGES), on
-# Hopper, in bfloat16. At 16 columns (the delta rule at T = 65536, B = 1: 128 programs, 1,024 chunks each) four
-# stages take at most 66,304 B (sm_90, Triton 3.6, both ops, with and without qk_l2norm and gradients), where four
-# at 32 or 64 columns ran out of shared memory on the card. Built after session 21's device time, untimed
-# (LINATTN_LAUNCH="gated_delta_rule.NARROW_FEW_STAGES=4").
-NARROW_FEW_STAGES = None
 # Shared memory: the stages above were chosen on Hopper, which gives a program up to 227 KiB. Compiled for sm_89
 # (Triton 3.6, session 18) with the flags a GPU other than compute capability 9 gets (no bfloat16 dots in
 # NEEDS_FIXED_PTXAS' kernels: see common/ptxas.py), the gated forward that forms o (no gradient wanted) with
@@ -455,16 +449,13 @@ def _launch(
     """num_warps (see _warps; WIDE_KEYS_WARPS with qk_l2norm only with WIDE_KEYS_L2NORM) and num_stages of a kernel
     launched as ``programs`` programs (None: many), with gates (GATED_STAGES) or without: one stage for float32
     inputs, for float16 ones with qk_l2norm (see NUM_STAGES) and on GPUs with less shared memory (SMALL_SHARED), at
-    least FEW_PROGRAMS_STAGES (NARROW_FEW_STAGES at 16 value columns) for fewer programs than FEW_PROGRAMS (two at
-    most below Hopper's shared memory)."""
+    least FEW_PROGRAMS_STAGES for fewer programs than FEW_PROGRAMS (two at most below Hopper's shared memory)."""
     stages = GATED_STAGES.get(kernel, NUM_STAGES[kernel]) if gated else NUM_STAGES[kernel]
     few = programs is not None and programs < FEW_PROGRAMS
     if dtype == torch.float32 or _float16_norms(dtype, qk_l2norm) or gpu_shared_below(SMALL_SHARED):
         stages = 1
     elif few:
         few_stages = FEW_PROGRAMS_STAGES[str(dtype).removeprefix("torch.")]
-        if NARROW_FEW_STAGES is not None and BV <= 16 and dtype == torch.bfloat16:
-            few_stages = NARROW_FEW_STAGES
         stages = max(stages, min(few_stages, 2) if gpu_shared_below(HOPPER_SHARED) else few_stages)
     wide = (WIDE_KEYS_L2NORM or not qk_l2norm) and not (dtype == torch.float32 and gpu_shared_below(SMALL_SHARED))
     return dict(num_warps=_warps(kernel, BK, BV, few, wide=wide), num_stages=stages)
