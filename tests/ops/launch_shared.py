@@ -64,7 +64,9 @@ def record(args) -> list[dict]:
                 def run(*a, **kw):
                     given = dict(zip(names, a)) | {n: v for n, v in kw.items() if n not in ("num_warps", "num_stages")}
                     desc = {
-                        n: ["ptr", DTYPES[str(v.dtype)]] if isinstance(v, torch.Tensor) else ["val", v]
+                        n: ["ptr", DTYPES[str(v.dtype)], v.data_ptr() % 16 == 0]
+                        if isinstance(v, torch.Tensor)
+                        else ["val", v]
                         for n, v in given.items()
                     }
                     item = dict(kernel=name, module=tri.__name__, args=desc)
@@ -141,16 +143,21 @@ def compile_all(launches: list[dict], arch: int = 90, show: bool = False) -> int
     worst = 0
     for item in launches:
         kernel = getattr(importlib.import_module(item["module"]), item["kernel"])
-        constexprs, pointers, scalars = {}, {}, {}
+        constexprs, pointers, scalars, divisible = {}, {}, {}, []
         for p in kernel.params:
-            kind, value = item["args"].get(p.name, ["val", None])
+            kind, value, *aligned = item["args"].get(p.name, ["val", None])
             if p.is_constexpr:
                 constexprs[p.name] = value
             elif kind == "ptr":
                 pointers[p.name] = value
+                divisible += [p.name] if aligned[0] else []
             else:
                 scalars[p.name] = "fp32" if isinstance(value, float) else "i32"
-        opts = dict(scalars=scalars, arch=arch, num_warps=item["warps"], num_stages=item["stages"])
+                # as the launch specialises it: an integer multiple of 16 is known divisible by 16
+                divisible += (
+                    [p.name] if isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0 else []
+                )
+        opts = dict(scalars=scalars, arch=arch, num_warps=item["warps"], num_stages=item["stages"], divisible=divisible)
         out = compile_variant(kernel, pointers, constexprs, **opts)
         shared = out.metadata.shared
         worst = max(worst, shared)

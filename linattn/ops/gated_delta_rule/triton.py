@@ -210,9 +210,10 @@ NORM_KERNELS = frozenset({"prepare", "forward", "output", "local_du", "backward_
 # ran out of shared memory (OutOfResources) at 16384 and 32768. By dtype: float16 keeps 2, since its tf32x3 dots
 # take more shared memory (the delta rule's few-program launch at 3 stages needed 233,472 B on the card, over the
 # 232,448 it gives a program: OutOfResources in test_gpu_triton_matches_reference, session 21). float32 takes 1.
-# Three were timed on Hopper only: a GPU that gives a program less shared memory keeps two at most (on an A100,
-# 166,912 B, without bfloat16 operands in NEEDS_FIXED_PTXAS' kernels, the delta rule's no-gradient forward with
-# qk_l2norm at 128 programs of 32 value columns would take 163,840 B at three: tests/ops/launch_shared.py --arch 80).
+# Three were timed on Hopper only, and a GPU that gives a program less shared memory keeps two at most: on an A100
+# (166,912 B), without bfloat16 operands in NEEDS_FIXED_PTXAS' kernels, the delta rule's no-gradient forward with
+# qk_l2norm would take 229,376 B at three (128 programs of 32 value columns; 155,648 at two) and backward_state
+# 172,032 (sm_80, Triton 3.6, tests/ops/launch_shared.py --arch 80).
 FEW_PROGRAMS = 132
 FEW_PROGRAMS_STAGES = dict(bfloat16=3, float16=2)
 # Shared memory: the stages above were chosen on Hopper, which gives a program up to 227 KiB. Compiled for sm_89
