@@ -405,7 +405,7 @@ STATE_GRAD_GPU = None
 #   T = 32768, B = 2: 4.64 (none) / 7.64 (4) | 4.64 / 7.55 | 4.65 / 7.51 (none) | 5.80 / 8.44 (2)
 #   T = 65536, B = 1: 6.16 (8) / 7.70 (8) | 5.57 / 9.52 | 6.15 / 10.11 (2) | 5.82 / 8.44 (4)
 # So the delta rule takes none at the standard shape (its sequential passes at 128 programs of 16 value columns
-# beat three passes over segments), and the gated op none at 32768 and 8 at 65536. Below SEGMENT_HEADS / 16 = 8
+# beat three passes over segments), and the gated op none at 32768 and 8 at 65536. At SEGMENT_HEADS / 16 = 8 or fewer
 # sequences x heads the delta rule still cuts them (untimed since). With qk_l2norm the delta rule without segments
 # took 9.03 ms at T = 65536 (same call; fwd 4.03 ms against 2.00 without the option), against 8.06 over 8 segments
 # in session 20, so with qk_l2norm it keeps 8 (entries by op and option, as SPLIT_INFERENCE's).
