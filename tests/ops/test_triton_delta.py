@@ -144,6 +144,12 @@ def test_one_stage_on_gpus_with_less_shared_memory(monkeypatch):
         assert tri._backward_chunk_bv(128, True, torch.bfloat16) == 64, optin
         wide = tri._launch("backward_chunk", torch.float32, 128, 64, gated=True, qk_l2norm=True)["num_warps"]
         assert wide == (tri.NUM_WARPS["backward_chunk"] if small else tri.WIDE_KEYS_WARPS["backward_chunk"]), optin
+        # the delta rule's no-gradient forward with qk_l2norm reads the row norms in float16 below Hopper's shared
+        # memory (forming them it took 147,456 B on sm_89); elsewhere NORMS_IN_INFERENCE decides (off for it)
+        below_hopper = optin is not None and optin < 232448
+        assert tri._norms_in(True, False, False, torch.float16) == below_hopper, optin
+        assert not tri._norms_in(True, False, False, torch.bfloat16), optin
+        assert not tri._norms_in(False, False, False, torch.float16), optin
 
 
 @pytest.mark.parametrize("segments", [1, 2])

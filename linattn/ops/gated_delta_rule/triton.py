@@ -574,11 +574,15 @@ def _float16_norms(dtype: torch.dtype, qk_l2norm: bool) -> bool:
     return dtype == torch.float16 and qk_l2norm
 
 
-def _norms_in(qk_l2norm: bool, gated: bool = False, save: bool = True) -> bool:
+def _norms_in(qk_l2norm: bool, gated: bool = False, save: bool = True, dtype: torch.dtype | None = None) -> bool:
     """Whether the kernels read the row norms of q and k (NORMS_IN, with qk_l2norm) rather than form them: in
     training (``save``: the forward of a call that wants gradients, and its backward), and without a gradient where
-    NORMS_IN_INFERENCE says for the op."""
-    return bool(qk_l2norm and NORMS_IN and (save or _by_op(NORMS_IN_INFERENCE, gated)))
+    NORMS_IN_INFERENCE says for the op, or for float16 inputs (``dtype``) on a GPU that gives a program less shared
+    memory than Hopper: there the delta rule's no-gradient forward that forms them, in float16's tf32x3 dots, took
+    147,456-163,840 B at one stage (sm_89, Triton 3.9 and 3.6, session 21: past its 101,376 B; an A100's 166,912 B
+    only just holds it), and 49,152 B reading them."""
+    small = dtype == torch.float16 and gpu_shared_below(HOPPER_SHARED)
+    return bool(qk_l2norm and NORMS_IN and (save or _by_op(NORMS_IN_INFERENCE, gated) or small))
 
 
 ROW_NORM_ROWS = 64  # rows of q and of k per program of _row_norms_kernel
@@ -591,7 +595,7 @@ def _row_norms(
     float32 (q's first), which the kernels read at 2 (token H + head) and the next; else None. One launch that reads
     q and k once (on an H200, session 20, torch's vector_norm over the rows of bf16 took 0.27 ms for each of q and k
     at the standard shape: a quarter of their bandwidth)."""
-    if not _norms_in(qk_l2norm, gated, save):
+    if not _norms_in(qk_l2norm, gated, save, q.dtype):
         return None
     B, T, H, K = q.shape
     norms = torch.empty(B, T, H, 2, dtype=torch.float32, device=q.device)
