@@ -458,7 +458,7 @@ def _launch(
     elif few:
         few_stages = FEW_PROGRAMS_STAGES[str(dtype).removeprefix("torch.")]
         stages = max(stages, min(few_stages, 2) if gpu_shared_below(HOPPER_SHARED) else few_stages)
-    wide = (WIDE_KEYS_L2NORM or not qk_l2norm) and not (dtype == torch.float32 and gpu_shared_below(SMALL_SHARED))
+    wide = (WIDE_KEYS_L2NORM or not qk_l2norm) and not _float32_small_shared(dtype)
     return dict(num_warps=_warps(kernel, BK, BV, few, wide=wide), num_stages=stages)
 
 
@@ -489,7 +489,7 @@ def _chunk_bv(V: int, block: int | None = None) -> int:
 def _backward_chunk_bv(V: int, gated: bool, dtype: torch.dtype | None = None) -> int:
     """BV of backward_chunk: BACKWARD_CHUNK_BV's entry for the op (None: BV_CHUNK); SMALL_SHARED_CHUNK_BV for float32
     inputs on a GPU that gives a program less than SMALL_SHARED."""
-    if dtype == torch.float32 and gpu_shared_below(SMALL_SHARED):
+    if _float32_small_shared(dtype):
         return _chunk_bv(V, SMALL_SHARED_CHUNK_BV)
     return _chunk_bv(V, _by_op(BACKWARD_CHUNK_BV, gated))
 
@@ -566,6 +566,12 @@ def _prepare_flags(dtype: torch.dtype, qk_l2norm: bool, gpu: bool | None = None)
         KKT_LOWP=bool(PREPARE_LOWP["kkt"]) and bf16 and not qk_l2norm,
         WU_LOWP=bool(PREPARE_LOWP["wu"]) and bf16,
     )
+
+
+def _float32_small_shared(dtype: torch.dtype) -> bool:
+    """float32 inputs on a GPU that gives a program less than SMALL_SHARED, whose backward_chunk is sized down
+    (SMALL_SHARED_CHUNK_BV and NUM_WARPS: see SMALL_SHARED_CHUNK_BV)."""
+    return dtype == torch.float32 and gpu_shared_below(SMALL_SHARED)
 
 
 def _float16_norms(dtype: torch.dtype, qk_l2norm: bool) -> bool:
