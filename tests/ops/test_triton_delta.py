@@ -305,6 +305,7 @@ def test_db_and_dbeta_from_the_tiles_or_the_products(case, from_products, qk_l2n
     take anyway (DB_FROM_PRODUCTS): the same gradients, in key blocks of 16 (K = 33: the last holds one column) or,
     with qk_l2norm, whole rows; beta as logits, packed sequences (one of one token), a partial last chunk."""
     monkeypatch.setattr(tri, "DB_FROM_PRODUCTS", dict(gated=from_products, ungated=from_products))
+    launches = launch_kwargs(monkeypatch, tri, "_backward_chunk_kernel")
     monkeypatch.setattr(tri, "CHUNK_KEYS", dict(gated=16, ungated=16))
     if qk_l2norm:
         variant = with_options(case, qk_l2norm=True, beta_is_logit=True)
@@ -313,6 +314,7 @@ def test_db_and_dbeta_from_the_tiles_or_the_products(case, from_products, qk_l2n
     cu_seqlens = torch.tensor([0, 37, 38, 150])
     tensors, state = variant.draw(B=1, T=150, H=2, K=33, V=24, seed=17, N=3)
     check_against_naive(variant, *to(tensors, state), "triton", cu_seqlens=cu_seqlens.to(DEVICE), **ON_DEVICE)
+    assert launches and all(kw["DB_FROM_PRODUCTS"] == from_products for kw in launches)
 
 
 @pytest.mark.parametrize(

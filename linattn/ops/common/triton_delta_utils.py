@@ -110,6 +110,12 @@ def row_sums_in_place(x, w):
 
 
 @triton.jit
+def row_sums_kept(x):
+    """Sums of x [R, C] over its columns, reduced in x's own layout as row_sums_in_place does, unscaled."""
+    return tl.reshape(tl.sum(x, axis=1, keep_dims=True), [x.shape[0]])
+
+
+@triton.jit
 def load_beta(beta, tok, m_t, BETA_LOGIT: tl.constexpr):
     """beta [BT] as float32 (the sigmoid of the logits with BETA_LOGIT); 0 on padding rows."""
     b = tl.load(beta + tok, mask=m_t, other=0.0).to(tl.float32)

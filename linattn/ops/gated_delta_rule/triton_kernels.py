@@ -21,6 +21,7 @@ from linattn.ops.common.triton_delta_utils import (
     mm,
     mm_lowp,
     row_sums_in_place,
+    row_sums_kept,
     unit_lower_inverse,
 )
 from linattn.ops.common.triton_segments import scan_order
@@ -438,10 +439,9 @@ def _backward_chunk_kernel(
     # and the launcher adds the shares.
     # S, dS' and U may be stored in bfloat16 (STATES_LOWP in triton.py); they are taken to float32 where they are
     # not dot operands. DX_LOWP: dX's products with S and U take bfloat16 operands (dX rounded), else tf32.
-    # DB_FROM_PRODUCTS: the row and column sums of the [BT, BT] gradient-times-score tiles (dP P and dA A, for db
-    # and dbeta) come from the products that dq and dk need anyway, as q_t . (dPg k)_t and k_s . (dPg^T q)_s (dPg
-    # strictly lower: its diagonal is added to dq and dk apart) and beta_t k_t . (dAg k)_t, k_s . (G^T k)_s,
-    # instead of forming q k^T and k k^T and the tiles themselves.
+    # DB_FROM_PRODUCTS: db and dbeta come from the gradients that dq and dk take anyway, as three row sums (q . dq
+    # and k . dk over the terms that hold b with each sign: see below), instead of forming q k^T and k k^T and the
+    # [BT, BT] gradient-times-score tiles (dP P and dA A) with their row and column sums.
     # SUMS_IN_PLACE: the row sums of the first pass's products reduced where those lie (row_sums_in_place).
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_c, i_k = chunk_and_block((K + BK - 1) // BK)
@@ -480,29 +480,37 @@ def _backward_chunk_kernel(
         d_last += tl.sum(dSn.to(tl.float32) * S.to(tl.float32), axis=1)
     b_beta = load_beta(beta, tok, m_t, BETA_LOGIT)
     _, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
-    b_q, _ = load_rows(q, tok, m_t, o_k, K, L2NORM, False, rn, R_IN)
     d_qs *= scale
     b_dq = d_qs * e_b[:, None]
-    # db: the gradient of the chunk-local sums b
-    if SUMS_IN_PLACE:
-        db = row_sums_in_place(d_qs * b_q, e_b)
+    if DB_FROM_PRODUCTS:  # db's and dbeta's sums come after the second pass, from whole gradients
         b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM, False, rn + 1, R_IN)
-        d_beta = row_sums_in_place(d_xw * b_k, e_b)
-        db += d_beta * b_beta
+        d_plus = d_xw * e_b[:, None]  # the gradient of beta exp(b) k, over beta: through W here, A's rows below
+        b_dk = d_kend * e_end[:, None]
+        d_beta = tl.zeros([BT], dtype=tl.float32)
+        db = tl.zeros([BT], dtype=tl.float32)
     else:
-        db = tl.sum(d_qs * b_q, axis=1) * e_b
-        b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM, False, rn + 1, R_IN)
-        k_w = tl.sum(d_xw * b_k, axis=1)
-        d_beta = k_w * e_b
-        db += k_w * (b_beta * e_b)
-    b_dk = d_xw * (b_beta * e_b)[:, None] + d_kend * e_end[:, None]
+        # db: the gradient of the chunk-local sums b
+        b_q, _ = load_rows(q, tok, m_t, o_k, K, L2NORM, False, rn, R_IN)
+        if SUMS_IN_PLACE:
+            db = row_sums_in_place(d_qs * b_q, e_b)
+            b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM, False, rn + 1, R_IN)
+            d_beta = row_sums_in_place(d_xw * b_k, e_b)
+            db += d_beta * b_beta
+        else:
+            db = tl.sum(d_qs * b_q, axis=1) * e_b
+            b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM, False, rn + 1, R_IN)
+            k_w = tl.sum(d_xw * b_k, axis=1)
+            d_beta = k_w * e_b
+            db += k_w * (b_beta * e_b)
+        b_dk = d_xw * (b_beta * e_b)[:, None] + d_kend * e_end[:, None]
     # keys decayed to the chunk end, and the decay of the entering state
     last = (hi - lo - 1).to(tl.int32)  # the chunk's last token: b_C is its b
     if SUMS_IN_PLACE:
         E = tl.where(o_t == last, 0.0, row_sums_in_place(d_kend * b_k, e_end))
     else:
         E = tl.where(o_t == last, 0.0, tl.sum(d_kend * b_k, axis=1) * e_end)
-    db += tl.where(o_t == last, tl.sum(E, axis=0) + e_last * tl.sum(d_last, axis=0), -E)
+    # (with the products, -E_t comes with k's sum below)
+    db += tl.where(o_t == last, tl.sum(E, axis=0) + e_last * tl.sum(d_last, axis=0), 0.0 if DB_FROM_PRODUCTS else -E)
 
     # 2. dv, dP and dA, over the V blocks.
     dP = tl.zeros([BT, BT], dtype=tl.float32)  # over scale
@@ -531,35 +539,44 @@ def _backward_chunk_kernel(
     b_q, r_q = load_rows(q, tok, m_t, o_k, K, L2NORM, False, rn, R_IN)
     b_k, r_k = load_rows(k, tok, m_t, o_k, K, L2NORM, False, rn + 1, R_IN)
     # intra-chunk scores P_ts = exp(b_t - b_s) q_t . k_s (the diagonal's b-terms cancel: left out), and
-    # dP_ts P_ts = dPg_ts (q_t . k_s)
+    # dP_ts P_ts = dPg_ts (q_t . k_s); A_ts = beta_t exp(b_t - b_s) k_t . k_s
     if DB_FROM_PRODUCTS:
-        # the products take dPg's strictly lower part, so that db's two sums hold no diagonal terms to cancel
-        # (at strong gates the true sums are ~0 and the cancelled terms' rounding is not); the diagonal, dPg_tt
-        # q_t . k_t, goes into dq and dk elementwise
-        d_diag = tl.sum(tl.where(o_t[:, None] == o_t[None, :], dPg, 0.0), axis=1)
-        dPs = tl.where(strict, dPg, 0.0)
-        d_pk = mm_lowp(dPs, b_k, DOT_PREC, ROUND, LOWP, LOWP_TY)
-        d_pq = mm_lowp(tl.trans(dPs), b_q, DOT_PREC, ROUND, LOWP, LOWP_TY)
-        db += tl.sum(b_q * d_pk, axis=1) - tl.sum(b_k * d_pq, axis=1)
-        b_dq += d_pk + d_diag[:, None] * b_k
-        b_dk += d_pq + d_diag[:, None] * b_q
+        # b_t enters as exp(b_t) q_t (the states' products, P's rows), as exp(-b_t) k_t (P's and A's columns, the
+        # keys decayed to the chunk end) and as beta_t exp(b_t) k_t (A's rows, W). So db_t = q_t . dq'_t - k_t .
+        # dk'_t + beta_t k_t . d_plus_t: dq' is q's gradient over its terms, dk' k's over the exp(-b) ones, and
+        # d_plus that of beta k over the rest; three row sums of whole gradients, rather than one per product.
+        # P's strictly lower part goes into them: its diagonal (no b in it) would cancel between q's sum and k's
+        # only to rounding, and at strong gates the true sums are ~0; it is added to dq and dk apart.
+        if HAS_G:
+            d_diag = tl.sum(tl.where(o_t[:, None] == o_t[None, :], dPg, 0.0), axis=1)
+            dPs = tl.where(strict, dPg, 0.0)
+        else:
+            dPs = dPg
+        b_dq += mm_lowp(dPs, b_k, DOT_PREC, ROUND, LOWP, LOWP_TY)
+        if HAS_G:
+            db += row_sums_kept(b_q * b_dq)
+            b_dq += d_diag[:, None] * b_k
+        if L2NORM:
+            b_dq = l2norm_backward(b_dq, b_q, r_q)
+        tl.store(dq + tok[:, None] * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m_tk)
+        b_dk += mm_lowp(tl.trans(dPs), b_q, DOT_PREC, ROUND, LOWP, LOWP_TY)  # P's columns
+        b_dk += mm_lowp(tl.trans(dAg * b_beta[:, None]), b_k, DOT_PREC, ROUND, LOWP, LOWP_TY)  # A's columns
+        if HAS_G:  # the last row holds E_last alone (P's and A's last columns are 0), whose b-terms cancel
+            db -= tl.where(o_t == last, 0.0, row_sums_kept(b_k * b_dk))
+            b_dk += d_diag[:, None] * b_q
+        d_plus += mm_lowp(dAg, b_k, DOT_PREC, ROUND, LOWP, LOWP_TY)  # A's rows
+        k_plus = row_sums_kept(b_k * d_plus)
+        d_beta += k_plus
+        db += b_beta * k_plus
+        b_dk += d_plus * b_beta[:, None]
     else:
         M = tl.where(strict, dPg * mm_lowp(b_q, tl.trans(b_k), DOT_PREC, ROUND, LOWP, LOWP_TY), 0.0)
         db += tl.sum(M, axis=1) - tl.sum(M, axis=0)
         b_dq += mm_lowp(dPg, b_k, DOT_PREC, ROUND, LOWP, LOWP_TY)
         b_dk += mm_lowp(tl.trans(dPg), b_q, DOT_PREC, ROUND, LOWP, LOWP_TY)
-    if L2NORM:
-        b_dq = l2norm_backward(b_dq, b_q, r_q)
-    tl.store(dq + tok[:, None] * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m_tk)
-    # A_ts = beta_t exp(b_t - b_s) k_t . k_s
-    if DB_FROM_PRODUCTS:
-        d_ak = mm_lowp(dAg, b_k, DOT_PREC, ROUND, LOWP, LOWP_TY)  # dAg k; G k = beta dAg k
-        d_gk = mm_lowp(tl.trans(dAg * b_beta[:, None]), b_k, DOT_PREC, ROUND, LOWP, LOWP_TY)  # G^T k
-        k_ak = tl.sum(b_k * d_ak, axis=1)
-        d_beta += k_ak
-        db += b_beta * k_ak - tl.sum(b_k * d_gk, axis=1)
-        b_dk += d_ak * b_beta[:, None] + d_gk
-    else:
+        if L2NORM:
+            b_dq = l2norm_backward(b_dq, b_q, r_q)
+        tl.store(dq + tok[:, None] * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m_tk)
         KK = mm(b_k, tl.trans(b_k), DOT_PREC, ROUND)
         G = dAg * b_beta[:, None]
         b_dk += mm_lowp(G, b_k, DOT_PREC, ROUND, LOWP, LOWP_TY)
