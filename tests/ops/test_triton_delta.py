@@ -124,7 +124,8 @@ def test_one_stage_on_gpus_with_less_shared_memory(monkeypatch):
     """On a GPU that offers a program less than SMALL_SHARED of shared memory (sm_86, sm_89, sm_120: 99 KiB),
     every launch takes one stage, where Hopper's settings take two or three (GATED_STAGES, FEW_PROGRAMS_STAGES) and the
     gated forward with qk_l2norm would need 108-120 KiB; on an H200 (227 KiB) they keep them; where Triton does not
-    say, too. There float32's backward_chunk over whole rows takes value blocks of 32 and 4 warps. The device faked:
+    say, too. There float32's backward_chunk over whole rows takes value blocks of 32 and 4 warps, and db from the
+    tiles. The device faked:
     what Triton reports of it."""
     from linattn.ops.common import triton_utils
 
@@ -144,6 +145,10 @@ def test_one_stage_on_gpus_with_less_shared_memory(monkeypatch):
         assert tri._backward_chunk_bv(128, True, torch.bfloat16) == 64, optin
         wide = tri._launch("backward_chunk", torch.float32, 128, 64, gated=True, qk_l2norm=True)["num_warps"]
         assert wide == (tri.NUM_WARPS["backward_chunk"] if small else tri.WIDE_KEYS_WARPS["backward_chunk"]), optin
+        # and db from the tiles (from the products, the delta rule's with qk_l2norm took 106,496 B on sm_89)
+        for gated, l2 in [(False, True), (True, True), (False, False)]:
+            assert tri._db_from_products(gated, torch.float32, l2) == (not small), (optin, gated, l2)
+            assert tri._db_from_products(gated, torch.bfloat16, l2), (optin, gated, l2)
         # the delta rule's no-gradient forward with qk_l2norm reads the row norms in float16 below Hopper's shared
         # memory (forming them it took 147,456 B on sm_89); elsewhere NORMS_IN_INFERENCE decides (off for it)
         below_hopper = optin is not None and optin < 232448

@@ -347,7 +347,8 @@ UNGATED_STATES_LOWP = dict(states=True, dstates=True)
 # 3.6, bf16, the benchmark's launch): gated (whole rows, 8 warps) 3,944 SASS instructions with the tiles -> 3,368,
 # SHFL 201 -> 133, BAR 142 -> 128, spill stack 96 -> 48 B; the delta rule (64 columns, 4 warps) 2,360 -> 2,024. On an
 # H200 (call 1, bf16, fwd+bwd ms, T = 4096 / 32768 / 65536, same call): delta 4.83 / 4.67 / 5.59 -> 4.69 / 4.52 /
-# 5.45, gated 6.42 / 7.61 / 7.72 -> 6.15 / 7.32 / 7.48; the delta GPU tests pass (90). So both ops take them.
+# 5.45, gated 6.42 / 7.61 / 7.72 -> 6.15 / 7.32 / 7.48; the delta GPU tests pass (90). So both ops take them, but
+# for float32 on GPUs with less than SMALL_SHARED of shared memory (see _db_from_products).
 DB_FROM_PRODUCTS = dict(gated=True, ungated=True)
 # SUMS_IN_PLACE: backward_chunk's first-pass row sums (d_qs q, d_xw k, d_kend k: db's, and dbeta's) reduced in the
 # products' own (MMA) layout, with keep_dims and scaled as [BT, 1] (common's row_sums_in_place; db then takes
@@ -689,8 +690,12 @@ def _db_from_products(gated: bool, dtype: torch.dtype, qk_l2norm: bool) -> bool:
     """DB_FROM_PRODUCTS' entry for the gated op, or the delta rule's ("l2norm": with qk_l2norm); float16 with
     qk_l2norm takes the products anyway: without them, its row norms formed in the kernel, its tf32x3 tiles of q k^T
     and k k^T took the gated backward_chunk over whole rows to 294,912 B of shared memory, past Hopper's 227 KiB
-    (sm_90, Triton 3.6, at 4 warps and at 8; 229,376 B with the norms read)."""
+    (sm_90, Triton 3.6, at 4 warps and at 8; 229,376 B with the norms read). float32 on a GPU that gives a program
+    less than SMALL_SHARED takes the tiles: with the products, the delta rule's backward_chunk with qk_l2norm took
+    106,496 B there (sm_89, Triton 3.6; 57,344 with Triton 3.9), past its 101,376; with the tiles 90,112."""
     entry = _by_op(DB_FROM_PRODUCTS, gated)
+    if _float32_small_shared(dtype):  # the tiles: see DB_FROM_PRODUCTS
+        return False
     return (qk_l2norm if entry == "l2norm" else bool(entry)) or _float16_norms(dtype, qk_l2norm)
 
 
