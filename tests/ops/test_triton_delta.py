@@ -125,8 +125,7 @@ def test_one_stage_on_gpus_with_less_shared_memory(monkeypatch):
     every launch takes one stage, where Hopper's settings take two or three (GATED_STAGES, FEW_PROGRAMS_STAGES) and the
     gated forward with qk_l2norm would need 108-120 KiB; on an H200 (227 KiB) they keep them; where Triton does not
     say, too. There float32's backward_chunk over whole rows takes value blocks of 32 and 4 warps, and db from the
-    tiles. The device faked:
-    what Triton reports of it."""
+    tiles. The device faked: what Triton reports of it."""
     from linattn.ops.common import triton_utils
 
     monkeypatch.setattr(triton_utils, "triton_interpret", lambda: False)

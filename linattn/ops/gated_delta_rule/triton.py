@@ -344,7 +344,7 @@ UNGATED_STATES_LOWP = dict(states=True, dstates=True)
 # (call 3's profile, T = 4096) against 3.82 with (call 2's). An entry "l2norm": the products with qk_l2norm only.
 # Session 22: the products' sums merged, three row sums of whole gradients (q . dq', k . dk' over the exp(-b) terms,
 # k . d_plus for dbeta and beta's share of db) where that form took one per product (seven). sm_90 compile (Triton
-# 3.6, bf16, the benchmark's launch): gated (whole rows, 8 warps) 3,944 SASS instructions with the tiles -> 3,368,
+# 3.6, bf16, the benchmark's launch): gated (whole rows, 8 warps) 3,944 SASS instructions with the tiles -> 3,360,
 # SHFL 201 -> 133, BAR 142 -> 128, spill stack 96 -> 48 B; the delta rule (64 columns, 4 warps) 2,360 -> 2,024. On an
 # H200 (call 1, bf16, fwd+bwd ms, T = 4096 / 32768 / 65536, same call): delta 4.83 / 4.67 / 5.59 -> 4.69 / 4.52 /
 # 5.45, gated 6.42 / 7.61 / 7.72 -> 6.15 / 7.32 / 7.48; the delta GPU tests pass (90). So both ops take them, but

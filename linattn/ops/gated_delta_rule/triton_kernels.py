@@ -484,7 +484,7 @@ def _backward_chunk_kernel(
     b_dq = d_qs * e_b[:, None]
     if DB_FROM_PRODUCTS:  # db's and dbeta's sums come after the second pass, from whole gradients
         b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM, False, rn + 1, R_IN)
-        d_plus = d_xw * e_b[:, None]  # the gradient of beta exp(b) k, over beta: through W here, A's rows below
+        d_plus = d_xw * e_b[:, None]  # the gradient of beta k (d_xw: of beta exp(b) k) through W; A's rows below
         b_dk = d_kend * e_end[:, None]
         d_beta = tl.zeros([BT], dtype=tl.float32)
         db = tl.zeros([BT], dtype=tl.float32)
