@@ -342,6 +342,30 @@ def test_first_pass_row_sums_in_place_or_not(case, gates, in_place, monkeypatch)
     assert launches and all(kw["SUMS_IN_PLACE"] == in_place for kw in launches)
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["local", "split"])
+@pytest.mark.parametrize("keep", [False, True], ids=["formed_again", "kept"])
+@pytest.mark.parametrize("segments, packed", [(1, True), (2, False)], ids=["packed", "segments"])
+def test_decays_on_the_narrow_side(split, keep, segments, packed, monkeypatch):
+    """NARROW_DECAYS: the gated forward (forming o in its loop, or storing the states for the output kernel),
+    output and backward_state kernels scale U, dO and their products' rows by the decays instead of the tiles of q
+    and k: the same results against naive, with dU's local share formed in the loop or apart (SPLIT_BACKWARD),
+    packed sequences (an empty one, one of one token, partial last chunks) or segments."""
+    monkeypatch.setattr(tri, "NARROW_DECAYS", True)
+    monkeypatch.setattr(tri, "SPLIT_BACKWARD", dict(gated=split, ungated=split))
+    monkeypatch.setattr(tri, "KEEP_STATES", keep)
+    monkeypatch.setattr(tri, "SEGMENTS", segments)
+    kernels = ("_forward_kernel", "_backward_state_kernel") + (("_output_kernel",) if keep else ())
+    launches = {n: launch_kwargs(monkeypatch, tri, n) for n in kernels}
+    if packed:
+        cu_seqlens = torch.tensor([0, 0, 70, 71, 200]).to(DEVICE)
+        tensors, state = GATED.draw(B=1, T=200, H=2, K=16, V=24, seed=41, N=4)
+    else:
+        cu_seqlens = None
+        tensors, state = GATED.draw(B=1, T=300, H=2, K=16, V=24, seed=42)
+    check_against_naive(GATED, *to(tensors, state), "triton", cu_seqlens=cu_seqlens, **ON_DEVICE)
+    assert all(kws and all(kw["NARROW_DECAYS"] for kw in kws) for kws in launches.values())
+
+
 @both
 @pytest.mark.parametrize("split", [False, True], ids=["local", "split"])
 @pytest.mark.parametrize("segments, packed", [(1, True), (2, False)], ids=["packed", "segments"])

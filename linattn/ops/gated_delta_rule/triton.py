@@ -279,6 +279,14 @@ SPLIT_INFERENCE = dict(gated_l2norm=True, ungated_l2norm=False, gated_plain=Fals
 # gated, against 5.94 / 7.63 split): 5.57 / 7.76, the bf16 GPU tests (41) pass. So the delta rule forms it in its
 # loop, and the gated op, whose loop also scales by the decays, splits.
 SPLIT_BACKWARD = dict(gated=True, ungated=False)
+# NARROW_DECAYS: in the gated op's forward, backward_state and output kernels, the decays scale the narrow side of a
+# product, U's rows, dO's rows or the result's rows ([BT, BV]), rather than the [BT, K] tiles of k and q: so those
+# go to the tensor cores as loaded (bfloat16 straight from shared memory), where scaled they go through registers,
+# are converted and are stored to shared memory again; the delta rule's, unscaled, already go straight. The same
+# products; with bfloat16 operands the rounding moves from exp(b) k to exp(b) U (k exact). sm_90 compile (Triton
+# 3.6, bf16, the few-program launch: B = 1, H = 16): see RESULTS.md, session 22. Built in session 22 after its
+# device time, untimed: LINATTN_LAUNCH="gated_delta_rule.NARROW_DECAYS=1".
+NARROW_DECAYS = False
 # KEEP_STATES: the forward splits (above) and its stores (every chunk's entering state [NC, H, K, V], U [B, T, H, V])
 # and W are kept for the backward, which then neither solves for W and U0 again nor runs the forward's loop again
 # (fla's backward forms them again). With segments (long sequences, few of them: see SEGMENT_HEADS) the forward's
@@ -544,6 +552,8 @@ def _flags(
         out["R_IN"] = _norms_in(qk_l2norm)
     if kernel == "backward_state":
         out["LOCAL_DU"] = not _by_op(SPLIT_BACKWARD, gated)
+    if kernel in ("forward", "backward_state", "output"):
+        out["NARROW_DECAYS"] = bool(NARROW_DECAYS) and gated
     return out
 
 

@@ -141,6 +141,7 @@ def _forward_kernel(
     ROUND: tl.constexpr,
     LOWP: tl.constexpr,
     PRECISE_EXP: tl.constexpr,
+    NARROW_DECAYS: tl.constexpr = False,
 ):
     # One sequence, one V block: the state S [K, BV] stays in registers while the chunks go by.
     #   U = U0 - W S;  o = scale (exp(b) q S + tril(q k^T exp(b_t - b_s)) U);  S = exp(b_C) S + (exp(b_C - b) k)^T U
@@ -149,6 +150,8 @@ def _forward_kernel(
     # Without HAS_U0, U0 = 0: the loop then carries h0's columns through the chunks' transitions alone
     # (S <- exp(b_C) S - (exp(b_C - b) k)^T W S), which, from identity columns, is the transition of the
     # whole sequence (a segment, in triton.py).
+    # NARROW_DECAYS: the decays scale U's rows and o's rows rather than the [BT, K] tiles of k and q, so that those
+    # go to their products as loaded (see triton.py).
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -181,10 +184,16 @@ def _forward_kernel(
         if STORE_O:
             b_q, _ = load_rows(q, tok, m_t, o_k, K, L2NORM, False, rn, R_IN)
             P = mm_lowp(b_q, b_kT, DOT_PREC, ROUND, LOWP, LOWP_TY) * gamma
-            b_o = mm_lowp(b_q * e_b[:, None], S, DOT_PREC, ROUND, LOWP, LOWP_TY)
+            if NARROW_DECAYS:
+                b_o = mm_lowp(b_q, S, DOT_PREC, ROUND, LOWP, LOWP_TY) * e_b[:, None]
+            else:
+                b_o = mm_lowp(b_q * e_b[:, None], S, DOT_PREC, ROUND, LOWP, LOWP_TY)
             b_o += mm_lowp(P, b_u, DOT_PREC, ROUND, LOWP, LOWP_TY)
             tl.store(o + tok[:, None] * V + o_v[None, :], (scale * b_o).to(o.dtype.element_ty), mask=m_tv)
-        S = S * e_last + mm_lowp(b_kT * e_end[None, :], b_u, DOT_PREC, ROUND, LOWP, LOWP_TY)
+        if NARROW_DECAYS:
+            S = S * e_last + mm_lowp(b_kT, b_u * e_end[:, None], DOT_PREC, ROUND, LOWP, LOWP_TY)
+        else:
+            S = S * e_last + mm_lowp(b_kT * e_end[None, :], b_u, DOT_PREC, ROUND, LOWP, LOWP_TY)
     if STORE_HT:
         tl.store(ht + (i_n * H + i_h).to(tl.int64) * K * V + kv, S, mask=m_kv)
 
@@ -213,6 +222,7 @@ def _output_kernel(
     ROUND: tl.constexpr,
     LOWP: tl.constexpr,
     PRECISE_EXP: tl.constexpr,
+    NARROW_DECAYS: tl.constexpr = False,
 ):
     # Per chunk, from the state entering it (S) and U, both stored by _forward_kernel (STORE_STATES):
     # o = scale (exp(b) q S + tril(q k^T exp(b_t - b_s)) U), off the sequential path, every V block in turn
@@ -231,7 +241,8 @@ def _output_kernel(
     b_kT, _ = load_rows(k, tok, m_t, o_k, K, L2NORM, True, rn + 1, R_IN)
     gamma, e_b, _, _ = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
     P = mm_lowp(b_q, b_kT, DOT_PREC, ROUND, LOWP, LOWP_TY) * gamma
-    b_qs = b_q * e_b[:, None]
+    if not NARROW_DECAYS:  # (else exp(b) scales the rows of q S)
+        b_qs = b_q * e_b[:, None]
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_tv = m_t[:, None] & (o_v < V)[None, :]
@@ -239,7 +250,10 @@ def _output_kernel(
         # (float32, or bfloat16 where the forward keeps them for the backward in the backward's own dtypes)
         S = tl.load(states + state + kv, mask=(o_k < K)[:, None] & (o_v < V)[None, :], other=0.0).to(tl.float32)
         b_u = tl.load(u + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-        b_o = mm_lowp(b_qs, S, DOT_PREC, ROUND, LOWP, LOWP_TY)
+        if NARROW_DECAYS:
+            b_o = mm_lowp(b_q, S, DOT_PREC, ROUND, LOWP, LOWP_TY) * e_b[:, None]
+        else:
+            b_o = mm_lowp(b_qs, S, DOT_PREC, ROUND, LOWP, LOWP_TY)
         b_o += mm_lowp(P, b_u, DOT_PREC, ROUND, LOWP, LOWP_TY)
         tl.store(o + tok[:, None] * V + o_v[None, :], (scale * b_o).to(o.dtype.element_ty), mask=m_tv)
 
@@ -327,6 +341,7 @@ def _backward_state_kernel(
     LOWP: tl.constexpr,
     PRECISE_EXP: tl.constexpr,
     LOCAL_DU: tl.constexpr,
+    NARROW_DECAYS: tl.constexpr = False,
 ):
     # The forward's chunk loop run backwards on the state gradient dS [K, BV]; stores the gradient of the
     # state leaving each chunk and dX (below).  dU = scale P^T dO + (exp(b_C - b) k) dS;
@@ -337,6 +352,7 @@ def _backward_state_kernel(
     # Without STORE_GRADS nothing is stored but dh0 (a segment's own share of its entering gradient, triton.py).
     # LOCAL_DU: the loop forms scale P^T dO itself (SPLIT_BACKWARD in triton.py), and du is not read (dx may still
     # be du's tensor, then written).
+    # NARROW_DECAYS: the decays scale (k dS)'s rows and dO's rather than the tiles of k and q^T (see _forward_kernel).
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -371,7 +387,10 @@ def _backward_state_kernel(
             b_du = scale * mm_lowp(PT, b_do, DOT_PREC, ROUND, LOWP, LOWP_TY)
         else:
             b_du = tl.load(du + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
-        b_du += mm_lowp(b_k * e_end[:, None], dS, DOT_PREC, ROUND, LOWP, LOWP_TY)
+        if NARROW_DECAYS:
+            b_du += mm_lowp(b_k, dS, DOT_PREC, ROUND, LOWP, LOWP_TY) * e_end[:, None]
+        else:
+            b_du += mm_lowp(b_k * e_end[:, None], dS, DOT_PREC, ROUND, LOWP, LOWP_TY)
         TiT = tl.load(tinv + tok[None, :] * BT + o_t[:, None], mask=m_t[None, :], other=0.0).to(tl.float32)
         if STORE_GRADS:
             b_dx = mm(TiT, b_du, DOT_PREC, ROUND)
@@ -381,7 +400,10 @@ def _backward_state_kernel(
             b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
             if not LOWP:
                 b_do = b_do.to(tl.float32)
-        dS = dS * e_last + scale * mm_lowp(b_qT * e_b[None, :], b_do, DOT_PREC, ROUND, LOWP, LOWP_TY)
+        if NARROW_DECAYS:
+            dS = dS * e_last + scale * mm_lowp(b_qT, b_do * e_b[:, None], DOT_PREC, ROUND, LOWP, LOWP_TY)
+        else:
+            dS = dS * e_last + scale * mm_lowp(b_qT * e_b[None, :], b_do, DOT_PREC, ROUND, LOWP, LOWP_TY)
         b_wT = tl.load(w + tok[None, :] * K + o_k[:, None], mask=m_t[None, :] & (o_k < K)[:, None], other=0.0)
         dS -= mm_lowp(b_wT, b_du, DOT_PREC, ROUND, LOWP, LOWP_TY)
     if STORE_DH0:
