@@ -801,6 +801,42 @@ def test_torch_compile_fullgraph(monkeypatch):
         assert_compiles_fullgraph(f, [*tensors, state])
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["delta_rule", "gated_delta_rule"])
+def test_decode_launches_directly_when_eager(gated, monkeypatch):
+    """DECODE_DIRECT: an eager decoding call (no gradient, one token) launches the token-by-token kernel without its
+    custom op, with g and beta in bfloat16 as given; under torch.compile(fullgraph=True) the same call goes through
+    the custom op (no graph break). Either way, the numbers of the custom op called eagerly on float32 g and beta."""
+    B, H, K, V = 3, 2, 16, 24
+    gen = torch.Generator().manual_seed(8)
+    q, k = (torch.randn(B, 1, H, K, generator=gen).to(DEVICE, torch.bfloat16) for _ in range(2))
+    v = torch.randn(B, 1, H, V, generator=gen).to(DEVICE, torch.bfloat16)
+    g = (-torch.rand(B, 1, H, generator=gen)).to(DEVICE, torch.bfloat16) if gated else None
+    beta = torch.rand(B, 1, H, generator=gen).to(DEVICE, torch.bfloat16)
+    h0 = torch.randn(B, H, K, V, generator=gen).to(DEVICE)
+    calls = []
+    original = tri._recurrent_op
+    monkeypatch.setattr(tri, "_recurrent_op", lambda *a: calls.append(a) or original(*a))
+
+    def step(q, k, v, g, beta, h0):
+        args = (q, k, v, g, beta) if gated else (q, k, v, beta)
+        op = ops.gated_delta_rule if gated else ops.delta_rule
+        return op(*args, initial_state=h0, output_final_state=True, impl="triton", qk_l2norm=True)
+
+    with torch.no_grad():
+        o, ht = step(q, k, v, g, beta, h0)
+        assert not calls
+        g32 = g.float() if gated else None
+        o_ref, ht_ref = original(q, k, v, g32, beta.float(), h0, None, K**-0.5, True, False)
+        assert calls == []
+        torch.testing.assert_close(o, o_ref, rtol=0, atol=0)
+        torch.testing.assert_close(ht, ht_ref, rtol=0, atol=0)
+        compiled = torch.compile(step, fullgraph=True, backend="inductor" if CUDA else "aot_eager")
+        o_c, ht_c = compiled(q, k, v, g, beta, h0)
+    assert calls, "torch.compile did not go through the custom op"
+    torch.testing.assert_close(o_c, o_ref, rtol=0, atol=0)
+    torch.testing.assert_close(ht_c, ht_ref, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("keep", [False, True], ids=["formed_again", "kept"])
 def test_torch_compile_bfloat16(keep, monkeypatch):
     """torch.compile in bfloat16: on a GPU the forward stores Tinv in bfloat16 (PREPARE_LOWP) and the backward its

@@ -260,6 +260,12 @@ def needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
 
 
+def plain_eager(*tensors) -> bool:
+    """Outside torch.compile's tracing, on plain tensors (no fake or other tensor subclass): a launcher may then call
+    its kernel directly, without the custom op's dispatch (which only torch.compile and fake tensors need)."""
+    return not torch.compiler.is_compiling() and all(x is None or type(x) is torch.Tensor for x in tensors)
+
+
 # Index tables built from shapes alone (ChunkTable without cu_seqlens, Segments), kept for the next call with
 # the same shapes on the same device and stream: building one launches about a dozen small kernels, which at
 # T = 65536 (few long sequences, segments) made the host, not the GPU, the bound on a delta rule's fwd+bwd.
