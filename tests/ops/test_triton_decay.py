@@ -95,6 +95,40 @@ def test_recurrent_decode_path(case, T):
     assert_same_result("final_state", S, S_ref)
 
 
+@pytest.mark.parametrize("name", ["simple_gla", "gla"])
+def test_decode_launches_directly_when_eager(name, monkeypatch):
+    """DECODE_DIRECT: an eager decoding call (no gradient, one token, g in bfloat16 as given) launches the
+    token-by-token kernel without the op's custom op; under torch.compile(fullgraph=True) it goes through it. Either
+    way, the numbers of the custom op called with g cast to float32 first (as before the switch)."""
+    from linattn.ops.common import triton_ops
+
+    case = by_id[name]
+    tensors, state = to(*case.draw(B=3, T=1, H=2, K=16, V=24, dtype=torch.bfloat16, seed=6))
+    tensors[3] = tensors[3].to(torch.bfloat16)  # the gates too
+
+    def step(*tensors):
+        return case(list(tensors[:4]), initial_state=tensors[4], output_final_state=True, impl="triton")
+
+    def custom_op_calls(fn):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            out = fn()
+        return out, [e.name for e in prof.events() if f"recurrent_{name}" in e.name]
+
+    with torch.no_grad():
+        (o, S), calls = custom_op_calls(lambda: step(*tensors, state))
+        assert not calls, calls
+        monkeypatch.setattr(triton_ops, "DECODE_DIRECT", False)
+        (o_ref, S_ref), calls = custom_op_calls(lambda: step(*tensors[:3], tensors[3].float(), state))
+        assert calls, "the custom op did not run with DECODE_DIRECT off"
+        monkeypatch.setattr(triton_ops, "DECODE_DIRECT", True)
+        torch.testing.assert_close(o, o_ref, rtol=0, atol=0)
+        torch.testing.assert_close(S, S_ref, rtol=0, atol=0)
+        compiled = torch.compile(step, fullgraph=True, backend="inductor" if CUDA else "aot_eager")
+        o_c, S_c = compiled(*tensors, state)
+    torch.testing.assert_close(o_c, o_ref, rtol=0, atol=0)
+    torch.testing.assert_close(S_c, S_ref, rtol=0, atol=0)
+
+
 def test_recurrent_decode_varlen():
     case = by_id["simple_gla"]
     tensors, state = to(*case.draw(B=1, T=6, H=2, K=16, V=24, seed=1, N=4))

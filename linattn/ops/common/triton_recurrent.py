@@ -129,6 +129,6 @@ def compile_variants():
         const |= dict(HAS_H0=True, VARLEN=True, PRECISE_EXP=False)
         opts = dict(scalars=dict(scale="fp32", T="i32"))
         yield f"recurrent bf16 gate={gate} delta={delta}", _recurrent_kernel, ptrs, const, opts
-        if delta:  # the delta rules' eager decode passes g and beta as given (DECODE_DIRECT)
-            given = ptrs | dict(g="bf16", beta="bf16")
-            yield f"recurrent bf16 gate={gate} delta={delta} g, beta bf16", _recurrent_kernel, given, const, opts
+        if gate:  # an eager decode passes g (and the delta rules' beta) as given (triton_ops.DECODE_DIRECT)
+            given = ptrs | dict(g="bf16", beta="bf16" if delta else "fp32")
+            yield f"recurrent bf16 gate={gate} delta={delta} g, beta as given", _recurrent_kernel, given, const, opts

@@ -55,7 +55,7 @@ import torch
 import triton
 
 from linattn.ops._contract import RECURRENT_MAX_T, triton_interpret
-from linattn.ops.common import ptxas
+from linattn.ops.common import ptxas, triton_ops
 from linattn.ops.common.triton_ops import fake_state, none_tensor
 from linattn.ops.common.triton_recurrent import recurrent as common_recurrent
 from linattn.ops.common.triton_segments import Segments, segment_count
@@ -280,15 +280,6 @@ SPLIT_INFERENCE = dict(gated_l2norm=True, ungated_l2norm=False, gated_plain=Fals
 # gated, against 5.94 / 7.63 split): 5.57 / 7.76, the bf16 GPU tests (41) pass. So the delta rule forms it in its
 # loop, and the gated op, whose loop also scales by the decays, splits.
 SPLIT_BACKWARD = dict(gated=True, ungated=False)
-# DECODE_DIRECT: an eager decoding call (no gradient, few tokens, plain tensors, not under torch.compile) launches
-# the token-by-token kernel itself, not through its custom op, whose dispatch (autograd's and dynamo's wrappers)
-# only torch.compile and fake tensors need; and the kernel reads g and beta as given (it takes them to float32 as it
-# loads them), where casting them first launched a copy each. `linattn generate` decodes eagerly, one call per
-# layer and token. Host time of one step (B = 8, H = 16, K = V = 128, bf16; the development machine's CPU tensors
-# under the interpreter, the launch itself stubbed out): gated 35.2 us before -> 24.1, delta 33.7 -> 22.7 (without
-# the direct launch, the casts gone: 33.3 and 31.5). On an H200 (session 22, call 5) an eager step took 0.22-0.26 ms
-# against fla's 0.035-0.14 in the same runs. Not timed on a GPU since.
-DECODE_DIRECT = True
 # NARROW_DECAYS: in the gated op's forward, backward_state and output kernels, the decays scale the narrow side of a
 # product, U's rows, dO's rows or the result's rows ([BT, BV]), rather than the [BT, K] tiles of k and q: so those
 # go to the tensor cores as loaded (bfloat16 straight from shared memory), where scaled they go through registers,
@@ -1259,14 +1250,14 @@ def triton_gated_delta_rule(
     """Same contract as ``naive_gated_delta_rule``; g may be None (the delta rule).
 
     Decoding (no gradient, few tokens) runs the token-by-token kernel, which takes g and beta in their own dtypes;
-    called eagerly on plain tensors it is launched directly (see DECODE_DIRECT)."""
+    called eagerly on plain tensors it is launched directly (see common/triton_ops.py's DECODE_DIRECT)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     g = g.contiguous() if g is not None else None
     beta = beta.contiguous()
     h0 = initial_state.float().contiguous() if initial_state is not None else None
     grad = needs_grad(q, k, v, g, beta, h0)
     if not grad and short_for_recurrent(q, cu_seqlens, RECURRENT_MAX_T):
-        if DECODE_DIRECT and plain_eager(q, k, v, g, beta, h0, cu_seqlens):
+        if triton_ops.DECODE_DIRECT and plain_eager(q, k, v, g, beta, h0, cu_seqlens):
             with on_device_of(q):
                 o, ht = recurrent(q, k, v, g, beta, h0, float(scale), cu_seqlens, bool(qk_l2norm), bool(beta_is_logit))
         else:
