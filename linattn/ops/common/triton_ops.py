@@ -24,8 +24,14 @@ from linattn.ops.common.triton_utils import needs_grad, on_device_of, plain_eage
 # tensors under the interpreter, the launch stubbed out): gated_delta_rule 35.2 us -> 24.1, delta_rule 33.7 -> 22.7
 # (without the direct launch, the casts gone: 33.3 and 31.5), simple_gla 32.5 -> 23.7, gla 32.6 -> 22.4. On an H200
 # (session 22) an eager delta-rule step took 0.22-0.26 ms against fla's 0.035-0.14 in the same runs. Not timed on a
-# GPU since. The delta rules' launcher reads it here too.
+# GPU since. The delta rules' launcher takes it here too (decode_launch).
 DECODE_DIRECT = True
+
+
+def decode_launch(op, body, *tensors):
+    """What a decoding call runs: its custom op ``op``, or (DECODE_DIRECT, on plain tensors outside torch.compile)
+    the op's own function ``body`` (same arguments), which launches the kernel without the op's dispatch."""
+    return body if DECODE_DIRECT and plain_eager(*tensors) else op
 
 
 def fake_state(q: torch.Tensor, v: torch.Tensor, cu_seqlens) -> torch.Tensor:
@@ -135,8 +141,7 @@ def register_decay_ops(
 
     chunk_op.register_autograd(backward_fn, setup_context=setup_context)
 
-    @torch.library.custom_op(f"linattn::recurrent_{name}", mutates_args=())
-    def recurrent_op(
+    def recurrent_body(
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
@@ -148,6 +153,7 @@ def register_decay_ops(
         with on_device_of(q):
             return recurrent(q, k, v, g, h0, scale, cu_seqlens)
 
+    recurrent_op = torch.library.custom_op(f"linattn::recurrent_{name}", mutates_args=())(recurrent_body)
     recurrent_op.register_fake(_fake_forward)
 
     def run(q, k, v, g, *, scale: float, initial_state=None, output_final_state: bool = False, cu_seqlens=None):
@@ -157,11 +163,8 @@ def register_decay_ops(
         h0 = initial_state.float().contiguous() if initial_state is not None else None
         grad = needs_grad(q, k, v, g, h0)
         if not grad and short_for_recurrent(q, cu_seqlens, RECURRENT_MAX_T):  # g as given: see DECODE_DIRECT
-            if DECODE_DIRECT and plain_eager(q, k, v, g, h0, cu_seqlens):
-                with on_device_of(q):
-                    o, ht = recurrent(q, k, v, g, h0, float(scale), cu_seqlens)
-            else:
-                o, ht = recurrent_op(q, k, v, g, h0, cu_seqlens, float(scale))
+            launch = decode_launch(recurrent_op, recurrent_body, q, k, v, g, h0, cu_seqlens)
+            o, ht = launch(q, k, v, g, h0, cu_seqlens, float(scale))
         else:
             g = g.float() if g is not None else None
             o, ht, _ = chunk_op(q, k, v, g, h0, cu_seqlens, float(scale), grad and keeps is not None and keeps())

@@ -55,8 +55,8 @@ import torch
 import triton
 
 from linattn.ops._contract import RECURRENT_MAX_T, triton_interpret
-from linattn.ops.common import ptxas, triton_ops
-from linattn.ops.common.triton_ops import fake_state, none_tensor
+from linattn.ops.common import ptxas
+from linattn.ops.common.triton_ops import decode_launch, fake_state, none_tensor
 from linattn.ops.common.triton_recurrent import recurrent as common_recurrent
 from linattn.ops.common.triton_segments import Segments, segment_count
 from linattn.ops.common.triton_utils import (
@@ -67,7 +67,6 @@ from linattn.ops.common.triton_utils import (
     narrow_bv,
     needs_grad,
     on_device_of,
-    plain_eager,
     precise_exp,
     short_for_recurrent,
     store_dtype,
@@ -1206,8 +1205,7 @@ def _backward(ctx, do, dht, *_):
 _chunk_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("linattn::recurrent_gated_delta_rule", mutates_args=())
-def _recurrent_op(
+def _recurrent_body(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -1221,6 +1219,9 @@ def _recurrent_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     with on_device_of(q):
         return recurrent(q, k, v, g, beta, h0, scale, cu_seqlens, qk_l2norm, beta_is_logit)
+
+
+_recurrent_op = torch.library.custom_op("linattn::recurrent_gated_delta_rule", mutates_args=())(_recurrent_body)
 
 
 @_recurrent_op.register_fake
@@ -1257,11 +1258,8 @@ def triton_gated_delta_rule(
     h0 = initial_state.float().contiguous() if initial_state is not None else None
     grad = needs_grad(q, k, v, g, beta, h0)
     if not grad and short_for_recurrent(q, cu_seqlens, RECURRENT_MAX_T):
-        if triton_ops.DECODE_DIRECT and plain_eager(q, k, v, g, beta, h0, cu_seqlens):
-            with on_device_of(q):
-                o, ht = recurrent(q, k, v, g, beta, h0, float(scale), cu_seqlens, bool(qk_l2norm), bool(beta_is_logit))
-        else:
-            o, ht = _recurrent_op(q, k, v, g, beta, h0, cu_seqlens, float(scale), bool(qk_l2norm), bool(beta_is_logit))
+        launch = decode_launch(_recurrent_op, _recurrent_body, q, k, v, g, beta, h0, cu_seqlens)
+        o, ht = launch(q, k, v, g, beta, h0, cu_seqlens, float(scale), bool(qk_l2norm), bool(beta_is_logit))
         return o, (ht if output_final_state else None)
     g = g.float() if g is not None else None
     args = (q, k, v, g, beta.float(), h0, cu_seqlens, float(scale), bool(qk_l2norm), bool(beta_is_logit))
