@@ -342,15 +342,16 @@ def test_first_pass_row_sums_in_place_or_not(case, gates, in_place, monkeypatch)
     assert launches and all(kw["SUMS_IN_PLACE"] == in_place for kw in launches)
 
 
+@pytest.mark.parametrize("narrow", [False, True], ids=["tiles", "narrow"])
 @pytest.mark.parametrize("split", [False, True], ids=["local", "split"])
 @pytest.mark.parametrize("keep", [False, True], ids=["formed_again", "kept"])
 @pytest.mark.parametrize("segments, packed", [(1, True), (2, False)], ids=["packed", "segments"])
-def test_decays_on_the_narrow_side(split, keep, segments, packed, monkeypatch):
+def test_decays_on_the_narrow_side(narrow, split, keep, segments, packed, monkeypatch):
     """NARROW_DECAYS: the gated forward (forming o in its loop, or storing the states for the output kernel),
     output and backward_state kernels scale U, dO and their products' rows by the decays instead of the tiles of q
-    and k: the same results against naive, with dU's local share formed in the loop or apart (SPLIT_BACKWARD),
-    packed sequences (an empty one, one of one token, partial last chunks) or segments."""
-    monkeypatch.setattr(tri, "NARROW_DECAYS", True)
+    and k, or the tiles: the same results against naive, with dU's local share formed in the loop or apart
+    (SPLIT_BACKWARD), packed sequences (an empty one, one of one token, partial last chunks) or segments."""
+    monkeypatch.setattr(tri, "NARROW_DECAYS", dict.fromkeys(tri.NARROW_DECAYS, 1024 if narrow else 0))
     monkeypatch.setattr(tri, "SPLIT_BACKWARD", dict(gated=split, ungated=split))
     monkeypatch.setattr(tri, "KEEP_STATES", keep)
     monkeypatch.setattr(tri, "SEGMENTS", segments)
@@ -363,7 +364,16 @@ def test_decays_on_the_narrow_side(split, keep, segments, packed, monkeypatch):
         cu_seqlens = None
         tensors, state = GATED.draw(B=1, T=300, H=2, K=16, V=24, seed=42)
     check_against_naive(GATED, *to(tensors, state), "triton", cu_seqlens=cu_seqlens, **ON_DEVICE)
-    assert all(kws and all(kw["NARROW_DECAYS"] for kw in kws) for kws in launches.values())
+    assert all(kws and all(kw["NARROW_DECAYS"] == narrow for kw in kws) for kws in launches.values())
+
+
+def test_narrow_decays_by_value_block():
+    """NARROW_DECAYS is on for the gated op's forward and backward_state launches of value blocks up to their entry
+    (32: the few-program launches, where it won on the card), never for the delta rule, and off for output."""
+    for kernel in ("forward", "backward_state"):
+        assert [tri._narrow(kernel, True, bv)["NARROW_DECAYS"] for bv in (16, 32, 64)] == [True, True, False]
+        assert not any(tri._narrow(kernel, False, bv)["NARROW_DECAYS"] for bv in (16, 32, 64))
+    assert not any(tri._narrow("output", True, bv)["NARROW_DECAYS"] for bv in (16, 32, 64))
 
 
 @both
@@ -458,6 +468,40 @@ def test_bfloat16_stores_round_only(case, store, monkeypatch):
         assert err <= 2.0**-6, f"{name}: {err:.3g} of the largest entry, beyond bfloat16 rounding"
         moved.append(err > 0)
     assert any(moved[2:]), "no gradient changed: nothing was stored in bfloat16"
+
+
+@both
+def test_local_du_stored_in_bfloat16(case, monkeypatch):
+    """STATES_LOWP's du (off): _local_du_kernel stores dU's share within each chunk in bfloat16 (bfloat16 operands on a
+    GPU, dX stored apart), and backward_state completes it in float32; forced here with float32 inputs, split for
+    both ops: the outputs do not move, and the gradients move by about bfloat16's rounding and no more."""
+    parts = tri.STATES_LOWP | dict(du=True)  # (off in the library: see STATES_LOWP)
+    assert tri._du_dtype(True, parts) == torch.bfloat16
+    assert tri._du_dtype(False, parts) == tri._du_dtype(True, parts | dict(dx_store=False)) == torch.float32
+    assert tri._du_dtype(True, parts | dict(du=False)) == torch.float32
+    monkeypatch.setattr(tri, "SPLIT_BACKWARD", dict(gated=True, ungated=True))
+    monkeypatch.setattr(tri, "_dx_dtype", lambda lowp, parts: torch.float32)
+    tensors, state = to(*case.draw(B=1, T=150, H=2, K=24, V=40, seed=33, gate_scale=0.05))
+
+    def run(ts, s0):
+        return case(ts, initial_state=s0, output_final_state=True, impl="triton")
+
+    results = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        monkeypatch.setattr(tri, "_du_dtype", lambda lowp, parts, dtype=dtype: dtype)
+        launches = launch_kwargs(monkeypatch, tri, "_local_du_kernel", args=True)
+        results[dtype] = run_with_grads(run, tensors, state)
+        assert launches and all(args[5].dtype == dtype for args, _ in launches)
+    names = ["o", "final_state", "dq", "dk", "dv", *["dg"] * (case.gate is not None), "dbeta", "dh0"]
+    for name, a, b in zip(names[:2], results[torch.bfloat16], results[torch.float32]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    moved = []
+    for name, a, b in zip(names, results[torch.bfloat16], results[torch.float32], strict=True):
+        err = (a - b).abs().max().item() / b.abs().max().item()
+        assert err <= 2.0**-6, f"{name}: {err:.3g} of the largest entry, beyond bfloat16 rounding"
+        moved.append(err > 0)
+    unmoved = [name for name, m in zip(names[3:], moved[3:]) if not m]  # (dq does not depend on dU)
+    assert not unmoved, f"{unmoved} did not change: dU's share was not stored in bfloat16"
 
 
 @both

@@ -22,9 +22,10 @@ def extreme(tensors: list, gates, index: int = 3) -> list:
     return tensors
 
 
-def _on_launch(monkeypatch, module, name: str, record) -> None:
+def _on_launch(monkeypatch, module, name: str, record, with_args: bool = False) -> None:
     """Wrap the Triton kernel ``name`` of ``module`` (the launcher module that holds it) so that every launch,
-    kernel[grid](*args, **kwargs), first calls record(kwargs); monkeypatch undoes it."""
+    kernel[grid](*args, **kwargs), first calls record(kwargs) (``with_args``: record(args, kwargs)); monkeypatch
+    undoes it."""
     kernel = getattr(module, name)
 
     class Wrapped:
@@ -32,7 +33,7 @@ def _on_launch(monkeypatch, module, name: str, record) -> None:
             launch = kernel[grid]
 
             def run(*args, **kwargs):
-                record(kwargs)
+                record(*((args, kwargs) if with_args else (kwargs,)))
                 return launch(*args, **kwargs)
 
             return run
@@ -48,11 +49,11 @@ def count_launches(monkeypatch, module, *names: str) -> list[str]:
     return launches
 
 
-def launch_kwargs(monkeypatch, module, name: str) -> list[dict]:
+def launch_kwargs(monkeypatch, module, name: str, args: bool = False) -> list:
     """Every launch of the Triton kernel ``name`` of ``module`` records its keyword arguments (constexprs and
-    launch options) in the returned list."""
-    kwargs: list[dict] = []
-    _on_launch(monkeypatch, module, name, kwargs.append)
+    launch options) in the returned list; with ``args``, (positional arguments, keyword arguments)."""
+    kwargs: list = []
+    _on_launch(monkeypatch, module, name, lambda *x: kwargs.append(x if args else x[0]), with_args=args)
     return kwargs
 
 

@@ -283,10 +283,17 @@ SPLIT_BACKWARD = dict(gated=True, ungated=False)
 # product, U's rows, dO's rows or the result's rows ([BT, BV]), rather than the [BT, K] tiles of k and q: so those
 # go to the tensor cores as loaded (bfloat16 straight from shared memory), where scaled they go through registers,
 # are converted and are stored to shared memory again; the delta rule's, unscaled, already go straight. The same
-# products; with bfloat16 operands the rounding moves from exp(b) k to exp(b) U (k exact). sm_90 compile (Triton
-# 3.6, bf16, the few-program launch: B = 1, H = 16): see RESULTS.md, session 22. Built in session 22 after its
-# device time, untimed: LINATTN_LAUNCH="gated_delta_rule.NARROW_DECAYS=1".
-NARROW_DECAYS = False
+# products; with bfloat16 operands the rounding moves from exp(b) k to exp(b) U (k exact). Each kernel's entry is
+# the widest value block BV at which it is on (0: off). The sm_90 compile (Triton 3.6, bf16, the few-program launch:
+# B = 1, H = 16): backward_state 2,168 -> 1,752 SASS instructions, forward 1,392 -> 1,216 (session 22). On an H200
+# (session 23, bf16, fwd+bwd ms at T = 4096 / 32768 / 65536, main 6.15 / 7.33 / 7.47; profiles in RESULTS.md):
+#   all three kernels at every BV: 6.16 / 6.80 / 7.72, backward_state 1.01 / 1.83 / 1.55 -> 1.02 / 1.37 / 1.82
+#   (at 65536 the segments' first pass 0.54 -> 0.76); forward alone 6.15 / 7.24 / 7.46, but the no-gradient
+#   forward 1.76 / 2.80 / 2.42 -> 1.99 / 2.48 / 2.65; backward_state alone 6.17 / 6.87 / 7.74; output alone 6.16 /
+#   7.34 / 7.45.
+# So they won where the launch's BV is 32 (T = 32768, B = 2: 32 sequences x heads, no segments) and lost at
+# BV = 64 (many sequences, or the segments' 128): on for forward and backward_state at BV <= 32.
+NARROW_DECAYS = dict(forward=32, output=0, backward_state=32)
 # KEEP_STATES: the forward splits (above) and its stores (every chunk's entering state [NC, H, K, V], U [B, T, H, V])
 # and W are kept for the backward, which then neither solves for W and U0 again nor runs the forward's loop again
 # (fla's backward forms them again). With segments (long sequences, few of them: see SEGMENT_HEADS) the forward's
@@ -322,10 +329,17 @@ KEEP_LOWP = True
 # - u and dx alone (the setting here): 7.46 / 9.78 in the same call as main's 7.95 / 9.87; the six bfloat16 GPU
 #   tests of outputs and gradients (test_gpu_triton_matches_reference, test_gpu_varlen_with_empty_and_single_token)
 #   pass with it. The whole GPU test run with exactly this setting did not finish in the session's device time.
-STATES_LOWP = dict(states=False, dstates=False, u=True, dx=True, dx_store=True)
+STATES_LOWP = dict(states=False, dstates=False, u=True, dx=True, dx_store=True, du=False)
 # dx_store: backward_state stores dX in bfloat16 (a tensor of its own; else float32 in dU's place), which
 # backward_chunk reads in both of its passes: its products take it in bfloat16 anyway (dx), while dv = beta dX and
 # dbeta's sum over v of dX v take the rounded value.
+# du: _local_du_kernel stores dU's share within the chunk, scale P^T dO, in bfloat16 for backward_state to load and
+# complete (only with dx_store: else dX takes dU's place in float32). The sums into it (the states' share) stay
+# float32; a plain bfloat16 run rounds P^T dO so too. It halves what that kernel writes and backward_state reads of it
+# (512 -> 256 MiB each way at the standard shape); the delta rule forms that share in its loop (SPLIT_BACKWARD).
+# On an H200 (session 23, one call, bf16, gated fwd+bwd ms with NARROW_DECAYS): 5.99 / 6.66 at T = 4096 / 32768
+# against 6.13 / 6.76 without, but test_gpu_extreme_gates[0.0] failed the dtype rule: dv's error against float64
+# 0.0288, past 2 x the plain bfloat16 run's 0.0136 (89 other delta GPU tests passed). So off.
 # The delta rule's own states and dstates entries (it has no dg, the one gradient that failed): in bfloat16.
 # On an H200 (session 14, one call, bf16, T = 4096, B = 16, fwd+bwd ms, delta_rule / gated), against main's
 # 6.70 / 8.67: UNGATED_STATES_LOWP 6.29 / 8.69; with dx_store as well 6.16 / 8.41. The 35 bf16 GPU tests (the only
@@ -552,9 +566,13 @@ def _flags(
         out["R_IN"] = _norms_in(qk_l2norm)
     if kernel == "backward_state":
         out["LOCAL_DU"] = not _by_op(SPLIT_BACKWARD, gated)
-    if kernel in ("forward", "backward_state", "output"):
-        out["NARROW_DECAYS"] = bool(NARROW_DECAYS) and gated
     return out
+
+
+def _narrow(kernel: str, gated: bool, BV: int) -> dict:
+    """NARROW_DECAYS' constexpr for a launch of ``kernel`` over value blocks of BV: on for the gated op where BV is
+    at most the kernel's entry."""
+    return dict(NARROW_DECAYS=gated and BV <= NARROW_DECAYS[kernel])
 
 
 def _lowp(dtype: torch.dtype, kernel: str, gpu: bool | None = None, BK: int | None = None) -> bool:
@@ -696,6 +714,12 @@ def _dx_dtype(lowp: bool, parts: dict) -> torch.dtype | None:
     return torch.bfloat16 if lowp and parts["dx_store"] else None
 
 
+def _du_dtype(lowp: bool, parts: dict) -> torch.dtype:
+    """The dtype of dU's share within each chunk as _local_du_kernel stores it: bfloat16 where STATES_LOWP's du and
+    dx_store are on (dX then a tensor of its own), with bfloat16 operands; else float32."""
+    return torch.bfloat16 if _dx_dtype(lowp, parts) is not None and parts["du"] else torch.float32
+
+
 def _db_from_products(gated: bool, dtype: torch.dtype, qk_l2norm: bool) -> bool:
     """DB_FROM_PRODUCTS' entry for the gated op, or the delta rule's ("l2norm": with qk_l2norm); float16 with
     qk_l2norm takes the products anyway: without them, its row norms formed in the kernel, its tf32x3 tiles of q k^T
@@ -767,7 +791,7 @@ def forward(
             scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_H0=h0 is not None, HAS_U0=True, STORE_O=not split,
             STORE_HT=True, STORE_STATES=split,
             **_launch("forward", q.dtype, BK, BV, NV * lay.N * H, g is not None, qk_l2norm),
-            **flags,
+            **flags, **_narrow("forward", g is not None, BV),
         )  # fmt: skip
         segs = None
     else:
@@ -781,7 +805,7 @@ def forward(
         _output_kernel[(lay.NC, H)](
             q, k, g_, states, u, lay.chunks, o, scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=bv,
             **_launch("output", q.dtype, BK, bv, gated=g is not None, qk_l2norm=qk_l2norm),
-            **(_flags(q.dtype, g is not None, qk_l2norm, "output") | read),
+            **(_flags(q.dtype, g is not None, qk_l2norm, "output") | read), **_narrow("output", g is not None, bv),
         )  # fmt: skip
     else:
         kept = None
@@ -870,6 +894,7 @@ def _segmented_forward(
             V=V_, BV=BV, HAS_H0=h0_ is not None, HAS_U0=has_u0, STORE_O=store_o_, STORE_HT=store_ht,
             STORE_STATES=store_states_, **common,
             **_launch("forward", q.dtype, BK, BV, programs, flags["HAS_G"], flags["L2NORM"]),
+            **_narrow("forward", flags["HAS_G"], BV),
         )  # fmt: skip
 
     if given is not None:
@@ -907,7 +932,7 @@ def _segmented_backward_state(q, k, g_, w, do, dht, seg: Segments, M, dstates, d
             dh0_ if dh0_ is not None else dummy, tinv, scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
             HAS_DHT=dht_ is not None, STORE_DH0=dh0_ is not None, STORE_GRADS=store_grads,
             **_launch("backward_state", q.dtype, BK, BV, triton.cdiv(V, BV) * NSH, flags["HAS_G"], flags["L2NORM"]),
-            **flags,
+            **flags, **_narrow("backward_state", flags["HAS_G"], BV),
         )  # fmt: skip
 
     L = torch.empty(seg.N, seg.NS, H, K, V, dtype=torch.float32, device=q.device)
@@ -974,7 +999,7 @@ def backward(
                 q, k, g_, w, u0, h0 if h0 is not None else dummy, lay.cu, lay.first, dummy, dummy, states, u, scale,
                 BV=BV, HAS_H0=h0 is not None, HAS_U0=True, STORE_O=False, STORE_HT=False, STORE_STATES=True,
                 **_launch("forward", q.dtype, BK, BV, gated=g is not None, qk_l2norm=qk_l2norm), **common,
-                **flags("forward"),
+                **flags("forward"), **_narrow("forward", g is not None, BV),
             )  # fmt: skip
         else:
             ht = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device)
@@ -987,7 +1012,10 @@ def backward(
     state_flags = flags("backward_state")
     dx_dtype = _dx_dtype(lowp, parts)
     local = state_flags["LOCAL_DU"]  # backward_state forms P^T dO itself: du is neither written nor read
-    du = dummy if local and dx_dtype is not None else torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
+    if local and dx_dtype is not None:
+        du = dummy
+    else:
+        du = torch.empty(B, T, H, V, dtype=torch.float32 if local else _du_dtype(lowp, parts), device=q.device)
     dx = du if dx_dtype is None else torch.empty(B, T, H, V, dtype=dx_dtype, device=q.device)
     dh0 = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None
     bv_chunk, bv_bwd = _chunk_bv(V), _backward_chunk_bv(V, g is not None, q.dtype)
@@ -1006,7 +1034,7 @@ def backward(
             **_launch(
                 "backward_state", q.dtype, BK, bv_state, triton.cdiv(V, bv_state) * lay.N * H, g is not None, qk_l2norm
             ),
-            **common, **state_flags,
+            **common, **state_flags, **_narrow("backward_state", g is not None, bv_state),
         )  # fmt: skip
     else:
         _segmented_backward_state(q, k, g_, w, do, dht, seg, M, dstates, du, dx, dh0, tinv, scale, state_flags)
@@ -1307,7 +1335,8 @@ def _library_variants():
         parts = _states_lowp(gated)
         sptrs = ptrs | {n: "bf16" if lowp and parts[n] else "fp32" for n in ("states", "dstates", "u")}
         xd = "bf16" if _dx_dtype(lowp, parts) == torch.bfloat16 else "fp32"
-        sptrs |= dict(dx=xd)  # backward_state's dX; backward_chunk reads it as du
+        dud = "bf16" if _du_dtype(lowp, parts) == torch.bfloat16 else "fp32"  # local_du's share of dU
+        sptrs |= dict(dx=xd, du=dud)  # backward_state's dX (backward_chunk reads it as du) and dU's local share
         td, u0d = (
             "bf16" if _prepare_store(part, torch_dtype, gpu=True) == torch.bfloat16 else "fp32"
             for part in ("tinv", "u0_backward")
@@ -1320,13 +1349,15 @@ def _library_variants():
         for bv in (seq_bv, 16):  # many programs; few, which take FEW_PROGRAMS_STAGES
             run = {n: _launch(n, torch_dtype, BK, bv, None if bv == seq_bv else 1, gated, opt) for n in opts}
             out = dict(BV=bv, HAS_H0=True, HAS_U0=True, STORE_O=True, STORE_HT=True, STORE_STATES=False)
+            out |= _narrow("forward", gated, bv)
             yield f"forward BV={bv} {label}", _forward_kernel, ptrs, common["forward"] | out, run["forward"]
             states = out | dict(STORE_O=False, STORE_HT=False, STORE_STATES=True)
             yield f"forward states BV={bv} {label}", _forward_kernel, sptrs, common["forward"] | states, run["forward"]
             state = common["backward_state"] | dict(BV=bv, HAS_DHT=True, STORE_DH0=True, STORE_GRADS=True)
+            state |= _narrow("backward_state", gated, bv)
             yield f"backward state BV={bv} {label}", _backward_state_kernel, sptrs, state, run["backward_state"]
         if opt:  # backward_state with the other SPLIT_BACKWARD setting than this op's (LOCAL_DU)
-            other = state | dict(BV=seq_bv, LOCAL_DU=not state["LOCAL_DU"])
+            other = state | dict(BV=seq_bv, LOCAL_DU=not state["LOCAL_DU"]) | _narrow("backward_state", gated, seq_bv)
             yield (
                 f"backward state LOCAL_DU={other['LOCAL_DU']} {label}",
                 _backward_state_kernel,
@@ -1337,12 +1368,14 @@ def _library_variants():
         if opt:  # heads of K = 64 too: their key tiles take other shapes (session 14's STATE_HALVES compiled here at
             # K = 128 only, and failed to compile on the card at K <= 64)
             small = dict(K=64, BK=64, BV=seq_bv)
-            yield f"forward K=64 {label}", _forward_kernel, ptrs, common["forward"] | out | small, opts["forward"]
-            yield f"backward state K=64 {label}", _backward_state_kernel, sptrs, state | small, opts["backward_state"]
+            small_fwd = common["forward"] | out | small | _narrow("forward", gated, seq_bv)
+            small_state = state | small | _narrow("backward_state", gated, seq_bv)
+            yield f"forward K=64 {label}", _forward_kernel, ptrs, small_fwd, opts["forward"]
+            yield f"backward state K=64 {label}", _backward_state_kernel, sptrs, small_state, opts["backward_state"]
         # segments (SEGMENT_HEADS): the transitions (U0 = 0, K columns) and each segment's own gradient share
-        transition = out | dict(HAS_U0=False, STORE_O=False, V=128, BV=seq_bv)
+        transition = out | dict(HAS_U0=False, STORE_O=False, V=128, BV=seq_bv) | _narrow("forward", gated, seq_bv)
         yield f"forward transition {label}", _forward_kernel, ptrs, common["forward"] | transition, opts["forward"]
-        share = state | dict(BV=seq_bv, HAS_DHT=False, STORE_GRADS=False)
+        share = state | dict(BV=seq_bv, HAS_DHT=False, STORE_GRADS=False) | _narrow("backward_state", gated, seq_bv)
         yield f"backward state share {label}", _backward_state_kernel, sptrs, share, opts["backward_state"]
         if opt:  # the segments' chain in one launch (CHAIN_KERNEL), float32 in and out, whatever the inputs' dtype
             for K_, reverse in ((128, False), (128, True), (64, True)):
@@ -1354,7 +1387,8 @@ def _library_variants():
             for kept in (sptrs, ptrs | dict(states="bf16", u="bf16")):
                 kept_label = f"output kept states={kept['states']} u={kept['u']} {label}"
                 yield kept_label, _output_kernel, kept, common["output"] | dict(BV=BV_CHUNK), opts["output"]
-        yield f"local du {label}", _local_du_kernel, ptrs, common["local_du"] | dict(BV=BV_CHUNK), opts["local_du"]
+        local_du = common["local_du"] | dict(BV=BV_CHUNK)
+        yield f"local du {label}", _local_du_kernel, ptrs | dict(du=dud), local_du, opts["local_du"]
         for l2 in sorted({opt, False}):  # key columns per program: CHUNK_KEYS, or all of them with qk_l2norm
             bk = _chunk_keys(BK, l2, gated)
             bv_bwd = _backward_chunk_bv(128, gated)

@@ -282,8 +282,8 @@ def _local_du_kernel(
     LOWP: tl.constexpr,
     PRECISE_EXP: tl.constexpr,
 ):
-    # Per chunk: du = scale P^T dO (float32), the share of dU within the chunk, for _backward_state_kernel to
-    # complete with the states' share.
+    # Per chunk: du = scale P^T dO (float32, or bfloat16: STATES_LOWP's du in triton.py), the share of dU within the
+    # chunk, for _backward_state_kernel to complete with the states' share.
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     lo, hi = chunk_bounds(chunks, i_c)
@@ -304,7 +304,7 @@ def _local_du_kernel(
         if not LOWP:
             b_do = b_do.to(tl.float32)
         b_du = scale * mm_lowp(PT, b_do, DOT_PREC, ROUND, LOWP, LOWP_TY)
-        tl.store(du + tok[:, None] * V + o_v[None, :], b_du, mask=m_tv)
+        tl.store(du + tok[:, None] * V + o_v[None, :], b_du.to(du.dtype.element_ty), mask=m_tv)
 
 
 @triton.jit
@@ -386,7 +386,7 @@ def _backward_state_kernel(
                 b_do = b_do.to(tl.float32)
             b_du = scale * mm_lowp(PT, b_do, DOT_PREC, ROUND, LOWP, LOWP_TY)
         else:
-            b_du = tl.load(du + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+            b_du = tl.load(du + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
         if NARROW_DECAYS:
             b_du += mm_lowp(b_k, dS, DOT_PREC, ROUND, LOWP, LOWP_TY) * e_end[:, None]
         else:
