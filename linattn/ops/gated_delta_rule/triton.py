@@ -1382,11 +1382,12 @@ def _library_variants():
                 chain = dict(H=4, K=K_, V=128, BK=K_, BV=CHAIN_BV, HAS_START=True, REVERSE=reverse)
                 chain_opts = dict(num_warps=4, num_stages=1, scalars=dict(NS="i32"))
                 yield f"chain K={K_} reverse={reverse}", _chain_kernel, {}, chain, chain_opts
-        yield f"output {label}", _output_kernel, ptrs, common["output"] | dict(BV=BV_CHUNK), opts["output"]
+        output = common["output"] | dict(BV=BV_CHUNK) | _narrow("output", gated, BV_CHUNK)
+        yield f"output {label}", _output_kernel, ptrs, output, opts["output"]
         if lowp:  # reading states and U kept in the backward's own dtypes (KEEP_LOWP): this gating's, the delta rule's
             for kept in (sptrs, ptrs | dict(states="bf16", u="bf16")):
                 kept_label = f"output kept states={kept['states']} u={kept['u']} {label}"
-                yield kept_label, _output_kernel, kept, common["output"] | dict(BV=BV_CHUNK), opts["output"]
+                yield kept_label, _output_kernel, kept, output, opts["output"]
         local_du = common["local_du"] | dict(BV=BV_CHUNK)
         yield f"local du {label}", _local_du_kernel, ptrs | dict(du=dud), local_du, opts["local_du"]
         for l2 in sorted({opt, False}):  # key columns per program: CHUNK_KEYS, or all of them with qk_l2norm
