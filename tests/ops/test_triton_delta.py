@@ -367,39 +367,6 @@ def test_decays_on_the_narrow_side(narrow, split, keep, segments, packed, monkey
     assert all(kws and all(kw["NARROW_DECAYS"] == narrow for kw in kws) for kws in launches.values())
 
 
-@pytest.mark.parametrize("gates", ["drawn", "mixed"])
-@pytest.mark.parametrize("segments, packed", [(1, True), (2, False)], ids=["packed", "segments"])
-def test_gates_summed_once(gates, segments, packed, monkeypatch):
-    """SUMMED_GATES: one launch per forward and per backward sums the log-decays within each chunk, and the kernels
-    load the sums: the same outputs, final state and gradients as with each kernel summing them itself (to the bit
-    under the interpreter, whose float64 sums go in one order), over packed sequences (an empty one, one of one
-    token, partial last chunks, whose padding rows take the chunk's total) or segments, with drawn gates or a mix
-    of none, strong ones and resets."""
-    if packed:
-        cu_seqlens = torch.tensor([0, 0, 70, 71, 200]).to(DEVICE)
-        tensors, state = GATED.draw(B=1, T=200, H=2, K=16, V=24, seed=43, N=4)
-    else:
-        cu_seqlens = None
-        tensors, state = GATED.draw(B=1, T=300, H=2, K=16, V=24, seed=44)
-    if gates == "mixed":
-        tensors = extreme(tensors, gates)
-    tensors, state = to(tensors, state)
-
-    def run(ts, s0):
-        return GATED(ts, initial_state=s0, output_final_state=True, impl="triton", cu_seqlens=cu_seqlens)
-
-    results = {}
-    for summed in (False, True):
-        monkeypatch.setattr(tri, "SUMMED_GATES", summed)
-        launches = count_launches(monkeypatch, tri, "_gate_sums_kernel")
-        results[summed] = run_with_grads(run, tensors, state)
-        assert len(launches) == 2 * summed
-    names = ["o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
-    for name, a, b in zip(names, results[True], results[False], strict=True):
-        assert torch.isfinite(a).all(), name
-        torch.testing.assert_close(a, b, **({} if CUDA else dict(rtol=0, atol=0)), msg=name)
-
-
 def test_narrow_decays_by_value_block():
     """NARROW_DECAYS is on for the gated op's forward and backward_state launches of value blocks up to their entry
     (32: the few-program launches, where it won on the card), never for the delta rule, and off for output."""

@@ -203,20 +203,10 @@ def chunk_decays(b, b_hi, b_lo, b_last, BT: tl.constexpr, PRECISE_EXP: tl.conste
 
 
 @triton.jit
-def chunk_decays_or_none(
-    g, tok, m_t, HAS_G: tl.constexpr, BT: tl.constexpr, PRECISE_EXP: tl.constexpr, G_SUMMED: tl.constexpr, tok_last
-):
-    """``chunk_decays`` of the gates g at rows tok, or the factors of no decay (all ones) when not HAS_G. G_SUMMED:
-    g holds the chunk-local sums b already (float64, as ``chunk_log_decay`` forms them: _gate_sums_kernel), and
-    tok_last is the chunk's last row (whose b is the chunk's total, which padding rows repeat)."""
+def chunk_decays_or_none(g, tok, m_t, HAS_G: tl.constexpr, BT: tl.constexpr, PRECISE_EXP: tl.constexpr):
+    """``chunk_decays`` of the gates g at rows tok, or the factors of no decay (all ones) when not HAS_G."""
     if HAS_G:
-        if G_SUMMED:
-            b_last = tl.load(g + tok_last)
-            b = tl.where(m_t, tl.load(g + tok, mask=m_t, other=0.0), b_last)
-            b_hi = b.to(tl.float32)
-            b_lo = (b - b_hi.to(tl.float64)).to(tl.float32)
-        else:
-            b, b_hi, b_lo, b_last = chunk_log_decay(tl.load(g + tok, mask=m_t, other=0.0))
+        b, b_hi, b_lo, b_last = chunk_log_decay(tl.load(g + tok, mask=m_t, other=0.0))
         gamma, e_b, e_end, e_last = chunk_decays(b, b_hi, b_lo, b_last, BT, PRECISE_EXP)
     else:
         o_t = tl.arange(0, BT)

@@ -77,7 +77,6 @@ from linattn.ops.gated_delta_rule.triton_kernels import (
     _backward_state_kernel,
     _chain_kernel,
     _forward_kernel,
-    _gate_sums_kernel,
     _local_du_kernel,
     _output_kernel,
     _prepare_kernel,
@@ -295,15 +294,6 @@ SPLIT_BACKWARD = dict(gated=True, ungated=False)
 # So they won where the launch's BV is 32 (T = 32768, B = 2: 32 sequences x heads, no segments) and lost at
 # BV = 64 (many sequences, or the segments' 128): on for forward and backward_state at BV <= 32.
 NARROW_DECAYS = dict(forward=32, output=0, backward_state=32)
-# SUMMED_GATES: one small launch (_gate_sums_kernel) sums the log-decays within each chunk, in float64 as each kernel
-# summed them itself, and stores the sums b [B, T, H] float64 (8 MiB at the standard shape); the six kernels that
-# take the gates load b (G_SUMMED) rather than each forming the float64 scan again, the per-sequence ones at every
-# chunk of their loops (fla keeps its gates so, summed once). The same sums, up to the order of float64 additions.
-# The sm_90 compile (Triton 3.6, bf16, B = 2, T = 130, H = 16; static counts), without -> with: SASS instructions
-# backward_chunk 3,360 -> 3,240, but prepare 2,616 -> 2,672, output 1,456 -> 1,616, local_du 1,200 -> 1,304,
-# backward_state 2,064 -> 2,200 (the sums, loaded, are laid out across more threads than the scan left them).
-# Not yet timed: LINATTN_LAUNCH="gated_delta_rule.SUMMED_GATES=1".
-SUMMED_GATES = False
 # KEEP_STATES: the forward splits (above) and its stores (every chunk's entering state [NC, H, K, V], U [B, T, H, V])
 # and W are kept for the backward, which then neither solves for W and U0 again nor runs the forward's loop again
 # (fla's backward forms them again). With segments (long sequences, few of them: see SEGMENT_HEADS) the forward's
@@ -571,8 +561,7 @@ def _flags(
     flags = kernel_flags(dtype, long_sums=True, gpu=gpu)  # the chains through the WY inverse (dbeta)
     del flags["UPCAST_QK"]  # these kernels take every operand to float32 as they load it
     exact_exp = precise_exp(dtype, gpu)
-    out = dict(HAS_G=gated, L2NORM=qk_l2norm, LOWP=lowp, PRECISE_EXP=exact_exp, G_SUMMED=gated and bool(SUMMED_GATES))
-    out |= flags
+    out = dict(HAS_G=gated, L2NORM=qk_l2norm, LOWP=lowp, PRECISE_EXP=exact_exp, **flags)
     if kernel in NORM_KERNELS:  # their 1 / row norms read, not formed (NORMS_IN), with qk_l2norm
         out["R_IN"] = _norms_in(qk_l2norm)
     if kernel == "backward_state":
@@ -656,17 +645,6 @@ def _row_norms(
         BD = max(16, triton.next_power_of_2(K))
         _row_norms_kernel[(triton.cdiv(R, ROW_NORM_ROWS),)](q, k, norms, R, D=K, BR=ROW_NORM_ROWS, BD=BD, num_warps=4)
     return norms
-
-
-def _gate_sums(g: torch.Tensor | None, lay: ChunkTable) -> torch.Tensor | None:
-    """SUMMED_GATES: the chunk-local sums of the log-decays g [B, T, H] (float32), float64 [B, T, H], which the
-    kernels then load (G_SUMMED); g itself without the setting, or None without gates."""
-    if g is None or not SUMMED_GATES:
-        return g
-    gs = torch.empty(g.shape, dtype=torch.float64, device=g.device)
-    if g.numel():
-        _gate_sums_kernel[(lay.NC, g.shape[2])](g, lay.chunks, gs, H=g.shape[2], BT=BT, num_warps=1)
-    return gs
 
 
 def prepare(
@@ -788,7 +766,6 @@ def forward(
     B, T, H, K = q.shape
     V = v.shape[-1]
     lay = ChunkTable.get(B, T, cu_seqlens, BT, q.device)
-    g = _gate_sums(g, lay)
     keep = save and keep  # (KEEP_STATES, read when the op is called) with segments or without
     BK, _ = _blocks(K, V)
     BV = _sequence_bv(K, V, lay.N * H, q.dtype)
@@ -982,7 +959,6 @@ def backward(
     B, T, H, K = q.shape
     V = v.shape[-1]
     lay = ChunkTable.get(B, T, cu_seqlens, BT, q.device)
-    g = _gate_sums(g, lay)  # (dg is the gradient of the gates as given)
     BK, _ = _blocks(K, V)
     BV = _sequence_bv(K, V, lay.N * H, q.dtype)
     NV = triton.cdiv(V, BV)

@@ -25,7 +25,7 @@ from linattn.ops.common.triton_delta_utils import (
     unit_lower_inverse,
 )
 from linattn.ops.common.triton_segments import scan_order
-from linattn.ops.common.triton_utils import chunk_and_block, chunk_bounds, chunk_log_decay, sequence_bounds
+from linattn.ops.common.triton_utils import chunk_and_block, chunk_bounds, sequence_bounds
 
 
 @triton.jit
@@ -56,7 +56,6 @@ def _prepare_kernel(
     ROUND: tl.constexpr,
     LOWP: tl.constexpr,
     PRECISE_EXP: tl.constexpr,
-    G_SUMMED: tl.constexpr,
     DIAG_DOUBLING: tl.constexpr,
     SOLVE_PREC: tl.constexpr,
     KKT_LOWP: tl.constexpr,
@@ -79,7 +78,7 @@ def _prepare_kernel(
     tok = (lo + o_t) * H + i_h
     r_k = inverse_row_norms(k, tok, m_t, K, BKP, L2NORM, rn + 1, R_IN)
     b_beta = load_beta(beta, tok, m_t, BETA_LOGIT)
-    gamma, e_b, _, _ = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP, G_SUMMED, (hi - 1) * H + i_h)
+    gamma, e_b, _, _ = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
 
     if SOLVE:
         A = tl.zeros([BT, BT], dtype=tl.float32)
@@ -142,7 +141,6 @@ def _forward_kernel(
     ROUND: tl.constexpr,
     LOWP: tl.constexpr,
     PRECISE_EXP: tl.constexpr,
-    G_SUMMED: tl.constexpr,
     NARROW_DECAYS: tl.constexpr = False,
 ):
     # One sequence, one V block: the state S [K, BV] stays in registers while the chunks go by.
@@ -174,8 +172,7 @@ def _forward_kernel(
         m_t = rows < eos
         tok = rows * H + i_h
         m_tv = m_t[:, None] & (o_v < V)[None, :]
-        last_tok = (tl.minimum(bos + (i + 1) * BT, eos) - 1) * H + i_h  # the chunk's last row
-        gamma, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP, G_SUMMED, last_tok)
+        gamma, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
         # each tile loaded just before its product, so that few are live at once
         b_w = tl.load(w + tok[:, None] * K + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :], other=0.0)
         b_u = -mm_lowp(b_w, S, DOT_PREC, ROUND, LOWP, LOWP_TY)
@@ -225,7 +222,6 @@ def _output_kernel(
     ROUND: tl.constexpr,
     LOWP: tl.constexpr,
     PRECISE_EXP: tl.constexpr,
-    G_SUMMED: tl.constexpr,
     NARROW_DECAYS: tl.constexpr = False,
 ):
     # Per chunk, from the state entering it (S) and U, both stored by _forward_kernel (STORE_STATES):
@@ -243,7 +239,7 @@ def _output_kernel(
     state = (i_c * H + i_h).to(tl.int64) * K * V
     b_q, _ = load_rows(q, tok, m_t, o_k, K, L2NORM, False, rn, R_IN)
     b_kT, _ = load_rows(k, tok, m_t, o_k, K, L2NORM, True, rn + 1, R_IN)
-    gamma, e_b, _, _ = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP, G_SUMMED, (hi - 1) * H + i_h)
+    gamma, e_b, _, _ = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
     P = mm_lowp(b_q, b_kT, DOT_PREC, ROUND, LOWP, LOWP_TY) * gamma
     if not NARROW_DECAYS:  # (else exp(b) scales the rows of q S)
         b_qs = b_q * e_b[:, None]
@@ -285,7 +281,6 @@ def _local_du_kernel(
     ROUND: tl.constexpr,
     LOWP: tl.constexpr,
     PRECISE_EXP: tl.constexpr,
-    G_SUMMED: tl.constexpr,
 ):
     # Per chunk: du = scale P^T dO (float32, or bfloat16: STATES_LOWP's du in triton.py), the share of dU within the
     # chunk, for _backward_state_kernel to complete with the states' share.
@@ -300,7 +295,7 @@ def _local_du_kernel(
     tok = (lo + o_t) * H + i_h
     b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM, False, rn + 1, R_IN)
     b_qT, _ = load_rows(q, tok, m_t, o_k, K, L2NORM, True, rn, R_IN)
-    gamma, _, _, _ = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP, G_SUMMED, (hi - 1) * H + i_h)
+    gamma, _, _, _ = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
     PT = mm_lowp(b_k, b_qT, DOT_PREC, ROUND, LOWP, LOWP_TY) * tl.trans(gamma)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
@@ -345,7 +340,6 @@ def _backward_state_kernel(
     ROUND: tl.constexpr,
     LOWP: tl.constexpr,
     PRECISE_EXP: tl.constexpr,
-    G_SUMMED: tl.constexpr,
     LOCAL_DU: tl.constexpr,
     NARROW_DECAYS: tl.constexpr = False,
 ):
@@ -381,8 +375,7 @@ def _backward_state_kernel(
         m_t = rows < eos
         tok = rows * H + i_h
         m_tv = m_t[:, None] & (o_v < V)[None, :]
-        last_tok = (tl.minimum(bos + (i + 1) * BT, eos) - 1) * H + i_h  # the chunk's last row
-        gamma, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP, G_SUMMED, last_tok)
+        gamma, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
         # each tile loaded just before its product, so that few are live at once; q^T and W^T loaded as such
         b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM, False, rn + 1, R_IN)
         if LOCAL_DU:  # scale P^T dO, as _local_du_kernel forms it
@@ -452,7 +445,6 @@ def _backward_chunk_kernel(
     ROUND: tl.constexpr,
     LOWP: tl.constexpr,
     PRECISE_EXP: tl.constexpr,
-    G_SUMMED: tl.constexpr,
     DX_LOWP: tl.constexpr,
     DB_FROM_PRODUCTS: tl.constexpr,
     SUMS_IN_PLACE: tl.constexpr,
@@ -509,7 +501,7 @@ def _backward_chunk_kernel(
         d_xw -= mm_lowp(d_x, tl.trans(S.to(tl.float32)), DOT_PREC, ROUND, DX_LOWP, LOWP_TY)
         d_last += tl.sum(dSn.to(tl.float32) * S.to(tl.float32), axis=1)
     b_beta = load_beta(beta, tok, m_t, BETA_LOGIT)
-    _, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP, G_SUMMED, (hi - 1) * H + i_h)
+    _, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
     d_qs *= scale
     b_dq = d_qs * e_b[:, None]
     if DB_FROM_PRODUCTS:  # db's and dbeta's sums come after the second pass, from whole gradients
@@ -563,7 +555,7 @@ def _backward_chunk_kernel(
     # The decays (reloaded rather than kept live through the loops: registers) go into dP and dA at once, so
     # that gamma, dP and the scores are never live together. On an H200 (session 9, bf16, T = 4096, B = 16),
     # with gates this kernel went 4.42 -> 3.98 ms (the solve's change alongside); without, 2.66 -> 2.67.
-    gamma, _, _, _ = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP, G_SUMMED, (hi - 1) * H + i_h)
+    gamma, _, _, _ = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
     dPg = dP * (gamma * scale)
     dAg = tl.where(strict, -dA, 0.0) * gamma
     b_q, r_q = load_rows(q, tok, m_t, o_k, K, L2NORM, False, rn, R_IN)
@@ -624,20 +616,6 @@ def _backward_chunk_kernel(
         d_beta = d_beta * b_beta * (1.0 - b_beta)
     tl.store(dk + tok[:, None] * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m_tk)
     tl.store(dbeta + i_k * part + tok, d_beta, mask=m_t)
-
-
-@triton.jit
-def _gate_sums_kernel(g, chunks, gs, H: tl.constexpr, BT: tl.constexpr):
-    # SUMMED_GATES (triton.py): the chunk-local sums b of the log-decays g, per chunk of the chunk table and head, in
-    # float64 as chunk_log_decay forms them, for the other kernels to load (G_SUMMED) rather than each summing again.
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    lo, hi = chunk_bounds(chunks, i_c)
-    if hi <= lo:  # past the last chunk (varlen allots a bound on the count)
-        return
-    m_t = lo + tl.arange(0, BT) < hi
-    tok = (lo + tl.arange(0, BT)) * H + i_h
-    b, _, _, _ = chunk_log_decay(tl.load(g + tok, mask=m_t, other=0.0))
-    tl.store(gs + tok, b, mask=m_t)
 
 
 @triton.jit
