@@ -292,7 +292,9 @@ SPLIT_BACKWARD = dict(gated=True, ungated=False)
 #   forward 1.76 / 2.80 / 2.42 -> 1.99 / 2.48 / 2.65; backward_state alone 6.17 / 6.87 / 7.74; output alone 6.16 /
 #   7.34 / 7.45.
 # So they won where the launch's BV is 32 (T = 32768, B = 2: 32 sequences x heads, no segments) and lost at
-# BV = 64 (many sequences, or the segments' 128): on for forward and backward_state at BV <= 32.
+# BV = 64 (many sequences, or the segments' 128): on for forward and backward_state at BV <= 32, which took (call 4)
+# 6.16 / 6.79 / 7.46 (and 6.64 at T = 16384, BV = 64 there), every delta GPU test passing (90).
+# LINATTN_LAUNCH="gated_delta_rule.NARROW_DECAYS.forward=0;gated_delta_rule.NARROW_DECAYS.backward_state=0": off.
 NARROW_DECAYS = dict(forward=32, output=0, backward_state=32)
 # KEEP_STATES: the forward splits (above) and its stores (every chunk's entering state [NC, H, K, V], U [B, T, H, V])
 # and W are kept for the backward, which then neither solves for W and U0 again nor runs the forward's loop again
