@@ -1348,6 +1348,7 @@ def _library_variants():
         solve = dict(BV=seq_bv, BKP=min(BK, PREPARE_KEYS), SOLVE=True, STORE_T=True, BETA_LOGIT=opt)
         solve |= dict(DIAG_DOUBLING=SOLVE_DIAG_DOUBLING, **_prepare_flags(torch_dtype, opt, gpu=True))
         yield f"prepare {label}", _prepare_kernel, ptrs, common["prepare"] | solve, opts["prepare"]
+        sequence = {}  # forward's and backward_state's constexprs by BV
         for bv in (seq_bv, 16):  # many programs; few, which take FEW_PROGRAMS_STAGES
             run = {n: _launch(n, torch_dtype, BK, bv, None if bv == seq_bv else 1, gated, opt) for n in opts}
             out = dict(BV=bv, HAS_H0=True, HAS_U0=True, STORE_O=True, STORE_HT=True, STORE_STATES=False)
@@ -1358,8 +1359,10 @@ def _library_variants():
             state = common["backward_state"] | dict(BV=bv, HAS_DHT=True, STORE_DH0=True, STORE_GRADS=True)
             state |= _narrow("backward_state", gated, bv)
             yield f"backward state BV={bv} {label}", _backward_state_kernel, sptrs, state, run["backward_state"]
+            sequence[bv] = out, state
+        out, state = sequence[seq_bv]  # the variants below launch at seq_bv
         if opt:  # backward_state with the other SPLIT_BACKWARD setting than this op's (LOCAL_DU)
-            other = state | dict(BV=seq_bv, LOCAL_DU=not state["LOCAL_DU"]) | _narrow("backward_state", gated, seq_bv)
+            other = state | dict(LOCAL_DU=not state["LOCAL_DU"])
             yield (
                 f"backward state LOCAL_DU={other['LOCAL_DU']} {label}",
                 _backward_state_kernel,
@@ -1369,15 +1372,13 @@ def _library_variants():
             )
         if opt:  # heads of K = 64 too: their key tiles take other shapes (session 14's STATE_HALVES compiled here at
             # K = 128 only, and failed to compile on the card at K <= 64)
-            small = dict(K=64, BK=64, BV=seq_bv)
-            small_fwd = common["forward"] | out | small | _narrow("forward", gated, seq_bv)
-            small_state = state | small | _narrow("backward_state", gated, seq_bv)
-            yield f"forward K=64 {label}", _forward_kernel, ptrs, small_fwd, opts["forward"]
-            yield f"backward state K=64 {label}", _backward_state_kernel, sptrs, small_state, opts["backward_state"]
+            small = dict(K=64, BK=64)
+            yield f"forward K=64 {label}", _forward_kernel, ptrs, common["forward"] | out | small, opts["forward"]
+            yield f"backward state K=64 {label}", _backward_state_kernel, sptrs, state | small, opts["backward_state"]
         # segments (SEGMENT_HEADS): the transitions (U0 = 0, K columns) and each segment's own gradient share
-        transition = out | dict(HAS_U0=False, STORE_O=False, V=128, BV=seq_bv) | _narrow("forward", gated, seq_bv)
+        transition = out | dict(HAS_U0=False, STORE_O=False, V=128)
         yield f"forward transition {label}", _forward_kernel, ptrs, common["forward"] | transition, opts["forward"]
-        share = state | dict(BV=seq_bv, HAS_DHT=False, STORE_GRADS=False) | _narrow("backward_state", gated, seq_bv)
+        share = state | dict(HAS_DHT=False, STORE_GRADS=False)
         yield f"backward state share {label}", _backward_state_kernel, sptrs, share, opts["backward_state"]
         if opt:  # the segments' chain in one launch (CHAIN_KERNEL), float32 in and out, whatever the inputs' dtype
             for K_, reverse in ((128, False), (128, True), (64, True)):
