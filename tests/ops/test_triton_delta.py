@@ -342,6 +342,31 @@ def test_first_pass_row_sums_in_place_or_not(case, gates, in_place, monkeypatch)
     assert launches and all(kw["SUMS_IN_PLACE"] == in_place for kw in launches)
 
 
+@pytest.mark.parametrize(
+    "case, gates", [(GATED, None), (DELTA, None), (GATED, -30.0), (GATED, -1e4)], ids=lambda x: getattr(x, "id", x)
+)
+@pytest.mark.parametrize("unchained", [False, True], ids=["chained", "unchained"])
+@pytest.mark.parametrize("qk_l2norm", [False, True], ids=["unit_keys", "qk_l2norm"])
+def test_products_unchained_or_not(case, gates, unchained, qk_l2norm, monkeypatch):
+    """UNCHAINED_DOTS: backward_chunk's products after its loops written so that none's result is another's
+    accumulator (scale after P's products, P's diagonal by products of its own), or chained: the same gradients,
+    over whole rows (K = 33 in one program) or in key blocks of 16, beta as logits, packed sequences (one of one
+    token), and for the gated op gates so strong that db's terms are ~0."""
+    monkeypatch.setattr(tri, "UNCHAINED_DOTS", dict(gated=unchained, ungated=unchained))
+    monkeypatch.setattr(tri, "CHUNK_KEYS", dict(gated=None, ungated=16))
+    launches = launch_kwargs(monkeypatch, tri, "_backward_chunk_kernel")
+    if qk_l2norm:
+        variant = with_options(case, qk_l2norm=True, beta_is_logit=True)
+    else:
+        variant = dataclasses.replace(case, id=f"{case.id}_beta_is_logit", options=dict(beta_is_logit=True))
+    cu_seqlens = torch.tensor([0, 37, 38, 150])
+    tensors, state = variant.draw(B=1, T=150, H=2, K=33, V=24, seed=23, N=3)
+    if gates is not None:
+        tensors = extreme(tensors, gates)
+    check_against_naive(variant, *to(tensors, state), "triton", cu_seqlens=cu_seqlens.to(DEVICE), **ON_DEVICE)
+    assert launches and all(kw["UNCHAINED"] == unchained and kw["DB_FROM_PRODUCTS"] for kw in launches)
+
+
 @pytest.mark.parametrize("narrow", [False, True], ids=["tiles", "narrow"])
 @pytest.mark.parametrize("split", [False, True], ids=["local", "split"])
 @pytest.mark.parametrize("keep", [False, True], ids=["formed_again", "kept"])

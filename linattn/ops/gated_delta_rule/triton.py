@@ -384,6 +384,22 @@ DB_FROM_PRODUCTS = dict(gated=True, ungated=True)
 # (session 16, bf16, fwd+bwd ms, same call): gated 7.50 -> 7.38 at T = 4096, 10.42 -> 9.79 at 16384, 10.70 -> 9.91
 # at 65536; every delta GPU test passes with it (156). LINATTN_LAUNCH="gated_delta_rule.SUMS_IN_PLACE=0": off.
 SUMS_IN_PLACE = True
+# UNCHAINED_DOTS: backward_chunk's products after its loops (with DB_FROM_PRODUCTS) so written that none's result is
+# another's accumulator. Triton (AccelerateMatmul's warpsPerTileV3) lays out a Hopper product whose result flows
+# into another product over warps [num_warps, 1]; at 8 warps and BT = 64 that is two warp groups on the same 64
+# rows, and its accumulator goes to and from the others' [4, 2] layout through shared memory ([64, 128] float32
+# tiles, 32 KiB each way). The main kernel chained P's columns of dk into A's; and P's diagonal, added to dq and dk
+# as elementwise terms, was formed in the [BT, BT] tiles' layout and converted too. With it, P's products take
+# scale after them (a product added to a sum is folded into that sum's chain: Triton's dot + add combine, for
+# products whose accumulator is 0), A's columns take dk as their accumulator, and P's diagonal goes in by two
+# products of its own (rounded to bfloat16 as the rest of P is). sm_90 compile (Triton 3.6, bf16, whole rows at 8
+# warps): gated 3,360 -> 3,112 SASS instructions (STS 157 -> 98, BAR 128 -> 75), no [64, 128] float32 conversion
+# left (four before); with qk_l2norm gated 4,248 -> 3,736. On an H200 (session 24, bf16, fwd+bwd ms, same call):
+# gated 6.12 / 6.62 / 6.79 / 7.45 -> 5.88 / 6.36 / 6.53 / 7.20 at T = 4096 / 16384 / 32768 / 65536 (backward_chunk
+# 2.69 -> 2.45 at 4096); with qk_l2norm at T = 4096 / 65536, delta 5.55 / 7.22 -> 5.43 / 7.11, gated 7.59 / 9.28 ->
+# 7.15 / 8.87; every delta GPU test passes (90), and the properties (22). At 4 warps (the delta rule's 64 key
+# columns) every layout is [4, 1] anyway. By op: dict(gated=..., ungated=...).
+UNCHAINED_DOTS = dict(gated=True, ungated=True)
 # output and local_du loop over a chunk's V blocks, forming q k^T once; one V block per program was slower on an H200
 # (session 7, T = 4096, B = 16, bf16: delta_rule fwd+bwd 14.83 ms against 13.88). backward_state stores dX = Tinv^T dU
 # in dU's place, formed once as each chunk's dU is final, rather than backward_chunk forming it in each of its two
@@ -1059,7 +1075,7 @@ def backward(
         **dict(common, BK=bk),
         **chunk_flags, DX_LOWP=lowp and parts["dx"],
         DB_FROM_PRODUCTS=_db_from_products(g is not None, q.dtype, qk_l2norm),
-        SUMS_IN_PLACE=bool(SUMS_IN_PLACE),
+        SUMS_IN_PLACE=bool(SUMS_IN_PLACE), UNCHAINED=bool(_by_op(UNCHAINED_DOTS, g is not None)),
     )  # fmt: skip
     dg = dg.sum(0).float() if dg is not None else None
     dbeta = dbeta.sum(0)
@@ -1400,7 +1416,7 @@ def _library_variants():
             chunk |= _flags(torch_dtype, gated, l2, "backward_chunk", gpu=True, BK=bk)
             chunk |= dict(DX_LOWP=chunk["LOWP"] and parts["dx"])
             chunk |= dict(DB_FROM_PRODUCTS=_db_from_products(gated, torch_dtype, l2))
-            chunk |= dict(SUMS_IN_PLACE=bool(SUMS_IN_PLACE))
+            chunk |= dict(SUMS_IN_PLACE=bool(SUMS_IN_PLACE), UNCHAINED=bool(_by_op(UNCHAINED_DOTS, gated)))
             chunk_ptrs = sptrs | dict(du=xd) if chunk["LOWP"] else ptrs
             scalars = dict(scalars=dict(scale="fp32", part="i32"))
             chunk_opts = _launch("backward_chunk", torch_dtype, bk, bv_bwd, gated=gated, qk_l2norm=l2) | scalars
@@ -1411,4 +1427,9 @@ def _library_variants():
                     bench = chunk | dict(BETA_LOGIT=False, SUMS_IN_PLACE=in_place)
                     bench_label = chunk_label.replace("logit=True", f"logit=False SUMS_IN_PLACE={in_place}")
                     yield bench_label, _backward_chunk_kernel, chunk_ptrs, common["backward_chunk"] | bench, chunk_opts
+            if opt:  # either UNCHAINED_DOTS setting, where the products go into db (DB_FROM_PRODUCTS)
+                other = chunk | dict(UNCHAINED=not chunk["UNCHAINED"])
+                if other["DB_FROM_PRODUCTS"]:
+                    other_label = f"{chunk_label} UNCHAINED={other['UNCHAINED']}"
+                    yield other_label, _backward_chunk_kernel, chunk_ptrs, common["backward_chunk"] | other, chunk_opts
     # The decode kernel, with the delta rule's update, compiles in the "recurrent" group.

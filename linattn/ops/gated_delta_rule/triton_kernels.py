@@ -448,6 +448,7 @@ def _backward_chunk_kernel(
     DX_LOWP: tl.constexpr,
     DB_FROM_PRODUCTS: tl.constexpr,
     SUMS_IN_PLACE: tl.constexpr,
+    UNCHAINED: tl.constexpr = False,
 ):
     # Per chunk, from the state entering it (S), the gradient of the state leaving it (dS'), U and dX (which
     # _backward_state_kernel stores in du): every input gradient. U = Tinv R with R = beta (v - exp(b) k S) and
@@ -465,6 +466,9 @@ def _backward_chunk_kernel(
     # and k . dk over the terms that hold b with each sign: see below), instead of forming q k^T and k k^T and the
     # [BT, BT] gradient-times-score tiles (dP P and dA A) with their row and column sums.
     # SUMS_IN_PLACE: the row sums of the first pass's products reduced where those lie (row_sums_in_place).
+    # UNCHAINED (with DB_FROM_PRODUCTS): no product's result is the accumulator of another product, and P's diagonal
+    # goes into dq and dk through products of its own (see triton.py's UNCHAINED_DOTS): scale multiplies the
+    # products of P's tiles after them, which keeps the compiler from folding their sums into one chain.
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_c, i_k = chunk_and_block((K + BK - 1) // BK)
     i_h = tl.program_id(1)
@@ -556,7 +560,10 @@ def _backward_chunk_kernel(
     # that gamma, dP and the scores are never live together. On an H200 (session 9, bf16, T = 4096, B = 16),
     # with gates this kernel went 4.42 -> 3.98 ms (the solve's change alongside); without, 2.66 -> 2.67.
     gamma, _, _, _ = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
-    dPg = dP * (gamma * scale)
+    if UNCHAINED and DB_FROM_PRODUCTS:
+        dPg = dP * gamma  # scale comes after P's products
+    else:
+        dPg = dP * (gamma * scale)
     dAg = tl.where(strict, -dA, 0.0) * gamma
     b_q, r_q = load_rows(q, tok, m_t, o_k, K, L2NORM, False, rn, R_IN)
     b_k, r_k = load_rows(k, tok, m_t, o_k, K, L2NORM, False, rn + 1, R_IN)
@@ -569,23 +576,40 @@ def _backward_chunk_kernel(
         # d_plus that of beta k over the rest; three row sums of whole gradients, rather than one per product.
         # P's strictly lower part goes into them: its diagonal (no b in it) would cancel between q's sum and k's
         # only to rounding, and at strong gates the true sums are ~0; it is added to dq and dk apart.
+        eye = o_t[:, None] == o_t[None, :]
         if HAS_G:
-            d_diag = tl.sum(tl.where(o_t[:, None] == o_t[None, :], dPg, 0.0), axis=1)
+            if UNCHAINED:
+                P_diag = tl.where(eye, dPg, 0.0)
+            else:
+                d_diag = tl.sum(tl.where(eye, dPg, 0.0), axis=1)
             dPs = tl.where(strict, dPg, 0.0)
         else:
             dPs = dPg
-        b_dq += mm_lowp(dPs, b_k, DOT_PREC, ROUND, LOWP, LOWP_TY)
+        if UNCHAINED:
+            b_dq += mm_lowp(dPs, b_k, DOT_PREC, ROUND, LOWP, LOWP_TY) * scale
+        else:
+            b_dq += mm_lowp(dPs, b_k, DOT_PREC, ROUND, LOWP, LOWP_TY)
         if HAS_G:
             db += row_sums_kept(b_q * b_dq)
-            b_dq += d_diag[:, None] * b_k
+            if UNCHAINED:
+                b_dq += mm_lowp(P_diag, b_k, DOT_PREC, ROUND, LOWP, LOWP_TY) * scale
+            else:
+                b_dq += d_diag[:, None] * b_k
         if L2NORM:
             b_dq = l2norm_backward(b_dq, b_q, r_q)
         tl.store(dq + tok[:, None] * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m_tk)
-        b_dk += mm_lowp(tl.trans(dPs), b_q, DOT_PREC, ROUND, LOWP, LOWP_TY)  # P's columns
-        b_dk += mm_lowp(tl.trans(dAg * b_beta[:, None]), b_k, DOT_PREC, ROUND, LOWP, LOWP_TY)  # A's columns
+        if UNCHAINED:  # A's columns into b_dk as the accumulator, P's after them, scaled
+            b_dk += mm_lowp(tl.trans(dAg * b_beta[:, None]), b_k, DOT_PREC, ROUND, LOWP, LOWP_TY)
+            b_dk += mm_lowp(tl.trans(dPs), b_q, DOT_PREC, ROUND, LOWP, LOWP_TY) * scale
+        else:
+            b_dk += mm_lowp(tl.trans(dPs), b_q, DOT_PREC, ROUND, LOWP, LOWP_TY)  # P's columns
+            b_dk += mm_lowp(tl.trans(dAg * b_beta[:, None]), b_k, DOT_PREC, ROUND, LOWP, LOWP_TY)  # A's columns
         if HAS_G:  # the last row holds E_last alone (P's and A's last columns are 0), whose b-terms cancel
             db -= tl.where(o_t == last, 0.0, row_sums_kept(b_k * b_dk))
-            b_dk += d_diag[:, None] * b_q
+            if UNCHAINED:
+                b_dk += mm_lowp(P_diag, b_q, DOT_PREC, ROUND, LOWP, LOWP_TY) * scale
+            else:
+                b_dk += d_diag[:, None] * b_q
         d_plus += mm_lowp(dAg, b_k, DOT_PREC, ROUND, LOWP, LOWP_TY)  # A's rows
         k_plus = row_sums_kept(b_k * d_plus)
         d_beta += k_plus
