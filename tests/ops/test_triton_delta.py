@@ -345,19 +345,14 @@ def test_first_pass_row_sums_in_place_or_not(case, gates, in_place, monkeypatch)
 @pytest.mark.parametrize(
     "case, gates", [(GATED, None), (DELTA, None), (GATED, -30.0), (GATED, -1e4)], ids=lambda x: getattr(x, "id", x)
 )
-@pytest.mark.parametrize("form", ["chained", "unchained", "late_sums"])
+@pytest.mark.parametrize("unchained", [False, True], ids=["chained", "unchained"])
 @pytest.mark.parametrize("qk_l2norm", [False, True], ids=["unit_keys", "qk_l2norm"])
-def test_backward_chunk_forms(case, gates, form, qk_l2norm, monkeypatch):
-    """backward_chunk's forms after its loops: UNCHAINED_DOTS (none of its products' results is another's
-    accumulator: scale after P's products, P's diagonal by products of its own) or chained; and with it
-    LATE_END_SUM (b_C's share through the keys decayed to the chunk end summed after the second pass) and
-    KEEP_LOG_DECAYS (the log-decay sums kept for gamma): the same gradients, over whole rows (K = 33 in one
-    program) or in key blocks of 16, beta as logits, packed sequences (one of one token), and for the gated op
-    gates so strong that db's terms are ~0."""
-    unchained, late = form != "chained", form == "late_sums"
+def test_products_unchained_or_not(case, gates, unchained, qk_l2norm, monkeypatch):
+    """UNCHAINED_DOTS: backward_chunk's products after its loops written so that none's result is another's
+    accumulator (scale after P's products, P's diagonal by products of its own), or chained: the same gradients,
+    over whole rows (K = 33 in one program) or in key blocks of 16, beta as logits, packed sequences (one of one
+    token), and for the gated op gates so strong that db's terms are ~0."""
     monkeypatch.setattr(tri, "UNCHAINED_DOTS", dict(gated=unchained, ungated=unchained))
-    monkeypatch.setattr(tri, "LATE_END_SUM", late)
-    monkeypatch.setattr(tri, "KEEP_LOG_DECAYS", late)
     monkeypatch.setattr(tri, "CHUNK_KEYS", dict(gated=None, ungated=16))
     launches = launch_kwargs(monkeypatch, tri, "_backward_chunk_kernel")
     if qk_l2norm:
@@ -370,7 +365,6 @@ def test_backward_chunk_forms(case, gates, form, qk_l2norm, monkeypatch):
         tensors = extreme(tensors, gates)
     check_against_naive(variant, *to(tensors, state), "triton", cu_seqlens=cu_seqlens.to(DEVICE), **ON_DEVICE)
     assert launches and all(kw["UNCHAINED"] == unchained and kw["DB_FROM_PRODUCTS"] for kw in launches)
-    assert all(kw["LATE_END_SUM"] == late and kw["KEEP_LOG_DECAYS"] == late for kw in launches)
 
 
 @pytest.mark.parametrize("narrow", [False, True], ids=["tiles", "narrow"])

@@ -203,22 +203,10 @@ def chunk_decays(b, b_hi, b_lo, b_last, BT: tl.constexpr, PRECISE_EXP: tl.conste
 
 
 @triton.jit
-def chunk_log_decay_or_none(g, tok, m_t, HAS_G: tl.constexpr, BT: tl.constexpr):
-    """``chunk_log_decay`` of the gates g at rows tok, or zeros (not to be used) when not HAS_G."""
+def chunk_decays_or_none(g, tok, m_t, HAS_G: tl.constexpr, BT: tl.constexpr, PRECISE_EXP: tl.constexpr):
+    """``chunk_decays`` of the gates g at rows tok, or the factors of no decay (all ones) when not HAS_G."""
     if HAS_G:
         b, b_hi, b_lo, b_last = chunk_log_decay(tl.load(g + tok, mask=m_t, other=0.0))
-    else:
-        b_hi = tl.zeros([BT], dtype=tl.float32)
-        b_lo = b_hi
-        b = b_hi.to(tl.float64)
-        b_last = tl.sum(b, axis=0)
-    return b, b_hi, b_lo, b_last
-
-
-@triton.jit
-def decays_or_none(b, b_hi, b_lo, b_last, HAS_G: tl.constexpr, BT: tl.constexpr, PRECISE_EXP: tl.constexpr):
-    """``chunk_decays`` of chunk_log_decay_or_none's sums, or the factors of no decay (all ones) when not HAS_G."""
-    if HAS_G:
         gamma, e_b, e_end, e_last = chunk_decays(b, b_hi, b_lo, b_last, BT, PRECISE_EXP)
     else:
         o_t = tl.arange(0, BT)
@@ -227,10 +215,3 @@ def decays_or_none(b, b_hi, b_lo, b_last, HAS_G: tl.constexpr, BT: tl.constexpr,
         e_end = e_b
         e_last = tl.sum(e_b, axis=0) / BT
     return gamma, e_b, e_end, e_last
-
-
-@triton.jit
-def chunk_decays_or_none(g, tok, m_t, HAS_G: tl.constexpr, BT: tl.constexpr, PRECISE_EXP: tl.constexpr):
-    """``chunk_decays`` of the gates g at rows tok, or the factors of no decay (all ones) when not HAS_G."""
-    b, b_hi, b_lo, b_last = chunk_log_decay_or_none(g, tok, m_t, HAS_G, BT)
-    return decays_or_none(b, b_hi, b_lo, b_last, HAS_G, BT, PRECISE_EXP)

@@ -400,13 +400,6 @@ SUMS_IN_PLACE = True
 # 7.15 / 8.87; every delta GPU test passes (90), and the properties (22). At 4 warps (the delta rule's 64 key
 # columns) every layout is [4, 1] anyway. By op: dict(gated=..., ungated=...).
 UNCHAINED_DOTS = dict(gated=True, ungated=True)
-# LATE_END_SUM: the gated backward_chunk forms b_C's share through the keys decayed to the chunk end (the sum of E_t,
-# see _backward_chunk_kernel) after its second pass, as one sum over the [BT, K] tile k * dk' from the keys loaded
-# there, rather than row by row after the first pass from keys loaded for it alone (with DB_FROM_PRODUCTS).
-LATE_END_SUM = False
-# KEEP_LOG_DECAYS: the gated backward_chunk sums the chunk's log-decays once, and keeps the float32 pair through its
-# second pass to form gamma after it, rather than loading and summing them again there.
-KEEP_LOG_DECAYS = False
 # output and local_du loop over a chunk's V blocks, forming q k^T once; one V block per program was slower on an H200
 # (session 7, T = 4096, B = 16, bf16: delta_rule fwd+bwd 14.83 ms against 13.88). backward_state stores dX = Tinv^T dU
 # in dU's place, formed once as each chunk's dU is final, rather than backward_chunk forming it in each of its two
@@ -1083,7 +1076,6 @@ def backward(
         **chunk_flags, DX_LOWP=lowp and parts["dx"],
         DB_FROM_PRODUCTS=_db_from_products(g is not None, q.dtype, qk_l2norm),
         SUMS_IN_PLACE=bool(SUMS_IN_PLACE), UNCHAINED=bool(_by_op(UNCHAINED_DOTS, g is not None)),
-        LATE_END_SUM=bool(LATE_END_SUM), KEEP_LOG_DECAYS=bool(KEEP_LOG_DECAYS),
     )  # fmt: skip
     dg = dg.sum(0).float() if dg is not None else None
     dbeta = dbeta.sum(0)
@@ -1425,7 +1417,6 @@ def _library_variants():
             chunk |= dict(DX_LOWP=chunk["LOWP"] and parts["dx"])
             chunk |= dict(DB_FROM_PRODUCTS=_db_from_products(gated, torch_dtype, l2))
             chunk |= dict(SUMS_IN_PLACE=bool(SUMS_IN_PLACE), UNCHAINED=bool(_by_op(UNCHAINED_DOTS, gated)))
-            chunk |= dict(LATE_END_SUM=bool(LATE_END_SUM), KEEP_LOG_DECAYS=bool(KEEP_LOG_DECAYS))
             chunk_ptrs = sptrs | dict(du=xd) if chunk["LOWP"] else ptrs
             scalars = dict(scalars=dict(scale="fp32", part="i32"))
             chunk_opts = _launch("backward_chunk", torch_dtype, bk, bv_bwd, gated=gated, qk_l2norm=l2) | scalars

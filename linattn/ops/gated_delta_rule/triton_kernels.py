@@ -14,8 +14,6 @@ import triton.language as tl
 
 from linattn.ops.common.triton_delta_utils import (
     chunk_decays_or_none,
-    chunk_log_decay_or_none,
-    decays_or_none,
     inverse_row_norms,
     l2norm_backward,
     load_beta,
@@ -451,8 +449,6 @@ def _backward_chunk_kernel(
     DB_FROM_PRODUCTS: tl.constexpr,
     SUMS_IN_PLACE: tl.constexpr,
     UNCHAINED: tl.constexpr = False,
-    LATE_END_SUM: tl.constexpr = False,
-    KEEP_LOG_DECAYS: tl.constexpr = False,
 ):
     # Per chunk, from the state entering it (S), the gradient of the state leaving it (dS'), U and dX (which
     # _backward_state_kernel stores in du): every input gradient. U = Tinv R with R = beta (v - exp(b) k S) and
@@ -473,11 +469,6 @@ def _backward_chunk_kernel(
     # UNCHAINED (with DB_FROM_PRODUCTS): no product's result is the accumulator of another product, and P's diagonal
     # goes into dq and dk through products of its own (see triton.py's UNCHAINED_DOTS): scale multiplies the
     # products of P's tiles after them, which keeps the compiler from folding their sums into one chain.
-    # LATE_END_SUM (with DB_FROM_PRODUCTS): the sum over the chunk of E_t (b_C's share through the keys decayed to
-    # the chunk end, E below) formed after the second pass, over every element of k * dk' at once while dk' holds
-    # that term alone, from the keys loaded there; not row by row after the first pass from keys loaded for it.
-    # KEEP_LOG_DECAYS: the chunk-local log-decay sums formed once and kept through the second pass for gamma,
-    # rather than loaded and summed again after it.
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_c, i_k = chunk_and_block((K + BK - 1) // BK)
     i_h = tl.program_id(1)
@@ -514,13 +505,11 @@ def _backward_chunk_kernel(
         d_xw -= mm_lowp(d_x, tl.trans(S.to(tl.float32)), DOT_PREC, ROUND, DX_LOWP, LOWP_TY)
         d_last += tl.sum(dSn.to(tl.float32) * S.to(tl.float32), axis=1)
     b_beta = load_beta(beta, tok, m_t, BETA_LOGIT)
-    g_b, g_hi, g_lo, g_last = chunk_log_decay_or_none(g, tok, m_t, HAS_G, BT)
-    _, e_b, e_end, e_last = decays_or_none(g_b, g_hi, g_lo, g_last, HAS_G, BT, PRECISE_EXP)
+    _, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
     d_qs *= scale
     b_dq = d_qs * e_b[:, None]
     if DB_FROM_PRODUCTS:  # db's and dbeta's sums come after the second pass, from whole gradients
-        if not LATE_END_SUM:
-            b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM, False, rn + 1, R_IN)
+        b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM, False, rn + 1, R_IN)
         d_plus = d_xw * e_b[:, None]  # the gradient of beta k (d_xw: of beta exp(b) k) through W; A's rows below
         b_dk = d_kend * e_end[:, None]
         d_beta = tl.zeros([BT], dtype=tl.float32)
@@ -542,16 +531,12 @@ def _backward_chunk_kernel(
         b_dk = d_xw * (b_beta * e_b)[:, None] + d_kend * e_end[:, None]
     # keys decayed to the chunk end, and the decay of the entering state
     last = (hi - lo - 1).to(tl.int32)  # the chunk's last token: b_C is its b
-    if DB_FROM_PRODUCTS and LATE_END_SUM:  # (E's sum after the second pass)
-        db += tl.where(o_t == last, e_last * tl.sum(d_last, axis=0), 0.0)
+    if SUMS_IN_PLACE:
+        E = tl.where(o_t == last, 0.0, row_sums_in_place(d_kend * b_k, e_end))
     else:
-        if SUMS_IN_PLACE:
-            E = tl.where(o_t == last, 0.0, row_sums_in_place(d_kend * b_k, e_end))
-        else:
-            E = tl.where(o_t == last, 0.0, tl.sum(d_kend * b_k, axis=1) * e_end)
-        # (with the products, -E_t comes with k's sum below)
-        state_share = tl.sum(E, axis=0) + e_last * tl.sum(d_last, axis=0)
-        db += tl.where(o_t == last, state_share, 0.0 if DB_FROM_PRODUCTS else -E)
+        E = tl.where(o_t == last, 0.0, tl.sum(d_kend * b_k, axis=1) * e_end)
+    # (with the products, -E_t comes with k's sum below)
+    db += tl.where(o_t == last, tl.sum(E, axis=0) + e_last * tl.sum(d_last, axis=0), 0.0 if DB_FROM_PRODUCTS else -E)
 
     # 2. dv, dP and dA, over the V blocks.
     dP = tl.zeros([BT, BT], dtype=tl.float32)  # over scale
@@ -574,10 +559,7 @@ def _backward_chunk_kernel(
     # The decays (reloaded rather than kept live through the loops: registers) go into dP and dA at once, so
     # that gamma, dP and the scores are never live together. On an H200 (session 9, bf16, T = 4096, B = 16),
     # with gates this kernel went 4.42 -> 3.98 ms (the solve's change alongside); without, 2.66 -> 2.67.
-    if KEEP_LOG_DECAYS:
-        gamma, _, _, _ = decays_or_none(g_b, g_hi, g_lo, g_last, HAS_G, BT, PRECISE_EXP)
-    else:
-        gamma, _, _, _ = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
+    gamma, _, _, _ = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
     if UNCHAINED and DB_FROM_PRODUCTS:
         dPg = dP * gamma  # scale comes after P's products
     else:
@@ -595,8 +577,6 @@ def _backward_chunk_kernel(
         # P's strictly lower part goes into them: its diagonal (no b in it) would cancel between q's sum and k's
         # only to rounding, and at strong gates the true sums are ~0; it is added to dq and dk apart.
         eye = o_t[:, None] == o_t[None, :]
-        if HAS_G and LATE_END_SUM:  # b_dk holds d_kend exp(b_C - b) alone here; the last row's E_t is left out
-            db += tl.where(o_t == last, tl.sum(tl.where(o_t != last, row_sums_kept(b_k * b_dk), 0.0)), 0.0)
         if HAS_G:
             if UNCHAINED:
                 P_diag = tl.where(eye, dPg, 0.0)
