@@ -271,15 +271,16 @@ def test_backward_chunk_over_key_blocks(case, chunk_keys, monkeypatch):
 @pytest.mark.parametrize("qk_l2norm", [False, True], ids=["unit_keys", "qk_l2norm"])
 @pytest.mark.parametrize("wide_l2norm", [False, True], ids=["l2norm_narrow", "l2norm_wide"])
 def test_backward_chunk_keys_and_warps_by_op(case, qk_l2norm, wide_l2norm, monkeypatch):
-    """backward_chunk's programs at K = 128 (CHUNK_KEYS, WIDE_KEYS_WARPS): the gated op's over whole rows, the delta
-    rule's over CHUNK_KEYS["ungated"] key columns, either's over whole rows with qk_l2norm; whole rows take
+    """backward_chunk's programs at K = 128 (CHUNK_KEYS, WIDE_KEYS_WARPS): each op's over CHUNK_KEYS' key columns
+    (whole rows where None, as both ops' are now), either's over whole rows with qk_l2norm; whole rows take
     WIDE_KEYS_WARPS' warps, with qk_l2norm only where WIDE_KEYS_L2NORM says; else NUM_WARPS."""
     monkeypatch.setattr(tri, "WIDE_KEYS_L2NORM", wide_l2norm)
     chunk = launch_kwargs(monkeypatch, tri, "_backward_chunk_kernel")
     variant = with_options(case, qk_l2norm=True) if qk_l2norm else case
     tensors, state = variant.draw(B=1, T=70, H=1, K=128, V=64, seed=31)
     check_against_naive(variant, *to(tensors, state), "triton", **ON_DEVICE)
-    keys = 128 if case is GATED or qk_l2norm else tri.CHUNK_KEYS["ungated"]
+    entry = tri.CHUNK_KEYS["gated" if case is GATED else "ungated"]
+    keys = 128 if entry is None or qk_l2norm else entry
     wide = keys == 128 and (wide_l2norm or not qk_l2norm)
     want = (keys, tri.WIDE_KEYS_WARPS["backward_chunk"] if wide else tri.NUM_WARPS["backward_chunk"])
     assert {(kw["BK"], kw["num_warps"]) for kw in chunk} == {want}

@@ -414,8 +414,12 @@ UNCHAINED_DOTS = dict(gated=True, ungated=True)
 # ms, T = 4096, B = 16 / T = 65536, B = 1), gated 6.64 / 7.97 with 64 columns at 4 warps, 6.47 / 7.80 with whole rows
 # at 8, 7.15 / 8.48 with 64 columns at 8; the delta rule took 4.81 / 6.15 with 64 at 4, 4.95 / 6.29 whole at 8.
 # sm_90 compile (Triton 3.6, bf16, gated, the benchmark's launch): spill stack 3,136 B a thread at 64 columns and 4
-# warps, 1,248 at 64 and 8, 2,768 whole at 8. By op: dict(gated=..., ungated=...).
-CHUNK_KEYS = dict(gated=None, ungated=64)
+# warps, 1,248 at 64 and 8, 2,768 whole at 8. Session 24: with UNCHAINED_DOTS the delta rule too is faster over whole
+# rows at 8 warps, on an H200 (bf16, fwd+bwd ms, T = 4096 / 32768 / 65536, two calls): 4.66 / 4.52 / 5.44 with 64
+# columns at 4 warps against 4.62 / 4.46 / 5.41 and 4.62 / 4.45 / 5.38 whole; sm_90 compile (Triton 3.6, bf16) 2,088
+# SASS instructions a program at 64 columns (two programs a chunk, 256 B spill stack) against 1,496 whole (one, no
+# stack); every delta GPU test passes so (90) and the properties (22). By op: dict(gated=..., ungated=...).
+CHUNK_KEYS = dict(gated=None, ungated=None)
 # FULL_GPU: the per-sequence kernels narrow BV (halving, down to 16) only while they would run fewer programs than
 # this. Narrow blocks repeat each chunk's K-side work once per block: on an H200 (session 16, bf16, fwd+bwd ms, one
 # call), T = 16384, B = 4 without segments, BV = 64 (128 programs) took delta_rule 6.55 and gated 8.50, against 8.35
