@@ -302,6 +302,21 @@ def test_backward_chunk_value_blocks_of_its_own(case, monkeypatch):
     assert output and {kw["BV"] for kw in output} == {64}
 
 
+def check_packed_beta_logits(case, seed, qk_l2norm=False, gates=None):
+    """The case with beta as logits (and raw keys with qk_l2norm) against naive over packed sequences (one of one
+    token, a partial last chunk), K = 33 and V = 24, its gates made extreme where given: the backward_chunk forms'
+    common check."""
+    if qk_l2norm:
+        variant = with_options(case, qk_l2norm=True, beta_is_logit=True)
+    else:
+        variant = dataclasses.replace(case, id=f"{case.id}_beta_is_logit", options=dict(beta_is_logit=True))
+    cu_seqlens = torch.tensor([0, 37, 38, 150])
+    tensors, state = variant.draw(B=1, T=150, H=2, K=33, V=24, seed=seed, N=3)
+    if gates is not None:
+        tensors = extreme(tensors, gates)
+    check_against_naive(variant, *to(tensors, state), "triton", cu_seqlens=cu_seqlens.to(DEVICE), **ON_DEVICE)
+
+
 @both
 @pytest.mark.parametrize("from_products", [False, True], ids=["tiles", "products"])
 @pytest.mark.parametrize("qk_l2norm", [False, True], ids=["unit_keys", "qk_l2norm"])
@@ -312,13 +327,7 @@ def test_db_and_dbeta_from_the_tiles_or_the_products(case, from_products, qk_l2n
     monkeypatch.setattr(tri, "DB_FROM_PRODUCTS", dict(gated=from_products, ungated=from_products))
     launches = launch_kwargs(monkeypatch, tri, "_backward_chunk_kernel")
     monkeypatch.setattr(tri, "CHUNK_KEYS", dict(gated=16, ungated=16))
-    if qk_l2norm:
-        variant = with_options(case, qk_l2norm=True, beta_is_logit=True)
-    else:
-        variant = dataclasses.replace(case, id=f"{case.id}_beta_is_logit", options=dict(beta_is_logit=True))
-    cu_seqlens = torch.tensor([0, 37, 38, 150])
-    tensors, state = variant.draw(B=1, T=150, H=2, K=33, V=24, seed=17, N=3)
-    check_against_naive(variant, *to(tensors, state), "triton", cu_seqlens=cu_seqlens.to(DEVICE), **ON_DEVICE)
+    check_packed_beta_logits(case, 17, qk_l2norm)
     assert launches and all(kw["DB_FROM_PRODUCTS"] == from_products for kw in launches)
 
 
@@ -334,12 +343,7 @@ def test_first_pass_row_sums_in_place_or_not(case, gates, in_place, monkeypatch)
     monkeypatch.setattr(tri, "SUMS_IN_PLACE", in_place)
     monkeypatch.setattr(tri, "CHUNK_KEYS", dict(gated=16, ungated=16))
     launches = launch_kwargs(monkeypatch, tri, "_backward_chunk_kernel")
-    variant = dataclasses.replace(case, id=f"{case.id}_beta_is_logit", options=dict(beta_is_logit=True))
-    cu_seqlens = torch.tensor([0, 37, 38, 150])
-    tensors, state = variant.draw(B=1, T=150, H=2, K=33, V=24, seed=19, N=3)
-    if gates is not None:
-        tensors = extreme(tensors, gates)
-    check_against_naive(variant, *to(tensors, state), "triton", cu_seqlens=cu_seqlens.to(DEVICE), **ON_DEVICE)
+    check_packed_beta_logits(case, 19, gates=gates)
     assert launches and all(kw["SUMS_IN_PLACE"] == in_place for kw in launches)
 
 
@@ -356,15 +360,7 @@ def test_products_unchained_or_not(case, gates, unchained, qk_l2norm, monkeypatc
     monkeypatch.setattr(tri, "UNCHAINED_DOTS", dict(gated=unchained, ungated=unchained))
     monkeypatch.setattr(tri, "CHUNK_KEYS", dict(gated=None, ungated=16))
     launches = launch_kwargs(monkeypatch, tri, "_backward_chunk_kernel")
-    if qk_l2norm:
-        variant = with_options(case, qk_l2norm=True, beta_is_logit=True)
-    else:
-        variant = dataclasses.replace(case, id=f"{case.id}_beta_is_logit", options=dict(beta_is_logit=True))
-    cu_seqlens = torch.tensor([0, 37, 38, 150])
-    tensors, state = variant.draw(B=1, T=150, H=2, K=33, V=24, seed=23, N=3)
-    if gates is not None:
-        tensors = extreme(tensors, gates)
-    check_against_naive(variant, *to(tensors, state), "triton", cu_seqlens=cu_seqlens.to(DEVICE), **ON_DEVICE)
+    check_packed_beta_logits(case, 23, qk_l2norm, gates)
     assert launches and all(kw["UNCHAINED"] == unchained and kw["DB_FROM_PRODUCTS"] for kw in launches)
 
 
@@ -400,6 +396,32 @@ def test_narrow_decays_by_value_block():
         assert [tri._narrow(kernel, True, bv)["NARROW_DECAYS"] for bv in (16, 32, 64)] == [True, True, False]
         assert not any(tri._narrow(kernel, False, bv)["NARROW_DECAYS"] for bv in (16, 32, 64))
     assert not any(tri._narrow("output", True, bv)["NARROW_DECAYS"] for bv in (16, 32, 64))
+
+
+@pytest.mark.parametrize("narrow_few", [False, True], ids=["by_block", "few_programs"])
+def test_narrow_decays_at_few_programs(narrow_few, monkeypatch):
+    """NARROW_FEW: NARROW_DECAYS on for the gated forward and backward_state launches of fewer than FEW_PROGRAMS
+    programs at any value block (not with FEW_PROGRAMS_WARPS set, nor for output or the delta rule); off, only by
+    the block. Against naive: K = V = 64 in 2 value blocks of 32 (past NARROW_DECAYS' entries, 16 here) x 2
+    sequences x 2 heads = 8 programs, few under FEW_PROGRAMS = 9."""
+    monkeypatch.setattr(tri, "NARROW_FEW", narrow_few)
+    monkeypatch.setattr(tri, "NARROW_DECAYS", dict(forward=16, output=0, backward_state=16))
+    monkeypatch.setattr(tri, "FEW_PROGRAMS", 9)
+    monkeypatch.setattr(tri, "FULL_GPU", 0)  # the blocks of many programs, not narrowed for want of programs
+    launched = {name: launch_kwargs(monkeypatch, tri, name) for name in ("_forward_kernel", "_backward_state_kernel")}
+    tensors, state = GATED.draw(B=2, T=150, H=2, K=64, V=64, seed=33)
+    check_against_naive(GATED, *to(tensors, state), "triton", **ON_DEVICE)
+    for name, kws in launched.items():
+        assert kws and {(kw["BV"], kw["NARROW_DECAYS"]) for kw in kws} == {(32, narrow_few)}, name
+    for kernel in ("forward", "backward_state"):
+        assert tri._narrow(kernel, True, 64, 8)["NARROW_DECAYS"] == narrow_few
+        assert not tri._narrow(kernel, True, 64, 9)["NARROW_DECAYS"]  # not fewer than FEW_PROGRAMS
+        assert not tri._narrow(kernel, True, 64)["NARROW_DECAYS"]  # many (no count)
+        assert not tri._narrow(kernel, False, 64, 8)["NARROW_DECAYS"]
+        assert tri._narrow(kernel, True, 16, 100)["NARROW_DECAYS"]  # by the block, whatever the count
+    assert not tri._narrow("output", True, 64, 8)["NARROW_DECAYS"]
+    monkeypatch.setattr(tri, "FEW_PROGRAMS_WARPS", 8)
+    assert not tri._narrow("backward_state", True, 64, 8)["NARROW_DECAYS"]
 
 
 @both

@@ -296,6 +296,13 @@ SPLIT_BACKWARD = dict(gated=True, ungated=False)
 # 6.16 / 6.79 / 7.46 (and 6.64 at T = 16384, BV = 64 there), every delta GPU test passing (90).
 # LINATTN_LAUNCH="gated_delta_rule.NARROW_DECAYS.forward=0;gated_delta_rule.NARROW_DECAYS.backward_state=0": off.
 NARROW_DECAYS = dict(forward=32, output=0, backward_state=32)
+# NARROW_FEW: NARROW_DECAYS on as well, in forward and backward_state (the kernels with an entry), wherever a launch
+# runs fewer than FEW_PROGRAMS programs, at any BV, unless FEW_PROGRAMS_WARPS is set (at 8 warps the narrow
+# backward_state at BV = 64 needs 246,272 B of shared memory, past Hopper's 232,448). Session 24 measured both
+# kernels narrow at BV = 64 (LINATTN_LAUNCH's NARROW_DECAYS.forward=64 and .backward_state=64) on an H200, bf16:
+# gated 2.35 / 6.36 -> 1.77 / 6.04 ms (fwd / fwd+bwd) at T = 16384, B = 4, whose launches run 128 programs, and
+# 1.75 / 5.89 -> 1.98 / 5.91 at T = 4096, B = 16 (512 programs), as session 23 found at the segments' launches.
+NARROW_FEW = False
 # KEEP_STATES: the forward splits (above) and its stores (every chunk's entering state [NC, H, K, V], U [B, T, H, V])
 # and W are kept for the backward, which then neither solves for W and U0 again nor runs the forward's loop again
 # (fla's backward forms them again). With segments (long sequences, few of them: see SEGMENT_HEADS) the forward's
@@ -591,10 +598,13 @@ def _flags(
     return out
 
 
-def _narrow(kernel: str, gated: bool, BV: int) -> dict:
-    """NARROW_DECAYS' constexpr for a launch of ``kernel`` over value blocks of BV: on for the gated op where BV is
-    at most the kernel's entry."""
-    return dict(NARROW_DECAYS=gated and BV <= NARROW_DECAYS[kernel])
+def _narrow(kernel: str, gated: bool, BV: int, programs: int | None = None) -> dict:
+    """NARROW_DECAYS' constexpr for a launch of ``kernel`` over value blocks of BV (in ``programs`` programs, None:
+    many): on for the gated op where BV is at most the kernel's entry, or (NARROW_FEW) where the launch is of fewer
+    than FEW_PROGRAMS programs at NUM_WARPS' warps and the kernel has an entry."""
+    few = programs is not None and programs < FEW_PROGRAMS and FEW_PROGRAMS_WARPS is None
+    few = few and NARROW_FEW and NARROW_DECAYS[kernel] > 0
+    return dict(NARROW_DECAYS=gated and (BV <= NARROW_DECAYS[kernel] or few))
 
 
 def _lowp(dtype: torch.dtype, kernel: str, gpu: bool | None = None, BK: int | None = None) -> bool:
@@ -813,7 +823,7 @@ def forward(
             scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_H0=h0 is not None, HAS_U0=True, STORE_O=not split,
             STORE_HT=True, STORE_STATES=split,
             **_launch("forward", q.dtype, BK, BV, NV * lay.N * H, g is not None, qk_l2norm),
-            **flags, **_narrow("forward", g is not None, BV),
+            **flags, **_narrow("forward", g is not None, BV, NV * lay.N * H),
         )  # fmt: skip
         segs = None
     else:
@@ -916,7 +926,7 @@ def _segmented_forward(
             V=V_, BV=BV, HAS_H0=h0_ is not None, HAS_U0=has_u0, STORE_O=store_o_, STORE_HT=store_ht,
             STORE_STATES=store_states_, **common,
             **_launch("forward", q.dtype, BK, BV, programs, flags["HAS_G"], flags["L2NORM"]),
-            **_narrow("forward", flags["HAS_G"], BV),
+            **_narrow("forward", flags["HAS_G"], BV, programs),
         )  # fmt: skip
 
     if given is not None:
@@ -954,7 +964,7 @@ def _segmented_backward_state(q, k, g_, w, do, dht, seg: Segments, M, dstates, d
             dh0_ if dh0_ is not None else dummy, tinv, scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
             HAS_DHT=dht_ is not None, STORE_DH0=dh0_ is not None, STORE_GRADS=store_grads,
             **_launch("backward_state", q.dtype, BK, BV, triton.cdiv(V, BV) * NSH, flags["HAS_G"], flags["L2NORM"]),
-            **flags, **_narrow("backward_state", flags["HAS_G"], BV),
+            **flags, **_narrow("backward_state", flags["HAS_G"], BV, triton.cdiv(V, BV) * NSH),
         )  # fmt: skip
 
     L = torch.empty(seg.N, seg.NS, H, K, V, dtype=torch.float32, device=q.device)
@@ -1056,7 +1066,8 @@ def backward(
             **_launch(
                 "backward_state", q.dtype, BK, bv_state, triton.cdiv(V, bv_state) * lay.N * H, g is not None, qk_l2norm
             ),
-            **common, **state_flags, **_narrow("backward_state", g is not None, bv_state),
+            **common, **state_flags,
+            **_narrow("backward_state", g is not None, bv_state, triton.cdiv(V, bv_state) * lay.N * H),
         )  # fmt: skip
     else:
         _segmented_backward_state(q, k, g_, w, do, dht, seg, M, dstates, du, dx, dh0, tinv, scale, state_flags)
