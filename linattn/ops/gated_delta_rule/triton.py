@@ -510,7 +510,7 @@ def _launch(
     inputs, for float16 ones with qk_l2norm (see NUM_STAGES) and on GPUs with less shared memory (SMALL_SHARED), at
     least FEW_PROGRAMS_STAGES for fewer programs than FEW_PROGRAMS (two at most below Hopper's shared memory)."""
     stages = GATED_STAGES.get(kernel, NUM_STAGES[kernel]) if gated else NUM_STAGES[kernel]
-    few = programs is not None and programs < FEW_PROGRAMS
+    few = _few(programs)
     if dtype == torch.float32 or _float16_norms(dtype, qk_l2norm) or gpu_shared_below(SMALL_SHARED):
         stages = 1
     elif few:
@@ -518,6 +518,11 @@ def _launch(
         stages = max(stages, min(few_stages, 2) if gpu_shared_below(HOPPER_SHARED) else few_stages)
     wide = (WIDE_KEYS_L2NORM or not qk_l2norm) and not _float32_small_shared(dtype)
     return dict(num_warps=_warps(kernel, BK, BV, few, wide=wide), num_stages=stages)
+
+
+def _few(programs: int | None) -> bool:
+    """Whether a launch of ``programs`` programs (None: many) is of few, fewer than FEW_PROGRAMS."""
+    return programs is not None and programs < FEW_PROGRAMS
 
 
 def _warps(kernel: str, BK: int, BV: int, few: bool = False, wide: bool = True) -> int:
@@ -602,8 +607,7 @@ def _narrow(kernel: str, gated: bool, BV: int, programs: int | None = None) -> d
     """NARROW_DECAYS' constexpr for a launch of ``kernel`` over value blocks of BV (in ``programs`` programs, None:
     many): on for the gated op where BV is at most the kernel's entry, or (NARROW_FEW) where the launch is of fewer
     than FEW_PROGRAMS programs at NUM_WARPS' warps and the kernel has an entry."""
-    few = programs is not None and programs < FEW_PROGRAMS and FEW_PROGRAMS_WARPS is None
-    few = few and NARROW_FEW and NARROW_DECAYS[kernel] > 0
+    few = NARROW_FEW and _few(programs) and FEW_PROGRAMS_WARPS is None and NARROW_DECAYS[kernel] > 0
     return dict(NARROW_DECAYS=gated and (BV <= NARROW_DECAYS[kernel] or few))
 
 
@@ -956,6 +960,7 @@ def _segmented_backward_state(q, k, g_, w, do, dht, seg: Segments, M, dstates, d
     BK, _ = _blocks(K, V)
     NSH = seg.N * seg.NS * H
     BV = _sequence_bv(K, V, NSH, q.dtype, state_grad=True)
+    programs = triton.cdiv(V, BV) * NSH
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)
 
     def run(dht_, dh0_, store_grads):
@@ -963,8 +968,8 @@ def _segmented_backward_state(q, k, g_, w, do, dht, seg: Segments, M, dstates, d
             q, k, g_, w, do, dht_ if dht_ is not None else dummy, seg.cu, seg.first, dstates, du, dx,
             dh0_ if dh0_ is not None else dummy, tinv, scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
             HAS_DHT=dht_ is not None, STORE_DH0=dh0_ is not None, STORE_GRADS=store_grads,
-            **_launch("backward_state", q.dtype, BK, BV, triton.cdiv(V, BV) * NSH, flags["HAS_G"], flags["L2NORM"]),
-            **flags, **_narrow("backward_state", flags["HAS_G"], BV, triton.cdiv(V, BV) * NSH),
+            **_launch("backward_state", q.dtype, BK, BV, programs, flags["HAS_G"], flags["L2NORM"]),
+            **flags, **_narrow("backward_state", flags["HAS_G"], BV, programs),
         )  # fmt: skip
 
     L = torch.empty(seg.N, seg.NS, H, K, V, dtype=torch.float32, device=q.device)
@@ -1059,15 +1064,13 @@ def backward(
         )  # fmt: skip
     if seg is None:
         bv_state = _sequence_bv(K, V, lay.N * H, q.dtype, state_grad=True)
+        programs = triton.cdiv(V, bv_state) * lay.N * H
         _backward_state_kernel[(triton.cdiv(V, bv_state), lay.N * H)](
             q, k, g_, w, do, dht if dht is not None else dummy, lay.cu, lay.first, dstates, du, dx,
             dh0 if dh0 is not None else dummy, tinv, scale,
             BV=bv_state, HAS_DHT=dht is not None, STORE_DH0=h0 is not None, STORE_GRADS=True,
-            **_launch(
-                "backward_state", q.dtype, BK, bv_state, triton.cdiv(V, bv_state) * lay.N * H, g is not None, qk_l2norm
-            ),
-            **common, **state_flags,
-            **_narrow("backward_state", g is not None, bv_state, triton.cdiv(V, bv_state) * lay.N * H),
+            **_launch("backward_state", q.dtype, BK, bv_state, programs, g is not None, qk_l2norm),
+            **common, **state_flags, **_narrow("backward_state", g is not None, bv_state, programs),
         )  # fmt: skip
     else:
         _segmented_backward_state(q, k, g_, w, do, dht, seg, M, dstates, du, dx, dh0, tinv, scale, state_flags)
