@@ -122,10 +122,10 @@ def test_few_programs_take_their_own_warps(warps, monkeypatch):
 
 def test_one_stage_on_gpus_with_less_shared_memory(monkeypatch):
     """On a GPU that offers a program less than SMALL_SHARED of shared memory (sm_86, sm_89, sm_120: 99 KiB),
-    every launch takes one stage, where Hopper's settings take two or three (GATED_STAGES, FEW_PROGRAMS_STAGES) and the
-    gated forward with qk_l2norm would need 108-120 KiB; on an H200 (227 KiB) they keep them; where Triton does not
-    say, too. There float32's backward_chunk over whole rows takes value blocks of 32 and 4 warps, and db from the
-    tiles. The device faked: what Triton reports of it."""
+    every launch takes one stage, where Hopper's settings take two or three (NUM_STAGES, GATED_STAGES,
+    FEW_PROGRAMS_STAGES) and the gated forward with qk_l2norm would need 108-120 KiB; on an H200 (227 KiB) they keep
+    them; where Triton does not say, too. There float32's backward_chunk over whole rows takes value blocks of 32
+    and 4 warps, and db from the tiles. The device faked: what Triton reports of it."""
     from linattn.ops.common import triton_utils
 
     monkeypatch.setattr(triton_utils, "triton_interpret", lambda: False)
@@ -137,9 +137,13 @@ def test_one_stage_on_gpus_with_less_shared_memory(monkeypatch):
         monkeypatch.setattr(triton_utils, "shared_per_program", lambda index, s=optin: s)
         assert tri._launch("forward", torch.bfloat16, 128, 32, gated=True)["num_stages"] == gated_forward, optin
         assert tri._launch("backward_state", torch.bfloat16, 128, 32, 64)["num_stages"] == few, optin  # few programs
-        assert tri._launch("backward_chunk", torch.bfloat16, 64, 64, gated=True)["num_stages"] == 1
-        # float32's backward_chunk over whole rows: value blocks of 32 and 4 warps there, else 64 and 8
+        # backward_chunk: two stages for bfloat16 (ONE_PASS_CHUNK), one for float16 (ONE_STAGE_FLOAT16: its tf32
+        # tiles took 237,568 B at two on sm_90)
         small = optin == 101376
+        for gated in (False, True):
+            assert tri._launch("backward_chunk", torch.bfloat16, 128, 64, gated=gated)["num_stages"] == 2 - small
+            assert tri._launch("backward_chunk", torch.float16, 128, 64, gated=gated)["num_stages"] == 1
+        # float32's backward_chunk over whole rows: value blocks of 32 and 4 warps there, else 64 and 8
         assert tri._backward_chunk_bv(128, True, torch.float32) == (32 if small else 64), optin
         assert tri._backward_chunk_bv(128, True, torch.bfloat16) == 64, optin
         wide = tri._launch("backward_chunk", torch.float32, 128, 64, gated=True, qk_l2norm=True)["num_warps"]
@@ -362,6 +366,23 @@ def test_products_unchained_or_not(case, gates, unchained, qk_l2norm, monkeypatc
     launches = launch_kwargs(monkeypatch, tri, "_backward_chunk_kernel")
     check_packed_beta_logits(case, 23, qk_l2norm, gates)
     assert launches and all(kw["UNCHAINED"] == unchained and kw["DB_FROM_PRODUCTS"] for kw in launches)
+
+
+@pytest.mark.parametrize("case", [GATED, DELTA], ids=lambda c: c.id)
+@pytest.mark.parametrize("one_pass", [False, True], ids=["two_passes", "one_pass"])
+@pytest.mark.parametrize("chunk_keys", [None, 16], ids=["whole_rows", "key_blocks"])
+def test_backward_chunk_in_one_pass_or_two(case, one_pass, chunk_keys, monkeypatch):
+    """ONE_PASS_CHUNK: backward_chunk's two loops over the V blocks as one (dv, dP and dA formed beside the first
+    pass's products) or two: the same gradients, over V = 24 in blocks of 16 (the last partial), whole rows (K = 33)
+    or key blocks of 16 (dv and dbeta's share through v from the first block's program alone), beta as logits and
+    packed sequences (one of one token)."""
+    monkeypatch.setattr(tri, "ONE_PASS_CHUNK", dict(gated=one_pass, ungated=one_pass))
+    monkeypatch.setattr(tri, "CHUNK_KEYS", dict(gated=chunk_keys, ungated=chunk_keys))
+    monkeypatch.setattr(tri, "BACKWARD_CHUNK_BV", dict(gated=16, ungated=16))
+    launches = launch_kwargs(monkeypatch, tri, "_backward_chunk_kernel")
+    check_packed_beta_logits(case, 29)
+    assert launches and all(kw["ONE_PASS"] == one_pass and kw["BV"] == 16 for kw in launches)
+    assert all(kw["BK"] == (chunk_keys or 64) for kw in launches)
 
 
 @pytest.mark.parametrize("narrow", [False, True], ids=["tiles", "narrow"])

@@ -144,7 +144,11 @@ NUM_WARPS = dict(prepare=4, forward=4, output=4, local_du=4, backward_state=4, b
 # num_stages for 16-bit inputs (float32 always takes 1: its tiles with more stages overflow shared memory). One stage
 # cuts shared memory per program (sm_90 compile, bf16: forward 123 -> 82 KB, backward_state 99 -> 66 KB), so more
 # programs share an SM; on an H200 (T = 4096, B = 16, bf16, session 5) gated_delta_rule fwd+bwd went 30.6 -> 27.4 ms.
-NUM_STAGES = dict(prepare=1, forward=1, output=1, local_du=1, backward_state=1, backward_chunk=1)
+# backward_chunk takes 2 with ONE_PASS_CHUNK (see there): its one loop's second V block's loads in flight while the
+# first's are used; for bfloat16 only (ONE_STAGE_FLOAT16): float16's tiles (tf32 products) took 237,568 B so on sm_90
+# (Triton 3.6, K = V = 128, 8 warps), past Hopper's 232,448.
+NUM_STAGES = dict(prepare=1, forward=1, output=1, local_du=1, backward_state=1, backward_chunk=2)
+ONE_STAGE_FLOAT16 = frozenset({"backward_chunk"})
 # float16 with qk_l2norm takes one stage as well: with the norms formed in the kernels, its tf32x3 dots and the rows
 # it reduces took the delta rule's forward and backward_state past the 227 KiB of shared memory that Hopper gives a
 # program at the few-program launches' 2 stages (sm_90, Triton 3.6: 249,856 and 245,760 B; OutOfResources on an
@@ -158,8 +162,9 @@ NUM_STAGES = dict(prepare=1, forward=1, output=1, local_du=1, backward_state=1, 
 # so the gated op takes them at every T and delta_rule, slower at long T, does not. Every kernel has its entry, so
 # that LINATTN_LAUNCH="gated_delta_rule.GATED_STAGES.<kernel>=2" can try the others. Session 10 (H200, one call,
 # T = 4096, gated fwd+bwd 10.69 / 10.71 ms with the settings above): 2 stages in prepare 10.88, output 10.67,
-# local_du 10.64, backward_chunk 11.26; none beyond the noise, so they stay at 1.
-GATED_STAGES = dict(prepare=1, forward=2, output=1, local_du=1, backward_state=2, backward_chunk=1)
+# local_du 10.64, backward_chunk 11.26; none beyond the noise, so they stayed at 1. backward_chunk takes 2 since
+# session 25, with ONE_PASS_CHUNK.
+GATED_STAGES = dict(prepare=1, forward=2, output=1, local_du=1, backward_state=2, backward_chunk=2)
 # num_warps of a kernel whose programs hold 128 key columns or more (NUM_WARPS otherwise): backward_chunk over
 # whole rows at K = 128 (CHUNK_KEYS, qk_l2norm). On an H200 (session 19, bf16, fwd+bwd ms, T = 4096, B = 16 /
 # T = 65536, B = 1, 8 warps against 4): gated 6.47 / 7.80 against (64 columns at 4 warps) 6.64 / 7.97; with
@@ -412,6 +417,21 @@ SUMS_IN_PLACE = True
 # 7.15 / 8.87; every delta GPU test passes (90), and the properties (22). At 4 warps (the delta rule's 64 key
 # columns) every layout is [4, 1] anyway. By op: dict(gated=..., ungated=...).
 UNCHAINED_DOTS = dict(gated=True, ungated=True)
+# ONE_PASS_CHUNK: backward_chunk's two loops over the V blocks as one, which loads U, dO and dX once a block rather
+# than twice, and keeps dP and dA live beside the first pass's [BT, K] tiles. Session 25's ncu of the gated kernel
+# (H200, bf16, T = 4096, B = 16; 2.42 ms, 255 registers, one program of 8 warps an SM) found it latency-bound: 39%
+# of its stall samples waiting on loads (long scoreboard), most at the first use of each loop's loaded tiles
+# (the first loop 28% of the samples, the second 14%), and 0.20 instructions issued a cycle a scheduler; the delta
+# rule's (1.68 ms) alike. In one loop, two stages (NUM_STAGES, GATED_STAGES) have the second V block's loads issued
+# with the first's. On an H200 (session 25, one call, bf16, fwd+bwd ms, T = 4096 / 16384 / 65536):
+#   main (two loops, 1 stage)        delta 4.60 / 4.58 / 5.37   gated 5.87 / 6.01 / 7.19 (again: 5.89 / 6.00 / 7.21)
+#   one pass, 1 stage                delta 4.50 / 4.48 / 5.26   gated 6.11 / 6.25 / 7.44
+#   one pass, 2 stages               delta 4.31 / 4.30 / 5.10   gated 5.74 / 5.88 / 7.07
+#   one pass, 2 stages, BV = 32      delta 4.66 / 4.65 / 5.44   gated 6.04 / 6.18 / 7.39
+#   two loops, 2 stages              delta 4.48 / 4.47 / 5.26   gated 5.95 / 6.09 / 7.27
+# sm_90 compile (Triton 3.6, bf16, the benchmark's launch, 1 stage): gated 2,960 -> 2,736 SASS instructions, spill
+# stack 40 -> 120 B; delta 1,448 -> 1,416, none. By op: dict(gated=..., ungated=...).
+ONE_PASS_CHUNK = dict(gated=True, ungated=True)
 # output and local_du loop over a chunk's V blocks, forming q k^T once; one V block per program was slower on an H200
 # (session 7, T = 4096, B = 16, bf16: delta_rule fwd+bwd 14.83 ms against 13.88). backward_state stores dX = Tinv^T dU
 # in dU's place, formed once as each chunk's dU is final, rather than backward_chunk forming it in each of its two
@@ -512,11 +532,14 @@ def _launch(
 ) -> dict:
     """num_warps (see _warps; WIDE_KEYS_WARPS with qk_l2norm only with WIDE_KEYS_L2NORM) and num_stages of a kernel
     launched as ``programs`` programs (None: many), with gates (GATED_STAGES) or without: one stage for float32
-    inputs, for float16 ones with qk_l2norm (see NUM_STAGES) and on GPUs with less shared memory (SMALL_SHARED), at
-    least FEW_PROGRAMS_STAGES for fewer programs than FEW_PROGRAMS (two at most below Hopper's shared memory)."""
+    inputs, for float16 ones with qk_l2norm or in ONE_STAGE_FLOAT16's kernels (see NUM_STAGES) and on GPUs with less
+    shared memory (SMALL_SHARED), at least FEW_PROGRAMS_STAGES for fewer programs than FEW_PROGRAMS (two at most
+    below Hopper's shared memory)."""
     stages = GATED_STAGES.get(kernel, NUM_STAGES[kernel]) if gated else NUM_STAGES[kernel]
     few = _few(programs)
     if dtype == torch.float32 or _float16_norms(dtype, qk_l2norm) or gpu_shared_below(SMALL_SHARED):
+        stages = 1
+    elif dtype == torch.float16 and kernel in ONE_STAGE_FLOAT16:
         stages = 1
     elif few:
         few_stages = FEW_PROGRAMS_STAGES[str(dtype).removeprefix("torch.")]
@@ -1099,6 +1122,7 @@ def backward(
         **chunk_flags, DX_LOWP=lowp and parts["dx"],
         DB_FROM_PRODUCTS=_db_from_products(g is not None, q.dtype, qk_l2norm),
         SUMS_IN_PLACE=bool(SUMS_IN_PLACE), UNCHAINED=bool(_by_op(UNCHAINED_DOTS, g is not None)),
+        ONE_PASS=bool(_by_op(ONE_PASS_CHUNK, g is not None)),
     )  # fmt: skip
     dg = dg.sum(0).float() if dg is not None else None
     dbeta = dbeta.sum(0)
@@ -1446,6 +1470,7 @@ def _library_variants():
             chunk |= dict(DX_LOWP=chunk["LOWP"] and parts["dx"])
             chunk |= dict(DB_FROM_PRODUCTS=_db_from_products(gated, torch_dtype, l2))
             chunk |= dict(SUMS_IN_PLACE=bool(SUMS_IN_PLACE), UNCHAINED=bool(_by_op(UNCHAINED_DOTS, gated)))
+            chunk |= dict(ONE_PASS=bool(_by_op(ONE_PASS_CHUNK, gated)))
             chunk_ptrs = sptrs | dict(du=xd) if chunk["LOWP"] else ptrs
             scalars = dict(scalars=dict(scale="fp32", part="i32"))
             chunk_opts = _launch("backward_chunk", torch_dtype, bk, bv_bwd, gated=gated, qk_l2norm=l2) | scalars
@@ -1461,4 +1486,8 @@ def _library_variants():
                 if other["DB_FROM_PRODUCTS"]:
                     other_label = f"{chunk_label} UNCHAINED={other['UNCHAINED']}"
                     yield other_label, _backward_chunk_kernel, chunk_ptrs, common["backward_chunk"] | other, chunk_opts
+            if opt:  # the other ONE_PASS_CHUNK setting
+                other = chunk | dict(ONE_PASS=not chunk["ONE_PASS"])
+                other_label = f"{chunk_label} ONE_PASS={other['ONE_PASS']}"
+                yield other_label, _backward_chunk_kernel, chunk_ptrs, common["backward_chunk"] | other, chunk_opts
     # The decode kernel, with the delta rule's update, compiles in the "recurrent" group.

@@ -411,6 +411,23 @@ def _backward_state_kernel(
 
 
 @triton.jit
+def _chunk_value_terms(
+    v, dv, b_u, b_do, d_x, b_beta, dP, dA, d_bv, tok, m_t, o_v, i_k, V: tl.constexpr,
+    DOT_PREC: tl.constexpr, ROUND: tl.constexpr, LOWP: tl.constexpr, DX_LOWP: tl.constexpr, LOWP_TY: tl.constexpr,
+):  # fmt: skip
+    """backward_chunk's second-pass terms of one V block, from its U, dO and dX (d_x, float32): dv stored and
+    dbeta's share through v added to d_bv (both from the first key block's program alone), U's products with dO and
+    dX added to dP and dA. Returns (dP, dA, d_bv)."""
+    m_dv = m_t[:, None] & (o_v + i_k * V < V)[None, :]
+    b_v = tl.load(v + tok[:, None] * V + o_v[None, :], mask=m_dv, other=0.0).to(tl.float32)
+    tl.store(dv + tok[:, None] * V + o_v[None, :], (d_x * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_dv)
+    d_bv += tl.sum(d_x * b_v, axis=1)
+    dP += mm_lowp(b_do, tl.trans(b_u), DOT_PREC, ROUND, LOWP, LOWP_TY)
+    dA += mm_lowp(d_x, tl.trans(b_u.to(tl.float32)), DOT_PREC, ROUND, DX_LOWP, LOWP_TY)
+    return dP, dA, d_bv
+
+
+@triton.jit
 def _backward_chunk_kernel(
     q,
     k,
@@ -449,6 +466,7 @@ def _backward_chunk_kernel(
     DB_FROM_PRODUCTS: tl.constexpr,
     SUMS_IN_PLACE: tl.constexpr,
     UNCHAINED: tl.constexpr = False,
+    ONE_PASS: tl.constexpr = False,
 ):
     # Per chunk, from the state entering it (S), the gradient of the state leaving it (dS'), U and dX (which
     # _backward_state_kernel stores in du): every input gradient. U = Tinv R with R = beta (v - exp(b) k S) and
@@ -469,6 +487,8 @@ def _backward_chunk_kernel(
     # UNCHAINED (with DB_FROM_PRODUCTS): no product's result is the accumulator of another product, and P's diagonal
     # goes into dq and dk through products of its own (see triton.py's UNCHAINED_DOTS): scale multiplies the
     # products of P's tiles after them, which keeps the compiler from folding their sums into one chain.
+    # ONE_PASS: the two passes' work in one loop over the V blocks, which loads U, dO and dX once (see triton.py's
+    # ONE_PASS_CHUNK), with dP and dA live beside the first pass's tiles.
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_c, i_k = chunk_and_block((K + BK - 1) // BK)
     i_h = tl.program_id(1)
@@ -488,6 +508,11 @@ def _backward_chunk_kernel(
     d_kend = tl.zeros([BT, BK], dtype=tl.float32)  # gradient of exp(b_C - b) k
     d_xw = tl.zeros([BT, BK], dtype=tl.float32)  # gradient of beta exp(b) k
     d_last = tl.zeros([BK], dtype=tl.float32)  # <dS', S> by rows
+    if ONE_PASS:
+        b_beta = load_beta(beta, tok, m_t, BETA_LOGIT)
+        dP = tl.zeros([BT, BT], dtype=tl.float32)  # over scale
+        dA = tl.zeros([BT, BT], dtype=tl.float32)  # negated
+        d_bv = tl.zeros([BT], dtype=tl.float32)  # dbeta's share through v
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_tv = m_t[:, None] & (o_v < V)[None, :]
@@ -504,7 +529,13 @@ def _backward_chunk_kernel(
         d_kend += mm_lowp(b_u, tl.trans(dSn), DOT_PREC, ROUND, LOWP, LOWP_TY)
         d_xw -= mm_lowp(d_x, tl.trans(S.to(tl.float32)), DOT_PREC, ROUND, DX_LOWP, LOWP_TY)
         d_last += tl.sum(dSn.to(tl.float32) * S.to(tl.float32), axis=1)
-    b_beta = load_beta(beta, tok, m_t, BETA_LOGIT)
+        if ONE_PASS:
+            dP, dA, d_bv = _chunk_value_terms(
+                v, dv, b_u, b_do, d_x, b_beta, dP, dA, d_bv, tok, m_t, o_v, i_k, V,
+                DOT_PREC, ROUND, LOWP, DX_LOWP, LOWP_TY,
+            )  # fmt: skip
+    if not ONE_PASS:
+        b_beta = load_beta(beta, tok, m_t, BETA_LOGIT)
     _, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
     d_qs *= scale
     b_dq = d_qs * e_b[:, None]
@@ -538,24 +569,24 @@ def _backward_chunk_kernel(
     # (with the products, -E_t comes with k's sum below)
     db += tl.where(o_t == last, tl.sum(E, axis=0) + e_last * tl.sum(d_last, axis=0), 0.0 if DB_FROM_PRODUCTS else -E)
 
-    # 2. dv, dP and dA, over the V blocks.
-    dP = tl.zeros([BT, BT], dtype=tl.float32)  # over scale
-    dA = tl.zeros([BT, BT], dtype=tl.float32)  # negated
-    for i_v in range(0, tl.cdiv(V, BV)):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_tv = m_t[:, None] & (o_v < V)[None, :]
-        b_u = tl.load(u + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
-        b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
-        # dv, and dbeta's share through v, come from the first key block's program alone
-        m_dv = m_t[:, None] & (o_v + i_k * V < V)[None, :]
-        b_v = tl.load(v + tok[:, None] * V + o_v[None, :], mask=m_dv, other=0.0).to(tl.float32)
-        if not LOWP:
-            b_do = b_do.to(tl.float32)
-        d_x = tl.load(du + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)  # of beta v
-        tl.store(dv + tok[:, None] * V + o_v[None, :], (d_x * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_dv)
-        d_beta += tl.sum(d_x * b_v, axis=1)
-        dP += mm_lowp(b_do, tl.trans(b_u), DOT_PREC, ROUND, LOWP, LOWP_TY)
-        dA += mm_lowp(d_x, tl.trans(b_u.to(tl.float32)), DOT_PREC, ROUND, DX_LOWP, LOWP_TY)
+    # 2. dv, dP and dA, over the V blocks (in the first loop with ONE_PASS).
+    if not ONE_PASS:
+        dP = tl.zeros([BT, BT], dtype=tl.float32)  # over scale
+        dA = tl.zeros([BT, BT], dtype=tl.float32)  # negated
+        for i_v in range(0, tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_tv = m_t[:, None] & (o_v < V)[None, :]
+            b_u = tl.load(u + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+            b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+            if not LOWP:
+                b_do = b_do.to(tl.float32)
+            d_x = tl.load(du + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)  # of beta v
+            dP, dA, d_beta = _chunk_value_terms(
+                v, dv, b_u, b_do, d_x, b_beta, dP, dA, d_beta, tok, m_t, o_v, i_k, V,
+                DOT_PREC, ROUND, LOWP, DX_LOWP, LOWP_TY,
+            )  # fmt: skip
+    else:
+        d_beta += d_bv
     # The decays (reloaded rather than kept live through the loops: registers) go into dP and dA at once, so
     # that gamma, dP and the scores are never live together. On an H200 (session 9, bf16, T = 4096, B = 16),
     # with gates this kernel went 4.42 -> 3.98 ms (the solve's change alongside); without, 2.66 -> 2.67.
