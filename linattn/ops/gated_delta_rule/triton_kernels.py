@@ -473,7 +473,8 @@ def _backward_chunk_kernel(
     # Tinv = (I + A)^-1, so with dX = Tinv^T dU: dR = dX, dA = -dX U^T (strictly lower), and R's share of dk is
     # -beta exp(b) dX S^T.
     # Two passes over the V blocks keep few [BT, K] tiles live: the first gathers what needs the states
-    # (dq, dk of S's products), the second the [BT, BT] gradients dP, dA and dv.
+    # (dq, dk of S's products), the second the [BT, BT] gradients dP, dA and dv (with ONE_PASS, below, one loop
+    # does both).
     # Each program takes the key columns i_k BK .. (i_k + 1) BK (all of them when BK >= K; L2NORM needs whole
     # rows). dq and dk are per column; dv and dP, dA (sums over V) are whole in each program, which stores dv
     # if i_k = 0; dg and dbeta are sums over the columns, so each program stores its share at dg + i_k part,
@@ -488,7 +489,7 @@ def _backward_chunk_kernel(
     # goes into dq and dk through products of its own (see triton.py's UNCHAINED_DOTS): scale multiplies the
     # products of P's tiles after them, which keeps the compiler from folding their sums into one chain.
     # ONE_PASS: the two passes' work in one loop over the V blocks, which loads U, dO and dX once (see triton.py's
-    # ONE_PASS_CHUNK), with dP and dA live beside the first pass's tiles.
+    # ONE_PASS_CHUNK, on for bfloat16 at two stages), with dP and dA live beside the first pass's tiles.
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_c, i_k = chunk_and_block((K + BK - 1) // BK)
     i_h = tl.program_id(1)
