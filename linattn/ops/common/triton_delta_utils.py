@@ -203,6 +203,24 @@ def chunk_decays(b, b_hi, b_lo, b_last, BT: tl.constexpr, PRECISE_EXP: tl.conste
 
 
 @triton.jit
+def chunk_decays_read(gb, tok, m_t, tok_last, BT: tl.constexpr, PRECISE_EXP: tl.constexpr):
+    """``chunk_decays`` from the chunk's log-decay sums as stored per token (gb[2 tok], gb[2 tok + 1]: hi, lo, as
+    ``chunk_log_decay`` splits them), with tok_last the row of the chunk's last token: rows past it (m_t false) take
+    its sums, as a chunk summed in the kernel gives them (their gates load as 0)."""
+    last_hi = tl.load(gb + 2 * tok_last)
+    last_lo = tl.load(gb + 2 * tok_last + 1)
+    b_hi = tl.where(m_t, tl.load(gb + 2 * tok, mask=m_t, other=0.0), last_hi)
+    b_lo = tl.where(m_t, tl.load(gb + 2 * tok + 1, mask=m_t, other=0.0), last_lo)
+    o_t = tl.arange(0, BT)
+    causal = o_t[:, None] >= o_t[None, :]
+    diff = (b_hi[:, None] - b_hi[None, :]) + (b_lo[:, None] - b_lo[None, :])
+    gamma = tl.where(causal, exp32(tl.where(causal, diff, 0.0), PRECISE_EXP), 0.0)
+    e_b = exp32(b_hi, PRECISE_EXP)
+    e_end = exp32((last_hi - b_hi) + (last_lo - b_lo), PRECISE_EXP)
+    return gamma, e_b, e_end, exp32(last_hi, PRECISE_EXP)
+
+
+@triton.jit
 def chunk_decays_or_none(g, tok, m_t, HAS_G: tl.constexpr, BT: tl.constexpr, PRECISE_EXP: tl.constexpr):
     """``chunk_decays`` of the gates g at rows tok, or the factors of no decay (all ones) when not HAS_G."""
     if HAS_G:

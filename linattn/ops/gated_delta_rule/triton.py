@@ -78,6 +78,7 @@ from linattn.ops.gated_delta_rule.triton_kernels import (
     _chain_kernel,
     _forward_kernel,
     _local_du_kernel,
+    _log_decay_kernel,
     _output_kernel,
     _prepare_kernel,
     _row_norms_kernel,
@@ -432,6 +433,12 @@ UNCHAINED_DOTS = dict(gated=True, ungated=True)
 # sm_90 compile (Triton 3.6, bf16, the benchmark's launch, 1 stage): gated 2,960 -> 2,736 SASS instructions, spill
 # stack 40 -> 120 B; delta 1,448 -> 1,416, none. By op: dict(gated=..., ungated=...).
 ONE_PASS_CHUNK = dict(gated=True, ungated=True)
+# DECAYS_IN: the gated backward_chunk reads each chunk's cumulative log-decays (float32 hi + lo pairs per token,
+# formed once a backward by _log_decay_kernel) rather than summing the gates in float64 itself, twice a program.
+# Session 25's ncu put about 19% of the gated kernel's stall samples in the stretch between its loop and its
+# products, which holds the gates' load and scan. Built in session 25, untimed
+# (LINATTN_LAUNCH="gated_delta_rule.DECAYS_IN=1").
+DECAYS_IN = False
 # output and local_du loop over a chunk's V blocks, forming q k^T once; one V block per program was slower on an H200
 # (session 7, T = 4096, B = 16, bf16: delta_rule fwd+bwd 14.83 ms against 13.88). backward_state stores dX = Tinv^T dU
 # in dU's place, formed once as each chunk's dU is final, rather than backward_chunk forming it in each of its two
@@ -1113,6 +1120,10 @@ def backward(
     dg_dtype = torch.float64 if NK > 1 else torch.float32
     dg = torch.empty(NK, B, T, H, dtype=dg_dtype, device=q.device) if g is not None else None
     dbeta = torch.empty(NK, B, T, H, dtype=torch.float32, device=q.device)
+    decays_in = DECAYS_IN and g is not None
+    if decays_in:  # the chunks' log-decay sums, read by backward_chunk in place of the gates
+        g_ = torch.empty(B, T, H, 2, dtype=torch.float32, device=q.device)
+        _log_decay_kernel[(lay.NC, H)](g, g_, lay.chunks, H=H, BT=BT, num_warps=4)
     _backward_chunk_kernel[(lay.NC * NK, H)](
         q, k, v, g_, beta, u, dx, do, lay.chunks, states, dstates,
         dq, dk, dv, dg if dg is not None else dummy, dbeta, scale, B * T * H,
@@ -1122,7 +1133,7 @@ def backward(
         **chunk_flags, DX_LOWP=lowp and parts["dx"],
         DB_FROM_PRODUCTS=_db_from_products(g is not None, q.dtype, qk_l2norm),
         SUMS_IN_PLACE=bool(SUMS_IN_PLACE), UNCHAINED=bool(_by_op(UNCHAINED_DOTS, g is not None)),
-        ONE_PASS=bool(_by_op(ONE_PASS_CHUNK, g is not None)),
+        ONE_PASS=bool(_by_op(ONE_PASS_CHUNK, g is not None)), DECAYS_IN=decays_in,
     )  # fmt: skip
     dg = dg.sum(0).float() if dg is not None else None
     dbeta = dbeta.sum(0)
@@ -1368,12 +1379,13 @@ def compile_variants():
     launches, and those with qk_l2norm again with the row norms read (NORMS_IN)."""
     for label, kernel, pointers, constexprs, opts in _library_variants():
         yield label, kernel, pointers, constexprs, opts
+        if constexprs.get("L2NORM") and constexprs.get("R_IN") is False and "K=64" not in label:  # (K = 128 only)
+            yield f"{label} NORMS_IN", kernel, pointers, constexprs | dict(R_IN=True), opts
     rows = dict(R="i32")
     for dt in ("bf16", "fp16"):
         norms = dict(D=128, BR=ROW_NORM_ROWS, BD=128)
         yield f"row norms {dt}", _row_norms_kernel, dict(q=dt, k=dt), norms, dict(num_warps=4, scalars=rows)
-        if constexprs.get("L2NORM") and constexprs.get("R_IN") is False and "K=64" not in label:  # (K = 128 only)
-            yield f"{label} NORMS_IN", kernel, pointers, constexprs | dict(R_IN=True), opts
+    yield "log decay", _log_decay_kernel, dict(chunks="i32"), dict(H=16, BT=BT), dict(num_warps=4)
 
 
 def _library_variants():
@@ -1470,7 +1482,7 @@ def _library_variants():
             chunk |= dict(DX_LOWP=chunk["LOWP"] and parts["dx"])
             chunk |= dict(DB_FROM_PRODUCTS=_db_from_products(gated, torch_dtype, l2))
             chunk |= dict(SUMS_IN_PLACE=bool(SUMS_IN_PLACE), UNCHAINED=bool(_by_op(UNCHAINED_DOTS, gated)))
-            chunk |= dict(ONE_PASS=bool(_by_op(ONE_PASS_CHUNK, gated)))
+            chunk |= dict(ONE_PASS=bool(_by_op(ONE_PASS_CHUNK, gated)), DECAYS_IN=DECAYS_IN and gated)
             chunk_ptrs = sptrs | dict(du=xd) if chunk["LOWP"] else ptrs
             scalars = dict(scalars=dict(scale="fp32", part="i32"))
             chunk_opts = _launch("backward_chunk", torch_dtype, bk, bv_bwd, gated=gated, qk_l2norm=l2) | scalars
@@ -1486,8 +1498,9 @@ def _library_variants():
                 if other["DB_FROM_PRODUCTS"]:
                     other_label = f"{chunk_label} UNCHAINED={other['UNCHAINED']}"
                     yield other_label, _backward_chunk_kernel, chunk_ptrs, common["backward_chunk"] | other, chunk_opts
-            if opt:  # the other ONE_PASS_CHUNK setting
-                other = chunk | dict(ONE_PASS=not chunk["ONE_PASS"])
-                other_label = f"{chunk_label} ONE_PASS={other['ONE_PASS']}"
-                yield other_label, _backward_chunk_kernel, chunk_ptrs, common["backward_chunk"] | other, chunk_opts
+            if opt:  # the other ONE_PASS_CHUNK setting, and the other DECAYS_IN setting
+                for key in ("ONE_PASS", "DECAYS_IN"):
+                    other = chunk | {key: not chunk[key]}
+                    other_label = f"{chunk_label} {key}={other[key]}"
+                    yield other_label, _backward_chunk_kernel, chunk_ptrs, common["backward_chunk"] | other, chunk_opts
     # The decode kernel, with the delta rule's update, compiles in the "recurrent" group.

@@ -14,6 +14,7 @@ import triton.language as tl
 
 from linattn.ops.common.triton_delta_utils import (
     chunk_decays_or_none,
+    chunk_decays_read,
     inverse_row_norms,
     l2norm_backward,
     load_beta,
@@ -25,7 +26,7 @@ from linattn.ops.common.triton_delta_utils import (
     unit_lower_inverse,
 )
 from linattn.ops.common.triton_segments import scan_order
-from linattn.ops.common.triton_utils import chunk_and_block, chunk_bounds, sequence_bounds
+from linattn.ops.common.triton_utils import chunk_and_block, chunk_bounds, chunk_log_decay, sequence_bounds
 
 
 @triton.jit
@@ -467,6 +468,7 @@ def _backward_chunk_kernel(
     SUMS_IN_PLACE: tl.constexpr,
     UNCHAINED: tl.constexpr = False,
     ONE_PASS: tl.constexpr = False,
+    DECAYS_IN: tl.constexpr = False,
 ):
     # Per chunk, from the state entering it (S), the gradient of the state leaving it (dS'), U and dX (which
     # _backward_state_kernel stores in du): every input gradient. U = Tinv R with R = beta (v - exp(b) k S) and
@@ -490,6 +492,8 @@ def _backward_chunk_kernel(
     # products of P's tiles after them, which keeps the compiler from folding their sums into one chain.
     # ONE_PASS: the two passes' work in one loop over the V blocks, which loads U, dO and dX once (see triton.py's
     # ONE_PASS_CHUNK, on for bfloat16 at two stages), with dP and dA live beside the first pass's tiles.
+    # DECAYS_IN (with HAS_G): g holds the chunks' log-decay sums per token (_log_decay_kernel), read rather than
+    # summed from the gates, twice, here.
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_c, i_k = chunk_and_block((K + BK - 1) // BK)
     i_h = tl.program_id(1)
@@ -537,7 +541,11 @@ def _backward_chunk_kernel(
             )  # fmt: skip
     if not ONE_PASS:
         b_beta = load_beta(beta, tok, m_t, BETA_LOGIT)
-    _, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
+    last = (hi - lo - 1).to(tl.int32)  # the chunk's last token: b_C is its b
+    if DECAYS_IN and HAS_G:
+        _, e_b, e_end, e_last = chunk_decays_read(g, tok, m_t, (lo + last) * H + i_h, BT, PRECISE_EXP)
+    else:
+        _, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
     d_qs *= scale
     b_dq = d_qs * e_b[:, None]
     if DB_FROM_PRODUCTS:  # db's and dbeta's sums come after the second pass, from whole gradients
@@ -562,7 +570,6 @@ def _backward_chunk_kernel(
             db += k_w * (b_beta * e_b)
         b_dk = d_xw * (b_beta * e_b)[:, None] + d_kend * e_end[:, None]
     # keys decayed to the chunk end, and the decay of the entering state
-    last = (hi - lo - 1).to(tl.int32)  # the chunk's last token: b_C is its b
     if SUMS_IN_PLACE:
         E = tl.where(o_t == last, 0.0, row_sums_in_place(d_kend * b_k, e_end))
     else:
@@ -591,7 +598,10 @@ def _backward_chunk_kernel(
     # The decays (reloaded rather than kept live through the loops: registers) go into dP and dA at once, so
     # that gamma, dP and the scores are never live together. On an H200 (session 9, bf16, T = 4096, B = 16),
     # with gates this kernel went 4.42 -> 3.98 ms (the solve's change alongside); without, 2.66 -> 2.67.
-    gamma, _, _, _ = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
+    if DECAYS_IN and HAS_G:
+        gamma, _, _, _ = chunk_decays_read(g, tok, m_t, (lo + last) * H + i_h, BT, PRECISE_EXP)
+    else:
+        gamma, _, _, _ = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
     if UNCHAINED and DB_FROM_PRODUCTS:
         dPg = dP * gamma  # scale comes after P's products
     else:
@@ -672,6 +682,22 @@ def _backward_chunk_kernel(
         d_beta = d_beta * b_beta * (1.0 - b_beta)
     tl.store(dk + tok[:, None] * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m_tk)
     tl.store(dbeta + i_k * part + tok, d_beta, mask=m_t)
+
+
+@triton.jit
+def _log_decay_kernel(g, gb, chunks, H: tl.constexpr, BT: tl.constexpr):
+    """Each chunk's cumulative log-decays (chunk_log_decay's float64 sums, split into float32 hi + lo) stored per
+    token as gb[2 tok], gb[2 tok + 1], for the kernels that read them (DECAYS_IN). One program per chunk and head."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    lo, hi = chunk_bounds(chunks, i_c)
+    if hi <= lo:  # past the last chunk
+        return
+    o_t = tl.arange(0, BT)
+    m_t = lo + o_t < hi
+    tok = (lo + o_t) * H + i_h
+    _, b_hi, b_lo, _ = chunk_log_decay(tl.load(g + tok, mask=m_t, other=0.0))
+    tl.store(gb + 2 * tok, b_hi, mask=m_t)
+    tl.store(gb + 2 * tok + 1, b_lo, mask=m_t)
 
 
 @triton.jit
