@@ -436,9 +436,12 @@ ONE_PASS_CHUNK = dict(gated=True, ungated=True)
 # DECAYS_IN: the gated backward_chunk reads each chunk's cumulative log-decays (float32 hi + lo pairs per token,
 # formed once a backward by _log_decay_kernel) rather than summing the gates in float64 itself, twice a program.
 # Session 25's ncu put about 19% of the gated kernel's stall samples in the stretch between its loop and its
-# products, which holds the gates' load and scan. Built in session 25, untimed
-# (LINATTN_LAUNCH="gated_delta_rule.DECAYS_IN=1").
-DECAYS_IN = False
+# products, which holds the gates' load and scan. sm_90 compile (Triton 3.6, bf16, the benchmark's launch): 2,880
+# -> 2,968 SASS instructions (the sums loaded in each layout that uses them), but layout conversions 16 -> 8, BAR
+# 92 -> 75, DADD 20 -> 6; spill stack 72 -> 96 B. On an H200 (session 25, one call, bf16, gated fwd+bwd ms, off /
+# on / off / on): T = 4096 5.777 / 5.743 / 5.777 / 5.730, T = 65536 7.093 / 7.043 / 7.090 / 7.046; the gated GPU
+# tests of test_triton_delta.py pass with it (41). LINATTN_LAUNCH="gated_delta_rule.DECAYS_IN=0": off.
+DECAYS_IN = True
 # output and local_du loop over a chunk's V blocks, forming q k^T once; one V block per program was slower on an H200
 # (session 7, T = 4096, B = 16, bf16: delta_rule fwd+bwd 14.83 ms against 13.88). backward_state stores dX = Tinv^T dU
 # in dU's place, formed once as each chunk's dU is final, rather than backward_chunk forming it in each of its two
