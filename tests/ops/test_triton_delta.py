@@ -388,18 +388,23 @@ def test_backward_chunk_in_one_pass_or_two(case, one_pass, chunk_keys, monkeypat
 @pytest.mark.parametrize("gates", [None, -30.0, -1e4], ids=["gates", "strong", "extreme"])
 @pytest.mark.parametrize("decays_in", [False, True], ids=["summed", "read"])
 @pytest.mark.parametrize("chunk_keys", [None, 16], ids=["whole_rows", "key_blocks"])
-def test_backward_chunk_reads_log_decays_or_sums_them(gates, decays_in, chunk_keys, monkeypatch):
-    """DECAYS_IN: the gated backward_chunk reads each chunk's log-decay sums, stored per token by _log_decay_kernel,
-    or sums the gates itself: the same gradients against naive over packed sequences (one of one token, a partial
-    last chunk, whose rows past the end take the last token's sums), whole rows or key blocks of 16, with gates so
+def test_gated_kernels_read_log_decays_or_sum_them(gates, decays_in, chunk_keys, monkeypatch):
+    """DECAYS_IN: the gated output, local_du and backward_chunk kernels read each chunk's log-decay sums, stored per
+    token by _log_decay_kernel (once in the forward, once in the backward), or sum the gates themselves: the same
+    outputs and gradients against naive over packed sequences (one of one token, a partial last chunk, whose rows
+    past the end take the last token's sums), backward_chunk over whole rows or key blocks of 16, with gates so
     strong (-1e4) that a row past the end decayed from 0 rather than from the last sum would overflow."""
-    monkeypatch.setattr(tri, "DECAYS_IN", decays_in)
+    monkeypatch.setattr(tri, "DECAYS_IN", dict.fromkeys(tri.DECAYS_IN, decays_in))
     monkeypatch.setattr(tri, "CHUNK_KEYS", dict(gated=chunk_keys, ungated=chunk_keys))
-    launches = launch_kwargs(monkeypatch, tri, "_backward_chunk_kernel")
+    monkeypatch.setattr(tri, "KEEP_STATES", True)  # the forward's output kernel
+    monkeypatch.setattr(tri, "SPLIT_BACKWARD", dict(gated=True, ungated=False))  # local_du
+    kernels = ("_output_kernel", "_local_du_kernel", "_backward_chunk_kernel")
+    launches = {name: launch_kwargs(monkeypatch, tri, name) for name in kernels}
     sums = launch_kwargs(monkeypatch, tri, "_log_decay_kernel")
     check_packed_beta_logits(GATED, 31, False, gates)
-    assert launches and all(kw["DECAYS_IN"] == decays_in for kw in launches)
-    assert bool(sums) == decays_in
+    for name, kws in launches.items():
+        assert kws and all(kw["DECAYS_IN"] == decays_in for kw in kws), name
+    assert len(sums) == (2 if decays_in else 0)  # the forward's, the backward's
 
 
 @pytest.mark.parametrize("narrow", [False, True], ids=["tiles", "narrow"])

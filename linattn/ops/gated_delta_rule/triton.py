@@ -433,15 +433,37 @@ UNCHAINED_DOTS = dict(gated=True, ungated=True)
 # sm_90 compile (Triton 3.6, bf16, the benchmark's launch, 1 stage): gated 2,960 -> 2,736 SASS instructions, spill
 # stack 40 -> 120 B; delta 1,448 -> 1,416, none. By op: dict(gated=..., ungated=...).
 ONE_PASS_CHUNK = dict(gated=True, ungated=True)
-# DECAYS_IN: the gated backward_chunk reads each chunk's cumulative log-decays (float32 hi + lo pairs per token,
-# formed once a backward by _log_decay_kernel) rather than summing the gates in float64 itself, twice a program.
+# DECAYS_IN, by kernel: the gated kernel reads each chunk's cumulative log-decays (float32 hi + lo pairs per token,
+# formed by _log_decay_kernel once in the forward for output, once in the backward for the others: _log_decays)
+# rather than summing the gates in float64 itself (backward_chunk twice a program). backward_chunk:
 # Session 25's ncu put about 19% of the gated kernel's stall samples in the stretch between its loop and its
 # products, which holds the gates' load and scan. sm_90 compile (Triton 3.6, bf16, the benchmark's launch): 2,880
 # -> 2,968 SASS instructions (the sums loaded in each layout that uses them), but layout conversions 16 -> 8, BAR
 # 92 -> 75, DADD 20 -> 6; spill stack 72 -> 96 B. On an H200 (session 25, one call, bf16, gated fwd+bwd ms, off /
 # on / off / on): T = 4096 5.777 / 5.743 / 5.777 / 5.730, T = 65536 7.093 / 7.043 / 7.090 / 7.046; the gated GPU
-# tests of test_triton_delta.py pass with it (41). LINATTN_LAUNCH="gated_delta_rule.DECAYS_IN=0": off.
-DECAYS_IN = True
+# tests of test_triton_delta.py pass with it (41). output and local_du: built after session 25's device time,
+# untimed (LINATTN_LAUNCH="gated_delta_rule.DECAYS_IN.output=1;gated_delta_rule.DECAYS_IN.local_du=1"); sm_90
+# compile (Triton 3.6, bf16, qk_l2norm): output 1,992 -> 2,144 SASS instructions, layout conversions 9 -> 3;
+# local_du 1,664 -> 1,704, conversions 8 -> 3.
+DECAYS_IN = dict(output=False, local_du=False, backward_chunk=True)
+
+
+def _log_decays(g: torch.Tensor | None, lay: ChunkTable, kernels: tuple[str, ...]) -> torch.Tensor | None:
+    """Each chunk's cumulative log-decays of the gates g [B, T, H] (float32), as float32 (hi, lo) pairs per token
+    [B, T, H, 2], for the kernels of DECAYS_IN among ``kernels`` that read them; None without gates or readers."""
+    if g is None or not any(DECAYS_IN[n] for n in kernels):
+        return None
+    sums = torch.empty(*g.shape, 2, dtype=torch.float32, device=g.device)
+    _log_decay_kernel[(lay.NC, g.shape[2])](g, sums, lay.chunks, H=g.shape[2], BT=BT, num_warps=4)
+    return sums
+
+
+def _decays_in(kernel: str, g_: torch.Tensor, sums: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+    """What ``kernel`` takes as g (the stored sums where it reads them, DECAYS_IN, else g_), and its constexpr."""
+    on = sums is not None and DECAYS_IN[kernel]
+    return (sums if on else g_), dict(DECAYS_IN=on)
+
+
 # output and local_du loop over a chunk's V blocks, forming q k^T once; one V block per program was slower on an H200
 # (session 7, T = 4096, B = 16, bf16: delta_rule fwd+bwd 14.83 ms against 13.88). backward_state stores dX = Tinv^T dU
 # in dU's place, formed once as each chunk's dU is final, rather than backward_chunk forming it in each of its two
@@ -876,10 +898,12 @@ def forward(
         kept = (states, u, w) if keep else None
         del w, u0
         bv = _chunk_bv(V)
+        g_out, decays = _decays_in("output", g_, _log_decays(g, lay, ("output",)))
         _output_kernel[(lay.NC, H)](
-            q, k, g_, states, u, lay.chunks, o, scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=bv,
+            q, k, g_out, states, u, lay.chunks, o, scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=bv,
             **_launch("output", q.dtype, BK, bv, gated=g is not None, qk_l2norm=qk_l2norm),
             **(_flags(q.dtype, g is not None, qk_l2norm, "output") | read), **_narrow("output", g is not None, bv),
+            **decays,
         )  # fmt: skip
     else:
         kept = None
@@ -1094,11 +1118,13 @@ def backward(
     dx = du if dx_dtype is None else torch.empty(B, T, H, V, dtype=dx_dtype, device=q.device)
     dh0 = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None
     bv_chunk, bv_bwd = _chunk_bv(V), _backward_chunk_bv(V, g is not None, q.dtype)
+    sums = _log_decays(g, lay, ("backward_chunk",) if local else ("local_du", "backward_chunk"))
     if not local:  # du = scale P^T dO, per chunk; backward_state adds the states' share
+        g_du, decays = _decays_in("local_du", g_, sums)
         _local_du_kernel[(lay.NC, H)](
-            q, k, g_, do, lay.chunks, du, scale, BV=bv_chunk,
+            q, k, g_du, do, lay.chunks, du, scale, BV=bv_chunk,
             **_launch("local_du", q.dtype, BK, bv_chunk, gated=g is not None, qk_l2norm=qk_l2norm), **common,
-            **flags("local_du"),
+            **flags("local_du"), **decays,
         )  # fmt: skip
     if seg is None:
         bv_state = _sequence_bv(K, V, lay.N * H, q.dtype, state_grad=True)
@@ -1123,12 +1149,9 @@ def backward(
     dg_dtype = torch.float64 if NK > 1 else torch.float32
     dg = torch.empty(NK, B, T, H, dtype=dg_dtype, device=q.device) if g is not None else None
     dbeta = torch.empty(NK, B, T, H, dtype=torch.float32, device=q.device)
-    decays_in = DECAYS_IN and g is not None
-    if decays_in:  # the chunks' log-decay sums, read by backward_chunk in place of the gates
-        g_ = torch.empty(B, T, H, 2, dtype=torch.float32, device=q.device)
-        _log_decay_kernel[(lay.NC, H)](g, g_, lay.chunks, H=H, BT=BT, num_warps=4)
+    g_chunk, decays = _decays_in("backward_chunk", g_, sums)
     _backward_chunk_kernel[(lay.NC * NK, H)](
-        q, k, v, g_, beta, u, dx, do, lay.chunks, states, dstates,
+        q, k, v, g_chunk, beta, u, dx, do, lay.chunks, states, dstates,
         dq, dk, dv, dg if dg is not None else dummy, dbeta, scale, B * T * H,
         BV=bv_bwd, BETA_LOGIT=beta_is_logit,
         **_launch("backward_chunk", q.dtype, bk, bv_bwd, gated=g is not None, qk_l2norm=qk_l2norm),
@@ -1136,7 +1159,7 @@ def backward(
         **chunk_flags, DX_LOWP=lowp and parts["dx"],
         DB_FROM_PRODUCTS=_db_from_products(g is not None, q.dtype, qk_l2norm),
         SUMS_IN_PLACE=bool(SUMS_IN_PLACE), UNCHAINED=bool(_by_op(UNCHAINED_DOTS, g is not None)),
-        ONE_PASS=bool(_by_op(ONE_PASS_CHUNK, g is not None)), DECAYS_IN=decays_in,
+        ONE_PASS=bool(_by_op(ONE_PASS_CHUNK, g is not None)), **decays,
     )  # fmt: skip
     dg = dg.sum(0).float() if dg is not None else None
     dbeta = dbeta.sum(0)
@@ -1470,13 +1493,25 @@ def _library_variants():
                 chain_opts = dict(num_warps=4, num_stages=1, scalars=dict(NS="i32"))
                 yield f"chain K={K_} reverse={reverse}", _chain_kernel, {}, chain, chain_opts
         output = common["output"] | dict(BV=BV_CHUNK) | _narrow("output", gated, BV_CHUNK)
+        output |= dict(DECAYS_IN=DECAYS_IN["output"] and gated)
         yield f"output {label}", _output_kernel, ptrs, output, opts["output"]
         if lowp:  # reading states and U kept in the backward's own dtypes (KEEP_LOWP): this gating's, the delta rule's
             for kept in (sptrs, ptrs | dict(states="bf16", u="bf16")):
                 kept_label = f"output kept states={kept['states']} u={kept['u']} {label}"
                 yield kept_label, _output_kernel, kept, output, opts["output"]
-        local_du = common["local_du"] | dict(BV=BV_CHUNK)
+        local_du = common["local_du"] | dict(BV=BV_CHUNK, DECAYS_IN=DECAYS_IN["local_du"] and gated)
         yield f"local du {label}", _local_du_kernel, ptrs | dict(du=dud), local_du, opts["local_du"]
+        if gated:  # output and local_du with the other DECAYS_IN setting
+            other = output | dict(DECAYS_IN=not output["DECAYS_IN"])
+            yield f"output DECAYS_IN={other['DECAYS_IN']} {label}", _output_kernel, ptrs, other, opts["output"]
+            other = local_du | dict(DECAYS_IN=not local_du["DECAYS_IN"])
+            yield (
+                f"local du DECAYS_IN={other['DECAYS_IN']} {label}",
+                _local_du_kernel,
+                ptrs | dict(du=dud),
+                other,
+                opts["local_du"],
+            )
         for l2 in sorted({opt, False}):  # key columns per program: CHUNK_KEYS, or all of them with qk_l2norm
             bk = _chunk_keys(BK, l2, gated)
             bv_bwd = _backward_chunk_bv(128, gated)
@@ -1485,7 +1520,7 @@ def _library_variants():
             chunk |= dict(DX_LOWP=chunk["LOWP"] and parts["dx"])
             chunk |= dict(DB_FROM_PRODUCTS=_db_from_products(gated, torch_dtype, l2))
             chunk |= dict(SUMS_IN_PLACE=bool(SUMS_IN_PLACE), UNCHAINED=bool(_by_op(UNCHAINED_DOTS, gated)))
-            chunk |= dict(ONE_PASS=bool(_by_op(ONE_PASS_CHUNK, gated)), DECAYS_IN=DECAYS_IN and gated)
+            chunk |= dict(ONE_PASS=bool(_by_op(ONE_PASS_CHUNK, gated)), DECAYS_IN=DECAYS_IN["backward_chunk"] and gated)
             chunk_ptrs = sptrs | dict(du=xd) if chunk["LOWP"] else ptrs
             scalars = dict(scalars=dict(scale="fp32", part="i32"))
             chunk_opts = _launch("backward_chunk", torch_dtype, bk, bv_bwd, gated=gated, qk_l2norm=l2) | scalars

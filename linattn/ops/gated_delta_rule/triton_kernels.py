@@ -224,10 +224,11 @@ def _output_kernel(
     LOWP: tl.constexpr,
     PRECISE_EXP: tl.constexpr,
     NARROW_DECAYS: tl.constexpr = False,
+    DECAYS_IN: tl.constexpr = False,
 ):
     # Per chunk, from the state entering it (S) and U, both stored by _forward_kernel (STORE_STATES):
     # o = scale (exp(b) q S + tril(q k^T exp(b_t - b_s)) U), off the sequential path, every V block in turn
-    # with q k^T formed once for them all.
+    # with q k^T formed once for them all. DECAYS_IN (with HAS_G): g holds the chunks' log-decay sums per token.
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     lo, hi = chunk_bounds(chunks, i_c)
@@ -240,7 +241,10 @@ def _output_kernel(
     state = (i_c * H + i_h).to(tl.int64) * K * V
     b_q, _ = load_rows(q, tok, m_t, o_k, K, L2NORM, False, rn, R_IN)
     b_kT, _ = load_rows(k, tok, m_t, o_k, K, L2NORM, True, rn + 1, R_IN)
-    gamma, e_b, _, _ = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
+    if DECAYS_IN and HAS_G:
+        gamma, e_b, _, _ = chunk_decays_read(g, tok, m_t, (hi - 1) * H + i_h, BT, PRECISE_EXP)
+    else:
+        gamma, e_b, _, _ = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
     P = mm_lowp(b_q, b_kT, DOT_PREC, ROUND, LOWP, LOWP_TY) * gamma
     if not NARROW_DECAYS:  # (else exp(b) scales the rows of q S)
         b_qs = b_q * e_b[:, None]
@@ -282,9 +286,10 @@ def _local_du_kernel(
     ROUND: tl.constexpr,
     LOWP: tl.constexpr,
     PRECISE_EXP: tl.constexpr,
+    DECAYS_IN: tl.constexpr = False,
 ):
     # Per chunk: du = scale P^T dO (float32, or bfloat16: STATES_LOWP's du in triton.py), the share of dU within the
-    # chunk, for _backward_state_kernel to complete with the states' share.
+    # chunk, for _backward_state_kernel to complete with the states' share. DECAYS_IN: as _output_kernel's.
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     lo, hi = chunk_bounds(chunks, i_c)
@@ -296,7 +301,10 @@ def _local_du_kernel(
     tok = (lo + o_t) * H + i_h
     b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM, False, rn + 1, R_IN)
     b_qT, _ = load_rows(q, tok, m_t, o_k, K, L2NORM, True, rn, R_IN)
-    gamma, _, _, _ = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
+    if DECAYS_IN and HAS_G:
+        gamma, _, _, _ = chunk_decays_read(g, tok, m_t, (hi - 1) * H + i_h, BT, PRECISE_EXP)
+    else:
+        gamma, _, _, _ = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
     PT = mm_lowp(b_k, b_qT, DOT_PREC, ROUND, LOWP, LOWP_TY) * tl.trans(gamma)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
