@@ -441,7 +441,8 @@ ONE_PASS_CHUNK = dict(gated=True, ungated=True)
 # -> 2,968 SASS instructions (the sums loaded in each layout that uses them), but layout conversions 16 -> 8, BAR
 # 92 -> 75, DADD 20 -> 6; spill stack 72 -> 96 B. On an H200 (session 25, one call, bf16, gated fwd+bwd ms, off /
 # on / off / on): T = 4096 5.777 / 5.743 / 5.777 / 5.730, T = 65536 7.093 / 7.043 / 7.090 / 7.046; the gated GPU
-# tests of test_triton_delta.py pass with it (41). output and local_du: built after session 25's device time,
+# tests of test_triton_delta.py pass with it (41); LINATTN_LAUNCH="gated_delta_rule.DECAYS_IN.backward_chunk=0":
+# off. output and local_du: built after session 25's device time,
 # untimed (LINATTN_LAUNCH="gated_delta_rule.DECAYS_IN.output=1;gated_delta_rule.DECAYS_IN.local_du=1"); sm_90
 # compile (Triton 3.6, bf16, qk_l2norm): output 1,992 -> 2,144 SASS instructions, layout conversions 9 -> 3;
 # local_du 1,664 -> 1,704, conversions 8 -> 3.
@@ -460,7 +461,7 @@ def _log_decays(g: torch.Tensor | None, lay: ChunkTable, kernels: tuple[str, ...
 
 def _decays_in(kernel: str, g_: torch.Tensor, sums: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
     """What ``kernel`` takes as g (the stored sums where it reads them, DECAYS_IN, else g_), and its constexpr."""
-    on = sums is not None and DECAYS_IN[kernel]
+    on = sums is not None and bool(DECAYS_IN[kernel])
     return (sums if on else g_), dict(DECAYS_IN=on)
 
 
@@ -1493,13 +1494,13 @@ def _library_variants():
                 chain_opts = dict(num_warps=4, num_stages=1, scalars=dict(NS="i32"))
                 yield f"chain K={K_} reverse={reverse}", _chain_kernel, {}, chain, chain_opts
         output = common["output"] | dict(BV=BV_CHUNK) | _narrow("output", gated, BV_CHUNK)
-        output |= dict(DECAYS_IN=DECAYS_IN["output"] and gated)
+        output |= dict(DECAYS_IN=bool(DECAYS_IN["output"]) and gated)
         yield f"output {label}", _output_kernel, ptrs, output, opts["output"]
         if lowp:  # reading states and U kept in the backward's own dtypes (KEEP_LOWP): this gating's, the delta rule's
             for kept in (sptrs, ptrs | dict(states="bf16", u="bf16")):
                 kept_label = f"output kept states={kept['states']} u={kept['u']} {label}"
                 yield kept_label, _output_kernel, kept, output, opts["output"]
-        local_du = common["local_du"] | dict(BV=BV_CHUNK, DECAYS_IN=DECAYS_IN["local_du"] and gated)
+        local_du = common["local_du"] | dict(BV=BV_CHUNK, DECAYS_IN=bool(DECAYS_IN["local_du"]) and gated)
         yield f"local du {label}", _local_du_kernel, ptrs | dict(du=dud), local_du, opts["local_du"]
         if gated:  # output and local_du with the other DECAYS_IN setting
             other = output | dict(DECAYS_IN=not output["DECAYS_IN"])
@@ -1520,7 +1521,9 @@ def _library_variants():
             chunk |= dict(DX_LOWP=chunk["LOWP"] and parts["dx"])
             chunk |= dict(DB_FROM_PRODUCTS=_db_from_products(gated, torch_dtype, l2))
             chunk |= dict(SUMS_IN_PLACE=bool(SUMS_IN_PLACE), UNCHAINED=bool(_by_op(UNCHAINED_DOTS, gated)))
-            chunk |= dict(ONE_PASS=bool(_by_op(ONE_PASS_CHUNK, gated)), DECAYS_IN=DECAYS_IN["backward_chunk"] and gated)
+            chunk |= dict(
+                ONE_PASS=bool(_by_op(ONE_PASS_CHUNK, gated)), DECAYS_IN=bool(DECAYS_IN["backward_chunk"]) and gated
+            )
             chunk_ptrs = sptrs | dict(du=xd) if chunk["LOWP"] else ptrs
             scalars = dict(scalars=dict(scale="fp32", part="i32"))
             chunk_opts = _launch("backward_chunk", torch_dtype, bk, bv_bwd, gated=gated, qk_l2norm=l2) | scalars
