@@ -441,13 +441,16 @@ def test_narrow_decays_by_value_block():
     assert not any(tri._narrow("output", True, bv)["NARROW_DECAYS"] for bv in (16, 32, 64))
 
 
+@pytest.mark.parametrize("keep", [True, False], ids=["kept", "formed_again"])
 @pytest.mark.parametrize("narrow_few", [False, True], ids=["by_block", "few_programs"])
-def test_narrow_decays_at_few_programs(narrow_few, monkeypatch):
+def test_narrow_decays_at_few_programs(narrow_few, keep, monkeypatch):
     """NARROW_FEW: NARROW_DECAYS on for the gated forward and backward_state launches of fewer than FEW_PROGRAMS
     programs at any value block (not with FEW_PROGRAMS_WARPS set, nor for output or the delta rule); off, only by
     the block. Against naive: K = V = 64 in 2 value blocks of 32 (past NARROW_DECAYS' entries, 16 here) x 2
-    sequences x 2 heads = 8 programs, few under FEW_PROGRAMS = 9."""
+    sequences x 2 heads = 8 programs, few under FEW_PROGRAMS = 9; with the forward's states kept for the backward
+    (KEEP_STATES) or formed again there by a second forward launch, which is launched as the first was."""
     monkeypatch.setattr(tri, "NARROW_FEW", narrow_few)
+    monkeypatch.setattr(tri, "KEEP_STATES", keep)
     monkeypatch.setattr(tri, "NARROW_DECAYS", dict(forward=16, output=0, backward_state=16))
     monkeypatch.setattr(tri, "FEW_PROGRAMS", 9)
     monkeypatch.setattr(tri, "FULL_GPU", 0)  # the blocks of many programs, not narrowed for want of programs
@@ -456,6 +459,7 @@ def test_narrow_decays_at_few_programs(narrow_few, monkeypatch):
     check_against_naive(GATED, *to(tensors, state), "triton", **ON_DEVICE)
     for name, kws in launched.items():
         assert kws and {(kw["BV"], kw["NARROW_DECAYS"]) for kw in kws} == {(32, narrow_few)}, name
+    assert len(launched["_forward_kernel"]) == (1 if keep else 2)
     for kernel in ("forward", "backward_state"):
         assert tri._narrow(kernel, True, 64, 8)["NARROW_DECAYS"] == narrow_few
         assert not tri._narrow(kernel, True, 64, 9)["NARROW_DECAYS"]  # not fewer than FEW_PROGRAMS

@@ -1094,12 +1094,13 @@ def backward(
         states = torch.empty(lay.NC, H, K, V, dtype=stored["states"], device=q.device)
         u = torch.empty(B, T, H, V, dtype=stored["u"], device=q.device)
         seg = Segments.get(lay.N, T, NS, BT, q.device) if NS > 1 else None
-        if seg is None:
+        if seg is None:  # launched as the forward launched it (program count: few-program stages, NARROW_FEW)
+            programs = NV * lay.N * H
             _forward_kernel[(NV, lay.N * H)](
                 q, k, g_, w, u0, h0 if h0 is not None else dummy, lay.cu, lay.first, dummy, dummy, states, u, scale,
                 BV=BV, HAS_H0=h0 is not None, HAS_U0=True, STORE_O=False, STORE_HT=False, STORE_STATES=True,
-                **_launch("forward", q.dtype, BK, BV, gated=g is not None, qk_l2norm=qk_l2norm), **common,
-                **flags("forward"), **_narrow("forward", g is not None, BV),
+                **_launch("forward", q.dtype, BK, BV, programs, g is not None, qk_l2norm), **common,
+                **flags("forward"), **_narrow("forward", g is not None, BV, programs),
             )  # fmt: skip
         else:
             ht = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device)
