@@ -193,13 +193,20 @@ def chunk_decays(b, b_hi, b_lo, b_last, BT: tl.constexpr, PRECISE_EXP: tl.conste
     keys as they meet the entering state), exp(b_last - b) [BT] (keys decayed to the chunk end) and
     exp(b_last). Every exponent is <= 0 for log-decays <= 0, so none overflows. PRECISE_EXP: see exp32.
     """
+    gamma, e_b = _decay_tile(b_hi, b_lo, BT, PRECISE_EXP)
+    e_end = exp32((b_last - b).to(tl.float32), PRECISE_EXP)
+    return gamma, e_b, e_end, exp32(b_last.to(tl.float32), PRECISE_EXP)
+
+
+@triton.jit
+def _decay_tile(b_hi, b_lo, BT: tl.constexpr, PRECISE_EXP: tl.constexpr):
+    """gamma [BT, BT] = exp(b_t - b_s) for s <= t (0 above the diagonal) and exp(b) [BT], from the log-decay sums
+    as hi + lo pairs (see ``chunk_log_decay``)."""
     o_t = tl.arange(0, BT)
     causal = o_t[:, None] >= o_t[None, :]
     diff = (b_hi[:, None] - b_hi[None, :]) + (b_lo[:, None] - b_lo[None, :])
     gamma = tl.where(causal, exp32(tl.where(causal, diff, 0.0), PRECISE_EXP), 0.0)
-    e_b = exp32(b_hi, PRECISE_EXP)
-    e_end = exp32((b_last - b).to(tl.float32), PRECISE_EXP)
-    return gamma, e_b, e_end, exp32(b_last.to(tl.float32), PRECISE_EXP)
+    return gamma, exp32(b_hi, PRECISE_EXP)
 
 
 @triton.jit
@@ -211,11 +218,7 @@ def chunk_decays_read(gb, tok, m_t, tok_last, BT: tl.constexpr, PRECISE_EXP: tl.
     last_lo = tl.load(gb + 2 * tok_last + 1)
     b_hi = tl.where(m_t, tl.load(gb + 2 * tok, mask=m_t, other=0.0), last_hi)
     b_lo = tl.where(m_t, tl.load(gb + 2 * tok + 1, mask=m_t, other=0.0), last_lo)
-    o_t = tl.arange(0, BT)
-    causal = o_t[:, None] >= o_t[None, :]
-    diff = (b_hi[:, None] - b_hi[None, :]) + (b_lo[:, None] - b_lo[None, :])
-    gamma = tl.where(causal, exp32(tl.where(causal, diff, 0.0), PRECISE_EXP), 0.0)
-    e_b = exp32(b_hi, PRECISE_EXP)
+    gamma, e_b = _decay_tile(b_hi, b_lo, BT, PRECISE_EXP)
     e_end = exp32((last_hi - b_hi) + (last_lo - b_lo), PRECISE_EXP)
     return gamma, e_b, e_end, exp32(last_hi, PRECISE_EXP)
 
@@ -232,4 +235,17 @@ def chunk_decays_or_none(g, tok, m_t, HAS_G: tl.constexpr, BT: tl.constexpr, PRE
         e_b = tl.full([BT], 1.0, tl.float32)
         e_end = e_b
         e_last = tl.sum(e_b, axis=0) / BT
+    return gamma, e_b, e_end, e_last
+
+
+@triton.jit
+def chunk_decays_summed_or_read(
+    g, tok, m_t, tok_last, HAS_G: tl.constexpr, READ: tl.constexpr, BT: tl.constexpr, PRECISE_EXP: tl.constexpr
+):
+    """``chunk_decays_or_none``, or with READ (and HAS_G) ``chunk_decays_read`` of the sums stored at g (tok_last:
+    the row of the chunk's last token)."""
+    if READ and HAS_G:
+        gamma, e_b, e_end, e_last = chunk_decays_read(g, tok, m_t, tok_last, BT, PRECISE_EXP)
+    else:
+        gamma, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
     return gamma, e_b, e_end, e_last

@@ -449,10 +449,15 @@ ONE_PASS_CHUNK = dict(gated=True, ungated=True)
 DECAYS_IN = dict(output=False, local_du=False, backward_chunk=True)
 
 
+def _reads_decays(kernel: str, gated: bool) -> bool:
+    """Whether ``kernel`` reads the stored log-decay sums (DECAYS_IN) rather than summing the gates, with gates."""
+    return gated and bool(DECAYS_IN[kernel])
+
+
 def _log_decays(g: torch.Tensor | None, lay: ChunkTable, kernels: tuple[str, ...]) -> torch.Tensor | None:
     """Each chunk's cumulative log-decays of the gates g [B, T, H] (float32), as float32 (hi, lo) pairs per token
     [B, T, H, 2], for the kernels of DECAYS_IN among ``kernels`` that read them; None without gates or readers."""
-    if g is None or not any(DECAYS_IN[n] for n in kernels):
+    if not any(_reads_decays(n, g is not None) for n in kernels):
         return None
     sums = torch.empty(*g.shape, 2, dtype=torch.float32, device=g.device)
     _log_decay_kernel[(lay.NC, g.shape[2])](g, sums, lay.chunks, H=g.shape[2], BT=BT, num_warps=4)
@@ -461,7 +466,7 @@ def _log_decays(g: torch.Tensor | None, lay: ChunkTable, kernels: tuple[str, ...
 
 def _decays_in(kernel: str, g_: torch.Tensor, sums: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
     """What ``kernel`` takes as g (the stored sums where it reads them, DECAYS_IN, else g_), and its constexpr."""
-    on = sums is not None and bool(DECAYS_IN[kernel])
+    on = sums is not None and _reads_decays(kernel, True)
     return (sums if on else g_), dict(DECAYS_IN=on)
 
 
@@ -1451,7 +1456,7 @@ def _library_variants():
         solve = dict(BV=seq_bv, BKP=min(BK, PREPARE_KEYS), SOLVE=True, STORE_T=True, BETA_LOGIT=opt)
         solve |= dict(DIAG_DOUBLING=SOLVE_DIAG_DOUBLING, **_prepare_flags(torch_dtype, opt, gpu=True))
         yield f"prepare {label}", _prepare_kernel, ptrs, common["prepare"] | solve, opts["prepare"]
-        sequence, compiled = {}, []  # forward's and backward_state's constexprs by BV and program count
+        compiled = []  # forward's and backward_state's constexprs and launch options, by BV and program count
         # many programs at seq_bv; few (FEW_PROGRAMS_STAGES, NARROW_FEW) at seq_bv (e.g. T = 16384, B = 4: 128
         # programs) and at 16; a few-program launch that compiles as the many-program one is not compiled again
         for bv, programs in ((seq_bv, None), (seq_bv, 1), (16, 1)):
@@ -1460,7 +1465,8 @@ def _library_variants():
             out |= _narrow("forward", gated, bv, programs)
             state = common["backward_state"] | dict(BV=bv, HAS_DHT=True, STORE_DH0=True, STORE_GRADS=True)
             state |= _narrow("backward_state", gated, bv, programs)
-            sequence[bv, programs] = out, state
+            if programs is None:
+                many = out, state
             if (out, state, run) in compiled:
                 continue
             compiled.append((out, state, run))
@@ -1469,7 +1475,7 @@ def _library_variants():
             states = out | dict(STORE_O=False, STORE_HT=False, STORE_STATES=True)
             yield f"forward states {tag} {label}", _forward_kernel, sptrs, common["forward"] | states, run["forward"]
             yield f"backward state {tag} {label}", _backward_state_kernel, sptrs, state, run["backward_state"]
-        out, state = sequence[seq_bv, None]  # the variants below launch at seq_bv, many programs
+        out, state = many  # the variants below launch at seq_bv, many programs
         if opt:  # backward_state with the other SPLIT_BACKWARD setting than this op's (LOCAL_DU)
             other = state | dict(LOCAL_DU=not state["LOCAL_DU"])
             yield (
@@ -1495,13 +1501,13 @@ def _library_variants():
                 chain_opts = dict(num_warps=4, num_stages=1, scalars=dict(NS="i32"))
                 yield f"chain K={K_} reverse={reverse}", _chain_kernel, {}, chain, chain_opts
         output = common["output"] | dict(BV=BV_CHUNK) | _narrow("output", gated, BV_CHUNK)
-        output |= dict(DECAYS_IN=bool(DECAYS_IN["output"]) and gated)
+        output |= dict(DECAYS_IN=_reads_decays("output", gated))
         yield f"output {label}", _output_kernel, ptrs, output, opts["output"]
         if lowp:  # reading states and U kept in the backward's own dtypes (KEEP_LOWP): this gating's, the delta rule's
             for kept in (sptrs, ptrs | dict(states="bf16", u="bf16")):
                 kept_label = f"output kept states={kept['states']} u={kept['u']} {label}"
                 yield kept_label, _output_kernel, kept, output, opts["output"]
-        local_du = common["local_du"] | dict(BV=BV_CHUNK, DECAYS_IN=bool(DECAYS_IN["local_du"]) and gated)
+        local_du = common["local_du"] | dict(BV=BV_CHUNK, DECAYS_IN=_reads_decays("local_du", gated))
         yield f"local du {label}", _local_du_kernel, ptrs | dict(du=dud), local_du, opts["local_du"]
         if gated:  # output and local_du with the other DECAYS_IN setting
             other = output | dict(DECAYS_IN=not output["DECAYS_IN"])
@@ -1523,7 +1529,7 @@ def _library_variants():
             chunk |= dict(DB_FROM_PRODUCTS=_db_from_products(gated, torch_dtype, l2))
             chunk |= dict(SUMS_IN_PLACE=bool(SUMS_IN_PLACE), UNCHAINED=bool(_by_op(UNCHAINED_DOTS, gated)))
             chunk |= dict(
-                ONE_PASS=bool(_by_op(ONE_PASS_CHUNK, gated)), DECAYS_IN=bool(DECAYS_IN["backward_chunk"]) and gated
+                ONE_PASS=bool(_by_op(ONE_PASS_CHUNK, gated)), DECAYS_IN=_reads_decays("backward_chunk", gated)
             )
             chunk_ptrs = sptrs | dict(du=xd) if chunk["LOWP"] else ptrs
             scalars = dict(scalars=dict(scale="fp32", part="i32"))

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from linattn.ops.common.triton_delta_utils import (
     chunk_decays_or_none,
-    chunk_decays_read,
+    chunk_decays_summed_or_read,
     inverse_row_norms,
     l2norm_backward,
     load_beta,
@@ -241,10 +241,7 @@ def _output_kernel(
     state = (i_c * H + i_h).to(tl.int64) * K * V
     b_q, _ = load_rows(q, tok, m_t, o_k, K, L2NORM, False, rn, R_IN)
     b_kT, _ = load_rows(k, tok, m_t, o_k, K, L2NORM, True, rn + 1, R_IN)
-    if DECAYS_IN and HAS_G:
-        gamma, e_b, _, _ = chunk_decays_read(g, tok, m_t, (hi - 1) * H + i_h, BT, PRECISE_EXP)
-    else:
-        gamma, e_b, _, _ = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
+    gamma, e_b, _, _ = chunk_decays_summed_or_read(g, tok, m_t, (hi - 1) * H + i_h, HAS_G, DECAYS_IN, BT, PRECISE_EXP)
     P = mm_lowp(b_q, b_kT, DOT_PREC, ROUND, LOWP, LOWP_TY) * gamma
     if not NARROW_DECAYS:  # (else exp(b) scales the rows of q S)
         b_qs = b_q * e_b[:, None]
@@ -301,10 +298,7 @@ def _local_du_kernel(
     tok = (lo + o_t) * H + i_h
     b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM, False, rn + 1, R_IN)
     b_qT, _ = load_rows(q, tok, m_t, o_k, K, L2NORM, True, rn, R_IN)
-    if DECAYS_IN and HAS_G:
-        gamma, _, _, _ = chunk_decays_read(g, tok, m_t, (hi - 1) * H + i_h, BT, PRECISE_EXP)
-    else:
-        gamma, _, _, _ = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
+    gamma, _, _, _ = chunk_decays_summed_or_read(g, tok, m_t, (hi - 1) * H + i_h, HAS_G, DECAYS_IN, BT, PRECISE_EXP)
     PT = mm_lowp(b_k, b_qT, DOT_PREC, ROUND, LOWP, LOWP_TY) * tl.trans(gamma)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
@@ -550,10 +544,8 @@ def _backward_chunk_kernel(
     if not ONE_PASS:
         b_beta = load_beta(beta, tok, m_t, BETA_LOGIT)
     last = (hi - lo - 1).to(tl.int32)  # the chunk's last token: b_C is its b
-    if DECAYS_IN and HAS_G:
-        _, e_b, e_end, e_last = chunk_decays_read(g, tok, m_t, (lo + last) * H + i_h, BT, PRECISE_EXP)
-    else:
-        _, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
+    tok_last = (lo + last) * H + i_h
+    _, e_b, e_end, e_last = chunk_decays_summed_or_read(g, tok, m_t, tok_last, HAS_G, DECAYS_IN, BT, PRECISE_EXP)
     d_qs *= scale
     b_dq = d_qs * e_b[:, None]
     if DB_FROM_PRODUCTS:  # db's and dbeta's sums come after the second pass, from whole gradients
@@ -606,10 +598,7 @@ def _backward_chunk_kernel(
     # The decays (reloaded rather than kept live through the loops: registers) go into dP and dA at once, so
     # that gamma, dP and the scores are never live together. On an H200 (session 9, bf16, T = 4096, B = 16),
     # with gates this kernel went 4.42 -> 3.98 ms (the solve's change alongside); without, 2.66 -> 2.67.
-    if DECAYS_IN and HAS_G:
-        gamma, _, _, _ = chunk_decays_read(g, tok, m_t, (lo + last) * H + i_h, BT, PRECISE_EXP)
-    else:
-        gamma, _, _, _ = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
+    gamma, _, _, _ = chunk_decays_summed_or_read(g, tok, m_t, tok_last, HAS_G, DECAYS_IN, BT, PRECISE_EXP)
     if UNCHAINED and DB_FROM_PRODUCTS:
         dPg = dP * gamma  # scale comes after P's products
     else:
