@@ -101,10 +101,12 @@ def test_state_gradient_in_its_own_value_blocks(case, segments, monkeypatch):
 
 @pytest.mark.parametrize("warps", [None, 8])
 def test_few_programs_take_their_own_warps(warps, monkeypatch):
-    """FEW_PROGRAMS_WARPS: the per-sequence launches of fewer than FEW_PROGRAMS programs take it (None: NUM_WARPS),
-    where their tiles allow 8 warps (64 keys, 32 values: see _warps); launches of many programs, and the per-chunk
-    kernels, keep NUM_WARPS. K = V = 64: 2 value blocks of 32 x 2 sequences x 2 heads = 8 programs."""
-    monkeypatch.setattr(tri, "FEW_PROGRAMS_WARPS", warps)
+    """FEW_PROGRAMS_WARPS: the per-sequence launches of fewer than FEW_PROGRAMS programs take the op's entry for
+    the kernel (None: NUM_WARPS), where their tiles allow 8 warps (64 keys, 32 values: see _warps); launches of many
+    programs, the other op's, and the per-chunk kernels, keep NUM_WARPS. K = V = 64: 2 value blocks of 32 x 2
+    sequences x 2 heads = 8 programs."""
+    table = {f"{op}_{kernel}": None for op in ("gated", "ungated") for kernel in ("forward", "backward_state")}
+    monkeypatch.setattr(tri, "FEW_PROGRAMS_WARPS", table | dict(gated_forward=warps, gated_backward_state=warps))
     monkeypatch.setattr(tri, "FEW_PROGRAMS", 9)
     monkeypatch.setattr(tri, "FULL_GPU", 0)  # the blocks of many programs (BV_MAX), not narrowed
     launched = {name: launch_kwargs(monkeypatch, tri, name) for name in ("_forward_kernel", "_backward_state_kernel")}
@@ -118,6 +120,10 @@ def test_few_programs_take_their_own_warps(warps, monkeypatch):
     monkeypatch.setattr(tri, "FEW_PROGRAMS", 8)  # 8 programs are then not few
     assert tri._launch("forward", torch.bfloat16, 64, 32, 8)["num_warps"] == tri.NUM_WARPS["forward"]
     assert tri._launch("forward", torch.bfloat16, 64, 16, 4)["num_warps"] == 4  # tiles too small for 8 warps
+    monkeypatch.setattr(tri, "FEW_PROGRAMS", 9)
+    assert tri._launch("backward_state", torch.bfloat16, 64, 32, 8, gated=True)["num_warps"] == (warps or 4)
+    assert tri._launch("backward_state", torch.bfloat16, 64, 32, 8, gated=False)["num_warps"] == 4  # the other op's
+    assert tri._narrow("backward_state", True, 64, 8)["NARROW_DECAYS"] == (warps is None)  # narrow at 4 warps only
 
 
 def test_one_stage_on_gpus_with_less_shared_memory(monkeypatch):
@@ -445,10 +451,11 @@ def test_narrow_decays_by_value_block():
 @pytest.mark.parametrize("narrow_few", [False, True], ids=["by_block", "few_programs"])
 def test_narrow_decays_at_few_programs(narrow_few, keep, monkeypatch):
     """NARROW_FEW: NARROW_DECAYS on for the gated forward and backward_state launches of fewer than FEW_PROGRAMS
-    programs at any value block (not with FEW_PROGRAMS_WARPS set, nor for output or the delta rule); off, only by
-    the block. Against naive: K = V = 64 in 2 value blocks of 32 (past NARROW_DECAYS' entries, 16 here) x 2
-    sequences x 2 heads = 8 programs, few under FEW_PROGRAMS = 9; with the forward's states kept for the backward
-    (KEEP_STATES) or formed again there by a second forward launch, which is launched as the first was."""
+    programs at any value block (not where FEW_PROGRAMS_WARPS has an entry for the op's kernel, nor for output or
+    the delta rule); off, only by the block. Against naive: K = V = 64 in 2 value blocks of 32 (past NARROW_DECAYS'
+    entries, 16 here) x 2 sequences x 2 heads = 8 programs, few under FEW_PROGRAMS = 9; with the forward's states
+    kept for the backward (KEEP_STATES) or formed again there by a second forward launch, launched as the first
+    was."""
     monkeypatch.setattr(tri, "NARROW_FEW", narrow_few)
     monkeypatch.setattr(tri, "KEEP_STATES", keep)
     monkeypatch.setattr(tri, "NARROW_DECAYS", dict(forward=16, output=0, backward_state=16))
@@ -467,8 +474,9 @@ def test_narrow_decays_at_few_programs(narrow_few, keep, monkeypatch):
         assert not tri._narrow(kernel, False, 64, 8)["NARROW_DECAYS"]
         assert tri._narrow(kernel, True, 16, 100)["NARROW_DECAYS"]  # by the block, whatever the count
     assert not tri._narrow("output", True, 64, 8)["NARROW_DECAYS"]
-    monkeypatch.setattr(tri, "FEW_PROGRAMS_WARPS", 8)
+    monkeypatch.setitem(tri.FEW_PROGRAMS_WARPS, "gated_backward_state", 8)
     assert not tri._narrow("backward_state", True, 64, 8)["NARROW_DECAYS"]
+    assert tri._narrow("forward", True, 64, 8)["NARROW_DECAYS"] == narrow_few  # its own entry
 
 
 @both

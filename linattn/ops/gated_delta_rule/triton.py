@@ -238,9 +238,14 @@ SMALL_SHARED_CHUNK_BV = 32
 # With fewer programs than SMs, each SM holds one program, so its registers are not shared: 8 warps would halve each
 # thread's part of a chunk step, which is the sequential loop's latency. At T = 32768, B = 2 (no segments) the
 # per-sequence kernels run 128 programs of 32 value columns, and the forward and backward_state took 0.23 and 0.20
-# ms longer than at T = 4096 (session 18's profile). Built after session 18's device time, untimed: off until timed
-# (LINATTN_LAUNCH="gated_delta_rule.FEW_PROGRAMS_WARPS=8").
-FEW_PROGRAMS_WARPS = None
+# ms longer than at T = 4096 (session 18's profile). Session 21 (H200, one call, 8 warps for both kernels and ops):
+# the delta rule 4.87 -> 4.79 at T = 16384 and 5.30 -> 5.75 at 32768, so it stayed off.
+# By op and kernel since session 26 (H200, bf16, fwd / fwd+bwd ms, one call, main then 8 warps for both kernels of
+# the delta rule): T = 16384, B = 4 (BV = 64, 128 programs) 1.25 / 4.29 -> 1.49 / 3.87; T = 32768, B = 2 (BV = 32)
+# 1.49 / 4.16 -> 1.96 / 4.62; T = 65536 (BV = 16, so 4 warps anyway) 5.09 -> 5.10. The forward lost at both, the
+# backward gained 0.67 ms at BV = 64 and nothing at 32: so the delta rule's backward_state takes 8.
+# LINATTN_LAUNCH="gated_delta_rule.FEW_PROGRAMS_WARPS.ungated_backward_state=0": off (0 or None: NUM_WARPS).
+FEW_PROGRAMS_WARPS = dict(gated_forward=None, gated_backward_state=None, ungated_forward=None, ungated_backward_state=8)
 # bf16 operands for bf16 inputs on a GPU (see the module docstring), by kernel (H200, Triton 3.6):
 # - backward_chunk: on. Right at K = 128 (gradient errors 4-5e-3 of the largest, as with tf32). Session 6: 4.36 ms
 #   against 5.95 with tf32 (delta_rule, T = 4096, B = 16) and 5.82 against 9.20 (gated).
@@ -303,10 +308,10 @@ SPLIT_BACKWARD = dict(gated=True, ungated=False)
 # LINATTN_LAUNCH="gated_delta_rule.NARROW_DECAYS.forward=0;gated_delta_rule.NARROW_DECAYS.backward_state=0": off.
 NARROW_DECAYS = dict(forward=32, output=0, backward_state=32)
 # NARROW_FEW: NARROW_DECAYS on as well, in forward and backward_state (the kernels with an entry), wherever a launch
-# runs fewer than FEW_PROGRAMS programs, at any BV, unless FEW_PROGRAMS_WARPS is set (at 8 warps the narrow
-# backward_state at BV = 64 needs 246,272 B of shared memory, past Hopper's 232,448). Session 24 measured both
-# kernels narrow at BV = 64 (LINATTN_LAUNCH's NARROW_DECAYS.forward=64 and .backward_state=64) on an H200, bf16:
-# gated 2.35 / 6.36 -> 1.77 / 6.04 ms (fwd / fwd+bwd) at T = 16384, B = 4, whose launches run 128 programs, and
+# runs fewer than FEW_PROGRAMS programs, at any BV, unless FEW_PROGRAMS_WARPS has an entry for the op's kernel (at 8
+# warps the narrow backward_state at BV = 64 needs 246,272 B of shared memory, past Hopper's 232,448). Session 24
+# measured both kernels narrow at BV = 64 (LINATTN_LAUNCH's NARROW_DECAYS.forward=64 and .backward_state=64) on an H200,
+# bf16: gated 2.35 / 6.36 -> 1.77 / 6.04 ms (fwd / fwd+bwd) at T = 16384, B = 4, whose launches run 128 programs, and
 # 1.75 / 5.89 -> 1.98 / 5.91 at T = 4096, B = 16 (512 programs), as session 23 found at the segments' launches.
 # Session 25 (H200, bf16, fwd+bwd ms, two calls each way in one call; T = 2048 / 4096 / 16384 / 32768 / 65536):
 # off 5.89 / 5.87 / 6.36 / 6.53 / 7.21 and 5.89 / 5.87 / 6.34 / 6.51 / 7.19, on 5.89 / 5.87 / 6.04 / 6.51 / 7.20
@@ -583,7 +588,7 @@ def _launch(
         few_stages = FEW_PROGRAMS_STAGES[str(dtype).removeprefix("torch.")]
         stages = max(stages, min(few_stages, 2) if gpu_shared_below(HOPPER_SHARED) else few_stages)
     wide = (WIDE_KEYS_L2NORM or not qk_l2norm) and not _float32_small_shared(dtype)
-    return dict(num_warps=_warps(kernel, BK, BV, few, wide=wide), num_stages=stages)
+    return dict(num_warps=_warps(kernel, BK, BV, few, wide=wide, gated=gated), num_stages=stages)
 
 
 def _few(programs: int | None) -> bool:
@@ -591,15 +596,20 @@ def _few(programs: int | None) -> bool:
     return programs is not None and programs < FEW_PROGRAMS
 
 
-def _warps(kernel: str, BK: int, BV: int, few: bool = False, wide: bool = True) -> int:
-    """num_warps of a kernel: NUM_WARPS (WIDE_KEYS_WARPS' entry for BK >= 128 where ``wide``; FEW_PROGRAMS_WARPS
-    where set for a launch of ``few`` programs) for tiles of BK >= 64 keys and BV >= 32 values; 4 for smaller ones,
-    where 8 warps ended in illegal memory accesses or wrong gradients on an H200 (Triton 3.6), in tf32 dots as well
-    as bf16 ones."""
+def _few_warps(kernel: str, gated: bool) -> int | None:
+    """FEW_PROGRAMS_WARPS' entry for ``kernel`` of the op (None, or 0 from LINATTN_LAUNCH: none)."""
+    return FEW_PROGRAMS_WARPS.get(f"{'gated' if gated else 'ungated'}_{kernel}") or None
+
+
+def _warps(kernel: str, BK: int, BV: int, few: bool = False, wide: bool = True, gated: bool = False) -> int:
+    """num_warps of a kernel: NUM_WARPS (WIDE_KEYS_WARPS' entry for BK >= 128 where ``wide``; FEW_PROGRAMS_WARPS'
+    entry for the op where set, for a launch of ``few`` programs) for tiles of BK >= 64 keys and BV >= 32 values; 4
+    for smaller ones, where 8 warps ended in illegal memory accesses or wrong gradients on an H200 (Triton 3.6), in
+    tf32 dots as well as bf16 ones."""
     if BK < 64 or BV < 32:
         return 4
-    if few and FEW_PROGRAMS_WARPS is not None:
-        return FEW_PROGRAMS_WARPS
+    if few and _few_warps(kernel, gated) is not None:
+        return _few_warps(kernel, gated)
     return WIDE_KEYS_WARPS.get(kernel, NUM_WARPS[kernel]) if wide and BK >= 128 else NUM_WARPS[kernel]
 
 
@@ -673,7 +683,7 @@ def _narrow(kernel: str, gated: bool, BV: int, programs: int | None = None) -> d
     """NARROW_DECAYS' constexpr for a launch of ``kernel`` over value blocks of BV (in ``programs`` programs, None:
     many): on for the gated op where BV is at most the kernel's entry, or (NARROW_FEW) where the launch is of fewer
     than FEW_PROGRAMS programs at NUM_WARPS' warps and the kernel has an entry."""
-    few = NARROW_FEW and _few(programs) and FEW_PROGRAMS_WARPS is None and NARROW_DECAYS[kernel] > 0
+    few = NARROW_FEW and _few(programs) and _few_warps(kernel, gated) is None and NARROW_DECAYS[kernel] > 0
     return dict(NARROW_DECAYS=gated and (BV <= NARROW_DECAYS[kernel] or few))
 
 
