@@ -102,11 +102,13 @@ def test_state_gradient_in_its_own_value_blocks(case, segments, monkeypatch):
 @pytest.mark.parametrize("warps", [None, 8])
 def test_few_programs_take_their_own_warps(warps, monkeypatch):
     """FEW_PROGRAMS_WARPS: the per-sequence launches of fewer than FEW_PROGRAMS programs take the op's entry for
-    the kernel (None: NUM_WARPS), where their tiles allow 8 warps (64 keys, 32 values: see _warps); launches of many
+    the kernel (None: NUM_WARPS), at value blocks of FEW_PROGRAMS_WARPS_BV or more where their tiles allow 8 warps
+    (64 keys, 32 values: see _warps); launches of many
     programs, the other op's, and the per-chunk kernels, keep NUM_WARPS. K = V = 64: 2 value blocks of 32 x 2
     sequences x 2 heads = 8 programs."""
     table = {f"{op}_{kernel}": None for op in ("gated", "ungated") for kernel in ("forward", "backward_state")}
     monkeypatch.setattr(tri, "FEW_PROGRAMS_WARPS", table | dict(gated_forward=warps, gated_backward_state=warps))
+    monkeypatch.setattr(tri, "FEW_PROGRAMS_WARPS_BV", 32)
     monkeypatch.setattr(tri, "FEW_PROGRAMS", 9)
     monkeypatch.setattr(tri, "FULL_GPU", 0)  # the blocks of many programs (BV_MAX), not narrowed
     launched = {name: launch_kwargs(monkeypatch, tri, name) for name in ("_forward_kernel", "_backward_state_kernel")}
@@ -124,6 +126,9 @@ def test_few_programs_take_their_own_warps(warps, monkeypatch):
     assert tri._launch("backward_state", torch.bfloat16, 64, 32, 8, gated=True)["num_warps"] == (warps or 4)
     assert tri._launch("backward_state", torch.bfloat16, 64, 32, 8, gated=False)["num_warps"] == 4  # the other op's
     assert tri._narrow("backward_state", True, 64, 8)["NARROW_DECAYS"] == (warps is None)  # narrow at 4 warps only
+    monkeypatch.setattr(tri, "FEW_PROGRAMS_WARPS_BV", 64)  # 32 value columns are then too few for the entry
+    assert tri._launch("backward_state", torch.bfloat16, 64, 32, 8, gated=True)["num_warps"] == 4
+    assert tri._launch("backward_state", torch.bfloat16, 64, 64, 8, gated=True)["num_warps"] == (warps or 4)
 
 
 def test_one_stage_on_gpus_with_less_shared_memory(monkeypatch):

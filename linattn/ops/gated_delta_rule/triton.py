@@ -243,9 +243,16 @@ SMALL_SHARED_CHUNK_BV = 32
 # By op and kernel since session 26 (H200, bf16, fwd / fwd+bwd ms, one call, main then 8 warps for both kernels of
 # the delta rule): T = 16384, B = 4 (BV = 64, 128 programs) 1.25 / 4.29 -> 1.49 / 3.87; T = 32768, B = 2 (BV = 32)
 # 1.49 / 4.16 -> 1.96 / 4.62; T = 65536 (BV = 16, so 4 warps anyway) 5.09 -> 5.10. The forward lost at both, the
-# backward gained 0.67 ms at BV = 64 and nothing at 32: so the delta rule's backward_state takes 8.
-# LINATTN_LAUNCH="gated_delta_rule.FEW_PROGRAMS_WARPS.ungated_backward_state=0": off (0 or None: NUM_WARPS).
+# backward gained 0.67 ms at BV = 64 and nothing at 32. Then (call 2) 8 warps for the delta rule's backward_state
+# alone: 3.87 / 4.50 / 5.11 against 4.32 / 4.17 / 5.11 at 4 (at T = 32768, BV = 32, 0.33 ms slower); for the gated
+# op's backward_state alone (its narrow decays then off: see NARROW_FEW) 6.20 / 6.59 / 7.06 against 5.90 / 6.37 /
+# 7.07; its forward alone 6.02 / 6.56 / 7.06. So the delta rule's backward_state takes 8 where its value blocks are
+# FEW_PROGRAMS_WARPS_BV or wider. LINATTN_LAUNCH="gated_delta_rule.FEW_PROGRAMS_WARPS.ungated_backward_state=0":
+# off (0 or None: NUM_WARPS).
 FEW_PROGRAMS_WARPS = dict(gated_forward=None, gated_backward_state=None, ungated_forward=None, ungated_backward_state=8)
+FEW_PROGRAMS_WARPS_BV = 64
+# SMALL_TILE_WARPS: num_warps of tiles under 64 keys or 32 values (see _warps), for trying 8 on a GPU.
+SMALL_TILE_WARPS = 4
 # bf16 operands for bf16 inputs on a GPU (see the module docstring), by kernel (H200, Triton 3.6):
 # - backward_chunk: on. Right at K = 128 (gradient errors 4-5e-3 of the largest, as with tf32). Session 6: 4.36 ms
 #   against 5.95 with tf32 (delta_rule, T = 4096, B = 16) and 5.82 against 9.20 (gated).
@@ -596,20 +603,23 @@ def _few(programs: int | None) -> bool:
     return programs is not None and programs < FEW_PROGRAMS
 
 
-def _few_warps(kernel: str, gated: bool) -> int | None:
-    """FEW_PROGRAMS_WARPS' entry for ``kernel`` of the op (None, or 0 from LINATTN_LAUNCH: none)."""
+def _few_warps(kernel: str, gated: bool, BV: int) -> int | None:
+    """FEW_PROGRAMS_WARPS' entry for ``kernel`` of the op at value blocks of BV (None, or 0 from LINATTN_LAUNCH, or
+    BV under FEW_PROGRAMS_WARPS_BV: none)."""
+    if BV < FEW_PROGRAMS_WARPS_BV:
+        return None
     return FEW_PROGRAMS_WARPS.get(f"{'gated' if gated else 'ungated'}_{kernel}") or None
 
 
 def _warps(kernel: str, BK: int, BV: int, few: bool = False, wide: bool = True, gated: bool = False) -> int:
     """num_warps of a kernel: NUM_WARPS (WIDE_KEYS_WARPS' entry for BK >= 128 where ``wide``; FEW_PROGRAMS_WARPS'
-    entry for the op where set, for a launch of ``few`` programs) for tiles of BK >= 64 keys and BV >= 32 values; 4
-    for smaller ones, where 8 warps ended in illegal memory accesses or wrong gradients on an H200 (Triton 3.6), in
-    tf32 dots as well as bf16 ones."""
+    entry for the op where set, for a launch of ``few`` programs) for tiles of BK >= 64 keys and BV >= 32 values;
+    SMALL_TILE_WARPS (4) for smaller ones, where 8 warps ended in illegal memory accesses or wrong gradients on an
+    H200 (Triton 3.6), in tf32 dots as well as bf16 ones."""
     if BK < 64 or BV < 32:
-        return 4
-    if few and _few_warps(kernel, gated) is not None:
-        return _few_warps(kernel, gated)
+        return SMALL_TILE_WARPS
+    if few and _few_warps(kernel, gated, BV) is not None:
+        return _few_warps(kernel, gated, BV)
     return WIDE_KEYS_WARPS.get(kernel, NUM_WARPS[kernel]) if wide and BK >= 128 else NUM_WARPS[kernel]
 
 
@@ -683,7 +693,7 @@ def _narrow(kernel: str, gated: bool, BV: int, programs: int | None = None) -> d
     """NARROW_DECAYS' constexpr for a launch of ``kernel`` over value blocks of BV (in ``programs`` programs, None:
     many): on for the gated op where BV is at most the kernel's entry, or (NARROW_FEW) where the launch is of fewer
     than FEW_PROGRAMS programs at NUM_WARPS' warps and the kernel has an entry."""
-    few = NARROW_FEW and _few(programs) and _few_warps(kernel, gated) is None and NARROW_DECAYS[kernel] > 0
+    few = NARROW_FEW and _few(programs) and _few_warps(kernel, gated, BV) is None and NARROW_DECAYS[kernel] > 0
     return dict(NARROW_DECAYS=gated and (BV <= NARROW_DECAYS[kernel] or few))
 
 
