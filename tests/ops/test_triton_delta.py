@@ -1074,11 +1074,14 @@ def test_gpu_inference_forward_bfloat16(case, segments, options, split, monkeypa
 @gpu
 @both
 @pytest.mark.parametrize("segments", [1, 4])
-def test_gpu_few_programs_at_eight_warps(case, segments, monkeypatch):
-    """FEW_PROGRAMS_WARPS = 8 (off by default, to be timed): the per-sequence launches of few programs at 8 warps,
-    with unnarrowed value blocks of 64 (FULL_GPU = 0; 8 warps need 32 or more), over segments or not: training's
-    outputs, final state and every gradient, and the no-gradient forward, by the dtype rule."""
-    monkeypatch.setattr(tri, "FEW_PROGRAMS_WARPS", 8)
+@pytest.mark.parametrize("table", ["default", "all_eight"])
+def test_gpu_few_programs_at_eight_warps(case, segments, table, monkeypatch):
+    """FEW_PROGRAMS_WARPS: the per-sequence launches of few programs at its warps, as set (the delta rule's
+    backward_state at 8) or at 8 for both kernels of both ops, with unnarrowed value blocks of 64 (FULL_GPU = 0;
+    8 warps need FEW_PROGRAMS_WARPS_BV), over segments or not: training's outputs, final state and every gradient,
+    and the no-gradient forward, by the dtype rule."""
+    if table == "all_eight":
+        monkeypatch.setattr(tri, "FEW_PROGRAMS_WARPS", dict.fromkeys(tri.FEW_PROGRAMS_WARPS, 8))
     monkeypatch.setattr(tri, "FULL_GPU", 0)
     monkeypatch.setattr(tri, "SEGMENTS", segments)
     launched = {name: launch_kwargs(monkeypatch, tri, name) for name in ("_forward_kernel", "_backward_state_kernel")}
@@ -1086,7 +1089,8 @@ def test_gpu_few_programs_at_eight_warps(case, segments, monkeypatch):
     check_against_naive(case, *to(tensors, state), "triton", reference="chunk", plain_in_dtype=True)
     check_against_naive(case, *to(tensors, state), "triton", reference="chunk", plain_in_dtype=True, grads=False)
     for name, kws in launched.items():
-        assert kws and {kw["num_warps"] for kw in kws} == {8}, name
+        key = f"{'gated' if case is GATED else 'ungated'}_{name[1:-7]}"
+        assert kws and {kw["num_warps"] for kw in kws} == {tri.FEW_PROGRAMS_WARPS[key] or 4}, name
 
 
 @gpu
