@@ -542,9 +542,13 @@ STATE_GRAD_GPU = None
 # sequences x heads the delta rule still cuts them (untimed since). With qk_l2norm the delta rule without segments
 # took 9.03 ms at T = 65536 (same call; fwd 4.03 ms against 2.00 without the option), against 8.06 over 8 segments
 # in session 20, so with qk_l2norm it keeps 8 (entries by op and option, as SPLIT_INFERENCE's).
-# LINATTN_LAUNCH="gated_delta_rule.SEGMENT_HEADS=0" turns segments off.
-SEGMENT_HEADS = 128  # sequences x heads x segments to aim for
-MIN_SEGMENTS = dict(gated_plain=8, ungated_plain=16, gated_l2norm=8, ungated_l2norm=8)
+# Session 26 (H200, bf16, fwd+bwd ms, one call), with backward_state at 8 warps in the delta rule's few-program
+# launches of 64 value columns (FEW_PROGRAMS_WARPS): at T = 65536, B = 1 the delta rule over 4 segments (SEGMENT_HEADS
+# 64: 128 programs of 64 columns each pass) took 4.96 against 5.11 without segments (a call before), 5.65 over 2. So
+# SEGMENT_HEADS and MIN_SEGMENTS are by op and option: the delta rule without qk_l2norm aims at 64, with at least 4.
+# LINATTN_LAUNCH="gated_delta_rule.SEGMENT_HEADS.ungated_plain=0" turns them off for one (each entry, all).
+SEGMENT_HEADS = dict(gated_plain=128, ungated_plain=64, gated_l2norm=128, ungated_l2norm=128)  # N x H x segments
+MIN_SEGMENTS = dict(gated_plain=8, ungated_plain=4, gated_l2norm=8, ungated_l2norm=8)
 SEGMENT_MIN_CHUNKS = 16
 SEGMENTS = None
 
@@ -654,7 +658,8 @@ def _num_segments(N: int, H: int, T: int, cu_seqlens, gated: bool, qk_l2norm: bo
     """Segments per sequence for the per-sequence kernels (1: none), with gates or without, with qk_l2norm or
     without; see SEGMENT_HEADS."""
     least = _by_op(MIN_SEGMENTS, gated, qk_l2norm)
-    return segment_count(N, H, T, BT, cu_seqlens, SEGMENTS, SEGMENT_HEADS, SEGMENT_MIN_CHUNKS, least)
+    heads = _by_op(SEGMENT_HEADS, gated, qk_l2norm)
+    return segment_count(N, H, T, BT, cu_seqlens, SEGMENTS, heads, SEGMENT_MIN_CHUNKS, least)
 
 
 MAX_KEY_DIM = 128  # the per-chunk backward holds several [64, K] float32 tiles: K = 256 needs ~280 KB of shared memory
