@@ -747,14 +747,16 @@ def test_segment_counts():
     """Segments only for few, long sequences without cu_seqlens, at least MIN_SEGMENTS of them, and the
     segment table: whole chunks, the last one of each sequence shorter."""
     for gated, l2 in itertools.product((False, True), (False, True)):
+        plain_delta = not gated and not l2  # SEGMENT_HEADS 64 with at least 4; the others 128 with at least 8
         assert tri._num_segments(16, 16, 4096, None, gated, l2) == 1  # enough sequences and heads already
-        assert tri._num_segments(4, 16, 16384, None, gated, l2) == 1  # 2 segments: not worth three passes
-        assert tri._num_segments(2, 16, 32768, None, gated, l2) == 1  # 4: fewer than MIN_SEGMENTS
+        assert tri._num_segments(4, 16, 16384, None, gated, l2) == 1  # 1 or 2 segments: not worth three passes
+        assert tri._num_segments(2, 16, 32768, None, gated, l2) == 1  # 2 or 4: fewer than MIN_SEGMENTS
         assert tri._num_segments(1, 16, 65536, torch.tensor([0, 65536]), gated, l2) == 1
         assert tri._num_segments(1, 16, 2048, None, gated, l2) == 1  # 32 chunks: segments would be too short
-        assert tri._num_segments(1, 4, 65536, None, gated, l2) == 32  # very few sequences x heads
-        # the standard shape at T = 65536: 8, but the delta rule without qk_l2norm runs whole (MIN_SEGMENTS 16)
-        assert tri._num_segments(1, 16, 65536, None, gated, l2) == (8 if gated or l2 else 1)
+        assert tri._num_segments(1, 4, 65536, None, gated, l2) == (16 if plain_delta else 32)  # very few N x H
+        # the standard shape at T = 65536: 4 segments of 128 programs at 64 value columns (the delta rule without
+        # qk_l2norm, whose backward_state takes FEW_PROGRAMS_WARPS' 8 warps there), else 8
+        assert tri._num_segments(1, 16, 65536, None, gated, l2) == (4 if plain_delta else 8)
     seg = tri.Segments(N=2, T=300, NS=3, BT=tri.BT, device="cpu")
     assert seg.NS == 3 and seg.cu.tolist() == [0, 128, 256, 300, 428, 556, 600]
     assert seg.first.tolist() == [0, 2, 4, 5, 7, 9]
