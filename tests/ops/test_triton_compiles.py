@@ -50,22 +50,37 @@ def test_float16_launches_fit_hopper_shared_memory(call, norms):
     assert "_backward_chunk_kernel" in done.stdout or "--no-grad" in call, done.stdout
 
 
+NARROW_EIGHT = ";".join(
+    f"gated_delta_rule.{name}" for name in ("FEW_PROGRAMS_WARPS.gated_backward_state=8", "NARROW_AT_FEW_WARPS=1")
+)
+
+
 @pytest.mark.parametrize("l2norm", [False, True], ids=["plain", "l2norm"])
-@pytest.mark.parametrize("op, state_warps", [("gated_delta_rule", 4), ("delta_rule", 8)], ids=["gated", "delta"])
-def test_few_programs_fit_hopper_shared_memory(op, state_warps, l2norm):
+@pytest.mark.parametrize(
+    "op, launch, state",
+    [
+        ("gated_delta_rule", "", "warps=4 stages=3"),
+        ("delta_rule", "", "warps=8 stages=3"),
+        ("gated_delta_rule", NARROW_EIGHT, "warps=8 stages=2"),
+    ],
+    ids=["gated", "delta", "gated_narrow_eight_warps"],
+)
+def test_few_programs_fit_hopper_shared_memory(op, launch, state, l2norm):
     """The per-sequence launches of few programs at value blocks of 64 (T = 16384, B = 4, H = 16 on the card: 128
     programs; here FULL_GPU = 1 keeps the blocks wide at B = H = 1), bfloat16, compiled for sm_90: within Hopper's
     227 KiB with FEW_PROGRAMS_STAGES' three stages, the gated op's with NARROW_FEW's narrow decays, the delta rule's
-    backward_state at FEW_PROGRAMS_WARPS' 8 warps. Without qk_l2norm the gated backward_state takes 229,888 B of the
-    232,448 (Triton 3.6 and 3.9 alike; session 25), the delta rule's 221,184 (Triton 3.6; session 26)."""
+    backward_state at FEW_PROGRAMS_WARPS' 8 warps; and the gated backward_state at 8 warps with its narrow decays
+    (NARROW_AT_FEW_WARPS, off) at two. Without qk_l2norm the gated backward_state takes 229,888 B of the 232,448
+    (Triton 3.6 and 3.9 alike; session 25), the delta rule's 221,184 and the gated one at 8 warps 164,096 (Triton
+    3.6; session 26)."""
     compiler = os.environ.get("LINATTN_CARD_PYTHON", sys.executable)
     call = ["--op", op, "--dtype", "bfloat16", "--B", "1", "--H", "1", "--T", "65"]
     args = [sys.executable, "-m", "tests.ops.launch_shared", *call, "--compiler", compiler]
     args += ["--qk-l2norm"] if l2norm else []
-    env = os.environ | dict(LINATTN_LAUNCH="gated_delta_rule.FULL_GPU=1")
+    env = os.environ | dict(LINATTN_LAUNCH=f"gated_delta_rule.FULL_GPU=1;{launch}")
     done = subprocess.run(args, capture_output=True, text=True, env=env)
     assert done.returncode == 0, f"a launch is over Hopper's shared memory:\n{done.stdout}\n{done.stderr[-3000:]}"
-    assert f"_backward_state_kernel warps={state_warps} stages=3" in done.stdout, done.stdout
+    assert f"_backward_state_kernel {state}" in done.stdout, done.stdout
 
 
 @pytest.mark.parametrize(

@@ -129,6 +129,14 @@ def test_few_programs_take_their_own_warps(warps, monkeypatch):
     monkeypatch.setattr(tri, "FEW_PROGRAMS_WARPS_BV", 64)  # 32 value columns are then too few for the entry
     assert tri._launch("backward_state", torch.bfloat16, 64, 32, 8, gated=True)["num_warps"] == 4
     assert tri._launch("backward_state", torch.bfloat16, 64, 64, 8, gated=True)["num_warps"] == (warps or 4)
+    # NARROW_AT_FEW_WARPS: the narrow decays kept at the entry's warps, at two stages at most
+    stages = tri._launch("backward_state", torch.bfloat16, 64, 64, 8, gated=True)["num_stages"]
+    assert stages > 2 or tri.FEW_PROGRAMS_STAGES["bfloat16"] <= 2
+    monkeypatch.setattr(tri, "NARROW_AT_FEW_WARPS", True)
+    assert tri._narrow("backward_state", True, 64, 8)["NARROW_DECAYS"]
+    narrow = tri._launch("backward_state", torch.bfloat16, 64, 64, 8, gated=True)
+    assert narrow == dict(num_warps=warps or 4, num_stages=min(stages, 2) if warps else stages)
+    assert tri._launch("backward_state", torch.bfloat16, 64, 64, 8, gated=False)["num_stages"] == stages  # delta
 
 
 def test_one_stage_on_gpus_with_less_shared_memory(monkeypatch):
@@ -1076,14 +1084,16 @@ def test_gpu_inference_forward_bfloat16(case, segments, options, split, monkeypa
 @gpu
 @both
 @pytest.mark.parametrize("segments", [1, 4])
-@pytest.mark.parametrize("table", ["default", "all_eight"])
+@pytest.mark.parametrize("table", ["default", "all_eight", "narrow_eight"])
 def test_gpu_few_programs_at_eight_warps(case, segments, table, monkeypatch):
     """FEW_PROGRAMS_WARPS: the per-sequence launches of few programs at its warps, as set (the delta rule's
-    backward_state at 8) or at 8 for both kernels of both ops, with unnarrowed value blocks of 64 (FULL_GPU = 0;
-    8 warps need FEW_PROGRAMS_WARPS_BV), over segments or not: training's outputs, final state and every gradient,
-    and the no-gradient forward, by the dtype rule."""
-    if table == "all_eight":
+    backward_state at 8) or at 8 for both kernels of both ops, the gated op's with its narrow decays or without
+    (NARROW_AT_FEW_WARPS), with unnarrowed value blocks of 64 (FULL_GPU = 0; 8 warps need FEW_PROGRAMS_WARPS_BV),
+    over segments or not: training's outputs, final state and every gradient, and the no-gradient forward, by the
+    dtype rule."""
+    if table != "default":
         monkeypatch.setattr(tri, "FEW_PROGRAMS_WARPS", dict.fromkeys(tri.FEW_PROGRAMS_WARPS, 8))
+    monkeypatch.setattr(tri, "NARROW_AT_FEW_WARPS", table == "narrow_eight")
     monkeypatch.setattr(tri, "FULL_GPU", 0)
     monkeypatch.setattr(tri, "SEGMENTS", segments)
     launched = {name: launch_kwargs(monkeypatch, tri, name) for name in ("_forward_kernel", "_backward_state_kernel")}
@@ -1093,6 +1103,8 @@ def test_gpu_few_programs_at_eight_warps(case, segments, table, monkeypatch):
     for name, kws in launched.items():
         key = f"{'gated' if case is GATED else 'ungated'}_{name[1:-7]}"
         assert kws and {kw["num_warps"] for kw in kws} == {tri.FEW_PROGRAMS_WARPS[key] or 4}, name
+        narrow = case is GATED and (table != "all_eight" or tri.FEW_PROGRAMS_WARPS[key] is None)
+        assert {kw["NARROW_DECAYS"] for kw in kws} == {narrow}, name
 
 
 @gpu

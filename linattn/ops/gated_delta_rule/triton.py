@@ -326,6 +326,13 @@ NARROW_DECAYS = dict(forward=32, output=0, backward_state=32)
 # at 32768 and 65536 the few-program launches were already narrow (BV = 16 or 32). With it on, the gated GPU tests
 # of test_triton_delta.py (41) and the property tests (22) pass on the card.
 NARROW_FEW = True
+# NARROW_AT_FEW_WARPS: NARROW_FEW's narrow decays kept where FEW_PROGRAMS_WARPS gives the gated op's kernel its own
+# warps, at NARROW_AT_FEW_WARPS_STAGES stages at most (at three, 8 warps and BV = 64 the narrow backward_state needs
+# 246,272 B, past Hopper's 232,448). Session 26 timed the gated backward_state at 8 warps without them only (slower:
+# see FEW_PROGRAMS_WARPS); built after its device time, untimed, off. Try with LINATTN_LAUNCH=
+# "gated_delta_rule.FEW_PROGRAMS_WARPS.gated_backward_state=8;gated_delta_rule.NARROW_AT_FEW_WARPS=1".
+NARROW_AT_FEW_WARPS = False
+NARROW_AT_FEW_WARPS_STAGES = 2
 # KEEP_STATES: the forward splits (above) and its stores (every chunk's entering state [NC, H, K, V], U [B, T, H, V])
 # and W are kept for the backward, which then neither solves for W and U0 again nor runs the forward's loop again
 # (fla's backward forms them again). With segments (long sequences, few of them: see SEGMENT_HEADS) the forward's
@@ -598,6 +605,8 @@ def _launch(
     elif few:
         few_stages = FEW_PROGRAMS_STAGES[str(dtype).removeprefix("torch.")]
         stages = max(stages, min(few_stages, 2) if gpu_shared_below(HOPPER_SHARED) else few_stages)
+        if _narrow_few(kernel, gated, BV, programs) and _few_warps(kernel, gated, BV) is not None:
+            stages = min(stages, NARROW_AT_FEW_WARPS_STAGES)  # narrow decays at FEW_PROGRAMS_WARPS' warps
     wide = (WIDE_KEYS_L2NORM or not qk_l2norm) and not _float32_small_shared(dtype)
     return dict(num_warps=_warps(kernel, BK, BV, few, wide=wide, gated=gated), num_stages=stages)
 
@@ -694,12 +703,18 @@ def _flags(
     return out
 
 
+def _narrow_few(kernel: str, gated: bool, BV: int, programs: int | None) -> bool:
+    """NARROW_FEW's rule: the gated op's launch of ``kernel`` (one with a NARROW_DECAYS entry) in fewer than
+    FEW_PROGRAMS programs, at NUM_WARPS' warps or (NARROW_AT_FEW_WARPS) at FEW_PROGRAMS_WARPS' entry."""
+    if not (gated and NARROW_FEW and _few(programs) and NARROW_DECAYS.get(kernel, 0) > 0):
+        return False
+    return _few_warps(kernel, gated, BV) is None or NARROW_AT_FEW_WARPS
+
+
 def _narrow(kernel: str, gated: bool, BV: int, programs: int | None = None) -> dict:
     """NARROW_DECAYS' constexpr for a launch of ``kernel`` over value blocks of BV (in ``programs`` programs, None:
-    many): on for the gated op where BV is at most the kernel's entry, or (NARROW_FEW) where the launch is of fewer
-    than FEW_PROGRAMS programs at NUM_WARPS' warps and the kernel has an entry."""
-    few = NARROW_FEW and _few(programs) and _few_warps(kernel, gated, BV) is None and NARROW_DECAYS[kernel] > 0
-    return dict(NARROW_DECAYS=gated and (BV <= NARROW_DECAYS[kernel] or few))
+    many): on for the gated op where BV is at most the kernel's entry, or where _narrow_few says so."""
+    return dict(NARROW_DECAYS=gated and (BV <= NARROW_DECAYS[kernel] or _narrow_few(kernel, gated, BV, programs)))
 
 
 def _lowp(dtype: torch.dtype, kernel: str, gpu: bool | None = None, BK: int | None = None) -> bool:
