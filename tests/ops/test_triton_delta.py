@@ -103,9 +103,9 @@ def test_state_gradient_in_its_own_value_blocks(case, segments, monkeypatch):
 def test_few_programs_take_their_own_warps(warps, monkeypatch):
     """FEW_PROGRAMS_WARPS: the per-sequence launches of fewer than FEW_PROGRAMS programs take the op's entry for
     the kernel (None: NUM_WARPS), at value blocks of FEW_PROGRAMS_WARPS_BV or more where their tiles allow 8 warps
-    (64 keys, 32 values: see _warps); launches of many
-    programs, the other op's, and the per-chunk kernels, keep NUM_WARPS. K = V = 64: 2 value blocks of 32 x 2
-    sequences x 2 heads = 8 programs."""
+    (64 keys, 32 values: see _warps); launches of many programs, the other op's, and the per-chunk kernels, keep
+    NUM_WARPS. K = V = 64: 2 value blocks of 32 x 2 sequences x 2 heads = 8 programs. With NARROW_AT_FEW_WARPS the
+    gated op's narrow decays stay at the entry's warps, at two stages at most."""
     table = {f"{op}_{kernel}": None for op in ("gated", "ungated") for kernel in ("forward", "backward_state")}
     monkeypatch.setattr(tri, "FEW_PROGRAMS_WARPS", table | dict(gated_forward=warps, gated_backward_state=warps))
     monkeypatch.setattr(tri, "FEW_PROGRAMS_WARPS_BV", 32)

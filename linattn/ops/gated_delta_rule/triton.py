@@ -240,18 +240,18 @@ SMALL_SHARED_CHUNK_BV = 32
 # per-sequence kernels run 128 programs of 32 value columns, and the forward and backward_state took 0.23 and 0.20
 # ms longer than at T = 4096 (session 18's profile). Session 21 (H200, one call, 8 warps for both kernels and ops):
 # the delta rule 4.87 -> 4.79 at T = 16384 and 5.30 -> 5.75 at 32768, so it stayed off.
-# By op and kernel since session 26 (H200, bf16, fwd / fwd+bwd ms, one call, main then 8 warps for both kernels of
-# the delta rule): T = 16384, B = 4 (BV = 64, 128 programs) 1.25 / 4.29 -> 1.49 / 3.87; T = 32768, B = 2 (BV = 32)
-# 1.49 / 4.16 -> 1.96 / 4.62; T = 65536 (BV = 16, so 4 warps anyway) 5.09 -> 5.10. The forward lost at both, the
-# backward gained 0.67 ms at BV = 64 and nothing at 32. Then (call 2) 8 warps for the delta rule's backward_state
-# alone: 3.87 / 4.50 / 5.11 against 4.32 / 4.17 / 5.11 at 4 (at T = 32768, BV = 32, 0.33 ms slower); for the gated
-# op's backward_state alone (its narrow decays then off: see NARROW_FEW) 6.20 / 6.59 / 7.06 against 5.90 / 6.37 /
-# 7.07; its forward alone 6.02 / 6.56 / 7.06. So the delta rule's backward_state takes 8 where its value blocks are
-# FEW_PROGRAMS_WARPS_BV or wider. LINATTN_LAUNCH="gated_delta_rule.FEW_PROGRAMS_WARPS.ungated_backward_state=0":
-# off (0 or None: NUM_WARPS).
+# By op and kernel since session 26 (H200, bf16, fwd / fwd+bwd ms, one call, main then 8 warps for both kernels of the
+# delta rule): T = 16384, B = 4 (BV = 64, 128 programs) 1.25 / 4.29 -> 1.49 / 3.87; T = 32768, B = 2 (BV = 32) 1.49 /
+# 4.16 -> 1.96 / 4.62; T = 65536 (BV = 16, so 4 warps anyway) 5.09 -> 5.10. Then (call 2) kernel by kernel, 8 warps
+# for the delta rule's backward_state alone: 3.87 / 4.50 / 5.11 against 4.32 / 4.17 / 5.11 at 4 (at T = 32768, BV =
+# 32, 0.33 ms slower); for the gated op's backward_state alone (its narrow decays then off: see NARROW_FEW) 6.20 /
+# 6.59 / 7.06 against 5.90 / 6.37 / 7.07; its forward alone 6.02 / 6.56 / 7.06. So the delta rule's backward_state
+# takes 8 where its value blocks are FEW_PROGRAMS_WARPS_BV or wider.
+# LINATTN_LAUNCH="gated_delta_rule.FEW_PROGRAMS_WARPS.ungated_backward_state=0": off (0 or None: NUM_WARPS).
 FEW_PROGRAMS_WARPS = dict(gated_forward=None, gated_backward_state=None, ungated_forward=None, ungated_backward_state=8)
 FEW_PROGRAMS_WARPS_BV = 64
-# SMALL_TILE_WARPS: num_warps of tiles under 64 keys or 32 values (see _warps), for trying 8 on a GPU.
+# SMALL_TILE_WARPS: num_warps of tiles under 64 keys or 32 values (see _warps), for trying 8 on a GPU: session 26
+# (H200, bf16), 8 took the delta rule at T = 65536 (then 128 programs of 16 value columns) 5.11 -> 6.19 ms.
 SMALL_TILE_WARPS = 4
 # bf16 operands for bf16 inputs on a GPU (see the module docstring), by kernel (H200, Triton 3.6):
 # - backward_chunk: on. Right at K = 128 (gradient errors 4-5e-3 of the largest, as with tf32). Session 6: 4.36 ms
@@ -595,7 +595,7 @@ def _launch(
     launched as ``programs`` programs (None: many), with gates (GATED_STAGES) or without: one stage for float32
     inputs, for float16 ones with qk_l2norm or in ONE_STAGE_FLOAT16's kernels (see NUM_STAGES) and on GPUs with less
     shared memory (SMALL_SHARED), at least FEW_PROGRAMS_STAGES for fewer programs than FEW_PROGRAMS (two at most
-    below Hopper's shared memory)."""
+    below Hopper's shared memory; NARROW_AT_FEW_WARPS_STAGES at most for narrow decays at FEW_PROGRAMS_WARPS')."""
     stages = GATED_STAGES.get(kernel, NUM_STAGES[kernel]) if gated else NUM_STAGES[kernel]
     few = _few(programs)
     if dtype == torch.float32 or _float16_norms(dtype, qk_l2norm) or gpu_shared_below(SMALL_SHARED):
