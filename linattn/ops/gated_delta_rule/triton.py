@@ -329,7 +329,9 @@ NARROW_FEW = True
 # NARROW_AT_FEW_WARPS: NARROW_FEW's narrow decays kept where FEW_PROGRAMS_WARPS gives the gated op's kernel its own
 # warps, at NARROW_AT_FEW_WARPS_STAGES stages at most (at three, 8 warps and BV = 64 the narrow backward_state needs
 # 246,272 B, past Hopper's 232,448). Session 26 timed the gated backward_state at 8 warps without them only (slower:
-# see FEW_PROGRAMS_WARPS); built after its device time, untimed, off. Try with LINATTN_LAUNCH=
+# see FEW_PROGRAMS_WARPS); built after its device time, untimed, off. The sm_90 compile (Triton 3.6, bf16, BV = 64):
+# at 4 warps and three stages backward_state spills (255 registers, 88 B stack), at 8 and two 254 registers, none;
+# the delta rule's spilled at 4 (232 B) and not at 8, where it gained. Try with LINATTN_LAUNCH=
 # "gated_delta_rule.FEW_PROGRAMS_WARPS.gated_backward_state=8;gated_delta_rule.NARROW_AT_FEW_WARPS=1".
 NARROW_AT_FEW_WARPS = False
 NARROW_AT_FEW_WARPS_STAGES = 2
