@@ -633,8 +633,9 @@ def _warps(kernel: str, BK: int, BV: int, few: bool = False, wide: bool = True, 
     H200 (Triton 3.6), in tf32 dots as well as bf16 ones."""
     if BK < 64 or BV < 32:
         return SMALL_TILE_WARPS
-    if few and _few_warps(kernel, gated, BV) is not None:
-        return _few_warps(kernel, gated, BV)
+    own = _few_warps(kernel, gated, BV) if few else None
+    if own is not None:
+        return own
     return WIDE_KEYS_WARPS.get(kernel, NUM_WARPS[kernel]) if wide and BK >= 128 else NUM_WARPS[kernel]
 
 
