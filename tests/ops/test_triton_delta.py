@@ -269,7 +269,7 @@ def test_forward_states_kept_with_segments(case, monkeypatch):
     g = gates[0].float().contiguous() if gates else None
     args = (q, k, v, g, beta.float(), h0.float(), None, 0.25, False, False, True, True)
     out = tri._chunk_op(*args)
-    assert out[3].shape == (2 * 5, 2, 24, 16) and out[6].shape == (2, 2, 2, 24, 16)  # kept states; segments' S_in
+    assert out[3].shape == (2 * 5, 2, 24, 16) and out[7].shape == (2, 2, 2, 24, 16)  # kept states; segments' S_in
     checks = torch.library.opcheck(tri._chunk_op, args, test_utils=("test_schema", "test_faketensor"))
     assert set(checks.values()) == {"SUCCESS"}, checks
 
@@ -493,22 +493,34 @@ def test_narrow_decays_at_few_programs(narrow_few, keep, monkeypatch):
 
 
 @both
-@pytest.mark.parametrize("split", [False, True], ids=["local", "split"])
+@pytest.mark.parametrize("mode", ["local", "split", "scores"])
 @pytest.mark.parametrize("segments, packed", [(1, True), (2, False)], ids=["packed", "segments"])
-def test_state_pass_forms_local_du_or_not(case, split, segments, packed, monkeypatch):
-    """SPLIT_BACKWARD, either way for either op (the delta rule's default forms it in the loop, the gated op's
-    splits): off, backward_state's loop forms scale P^T dO itself and no local_du kernel runs; on, local_du forms
-    it. Against naive, packed sequences (one of one token) or segments (whose first pass forms it as well), dX in
-    dU's tensor (float32 here) or apart."""
+def test_state_pass_forms_local_du_or_not(case, mode, segments, packed, monkeypatch):
+    """dU's share within each chunk, scale P^T dO, three ways for either op: SPLIT_BACKWARD off ("local"),
+    backward_state's loop forms it from q and k and no local_du kernel runs; on ("split"), local_du forms it;
+    KEEP_SCORES ("scores"), the forward's output kernel stores P and backward_state's loop forms it from that
+    (SCORES_IN), whatever SPLIT_BACKWARD says. Against naive, packed sequences (one of one token) or segments (whose
+    first pass forms it as well), dX in dU's tensor (float32 here) or apart."""
+    split = mode == "split"
     monkeypatch.setattr(tri, "SPLIT_BACKWARD", dict(gated=split, ungated=split))
+    monkeypatch.setattr(tri, "KEEP_STATES", True)
+    monkeypatch.setattr(tri, "KEEP_SCORES", dict(gated=mode == "scores", ungated=mode == "scores"))
+    if mode == "scores":  # else it would be formed in the loop anyway
+        monkeypatch.setattr(tri, "SPLIT_BACKWARD", dict(gated=True, ungated=True))
     monkeypatch.setattr(tri, "SEGMENTS", segments)
     if segments > 1:  # dX apart, so that dU's tensor is not needed at all
         monkeypatch.setattr(tri, "_dx_dtype", lambda lowp, parts: torch.float32)
-    launches = count_launches(monkeypatch, tri, "_local_du_kernel", "_backward_state_kernel")
+    launches = count_launches(monkeypatch, tri, "_local_du_kernel")
+    state_launches = launch_kwargs(monkeypatch, tri, "_backward_state_kernel")
+    output_launches = launch_kwargs(monkeypatch, tri, "_output_kernel")
     cu_seqlens = torch.tensor([0, 70, 71, 200]).to(DEVICE) if packed else None
     tensors, state = case.draw(B=1, T=200, H=2, K=40, V=24, seed=37, N=3 if packed else 1, gate_scale=0.05)
     check_against_naive(case, *to(tensors, state), "triton", cu_seqlens=cu_seqlens, **ON_DEVICE)
-    assert "_backward_state_kernel" in launches and ("_local_du_kernel" in launches) == split
+    assert ("_local_du_kernel" in launches) == split
+    assert len(state_launches) == segments  # (the segments' share pass, then each from its exit gradient)
+    for kw in state_launches:
+        assert kw["LOCAL_DU"] == (mode == "local") and kw.get("SCORES_IN", False) == (mode == "scores")
+    assert [kw.get("STORE_SCORES", False) for kw in output_launches] == [mode == "scores"]
 
 
 @triton.jit
@@ -695,7 +707,7 @@ def test_long_sequences_cut_into_segments(case, segments, monkeypatch):
     g = gates[0].float().contiguous() if gates else None
     args = (q, k, v, g, beta.float(), h0.float(), None, 0.25, False, False, True, False)
     out = tri._chunk_op(*args)
-    assert out[6].shape == (2, segments, 2, 33, 40) and out[7].shape == (2, segments, 2, 33, 33)
+    assert out[7].shape == (2, segments, 2, 33, 40) and out[8].shape == (2, segments, 2, 33, 33)
     torch.library.opcheck(tri._chunk_op, args, test_utils=("test_schema", "test_faketensor"))
     assert_segments_equal_one_pass(case, tri, *to(tensors, state), monkeypatch)
 

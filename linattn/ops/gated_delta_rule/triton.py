@@ -357,6 +357,13 @@ NARROW_AT_FEW_WARPS_STAGES = 2
 # Read at each call: set KEEP_STATES = False to trade the time for the memory (deep models at long context).
 KEEP_STATES = True
 KEEP_LOWP = True
+# KEEP_SCORES, by op: with KEEP_STATES, the forward's output kernel also stores each chunk's intra-chunk scores P =
+# tril(q k^T exp(b_t - b_s)) for the backward ([B, T, H, BT]: P^T's rows, in bfloat16 where backward_state takes
+# bfloat16 operands, which round P so anyway; else float32), and backward_state forms dU's share within the chunk,
+# scale P^T dO, from them (SCORES_IN): no local_du kernel (the gated op's SPLIT_BACKWARD), and no q k^T product in
+# the delta rule's loop (LOCAL_DU). The same values as local_du's, up to the order of the products' sums. Memory: 128
+# MiB more kept per layer at the standard shape (bf16). Built in session 27, off until timed on a card.
+KEEP_SCORES = dict(gated=False, ungated=False)
 # STATES_LOWP: where backward_chunk takes bfloat16 operands (LOWP), what the backward stores for it in bfloat16,
 # not float32: the states entering each chunk (states), the gradients of the states leaving them (dstates), U (u);
 # the loops carry them in float32, only the stored copies are rounded (fla stores its h, dh and v_new so). dx:
@@ -847,6 +854,17 @@ def _prepare_store(part: str, dtype: torch.dtype, gpu: bool | None = None) -> to
     return torch.bfloat16 if lowp else torch.float32
 
 
+def _scores_dtype(dtype: torch.dtype, gated: bool, qk_l2norm: bool, gpu: bool | None = None) -> torch.dtype:
+    """The dtype of the scores that KEEP_SCORES keeps: bfloat16 where backward_state's products take bfloat16
+    operands (LOWP), else float32."""
+    return torch.bfloat16 if _flags(dtype, gated, qk_l2norm, "backward_state", gpu)["LOWP"] else torch.float32
+
+
+def _keeps_scores(gated: bool, save: bool, keep: bool) -> bool:
+    """Whether the forward keeps its scores for the backward (KEEP_SCORES, where it keeps its states)."""
+    return save and keep and bool(_by_op(KEEP_SCORES, gated))
+
+
 def _states_lowp(gated: bool) -> dict:
     """STATES_LOWP for the gated op; for the delta rule, with its own states and dstates (UNGATED_STATES_LOWP)."""
     return STATES_LOWP if gated else STATES_LOWP | UNGATED_STATES_LOWP
@@ -906,7 +924,7 @@ def forward(
     """The chunked forward: o [B, T, H, V] in v's dtype, the final state [N, H, K, V] float32, with save Tinv
     [B, T, H, BT] float32 for the backward (else None), with save and keep (states, U, W) where it keeps them
     (with keep; else None), with save and segments what the segments' scan found, (S_in, M) (see
-    _segmented_forward; else None), and with save the row norms of q and k where the kernels read them
+    _segmented_forward; else None; kept's fourth, the scores, None unless KEEP_SCORES), and with save the row norms of q and k where the kernels read them
     (_row_norms; else None), which the backward reads again."""
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -944,12 +962,17 @@ def forward(
         segs = _segmented_forward(q, k, g_, w, u0, h0, seg, o, ht, states, u, scale, not split, split, flags)
         segs = segs if save else None
     if split:
-        kept = (states, u, w) if keep else None
+        scores = None
+        if _keeps_scores(g is not None, save, keep):
+            s_dtype = _scores_dtype(q.dtype, g is not None, qk_l2norm)
+            scores = torch.empty(B, T, H, BT, dtype=s_dtype, device=q.device)
+        kept = (states, u, w, scores) if keep else None
         del w, u0
         bv = _chunk_bv(V)
         g_out, decays = _decays_in("output", g_, _log_decays(g, lay, ("output",)))
         _output_kernel[(lay.NC, H)](
-            q, k, g_out, states, u, lay.chunks, o, scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=bv,
+            q, k, g_out, states, u, lay.chunks, o, scores if scores is not None else ht, scale,
+            H=H, K=K, V=V, BT=BT, BK=BK, BV=bv, STORE_SCORES=scores is not None,
             **_launch("output", q.dtype, BK, bv, gated=g is not None, qk_l2norm=qk_l2norm),
             **(_flags(q.dtype, g is not None, qk_l2norm, "output") | read), **_narrow("output", g is not None, bv),
             **decays,
@@ -1064,7 +1087,9 @@ def _segmented_forward(
     return S_in, M
 
 
-def _segmented_backward_state(q, k, g_, w, do, dht, seg: Segments, M, dstates, du, dx, dh0, tinv, scale, flags):
+def _segmented_backward_state(
+    q, k, g_, w, do, dht, seg: Segments, M, dstates, du, dx, dh0, tinv, scores, scale, flags
+):  # fmt: skip
     """backward_state over segments: each segment's own share L of its entering gradient, the reverse scan
     (dS_out(s - 1) = M_s^T dS_out(s) + L_s, float64), then each segment from its true exit gradient."""
     H, K, V = q.shape[2], q.shape[3], do.shape[-1]
@@ -1077,7 +1102,8 @@ def _segmented_backward_state(q, k, g_, w, do, dht, seg: Segments, M, dstates, d
     def run(dht_, dh0_, store_grads):
         _backward_state_kernel[(triton.cdiv(V, BV), NSH)](
             q, k, g_, w, do, dht_ if dht_ is not None else dummy, seg.cu, seg.first, dstates, du, dx,
-            dh0_ if dh0_ is not None else dummy, tinv, scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+            dh0_ if dh0_ is not None else dummy, tinv, scores if scores is not None else dummy, scale,
+            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
             HAS_DHT=dht_ is not None, STORE_DH0=dh0_ is not None, STORE_GRADS=store_grads,
             **_launch("backward_state", q.dtype, BK, BV, programs, flags["HAS_G"], flags["L2NORM"]),
             **flags, **_narrow("backward_state", flags["HAS_G"], BV, programs),
@@ -1099,7 +1125,8 @@ def backward(
     """Gradients (dq, dk, dv, dg or None, dbeta, dh0 or None).
 
     Recomputes W, U0 (from the forward's Tinv when given), then the state entering every chunk and U
-    (float32, or bfloat16: STATES_LOWP), unless the forward kept (states, U, W) (``kept``; with segments, from the
+    (float32, or bfloat16: STATES_LOWP), unless the forward kept (states, U, W, scores or None) (``kept``; with
+    segments, from the
     forward's (S_in, M), ``segs``, rather than by the scan again); then the gradient of
     the state leaving every chunk (in the states' dtype) and dU (float32), and from those, per chunk, every input
     gradient. ``norms``: the row norms the forward formed (_row_norms; None: formed again where the kernels read
@@ -1130,8 +1157,9 @@ def backward(
         lowp, stored = False, dict.fromkeys(stored, torch.float32)
     parts = _states_lowp(g is not None)
     g_ = g if g is not None else dummy
+    scores = None
     if use_kept:
-        states, u, w = kept
+        states, u, w, scores = kept
         seg = Segments.get(lay.N, T, NS, BT, q.device) if NS > 1 else None
         M = segs[1] if seg is not None else None
     else:
@@ -1159,8 +1187,10 @@ def backward(
         del u0
     dstates = torch.empty(states.shape, dtype=stored["dstates"], device=q.device)
     state_flags = flags("backward_state")
+    if scores is not None:  # P^T dO from the forward's scores (KEEP_SCORES), in backward_state's loop
+        state_flags |= dict(LOCAL_DU=False, SCORES_IN=True)
     dx_dtype = _dx_dtype(lowp, parts)
-    local = state_flags["LOCAL_DU"]  # backward_state forms P^T dO itself: du is neither written nor read
+    local = state_flags["LOCAL_DU"] or scores is not None  # backward_state forms P^T dO: du neither written nor read
     if local and dx_dtype is not None:
         du = dummy
     else:
@@ -1181,15 +1211,17 @@ def backward(
         programs = triton.cdiv(V, bv_state) * lay.N * H
         _backward_state_kernel[(triton.cdiv(V, bv_state), lay.N * H)](
             q, k, g_, w, do, dht if dht is not None else dummy, lay.cu, lay.first, dstates, du, dx,
-            dh0 if dh0 is not None else dummy, tinv, scale,
+            dh0 if dh0 is not None else dummy, tinv, scores if scores is not None else dummy, scale,
             BV=bv_state, HAS_DHT=dht is not None, STORE_DH0=h0 is not None, STORE_GRADS=True,
             **_launch("backward_state", q.dtype, BK, bv_state, programs, g is not None, qk_l2norm),
             **common, **state_flags, **_narrow("backward_state", g is not None, bv_state, programs),
         )  # fmt: skip
     else:
-        _segmented_backward_state(q, k, g_, w, do, dht, seg, M, dstates, du, dx, dh0, tinv, scale, state_flags)
+        _segmented_backward_state(
+            q, k, g_, w, do, dht, seg, M, dstates, du, dx, dh0, tinv, scores, scale, state_flags
+        )  # fmt: skip
         del M
-    del w, du  # dx holds what backward_chunk needs
+    del w, du, scores  # dx holds what backward_chunk needs
     dq = torch.empty(q.shape, dtype=store_dtype(q.dtype), device=q.device)
     dk = torch.empty(k.shape, dtype=store_dtype(k.dtype), device=q.device)
     dv = torch.empty(v.shape, dtype=store_dtype(v.dtype), device=q.device)
@@ -1251,9 +1283,10 @@ def _chunk_op(
     torch.Tensor,
     torch.Tensor,
     torch.Tensor,
+    torch.Tensor,
 ]:
     """(o, final state, then for the backward Tinv (empty unless save), the kept states, U and W (empty unless
-    kept: _keeps), the segments' S_in and M (empty unless save with segments) and the row norms of q and k (empty
+    kept) and scores (empty unless kept with KEEP_SCORES: _keeps_scores), the segments' S_in and M (empty unless save with segments) and the row norms of q and k (empty
     unless save where the kernels read them: _norms_in)). keep is an argument, not KEEP_STATES read here, so that a
     compiled graph (and torch.compile's caches, which do not see module settings) holds what the fake and the
     kernels do."""
@@ -1262,10 +1295,11 @@ def _chunk_op(
             q, k, v, g, beta, h0, scale, cu_seqlens, qk_l2norm, beta_is_logit, save, keep
         )  # fmt: skip
     empty = none_tensor(q)
-    states, u, w = kept if kept is not None else (empty, empty.clone(), empty.clone())
+    states, u, w, scores = kept if kept is not None else (empty, empty.clone(), empty.clone(), None)
+    scores = scores if scores is not None else empty.clone()
     seg_in, seg_m = segs if segs is not None else (empty.clone(), empty.clone())
     norms = norms if norms is not None else empty.clone()
-    return o, ht, (tinv if tinv is not None else empty.clone()), states, u, w, seg_in, seg_m, norms
+    return o, ht, (tinv if tinv is not None else empty.clone()), states, u, w, scores, seg_in, seg_m, norms
 
 
 @_chunk_op.register_fake
@@ -1282,6 +1316,10 @@ def _(q, k, v, g, beta, h0, cu_seqlens, scale, qk_l2norm, beta_is_logit, save, k
         w = q.new_empty(B, T, H, K, dtype=_w_dtype(k.dtype))
     else:
         states, u, w = empty.clone(), empty.clone(), empty.clone()
+    if _keeps_scores(g is not None, save, keep):
+        scores = q.new_empty(B, T, H, BT, dtype=_scores_dtype(q.dtype, g is not None, qk_l2norm))
+    else:
+        scores = empty.clone()
     # (no shape guards otherwise)
     NS = Segments.count(T, _num_segments(N, H, T, cu_seqlens, g is not None, qk_l2norm), BT) if save else 1
     if NS > 1:
@@ -1290,7 +1328,7 @@ def _(q, k, v, g, beta, h0, cu_seqlens, scale, qk_l2norm, beta_is_logit, save, k
     else:
         seg_in, seg_m = empty.clone(), empty.clone()
     norms = q.new_empty(B, T, H, 2, dtype=torch.float32) if save and _norms_in(qk_l2norm) else empty.clone()
-    return torch.empty_like(v), fake_state(q, v, cu_seqlens), tinv, states, u, w, seg_in, seg_m, norms
+    return torch.empty_like(v), fake_state(q, v, cu_seqlens), tinv, states, u, w, scores, seg_in, seg_m, norms
 
 
 @torch.library.custom_op("linattn::chunk_gated_delta_rule_backward", mutates_args=())
@@ -1307,6 +1345,7 @@ def _chunk_backward_op(
     states: torch.Tensor,
     u: torch.Tensor,
     w: torch.Tensor,
+    scores: torch.Tensor,
     seg_in: torch.Tensor,
     seg_m: torch.Tensor,
     norms: torch.Tensor,
@@ -1316,7 +1355,7 @@ def _chunk_backward_op(
     beta_is_logit: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     tinv = tinv if tinv.numel() else None
-    kept = (states, u, w) if states.numel() else None
+    kept = (states, u, w, scores if scores.numel() else None) if states.numel() else None
     segs = (seg_in, seg_m) if seg_in.numel() else None
     norms = norms if norms.numel() else None
     with on_device_of(q), ptxas.assembler():
@@ -1330,7 +1369,7 @@ def _chunk_backward_op(
 
 @_chunk_backward_op.register_fake
 def _(
-    do, dht, q, k, v, g, beta, h0, tinv, states, u, w, seg_in, seg_m, norms, cu_seqlens, scale, qk_l2norm,
+    do, dht, q, k, v, g, beta, h0, tinv, states, u, w, scores, seg_in, seg_m, norms, cu_seqlens, scale, qk_l2norm,
     beta_is_logit,
 ):  # fmt: skip
     empty = none_tensor(q)
@@ -1352,7 +1391,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, do, dht, *_):
-    q, k, v, g, beta, h0, tinv, states, u, w, seg_in, seg_m, norms, cu_seqlens = ctx.saved_tensors
+    q, k, v, g, beta, h0, tinv, states, u, w, scores, seg_in, seg_m, norms, cu_seqlens = ctx.saved_tensors
     scale, qk_l2norm, beta_is_logit = ctx.options
     dht = dht.contiguous() if dht is not None else None
     do = do if do is not None else torch.zeros_like(v)
@@ -1369,6 +1408,7 @@ def _backward(ctx, do, dht, *_):
         states,
         u,
         w,
+        scores,
         seg_in,
         seg_m,
         norms,
@@ -1528,6 +1568,11 @@ def _library_variants():
                 other,
                 opts["backward_state"],
             )
+        # backward_state forming P^T dO from the forward's scores (KEEP_SCORES), whose output kernel stores them
+        kept_scores = "bf16" if _scores_dtype(torch_dtype, gated, opt, gpu=True) == torch.bfloat16 else "fp32"
+        scores_in = state | dict(LOCAL_DU=False, SCORES_IN=True)
+        scores_ptrs = sptrs | dict(scores=kept_scores)
+        yield f"backward state SCORES_IN {label}", _backward_state_kernel, scores_ptrs, scores_in, opts["backward_state"]
         if opt:  # heads of K = 64 too: their key tiles take other shapes (session 14's STATE_HALVES compiled here at
             # K = 128 only, and failed to compile on the card at K <= 64)
             small = dict(K=64, BK=64)
@@ -1546,6 +1591,8 @@ def _library_variants():
         output = common["output"] | dict(BV=BV_CHUNK) | _narrow("output", gated, BV_CHUNK)
         output |= dict(DECAYS_IN=_reads_decays("output", gated))
         yield f"output {label}", _output_kernel, ptrs, output, opts["output"]
+        scores_out = output | dict(STORE_SCORES=True)
+        yield f"output STORE_SCORES {label}", _output_kernel, ptrs | dict(scores=kept_scores), scores_out, opts["output"]
         if lowp:  # reading states and U kept in the backward's own dtypes (KEEP_LOWP): this gating's, the delta rule's
             for kept in (sptrs, ptrs | dict(states="bf16", u="bf16")):
                 kept_label = f"output kept states={kept['states']} u={kept['u']} {label}"

@@ -208,6 +208,7 @@ def _output_kernel(
     u,
     chunks,
     o,
+    scores,
     scale,
     rn,
     H: tl.constexpr,
@@ -225,10 +226,13 @@ def _output_kernel(
     PRECISE_EXP: tl.constexpr,
     NARROW_DECAYS: tl.constexpr = False,
     DECAYS_IN: tl.constexpr = False,
+    STORE_SCORES: tl.constexpr = False,
 ):
     # Per chunk, from the state entering it (S) and U, both stored by _forward_kernel (STORE_STATES):
     # o = scale (exp(b) q S + tril(q k^T exp(b_t - b_s)) U), off the sequential path, every V block in turn
     # with q k^T formed once for them all. DECAYS_IN (with HAS_G): g holds the chunks' log-decay sums per token.
+    # STORE_SCORES: P = tril(q k^T exp(b_t - b_s)) (unscaled) stored for the backward transposed, [.., T, H, BT] in
+    # scores' dtype with row s holding P's column s, so that _backward_state_kernel reads P^T as rows (SCORES_IN).
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     lo, hi = chunk_bounds(chunks, i_c)
@@ -243,6 +247,8 @@ def _output_kernel(
     b_kT, _ = load_rows(k, tok, m_t, o_k, K, L2NORM, True, rn + 1, R_IN)
     gamma, e_b, _, _ = chunk_decays_summed_or_read(g, tok, m_t, (hi - 1) * H + i_h, HAS_G, DECAYS_IN, BT, PRECISE_EXP)
     P = mm_lowp(b_q, b_kT, DOT_PREC, ROUND, LOWP, LOWP_TY) * gamma
+    if STORE_SCORES:  # P [t, s] at row s, column t
+        tl.store(scores + tok[None, :] * BT + o_t[:, None], P.to(scores.dtype.element_ty), mask=m_t[None, :])
     if not NARROW_DECAYS:  # (else exp(b) scales the rows of q S)
         b_qs = b_q * e_b[:, None]
     for i_v in range(0, tl.cdiv(V, BV)):
@@ -325,6 +331,7 @@ def _backward_state_kernel(
     dx,
     dh0,
     tinv,
+    scores,
     scale,
     rn,
     H: tl.constexpr,
@@ -345,6 +352,7 @@ def _backward_state_kernel(
     PRECISE_EXP: tl.constexpr,
     LOCAL_DU: tl.constexpr,
     NARROW_DECAYS: tl.constexpr = False,
+    SCORES_IN: tl.constexpr = False,
 ):
     # The forward's chunk loop run backwards on the state gradient dS [K, BV]; stores the gradient of the
     # state leaving each chunk and dX (below).  dU = scale P^T dO + (exp(b_C - b) k) dS;
@@ -355,6 +363,8 @@ def _backward_state_kernel(
     # Without STORE_GRADS nothing is stored but dh0 (a segment's own share of its entering gradient, triton.py).
     # LOCAL_DU: the loop forms scale P^T dO itself (SPLIT_BACKWARD in triton.py), and du is not read (dx may still
     # be du's tensor, then written).
+    # SCORES_IN: the loop forms scale P^T dO from the P that _output_kernel stored (STORE_SCORES: P^T's rows at
+    # scores), not from q and k, and du is not read (as with LOCAL_DU).
     # NARROW_DECAYS: the decays scale (k dS)'s rows and dO's rather than the tiles of k and q^T (see _forward_kernel).
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
@@ -381,7 +391,15 @@ def _backward_state_kernel(
         gamma, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
         # each tile loaded just before its product, so that few are live at once; q^T and W^T loaded as such
         b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM, False, rn + 1, R_IN)
-        if LOCAL_DU:  # scale P^T dO, as _local_du_kernel forms it
+        if SCORES_IN:  # scale P^T dO from the stored P^T
+            PT = tl.load(scores + tok[:, None] * BT + o_t[None, :], mask=m_t[:, None] & m_t[None, :], other=0.0)
+            if not LOWP:
+                PT = PT.to(tl.float32)
+            b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+            if not LOWP:
+                b_do = b_do.to(tl.float32)
+            b_du = scale * mm_lowp(PT, b_do, DOT_PREC, ROUND, LOWP, LOWP_TY)
+        elif LOCAL_DU:  # scale P^T dO, as _local_du_kernel forms it
             b_qT, _ = load_rows(q, tok, m_t, o_k, K, L2NORM, True, rn, R_IN)
             PT = mm_lowp(b_k, b_qT, DOT_PREC, ROUND, LOWP, LOWP_TY) * tl.trans(gamma)
             b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
@@ -400,6 +418,7 @@ def _backward_state_kernel(
             tl.store(dx + tok[:, None] * V + o_v[None, :], b_dx.to(dx.dtype.element_ty), mask=m_tv)
         if not LOCAL_DU:
             b_qT, _ = load_rows(q, tok, m_t, o_k, K, L2NORM, True, rn, R_IN)
+        if not (LOCAL_DU or SCORES_IN):
             b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
             if not LOWP:
                 b_do = b_do.to(tl.float32)
