@@ -922,10 +922,10 @@ def forward(
     keep: bool = False,
 ):  # fmt: skip
     """The chunked forward: o [B, T, H, V] in v's dtype, the final state [N, H, K, V] float32, with save Tinv
-    [B, T, H, BT] float32 for the backward (else None), with save and keep (states, U, W) where it keeps them
-    (with keep; else None), with save and segments what the segments' scan found, (S_in, M) (see
-    _segmented_forward; else None; kept's fourth, the scores, None unless KEEP_SCORES), and with save the row norms of q and k where the kernels read them
-    (_row_norms; else None), which the backward reads again."""
+    [B, T, H, BT] float32 for the backward (else None), with save and keep (states, U, W, scores) where it keeps
+    them (with keep; else None; scores None unless KEEP_SCORES), with save and segments what the segments' scan
+    found, (S_in, M) (see _segmented_forward; else None), and with save the row norms of q and k where the kernels
+    read them (_row_norms; else None), which the backward reads again."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     lay = ChunkTable.get(B, T, cu_seqlens, BT, q.device)
@@ -1286,10 +1286,10 @@ def _chunk_op(
     torch.Tensor,
 ]:
     """(o, final state, then for the backward Tinv (empty unless save), the kept states, U and W (empty unless
-    kept) and scores (empty unless kept with KEEP_SCORES: _keeps_scores), the segments' S_in and M (empty unless save with segments) and the row norms of q and k (empty
-    unless save where the kernels read them: _norms_in)). keep is an argument, not KEEP_STATES read here, so that a
-    compiled graph (and torch.compile's caches, which do not see module settings) holds what the fake and the
-    kernels do."""
+    kept) and scores (empty unless kept with KEEP_SCORES: _keeps_scores), the segments' S_in and M (empty unless
+    save with segments) and the row norms of q and k (empty unless save where the kernels read them: _norms_in)).
+    keep is an argument, not KEEP_STATES read here, so that a compiled graph (and torch.compile's caches, which do
+    not see module settings) holds what the fake and the kernels do."""
     with on_device_of(q), ptxas.assembler():
         o, ht, tinv, kept, segs, norms = forward(
             q, k, v, g, beta, h0, scale, cu_seqlens, qk_l2norm, beta_is_logit, save, keep
@@ -1572,7 +1572,8 @@ def _library_variants():
         kept_scores = "bf16" if _scores_dtype(torch_dtype, gated, opt, gpu=True) == torch.bfloat16 else "fp32"
         scores_in = state | dict(LOCAL_DU=False, SCORES_IN=True)
         scores_ptrs = sptrs | dict(scores=kept_scores)
-        yield f"backward state SCORES_IN {label}", _backward_state_kernel, scores_ptrs, scores_in, opts["backward_state"]
+        scores_label = f"backward state SCORES_IN {label}"
+        yield scores_label, _backward_state_kernel, scores_ptrs, scores_in, opts["backward_state"]
         if opt:  # heads of K = 64 too: their key tiles take other shapes (session 14's STATE_HALVES compiled here at
             # K = 128 only, and failed to compile on the card at K <= 64)
             small = dict(K=64, BK=64)
@@ -1592,7 +1593,8 @@ def _library_variants():
         output |= dict(DECAYS_IN=_reads_decays("output", gated))
         yield f"output {label}", _output_kernel, ptrs, output, opts["output"]
         scores_out = output | dict(STORE_SCORES=True)
-        yield f"output STORE_SCORES {label}", _output_kernel, ptrs | dict(scores=kept_scores), scores_out, opts["output"]
+        scores_label = f"output STORE_SCORES {label}"
+        yield scores_label, _output_kernel, ptrs | dict(scores=kept_scores), scores_out, opts["output"]
         if lowp:  # reading states and U kept in the backward's own dtypes (KEEP_LOWP): this gating's, the delta rule's
             for kept in (sptrs, ptrs | dict(states="bf16", u="bf16")):
                 kept_label = f"output kept states={kept['states']} u={kept['u']} {label}"
