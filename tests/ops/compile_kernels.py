@@ -49,16 +49,18 @@ def compile_variant(
 ):
     """Compile ``kernel`` for sm_``arch``.
 
-    Every argument not in ``constexprs`` or ``scalars`` (name -> "fp32"/"i32"; default {"scale": "fp32"})
-    is a pointer, of dtype ``pointers[name]`` (default "fp32"; names the kernel lacks are ignored, so one
-    table can serve several kernels). ``divisible``: the arguments a launch would specialise as divisible by 16
-    (Triton's "D": a pointer aligned to 16 bytes, an integer multiple of 16), which lets the compiler vectorise and
-    pipeline their loads, and so take more shared memory ("pointers": every pointer, as torch's allocations are
-    aligned). Without it the shared memory comes out lower than a launch's: session 21's float16 backward_state at
-    three stages, 163,840 B here against the card's 233,472 B, which the divisible pointers and sizes reproduce.
+    Every argument not in ``constexprs`` (a constexpr with a default takes it where left out, as at a launch) or
+    ``scalars`` (name -> "fp32"/"i32"; default {"scale": "fp32"}) is a pointer, of dtype ``pointers[name]`` (default
+    "fp32"; names the kernel lacks are ignored, so one table can serve several kernels). ``divisible``: the
+    arguments a launch would specialise as divisible by 16 (Triton's "D": a pointer aligned to 16 bytes, an integer
+    multiple of 16), which lets the compiler vectorise and pipeline their loads, and so take more shared memory
+    ("pointers": every pointer, as torch's allocations are aligned). Without it the shared memory comes out lower
+    than a launch's: session 21's float16 backward_state at three stages, 163,840 B here against the card's 233,472
+    B, which the divisible pointers and sizes reproduce.
     Returns the compiled kernel.
     """
     names = kernel.arg_names
+    constexprs = {p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default} | constexprs
     scalars = {"scale": "fp32"} if scalars is None else scalars
     scalars = {n: t for n, t in scalars.items() if n in names}
     unknown = set(constexprs) - set(names)

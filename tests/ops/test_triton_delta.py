@@ -7,6 +7,7 @@ small odd shapes; the GPU-only cases at the end need CUDA and skip elsewhere.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 
 import pytest
@@ -498,13 +499,15 @@ def test_narrow_decays_at_few_programs(narrow_few, keep, monkeypatch):
 def test_state_pass_forms_local_du_or_not(case, mode, segments, packed, monkeypatch):
     """dU's share within each chunk, scale P^T dO, three ways for either op: SPLIT_BACKWARD off ("local"),
     backward_state's loop forms it from q and k and no local_du kernel runs; on ("split"), local_du forms it;
-    KEEP_SCORES ("scores"), the forward's output kernel stores P and backward_state's loop forms it from that
-    (SCORES_IN), whatever SPLIT_BACKWARD says. Against naive, packed sequences (one of one token) or segments (whose
-    first pass forms it as well), dX in dU's tensor (float32 here) or apart."""
+    KEEP_SCORES ("scores", here at few programs too: KEEP_SCORES_FEW), the forward's output kernel stores P and
+    backward_state's loop forms it from that (SCORES_IN), whatever SPLIT_BACKWARD says. Against naive, packed
+    sequences (one of one token) or segments (whose first pass forms it as well), dX in dU's tensor (float32 here)
+    or apart."""
     split = mode == "split"
     monkeypatch.setattr(tri, "SPLIT_BACKWARD", dict(gated=split, ungated=split))
     monkeypatch.setattr(tri, "KEEP_STATES", True)
     monkeypatch.setattr(tri, "KEEP_SCORES", dict(gated=mode == "scores", ungated=mode == "scores"))
+    monkeypatch.setattr(tri, "KEEP_SCORES_FEW", True)
     if mode == "scores":  # else it would be formed in the loop anyway
         monkeypatch.setattr(tri, "SPLIT_BACKWARD", dict(gated=True, ungated=True))
     monkeypatch.setattr(tri, "SEGMENTS", segments)
@@ -521,6 +524,40 @@ def test_state_pass_forms_local_du_or_not(case, mode, segments, packed, monkeypa
     for kw in state_launches:
         assert kw["LOCAL_DU"] == (mode == "local") and kw.get("SCORES_IN", False) == (mode == "scores")
     assert [kw.get("STORE_SCORES", False) for kw in output_launches] == [mode == "scores"]
+
+
+@pytest.mark.parametrize("few", [False, True], ids=["many_only", "few_too"])
+def test_scores_kept_by_op_and_program_count(few, monkeypatch):
+    """KEEP_SCORES' rule: by op, only where the forward keeps its states for a backward, and (unless
+    KEEP_SCORES_FEW) only where backward_state's launch runs at least FEW_PROGRAMS programs, counted over the
+    segments where the op cuts them; the fake's scores agree with the forward's."""
+    monkeypatch.setattr(tri, "KEEP_SCORES", dict(gated=True, ungated=False))
+    monkeypatch.setattr(tri, "KEEP_SCORES_FEW", few)
+    monkeypatch.setattr(tri, "SEGMENTS", None)
+    monkeypatch.setattr(tri, "SEGMENT_HEADS", dict.fromkeys(tri.SEGMENT_HEADS, 0))  # no segments unless forced
+    shape = dict(N=2, H=3, T=130, K=32, V=32, cu_seqlens=None, dtype=torch.float32)
+    _, programs = tri._state_grad_launch(2 * 3, 32, 32, torch.float32)
+    keeps = functools.partial(tri._keeps_scores, qk_l2norm=False, **shape)
+    monkeypatch.setattr(tri, "FEW_PROGRAMS", programs)  # exactly enough: many
+    assert keeps(True, save=True, keep=True)
+    assert not keeps(False, save=True, keep=True)  # not the delta rule's
+    assert not keeps(True, save=True, keep=False) and not keeps(True, save=False, keep=True)
+    monkeypatch.setattr(tri, "FEW_PROGRAMS", programs + 1)  # one short: few
+    assert keeps(True, save=True, keep=True) == few
+    monkeypatch.setattr(tri, "SEGMENTS", 3)  # three segments: their launch's programs count
+    _, seg_programs = tri._state_grad_launch(2 * 3 * 3, 32, 32, torch.float32)
+    assert seg_programs > programs and keeps(True, save=True, keep=True)
+    monkeypatch.setattr(tri, "FEW_PROGRAMS", seg_programs + 1)
+    assert keeps(True, save=True, keep=True) == few
+    # the op: scores kept (bfloat16 where backward_state takes bfloat16 operands, float32 here) and faked alike
+    monkeypatch.setattr(tri, "SEGMENTS", None)
+    monkeypatch.setattr(tri, "FEW_PROGRAMS", programs)
+    (q, k, v, g, beta), _ = to(*GATED.draw(B=2, T=130, H=3, K=32, V=32, seed=5))
+    args = (q, k, v, g.float(), beta.float(), None, None, 0.25, False, False, True, True)
+    out = tri._chunk_op(*args)
+    assert out[6].shape == (2, 130, 3, tri.BT) and out[6].dtype == torch.float32
+    checks = torch.library.opcheck(tri._chunk_op, args, test_utils=("test_schema", "test_faketensor"))
+    assert set(checks.values()) == {"SUCCESS"}, checks
 
 
 @triton.jit
@@ -1175,6 +1212,32 @@ def test_gpu_kept_states_bfloat16(case, keep, monkeypatch):
     else:
         want = tri._kept_dtypes(torch.bfloat16, g is not None, False, 128)
         assert (out[3].dtype, out[4].dtype) == want and (want != (torch.float32,) * 2) == keep
+
+
+@gpu
+@both
+@dtypes
+@pytest.mark.parametrize("segments", [None, 2], ids=["packed", "segments"])
+def test_gpu_scores_kept(case, dtype, segments, monkeypatch):
+    """KEEP_SCORES on the card for either op, at any program count (KEEP_SCORES_FEW), in each dtype: the output
+    kernel stores P (bfloat16 where backward_state takes bfloat16 operands), backward_state forms dU's local share
+    from it; packed sequences (one of one token), or two segments."""
+    monkeypatch.setattr(tri, "KEEP_STATES", True)
+    monkeypatch.setattr(tri, "KEEP_SCORES", dict(gated=True, ungated=True))
+    monkeypatch.setattr(tri, "KEEP_SCORES_FEW", True)
+    monkeypatch.setattr(tri, "SEGMENTS", segments)
+    cu_seqlens = torch.tensor([0, 300, 301, 1000], device=DEVICE) if segments is None else None
+    N = 3 if segments is None else None
+    tensors, state = case.draw(B=1, T=1000, H=4, K=128, V=128, dtype=dtype, seed=29, N=N, gate_scale=0.05)
+    state_launches = launch_kwargs(monkeypatch, tri, "_backward_state_kernel")
+    check_against_naive(
+        case, *to(tensors, state), "triton", cu_seqlens=cu_seqlens, reference="chunk", plain_in_dtype=True
+    )
+    assert state_launches and all(kw["SCORES_IN"] for kw in state_launches)
+    (q, k, v, *gates, beta), h0 = to(tensors, state)
+    out = tri._chunk_op(q, k, v, gates[0] if gates else None, beta, h0, cu_seqlens, 0.1, False, False, True, True)
+    want = torch.bfloat16 if dtype == torch.bfloat16 and tri.ptxas.lowp_trusted() else torch.float32
+    assert out[6].shape == (1, 1000, 4, tri.BT) and out[6].dtype == want
 
 
 @gpu

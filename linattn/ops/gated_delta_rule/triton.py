@@ -362,8 +362,22 @@ KEEP_LOWP = True
 # bfloat16 operands, which round P so anyway; else float32), and backward_state forms dU's share within the chunk,
 # scale P^T dO, from them (SCORES_IN): no local_du kernel (the gated op's SPLIT_BACKWARD), and no q k^T product in
 # the delta rule's loop (LOCAL_DU). The same values as local_du's, up to the order of the products' sums. Memory: 128
-# MiB more kept per layer at the standard shape (bf16). Built in session 27, off until timed on a card.
-KEEP_SCORES = dict(gated=False, ungated=False)
+# MiB more kept per layer at the standard shape (bf16). KEEP_SCORES_FEW: also where backward_state's launch runs
+# fewer than FEW_PROGRAMS programs (_keeps_scores). On an H200 (session 27, one call, bf16, fwd+bwd ms, T = 2048 /
+# 4096 / 16384 / 32768 / 65536, main's run before and after it):
+#   gated, main                  5.70 / 5.71 / 5.84 / 6.33 / 7.04   and 5.71 / 5.69 / 5.84 / 6.34 / 7.02
+#   gated, scores everywhere     5.35 / 5.33 / 6.06 / 6.59 / 6.71   (16384, 32768: 128 programs, no segments)
+#   delta_rule, main             4.33 / 4.33 / 3.85 / 4.17 / 4.98   and 4.32 / 4.31 / 3.85 / 4.16 / 4.99
+#   delta_rule, scores           4.43 / 4.42 / 4.30 / 4.81 / 5.70
+# The gated backward_state at T = 4096 took 0.96 ms with them against 0.99 + 0.38 for local_du; at 16384 (128
+# programs of 64 value columns, narrow decays, 4 warps) 1.67 against 1.13 + 0.38 (sm_90 compile: spill stack 88 ->
+# 232 B); at 8 warps with its narrow decays (NARROW_AT_FEW_WARPS) the op took 5.99 / 6.59 at 16384 / 32768. The delta
+# rule's backward_state got slower at every T (1.07 -> 1.13 ms at 4096, 0.80 -> 1.20 at 16384), though it forms one
+# product fewer; not looked into. So the gated op keeps them where its backward_state runs many programs (segments'
+# launches included), and the delta rule not at all. The GPU tests with both ops on (test_triton_delta.py -k gpu and
+# the properties): 120 passed.
+KEEP_SCORES = dict(gated=True, ungated=False)
+KEEP_SCORES_FEW = False
 # STATES_LOWP: where backward_chunk takes bfloat16 operands (LOWP), what the backward stores for it in bfloat16,
 # not float32: the states entering each chunk (states), the gradients of the states leaving them (dstates), U (u);
 # the loops carry them in float32, only the stored copies are rounded (fla stores its h, dh and v_new so). dx:
@@ -860,9 +874,25 @@ def _scores_dtype(dtype: torch.dtype, gated: bool, qk_l2norm: bool, gpu: bool | 
     return torch.bfloat16 if _flags(dtype, gated, qk_l2norm, "backward_state", gpu)["LOWP"] else torch.float32
 
 
-def _keeps_scores(gated: bool, save: bool, keep: bool) -> bool:
-    """Whether the forward keeps its scores for the backward (KEEP_SCORES, where it keeps its states)."""
-    return save and keep and bool(_by_op(KEEP_SCORES, gated))
+def _state_grad_launch(NSH: int, K: int, V: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BV, programs) of a backward_state launch over NSH sequences (or segments) x heads."""
+    BV = _sequence_bv(K, V, NSH, dtype, state_grad=True)
+    return BV, triton.cdiv(V, BV) * NSH
+
+
+def _keeps_scores(
+    gated: bool, qk_l2norm: bool, save: bool, keep: bool, N: int, H: int, T: int, K: int, V: int, cu_seqlens,
+    dtype: torch.dtype,
+) -> bool:  # fmt: skip
+    """Whether the forward keeps its scores for the backward: KEEP_SCORES' entry, where it keeps its states, and
+    where the backward's backward_state launch (over segments where it cuts them) runs at least FEW_PROGRAMS
+    programs, or anywhere with KEEP_SCORES_FEW."""
+    if not (save and keep and _by_op(KEEP_SCORES, gated)):
+        return False
+    NS = _num_segments(N, H, T, cu_seqlens, gated, qk_l2norm)
+    NS = Segments.count(T, NS, BT) if NS > 1 else 1
+    _, programs = _state_grad_launch(N * NS * H, K, V, dtype)
+    return KEEP_SCORES_FEW or not _few(programs)
 
 
 def _states_lowp(gated: bool) -> dict:
@@ -963,7 +993,7 @@ def forward(
         segs = segs if save else None
     if split:
         scores = None
-        if _keeps_scores(g is not None, save, keep):
+        if _keeps_scores(g is not None, qk_l2norm, save, keep, lay.N, H, T, K, V, cu_seqlens, q.dtype):
             s_dtype = _scores_dtype(q.dtype, g is not None, qk_l2norm)
             scores = torch.empty(B, T, H, BT, dtype=s_dtype, device=q.device)
         kept = (states, u, w, scores) if keep else None
@@ -1095,8 +1125,7 @@ def _segmented_backward_state(
     H, K, V = q.shape[2], q.shape[3], do.shape[-1]
     BK, _ = _blocks(K, V)
     NSH = seg.N * seg.NS * H
-    BV = _sequence_bv(K, V, NSH, q.dtype, state_grad=True)
-    programs = triton.cdiv(V, BV) * NSH
+    BV, programs = _state_grad_launch(NSH, K, V, q.dtype)
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)
 
     def run(dht_, dh0_, store_grads):
@@ -1207,8 +1236,7 @@ def backward(
             **flags("local_du"), **decays,
         )  # fmt: skip
     if seg is None:
-        bv_state = _sequence_bv(K, V, lay.N * H, q.dtype, state_grad=True)
-        programs = triton.cdiv(V, bv_state) * lay.N * H
+        bv_state, programs = _state_grad_launch(lay.N * H, K, V, q.dtype)
         _backward_state_kernel[(triton.cdiv(V, bv_state), lay.N * H)](
             q, k, g_, w, do, dht if dht is not None else dummy, lay.cu, lay.first, dstates, du, dx,
             dh0 if dh0 is not None else dummy, tinv, scores if scores is not None else dummy, scale,
@@ -1316,7 +1344,7 @@ def _(q, k, v, g, beta, h0, cu_seqlens, scale, qk_l2norm, beta_is_logit, save, k
         w = q.new_empty(B, T, H, K, dtype=_w_dtype(k.dtype))
     else:
         states, u, w = empty.clone(), empty.clone(), empty.clone()
-    if _keeps_scores(g is not None, save, keep):
+    if _keeps_scores(g is not None, qk_l2norm, save, keep, N, H, T, K, V, cu_seqlens, q.dtype):
         scores = q.new_empty(B, T, H, BT, dtype=_scores_dtype(q.dtype, g is not None, qk_l2norm))
     else:
         scores = empty.clone()

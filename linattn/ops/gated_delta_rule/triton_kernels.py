@@ -418,10 +418,10 @@ def _backward_state_kernel(
             tl.store(dx + tok[:, None] * V + o_v[None, :], b_dx.to(dx.dtype.element_ty), mask=m_tv)
         if not LOCAL_DU:
             b_qT, _ = load_rows(q, tok, m_t, o_k, K, L2NORM, True, rn, R_IN)
-        if not (LOCAL_DU or SCORES_IN):
-            b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
-            if not LOWP:
-                b_do = b_do.to(tl.float32)
+            if not SCORES_IN:  # (nested: Triton 3.6 makes `not (A or B)` of constexprs a runtime branch)
+                b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+                if not LOWP:
+                    b_do = b_do.to(tl.float32)
         if NARROW_DECAYS:
             dS = dS * e_last + scale * mm_lowp(b_qT, b_do * e_b[:, None], DOT_PREC, ROUND, LOWP, LOWP_TY)
         else:
