@@ -375,7 +375,12 @@ KEEP_LOWP = True
 # rule's backward_state got slower at every T (1.07 -> 1.13 ms at 4096, 0.80 -> 1.20 at 16384), though it forms one
 # product fewer; not looked into. So the gated op keeps them where its backward_state runs many programs (segments'
 # launches included), and the delta rule not at all. The GPU tests with both ops on (test_triton_delta.py -k gpu and
-# the properties): 120 passed.
+# the properties): 120 passed. With this rule (calls 4 and 5): gated 5.36 / 5.33 / 5.34 / 5.87 / 6.36 / 6.72 at T =
+# 2048 / 4096 / 8192 / 16384 / 32768 / 65536, and again 5.36 / 5.36 / - / 5.84 / 6.33 / 6.70; with qk_l2norm 6.62 /
+# 8.23 at T = 4096 / 65536 against 7.00 / 8.71 without scores; the GPU tests (with test_gpu_scores_kept) 132 passed.
+# Tried and removed (call 6): dO loaded a second time for backward_state's q^T dO rather than kept live from P^T dO
+# (sm_90 spill stack at the 128-program launch 232 -> 128 B): gated 5.92 / 6.01 / 6.64 at T = 4096 / 16384 / 32768
+# with scores at every program count, against main's 5.35 / 5.86 / 6.35 in the same call.
 KEEP_SCORES = dict(gated=True, ungated=False)
 KEEP_SCORES_FEW = False
 # STATES_LOWP: where backward_chunk takes bfloat16 operands (LOWP), what the backward stores for it in bfloat16,
