@@ -53,6 +53,9 @@ def test_float16_launches_fit_hopper_shared_memory(call, norms):
 NARROW_EIGHT = ";".join(
     f"gated_delta_rule.{name}" for name in ("FEW_PROGRAMS_WARPS.gated_backward_state=8", "NARROW_AT_FEW_WARPS=1")
 )
+SCORES_FEW = ";".join(
+    f"gated_delta_rule.{name}" for name in ("KEEP_SCORES.gated=1", "KEEP_SCORES.ungated=1", "KEEP_SCORES_FEW=1")
+)
 
 
 @pytest.mark.parametrize("l2norm", [False, True], ids=["plain", "l2norm"])
@@ -62,17 +65,21 @@ NARROW_EIGHT = ";".join(
         ("gated_delta_rule", "", "warps=4 stages=3"),
         ("delta_rule", "", "warps=8 stages=3"),
         ("gated_delta_rule", NARROW_EIGHT, "warps=8 stages=2"),
+        ("gated_delta_rule", SCORES_FEW, "warps=4 stages=3"),
+        ("delta_rule", SCORES_FEW, "warps=8 stages=2"),
     ],
-    ids=["gated", "delta", "gated_narrow_eight_warps"],
+    ids=["gated", "delta", "gated_narrow_eight_warps", "gated_scores", "delta_scores"],
 )
 def test_few_programs_fit_hopper_shared_memory(op, launch, state, l2norm):
     """The per-sequence launches of few programs at value blocks of 64 (T = 16384, B = 4, H = 16 on the card: 128
     programs; here FULL_GPU = 1 keeps the blocks wide at B = H = 1), bfloat16, compiled for sm_90: within Hopper's
     227 KiB with FEW_PROGRAMS_STAGES' three stages, the gated op's with NARROW_FEW's narrow decays, the delta rule's
     backward_state at FEW_PROGRAMS_WARPS' 8 warps; and the gated backward_state at 8 warps with its narrow decays
-    (NARROW_AT_FEW_WARPS, off) at two. Without qk_l2norm the gated backward_state takes 229,888 B of the 232,448
-    (Triton 3.6 and 3.9 alike; session 25), the delta rule's 221,184 and the gated one at 8 warps 164,096 (Triton
-    3.6; session 26)."""
+    (NARROW_AT_FEW_WARPS, off) at two; and backward_state reading the forward's scores there (KEEP_SCORES with
+    KEEP_SCORES_FEW, off), the delta rule's at two stages (SCORES_AT_FEW_WARPS_STAGES). Without qk_l2norm the gated
+    backward_state takes 229,888 B of the 232,448 (Triton 3.6 and 3.9 alike; session 25), the delta rule's 221,184
+    and the gated one at 8 warps 164,096 (Triton 3.6; session 26); with scores, at three stages, the gated one 221,696
+    and the delta rule's 245,760, over (Triton 3.6; session 27)."""
     compiler = os.environ.get("LINATTN_CARD_PYTHON", sys.executable)
     call = ["--op", op, "--dtype", "bfloat16", "--B", "1", "--H", "1", "--T", "65"]
     args = [sys.executable, "-m", "tests.ops.launch_shared", *call, "--compiler", compiler]
@@ -115,3 +122,35 @@ def test_launches_fit_smaller_gpus(arch, call):
     assert done.returncode == 0, f"a launch is over sm_{arch}'s shared memory:\n{done.stdout}\n{done.stderr[-3000:]}"
     launched = ("_state_kernel", "_backward_chunk_kernel", "_forward_kernel")
     assert any(name in done.stdout for name in launched), done.stdout
+
+
+SCORES_LOADS = """
+import re, torch
+from tests.ops.compile_kernels import compile_variant
+from linattn.ops.gated_delta_rule import triton as tri
+from linattn.ops.gated_delta_rule.triton_kernels import _backward_state_kernel
+w = {torch.bfloat16: "bf16", torch.float32: "fp32"}[tri._w_dtype(torch.bfloat16, gpu=True)]
+ptrs = dict(q="bf16", k="bf16", do="bf16", w=w, tinv="bf16", dx="bf16", scores="bf16", cu_seqlens="i32",
+            chunk_start="i32")
+for gated, programs, bv in ((True, None, 32), (True, 100, 64), (False, 100, 64)):
+    flags = tri._flags(torch.bfloat16, gated, False, "backward_state", gpu=True) | dict(LOCAL_DU=False, SCORES_IN=True)
+    flags |= tri._narrow("backward_state", gated, bv, programs)
+    shape = dict(H=16, K=128, V=128, BT=tri.BT, BK=128, BV=bv, HAS_DHT=True, STORE_DH0=True, STORE_GRADS=True)
+    opts = tri._launch("backward_state", torch.bfloat16, 128, bv, programs, gated, False, scores=True)
+    ttgir = compile_variant(_backward_state_kernel, ptrs, shape | flags, divisible="pointers", **opts).asm["ttgir"]
+    plain = re.findall(r"tt[.]load [^\\n]*tensor<[0-9]+x[0-9]+x!tt[.]ptr<bf16>", ttgir)
+    print(f"gated={gated} programs={programs} stages={opts['num_stages']}: {len(plain)} plain bf16 tile loads")
+"""
+
+
+def test_scores_load_pipelined():
+    """backward_state reading the forward's scores (SCORES_IN; bfloat16, sm_90): at more than one stage, no bfloat16
+    tile load of its loop stays a plain (synchronous) load, the scores' included. With the scores' mask varying
+    along their rows, the load was unvectorised (2-byte elements) and Triton did not copy it asynchronously: its
+    latency was exposed every chunk (session 27)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    compiler = os.environ.get("LINATTN_CARD_PYTHON", sys.executable)
+    done = subprocess.run([compiler, "-c", SCORES_LOADS], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 3 and all(" 0 plain" in line and "stages=1" not in line for line in lines), done.stdout

@@ -106,7 +106,8 @@ def test_few_programs_take_their_own_warps(warps, monkeypatch):
     the kernel (None: NUM_WARPS), at value blocks of FEW_PROGRAMS_WARPS_BV or more where their tiles allow 8 warps
     (64 keys, 32 values: see _warps); launches of many programs, the other op's, and the per-chunk kernels, keep
     NUM_WARPS. K = V = 64: 2 value blocks of 32 x 2 sequences x 2 heads = 8 programs. With NARROW_AT_FEW_WARPS the
-    gated op's narrow decays stay at the entry's warps, at two stages at most."""
+    gated op's narrow decays stay at the entry's warps, at two stages at most; backward_state reading the scores at
+    the entry's warps takes SCORES_AT_FEW_WARPS_STAGES at most."""
     table = {f"{op}_{kernel}": None for op in ("gated", "ungated") for kernel in ("forward", "backward_state")}
     monkeypatch.setattr(tri, "FEW_PROGRAMS_WARPS", table | dict(gated_forward=warps, gated_backward_state=warps))
     monkeypatch.setattr(tri, "FEW_PROGRAMS_WARPS_BV", 32)
@@ -133,6 +134,13 @@ def test_few_programs_take_their_own_warps(warps, monkeypatch):
     # NARROW_AT_FEW_WARPS: the narrow decays kept at the entry's warps, at two stages at most
     stages = tri._launch("backward_state", torch.bfloat16, 64, 64, 8, gated=True)["num_stages"]
     assert stages > 2 or tri.FEW_PROGRAMS_STAGES["bfloat16"] <= 2
+    # SCORES_AT_FEW_WARPS_STAGES: backward_state reading the forward's scores, at the entry's warps only
+    scored = tri._launch("backward_state", torch.bfloat16, 64, 64, 8, gated=True, scores=True)["num_stages"]
+    assert scored == (min(stages, tri.SCORES_AT_FEW_WARPS_STAGES) if warps else stages)
+    many = dict(programs=None, gated=True)
+    assert tri._launch("backward_state", torch.bfloat16, 64, 64, scores=True, **many) == tri._launch(
+        "backward_state", torch.bfloat16, 64, 64, **many
+    )
     monkeypatch.setattr(tri, "NARROW_AT_FEW_WARPS", True)
     assert tri._narrow("backward_state", True, 64, 8)["NARROW_DECAYS"]
     narrow = tri._launch("backward_state", torch.bfloat16, 64, 64, 8, gated=True)

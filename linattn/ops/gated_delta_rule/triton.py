@@ -378,9 +378,19 @@ KEEP_LOWP = True
 # the properties): 120 passed. With this rule (calls 4 and 5): gated 5.36 / 5.33 / 5.34 / 5.87 / 6.36 / 6.72 at T =
 # 2048 / 4096 / 8192 / 16384 / 32768 / 65536, and again 5.36 / 5.36 / - / 5.84 / 6.33 / 6.70; with qk_l2norm 6.62 /
 # 8.23 at T = 4096 / 65536 against 7.00 / 8.71 without scores; the GPU tests (with test_gpu_scores_kept) 132 passed.
+# SCORES_AT_FEW_WARPS_STAGES: the stages at most of a backward_state launch that reads the scores (SCORES_IN) at
+# FEW_PROGRAMS_WARPS' warps: the delta rule's at 8 warps and three stages took 245,760 B of shared memory once the
+# scores' load was pipelined (sm_90, Triton 3.6, bf16, BV = 64), past Hopper's 232,448 (221,184 without scores).
+SCORES_AT_FEW_WARPS_STAGES = 2
 # Tried and removed (call 6): dO loaded a second time for backward_state's q^T dO rather than kept live from P^T dO
 # (sm_90 spill stack at the 128-program launch 232 -> 128 B): gated 5.92 / 6.01 / 6.64 at T = 4096 / 16384 / 32768
 # with scores at every program count, against main's 5.35 / 5.86 / 6.35 in the same call.
+# Found after the device time: in all those runs backward_state's load of the scores was not pipelined. Its mask
+# varied along the row (the chunk's tokens on both axes), which leaves the load unvectorised (2-byte elements), and
+# Triton 3.6 copies asynchronously (pipelines) only loads of at least 4 bytes a copy: it stayed the loop's one plain
+# tile load, its latency exposed every chunk. Rows alone are masked now (a stored row holds zeros past the chunk's
+# end), and it is one of the asynchronous copies (sm_90 TTGIR, the gated 128-program launch: 18 -> 21 of them; the
+# many-program one 12 -> 14). Untimed: the rule above and the delta rule's entry were set by the unpipelined load.
 KEEP_SCORES = dict(gated=True, ungated=False)
 KEEP_SCORES_FEW = False
 # STATES_LOWP: where backward_chunk takes bfloat16 operands (LOWP), what the backward stores for it in bfloat16,
@@ -618,12 +628,14 @@ def _launch(
     programs: int | None = None,
     gated: bool = False,
     qk_l2norm: bool = False,
+    scores: bool = False,
 ) -> dict:
     """num_warps (see _warps; WIDE_KEYS_WARPS with qk_l2norm only with WIDE_KEYS_L2NORM) and num_stages of a kernel
     launched as ``programs`` programs (None: many), with gates (GATED_STAGES) or without: one stage for float32
     inputs, for float16 ones with qk_l2norm or in ONE_STAGE_FLOAT16's kernels (see NUM_STAGES) and on GPUs with less
     shared memory (SMALL_SHARED), at least FEW_PROGRAMS_STAGES for fewer programs than FEW_PROGRAMS (two at most
-    below Hopper's shared memory; NARROW_AT_FEW_WARPS_STAGES at most for narrow decays at FEW_PROGRAMS_WARPS')."""
+    below Hopper's shared memory; NARROW_AT_FEW_WARPS_STAGES at most for narrow decays at FEW_PROGRAMS_WARPS', and
+    SCORES_AT_FEW_WARPS_STAGES for backward_state reading the forward's scores there: ``scores``)."""
     stages = GATED_STAGES.get(kernel, NUM_STAGES[kernel]) if gated else NUM_STAGES[kernel]
     few = _few(programs)
     if dtype == torch.float32 or _float16_norms(dtype, qk_l2norm) or gpu_shared_below(SMALL_SHARED):
@@ -635,6 +647,8 @@ def _launch(
         stages = max(stages, min(few_stages, 2) if gpu_shared_below(HOPPER_SHARED) else few_stages)
         if _narrow_few(kernel, gated, BV, programs) and _few_warps(kernel, gated, BV) is not None:
             stages = min(stages, NARROW_AT_FEW_WARPS_STAGES)  # narrow decays at FEW_PROGRAMS_WARPS' warps
+        if scores and kernel == "backward_state" and _few_warps(kernel, gated, BV) is not None:
+            stages = min(stages, SCORES_AT_FEW_WARPS_STAGES)
     wide = (WIDE_KEYS_L2NORM or not qk_l2norm) and not _float32_small_shared(dtype)
     return dict(num_warps=_warps(kernel, BK, BV, few, wide=wide, gated=gated), num_stages=stages)
 
@@ -1139,7 +1153,10 @@ def _segmented_backward_state(
             dh0_ if dh0_ is not None else dummy, tinv, scores if scores is not None else dummy, scale,
             H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
             HAS_DHT=dht_ is not None, STORE_DH0=dh0_ is not None, STORE_GRADS=store_grads,
-            **_launch("backward_state", q.dtype, BK, BV, programs, flags["HAS_G"], flags["L2NORM"]),
+            **_launch(
+                "backward_state", q.dtype, BK, BV, programs, flags["HAS_G"], flags["L2NORM"],
+                scores=flags.get("SCORES_IN", False),
+            ),
             **flags, **_narrow("backward_state", flags["HAS_G"], BV, programs),
         )  # fmt: skip
 
@@ -1246,7 +1263,7 @@ def backward(
             q, k, g_, w, do, dht if dht is not None else dummy, lay.cu, lay.first, dstates, du, dx,
             dh0 if dh0 is not None else dummy, tinv, scores if scores is not None else dummy, scale,
             BV=bv_state, HAS_DHT=dht is not None, STORE_DH0=h0 is not None, STORE_GRADS=True,
-            **_launch("backward_state", q.dtype, BK, bv_state, programs, g is not None, qk_l2norm),
+            **_launch("backward_state", q.dtype, BK, bv_state, programs, g is not None, qk_l2norm, scores is not None),
             **common, **state_flags, **_narrow("backward_state", g is not None, bv_state, programs),
         )  # fmt: skip
     else:

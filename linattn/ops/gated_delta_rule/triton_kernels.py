@@ -392,7 +392,9 @@ def _backward_state_kernel(
         # each tile loaded just before its product, so that few are live at once; q^T and W^T loaded as such
         b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM, False, rn + 1, R_IN)
         if SCORES_IN:  # scale P^T dO from the stored P^T
-            PT = tl.load(scores + tok[:, None] * BT + o_t[None, :], mask=m_t[:, None] & m_t[None, :], other=0.0)
+            # rows masked only: a stored row holds zeros past the chunk's end (q's rows there load as 0), and a mask
+            # that varies along the row leaves the load unvectorised, which Triton 3.6 then does not pipeline
+            PT = tl.load(scores + tok[:, None] * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
             if not LOWP:
                 PT = PT.to(tl.float32)
             b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
