@@ -54,7 +54,8 @@ NARROW_EIGHT = ";".join(
     f"gated_delta_rule.{name}" for name in ("FEW_PROGRAMS_WARPS.gated_backward_state=8", "NARROW_AT_FEW_WARPS=1")
 )
 SCORES_FEW = ";".join(
-    f"gated_delta_rule.{name}" for name in ("KEEP_SCORES.gated=1", "KEEP_SCORES.ungated=1", "KEEP_SCORES_FEW=1")
+    f"gated_delta_rule.{name}"
+    for name in ("KEEP_SCORES.gated=1", "KEEP_SCORES.ungated=1", "KEEP_SCORES_FEW=1", "SCORES_PIPELINED=1")
 )
 
 
@@ -76,7 +77,8 @@ def test_few_programs_fit_hopper_shared_memory(op, launch, state, l2norm):
     227 KiB with FEW_PROGRAMS_STAGES' three stages, the gated op's with NARROW_FEW's narrow decays, the delta rule's
     backward_state at FEW_PROGRAMS_WARPS' 8 warps; and the gated backward_state at 8 warps with its narrow decays
     (NARROW_AT_FEW_WARPS, off) at two; and backward_state reading the forward's scores there (KEEP_SCORES with
-    KEEP_SCORES_FEW, off), the delta rule's at two stages (SCORES_AT_FEW_WARPS_STAGES). Without qk_l2norm the gated
+    KEEP_SCORES_FEW, off) by a pipelined load (SCORES_PIPELINED, off), the delta rule's at two stages
+    (SCORES_AT_FEW_WARPS_STAGES). Without qk_l2norm the gated
     backward_state takes 229,888 B of the 232,448 (Triton 3.6 and 3.9 alike; session 25), the delta rule's 221,184
     and the gated one at 8 warps 164,096 (Triton 3.6; session 26); with scores, at three stages, the gated one 221,696
     and the delta rule's 245,760, over (Triton 3.6; session 27)."""
@@ -133,7 +135,8 @@ w = {torch.bfloat16: "bf16", torch.float32: "fp32"}[tri._w_dtype(torch.bfloat16,
 ptrs = dict(q="bf16", k="bf16", do="bf16", w=w, tinv="bf16", dx="bf16", scores="bf16", cu_seqlens="i32",
             chunk_start="i32")
 for gated, programs, bv in ((True, None, 32), (True, 100, 64), (False, 100, 64)):
-    flags = tri._flags(torch.bfloat16, gated, False, "backward_state", gpu=True) | dict(LOCAL_DU=False, SCORES_IN=True)
+    flags = tri._flags(torch.bfloat16, gated, False, "backward_state", gpu=True)
+    flags |= dict(LOCAL_DU=False, SCORES_IN=True, SCORES_PIPELINED=True)
     flags |= tri._narrow("backward_state", gated, bv, programs)
     shape = dict(H=16, K=128, V=128, BT=tri.BT, BK=128, BV=bv, HAS_DHT=True, STORE_DH0=True, STORE_GRADS=True)
     opts = tri._launch("backward_state", torch.bfloat16, 128, bv, programs, gated, False, scores=True)
@@ -144,10 +147,11 @@ for gated, programs, bv in ((True, None, 32), (True, 100, 64), (False, 100, 64))
 
 
 def test_scores_load_pipelined():
-    """backward_state reading the forward's scores (SCORES_IN; bfloat16, sm_90): at more than one stage, no bfloat16
-    tile load of its loop stays a plain (synchronous) load, the scores' included. With the scores' mask varying
-    along their rows, the load was unvectorised (2-byte elements) and Triton did not copy it asynchronously: its
-    latency was exposed every chunk (session 27)."""
+    """backward_state reading the forward's scores in their pipelined form (SCORES_IN with SCORES_PIPELINED;
+    bfloat16, sm_90): at more than one stage, no bfloat16 tile load of its loop stays a plain (synchronous) load,
+    the scores' included. With the scores' mask varying along their rows (the form without SCORES_PIPELINED), the
+    load is unvectorised (2-byte elements) and Triton does not copy it asynchronously: its latency is exposed every
+    chunk (session 27)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     compiler = os.environ.get("LINATTN_CARD_PYTHON", sys.executable)
     done = subprocess.run([compiler, "-c", SCORES_LOADS], env=env, capture_output=True, text=True)

@@ -502,21 +502,23 @@ def test_narrow_decays_at_few_programs(narrow_few, keep, monkeypatch):
 
 
 @both
-@pytest.mark.parametrize("mode", ["local", "split", "scores"])
+@pytest.mark.parametrize("mode", ["local", "split", "scores", "scores_pipelined"])
 @pytest.mark.parametrize("segments, packed", [(1, True), (2, False)], ids=["packed", "segments"])
 def test_state_pass_forms_local_du_or_not(case, mode, segments, packed, monkeypatch):
     """dU's share within each chunk, scale P^T dO, three ways for either op: SPLIT_BACKWARD off ("local"),
     backward_state's loop forms it from q and k and no local_du kernel runs; on ("split"), local_du forms it;
     KEEP_SCORES ("scores", here at few programs too: KEEP_SCORES_FEW), the forward's output kernel stores P and
-    backward_state's loop forms it from that (SCORES_IN), whatever SPLIT_BACKWARD says. Against naive, packed
+    backward_state's loop forms it from that (SCORES_IN), whatever SPLIT_BACKWARD says, their load masked by rows
+    only with SCORES_PIPELINED ("scores_pipelined"). Against naive, packed
     sequences (one of one token) or segments (whose first pass forms it as well), dX in dU's tensor (float32 here)
     or apart."""
-    split = mode == "split"
+    split, scores = mode == "split", mode.startswith("scores")
     monkeypatch.setattr(tri, "SPLIT_BACKWARD", dict(gated=split, ungated=split))
     monkeypatch.setattr(tri, "KEEP_STATES", True)
-    monkeypatch.setattr(tri, "KEEP_SCORES", dict(gated=mode == "scores", ungated=mode == "scores"))
+    monkeypatch.setattr(tri, "KEEP_SCORES", dict(gated=scores, ungated=scores))
     monkeypatch.setattr(tri, "KEEP_SCORES_FEW", True)
-    if mode == "scores":  # else it would be formed in the loop anyway
+    monkeypatch.setattr(tri, "SCORES_PIPELINED", mode == "scores_pipelined")
+    if scores:  # else it would be formed in the loop anyway
         monkeypatch.setattr(tri, "SPLIT_BACKWARD", dict(gated=True, ungated=True))
     monkeypatch.setattr(tri, "SEGMENTS", segments)
     if segments > 1:  # dX apart, so that dU's tensor is not needed at all
@@ -530,8 +532,9 @@ def test_state_pass_forms_local_du_or_not(case, mode, segments, packed, monkeypa
     assert ("_local_du_kernel" in launches) == split
     assert len(state_launches) == segments  # (the segments' share pass, then each from its exit gradient)
     for kw in state_launches:
-        assert kw["LOCAL_DU"] == (mode == "local") and kw.get("SCORES_IN", False) == (mode == "scores")
-    assert [kw.get("STORE_SCORES", False) for kw in output_launches] == [mode == "scores"]
+        assert kw["LOCAL_DU"] == (mode == "local") and kw.get("SCORES_IN", False) == scores
+        assert kw.get("SCORES_PIPELINED", False) == (mode == "scores_pipelined")
+    assert [kw.get("STORE_SCORES", False) for kw in output_launches] == [scores]
 
 
 @pytest.mark.parametrize("few", [False, True], ids=["many_only", "few_too"])
@@ -1226,10 +1229,13 @@ def test_gpu_kept_states_bfloat16(case, keep, monkeypatch):
 @both
 @dtypes
 @pytest.mark.parametrize("segments", [None, 2], ids=["packed", "segments"])
-def test_gpu_scores_kept(case, dtype, segments, monkeypatch):
+@pytest.mark.parametrize("pipelined", [False, True], ids=["rows_and_columns", "rows_masked"])
+def test_gpu_scores_kept(case, dtype, segments, pipelined, monkeypatch):
     """KEEP_SCORES on the card for either op, at any program count (KEEP_SCORES_FEW), in each dtype: the output
     kernel stores P (bfloat16 where backward_state takes bfloat16 operands), backward_state forms dU's local share
-    from it; packed sequences (one of one token), or two segments."""
+    from it, their load masked by rows and columns, or by rows only (SCORES_PIPELINED); packed sequences (one of one
+    token), or two segments."""
+    monkeypatch.setattr(tri, "SCORES_PIPELINED", pipelined)
     monkeypatch.setattr(tri, "KEEP_STATES", True)
     monkeypatch.setattr(tri, "KEEP_SCORES", dict(gated=True, ungated=True))
     monkeypatch.setattr(tri, "KEEP_SCORES_FEW", True)
@@ -1241,7 +1247,7 @@ def test_gpu_scores_kept(case, dtype, segments, monkeypatch):
     check_against_naive(
         case, *to(tensors, state), "triton", cu_seqlens=cu_seqlens, reference="chunk", plain_in_dtype=True
     )
-    assert state_launches and all(kw["SCORES_IN"] for kw in state_launches)
+    assert state_launches and all(kw["SCORES_IN"] and kw["SCORES_PIPELINED"] == pipelined for kw in state_launches)
     (q, k, v, *gates, beta), h0 = to(tensors, state)
     out = tri._chunk_op(q, k, v, gates[0] if gates else None, beta, h0, cu_seqlens, 0.1, False, False, True, True)
     want = torch.bfloat16 if dtype == torch.bfloat16 and tri.ptxas.lowp_trusted() else torch.float32

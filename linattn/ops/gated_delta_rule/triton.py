@@ -379,8 +379,9 @@ KEEP_LOWP = True
 # 2048 / 4096 / 8192 / 16384 / 32768 / 65536, and again 5.36 / 5.36 / - / 5.84 / 6.33 / 6.70; with qk_l2norm 6.62 /
 # 8.23 at T = 4096 / 65536 against 7.00 / 8.71 without scores; the GPU tests (with test_gpu_scores_kept) 132 passed.
 # SCORES_AT_FEW_WARPS_STAGES: the stages at most of a backward_state launch that reads the scores (SCORES_IN) at
-# FEW_PROGRAMS_WARPS' warps: the delta rule's at 8 warps and three stages took 245,760 B of shared memory once the
-# scores' load was pipelined (sm_90, Triton 3.6, bf16, BV = 64), past Hopper's 232,448 (221,184 without scores).
+# FEW_PROGRAMS_WARPS' warps: the delta rule's at 8 warps and three stages took 245,760 B of shared memory with the
+# scores' load pipelined (SCORES_PIPELINED; sm_90, Triton 3.6, bf16, BV = 64), past Hopper's 232,448 (221,184
+# without scores, and with their unpipelined load).
 SCORES_AT_FEW_WARPS_STAGES = 2
 # Tried and removed (call 6): dO loaded a second time for backward_state's q^T dO rather than kept live from P^T dO
 # (sm_90 spill stack at the 128-program launch 232 -> 128 B): gated 5.92 / 6.01 / 6.64 at T = 4096 / 16384 / 32768
@@ -390,7 +391,11 @@ SCORES_AT_FEW_WARPS_STAGES = 2
 # Triton 3.6 copies asynchronously (pipelines) only loads of at least 4 bytes a copy: it stayed the loop's one plain
 # tile load, its latency exposed every chunk. Rows alone are masked now (a stored row holds zeros past the chunk's
 # end), and it is one of the asynchronous copies (sm_90 TTGIR, the gated 128-program launch: 18 -> 21 of them; the
-# many-program one 12 -> 14). Untimed: the rule above and the delta rule's entry were set by the unpipelined load.
+# many-program one 12 -> 14). SCORES_PIPELINED turns that form on: built after the device time, untimed and untested
+# on a card (backward_state is among the kernels whose compiled code the card's ptxas got wrong before), so off; the
+# rule above and the delta rule's entry were set by the unpipelined load. Try it with
+# LINATTN_LAUNCH="gated_delta_rule.SCORES_PIPELINED=1" (and KEEP_SCORES.ungated=1, KEEP_SCORES_FEW=1).
+SCORES_PIPELINED = False
 KEEP_SCORES = dict(gated=True, ungated=False)
 KEEP_SCORES_FEW = False
 # STATES_LOWP: where backward_chunk takes bfloat16 operands (LOWP), what the backward stores for it in bfloat16,
@@ -1239,7 +1244,7 @@ def backward(
     dstates = torch.empty(states.shape, dtype=stored["dstates"], device=q.device)
     state_flags = flags("backward_state")
     if scores is not None:  # P^T dO from the forward's scores (KEEP_SCORES), in backward_state's loop
-        state_flags |= dict(LOCAL_DU=False, SCORES_IN=True)
+        state_flags |= dict(LOCAL_DU=False, SCORES_IN=True, SCORES_PIPELINED=bool(SCORES_PIPELINED))
     dx_dtype = _dx_dtype(lowp, parts)
     local = state_flags["LOCAL_DU"] or scores is not None  # backward_state forms P^T dO: du neither written nor read
     if local and dx_dtype is not None:
@@ -1620,10 +1625,13 @@ def _library_variants():
             )
         # backward_state forming P^T dO from the forward's scores (KEEP_SCORES), whose output kernel stores them
         kept_scores = "bf16" if _scores_dtype(torch_dtype, gated, opt, gpu=True) == torch.bfloat16 else "fp32"
-        scores_in = state | dict(LOCAL_DU=False, SCORES_IN=True)
+        scores_in = state | dict(LOCAL_DU=False, SCORES_IN=True, SCORES_PIPELINED=bool(SCORES_PIPELINED))
         scores_ptrs = sptrs | dict(scores=kept_scores)
         scores_label = f"backward state SCORES_IN {label}"
         yield scores_label, _backward_state_kernel, scores_ptrs, scores_in, opts["backward_state"]
+        other = scores_in | dict(SCORES_PIPELINED=not scores_in["SCORES_PIPELINED"])
+        other_label = f"{scores_label} SCORES_PIPELINED={other['SCORES_PIPELINED']}"
+        yield other_label, _backward_state_kernel, scores_ptrs, other, opts["backward_state"]
         if opt:  # heads of K = 64 too: their key tiles take other shapes (session 14's STATE_HALVES compiled here at
             # K = 128 only, and failed to compile on the card at K <= 64)
             small = dict(K=64, BK=64)

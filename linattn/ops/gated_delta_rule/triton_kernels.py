@@ -353,6 +353,7 @@ def _backward_state_kernel(
     LOCAL_DU: tl.constexpr,
     NARROW_DECAYS: tl.constexpr = False,
     SCORES_IN: tl.constexpr = False,
+    SCORES_PIPELINED: tl.constexpr = False,
 ):
     # The forward's chunk loop run backwards on the state gradient dS [K, BV]; stores the gradient of the
     # state leaving each chunk and dX (below).  dU = scale P^T dO + (exp(b_C - b) k) dS;
@@ -364,7 +365,8 @@ def _backward_state_kernel(
     # LOCAL_DU: the loop forms scale P^T dO itself (SPLIT_BACKWARD in triton.py), and du is not read (dx may still
     # be du's tensor, then written).
     # SCORES_IN: the loop forms scale P^T dO from the P that _output_kernel stored (STORE_SCORES: P^T's rows at
-    # scores), not from q and k, and du is not read (as with LOCAL_DU).
+    # scores), not from q and k, and du is not read (as with LOCAL_DU); SCORES_PIPELINED: their load masked by rows
+    # only (see triton.py's SCORES_PIPELINED).
     # NARROW_DECAYS: the decays scale (k dS)'s rows and dO's rather than the tiles of k and q^T (see _forward_kernel).
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
@@ -392,9 +394,12 @@ def _backward_state_kernel(
         # each tile loaded just before its product, so that few are live at once; q^T and W^T loaded as such
         b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM, False, rn + 1, R_IN)
         if SCORES_IN:  # scale P^T dO from the stored P^T
-            # rows masked only: a stored row holds zeros past the chunk's end (q's rows there load as 0), and a mask
-            # that varies along the row leaves the load unvectorised, which Triton 3.6 then does not pipeline
-            PT = tl.load(scores + tok[:, None] * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
+            if SCORES_PIPELINED:  # rows masked only: a stored row holds zeros past the chunk's end (q's rows there
+                # load as 0); a mask that varies along the row leaves the load unvectorised, and Triton (3.6, 3.9)
+                # then does not copy it asynchronously (pipeline it)
+                PT = tl.load(scores + tok[:, None] * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
+            else:
+                PT = tl.load(scores + tok[:, None] * BT + o_t[None, :], mask=m_t[:, None] & m_t[None, :], other=0.0)
             if not LOWP:
                 PT = PT.to(tl.float32)
             b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
