@@ -78,10 +78,10 @@ def test_few_programs_fit_hopper_shared_memory(op, launch, state, l2norm):
     backward_state at FEW_PROGRAMS_WARPS' 8 warps; and the gated backward_state at 8 warps with its narrow decays
     (NARROW_AT_FEW_WARPS, off) at two; and backward_state reading the forward's scores there (KEEP_SCORES with
     KEEP_SCORES_FEW, off) by a pipelined load (SCORES_PIPELINED, off), the delta rule's at two stages
-    (SCORES_AT_FEW_WARPS_STAGES). Without qk_l2norm the gated
-    backward_state takes 229,888 B of the 232,448 (Triton 3.6 and 3.9 alike; session 25), the delta rule's 221,184
-    and the gated one at 8 warps 164,096 (Triton 3.6; session 26); with scores, at three stages, the gated one 221,696
-    and the delta rule's 245,760, over (Triton 3.6; session 27)."""
+    (SCORES_AT_FEW_WARPS_STAGES). Without qk_l2norm the gated backward_state takes 229,888 B of the 232,448 (Triton
+    3.6 and 3.9 alike; session 25), the delta rule's 221,184 and the gated one at 8 warps 164,096 (Triton 3.6;
+    session 26); with scores, at three stages, the gated one 221,696 and the delta rule's 245,760, over (Triton 3.6;
+    session 27)."""
     compiler = os.environ.get("LINATTN_CARD_PYTHON", sys.executable)
     call = ["--op", op, "--dtype", "bfloat16", "--B", "1", "--H", "1", "--T", "65"]
     args = [sys.executable, "-m", "tests.ops.launch_shared", *call, "--compiler", compiler]

@@ -505,13 +505,12 @@ def test_narrow_decays_at_few_programs(narrow_few, keep, monkeypatch):
 @pytest.mark.parametrize("mode", ["local", "split", "scores", "scores_pipelined"])
 @pytest.mark.parametrize("segments, packed", [(1, True), (2, False)], ids=["packed", "segments"])
 def test_state_pass_forms_local_du_or_not(case, mode, segments, packed, monkeypatch):
-    """dU's share within each chunk, scale P^T dO, three ways for either op: SPLIT_BACKWARD off ("local"),
+    """dU's share within each chunk, scale P^T dO, four ways for either op: SPLIT_BACKWARD off ("local"),
     backward_state's loop forms it from q and k and no local_du kernel runs; on ("split"), local_du forms it;
     KEEP_SCORES ("scores", here at few programs too: KEEP_SCORES_FEW), the forward's output kernel stores P and
-    backward_state's loop forms it from that (SCORES_IN), whatever SPLIT_BACKWARD says, their load masked by rows
-    only with SCORES_PIPELINED ("scores_pipelined"). Against naive, packed
-    sequences (one of one token) or segments (whose first pass forms it as well), dX in dU's tensor (float32 here)
-    or apart."""
+    backward_state's loop forms it from that (SCORES_IN), whatever SPLIT_BACKWARD says; and so with their load
+    masked by rows only (SCORES_PIPELINED: "scores_pipelined"). Against naive, packed sequences (one of one token)
+    or segments (whose first pass forms it as well), dX in dU's tensor (float32 here) or apart."""
     split, scores = mode == "split", mode.startswith("scores")
     monkeypatch.setattr(tri, "SPLIT_BACKWARD", dict(gated=split, ungated=split))
     monkeypatch.setattr(tri, "KEEP_STATES", True)

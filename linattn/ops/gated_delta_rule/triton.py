@@ -378,6 +378,8 @@ KEEP_LOWP = True
 # the properties): 120 passed. With this rule (calls 4 and 5): gated 5.36 / 5.33 / 5.34 / 5.87 / 6.36 / 6.72 at T =
 # 2048 / 4096 / 8192 / 16384 / 32768 / 65536, and again 5.36 / 5.36 / - / 5.84 / 6.33 / 6.70; with qk_l2norm 6.62 /
 # 8.23 at T = 4096 / 65536 against 7.00 / 8.71 without scores; the GPU tests (with test_gpu_scores_kept) 132 passed.
+KEEP_SCORES = dict(gated=True, ungated=False)
+KEEP_SCORES_FEW = False
 # SCORES_AT_FEW_WARPS_STAGES: the stages at most of a backward_state launch that reads the scores (SCORES_IN) at
 # FEW_PROGRAMS_WARPS' warps: the delta rule's at 8 warps and three stages took 245,760 B of shared memory with the
 # scores' load pipelined (SCORES_PIPELINED; sm_90, Triton 3.6, bf16, BV = 64), past Hopper's 232,448 (221,184
@@ -396,8 +398,6 @@ SCORES_AT_FEW_WARPS_STAGES = 2
 # rule above and the delta rule's entry were set by the unpipelined load. Try it with
 # LINATTN_LAUNCH="gated_delta_rule.SCORES_PIPELINED=1" (and KEEP_SCORES.ungated=1, KEEP_SCORES_FEW=1).
 SCORES_PIPELINED = False
-KEEP_SCORES = dict(gated=True, ungated=False)
-KEEP_SCORES_FEW = False
 # STATES_LOWP: where backward_chunk takes bfloat16 operands (LOWP), what the backward stores for it in bfloat16,
 # not float32: the states entering each chunk (states), the gradients of the states leaving them (dstates), U (u);
 # the loops carry them in float32, only the stored copies are rounded (fla stores its h, dh and v_new so). dx:
@@ -1182,8 +1182,7 @@ def backward(
 
     Recomputes W, U0 (from the forward's Tinv when given), then the state entering every chunk and U
     (float32, or bfloat16: STATES_LOWP), unless the forward kept (states, U, W, scores or None) (``kept``; with
-    segments, from the
-    forward's (S_in, M), ``segs``, rather than by the scan again); then the gradient of
+    segments, from the forward's (S_in, M), ``segs``, rather than by the scan again); then the gradient of
     the state leaving every chunk (in the states' dtype) and dU (float32), and from those, per chunk, every input
     gradient. ``norms``: the row norms the forward formed (_row_norms; None: formed again where the kernels read
     them)."""
