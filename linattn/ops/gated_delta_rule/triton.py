@@ -373,7 +373,9 @@ KEEP_LOWP = True
 # programs of 64 value columns, narrow decays, 4 warps) 1.67 against 1.13 + 0.38 (sm_90 compile: spill stack 88 ->
 # 232 B); at 8 warps with its narrow decays (NARROW_AT_FEW_WARPS) the op took 5.99 / 6.59 at 16384 / 32768. The delta
 # rule's backward_state got slower at every T (1.07 -> 1.13 ms at 4096, 0.80 -> 1.20 at 16384), though it forms one
-# product fewer; not looked into. So the gated op keeps them where its backward_state runs many programs (segments'
+# product fewer: its many-program launch runs one stage (NUM_STAGES), where every load waits, and the scores put a
+# load from memory on each chunk's path in place of a product of tiles it loads anyway (k q^T); at few programs see
+# SCORES_PIPELINED below. So the gated op keeps them where its backward_state runs many programs (segments'
 # launches included), and the delta rule not at all. The GPU tests with both ops on (test_triton_delta.py -k gpu and
 # the properties): 120 passed. With this rule (calls 4 and 5): gated 5.36 / 5.33 / 5.34 / 5.87 / 6.36 / 6.72 at T =
 # 2048 / 4096 / 8192 / 16384 / 32768 / 65536, and again 5.36 / 5.36 / - / 5.84 / 6.33 / 6.70; with qk_l2norm 6.62 /
