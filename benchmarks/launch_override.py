@@ -54,6 +54,11 @@ def apply(spec: str) -> list[str]:
             gla.append((parts[1], parts[2], value))
         elif len(parts) == 2:
             old = getattr(module, parts[1])  # AttributeError names a constant that does not exist
+            if isinstance(old, dict):  # (a scalar would replace the table, and the next call would fail on it)
+                raise ValueError(
+                    f"{ENV}: {'.'.join(parts)} is a table ({', '.join(map(str, old))}); set its entries one by one, "
+                    f"as {'.'.join(parts)}.{next(iter(old), '<key>')}=<int>"
+                )
             setattr(module, parts[1], type(old)(value) if isinstance(old, (bool, int)) else value)
         elif len(parts) == 3:
             table = getattr(module, parts[1])

@@ -41,6 +41,7 @@ def test_overrides_reach_the_launch_tables(monkeypatch):
         ("gla.intra.BK=x", "expected"),
         ("NUM_WARPS=4", "expected"),
         ("gated_delta_rule.NUM_WARPS.nope=4", "no entry 'nope'"),
+        ("gated_delta_rule.SEGMENT_HEADS=0", "is a table .*gated_plain.*SEGMENT_HEADS.gated_plain=<int>"),
     ],
 )
 def test_bad_strings_raise_naming_the_variable(spec, match):
