@@ -397,19 +397,23 @@ def test_products_unchained_or_not(case, gates, unchained, qk_l2norm, monkeypatc
 
 
 @pytest.mark.parametrize("case", [GATED, DELTA], ids=lambda c: c.id)
-@pytest.mark.parametrize("one_pass", [False, True], ids=["two_passes", "one_pass"])
+@pytest.mark.parametrize(
+    "one_pass, v_early", [(False, False), (True, False), (True, True)], ids=["two_passes", "one_pass", "v_early"]
+)
 @pytest.mark.parametrize("chunk_keys", [None, 16], ids=["whole_rows", "key_blocks"])
-def test_backward_chunk_in_one_pass_or_two(case, one_pass, chunk_keys, monkeypatch):
+def test_backward_chunk_in_one_pass_or_two(case, one_pass, v_early, chunk_keys, monkeypatch):
     """ONE_PASS_CHUNK: backward_chunk's two loops over the V blocks as one (dv, dP and dA formed beside the first
-    pass's products) or two: the same gradients, over V = 24 in blocks of 16 (the last partial), whole rows (K = 33)
-    or key blocks of 16 (dv and dbeta's share through v from the first block's program alone), beta as logits and
-    packed sequences (one of one token)."""
+    pass's products; with V_EARLY, v's tile loaded at the top of the loop) or two: the same gradients, over V = 24
+    in blocks of 16 (the last partial), whole rows (K = 33) or key blocks of 16 (dv and dbeta's share through v from
+    the first block's program alone), beta as logits and packed sequences (one of one token)."""
     monkeypatch.setattr(tri, "ONE_PASS_CHUNK", dict(gated=one_pass, ungated=one_pass))
+    monkeypatch.setattr(tri, "V_EARLY", dict(gated=v_early, ungated=v_early))
     monkeypatch.setattr(tri, "CHUNK_KEYS", dict(gated=chunk_keys, ungated=chunk_keys))
     monkeypatch.setattr(tri, "BACKWARD_CHUNK_BV", dict(gated=16, ungated=16))
     launches = launch_kwargs(monkeypatch, tri, "_backward_chunk_kernel")
     check_packed_beta_logits(case, 29)
     assert launches and all(kw["ONE_PASS"] == one_pass and kw["BV"] == 16 for kw in launches)
+    assert all(kw["V_EARLY"] == v_early for kw in launches)
     assert all(kw["BK"] == (chunk_keys or 64) for kw in launches)
 
 

@@ -497,6 +497,13 @@ UNCHAINED_DOTS = dict(gated=True, ungated=True)
 # sm_90 compile (Triton 3.6, bf16, the benchmark's launch, 1 stage): gated 2,960 -> 2,736 SASS instructions, spill
 # stack 40 -> 120 B; delta 1,448 -> 1,416, none. By op: dict(gated=..., ungated=...).
 ONE_PASS_CHUNK = dict(gated=True, ungated=True)
+# V_EARLY (with ONE_PASS_CHUNK), by op: backward_chunk loads v's tile at the top of its loop body rather than after
+# the loop's three products. The sm_90 TTGIR (Triton 3.6, bf16, the benchmark's launch) has it as the loop's one
+# synchronous tile load (Triton pipelines loads that feed products; v's feeds dbeta's row sum alone), issued after
+# the products and consumed at once, twice a program; early, its latency may overlap them. Static (gated): 2,968
+# -> 2,952 SASS instructions, spill stack 96 -> 120 B. Built after session 27's device time, untimed, off; try
+# LINATTN_LAUNCH="gated_delta_rule.V_EARLY.gated=1;gated_delta_rule.V_EARLY.ungated=1".
+V_EARLY = dict(gated=False, ungated=False)
 # DECAYS_IN, by kernel: the gated kernel reads each chunk's cumulative log-decays (float32 hi + lo pairs per token,
 # formed by _log_decay_kernel once in the forward for output, once in the backward for the others: _log_decays)
 # rather than summing the gates in float64 itself (backward_chunk twice a program). backward_chunk:
@@ -1297,7 +1304,7 @@ def backward(
         **chunk_flags, DX_LOWP=lowp and parts["dx"],
         DB_FROM_PRODUCTS=_db_from_products(g is not None, q.dtype, qk_l2norm),
         SUMS_IN_PLACE=bool(SUMS_IN_PLACE), UNCHAINED=bool(_by_op(UNCHAINED_DOTS, g is not None)),
-        ONE_PASS=bool(_by_op(ONE_PASS_CHUNK, g is not None)), **decays,
+        ONE_PASS=bool(_by_op(ONE_PASS_CHUNK, g is not None)), V_EARLY=bool(_by_op(V_EARLY, g is not None)), **decays,
     )  # fmt: skip
     dg = dg.sum(0).float() if dg is not None else None
     dbeta = dbeta.sum(0)
@@ -1682,6 +1689,7 @@ def _library_variants():
             chunk |= dict(
                 ONE_PASS=bool(_by_op(ONE_PASS_CHUNK, gated)), DECAYS_IN=_reads_decays("backward_chunk", gated)
             )
+            chunk |= dict(V_EARLY=bool(_by_op(V_EARLY, gated)))
             chunk_ptrs = sptrs | dict(du=xd) if chunk["LOWP"] else ptrs
             scalars = dict(scalars=dict(scale="fp32", part="i32"))
             chunk_opts = _launch("backward_chunk", torch_dtype, bk, bv_bwd, gated=gated, qk_l2norm=l2) | scalars
@@ -1697,8 +1705,8 @@ def _library_variants():
                 if other["DB_FROM_PRODUCTS"]:
                     other_label = f"{chunk_label} UNCHAINED={other['UNCHAINED']}"
                     yield other_label, _backward_chunk_kernel, chunk_ptrs, common["backward_chunk"] | other, chunk_opts
-            if opt:  # the other ONE_PASS_CHUNK setting, and the other DECAYS_IN setting
-                for key in ("ONE_PASS", "DECAYS_IN"):
+            if opt:  # the other ONE_PASS_CHUNK, DECAYS_IN and V_EARLY settings
+                for key in ("ONE_PASS", "DECAYS_IN", "V_EARLY"):
                     other = chunk | {key: not chunk[key]}
                     other_label = f"{chunk_label} {key}={other[key]}"
                     yield other_label, _backward_chunk_kernel, chunk_ptrs, common["backward_chunk"] | other, chunk_opts

@@ -443,12 +443,15 @@ def _backward_state_kernel(
 def _chunk_value_terms(
     v, dv, b_u, b_do, d_x, b_beta, dP, dA, d_bv, tok, m_t, o_v, i_k, V: tl.constexpr,
     DOT_PREC: tl.constexpr, ROUND: tl.constexpr, LOWP: tl.constexpr, DX_LOWP: tl.constexpr, LOWP_TY: tl.constexpr,
+    b_v=None,
 ):  # fmt: skip
     """backward_chunk's second-pass terms of one V block, from its U, dO and dX (d_x, float32): dv stored and
     dbeta's share through v added to d_bv (both from the first key block's program alone), U's products with dO and
     dX added to dP and dA. Returns (dP, dA, d_bv)."""
     m_dv = m_t[:, None] & (o_v + i_k * V < V)[None, :]
-    b_v = tl.load(v + tok[:, None] * V + o_v[None, :], mask=m_dv, other=0.0).to(tl.float32)
+    if b_v is None:  # (else loaded by the caller, earlier: V_EARLY)
+        b_v = tl.load(v + tok[:, None] * V + o_v[None, :], mask=m_dv, other=0.0)
+    b_v = b_v.to(tl.float32)
     tl.store(dv + tok[:, None] * V + o_v[None, :], (d_x * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_dv)
     d_bv += tl.sum(d_x * b_v, axis=1)
     dP += mm_lowp(b_do, tl.trans(b_u), DOT_PREC, ROUND, LOWP, LOWP_TY)
@@ -497,6 +500,7 @@ def _backward_chunk_kernel(
     UNCHAINED: tl.constexpr = False,
     ONE_PASS: tl.constexpr = False,
     DECAYS_IN: tl.constexpr = False,
+    V_EARLY: tl.constexpr = False,
 ):
     # Per chunk, from the state entering it (S), the gradient of the state leaving it (dS'), U and dX (which
     # _backward_state_kernel stores in du): every input gradient. U = Tinv R with R = beta (v - exp(b) k S) and
@@ -522,6 +526,9 @@ def _backward_chunk_kernel(
     # ONE_PASS_CHUNK, on for bfloat16 at two stages), with dP and dA live beside the first pass's tiles.
     # DECAYS_IN (with HAS_G): g holds the chunks' log-decay sums per token (_log_decay_kernel), read rather than
     # summed from the gates, twice, here.
+    # V_EARLY (with ONE_PASS): v's tile loaded at the top of the loop body, before the products, rather than after
+    # them in _chunk_value_terms: Triton pipelines only loads that feed products, and v's feeds a row sum alone, so
+    # its load is synchronous either way (see triton.py's V_EARLY).
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_c, i_k = chunk_and_block((K + BK - 1) // BK)
     i_h = tl.program_id(1)
@@ -551,6 +558,11 @@ def _backward_chunk_kernel(
         m_tv = m_t[:, None] & (o_v < V)[None, :]
         m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
         kv = o_k[:, None] * V + o_v[None, :]
+        b_v = None
+        if ONE_PASS:
+            if V_EARLY:
+                m_dv = m_t[:, None] & (o_v + i_k * V < V)[None, :]
+                b_v = tl.load(v + tok[:, None] * V + o_v[None, :], mask=m_dv, other=0.0)
         S = tl.load(states + state + kv, mask=m_kv, other=0.0)
         dSn = tl.load(dstates + state + kv, mask=m_kv, other=0.0)
         b_u = tl.load(u + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
@@ -565,7 +577,7 @@ def _backward_chunk_kernel(
         if ONE_PASS:
             dP, dA, d_bv = _chunk_value_terms(
                 v, dv, b_u, b_do, d_x, b_beta, dP, dA, d_bv, tok, m_t, o_v, i_k, V,
-                DOT_PREC, ROUND, LOWP, DX_LOWP, LOWP_TY,
+                DOT_PREC, ROUND, LOWP, DX_LOWP, LOWP_TY, b_v,
             )  # fmt: skip
     if not ONE_PASS:
         b_beta = load_beta(beta, tok, m_t, BETA_LOGIT)
