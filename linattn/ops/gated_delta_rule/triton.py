@@ -907,6 +907,11 @@ def _scores_dtype(dtype: torch.dtype, gated: bool, qk_l2norm: bool, gpu: bool | 
     return torch.bfloat16 if _flags(dtype, gated, qk_l2norm, "backward_state", gpu)["LOWP"] else torch.float32
 
 
+def _scores_in() -> dict:
+    """backward_state's constexprs where it reads the forward's scores: SCORES_IN (LOCAL_DU off), SCORES_PIPELINED."""
+    return dict(LOCAL_DU=False, SCORES_IN=True, SCORES_PIPELINED=bool(SCORES_PIPELINED))
+
+
 def _state_grad_launch(NSH: int, K: int, V: int, dtype: torch.dtype) -> tuple[int, int]:
     """(BV, programs) of a backward_state launch over NSH sequences (or segments) x heads."""
     BV = _sequence_bv(K, V, NSH, dtype, state_grad=True)
@@ -1252,7 +1257,7 @@ def backward(
     dstates = torch.empty(states.shape, dtype=stored["dstates"], device=q.device)
     state_flags = flags("backward_state")
     if scores is not None:  # P^T dO from the forward's scores (KEEP_SCORES), in backward_state's loop
-        state_flags |= dict(LOCAL_DU=False, SCORES_IN=True, SCORES_PIPELINED=bool(SCORES_PIPELINED))
+        state_flags |= _scores_in()
     dx_dtype = _dx_dtype(lowp, parts)
     local = state_flags["LOCAL_DU"] or scores is not None  # backward_state forms P^T dO: du neither written nor read
     if local and dx_dtype is not None:
@@ -1633,7 +1638,7 @@ def _library_variants():
             )
         # backward_state forming P^T dO from the forward's scores (KEEP_SCORES), whose output kernel stores them
         kept_scores = "bf16" if _scores_dtype(torch_dtype, gated, opt, gpu=True) == torch.bfloat16 else "fp32"
-        scores_in = state | dict(LOCAL_DU=False, SCORES_IN=True, SCORES_PIPELINED=bool(SCORES_PIPELINED))
+        scores_in = state | _scores_in()
         scores_ptrs = sptrs | dict(scores=kept_scores)
         scores_label = f"backward state SCORES_IN {label}"
         yield scores_label, _backward_state_kernel, scores_ptrs, scores_in, opts["backward_state"]

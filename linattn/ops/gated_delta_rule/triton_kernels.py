@@ -393,22 +393,18 @@ def _backward_state_kernel(
         gamma, e_b, e_end, e_last = chunk_decays_or_none(g, tok, m_t, HAS_G, BT, PRECISE_EXP)
         # each tile loaded just before its product, so that few are live at once; q^T and W^T loaded as such
         b_k, _ = load_rows(k, tok, m_t, o_k, K, L2NORM, False, rn + 1, R_IN)
-        if SCORES_IN:  # scale P^T dO from the stored P^T
-            if SCORES_PIPELINED:  # rows masked only: a stored row holds zeros past the chunk's end (q's rows there
+        if SCORES_IN or LOCAL_DU:  # scale P^T dO: P^T stored (SCORES_IN), or formed as _local_du_kernel does
+            if SCORES_IN:
+                # SCORES_PIPELINED: rows masked only (a stored row holds zeros past the chunk's end: q's rows there
                 # load as 0); a mask that varies along the row leaves the load unvectorised, and Triton (3.6, 3.9)
                 # then does not copy it asynchronously (pipeline it)
-                PT = tl.load(scores + tok[:, None] * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
+                m_s = m_t[:, None] if SCORES_PIPELINED else m_t[:, None] & m_t[None, :]
+                PT = tl.load(scores + tok[:, None] * BT + o_t[None, :], mask=m_s, other=0.0)
+                if not LOWP:
+                    PT = PT.to(tl.float32)
             else:
-                PT = tl.load(scores + tok[:, None] * BT + o_t[None, :], mask=m_t[:, None] & m_t[None, :], other=0.0)
-            if not LOWP:
-                PT = PT.to(tl.float32)
-            b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
-            if not LOWP:
-                b_do = b_do.to(tl.float32)
-            b_du = scale * mm_lowp(PT, b_do, DOT_PREC, ROUND, LOWP, LOWP_TY)
-        elif LOCAL_DU:  # scale P^T dO, as _local_du_kernel forms it
-            b_qT, _ = load_rows(q, tok, m_t, o_k, K, L2NORM, True, rn, R_IN)
-            PT = mm_lowp(b_k, b_qT, DOT_PREC, ROUND, LOWP, LOWP_TY) * tl.trans(gamma)
+                b_qT, _ = load_rows(q, tok, m_t, o_k, K, L2NORM, True, rn, R_IN)
+                PT = mm_lowp(b_k, b_qT, DOT_PREC, ROUND, LOWP, LOWP_TY) * tl.trans(gamma)
             b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
             if not LOWP:
                 b_do = b_do.to(tl.float32)
@@ -440,6 +436,13 @@ def _backward_state_kernel(
 
 
 @triton.jit
+def _value_mask(m_t, o_v, i_k, V: tl.constexpr):
+    """The mask of one V block's tile of v and dv in backward_chunk: rows in the chunk, and only in the first key
+    block's program (i_k = 0), which alone stores dv and dbeta's share through v."""
+    return m_t[:, None] & (o_v + i_k * V < V)[None, :]
+
+
+@triton.jit
 def _chunk_value_terms(
     v, dv, b_u, b_do, d_x, b_beta, dP, dA, d_bv, tok, m_t, o_v, i_k, V: tl.constexpr,
     DOT_PREC: tl.constexpr, ROUND: tl.constexpr, LOWP: tl.constexpr, DX_LOWP: tl.constexpr, LOWP_TY: tl.constexpr,
@@ -448,7 +451,7 @@ def _chunk_value_terms(
     """backward_chunk's second-pass terms of one V block, from its U, dO and dX (d_x, float32): dv stored and
     dbeta's share through v added to d_bv (both from the first key block's program alone), U's products with dO and
     dX added to dP and dA. Returns (dP, dA, d_bv)."""
-    m_dv = m_t[:, None] & (o_v + i_k * V < V)[None, :]
+    m_dv = _value_mask(m_t, o_v, i_k, V)
     if b_v is None:  # (else loaded by the caller, earlier: V_EARLY)
         b_v = tl.load(v + tok[:, None] * V + o_v[None, :], mask=m_dv, other=0.0)
     b_v = b_v.to(tl.float32)
@@ -561,8 +564,7 @@ def _backward_chunk_kernel(
         b_v = None
         if ONE_PASS:
             if V_EARLY:
-                m_dv = m_t[:, None] & (o_v + i_k * V < V)[None, :]
-                b_v = tl.load(v + tok[:, None] * V + o_v[None, :], mask=m_dv, other=0.0)
+                b_v = tl.load(v + tok[:, None] * V + o_v[None, :], mask=_value_mask(m_t, o_v, i_k, V), other=0.0)
         S = tl.load(states + state + kv, mask=m_kv, other=0.0)
         dSn = tl.load(dstates + state + kv, mask=m_kv, other=0.0)
         b_u = tl.load(u + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
