@@ -289,7 +289,7 @@ def long_context(table, lengths, op_names):
                 )
                 peak = torch.cuda.max_memory_allocated() / 1e9
                 table.append(dict(name=f"long {op}", T=T, B=1, fwd_ms=fwd, fwd_bwd_ms=full, peak_gb=peak))
-                print(f"| {name} | {T} | {fwd:.2f} | {full:.2f} | {peak:.1f} |", flush=True)
+                print(f"| {name} | {T} | {fwd:.2f} | {full:.2f} | {peak:.2f} |", flush=True)
                 del fn, leaves, do
             except Exception as err:  # noqa: BLE001
                 print(f"| linattn {op} | {T} | failed: {type(err).__name__}: {str(err)[:150]} |")

@@ -506,21 +506,24 @@ def test_narrow_decays_at_few_programs(narrow_few, keep, monkeypatch):
 
 
 @both
-@pytest.mark.parametrize("mode", ["local", "split", "scores", "scores_pipelined"])
+@pytest.mark.parametrize("mode", ["local", "split", "scores", "scores_pipelined", "scores_narrow_few"])
 @pytest.mark.parametrize("segments, packed", [(1, True), (2, False)], ids=["packed", "segments"])
 def test_state_pass_forms_local_du_or_not(case, mode, segments, packed, monkeypatch):
-    """dU's share within each chunk, scale P^T dO, four ways for either op: SPLIT_BACKWARD off ("local"),
+    """dU's share within each chunk, scale P^T dO, five ways for either op: SPLIT_BACKWARD off ("local"),
     backward_state's loop forms it from q and k and no local_du kernel runs; on ("split"), local_du forms it;
     KEEP_SCORES ("scores", here at few programs too: KEEP_SCORES_FEW), the forward's output kernel stores P and
     backward_state's loop forms it from that (SCORES_IN), whatever SPLIT_BACKWARD says; and so with their load
-    masked by rows only (SCORES_PIPELINED: "scores_pipelined"). Against naive, packed sequences (one of one token)
+    masked by rows only (SCORES_PIPELINED: "scores_pipelined"), or kept and so read by SCORES_NARROW_FEW at these
+    few programs of narrowed value blocks ("scores_narrow_few"). Against naive, packed sequences (one of one token)
     or segments (whose first pass forms it as well), dX in dU's tensor (float32 here) or apart."""
     split, scores = mode == "split", mode.startswith("scores")
+    pipelined = mode in ("scores_pipelined", "scores_narrow_few")
     monkeypatch.setattr(tri, "SPLIT_BACKWARD", dict(gated=split, ungated=split))
     monkeypatch.setattr(tri, "KEEP_STATES", True)
     monkeypatch.setattr(tri, "KEEP_SCORES", dict(gated=scores, ungated=scores))
-    monkeypatch.setattr(tri, "KEEP_SCORES_FEW", True)
+    monkeypatch.setattr(tri, "KEEP_SCORES_FEW", mode in ("scores", "scores_pipelined"))
     monkeypatch.setattr(tri, "SCORES_PIPELINED", mode == "scores_pipelined")
+    monkeypatch.setattr(tri, "SCORES_NARROW_FEW", dict.fromkeys(tri.SCORES_NARROW_FEW, mode == "scores_narrow_few"))
     if scores:  # else it would be formed in the loop anyway
         monkeypatch.setattr(tri, "SPLIT_BACKWARD", dict(gated=True, ungated=True))
     monkeypatch.setattr(tri, "SEGMENTS", segments)
@@ -536,33 +539,40 @@ def test_state_pass_forms_local_du_or_not(case, mode, segments, packed, monkeypa
     assert len(state_launches) == segments  # (the segments' share pass, then each from its exit gradient)
     for kw in state_launches:
         assert kw["LOCAL_DU"] == (mode == "local") and kw.get("SCORES_IN", False) == scores
-        assert kw.get("SCORES_PIPELINED", False) == (mode == "scores_pipelined")
+        assert kw.get("SCORES_PIPELINED", False) == pipelined
     assert [kw.get("STORE_SCORES", False) for kw in output_launches] == [scores]
 
 
-@pytest.mark.parametrize("few", [False, True], ids=["many_only", "few_too"])
+@pytest.mark.parametrize("few", ["many_only", "few_too", "narrow_few"])
 def test_scores_kept_by_op_and_program_count(few, monkeypatch):
     """KEEP_SCORES' rule: by op, only where the forward keeps its states for a backward, and (unless
     KEEP_SCORES_FEW) only where backward_state's launch runs at least FEW_PROGRAMS programs, counted over the
-    segments where the op cuts them; the fake's scores agree with the forward's."""
+    segments where the op cuts them, or (SCORES_NARROW_FEW, by dtype) fewer whose value blocks were narrowed to
+    fill the GPU; the fake's scores agree with the forward's."""
+    f32 = torch.float32
     monkeypatch.setattr(tri, "KEEP_SCORES", dict(gated=True, ungated=False))
-    monkeypatch.setattr(tri, "KEEP_SCORES_FEW", few)
+    monkeypatch.setattr(tri, "KEEP_SCORES_FEW", few == "few_too")
+    monkeypatch.setattr(tri, "SCORES_NARROW_FEW", dict(bfloat16=False, float16=True, float32=few == "narrow_few"))
     monkeypatch.setattr(tri, "SEGMENTS", None)
     monkeypatch.setattr(tri, "SEGMENT_HEADS", dict.fromkeys(tri.SEGMENT_HEADS, 0))  # no segments unless forced
-    shape = dict(N=2, H=3, T=130, K=32, V=32, cu_seqlens=None, dtype=torch.float32)
-    _, programs = tri._state_grad_launch(2 * 3, 32, 32, torch.float32)
+    shape = dict(N=2, H=3, T=130, K=32, V=32, cu_seqlens=None, dtype=f32)
+    BV, programs = tri._state_grad_launch(2 * 3, 32, 32, f32)
+    assert BV < tri._blocks(32, 32, f32)[1]  # narrowed
     keeps = functools.partial(tri._keeps_scores, qk_l2norm=False, **shape)
     monkeypatch.setattr(tri, "FEW_PROGRAMS", programs)  # exactly enough: many
     assert keeps(True, save=True, keep=True)
     assert not keeps(False, save=True, keep=True)  # not the delta rule's
     assert not keeps(True, save=True, keep=False) and not keeps(True, save=False, keep=True)
+    assert not tri._scores_narrow_few(2 * 3, 32, 32, f32)  # many programs
     monkeypatch.setattr(tri, "FEW_PROGRAMS", programs + 1)  # one short: few
-    assert keeps(True, save=True, keep=True) == few
+    assert keeps(True, save=True, keep=True) == (few != "many_only")
+    assert tri._scores_narrow_few(2 * 3, 32, 32, f32) == (few == "narrow_few")
+    assert tri._scores_in(tri._scores_narrow_few(2 * 3, 32, 32, f32))["SCORES_PIPELINED"] == (few == "narrow_few")
     monkeypatch.setattr(tri, "SEGMENTS", 3)  # three segments: their launch's programs count
-    _, seg_programs = tri._state_grad_launch(2 * 3 * 3, 32, 32, torch.float32)
+    _, seg_programs = tri._state_grad_launch(2 * 3 * 3, 32, 32, f32)
     assert seg_programs > programs and keeps(True, save=True, keep=True)
     monkeypatch.setattr(tri, "FEW_PROGRAMS", seg_programs + 1)
-    assert keeps(True, save=True, keep=True) == few
+    assert keeps(True, save=True, keep=True) == (few != "many_only")
     # the op: scores kept (bfloat16 where backward_state takes bfloat16 operands, float32 here) and faked alike
     monkeypatch.setattr(tri, "SEGMENTS", None)
     monkeypatch.setattr(tri, "FEW_PROGRAMS", programs)
@@ -572,6 +582,10 @@ def test_scores_kept_by_op_and_program_count(few, monkeypatch):
     assert out[6].shape == (2, 130, 3, tri.BT) and out[6].dtype == torch.float32
     checks = torch.library.opcheck(tri._chunk_op, args, test_utils=("test_schema", "test_faketensor"))
     assert set(checks.values()) == {"SUCCESS"}, checks
+    monkeypatch.setattr(tri, "FULL_GPU", 0)  # value blocks never narrowed: few programs keep only by KEEP_SCORES_FEW
+    BV, programs = tri._state_grad_launch(2 * 3, 32, 32, f32)
+    assert BV == tri._blocks(32, 32, f32)[1] and programs < tri.FEW_PROGRAMS
+    assert keeps(True, save=True, keep=True) == (few == "few_too")
 
 
 @triton.jit

@@ -400,6 +400,17 @@ SCORES_AT_FEW_WARPS_STAGES = 2
 # rule above and the delta rule's entry were set by the unpipelined load. Try it with
 # LINATTN_LAUNCH="gated_delta_rule.SCORES_PIPELINED=1" (and KEEP_SCORES.ungated=1, KEEP_SCORES_FEW=1).
 SCORES_PIPELINED = False
+# SCORES_NARROW_FEW, by dtype: the op also keeps its scores (KEEP_SCORES' entry on) where backward_state's launch runs
+# few programs whose value blocks were narrowed to fill the GPU (_sequence_bv: below _blocks' BV), and that launch
+# reads them pipelined (the rows-only mask of SCORES_PIPELINED) (_scores_narrow_few). On an H200 (session 28, bf16,
+# gated fwd+bwd ms, V_EARLY on; the few-program launches are 128 programs: BV = 64 at T = 16384, narrowed to 32 at
+# 32768), scores at every program count, pipelined (KEEP_SCORES_FEW, SCORES_PIPELINED) against main, same call:
+#   call 1 (V_EARLY off)  T = 4096 5.54 / 5.37, 16384 5.98 / 5.87, 32768 6.12 / 6.35, 65536 6.69 / 6.72
+#   call 2                16384 5.96 / 5.85 and 5.84, 32768 6.09 / 6.35 and 6.31
+# So pipelined scores lose at the many-program launch (4096) and at the unnarrowed few-program one (16384), and win
+# at the narrowed one (32768), where the unpipelined load lost (session 27: 6.59 against 6.33). Measured in bfloat16
+# only; not for float16 or float32 (scores in float32 there), untimed.
+SCORES_NARROW_FEW = dict(bfloat16=True, float16=False, float32=False)
 # STATES_LOWP: where backward_chunk takes bfloat16 operands (LOWP), what the backward stores for it in bfloat16,
 # not float32: the states entering each chunk (states), the gradients of the states leaving them (dstates), U (u);
 # the loops carry them in float32, only the stored copies are rounded (fla stores its h, dh and v_new so). dx:
@@ -501,9 +512,13 @@ ONE_PASS_CHUNK = dict(gated=True, ungated=True)
 # the loop's three products. The sm_90 TTGIR (Triton 3.6, bf16, the benchmark's launch) has it as the loop's one
 # synchronous tile load (Triton pipelines loads that feed products; v's feeds dbeta's row sum alone), issued after
 # the products and consumed at once, twice a program; early, its latency may overlap them. Static (gated): 2,968
-# -> 2,952 SASS instructions, spill stack 96 -> 120 B. Built after session 27's device time, untimed, off; try
-# LINATTN_LAUNCH="gated_delta_rule.V_EARLY.gated=1;gated_delta_rule.V_EARLY.ungated=1".
-V_EARLY = dict(gated=False, ungated=False)
+# -> 2,952 SASS instructions, spill stack 96 -> 120 B; the delta rule's 255 -> 248 registers. On an H200 (session
+# 28, call 1, bf16, fwd+bwd ms, T = 4096 / 16384 / 32768 / 65536; main's runs before and after, same call):
+#   delta_rule  main 4.34 / 3.85 / 4.16 / 4.97 and 4.34 / 3.86 / 4.14 / 4.96;  V_EARLY 4.27 / 3.78 / 4.07 / 4.87
+#   gated       main 5.37 / 5.87 / 6.35 / 6.72 and 5.35 / 5.86 / 6.35 / 6.72;  V_EARLY 5.33 / 5.84 / 6.32 / 6.69
+# With both on, test_triton_delta.py -k gpu and the properties pass on the card (144, call 2). Off for either op:
+# LINATTN_LAUNCH="gated_delta_rule.V_EARLY.gated=0" (or ungated=0).
+V_EARLY = dict(gated=True, ungated=True)
 # DECAYS_IN, by kernel: the gated kernel reads each chunk's cumulative log-decays (float32 hi + lo pairs per token,
 # formed by _log_decay_kernel once in the forward for output, once in the backward for the others: _log_decays)
 # rather than summing the gates in float64 itself (backward_chunk twice a program). backward_chunk:
@@ -907,9 +922,10 @@ def _scores_dtype(dtype: torch.dtype, gated: bool, qk_l2norm: bool, gpu: bool | 
     return torch.bfloat16 if _flags(dtype, gated, qk_l2norm, "backward_state", gpu)["LOWP"] else torch.float32
 
 
-def _scores_in() -> dict:
-    """backward_state's constexprs where it reads the forward's scores: SCORES_IN (LOCAL_DU off), SCORES_PIPELINED."""
-    return dict(LOCAL_DU=False, SCORES_IN=True, SCORES_PIPELINED=bool(SCORES_PIPELINED))
+def _scores_in(narrow_few: bool = False) -> dict:
+    """backward_state's constexprs where it reads the forward's scores: SCORES_IN (LOCAL_DU off), and
+    SCORES_PIPELINED, also at a launch that takes scores by SCORES_NARROW_FEW (narrow_few: _scores_narrow_few)."""
+    return dict(LOCAL_DU=False, SCORES_IN=True, SCORES_PIPELINED=bool(SCORES_PIPELINED) or narrow_few)
 
 
 def _state_grad_launch(NSH: int, K: int, V: int, dtype: torch.dtype) -> tuple[int, int]:
@@ -918,19 +934,27 @@ def _state_grad_launch(NSH: int, K: int, V: int, dtype: torch.dtype) -> tuple[in
     return BV, triton.cdiv(V, BV) * NSH
 
 
+def _scores_narrow_few(NSH: int, K: int, V: int, dtype: torch.dtype) -> bool:
+    """Whether SCORES_NARROW_FEW takes scores at the backward_state launch over NSH sequences (or segments) x heads:
+    its entry for ``dtype``, where that launch runs few programs of value blocks narrowed below _blocks' BV."""
+    BV, programs = _state_grad_launch(NSH, K, V, dtype)
+    entry = SCORES_NARROW_FEW.get(str(dtype).removeprefix("torch."), False)
+    return bool(entry) and _few(programs) and BV < _blocks(K, V, dtype)[1]
+
+
 def _keeps_scores(
     gated: bool, qk_l2norm: bool, save: bool, keep: bool, N: int, H: int, T: int, K: int, V: int, cu_seqlens,
     dtype: torch.dtype,
 ) -> bool:  # fmt: skip
     """Whether the forward keeps its scores for the backward: KEEP_SCORES' entry, where it keeps its states, and
     where the backward's backward_state launch (over segments where it cuts them) runs at least FEW_PROGRAMS
-    programs, or anywhere with KEEP_SCORES_FEW."""
+    programs, or where SCORES_NARROW_FEW says, or anywhere with KEEP_SCORES_FEW."""
     if not (save and keep and _by_op(KEEP_SCORES, gated)):
         return False
     NS = _num_segments(N, H, T, cu_seqlens, gated, qk_l2norm)
     NS = Segments.count(T, NS, BT) if NS > 1 else 1
     _, programs = _state_grad_launch(N * NS * H, K, V, dtype)
-    return KEEP_SCORES_FEW or not _few(programs)
+    return KEEP_SCORES_FEW or not _few(programs) or _scores_narrow_few(N * NS * H, K, V, dtype)
 
 
 def _states_lowp(gated: bool) -> dict:
@@ -1257,7 +1281,8 @@ def backward(
     dstates = torch.empty(states.shape, dtype=stored["dstates"], device=q.device)
     state_flags = flags("backward_state")
     if scores is not None:  # P^T dO from the forward's scores (KEEP_SCORES), in backward_state's loop
-        state_flags |= _scores_in()
+        NSH = (lay.N if seg is None else seg.N * seg.NS) * H  # its launch's sequences (or segments) x heads
+        state_flags |= _scores_in(_scores_narrow_few(NSH, K, V, q.dtype))
     dx_dtype = _dx_dtype(lowp, parts)
     local = state_flags["LOCAL_DU"] or scores is not None  # backward_state forms P^T dO: du neither written nor read
     if local and dx_dtype is not None:
