@@ -49,8 +49,7 @@ def compile_variant(
 ):
     """Compile ``kernel`` for sm_``arch``.
 
-    Every argument not in ``constexprs`` (a constexpr with a default, or a pointer whose default is None and that
-    ``pointers`` does not name, takes it where left out, as at a launch) or
+    Every argument not in ``constexprs`` (a constexpr with a default takes it where left out, as at a launch) or
     ``scalars`` (name -> "fp32"/"i32"; default {"scale": "fp32"}) is a pointer, of dtype ``pointers[name]`` (default
     "fp32"; names the kernel lacks are ignored, so one table can serve several kernels). ``divisible``: the
     arguments a launch would specialise as divisible by 16 (Triton's "D": a pointer aligned to 16 bytes, an integer
@@ -61,11 +60,7 @@ def compile_variant(
     Returns the compiled kernel.
     """
     names = kernel.arg_names
-    # (a pointer whose default is None, not in ``pointers``, is None as at a launch: Triton takes None as a constexpr)
-    left_out = [
-        p for p in kernel.params if p.has_default and (p.is_constexpr or (p.default is None and p.name not in pointers))
-    ]
-    constexprs = {p.name: p.default for p in left_out} | constexprs
+    constexprs = {p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default} | constexprs
     scalars = {"scale": "fp32"} if scalars is None else scalars
     scalars = {n: t for n, t in scalars.items() if n in names}
     unknown = set(constexprs) - set(names)

@@ -30,7 +30,6 @@ from tests.ops.triton_checks import (
     count_launches,
     extreme,
     launch_kwargs,
-    on_launch,
     triton_calls,
 )
 
@@ -662,66 +661,6 @@ def test_bfloat16_stores_round_only(case, store, monkeypatch):
         assert err <= 2.0**-6, f"{name}: {err:.3g} of the largest entry, beyond bfloat16 rounding"
         moved.append(err > 0)
     assert any(moved[2:]), "no gradient changed: nothing was stored in bfloat16"
-
-
-@pytest.mark.parametrize("segments, packed", [(1, True), (2, False)], ids=["packed", "segments"])
-def test_states_as_hi_lo_pairs(segments, packed, monkeypatch):
-    """STATES_HI_LO (off): the gated op's states go to the backward as bfloat16 pairs (hi, lo) and its state
-    gradients in bfloat16, and backward_state forms each chunk's <dS', S> from its float32 dS' and hi + lo. Forced
-    here with float32 inputs (bfloat16 stores on a GPU only): that sum agrees with the one of the float32 run's
-    states and state gradients to far better than bfloat16's rounding (which the plain bfloat16 states give), and the
-    outputs and gradients move by about bfloat16's rounding and no more. Packed sequences (one of one token), or
-    two segments; kept by the forward or formed again."""
-    f32, bf16 = torch.float32, torch.bfloat16
-    monkeypatch.setattr(tri, "SEGMENTS", segments)
-    monkeypatch.setattr(tri, "KEEP_SCORES", dict(gated=False, ungated=False))
-    cu_seqlens = torch.tensor([0, 70, 71, 200]).to(DEVICE) if packed else None
-    tensors, h0 = to(*GATED.draw(B=1, T=200, H=2, K=40, V=24, seed=41, N=3 if packed else 1, gate_scale=0.05))
-    real_stores = tri._backward_stores
-
-    def run(ts, s0):
-        return GATED(ts, initial_state=s0, output_final_state=True, impl="triton", cu_seqlens=cu_seqlens)
-
-    def go(hi_lo: bool, lowp_states: bool, keep: bool = True, zero_shares: bool = False):
-        def stores(*args, **kwargs):
-            lowp, stored = real_stores(*args, **kwargs)
-            return lowp, stored | (dict(states=bf16, dstates=bf16) if lowp_states else {})
-
-        monkeypatch.setattr(tri, "KEEP_STATES", keep)
-        monkeypatch.setattr(tri, "STATES_HI_LO", hi_lo)
-        monkeypatch.setattr(tri, "_backward_stores", stores)
-        forward = launch_kwargs(monkeypatch, tri, "_forward_kernel")
-        state_launches = launch_kwargs(monkeypatch, tri, "_backward_state_kernel")
-        chunk = launch_kwargs(monkeypatch, tri, "_backward_chunk_kernel", args=True)
-        if zero_shares:  # backward_chunk given zeros for backward_state's shares of <dS', S>
-            on_launch(monkeypatch, tri, "_backward_chunk_kernel", lambda a, kw: kw["dlast"].zero_(), with_args=True)
-        results = run_with_grads(run, tensors, h0, cotangent_dtype=f32)
-        stored = [kw for kw in forward if kw["STORE_STATES"]]
-        assert stored and all(kw.get("HI_LO", False) == hi_lo for kw in stored)
-        assert state_launches and all(kw.get("DLAST_OUT", False) == hi_lo for kw in state_launches)
-        ((args, kw),) = chunk
-        nv = triton.cdiv(24, state_launches[0]["BV"])  # backward_state's V blocks: its shares of each chunk's sum
-        assert args[10].dtype == (bf16 if lowp_states else f32) and kw.get("DLAST_IN", 0) == (nv if hi_lo else 0)
-        return results, args, kw
-
-    ref, ref_args, _ = go(False, False)
-    lengths = cu_seqlens.diff().tolist() if packed else [200]
-    real = sum(triton.cdiv(n, tri.BT) for n in lengths)  # the chunks (the table may allot more, left unwritten)
-    last = (ref_args[10][:real].double() * ref_args[9][:real].double()).sum((-1, -2))  # <dS', S>, float32 run
-    scale = last.abs().max().item()
-    for keep in (True, False):
-        got, _, kw = go(True, True, keep)
-        err = (kw["dlast"][:real].double().sum(-1) - last).abs().max().item() / scale
-        assert err <= 2.0**-14, f"<dS', S> from hi + lo: {err:.3g} of the largest, beyond the pair's rounding"
-        names = ["o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
-        for name, a, b in zip(names, got, ref, strict=True):
-            err = (a - b).abs().max().item() / b.abs().max().item()
-            assert err <= 2.0**-6, f"{name}: {err:.3g} of the largest entry, beyond bfloat16 rounding"
-    _, plain_args, _ = go(False, True)  # bfloat16 states without the pair: that sum as backward_chunk would form it
-    plain = (plain_args[10][:real].double() * plain_args[9][:real].double()).sum((-1, -2))
-    assert (plain - last).abs().max().item() / scale > 2.0**-12  # (so the bound above tells the two apart)
-    zeroed, _, _ = go(True, True, zero_shares=True)  # backward_chunk takes dg's term from the shares (last)
-    assert (zeroed[5] - got[5]).abs().max().item() > 2.0**-6 * got[5].abs().max().item()
 
 
 @both

@@ -22,7 +22,7 @@ def extreme(tensors: list, gates, index: int = 3) -> list:
     return tensors
 
 
-def on_launch(monkeypatch, module, name: str, record, with_args: bool = False) -> None:
+def _on_launch(monkeypatch, module, name: str, record, with_args: bool = False) -> None:
     """Wrap the Triton kernel ``name`` of ``module`` (the launcher module that holds it) so that every launch,
     kernel[grid](*args, **kwargs), first calls record(kwargs) (``with_args``: record(args, kwargs)); monkeypatch
     undoes it."""
@@ -45,7 +45,7 @@ def count_launches(monkeypatch, module, *names: str) -> list[str]:
     """Every launch of the named Triton kernels of ``module`` records the kernel's name in the returned list."""
     launches: list[str] = []
     for name in names:
-        on_launch(monkeypatch, module, name, lambda kwargs, name=name: launches.append(name))
+        _on_launch(monkeypatch, module, name, lambda kwargs, name=name: launches.append(name))
     return launches
 
 
@@ -53,7 +53,7 @@ def launch_kwargs(monkeypatch, module, name: str, args: bool = False) -> list:
     """Every launch of the Triton kernel ``name`` of ``module`` records its keyword arguments (constexprs and
     launch options) in the returned list; with ``args``, (positional arguments, keyword arguments)."""
     kwargs: list = []
-    on_launch(monkeypatch, module, name, lambda *x: kwargs.append(x if args else x[0]), with_args=args)
+    _on_launch(monkeypatch, module, name, lambda *x: kwargs.append(x if args else x[0]), with_args=args)
     return kwargs
 
 

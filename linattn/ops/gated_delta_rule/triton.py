@@ -440,17 +440,19 @@ STATES_LOWP = dict(states=False, dstates=False, u=True, dx=True, dx_store=True, 
 # 6.70 / 8.67: UNGATED_STATES_LOWP 6.29 / 8.69; with dx_store as well 6.16 / 8.41. The 35 bf16 GPU tests (the only
 # ones either touches) pass with both.
 UNGATED_STATES_LOWP = dict(states=True, dstates=True)
-# STATES_HI_LO: the gated op's states and dstates in bfloat16 as well, where backward_chunk takes bfloat16 operands.
-# The one term that needs them exact is <dS', S> (the gradient of each chunk's last log-decay): backward_state forms
-# it per chunk and V block (DLAST_OUT) from its float32 dS' and the entering state, which the forward stores as a
-# bfloat16 pair, hi (what every product takes, rounded so anyway) and lo = S - hi (about 16 bits of S between them);
-# backward_chunk sums the shares (DLAST_IN) and reads hi and dS' in bfloat16. Traffic per chunk and head (K = V =
-# 128): 320 KiB of states moved (the forward's float32 store, output's and backward_chunk's loads, backward_state's
-# dS' store and backward_chunk's load) -> 256. On an H200 (session 28, call 5, bf16, T = 4096, B = 16, gated fwd+bwd
-# ms): plain bfloat16 states (STATES_LOWP's states and dstates: dg fails the dtype rule, 0.352 against float64 where
-# the plain run's is 0.0279) took 4.76 against main's 5.32, backward_chunk 2.23 -> 1.95 ms; this form was built
-# after that call, untimed and not run on a card: off. Try LINATTN_LAUNCH="gated_delta_rule.STATES_HI_LO=1".
-STATES_HI_LO = False
+# What the gated op's float32 states cost, and a form that keeps dg exact (session 28, H200, bf16, fwd+bwd ms):
+# - STATES_LOWP's states and dstates on (call 5): 4.76 at T = 4096 (1.12x the delta rule's 4.24 in the same call)
+#   against main's 5.32, 6.13 against 6.68 at 65536 (out of shared memory at 16384); backward_chunk 2.23 -> 1.95 ms,
+#   forward 0.63 -> 0.51, output 0.57 -> 0.47, backward_state 0.97 -> 0.90. dg fails the dtype rule as in session
+#   12 (0.352 against float64 where the plain run's is 0.0279): the only term that needs the states exact is <dS', S>,
+#   the gradient of each chunk's last log-decay, whose terms cancel.
+# - Tried and removed (call 6): the forward stored each state as a bfloat16 pair (hi; lo = S - hi), backward_state
+#   formed <dS', S> per chunk and V block from its float32 dS' and hi + lo, and backward_chunk read those shares with
+#   hi and dS' in bfloat16 (states moved per chunk and head 320 -> 256 KiB). dg then passed the dtype rule on the card
+#   (55 of the gated GPU tests passed, test_gpu_triton_matches_reference included), but the op took 5.83 / 6.65 /
+#   7.30 at T = 4096 / 32768 / 65536 against 5.33 / 6.11 / 6.69, and the few-program backward_state at 16384 needed
+#   238,080 B of shared memory, past 232,448. sm_90 compile: that backward_state (scores in) spilled 472 B a thread
+#   against 136 (the state tile beside dS' in its registers); backward_chunk 3,136 -> 2,768 SASS instructions.
 # Tried and removed (session 14, same call as PREPARE_LOWP's tinv, bf16 GPU tests): local_du's scale P^T dO stored
 # in bfloat16 (5.81 / 7.61 ms) failed the gated dv at gates of 0 (0.0288 against twice the plain run's 0.0136);
 # backward_state's dX = Tinv^T dU with bfloat16 operands (5.95 / 8.05) failed 4 (dv; three at 2.1-2.8x the plain error).
@@ -969,27 +971,8 @@ def _keeps_scores(
 
 
 def _states_lowp(gated: bool) -> dict:
-    """STATES_LOWP for the gated op (its states and dstates in bfloat16 with STATES_HI_LO); for the delta rule, with
-    its own states and dstates (UNGATED_STATES_LOWP)."""
-    if gated:
-        return STATES_LOWP | dict(states=True, dstates=True) if STATES_HI_LO else STATES_LOWP
-    return STATES_LOWP | UNGATED_STATES_LOWP
-
-
-def _hi_lo(gated: bool, states_dtype: torch.dtype) -> bool:
-    """Whether the gated op's states go to the backward as bfloat16 (hi, lo) pairs and backward_state forms <dS', S>
-    (STATES_HI_LO), given the dtype that the states are stored in for backward_chunk."""
-    return gated and bool(STATES_HI_LO) and states_dtype == torch.bfloat16
-
-
-def _states_empty(NC: int, H: int, K: int, V: int, dtype: torch.dtype, hi_lo: bool, device) -> torch.Tensor:
-    """Every chunk's entering state, [NC, H, K, V]; with hi_lo a bfloat16 pair [2, NC, H, K, V] (hi, lo)."""
-    return torch.empty(*((2,) if hi_lo else ()), NC, H, K, V, dtype=dtype, device=device)
-
-
-def _hi_lo_forward(pair: torch.Tensor | None) -> dict:
-    """The forward kernel's arguments that store each state as the pair's (hi, lo) (HI_LO; none without a pair)."""
-    return dict(states_lo=pair[1], HI_LO=True) if pair is not None else {}
+    """STATES_LOWP for the gated op; for the delta rule, with its own states and dstates (UNGATED_STATES_LOWP)."""
+    return STATES_LOWP if gated else STATES_LOWP | UNGATED_STATES_LOWP
 
 
 def _dx_dtype(lowp: bool, parts: dict) -> torch.dtype | None:
@@ -1064,13 +1047,10 @@ def forward(
     split = keep or (save and SPLIT_FORWARD) or inference
     own = keep or inference  # the stores in KEEP_LOWP's dtypes, else float32
     s_dtype, u_dtype = _kept_dtypes(q.dtype, g is not None, qk_l2norm, BK) if own else (torch.float32, torch.float32)
-    pair = _states_empty(lay.NC, H, K, V, s_dtype, True, q.device) if keep and _hi_lo(g is not None, s_dtype) else None
-    states = (
-        pair[0] if pair is not None else torch.empty(lay.NC, H, K, V, dtype=s_dtype, device=q.device) if split else ht
-    )
+    states = torch.empty(lay.NC, H, K, V, dtype=s_dtype, device=q.device) if split else ht
     u = torch.empty(B, T, H, V, dtype=u_dtype, device=q.device) if split else ht
     g_ = g if g is not None else ht
-    flags = _flags(q.dtype, g is not None, qk_l2norm, "forward", BK=BK) | read | _hi_lo_forward(pair)
+    flags = _flags(q.dtype, g is not None, qk_l2norm, "forward", BK=BK) | read
     NS = _num_segments(lay.N, H, T, cu_seqlens, g is not None, qk_l2norm)
     if NS == 1:
         NV = triton.cdiv(V, BV)
@@ -1091,7 +1071,7 @@ def forward(
         if _keeps_scores(g is not None, qk_l2norm, save, keep, lay.N, H, T, K, V, cu_seqlens, q.dtype):
             s_dtype = _scores_dtype(q.dtype, g is not None, qk_l2norm)
             scores = torch.empty(B, T, H, BT, dtype=s_dtype, device=q.device)
-        kept = (pair if pair is not None else states, u, w, scores) if keep else None
+        kept = (states, u, w, scores) if keep else None
         del w, u0
         bv = _chunk_bv(V)
         g_out, decays = _decays_in("output", g_, _log_decays(g, lay, ("output",)))
@@ -1279,9 +1259,6 @@ def backward(
     # what the backward stores itself may be bfloat16 (STATES_LOWP); not with kept float32 states and U, only with
     # ones kept in those same dtypes (KEEP_LOWP)
     lowp, stored = _backward_stores(q.dtype, g is not None, qk_l2norm, BK)
-    hi_lo = _hi_lo(g is not None, stored["states"])
-    if use_kept and (kept[0].dim() == 5) != hi_lo:  # kept under the other STATES_HI_LO setting: formed again
-        use_kept = False
     if use_kept and (kept[0].dtype, kept[1].dtype) != (stored["states"], stored["u"]):
         lowp, stored = False, dict.fromkeys(stored, torch.float32)
     parts = _states_lowp(g is not None)
@@ -1289,8 +1266,6 @@ def backward(
     scores = None
     if use_kept:
         states, u, w, scores = kept
-        pair = states if hi_lo else None
-        states = pair[0] if hi_lo else states
         seg = Segments.get(lay.N, T, NS, BT, q.device) if NS > 1 else None
         M = segs[1] if seg is not None else None
     else:
@@ -1298,8 +1273,7 @@ def backward(
         w, u0, tinv = prepare(
             k, v, g, beta, lay, qk_l2norm, beta_is_logit, tinv, store_t=True, u0_dtype=u0_dtype, norms=norms
         )  # fmt: skip
-        pair = _states_empty(lay.NC, H, K, V, stored["states"], True, q.device) if hi_lo else None
-        states = pair[0] if hi_lo else torch.empty(lay.NC, H, K, V, dtype=stored["states"], device=q.device)
+        states = torch.empty(lay.NC, H, K, V, dtype=stored["states"], device=q.device)
         u = torch.empty(B, T, H, V, dtype=stored["u"], device=q.device)
         seg = Segments.get(lay.N, T, NS, BT, q.device) if NS > 1 else None
         if seg is None:  # launched as the forward launched it (program count: few-program stages, NARROW_FEW)
@@ -1308,27 +1282,20 @@ def backward(
                 q, k, g_, w, u0, h0 if h0 is not None else dummy, lay.cu, lay.first, dummy, dummy, states, u, scale,
                 BV=BV, HAS_H0=h0 is not None, HAS_U0=True, STORE_O=False, STORE_HT=False, STORE_STATES=True,
                 **_launch("forward", q.dtype, BK, BV, programs, g is not None, qk_l2norm), **common,
-                **flags("forward"), **_narrow("forward", g is not None, BV, programs), **_hi_lo_forward(pair),
+                **flags("forward"), **_narrow("forward", g is not None, BV, programs),
             )  # fmt: skip
         else:
             ht = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=q.device)
-            fwd_flags = flags("forward") | _hi_lo_forward(pair)
             _, M = _segmented_forward(
-                q, k, g_, w, u0, h0, seg, dummy, ht, states, u, scale, False, True, fwd_flags, segs
+                q, k, g_, w, u0, h0, seg, dummy, ht, states, u, scale, False, True, flags("forward"), segs
             )  # fmt: skip
             del ht
         del u0
     dstates = torch.empty(states.shape, dtype=stored["dstates"], device=q.device)
     state_flags = flags("backward_state")
-    NSH = (lay.N if seg is None else seg.N * seg.NS) * H  # backward_state's sequences (or segments) x heads
     if scores is not None:  # P^T dO from the forward's scores (KEEP_SCORES), in backward_state's loop
+        NSH = (lay.N if seg is None else seg.N * seg.NS) * H  # its launch's sequences (or segments) x heads
         state_flags |= _scores_in(_scores_narrow_few(NSH, K, V, q.dtype))
-    dlast_in = {}
-    if hi_lo:  # <dS', S> formed by backward_state, per chunk and V block (DLAST_OUT), summed by backward_chunk
-        nv_state = triton.cdiv(V, _state_grad_launch(NSH, K, V, q.dtype)[0])
-        dlast = torch.empty(lay.NC, H, nv_state, dtype=torch.float32, device=q.device)
-        state_flags |= dict(states_hi=pair[0], states_lo=pair[1], dlast=dlast, DLAST_OUT=True)
-        dlast_in = dict(dlast=dlast, DLAST_IN=nv_state, DLAST_BLOCKS=triton.next_power_of_2(nv_state))
     dx_dtype = _dx_dtype(lowp, parts)
     local = state_flags["LOCAL_DU"] or scores is not None  # backward_state forms P^T dO: du neither written nor read
     if local and dx_dtype is not None:
@@ -1381,7 +1348,6 @@ def backward(
         DB_FROM_PRODUCTS=_db_from_products(g is not None, q.dtype, qk_l2norm),
         SUMS_IN_PLACE=bool(SUMS_IN_PLACE), UNCHAINED=bool(_by_op(UNCHAINED_DOTS, g is not None)),
         ONE_PASS=bool(_by_op(ONE_PASS_CHUNK, g is not None)), V_EARLY=bool(_by_op(V_EARLY, g is not None)), **decays,
-        **dlast_in,
     )  # fmt: skip
     dg = dg.sum(0).float() if dg is not None else None
     dbeta = dbeta.sum(0)
@@ -1451,8 +1417,7 @@ def _(q, k, v, g, beta, h0, cu_seqlens, scale, qk_l2norm, beta_is_logit, save, k
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if save and keep:
         s_dtype, u_dtype = _kept_dtypes(q.dtype, g is not None, qk_l2norm, _blocks(K, V)[0])
-        NC, hi_lo = ChunkTable.count(B, T, cu_seqlens, BT), _hi_lo(g is not None, s_dtype)
-        states = q.new_empty(*((2,) if hi_lo else ()), NC, H, K, V, dtype=s_dtype)
+        states = q.new_empty(ChunkTable.count(B, T, cu_seqlens, BT), H, K, V, dtype=s_dtype)
         u = q.new_empty(B, T, H, V, dtype=u_dtype)
         w = q.new_empty(B, T, H, K, dtype=_w_dtype(k.dtype))
     else:
@@ -1718,19 +1683,6 @@ def _library_variants():
         other = scores_in | dict(SCORES_PIPELINED=not scores_in["SCORES_PIPELINED"])
         other_label = f"{scores_label} SCORES_PIPELINED={other['SCORES_PIPELINED']}"
         yield other_label, _backward_state_kernel, scores_ptrs, other, opts["backward_state"]
-        hi_lo_ptrs = dict(states="bf16", states_hi="bf16", states_lo="bf16", dstates="bf16", dlast="fp32")
-        if gated and lowp:  # STATES_HI_LO: the states stored as pairs, <dS', S> formed by backward_state (scores in)
-            pair = out | dict(STORE_O=False, STORE_HT=False, STORE_STATES=True, HI_LO=True)
-            yield (
-                f"forward states HI_LO {label}",
-                _forward_kernel,
-                sptrs | hi_lo_ptrs,
-                common["forward"] | pair,
-                opts["forward"],
-            )
-            dlast_out = scores_in | dict(DLAST_OUT=True)
-            hi_lo_label = f"backward state SCORES_IN DLAST_OUT {label}"
-            yield hi_lo_label, _backward_state_kernel, scores_ptrs | hi_lo_ptrs, dlast_out, opts["backward_state"]
         if opt:  # heads of K = 64 too: their key tiles take other shapes (session 14's STATE_HALVES compiled here at
             # K = 128 only, and failed to compile on the card at K <= 64)
             small = dict(K=64, BK=64)
@@ -1796,16 +1748,6 @@ def _library_variants():
                 if other["DB_FROM_PRODUCTS"]:
                     other_label = f"{chunk_label} UNCHAINED={other['UNCHAINED']}"
                     yield other_label, _backward_chunk_kernel, chunk_ptrs, common["backward_chunk"] | other, chunk_opts
-            if gated and chunk["LOWP"]:  # STATES_HI_LO: bfloat16 states and dstates, <dS', S> read (two shares)
-                hi_lo = chunk | dict(DLAST_IN=2, DLAST_BLOCKS=2)
-                hi_lo_label = f"{chunk_label} DLAST_IN"
-                yield (
-                    hi_lo_label,
-                    _backward_chunk_kernel,
-                    chunk_ptrs | hi_lo_ptrs,
-                    common["backward_chunk"] | hi_lo,
-                    chunk_opts,
-                )
             if opt:  # the other ONE_PASS_CHUNK, DECAYS_IN and V_EARLY settings
                 for key in ("ONE_PASS", "DECAYS_IN", "V_EARLY"):
                     other = chunk | {key: not chunk[key]}

@@ -143,8 +143,6 @@ def _forward_kernel(
     LOWP: tl.constexpr,
     PRECISE_EXP: tl.constexpr,
     NARROW_DECAYS: tl.constexpr = False,
-    states_lo=None,
-    HI_LO: tl.constexpr = False,
 ):
     # One sequence, one V block: the state S [K, BV] stays in registers while the chunks go by.
     #   U = U0 - W S;  o = scale (exp(b) q S + tril(q k^T exp(b_t - b_s)) U);  S = exp(b_C) S + (exp(b_C - b) k)^T U
@@ -155,8 +153,6 @@ def _forward_kernel(
     # whole sequence (a segment, in triton.py).
     # NARROW_DECAYS: the decays scale U's rows and o's rows rather than the [BT, K] tiles of k and q, so that those
     # go to their products as loaded (see triton.py).
-    # HI_LO (with STORE_STATES): each entering state stored as a bfloat16 pair, S ~ hi + lo: hi at states (what the
-    # products take), lo = S - hi at states_lo (see triton.py's STATES_HI_LO).
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -172,13 +168,7 @@ def _forward_kernel(
         S += tl.load(h0 + (i_n * H + i_h).to(tl.int64) * K * V + kv, mask=m_kv, other=0.0)
     for i in range(0, tl.cdiv(eos - bos, BT)):
         if STORE_STATES:
-            if HI_LO:
-                s_hi = S.to(tl.bfloat16)
-                tl.store(states + ((c0 + i) * H + i_h) * K * V + kv, s_hi, mask=m_kv)
-                s_lo = (S - s_hi.to(tl.float32)).to(tl.bfloat16)
-                tl.store(states_lo + ((c0 + i) * H + i_h) * K * V + kv, s_lo, mask=m_kv)
-            else:
-                tl.store(states + ((c0 + i) * H + i_h) * K * V + kv, S.to(states.dtype.element_ty), mask=m_kv)
+            tl.store(states + ((c0 + i) * H + i_h) * K * V + kv, S.to(states.dtype.element_ty), mask=m_kv)
         rows = bos + i * BT + o_t
         m_t = rows < eos
         tok = rows * H + i_h
@@ -364,10 +354,6 @@ def _backward_state_kernel(
     NARROW_DECAYS: tl.constexpr = False,
     SCORES_IN: tl.constexpr = False,
     SCORES_PIPELINED: tl.constexpr = False,
-    states_hi=None,
-    states_lo=None,
-    dlast=None,
-    DLAST_OUT: tl.constexpr = False,
 ):
     # The forward's chunk loop run backwards on the state gradient dS [K, BV]; stores the gradient of the
     # state leaving each chunk and dX (below).  dU = scale P^T dO + (exp(b_C - b) k) dS;
@@ -382,9 +368,6 @@ def _backward_state_kernel(
     # scores), not from q and k, and du is not read (as with LOCAL_DU); SCORES_PIPELINED: their load masked by rows
     # only (see triton.py's SCORES_PIPELINED).
     # NARROW_DECAYS: the decays scale (k dS)'s rows and dO's rather than the tiles of k and q^T (see _forward_kernel).
-    # DLAST_OUT (with STORE_GRADS): each chunk's <dS', S> over this program's V block, from the float32 dS' and the
-    # entering state as its bfloat16 pair (states_hi + states_lo: the forward's HI_LO), stored at dlast [NC, H, V
-    # blocks] for backward_chunk (DLAST_IN), where dS' and S are then bfloat16 (see triton.py's STATES_HI_LO).
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -403,12 +386,6 @@ def _backward_state_kernel(
         i = n_chunks - 1 - j
         if STORE_GRADS:
             tl.store(dstates + ((c0 + i) * H + i_h) * K * V + kv, dS.to(dstates.dtype.element_ty), mask=m_kv)
-            if DLAST_OUT:
-                at = ((c0 + i) * H + i_h) * K * V + kv
-                S_in = tl.load(states_hi + at, mask=m_kv, other=0.0).to(tl.float32)
-                S_in += tl.load(states_lo + at, mask=m_kv, other=0.0).to(tl.float32)
-                part = tl.sum(tl.sum(dS * S_in, axis=1), axis=0)
-                tl.store(dlast + ((c0 + i) * H + i_h) * tl.num_programs(0) + i_v, part)
         rows = bos + i * BT + o_t
         m_t = rows < eos
         tok = rows * H + i_h
@@ -527,9 +504,6 @@ def _backward_chunk_kernel(
     ONE_PASS: tl.constexpr = False,
     DECAYS_IN: tl.constexpr = False,
     V_EARLY: tl.constexpr = False,
-    dlast=None,
-    DLAST_IN: tl.constexpr = 0,
-    DLAST_BLOCKS: tl.constexpr = 1,
 ):
     # Per chunk, from the state entering it (S), the gradient of the state leaving it (dS'), U and dX (which
     # _backward_state_kernel stores in du): every input gradient. U = Tinv R with R = beta (v - exp(b) k S) and
@@ -558,8 +532,6 @@ def _backward_chunk_kernel(
     # V_EARLY (with ONE_PASS): v's tile loaded at the top of the loop body, before the products, rather than after
     # them in _chunk_value_terms: Triton pipelines only loads that feed products, and v's feeds a row sum alone, so
     # its load is synchronous either way (see triton.py's V_EARLY).
-    # DLAST_IN (with HAS_G): <dS', S> read, the sum of backward_state's DLAST_IN shares per chunk (DLAST_OUT; a power
-    # of two DLAST_BLOCKS >= DLAST_IN), not formed from states and dstates, which may then be bfloat16 (STATES_HI_LO).
     LOWP_TY: tl.constexpr = k.dtype.element_ty
     i_c, i_k = chunk_and_block((K + BK - 1) // BK)
     i_h = tl.program_id(1)
@@ -597,15 +569,13 @@ def _backward_chunk_kernel(
         dSn = tl.load(dstates + state + kv, mask=m_kv, other=0.0)
         b_u = tl.load(u + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
         b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
-        if not LOWP:  # (S and dS' in bfloat16 too where a test forces them so: see test_states_as_hi_lo_pairs)
+        if not LOWP:
             b_do = b_do.to(tl.float32)
-            S, dSn = S.to(tl.float32), dSn.to(tl.float32)
         d_x = tl.load(du + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)  # dX (dx above)
         d_qs += mm_lowp(b_do, tl.trans(S), DOT_PREC, ROUND, LOWP, LOWP_TY)
         d_kend += mm_lowp(b_u, tl.trans(dSn), DOT_PREC, ROUND, LOWP, LOWP_TY)
         d_xw -= mm_lowp(d_x, tl.trans(S.to(tl.float32)), DOT_PREC, ROUND, DX_LOWP, LOWP_TY)
-        if DLAST_IN == 0:
-            d_last += tl.sum(dSn.to(tl.float32) * S.to(tl.float32), axis=1)
+        d_last += tl.sum(dSn.to(tl.float32) * S.to(tl.float32), axis=1)
         if ONE_PASS:
             dP, dA, d_bv = _chunk_value_terms(
                 v, dv, b_u, b_do, d_x, b_beta, dP, dA, d_bv, tok, m_t, o_v, i_k, V,
@@ -645,10 +615,6 @@ def _backward_chunk_kernel(
     else:
         E = tl.where(o_t == last, 0.0, tl.sum(d_kend * b_k, axis=1) * e_end)
     # (with the products, -E_t comes with k's sum below)
-    if DLAST_IN > 0:  # backward_state's shares of the whole chunk's <dS', S>, in the first key block's program alone
-        o_p = tl.arange(0, DLAST_BLOCKS)
-        d_last = tl.load(dlast + (i_c * H + i_h) * DLAST_IN + o_p, mask=o_p < DLAST_IN, other=0.0)
-        d_last = tl.where(i_k == 0, d_last, 0.0)
     db += tl.where(o_t == last, tl.sum(E, axis=0) + e_last * tl.sum(d_last, axis=0), 0.0 if DB_FROM_PRODUCTS else -E)
 
     # 2. dv, dP and dA, over the V blocks (in the first loop with ONE_PASS).
