@@ -408,8 +408,11 @@ SCORES_PIPELINED = False
 #   call 1 (V_EARLY off)  T = 4096 5.54 / 5.37, 16384 5.98 / 5.87, 32768 6.12 / 6.35, 65536 6.69 / 6.72
 #   call 2                16384 5.96 / 5.85 and 5.84, 32768 6.09 / 6.35 and 6.31
 # So pipelined scores lose at the many-program launch (4096) and at the unnarrowed few-program one (16384), and win
-# at the narrowed one (32768), where the unpipelined load lost (session 27: 6.59 against 6.33). Measured in bfloat16
-# only; not for float16 or float32 (scores in float32 there), untimed.
+# at the narrowed one (32768), where the unpipelined load lost (session 27: 6.59 against 6.33). With this rule
+# (calls 3 and 4): gated 6.10 / 6.09 / 6.08 at T = 32768 (5.84 / 5.86 at 16384, unchanged); with qk_l2norm 7.56
+# against 8.14 with SCORES_NARROW_FEW off at 32768, 7.71 / 7.69 at 16384; test_triton_delta.py -k gpu and the
+# properties 140 passed, and test_gpu_scores_kept (which pins this off: its first form is the unpipelined one) 27.
+# Measured in bfloat16 only; not for float16 or float32 (scores in float32 there), untimed.
 SCORES_NARROW_FEW = dict(bfloat16=True, float16=False, float32=False)
 # STATES_LOWP: where backward_chunk takes bfloat16 operands (LOWP), what the backward stores for it in bfloat16,
 # not float32: the states entering each chunk (states), the gradients of the states leaving them (dstates), U (u);
