@@ -552,7 +552,8 @@ def test_scores_kept_by_op_and_program_count(few, monkeypatch):
     f32 = torch.float32
     monkeypatch.setattr(tri, "KEEP_SCORES", dict(gated=True, ungated=False))
     monkeypatch.setattr(tri, "KEEP_SCORES_FEW", few == "few_too")
-    monkeypatch.setattr(tri, "SCORES_NARROW_FEW", dict(bfloat16=False, float16=True, float32=few == "narrow_few"))
+    narrow = dict.fromkeys(tri.SCORES_NARROW_FEW, False) | dict(float32=few == "narrow_few")  # this dtype's entry
+    monkeypatch.setattr(tri, "SCORES_NARROW_FEW", narrow)
     monkeypatch.setattr(tri, "SEGMENTS", None)
     monkeypatch.setattr(tri, "SEGMENT_HEADS", dict.fromkeys(tri.SEGMENT_HEADS, 0))  # no segments unless forced
     shape = dict(N=2, H=3, T=130, K=32, V=32, cu_seqlens=None, dtype=f32)
@@ -567,6 +568,7 @@ def test_scores_kept_by_op_and_program_count(few, monkeypatch):
     monkeypatch.setattr(tri, "FEW_PROGRAMS", programs + 1)  # one short: few
     assert keeps(True, save=True, keep=True) == (few != "many_only")
     assert tri._scores_narrow_few(2 * 3, 32, 32, f32) == (few == "narrow_few")
+    assert not tri._scores_narrow_few(2 * 3, 32, 32, torch.bfloat16)  # by dtype: bfloat16's entry is off here
     assert tri._scores_in(tri._scores_narrow_few(2 * 3, 32, 32, f32))["SCORES_PIPELINED"] == (few == "narrow_few")
     monkeypatch.setattr(tri, "SEGMENTS", 3)  # three segments: their launch's programs count
     _, seg_programs = tri._state_grad_launch(2 * 3 * 3, 32, 32, f32)

@@ -402,7 +402,7 @@ SCORES_AT_FEW_WARPS_STAGES = 2
 SCORES_PIPELINED = False
 # SCORES_NARROW_FEW, by dtype: the op also keeps its scores (KEEP_SCORES' entry on) where backward_state's launch runs
 # few programs whose value blocks were narrowed to fill the GPU (_sequence_bv: below _blocks' BV), and that launch
-# reads them pipelined (the rows-only mask of SCORES_PIPELINED) (_scores_narrow_few). On an H200 (session 28, bf16,
+# reads them pipelined (SCORES_PIPELINED's rows-only mask; see _scores_narrow_few). On an H200 (session 28, bf16,
 # gated fwd+bwd ms, V_EARLY on; the few-program launches are 128 programs: BV = 64 at T = 16384, narrowed to 32 at
 # 32768), scores at every program count, pipelined (KEEP_SCORES_FEW, SCORES_PIPELINED) against main, same call:
 #   call 1 (V_EARLY off)  T = 4096 5.54 / 5.37, 16384 5.98 / 5.87, 32768 6.12 / 6.35, 65536 6.69 / 6.72
