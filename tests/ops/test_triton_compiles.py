@@ -136,7 +136,7 @@ ptrs = dict(q="bf16", k="bf16", do="bf16", w=w, tinv="bf16", dx="bf16", scores="
             chunk_start="i32")
 for gated, programs, bv in ((True, None, 32), (True, 100, 64), (False, 100, 64)):
     flags = tri._flags(torch.bfloat16, gated, False, "backward_state", gpu=True)
-    flags |= dict(LOCAL_DU=False, SCORES_IN=True, SCORES_PIPELINED=True)
+    flags |= tri._scores_in() | dict(SCORES_PIPELINED=True)
     flags |= tri._narrow("backward_state", gated, bv, programs)
     shape = dict(H=16, K=128, V=128, BT=tri.BT, BK=128, BV=bv, HAS_DHT=True, STORE_DH0=True, STORE_GRADS=True)
     opts = tri._launch("backward_state", torch.bfloat16, 128, bv, programs, gated, False, scores=True)

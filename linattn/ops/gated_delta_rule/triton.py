@@ -968,9 +968,9 @@ def _keeps_scores(
     if not (save and keep and _by_op(KEEP_SCORES, gated)):
         return False
     NS = _num_segments(N, H, T, cu_seqlens, gated, qk_l2norm)
-    NS = Segments.count(T, NS, BT) if NS > 1 else 1
-    _, programs = _state_grad_launch(N * NS * H, K, V, dtype)
-    return KEEP_SCORES_FEW or not _few(programs) or _scores_narrow_few(N * NS * H, K, V, dtype)
+    NSH = N * (Segments.count(T, NS, BT) if NS > 1 else 1) * H  # backward_state's sequences (or segments) x heads
+    _, programs = _state_grad_launch(NSH, K, V, dtype)
+    return KEEP_SCORES_FEW or not _few(programs) or _scores_narrow_few(NSH, K, V, dtype)
 
 
 def _states_lowp(gated: bool) -> dict:
